@@ -1,0 +1,466 @@
+//! Validation: config text → [`Snapshot`], or every error found, each with its place.
+//!
+//! Structural errors (TOML syntax, wrong types, unknown keys) come from serde. To report
+//! all of them at once rather than only the first, the offending entry is removed from the
+//! spanned TOML tree and the tree is deserialized again, up to a bound. Semantic errors
+//! (ranges, references, duplicates, unparseable values) are collected by walking the file
+//! structs. Positions come from the original tree, so they point into the file as written.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use pingora::lb::LoadBalancer;
+use serde::Deserialize;
+use toml::de::DeTable;
+
+use super::errors::{remove_at, span_of, ConfigError, ConfigErrors, KeyPath, Position};
+use super::file::{FileConfig, PoolFile, ProxyFile, RouteFile};
+use super::{AdminSettings, Pool, ProxySettings, Route, Snapshot, Timeouts};
+use crate::route::Router;
+use crate::split::{seed_for, weight_to_buckets, OverrideRule, SplitRule, StickySource};
+
+/// How many structural errors are reported before giving up on finding more.
+const MAX_STRUCTURAL_ERRORS: usize = 50;
+
+/// Parse and validate. See the module docs.
+pub fn compile_str(src: &str, file: &str) -> Result<Snapshot, ConfigErrors> {
+    let at = |span: Option<std::ops::Range<usize>>, path: KeyPath, message: String| ConfigError {
+        file: file.to_string(),
+        position: span.map(|s| Position::of_offset(src, s.start)),
+        path,
+        message,
+    };
+
+    let (mut doc, syntax) = DeTable::parse_recoverable(src);
+    if !syntax.is_empty() {
+        let errs = syntax
+            .iter()
+            .map(|e| at(e.span(), KeyPath::root(), e.message().to_string()))
+            .collect();
+        return Err(ConfigErrors(errs));
+    }
+    let original = doc.get_ref().clone();
+
+    let mut errors = Vec::new();
+    let mut parsed = None;
+    for _ in 0..MAX_STRUCTURAL_ERRORS {
+        match FileConfig::deserialize(toml::de::Deserializer::from(doc.clone())) {
+            Ok(cfg) => {
+                parsed = Some(cfg);
+                break;
+            }
+            Err(e) => {
+                let span = e.span();
+                let removed = span
+                    .as_ref()
+                    .and_then(|s| remove_at(doc.get_mut(), s, &KeyPath::root()));
+                let stop = removed.is_none();
+                errors.push(at(span, removed.unwrap_or_default(), e.message().to_string()));
+                if stop {
+                    break;
+                }
+            }
+        }
+    }
+
+    if let Some(cfg) = parsed {
+        match validate(&cfg) {
+            Ok(snapshot) if errors.is_empty() => return Ok(snapshot),
+            Ok(_) => {}
+            Err(semantic) => {
+                for (path, message) in semantic {
+                    errors.push(at(span_of(&original, &path), path, message));
+                }
+            }
+        }
+    }
+    errors.sort_by_key(|e| e.position.map(|p| (p.line, p.col)));
+    Err(ConfigErrors(errors))
+}
+
+/// Collects semantic errors while building runtime values.
+#[derive(Default)]
+struct Check {
+    errors: Vec<(KeyPath, String)>,
+}
+
+impl Check {
+    fn err(&mut self, path: KeyPath, msg: impl Into<String>) {
+        self.errors.push((path, msg.into()));
+    }
+
+    /// A positive duration like `"10s"`, `"500ms"`, `"1m 30s"`.
+    fn duration(&mut self, path: KeyPath, s: &str) -> Option<Duration> {
+        match humantime::parse_duration(s) {
+            Ok(d) if d > Duration::ZERO => Some(d),
+            Ok(_) => {
+                self.err(path, format!("{s:?} must be greater than zero"));
+                None
+            }
+            Err(e) => {
+                self.err(
+                    path,
+                    format!("{s:?} is not a duration ({e}); write e.g. \"10s\" or \"500ms\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn header_name(&mut self, path: KeyPath, s: &str) -> Option<http::HeaderName> {
+        match http::HeaderName::from_bytes(s.as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.err(path, format!("{s:?} is not a valid header name"));
+                None
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, path: KeyPath, s: &str) -> Option<SocketAddr> {
+        match s.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    path,
+                    format!("{s:?} is not an IP:PORT address (e.g. \"0.0.0.0:8080\", \"[::]:8080\")"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// `IP:PORT`, or `HOST:PORT` resolved now (all addresses it resolves to).
+pub fn resolve_endpoint(s: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(vec![a]);
+    }
+    let shape_err = || format!("{s:?} is not HOST:PORT (e.g. \"10.0.0.1:8080\", \"app.svc:8080\")");
+    let (host, port) = s.rsplit_once(':').ok_or_else(shape_err)?;
+    let port: u16 = port.parse().map_err(|_| shape_err())?;
+    if host.is_empty() || host.contains(['/', ' ', '[', ']']) || port == 0 {
+        return Err(shape_err());
+    }
+    let mut addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?} does not resolve: {e}"))?
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(format!("{s:?} resolves to no address"));
+    }
+    Ok(addrs)
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn validate(cfg: &FileConfig) -> Result<Snapshot, Vec<(KeyPath, String)>> {
+    let mut c = Check::default();
+    let proxy = proxy_settings(&mut c, &cfg.proxy);
+
+    let admin_path = KeyPath::root().key("admin").key("listen");
+    let admin_listen = c.socket_addr(admin_path.clone(), &cfg.admin.listen);
+    if let (Some(a), Some(p)) = (admin_listen, &proxy) {
+        if p.listen.contains(&a) {
+            c.err(admin_path, format!("{a} is also a proxy listener"));
+        }
+    }
+
+    let routes_path = KeyPath::root().key("routes");
+    if cfg.routes.is_empty() {
+        c.err(
+            routes_path.clone(),
+            "at least one [[routes]] is required",
+        );
+    }
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut places: HashMap<(String, &str), &str> = HashMap::new();
+    let mut routes = Vec::new();
+    for (i, r) in cfg.routes.iter().enumerate() {
+        let path = routes_path.named(i, Some(r.name.as_str()).filter(|n| !n.is_empty()));
+        if !valid_name(&r.name) {
+            c.err(
+                path.key("name"),
+                format!(
+                    "{:?} is not a valid route name (1 to 64 of A-Z a-z 0-9 - _ .)",
+                    r.name
+                ),
+            );
+        } else if let Some(first) = names.insert(&r.name, i) {
+            c.err(
+                path.key("name"),
+                format!("duplicate route name {:?} (first used by routes[{first}])", r.name),
+            );
+        }
+        // Two routes serving the same host and prefix: the second could never match.
+        let hosts: Vec<String> = if r.hosts.is_empty() {
+            vec![String::new()]
+        } else {
+            r.hosts.iter().map(|h| h.to_ascii_lowercase()).collect()
+        };
+        for h in hosts {
+            if let Some(other) = places.insert((h.clone(), r.path_prefix.as_str()), &r.name) {
+                let host = if h.is_empty() { "any host".to_string() } else { format!("host {h:?}") };
+                c.err(
+                    path.key("path_prefix"),
+                    format!(
+                        "{:?} on {host} is already served by route {other:?}",
+                        r.path_prefix
+                    ),
+                );
+            }
+        }
+        if let Some(route) = route(&mut c, &path, r, proxy.as_ref()) {
+            routes.push(Arc::new(route));
+        }
+    }
+
+    match (proxy, admin_listen) {
+        (Some(proxy), Some(listen)) if c.errors.is_empty() => {
+            let router = Router::new(
+                routes
+                    .iter()
+                    .map(|r| (r.hosts.as_slice(), r.path_prefix.as_str())),
+            );
+            Ok(Snapshot {
+                proxy,
+                admin: AdminSettings { listen },
+                routes,
+                router,
+            })
+        }
+        _ => Err(c.errors),
+    }
+}
+
+fn proxy_settings(c: &mut Check, p: &ProxyFile) -> Option<ProxySettings> {
+    let path = KeyPath::root().key("proxy");
+    let listen_strs = p.listen.to_vec();
+    if listen_strs.is_empty() {
+        c.err(path.key("listen"), "at least one listen address is required");
+    }
+    let listen: Vec<_> = listen_strs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| c.socket_addr(path.key("listen").index(i), s))
+        .collect();
+    if p.threads == Some(0) {
+        c.err(path.key("threads"), "0 threads: use at least 1, or leave it out for one per CPU");
+    }
+    let connect = c.duration(path.key("connect_timeout"), &p.connect_timeout);
+    let read = c.duration(path.key("read_timeout"), &p.read_timeout);
+    let write = c.duration(path.key("write_timeout"), &p.write_timeout);
+    let idle = c.duration(path.key("idle_timeout"), &p.idle_timeout);
+    let grace = c.duration(path.key("shutdown_grace"), &p.shutdown_grace);
+    let version_header = c.header_name(path.key("version_header"), &p.version_header);
+    let request_id_header = c.header_name(path.key("request_id_header"), &p.request_id_header);
+    Some(ProxySettings {
+        listen: listen.into_iter().collect::<Option<Vec<_>>>()?,
+        threads: p.threads,
+        timeouts: Timeouts {
+            connect: connect?,
+            read: read?,
+            write: write?,
+            idle: idle?,
+        },
+        version_header: if p.add_version_header {
+            Some(version_header?)
+        } else {
+            None
+        },
+        request_id_header: request_id_header?,
+        shutdown_grace: grace?,
+        upgrade_sock: p.upgrade_sock.clone(),
+    })
+}
+
+fn route(
+    c: &mut Check,
+    path: &KeyPath,
+    r: &RouteFile,
+    proxy: Option<&ProxySettings>,
+) -> Option<Route> {
+    let mut ok = true;
+    for (i, h) in r.hosts.iter().enumerate() {
+        if h.is_empty() || h.contains(['/', ' ', ':']) {
+            c.err(
+                path.key("hosts").index(i),
+                format!("{h:?} is not a host name (no scheme, port or path)"),
+            );
+            ok = false;
+        }
+    }
+    if !r.path_prefix.starts_with('/') {
+        c.err(
+            path.key("path_prefix"),
+            format!("{:?} must start with \"/\"", r.path_prefix),
+        );
+        ok = false;
+    }
+    let mut sticky = Vec::new();
+    for (i, s) in r.sticky_by.iter().enumerate() {
+        match StickySource::parse(s) {
+            Ok(src) => sticky.push(src),
+            Err(e) => {
+                c.err(path.key("sticky_by").index(i), e);
+                ok = false;
+            }
+        }
+    }
+    let weight = match weight_to_buckets(r.canary_weight) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            c.err(path.key("canary_weight"), e);
+            None
+        }
+    };
+    if r.canary_weight > 0.0 && r.canary.is_none() {
+        c.err(
+            path.key("canary_weight"),
+            format!("{} needs a [routes.canary] pool", r.canary_weight),
+        );
+        ok = false;
+    }
+    let header = r
+        .override_header
+        .as_deref()
+        .map(|h| c.header_name(path.key("override_header"), h));
+    if let Some(cookie) = &r.override_cookie {
+        if !valid_name(cookie) {
+            c.err(
+                path.key("override_cookie"),
+                format!("{cookie:?} is not a valid cookie name"),
+            );
+            ok = false;
+        }
+    }
+    let mut trusted = Vec::new();
+    for (i, s) in r.override_trusted_cidrs.iter().enumerate() {
+        let parsed = s
+            .parse::<IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(n) => trusted.push(n),
+            Err(_) => {
+                c.err(
+                    path.key("override_trusted_cidrs").index(i),
+                    format!("{s:?} is not a CIDR (e.g. \"10.0.0.0/8\") or IP address"),
+                );
+                ok = false;
+            }
+        }
+    }
+    let defaults = proxy.map(|p| p.timeouts);
+    let connect = r
+        .connect_timeout
+        .as_deref()
+        .map(|s| c.duration(path.key("connect_timeout"), s));
+    let read = r
+        .read_timeout
+        .as_deref()
+        .map(|s| c.duration(path.key("read_timeout"), s));
+
+    let stable = pool(c, &path.key("stable"), &r.stable);
+    let canary = r.canary.as_ref().map(|p| pool(c, &path.key("canary"), p));
+    if let Some(cp) = &r.canary {
+        if cp.version == r.stable.version && !cp.version.is_empty() {
+            c.err(
+                path.key("canary").key("version"),
+                format!(
+                    "{:?} is also the stable version; the canary must be another release",
+                    cp.version
+                ),
+            );
+            ok = false;
+        }
+    }
+
+    let defaults = defaults?;
+    let timeouts = Timeouts {
+        connect: connect.unwrap_or(Some(defaults.connect))?,
+        read: read.unwrap_or(Some(defaults.read))?,
+        ..defaults
+    };
+    let header = header.unwrap_or(None);
+    if !ok || (r.override_header.is_some() && header.is_none()) {
+        return None;
+    }
+    Some(Route {
+        name: r.name.clone(),
+        hosts: r.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        path_prefix: r.path_prefix.clone(),
+        split: SplitRule {
+            sticky,
+            seed: seed_for(r.hash_salt.as_deref().unwrap_or(&r.name)),
+            canary_buckets: weight?,
+            overrides: OverrideRule {
+                header,
+                cookie: r.override_cookie.clone(),
+                trusted,
+            },
+        },
+        timeouts,
+        stable: stable?,
+        canary: match canary {
+            Some(p) => Some(p?),
+            None => None,
+        },
+    })
+}
+
+fn pool(c: &mut Check, path: &KeyPath, p: &PoolFile) -> Option<Arc<Pool>> {
+    let mut ok = true;
+    if !valid_name(&p.version) {
+        c.err(
+            path.key("version"),
+            format!(
+                "{:?} is not a valid version label (1 to 64 of A-Z a-z 0-9 - _ .)",
+                p.version
+            ),
+        );
+        ok = false;
+    }
+    if p.endpoints.is_empty() {
+        c.err(
+            path.key("endpoints"),
+            "no endpoints: a pool needs at least one HOST:PORT",
+        );
+        ok = false;
+    }
+    let mut endpoints = Vec::new();
+    for (i, e) in p.endpoints.iter().enumerate() {
+        match resolve_endpoint(e) {
+            Ok(addrs) => endpoints.extend(addrs),
+            Err(msg) => {
+                c.err(path.key("endpoints").index(i), msg);
+                ok = false;
+            }
+        }
+    }
+    if !ok {
+        return None;
+    }
+    endpoints.sort();
+    endpoints.dedup();
+    match LoadBalancer::try_from_iter(endpoints.iter().copied()) {
+        Ok(lb) => Some(Arc::new(Pool {
+            version: p.version.clone(),
+            endpoints,
+            lb: Arc::new(lb),
+        })),
+        Err(e) => {
+            c.err(path.key("endpoints"), format!("cannot build the pool: {e}"));
+            None
+        }
+    }
+}

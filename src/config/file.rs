@@ -1,0 +1,157 @@
+//! The config file as written: serde structs that mirror the TOML one to one.
+//!
+//! Nothing here is validated beyond its TOML type; `compile` turns these into the runtime
+//! [`Snapshot`](super::Snapshot). Every struct denies unknown keys, and every default is
+//! stated here, next to the key, so the README's config reference can be checked against it.
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Listener and upstream defaults. Optional: every key has a default.
+    #[serde(default)]
+    pub proxy: ProxyFile,
+    /// The admin listener (status, metrics, mutations).
+    #[serde(default)]
+    pub admin: AdminFile,
+    /// At least one route is required (checked in `compile`, so the message names the key).
+    #[serde(default)]
+    pub routes: Vec<RouteFile>,
+}
+
+/// One string or a list of strings: `listen = "0.0.0.0:8080"` or `listen = ["a", "b"]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// `[proxy]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyFile {
+    /// Default `"0.0.0.0:8080"`. Needs a restart to change.
+    pub listen: OneOrMany,
+    /// Worker threads of the proxy service. Default: the number of CPUs. Needs a restart.
+    pub threads: Option<usize>,
+    /// Upstream TCP connect timeout. Default `"2s"`.
+    pub connect_timeout: String,
+    /// Upstream read timeout (time to wait for each read of the response). Default `"30s"`.
+    pub read_timeout: String,
+    /// Upstream write timeout. Default `"30s"`.
+    pub write_timeout: String,
+    /// How long an idle upstream keep-alive connection is kept. Default `"60s"`.
+    pub idle_timeout: String,
+    /// Response header telling the client which version served it. Default `"x-kanaria-version"`.
+    pub version_header: String,
+    /// Whether to add `version_header` to responses. Default `true`.
+    pub add_version_header: bool,
+    /// Request id header added to upstream requests when absent. Default `"x-request-id"`.
+    pub request_id_header: String,
+    /// How long a graceful shutdown (SIGTERM) waits for in-flight requests. Default `"30s"`.
+    pub shutdown_grace: String,
+    /// Pingora's graceful-upgrade socket. Default `"/tmp/kanaria_upgrade.sock"`. Needs a restart.
+    pub upgrade_sock: String,
+}
+
+impl Default for ProxyFile {
+    fn default() -> Self {
+        ProxyFile {
+            listen: OneOrMany::One("0.0.0.0:8080".into()),
+            threads: None,
+            connect_timeout: "2s".into(),
+            read_timeout: "30s".into(),
+            write_timeout: "30s".into(),
+            idle_timeout: "60s".into(),
+            version_header: "x-kanaria-version".into(),
+            add_version_header: true,
+            request_id_header: "x-request-id".into(),
+            shutdown_grace: "30s".into(),
+            upgrade_sock: "/tmp/kanaria_upgrade.sock".into(),
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminFile {
+    /// Default `"127.0.0.1:9901"`. Needs a restart to change.
+    pub listen: String,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        AdminFile {
+            listen: "127.0.0.1:9901".into(),
+        }
+    }
+}
+
+fn default_path_prefix() -> String {
+    "/".into()
+}
+
+fn default_sticky_by() -> Vec<String> {
+    vec!["client_ip".into()]
+}
+
+/// `[[routes]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    /// Unique; used in metrics labels, the admin API and as the default hash salt.
+    pub name: String,
+    /// Host names this route serves (port ignored, case-insensitive). Empty: any host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Default `"/"`. Matches whole path segments; the longest matching prefix wins.
+    #[serde(default = "default_path_prefix")]
+    pub path_prefix: String,
+    /// Where the user key comes from, first present wins: `header:NAME`, `cookie:NAME`,
+    /// `client_ip`. Default `["client_ip"]`; the client IP is always the last resort.
+    #[serde(default = "default_sticky_by")]
+    pub sticky_by: Vec<String>,
+    /// Percent of users sent to the canary, `0..=100` in steps of 0.01. Default `0`.
+    #[serde(default)]
+    pub canary_weight: f64,
+    /// Salt of the user hash. Default: the route name. Changing it reshuffles users.
+    pub hash_salt: Option<String>,
+    /// Request header forcing a version: `canary`, `stable` or a pool's version label.
+    pub override_header: Option<String>,
+    /// Cookie forcing a version, same values as `override_header`.
+    pub override_cookie: Option<String>,
+    /// When non-empty, overrides are honoured only from client addresses in these CIDRs.
+    #[serde(default)]
+    pub override_trusted_cidrs: Vec<String>,
+    /// Per-route upstream connect timeout; default `[proxy].connect_timeout`.
+    pub connect_timeout: Option<String>,
+    /// Per-route upstream read timeout; default `[proxy].read_timeout`.
+    pub read_timeout: Option<String>,
+    /// The version most users get. Required, with at least one endpoint.
+    pub stable: PoolFile,
+    /// The version under test. Optional; required when `canary_weight > 0`.
+    pub canary: Option<PoolFile>,
+}
+
+/// `[routes.stable]` / `[routes.canary]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolFile {
+    /// A label naming the release this pool runs, e.g. `"v1"`. Shown in status and metrics.
+    pub version: String,
+    /// `IP:PORT` or `HOST:PORT` (resolved when the config is loaded).
+    pub endpoints: Vec<String>,
+}

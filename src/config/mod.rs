@@ -1,0 +1,127 @@
+//! Configuration: the TOML file, its validation, and the immutable runtime [`Snapshot`].
+//!
+//! Two layers. [`file`] holds serde structs that mirror the file (unknown keys denied,
+//! defaults documented). [`compile`] validates them, collecting *every* error with its key
+//! path, and builds a [`Snapshot`]: routes, router, pools with their load balancers, parsed
+//! durations. A snapshot never changes; a reload builds a new one and publishes it whole.
+
+pub mod compile;
+pub mod errors;
+pub mod file;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::lb::selection::RoundRobin;
+use pingora::lb::LoadBalancer;
+
+pub use errors::{ConfigError, ConfigErrors, KeyPath};
+
+use crate::route::Router;
+use crate::split::{SplitRule, Version};
+
+/// Upstream timeouts of one route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub write: Duration,
+    pub idle: Duration,
+}
+
+/// `[proxy]`, validated.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub listen: Vec<SocketAddr>,
+    pub threads: Option<usize>,
+    pub timeouts: Timeouts,
+    /// `None` when `add_version_header = false`.
+    pub version_header: Option<http::HeaderName>,
+    pub request_id_header: http::HeaderName,
+    pub shutdown_grace: Duration,
+    pub upgrade_sock: String,
+}
+
+/// `[admin]`, validated.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+}
+
+/// One version's endpoints, with the load balancer that picks among them.
+pub struct Pool {
+    /// The release label, e.g. `v2`.
+    pub version: String,
+    pub endpoints: Vec<SocketAddr>,
+    pub lb: Arc<LoadBalancer<RoundRobin>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("version", &self.version)
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+/// One route, validated.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub path_prefix: String,
+    pub split: SplitRule,
+    pub timeouts: Timeouts,
+    pub stable: Arc<Pool>,
+    pub canary: Option<Arc<Pool>>,
+}
+
+impl Route {
+    /// The pool serving `v`. A route without a canary pool serves everything from stable.
+    pub fn pool(&self, v: Version) -> &Arc<Pool> {
+        match (v, &self.canary) {
+            (Version::Canary, Some(c)) => c,
+            _ => &self.stable,
+        }
+    }
+
+    /// (stable label, canary label) for override matching.
+    pub fn labels(&self) -> (&str, Option<&str>) {
+        (
+            self.stable.version.as_str(),
+            self.canary.as_deref().map(|c| c.version.as_str()),
+        )
+    }
+}
+
+/// The whole validated config. Immutable; shared by `Arc`, replaced whole on reload.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub proxy: ProxySettings,
+    pub admin: AdminSettings,
+    pub routes: Vec<Arc<Route>>,
+    pub router: Router,
+}
+
+impl Snapshot {
+    /// The route for a request's host and path.
+    pub fn find_route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        self.router.find(host, path).and_then(|i| self.routes.get(i))
+    }
+}
+
+/// Parse and validate config text. `file` is the name used in error messages.
+pub fn load_str(src: &str, file: &str) -> Result<Snapshot, ConfigErrors> {
+    compile::compile_str(src, file)
+}
+
+/// Read, parse and validate a config file.
+pub fn load_file(path: &Path) -> Result<Snapshot, ConfigErrors> {
+    let name = path.display().to_string();
+    let src = std::fs::read_to_string(path)
+        .map_err(|e| ConfigErrors::whole_file(&name, format!("cannot read config: {e}")))?;
+    load_str(&src, &name)
+}

@@ -1,0 +1,12 @@
+//! Kanaria: a canary-release reverse proxy on Pingora.
+//!
+//! Requests are routed by host and path ([`route`]), each user is assigned stickily to the
+//! stable or canary version of the route ([`split`]), and the request is proxied to an
+//! endpoint of that version's pool ([`proxy`]). The configuration ([`config`]) is one
+//! immutable snapshot shared by every request. [`server`] wires it into a Pingora server.
+
+pub mod config;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod split;

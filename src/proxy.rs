@@ -1,0 +1,247 @@
+//! The request path: Pingora's [`ProxyHttp`] hooks for Kanaria.
+//!
+//! Each request loads the config snapshot once (`ArcSwap::load_full`) and decides everything
+//! from it: the route, the version (sticky split or override), the pool and its endpoint,
+//! the timeouts. A reload in the middle of a request therefore never mixes two configs.
+//! Forwarding adds `X-Forwarded-For`, `X-Forwarded-Proto` and a request id; the response
+//! says which version served it. Failures become short plain-text answers: 404 with no
+//! route, 502 when the pool has no usable endpoint or the upstream fails, 504 on timeout.
+//! Nothing here may panic or block: errors are values, the hot path takes no lock.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::HeaderValue;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+use crate::config::{Route, Snapshot};
+use crate::split::Version;
+
+/// Error type for "the chosen pool has no endpoint to send to" (all down or unhealthy).
+pub const NO_HEALTHY_ENDPOINT: &str = "NoHealthyEndpoint";
+
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+
+/// Per-request state shared across the hooks.
+#[derive(Default)]
+pub struct Ctx {
+    /// The snapshot this request decided from (kept so every hook sees the same config).
+    snapshot: Option<Arc<Snapshot>>,
+    route: Option<Arc<Route>>,
+    version: Option<Version>,
+    /// Set when Kanaria generated the id (the client sent none).
+    generated_request_id: Option<HeaderValue>,
+}
+
+/// Generates request ids: a random per-process prefix and a counter, so ids are unique
+/// across restarts and instances without a syscall or a lock per request.
+struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the OS once per process: enough entropy for a prefix.
+        let prefix = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        RequestIds {
+            prefix,
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> HeaderValue {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let s = format!("{:016x}{:016x}", self.prefix, n);
+        // Hex digits are always a valid header value.
+        HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("0"))
+    }
+}
+
+/// The Kanaria proxy service.
+pub struct KanariaProxy {
+    config: Arc<ArcSwap<Snapshot>>,
+    ids: RequestIds,
+}
+
+impl KanariaProxy {
+    pub fn new(config: Arc<ArcSwap<Snapshot>>) -> Self {
+        KanariaProxy {
+            config,
+            ids: RequestIds::new(),
+        }
+    }
+}
+
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+/// Writes a short plain-text answer. Used for every response Kanaria makes itself.
+async fn respond_text(session: &mut Session, ctx: &Ctx, code: u16, body: &str) -> Result<()> {
+    let mut resp = ResponseHeader::build(code, Some(4))?;
+    resp.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    resp.insert_header(CONTENT_LENGTH, body.len())?;
+    decorate_response(&mut resp, ctx)?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::copy_from_slice(body.as_bytes())), true)
+        .await
+}
+
+/// Adds the version and request id headers to a response.
+fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
+    let Some(snap) = &ctx.snapshot else {
+        return Ok(());
+    };
+    if let (Some(name), Some(v)) = (&snap.proxy.version_header, ctx.version) {
+        resp.insert_header(name.clone(), v.as_str())?;
+    }
+    if let Some(id) = &ctx.generated_request_id {
+        resp.insert_header(snap.proxy.request_id_header.clone(), id.clone())?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl ProxyHttp for KanariaProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let snap = self.config.load_full();
+        let req = session.req_header();
+        // HTTP/1.1 carries the host in `Host`; absolute-form and HTTP/2 in the URI.
+        let host = req
+            .headers
+            .get(HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri.host());
+        let route = snap.find_route(host, req.uri.path()).cloned();
+        if req.headers.get(&snap.proxy.request_id_header).is_none() {
+            ctx.generated_request_id = Some(self.ids.next());
+        }
+        ctx.snapshot = Some(snap);
+        let Some(route) = route else {
+            respond_text(session, ctx, 404, "kanaria: no route for this host and path\n").await?;
+            return Ok(true);
+        };
+        let (version, _reason) =
+            route
+                .split
+                .decide(&session.req_header().headers, client_ip(session), route.labels());
+        ctx.version = Some(version);
+        ctx.route = Some(route);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let (Some(route), Some(version)) = (&ctx.route, ctx.version) else {
+            return Error::e_explain(ErrorType::InternalError, "no route decided");
+        };
+        let pool = route.pool(version);
+        let Some(backend) = pool.lb.select(b"", 256) else {
+            return Error::e_explain(
+                ErrorType::Custom(NO_HEALTHY_ENDPOINT),
+                format!(
+                    "route {} has no healthy {} endpoint ({})",
+                    route.name,
+                    version.as_str(),
+                    pool.version
+                ),
+            );
+        };
+        let mut peer = HttpPeer::new(backend.addr, false, String::new());
+        let t = route.timeouts;
+        peer.options.connection_timeout = Some(t.connect);
+        peer.options.read_timeout = Some(t.read);
+        peer.options.write_timeout = Some(t.write);
+        peer.options.idle_timeout = Some(t.idle);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(ip) = client_ip(session) {
+            // Append to what earlier proxies wrote; several XFF headers fold into one list.
+            let mut xff = String::new();
+            for v in upstream_request.headers.get_all(X_FORWARDED_FOR) {
+                if let Ok(s) = v.to_str() {
+                    xff.push_str(s);
+                    xff.push_str(", ");
+                }
+            }
+            xff.push_str(&ip.to_string());
+            upstream_request.insert_header(X_FORWARDED_FOR, xff)?;
+        }
+        upstream_request.insert_header(X_FORWARDED_PROTO, "http")?;
+        if let (Some(id), Some(snap)) = (&ctx.generated_request_id, &ctx.snapshot) {
+            upstream_request.insert_header(snap.proxy.request_id_header.clone(), id.clone())?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        decorate_response(upstream_response, ctx)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        use ErrorType::*;
+        let (code, body) = match e.etype() {
+            HTTPStatus(code) => (*code, "kanaria: request failed\n"),
+            Custom(NO_HEALTHY_ENDPOINT) => (502, "kanaria: no healthy upstream endpoint\n"),
+            ConnectTimedout | ReadTimedout | WriteTimedout
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                (504, "kanaria: upstream timed out\n")
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => (502, "kanaria: upstream failed\n"),
+                ErrorSource::Downstream => match e.etype() {
+                    // The client is gone: nobody to answer.
+                    WriteError | ReadError | ConnectionClosed => (0, ""),
+                    _ => (400, "kanaria: bad request\n"),
+                },
+                ErrorSource::Internal | ErrorSource::Unset => (500, "kanaria: internal error\n"),
+            },
+        };
+        // Once the upstream's header went out, a second response would corrupt the stream:
+        // the connection is closed instead (can_reuse_downstream = false).
+        if code > 0 && session.as_downstream().response_written().is_none() {
+            if let Err(err) = respond_text(session, ctx, code, body).await {
+                log::debug!("could not send the {code} answer: {err}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Route matching: which configured route serves a request, by host and path prefix.
+//!
+//! Routes that list the request's host are tried first, then routes with no `hosts`
+//! (any host). Within each group the longest matching `path_prefix` wins. A prefix matches
+//! whole path segments: `/api` matches `/api`, `/api/x` and `/api?q`, not `/apix`; a prefix
+//! ending in `/` matches everything below it. Host names compare case-insensitively, and a
+//! port in the `Host` header is ignored.
+
+use std::collections::HashMap;
+
+/// Index of routes for matching. Built once per config snapshot.
+#[derive(Debug, Default, Clone)]
+pub struct Router {
+    /// Lower-cased host → (prefix, route index), longest prefix first.
+    by_host: HashMap<String, Vec<(String, usize)>>,
+    /// Routes without hosts, longest prefix first.
+    any_host: Vec<(String, usize)>,
+}
+
+/// Does `prefix` match `path` on a segment boundary?
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => {
+            prefix.ends_with('/')
+                || rest.is_empty()
+                || rest.starts_with('/')
+                || rest.starts_with('?')
+                || rest.starts_with('#')
+        }
+    }
+}
+
+/// The host part of a `Host` header or URI authority, without port.
+pub fn host_without_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+impl Router {
+    /// `routes` yields (hosts, path_prefix) per route, in config order.
+    pub fn new<'a>(routes: impl IntoIterator<Item = (&'a [String], &'a str)>) -> Self {
+        let mut r = Router::default();
+        for (i, (hosts, prefix)) in routes.into_iter().enumerate() {
+            if hosts.is_empty() {
+                r.any_host.push((prefix.to_string(), i));
+            }
+            for h in hosts {
+                r.by_host
+                    .entry(h.to_ascii_lowercase())
+                    .or_default()
+                    .push((prefix.to_string(), i));
+            }
+        }
+        // Stable sort: among equal prefixes the first route in the file wins.
+        let by_len = |a: &(String, usize), b: &(String, usize)| b.0.len().cmp(&a.0.len());
+        r.any_host.sort_by(by_len);
+        for v in r.by_host.values_mut() {
+            v.sort_by(by_len);
+        }
+        r
+    }
+
+    /// The route index for a request, if any.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
+        let first = |list: &[(String, usize)]| {
+            list.iter()
+                .find(|(p, _)| prefix_matches(p, path))
+                .map(|(_, i)| *i)
+        };
+        let host_match = host.map(host_without_port).and_then(|h| {
+            // Host names are nearly always lower case already: avoid allocating for them.
+            if h.bytes().any(|b| b.is_ascii_uppercase()) {
+                self.by_host.get(&h.to_ascii_lowercase())
+            } else {
+                self.by_host.get(h)
+            }
+        });
+        host_match
+            .and_then(|list| first(list))
+            .or_else(|| first(&self.any_host))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_and_longest_prefix() {
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/v1"));
+        assert!(prefix_matches("/api", "/api?x=1"));
+        assert!(!prefix_matches("/api", "/apix"));
+        assert!(prefix_matches("/", "/anything"));
+        assert!(prefix_matches("/api/", "/api/x"));
+
+        let hosts_a = vec!["Lessons.example.com".to_string()];
+        let none: Vec<String> = vec![];
+        let r = Router::new([
+            (&none[..], "/"),
+            (&none[..], "/api"),
+            (&hosts_a[..], "/"),
+            (&hosts_a[..], "/video"),
+        ]);
+        assert_eq!(r.find(None, "/x"), Some(0));
+        assert_eq!(r.find(Some("other"), "/api/v1"), Some(1));
+        assert_eq!(r.find(Some("lessons.example.com:8080"), "/api"), Some(2));
+        assert_eq!(r.find(Some("LESSONS.example.com"), "/video/1"), Some(3));
+        assert_eq!(host_without_port("[::1]:80"), "::1");
+        assert_eq!(host_without_port("a.b"), "a.b");
+
+        let only_api = Router::new([(&none[..], "/api")]);
+        assert_eq!(only_api.find(None, "/"), None);
+    }
+}

@@ -1,0 +1,79 @@
+//! Process wiring: builds the Pingora server (threads, graceful shutdown, upgrade socket)
+//! around one shared config snapshot, adds the proxy listeners and runs until a signal.
+//!
+//! Pingora owns the signals: SIGTERM drains gracefully (listeners close, in-flight requests
+//! get `shutdown_grace`), SIGINT exits at once, SIGQUIT hands the listeners to a new binary
+//! started with `--upgrade` (zero-downtime upgrade).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+
+use crate::config::{self, Snapshot};
+use crate::proxy::KanariaProxy;
+
+/// Pingora's server configuration derived from ours.
+fn server_conf(snap: &Snapshot) -> ServerConf {
+    let threads = snap.proxy.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    ServerConf {
+        threads,
+        // Round up: a grace of 500ms must not become 0.
+        grace_period_seconds: Some(snap.proxy.shutdown_grace.as_millis().div_ceil(1000) as u64),
+        graceful_shutdown_timeout_seconds: Some(5),
+        upgrade_sock: snap.proxy.upgrade_sock.clone(),
+        ..ServerConf::default()
+    }
+}
+
+/// Loads the config and runs the proxy until shutdown. Config errors are returned, all of
+/// them, before anything listens.
+pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
+    let snapshot = config::load_file(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let conf = server_conf(&snapshot);
+    let listen = snapshot.proxy.listen.clone();
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, KanariaProxy::new(shared));
+    for addr in &listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    server.add_service(proxy);
+    log::info!(
+        "kanaria {} listening on {:?} with {}",
+        env!("CARGO_PKG_VERSION"),
+        listen,
+        config_path.display()
+    );
+    server.run_forever()
+}
+
+/// `kanaria check`: validates a file, returning a one-line summary.
+pub fn check(config_path: &Path) -> Result<String, config::ConfigErrors> {
+    let snap = config::load_file(config_path)?;
+    Ok(format!(
+        "{}: ok ({} route{})",
+        config_path.display(),
+        snap.routes.len(),
+        if snap.routes.len() == 1 { "" } else { "s" }
+    ))
+}
+
+/// Context for errors of the binary.
+pub fn with_path<T>(r: std::io::Result<T>, path: &Path) -> anyhow::Result<T> {
+    r.with_context(|| path.display().to_string())
+}

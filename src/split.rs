@@ -1,0 +1,361 @@
+//! The user split: which version (stable or canary) one request goes to.
+//!
+//! The decision is sticky per *user*, not per request: the user key (a header, a cookie or
+//! the client IP, first present wins) is hashed into one of [`BUCKETS`] buckets with
+//! `xxh3_64_with_seed(key, seed)`, where `seed = xxh3_64(salt)` and the salt is the route
+//! name unless `hash_salt` is set. Bucket `b` goes to the canary when `b < weight × 100`
+//! (weight in percent, 0.01 steps). So the same user lands on the same version on every
+//! request, after a restart and on every proxy instance, and raising the weight only ever
+//! moves users from stable to canary. Overrides (header or cookie, optionally only from
+//! trusted CIDRs) force a version for testers.
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+use ipnet::IpNet;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+/// Number of buckets: weights have 0.01 % resolution.
+pub const BUCKETS: u32 = 10_000;
+
+/// Which pool of a route serves a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Version {
+    Stable,
+    Canary,
+}
+
+impl Version {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::Stable => "stable",
+            Version::Canary => "canary",
+        }
+    }
+}
+
+/// Where a user key is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StickySource {
+    /// A request header, lower-cased name.
+    Header(http::HeaderName),
+    /// A cookie by name.
+    Cookie(String),
+    /// The client's IP address: 4 octets for IPv4, 16 for IPv6.
+    ClientIp,
+}
+
+impl StickySource {
+    /// Parses `header:NAME`, `cookie:NAME` or `client_ip`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "client_ip" {
+            return Ok(StickySource::ClientIp);
+        }
+        if let Some(name) = s.strip_prefix("header:") {
+            return http::HeaderName::from_bytes(name.trim().as_bytes())
+                .map(StickySource::Header)
+                .map_err(|_| format!("{name:?} is not a valid header name"));
+        }
+        if let Some(name) = s.strip_prefix("cookie:") {
+            let name = name.trim();
+            if name.is_empty() || name.contains([';', '=', ' ']) {
+                return Err(format!("{name:?} is not a valid cookie name"));
+            }
+            return Ok(StickySource::Cookie(name.to_string()));
+        }
+        Err(format!(
+            "{s:?} is not a user key source; use \"header:NAME\", \"cookie:NAME\" or \"client_ip\""
+        ))
+    }
+}
+
+/// The per-route seed of the user hash.
+pub fn seed_for(salt: &str) -> u64 {
+    xxh3_64(salt.as_bytes())
+}
+
+/// The bucket, `0..BUCKETS`, of one user key.
+#[inline]
+pub fn bucket(seed: u64, key: &[u8]) -> u32 {
+    (xxh3_64_with_seed(key, seed) % u64::from(BUCKETS)) as u32
+}
+
+/// Converts a percentage (0..=100, 0.01 steps) into canary buckets, or says why not.
+pub fn weight_to_buckets(percent: f64) -> Result<u32, String> {
+    if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
+        return Err(format!("{percent} is not in 0..=100"));
+    }
+    let scaled = percent * 100.0;
+    let rounded = scaled.round();
+    if (scaled - rounded).abs() > 1e-6 {
+        return Err(format!("{percent} has more than two decimals (0.01 steps)"));
+    }
+    Ok(rounded as u32)
+}
+
+/// Buckets back to percent, for display.
+pub fn buckets_to_percent(buckets: u32) -> f64 {
+    f64::from(buckets) / 100.0
+}
+
+/// Finds the value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|b| *b == b'=')?;
+            let (k, v) = (&pair[..eq], &pair[eq + 1..]);
+            (k.trim_ascii() == name.as_bytes()).then(|| v.trim_ascii())
+        })
+        .filter(|v| !v.is_empty())
+}
+
+/// How the version of a request was chosen (logged and, later, counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Bucket of the user key against the weight.
+    Sticky,
+    /// No user key at all (no client address either): stable.
+    NoKey,
+    /// An override header or cookie.
+    Override,
+}
+
+/// Override settings of one route.
+#[derive(Debug, Clone, Default)]
+pub struct OverrideRule {
+    pub header: Option<http::HeaderName>,
+    pub cookie: Option<String>,
+    /// Empty: anyone may override.
+    pub trusted: Vec<IpNet>,
+}
+
+impl OverrideRule {
+    pub fn is_enabled(&self) -> bool {
+        self.header.is_some() || self.cookie.is_some()
+    }
+
+    fn allowed(&self, client: Option<IpAddr>) -> bool {
+        self.trusted.is_empty()
+            || client.is_some_and(|ip| self.trusted.iter().any(|n| n.contains(&ip)))
+    }
+
+    /// The forced version, if the request carries a valid override and may use it.
+    pub fn forced(
+        &self,
+        headers: &HeaderMap,
+        client: Option<IpAddr>,
+        labels: (&str, Option<&str>),
+    ) -> Option<Version> {
+        if !self.is_enabled() || !self.allowed(client) {
+            return None;
+        }
+        let value = self
+            .header
+            .as_ref()
+            .and_then(|h| headers.get(h))
+            .map(|v| v.as_bytes())
+            .or_else(|| self.cookie.as_deref().and_then(|c| cookie(headers, c)))?;
+        let value = value.trim_ascii();
+        if value.eq_ignore_ascii_case(b"stable") || value == labels.0.as_bytes() {
+            Some(Version::Stable)
+        } else if value.eq_ignore_ascii_case(b"canary") || Some(value) == labels.1.map(str::as_bytes)
+        {
+            Some(Version::Canary)
+        } else {
+            None
+        }
+    }
+}
+
+/// Everything the split needs to know about one route.
+#[derive(Debug, Clone)]
+pub struct SplitRule {
+    pub sticky: Vec<StickySource>,
+    pub seed: u64,
+    /// Canary buckets: `0..=BUCKETS`.
+    pub canary_buckets: u32,
+    pub overrides: OverrideRule,
+}
+
+impl SplitRule {
+    /// The user key of a request: the first configured source that is present, else the
+    /// client IP. Returns the bytes to hash, borrowed where possible.
+    pub fn user_key<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        client: Option<IpAddr>,
+        ip_buf: &'a mut [u8; 16],
+    ) -> Option<&'a [u8]> {
+        for src in &self.sticky {
+            let found = match src {
+                StickySource::Header(h) => headers
+                    .get(h)
+                    .map(|v| v.as_bytes().trim_ascii())
+                    .filter(|v| !v.is_empty()),
+                StickySource::Cookie(c) => cookie(headers, c),
+                StickySource::ClientIp => None,
+            };
+            if found.is_some() {
+                return found;
+            }
+            if *src == StickySource::ClientIp {
+                break;
+            }
+        }
+        match client? {
+            IpAddr::V4(v4) => {
+                ip_buf[..4].copy_from_slice(&v4.octets());
+                Some(&ip_buf[..4])
+            }
+            IpAddr::V6(v6) => {
+                *ip_buf = v6.octets();
+                Some(&ip_buf[..])
+            }
+        }
+    }
+
+    /// The version for one request. `has_canary` is false when the route has no canary
+    /// pool; then every request is stable whatever the weight or an override says.
+    pub fn decide(
+        &self,
+        headers: &HeaderMap,
+        client: Option<IpAddr>,
+        labels: (&str, Option<&str>),
+    ) -> (Version, Reason) {
+        if labels.1.is_none() {
+            return (Version::Stable, Reason::Sticky);
+        }
+        if let Some(v) = self.overrides.forced(headers, client, labels) {
+            return (v, Reason::Override);
+        }
+        if self.canary_buckets == 0 {
+            return (Version::Stable, Reason::Sticky);
+        }
+        let mut buf = [0u8; 16];
+        match self.user_key(headers, client, &mut buf) {
+            Some(key) if bucket(self.seed, key) < self.canary_buckets => {
+                (Version::Canary, Reason::Sticky)
+            }
+            Some(_) => (Version::Stable, Reason::Sticky),
+            None => (Version::Stable, Reason::NoKey),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(sticky: &[&str], pct: f64) -> SplitRule {
+        SplitRule {
+            sticky: sticky.iter().map(|s| StickySource::parse(s).unwrap()).collect(),
+            seed: seed_for("app"),
+            canary_buckets: weight_to_buckets(pct).unwrap(),
+            overrides: OverrideRule::default(),
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn bucket_is_stable_across_builds() {
+        // Pinned values: changing the hash would move every user of every running rollout.
+        assert_eq!(bucket(seed_for("app"), b"user-1"), bucket(seed_for("app"), b"user-1"));
+        let b = bucket(seed_for("app"), b"user-1");
+        assert!(b < BUCKETS);
+        assert_ne!(
+            (0..50)
+                .map(|i| bucket(seed_for("app"), format!("u{i}").as_bytes()))
+                .collect::<Vec<_>>(),
+            (0..50)
+                .map(|i| bucket(seed_for("other"), format!("u{i}").as_bytes()))
+                .collect::<Vec<_>>(),
+            "two salts must pick different users"
+        );
+    }
+
+    #[test]
+    fn weights_parse_in_hundredths() {
+        assert_eq!(weight_to_buckets(5.0), Ok(500));
+        assert_eq!(weight_to_buckets(0.01), Ok(1));
+        assert_eq!(weight_to_buckets(100.0), Ok(10_000));
+        assert!(weight_to_buckets(100.5).is_err());
+        assert!(weight_to_buckets(-1.0).is_err());
+        assert!(weight_to_buckets(1.234).is_err());
+        assert!(weight_to_buckets(f64::NAN).is_err());
+    }
+
+    #[test]
+    fn raising_the_weight_never_moves_a_canary_user_back() {
+        let low = rule(&["header:x-user-id"], 10.0);
+        let high = rule(&["header:x-user-id"], 30.0);
+        let labels = ("v1", Some("v2"));
+        let mut canary_low = 0;
+        for i in 0..5000 {
+            let h = headers(&[("x-user-id", &format!("user-{i}"))]);
+            let (a, _) = low.decide(&h, None, labels);
+            let (b, _) = high.decide(&h, None, labels);
+            if a == Version::Canary {
+                canary_low += 1;
+                assert_eq!(b, Version::Canary, "user-{i} moved back to stable");
+            }
+        }
+        assert!((400..600).contains(&canary_low), "{canary_low} of 5000 at 10%");
+    }
+
+    #[test]
+    fn first_present_source_wins_then_client_ip() {
+        let r = rule(&["header:x-user-id", "cookie:session"], 50.0);
+        let mut buf = [0u8; 16];
+        let h = headers(&[("cookie", "a=1; session=abc ; b=2")]);
+        assert_eq!(r.user_key(&h, None, &mut buf), Some(&b"abc"[..]));
+        let h = headers(&[("x-user-id", "u7"), ("cookie", "session=abc")]);
+        assert_eq!(r.user_key(&h, None, &mut buf), Some(&b"u7"[..]));
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(r.user_key(&HeaderMap::new(), Some(ip), &mut buf), Some(&[10u8, 1, 2, 3][..]));
+        assert_eq!(r.user_key(&HeaderMap::new(), None, &mut buf), None);
+    }
+
+    #[test]
+    fn overrides_respect_trusted_cidrs_and_labels() {
+        let mut r = rule(&["header:x-user-id"], 0.0);
+        r.overrides = OverrideRule {
+            header: Some(http::HeaderName::from_static("x-kanaria-version")),
+            cookie: Some("kv".into()),
+            trusted: vec!["10.0.0.0/8".parse().unwrap()],
+        };
+        let labels = ("v1", Some("v2"));
+        let inside: IpAddr = "10.9.9.9".parse().unwrap();
+        let outside: IpAddr = "192.0.2.1".parse().unwrap();
+        let h = headers(&[("x-kanaria-version", "canary")]);
+        assert_eq!(r.decide(&h, Some(inside), labels).0, Version::Canary);
+        assert_eq!(r.decide(&h, Some(outside), labels).0, Version::Stable);
+        let h = headers(&[("cookie", "kv=v2")]);
+        assert_eq!(r.decide(&h, Some(inside), labels), (Version::Canary, Reason::Override));
+        let h = headers(&[("x-kanaria-version", "bogus")]);
+        assert_eq!(r.decide(&h, Some(inside), labels).1, Reason::Sticky);
+        // No canary pool: nothing can force one.
+        let h = headers(&[("x-kanaria-version", "canary")]);
+        assert_eq!(r.decide(&h, Some(inside), ("v1", None)).0, Version::Stable);
+    }
+
+    #[test]
+    fn sticky_source_parse_errors_say_what_is_allowed() {
+        assert!(StickySource::parse("query:u").unwrap_err().contains("header:NAME"));
+        assert!(StickySource::parse("header:bad name").is_err());
+        assert!(StickySource::parse("cookie:").is_err());
+    }
+}
