@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 const DEFAULT_CONFIG: &str = "config/kanaria.toml";
 
 #[derive(Parser)]
-#[command(name = "kanaria", version, about = "A canary-release reverse proxy on Pingora")]
+#[command(
+    name = "kanaria",
+    version,
+    about = "A canary-release reverse proxy on Pingora"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

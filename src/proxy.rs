@@ -141,13 +141,20 @@ impl ProxyHttp for KanariaProxy {
         }
         ctx.snapshot = Some(snap);
         let Some(route) = route else {
-            respond_text(session, ctx, 404, "kanaria: no route for this host and path\n").await?;
+            respond_text(
+                session,
+                ctx,
+                404,
+                "kanaria: no route for this host and path\n",
+            )
+            .await?;
             return Ok(true);
         };
-        let (version, _reason) =
-            route
-                .split
-                .decide(&session.req_header().headers, client_ip(session), route.labels());
+        let (version, _reason) = route.split.decide(
+            &session.req_header().headers,
+            client_ip(session),
+            route.labels(),
+        );
         ctx.version = Some(version);
         ctx.route = Some(route);
         Ok(false)
@@ -235,6 +242,9 @@ impl ProxyHttp for KanariaProxy {
         // Once the upstream's header went out, a second response would corrupt the stream:
         // the connection is closed instead (can_reuse_downstream = false).
         if code > 0 && session.as_downstream().response_written().is_none() {
+            // Pingora closes the connection after a failed proxy attempt; say so in the
+            // answer (`Connection: close`) so the client does not reuse a dying connection.
+            session.as_downstream_mut().set_keepalive(None);
             if let Err(err) = respond_text(session, ctx, code, body).await {
                 log::debug!("could not send the {code} answer: {err}");
             }

@@ -101,7 +101,7 @@ mod tests {
         assert!(prefix_matches("/", "/anything"));
         assert!(prefix_matches("/api/", "/api/x"));
 
-        let hosts_a = vec!["Lessons.example.com".to_string()];
+        let hosts_a = ["Lessons.example.com".to_string()];
         let none: Vec<String> = vec![];
         let r = Router::new([
             (&none[..], "/"),

@@ -162,7 +162,8 @@ impl OverrideRule {
         let value = value.trim_ascii();
         if value.eq_ignore_ascii_case(b"stable") || value == labels.0.as_bytes() {
             Some(Version::Stable)
-        } else if value.eq_ignore_ascii_case(b"canary") || Some(value) == labels.1.map(str::as_bytes)
+        } else if value.eq_ignore_ascii_case(b"canary")
+            || Some(value) == labels.1.map(str::as_bytes)
         {
             Some(Version::Canary)
         } else {
@@ -252,7 +253,10 @@ mod tests {
 
     fn rule(sticky: &[&str], pct: f64) -> SplitRule {
         SplitRule {
-            sticky: sticky.iter().map(|s| StickySource::parse(s).unwrap()).collect(),
+            sticky: sticky
+                .iter()
+                .map(|s| StickySource::parse(s).unwrap())
+                .collect(),
             seed: seed_for("app"),
             canary_buckets: weight_to_buckets(pct).unwrap(),
             overrides: OverrideRule::default(),
@@ -273,7 +277,10 @@ mod tests {
     #[test]
     fn bucket_is_stable_across_builds() {
         // Pinned values: changing the hash would move every user of every running rollout.
-        assert_eq!(bucket(seed_for("app"), b"user-1"), bucket(seed_for("app"), b"user-1"));
+        assert_eq!(
+            bucket(seed_for("app"), b"user-1"),
+            bucket(seed_for("app"), b"user-1")
+        );
         let b = bucket(seed_for("app"), b"user-1");
         assert!(b < BUCKETS);
         assert_ne!(
@@ -313,7 +320,10 @@ mod tests {
                 assert_eq!(b, Version::Canary, "user-{i} moved back to stable");
             }
         }
-        assert!((400..600).contains(&canary_low), "{canary_low} of 5000 at 10%");
+        assert!(
+            (400..600).contains(&canary_low),
+            "{canary_low} of 5000 at 10%"
+        );
     }
 
     #[test]
@@ -325,7 +335,10 @@ mod tests {
         let h = headers(&[("x-user-id", "u7"), ("cookie", "session=abc")]);
         assert_eq!(r.user_key(&h, None, &mut buf), Some(&b"u7"[..]));
         let ip: IpAddr = "10.1.2.3".parse().unwrap();
-        assert_eq!(r.user_key(&HeaderMap::new(), Some(ip), &mut buf), Some(&[10u8, 1, 2, 3][..]));
+        assert_eq!(
+            r.user_key(&HeaderMap::new(), Some(ip), &mut buf),
+            Some(&[10u8, 1, 2, 3][..])
+        );
         assert_eq!(r.user_key(&HeaderMap::new(), None, &mut buf), None);
     }
 
@@ -344,7 +357,10 @@ mod tests {
         assert_eq!(r.decide(&h, Some(inside), labels).0, Version::Canary);
         assert_eq!(r.decide(&h, Some(outside), labels).0, Version::Stable);
         let h = headers(&[("cookie", "kv=v2")]);
-        assert_eq!(r.decide(&h, Some(inside), labels), (Version::Canary, Reason::Override));
+        assert_eq!(
+            r.decide(&h, Some(inside), labels),
+            (Version::Canary, Reason::Override)
+        );
         let h = headers(&[("x-kanaria-version", "bogus")]);
         assert_eq!(r.decide(&h, Some(inside), labels).1, Reason::Sticky);
         // No canary pool: nothing can force one.
@@ -354,7 +370,9 @@ mod tests {
 
     #[test]
     fn sticky_source_parse_errors_say_what_is_allowed() {
-        assert!(StickySource::parse("query:u").unwrap_err().contains("header:NAME"));
+        assert!(StickySource::parse("query:u")
+            .unwrap_err()
+            .contains("header:NAME"));
         assert!(StickySource::parse("header:bad name").is_err());
         assert!(StickySource::parse("cookie:").is_err());
     }

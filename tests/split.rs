@@ -84,7 +84,10 @@ async fn share_stickiness_and_monotone_raise() {
         }
     }
     let share30 = raised.values().filter(|v| *v == "canary").count() as f64 / 30.0;
-    assert!((27.0..=33.0).contains(&share30), "{share30:.2}% at weight 30");
+    assert!(
+        (27.0..=33.0).contains(&share30),
+        "{share30:.2}% at weight 30"
+    );
 
     // The version header matches the upstream that answered.
     let c = client();
@@ -95,7 +98,10 @@ async fn share_stickiness_and_monotone_raise() {
             .send()
             .await
             .unwrap();
-        let said = resp.headers()["x-kanaria-version"].to_str().unwrap().to_string();
+        let said = resp.headers()["x-kanaria-version"]
+            .to_str()
+            .unwrap()
+            .to_string();
         let served = resp.headers()["x-upstream"].to_str().unwrap().to_string();
         assert_eq!(said, served);
     }
@@ -118,18 +124,32 @@ async fn cookie_key_and_client_ip_fallback_are_sticky() {
                 .send()
                 .await
                 .unwrap();
-            versions.insert(r.headers()["x-kanaria-version"].to_str().unwrap().to_string());
+            versions.insert(
+                r.headers()["x-kanaria-version"]
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            );
         }
         assert_eq!(versions.len(), 1, "session s{i} saw {versions:?}");
         seen.extend(versions);
     }
-    assert_eq!(seen.len(), 2, "50% of 40 sessions should reach both versions");
+    assert_eq!(
+        seen.len(),
+        2,
+        "50% of 40 sessions should reach both versions"
+    );
 
     // No header, no cookie: the client IP decides, the same way every time.
     let mut by_ip = std::collections::HashSet::new();
     for _ in 0..10 {
         let r = c.get(proxy.url("/")).send().await.unwrap();
-        by_ip.insert(r.headers()["x-kanaria-version"].to_str().unwrap().to_string());
+        by_ip.insert(
+            r.headers()["x-kanaria-version"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     assert_eq!(by_ip.len(), 1);
 }
@@ -141,7 +161,13 @@ async fn override_header_and_cookie() {
     let extra = "override_header = \"x-kanaria-version\"\noverride_cookie = \"kv\"";
     let proxy = Proxy::start(&route(0.0, &stable, &canary, extra)).await;
     let c = client();
-    for (header, want) in [("canary", "canary"), ("v2", "canary"), ("stable", "stable"), ("v1", "stable"), ("nonsense", "stable")] {
+    for (header, want) in [
+        ("canary", "canary"),
+        ("v2", "canary"),
+        ("stable", "stable"),
+        ("v1", "stable"),
+        ("nonsense", "stable"),
+    ] {
         let r = c
             .get(proxy.url("/"))
             .header("x-user-id", "someone")
@@ -198,7 +224,8 @@ async fn override_ignored_when_disabled_or_untrusted() {
     drop(proxy);
 
     // Only 10.0.0.0/8 may override; the test client is 127.0.0.1.
-    let extra = "override_header = \"x-kanaria-version\"\noverride_trusted_cidrs = [\"10.0.0.0/8\"]";
+    let extra =
+        "override_header = \"x-kanaria-version\"\noverride_trusted_cidrs = [\"10.0.0.0/8\"]";
     let proxy = Proxy::start(&route(0.0, &stable, &canary, extra)).await;
     assert_eq!(forced(&proxy).await, "stable");
     drop(proxy);

@@ -58,7 +58,11 @@ pub fn compile_str(src: &str, file: &str) -> Result<Snapshot, ConfigErrors> {
                     .as_ref()
                     .and_then(|s| remove_at(doc.get_mut(), s, &KeyPath::root()));
                 let stop = removed.is_none();
-                errors.push(at(span, removed.unwrap_or_default(), e.message().to_string()));
+                errors.push(at(
+                    span,
+                    removed.unwrap_or_default(),
+                    e.message().to_string(),
+                ));
                 if stop {
                     break;
                 }
@@ -67,7 +71,9 @@ pub fn compile_str(src: &str, file: &str) -> Result<Snapshot, ConfigErrors> {
     }
 
     if let Some(cfg) = parsed {
-        match validate(&cfg) {
+        // Routes dropped for structural errors are already reported; "no routes" would be noise.
+        let routes_in_file = original.iter().any(|(k, _)| k.get_ref() == "routes");
+        match validate(&cfg, routes_in_file) {
             Ok(snapshot) if errors.is_empty() => return Ok(snapshot),
             Ok(_) => {}
             Err(semantic) => {
@@ -126,7 +132,9 @@ impl Check {
             Err(_) => {
                 self.err(
                     path,
-                    format!("{s:?} is not an IP:PORT address (e.g. \"0.0.0.0:8080\", \"[::]:8080\")"),
+                    format!(
+                        "{s:?} is not an IP:PORT address (e.g. \"0.0.0.0:8080\", \"[::]:8080\")"
+                    ),
                 );
                 None
             }
@@ -164,7 +172,7 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn validate(cfg: &FileConfig) -> Result<Snapshot, Vec<(KeyPath, String)>> {
+fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(KeyPath, String)>> {
     let mut c = Check::default();
     let proxy = proxy_settings(&mut c, &cfg.proxy);
 
@@ -177,11 +185,8 @@ fn validate(cfg: &FileConfig) -> Result<Snapshot, Vec<(KeyPath, String)>> {
     }
 
     let routes_path = KeyPath::root().key("routes");
-    if cfg.routes.is_empty() {
-        c.err(
-            routes_path.clone(),
-            "at least one [[routes]] is required",
-        );
+    if cfg.routes.is_empty() && !routes_in_file {
+        c.err(routes_path.clone(), "at least one [[routes]] is required");
     }
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut places: HashMap<(String, &str), &str> = HashMap::new();
@@ -199,7 +204,10 @@ fn validate(cfg: &FileConfig) -> Result<Snapshot, Vec<(KeyPath, String)>> {
         } else if let Some(first) = names.insert(&r.name, i) {
             c.err(
                 path.key("name"),
-                format!("duplicate route name {:?} (first used by routes[{first}])", r.name),
+                format!(
+                    "duplicate route name {:?} (first used by routes[{first}])",
+                    r.name
+                ),
             );
         }
         // Two routes serving the same host and prefix: the second could never match.
@@ -210,7 +218,11 @@ fn validate(cfg: &FileConfig) -> Result<Snapshot, Vec<(KeyPath, String)>> {
         };
         for h in hosts {
             if let Some(other) = places.insert((h.clone(), r.path_prefix.as_str()), &r.name) {
-                let host = if h.is_empty() { "any host".to_string() } else { format!("host {h:?}") };
+                let host = if h.is_empty() {
+                    "any host".to_string()
+                } else {
+                    format!("host {h:?}")
+                };
                 c.err(
                     path.key("path_prefix"),
                     format!(
@@ -247,7 +259,10 @@ fn proxy_settings(c: &mut Check, p: &ProxyFile) -> Option<ProxySettings> {
     let path = KeyPath::root().key("proxy");
     let listen_strs = p.listen.to_vec();
     if listen_strs.is_empty() {
-        c.err(path.key("listen"), "at least one listen address is required");
+        c.err(
+            path.key("listen"),
+            "at least one listen address is required",
+        );
     }
     let listen: Vec<_> = listen_strs
         .iter()
@@ -255,7 +270,10 @@ fn proxy_settings(c: &mut Check, p: &ProxyFile) -> Option<ProxySettings> {
         .map(|(i, s)| c.socket_addr(path.key("listen").index(i), s))
         .collect();
     if p.threads == Some(0) {
-        c.err(path.key("threads"), "0 threads: use at least 1, or leave it out for one per CPU");
+        c.err(
+            path.key("threads"),
+            "0 threads: use at least 1, or leave it out for one per CPU",
+        );
     }
     let connect = c.duration(path.key("connect_timeout"), &p.connect_timeout);
     let read = c.duration(path.key("read_timeout"), &p.read_timeout);

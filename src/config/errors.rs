@@ -16,7 +16,10 @@ pub enum Seg {
     Index(usize),
     /// An element of `[[routes]]`: shown by its name when it has one, found by it too
     /// (a route removed by an earlier error would shift indices, names do not move).
-    Named { index: usize, name: Option<String> },
+    Named {
+        index: usize,
+        name: Option<String>,
+    },
 }
 
 /// Where in the config a value lives, e.g. `routes[app].canary_weight`.
@@ -184,10 +187,10 @@ pub fn span_of(root: &DeTable<'_>, path: &KeyPath) -> Option<Range<usize>> {
             Seg::Named { index, name } => array.and_then(|a| {
                 // The element at the index if it still carries the name (names can repeat:
                 // that is an error too), else the element with the name.
-                let named = |el: &&toml::Spanned<DeValue<'_>>| name.is_none() || element_name(el) == name.as_deref();
-                a.get(*index)
-                    .filter(named)
-                    .or_else(|| a.iter().find(named))
+                let named = |el: &&toml::Spanned<DeValue<'_>>| {
+                    name.is_none() || element_name(el) == name.as_deref()
+                };
+                a.get(*index).filter(named).or_else(|| a.iter().find(named))
             }),
             Seg::Key(_) => None,
         });
@@ -208,17 +211,15 @@ pub fn remove_at(table: &mut DeTable<'_>, span: &Range<usize>, path: &KeyPath) -
         .find(|(k, v)| contains(&k.span(), span) || contains(&extent(v), span))
         .map(|(k, _)| k.clone())?;
     let here = path.key(key.get_ref());
-    let inside_value = {
-        let v = table.get_mut(&key)?;
-        let whole = v.span() == *span || contains(&key.span(), span);
-        if whole {
-            None
-        } else {
-            match v.get_mut() {
-                DeValue::Table(t) => remove_at(t, span, &here),
-                DeValue::Array(a) => remove_in_array(a, span, &here),
-                _ => None,
-            }
+    // The narrowest entry holding the error goes: descend first, remove this key only when
+    // nothing inside holds it (a missing field's span is its table's header).
+    let inside_value = if contains(&key.span(), span) {
+        None
+    } else {
+        match table.get_mut(&key)?.get_mut() {
+            DeValue::Table(t) => remove_at(t, span, &here),
+            DeValue::Array(a) => remove_in_array(a, span, &here),
+            _ => None,
         }
     };
     match inside_value {
@@ -246,14 +247,9 @@ fn remove_in_array(
     let i = array.iter().position(|el| contains(&extent(el), span))?;
     let name = element_name(&array[i]).map(str::to_string);
     let here = path.named(i, name.as_deref());
-    let whole = array[i].span() == *span;
-    let inner = if whole {
-        None
-    } else {
-        match array.iter_mut().nth(i).map(|el| el.get_mut()) {
-            Some(DeValue::Table(t)) => remove_at(t, span, &here),
-            _ => None,
-        }
+    let inner = match array.get_mut(i).map(|el| el.get_mut()) {
+        Some(DeValue::Table(t)) => remove_at(t, span, &here),
+        _ => None,
     };
     match inner {
         Some(p) => Some(p),

@@ -109,7 +109,9 @@ pub struct Snapshot {
 impl Snapshot {
     /// The route for a request's host and path.
     pub fn find_route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
-        self.router.find(host, path).and_then(|i| self.routes.get(i))
+        self.router
+            .find(host, path)
+            .and_then(|i| self.routes.get(i))
     }
 }
 

@@ -51,7 +51,9 @@ impl Drop for Upstream {
 
 impl Upstream {
     pub async fn start(name: &str) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         let mode = Arc::new(AtomicU8::new(Mode::Ok as u8));
         let status = Arc::new(AtomicU16::new(200));
@@ -66,7 +68,9 @@ impl Upstream {
         );
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 c.fetch_add(1, Ordering::SeqCst);
                 let (m, s, r, n) = (m.clone(), s.clone(), r.clone(), n.clone());
                 tokio::spawn(async move {
@@ -230,7 +234,10 @@ impl Proxy {
         let client = client();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("kanaria exited with {status} before it was ready:\n{}", self.log());
+                panic!(
+                    "kanaria exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
             }
             if client
                 .get(format!("http://127.0.0.1:{}/__kanaria_ready", self.port))

@@ -1,0 +1,188 @@
+//! `kanaria check` and `kanaria --version` on good and broken configs: exit codes and the
+//! exact places the messages name.
+
+mod common;
+
+use std::process::Command;
+
+fn check(src: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.toml");
+    std::fs::write(&path, src).unwrap();
+    let out = Command::new(common::kanaria_bin())
+        .arg("check")
+        .arg(&path)
+        .output()
+        .expect("run kanaria check");
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "FILE");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+const GOOD_ROUTE: &str = r#"
+[[routes]]
+name = "app"
+[routes.stable]
+version = "v1"
+endpoints = ["127.0.0.1:9001"]
+"#;
+
+#[test]
+fn the_shipped_configs_are_valid() {
+    for file in ["config/kanaria.toml", "config/demo.toml"] {
+        let out = Command::new(common::kanaria_bin())
+            .args(["check", file])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains(": ok ("));
+    }
+    let (code, stdout, _) = check(GOOD_ROUTE);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("ok (1 route)"), "{stdout}");
+}
+
+#[test]
+fn version_flag() {
+    let out = Command::new(common::kanaria_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("kanaria {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let out = Command::new(common::kanaria_bin())
+        .args(["check", "/nonexistent/kanaria.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("/nonexistent/kanaria.toml: cannot read config"));
+}
+
+/// Each broken config, and the lines `kanaria check` must print for it.
+#[test]
+fn broken_configs_print_every_error_with_its_place() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "syntax error",
+            "[proxy\nlisten = \"0.0.0.0:1\"\n",
+            &["FILE:1:7: unclosed table, expected `]`"],
+        ),
+        (
+            "weight out of range",
+            "[[routes]]\nname = \"app\"\ncanary_weight = 130\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n[routes.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:2\"]\n",
+            &["FILE:3:17: routes[app].canary_weight: 130 is not in 0..=100"],
+        ),
+        (
+            "weight finer than 0.01",
+            "[[routes]]\nname = \"app\"\ncanary_weight = 1.234\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n[routes.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:2\"]\n",
+            &["FILE:3:17: routes[app].canary_weight: 1.234 has more than two decimals"],
+        ),
+        (
+            "weight without canary pool",
+            "[[routes]]\nname = \"app\"\ncanary_weight = 5\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n",
+            &["FILE:3:17: routes[app].canary_weight: 5 needs a [routes.canary] pool"],
+        ),
+        (
+            "duplicate route names",
+            &format!("{GOOD_ROUTE}{}", GOOD_ROUTE.replace("name = \"app\"", "name = \"app\"\npath_prefix = \"/x\"")),
+            &["FILE:9:8: routes[app].name: duplicate route name \"app\" (first used by routes[0])"],
+        ),
+        (
+            "same host and prefix twice",
+            &format!("{GOOD_ROUTE}{}", GOOD_ROUTE.replace("\"app\"", "\"app2\"")),
+            &["routes[app2].path_prefix: \"/\" on any host is already served by route \"app\""],
+        ),
+        (
+            "empty stable pool",
+            "[[routes]]\nname = \"app\"\n[routes.stable]\nversion = \"v1\"\nendpoints = []\n",
+            &["FILE:5:13: routes[app].stable.endpoints: no endpoints"],
+        ),
+        (
+            "missing stable pool",
+            "[[routes]]\nname = \"app\"\n",
+            &["routes[app]: missing field `stable`"],
+        ),
+        (
+            "unparseable endpoint",
+            "[[routes]]\nname = \"app\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\", \"10.0.0.1\", \"h:99999\"]\n",
+            &[
+                "FILE:5:29: routes[app].stable.endpoints[1]: \"10.0.0.1\" is not HOST:PORT",
+                "FILE:5:41: routes[app].stable.endpoints[2]: \"h:99999\" is not HOST:PORT",
+            ],
+        ),
+        (
+            "bad durations",
+            &format!("[proxy]\nconnect_timeout = \"10 parsecs\"\nread_timeout = \"0s\"\n{GOOD_ROUTE}"),
+            &[
+                "FILE:2:19: proxy.connect_timeout: \"10 parsecs\" is not a duration",
+                "FILE:3:16: proxy.read_timeout: \"0s\" must be greater than zero",
+            ],
+        ),
+        (
+            "unknown keys, all of them",
+            &format!("[proxy]\nlisten = \"0.0.0.0:1\"\nlistn = 1\n[admn]\nx = 1\n{}", GOOD_ROUTE.replace("name = \"app\"", "name = \"app\"\ncanry_weight = 3")),
+            &[
+                "FILE:3:1: proxy.listn: unknown field `listn`",
+                "FILE:4:2: admn: unknown field `admn`",
+                "FILE:9:1: routes[app].canry_weight: unknown field `canry_weight`",
+            ],
+        ),
+        (
+            "wrong types",
+            "[proxy]\nthreads = \"two\"\n[[routes]]\nname = \"app\"\nsticky_by = \"client_ip\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n",
+            &[
+                "FILE:2:11: proxy.threads: invalid type: string \"two\", expected usize",
+                "FILE:5:13: routes[app].sticky_by: invalid type: string \"client_ip\", expected a sequence",
+            ],
+        ),
+        (
+            "bad listen, sticky source, cidr, header and prefix",
+            "[proxy]\nlisten = [\"127.0.0.1:8080\", \"localhost\"]\n[[routes]]\nname = \"app\"\npath_prefix = \"api\"\nsticky_by = [\"query:u\"]\noverride_header = \"bad header\"\noverride_trusted_cidrs = [\"10.0.0.0/33\"]\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n",
+            &[
+                "FILE:2:29: proxy.listen[1]: \"localhost\" is not an IP:PORT address",
+                "FILE:5:15: routes[app].path_prefix: \"api\" must start with \"/\"",
+                "FILE:6:14: routes[app].sticky_by[0]: \"query:u\" is not a user key source",
+                "FILE:7:19: routes[app].override_header: \"bad header\" is not a valid header name",
+                "FILE:8:27: routes[app].override_trusted_cidrs[0]: \"10.0.0.0/33\" is not a CIDR",
+            ],
+        ),
+        (
+            "canary with the stable version, and no routes elsewhere",
+            "[[routes]]\nname = \"app\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n[routes.canary]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:2\"]\n",
+            &["FILE:7:11: routes[app].canary.version: \"v1\" is also the stable version"],
+        ),
+        ("no routes", "[proxy]\n", &["FILE: routes: at least one [[routes]] is required"]),
+    ];
+    assert!(cases.len() >= 12);
+    for (what, src, expected) in cases {
+        let (code, stdout, stderr) = check(src);
+        assert_eq!(code, 1, "{what}: exit code; stdout {stdout}");
+        for line in *expected {
+            assert!(
+                stderr.contains(line),
+                "{what}: expected {line:?} in:\n{stderr}"
+            );
+        }
+        assert_eq!(
+            stderr.lines().count(),
+            expected.len(),
+            "{what}: one line per error, got:\n{stderr}"
+        );
+    }
+}
