@@ -5,8 +5,13 @@
 //! endpoint of that version's pool ([`proxy`]). The configuration ([`config`]) is one
 //! immutable snapshot shared by every request. [`server`] wires it into a Pingora server.
 
+pub mod admin;
+pub mod client;
 pub mod config;
+pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod split;
+pub mod state;

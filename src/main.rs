@@ -34,6 +34,45 @@ enum Command {
         #[arg(default_value = DEFAULT_CONFIG)]
         file: PathBuf,
     },
+    /// Show routes, weights, rollout states and endpoint health of a running Kanaria.
+    Status {
+        #[arg(long, env = "KANARIA_ADMIN_ADDR", default_value = DEFAULT_ADMIN)]
+        admin: String,
+    },
+    /// Set a route's canary weight in percent (token from KANARIA_ADMIN_TOKEN).
+    Weight {
+        route: String,
+        percent: f64,
+        #[arg(long, env = "KANARIA_ADMIN_ADDR", default_value = DEFAULT_ADMIN)]
+        admin: String,
+    },
+    /// Move every user of a route back to stable (token from KANARIA_ADMIN_TOKEN).
+    Rollback {
+        route: String,
+        #[arg(long, env = "KANARIA_ADMIN_ADDR", default_value = DEFAULT_ADMIN)]
+        admin: String,
+    },
+    /// Send every user of a route to the canary (token from KANARIA_ADMIN_TOKEN).
+    Promote {
+        route: String,
+        #[arg(long, env = "KANARIA_ADMIN_ADDR", default_value = DEFAULT_ADMIN)]
+        admin: String,
+    },
+}
+
+const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+
+fn report(result: anyhow::Result<String>) -> ExitCode {
+    match result {
+        Ok(out) => {
+            println!("{}", out.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -57,5 +96,22 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Status { admin } => report(kanaria::client::status(&admin)),
+        Command::Weight {
+            route,
+            percent,
+            admin,
+        } => report(kanaria::client::act(
+            &admin,
+            &route,
+            "weight",
+            Some(&format!("{{\"percent\": {percent}}}")),
+        )),
+        Command::Rollback { route, admin } => {
+            report(kanaria::client::act(&admin, &route, "rollback", None))
+        }
+        Command::Promote { route, admin } => {
+            report(kanaria::client::act(&admin, &route, "promote", None))
+        }
     }
 }

@@ -11,8 +11,8 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
@@ -22,8 +22,10 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::config::{Route, Snapshot};
+use crate::config::Route;
+use crate::metrics::UpstreamErrorKind;
 use crate::split::Version;
+use crate::state::{Live, Shared};
 
 /// Error type for "the chosen pool has no endpoint to send to" (all down or unhealthy).
 pub const NO_HEALTHY_ENDPOINT: &str = "NoHealthyEndpoint";
@@ -32,14 +34,23 @@ const X_FORWARDED_FOR: &str = "x-forwarded-for";
 const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 
 /// Per-request state shared across the hooks.
-#[derive(Default)]
 pub struct Ctx {
-    /// The snapshot this request decided from (kept so every hook sees the same config).
-    snapshot: Option<Arc<Snapshot>>,
-    route: Option<Arc<Route>>,
+    start: Instant,
+    /// The config this request decided from (kept so every hook sees the same one).
+    live: Option<Arc<Live>>,
+    route: Option<usize>,
     version: Option<Version>,
     /// Set when Kanaria generated the id (the client sent none).
     generated_request_id: Option<HeaderValue>,
+    /// Status of the upstream's answer, when one came.
+    upstream_status: Option<u16>,
+}
+
+impl Ctx {
+    fn route(&self) -> Option<&Arc<Route>> {
+        let (live, i) = (self.live.as_ref()?, self.route?);
+        live.snapshot.routes.get(i)
+    }
 }
 
 /// Generates request ids: a random per-process prefix and a counter, so ids are unique
@@ -72,17 +83,31 @@ impl RequestIds {
 
 /// The Kanaria proxy service.
 pub struct KanariaProxy {
-    config: Arc<ArcSwap<Snapshot>>,
+    shared: Arc<Shared>,
     ids: RequestIds,
 }
 
 impl KanariaProxy {
-    pub fn new(config: Arc<ArcSwap<Snapshot>>) -> Self {
+    pub fn new(shared: Arc<Shared>) -> Self {
         KanariaProxy {
-            config,
+            shared,
             ids: RequestIds::new(),
         }
     }
+}
+
+/// Classifies an upstream failure for `kanaria_upstream_errors_total`.
+fn upstream_error_kind(e: &Error) -> Option<UpstreamErrorKind> {
+    use ErrorType::*;
+    if e.esource() != &ErrorSource::Upstream {
+        return None;
+    }
+    Some(match e.etype() {
+        ConnectTimedout | ReadTimedout | WriteTimedout => UpstreamErrorKind::Timeout,
+        ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure | BindError
+        | SocketError => UpstreamErrorKind::Connect,
+        _ => UpstreamErrorKind::Reset,
+    })
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
@@ -106,9 +131,10 @@ async fn respond_text(session: &mut Session, ctx: &Ctx, code: u16, body: &str) -
 
 /// Adds the version and request id headers to a response.
 fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
-    let Some(snap) = &ctx.snapshot else {
+    let Some(live) = &ctx.live else {
         return Ok(());
     };
+    let snap = &live.snapshot;
     if let (Some(name), Some(v)) = (&snap.proxy.version_header, ctx.version) {
         resp.insert_header(name.clone(), v.as_str())?;
     }
@@ -123,11 +149,19 @@ impl ProxyHttp for KanariaProxy {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        Ctx::default()
+        Ctx {
+            start: Instant::now(),
+            live: None,
+            route: None,
+            version: None,
+            generated_request_id: None,
+            upstream_status: None,
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let snap = self.config.load_full();
+        let live = self.shared.load();
+        let snap = &live.snapshot;
         let req = session.req_header();
         // HTTP/1.1 carries the host in `Host`; absolute-form and HTTP/2 in the URI.
         let host = req
@@ -135,12 +169,22 @@ impl ProxyHttp for KanariaProxy {
             .get(HOST)
             .and_then(|v| v.to_str().ok())
             .or_else(|| req.uri.host());
-        let route = snap.find_route(host, req.uri.path()).cloned();
+        let route = snap.router.find(host, req.uri.path());
         if req.headers.get(&snap.proxy.request_id_header).is_none() {
             ctx.generated_request_id = Some(self.ids.next());
         }
-        ctx.snapshot = Some(snap);
-        let Some(route) = route else {
+        let decision = route.and_then(|i| snap.routes.get(i)).map(|r| {
+            r.split
+                .decide(
+                    &session.req_header().headers,
+                    client_ip(session),
+                    r.labels(),
+                )
+                .0
+        });
+        ctx.live = Some(live);
+        ctx.route = route;
+        let Some(version) = decision else {
             respond_text(
                 session,
                 ctx,
@@ -150,18 +194,12 @@ impl ProxyHttp for KanariaProxy {
             .await?;
             return Ok(true);
         };
-        let (version, _reason) = route.split.decide(
-            &session.req_header().headers,
-            client_ip(session),
-            route.labels(),
-        );
         ctx.version = Some(version);
-        ctx.route = Some(route);
         Ok(false)
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let (Some(route), Some(version)) = (&ctx.route, ctx.version) else {
+        let (Some(route), Some(version)) = (ctx.route(), ctx.version) else {
             return Error::e_explain(ErrorType::InternalError, "no route decided");
         };
         let pool = route.pool(version);
@@ -204,9 +242,20 @@ impl ProxyHttp for KanariaProxy {
             upstream_request.insert_header(X_FORWARDED_FOR, xff)?;
         }
         upstream_request.insert_header(X_FORWARDED_PROTO, "http")?;
-        if let (Some(id), Some(snap)) = (&ctx.generated_request_id, &ctx.snapshot) {
-            upstream_request.insert_header(snap.proxy.request_id_header.clone(), id.clone())?;
+        if let (Some(id), Some(live)) = (&ctx.generated_request_id, &ctx.live) {
+            upstream_request
+                .insert_header(live.snapshot.proxy.request_id_header.clone(), id.clone())?;
         }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(upstream_response.status.as_u16());
         Ok(())
     }
 
@@ -252,6 +301,27 @@ impl ProxyHttp for KanariaProxy {
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,
+        }
+    }
+
+    /// Records the outcome of every request that matched a route.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let (Some(live), Some(i), Some(version)) = (&ctx.live, ctx.route, ctx.version) else {
+            return;
+        };
+        let Some(m) = live.route_metrics.get(i) else {
+            return;
+        };
+        let m = m.version(version);
+        let status = session
+            .as_downstream()
+            .response_written()
+            .map(|r| r.status.as_u16());
+        m.record(status, ctx.start.elapsed().as_secs_f64());
+        if let Some(kind) = e.and_then(upstream_error_kind) {
+            m.upstream_error(kind);
+        } else if ctx.upstream_status.is_some_and(|s| s >= 500) {
+            m.upstream_error(UpstreamErrorKind::Status5xx);
         }
     }
 }

@@ -6,15 +6,18 @@
 //! started with `--upgrade` (zero-downtime upgrade).
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
 
+use crate::admin::AdminApp;
 use crate::config::{self, Snapshot};
 use crate::proxy::KanariaProxy;
+use crate::reload::Reloader;
+use crate::state::Shared;
 
 /// Pingora's server configuration derived from ours.
 fn server_conf(snap: &Snapshot) -> ServerConf {
@@ -46,13 +49,23 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-    let mut proxy =
-        pingora::proxy::http_proxy_service(&server.configuration, KanariaProxy::new(shared));
+    let admin_listen = snapshot.admin.listen;
+    let shared = Shared::new(snapshot, config_path.to_path_buf())
+        .map_err(|e| anyhow::anyhow!("metrics registry: {e}"))?;
+    let mut proxy = pingora::proxy::http_proxy_service(
+        &server.configuration,
+        KanariaProxy::new(shared.clone()),
+    );
     for addr in &listen {
         proxy.add_tcp(&addr.to_string());
     }
+    let mut admin = Service::new("kanaria admin".to_string(), AdminApp::new(shared.clone()));
+    admin.add_tcp(&admin_listen.to_string());
+    // One thread is plenty for the admin API and keeps it off the proxy's workers.
+    admin.threads = Some(1);
     server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(background_service("config reload", Reloader::new(shared)));
     log::info!(
         "kanaria {} listening on {:?} with {}",
         env!("CARGO_PKG_VERSION"),

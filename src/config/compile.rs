@@ -18,7 +18,9 @@ use toml::de::DeTable;
 
 use super::errors::{remove_at, span_of, ConfigError, ConfigErrors, KeyPath, Position};
 use super::file::{FileConfig, PoolFile, ProxyFile, RouteFile};
-use super::{AdminSettings, Pool, ProxySettings, Route, Snapshot, Timeouts};
+use super::{
+    AdminSettings, Pool, ProxySettings, ReloadSettings, Route, Snapshot, Timeouts, WeightSource,
+};
 use crate::route::Router;
 use crate::split::{seed_for, weight_to_buckets, OverrideRule, SplitRule, StickySource};
 
@@ -180,9 +182,22 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
     let admin_listen = c.socket_addr(admin_path.clone(), &cfg.admin.listen);
     if let (Some(a), Some(p)) = (admin_listen, &proxy) {
         if p.listen.contains(&a) {
-            c.err(admin_path, format!("{a} is also a proxy listener"));
+            c.err(admin_path.clone(), format!("{a} is also a proxy listener"));
         }
     }
+    let token = admin_token(&mut c, cfg.admin.token_file.as_deref());
+    if let Some(a) = admin_listen {
+        if !a.ip().is_loopback() && token.is_none() {
+            c.err(
+                admin_path,
+                format!(
+                    "{a} is reachable from other hosts but no admin token is set: set admin.token_file or KANARIA_ADMIN_TOKEN, or listen on 127.0.0.1"
+                ),
+            );
+        }
+    }
+    let reload_path = KeyPath::root().key("reload");
+    let debounce = c.duration(reload_path.key("debounce"), &cfg.reload.debounce);
 
     let routes_path = KeyPath::root().key("routes");
     if cfg.routes.is_empty() && !routes_in_file {
@@ -237,22 +252,52 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
         }
     }
 
-    match (proxy, admin_listen) {
-        (Some(proxy), Some(listen)) if c.errors.is_empty() => {
+    match (proxy, admin_listen, debounce) {
+        (Some(proxy), Some(listen), Some(debounce)) if c.errors.is_empty() => {
             let router = Router::new(
                 routes
                     .iter()
                     .map(|r| (r.hosts.as_slice(), r.path_prefix.as_str())),
             );
             Ok(Snapshot {
+                generation: 0,
                 proxy,
-                admin: AdminSettings { listen },
+                admin: AdminSettings { listen, token },
+                reload: ReloadSettings {
+                    watch: cfg.reload.watch,
+                    debounce,
+                },
                 routes,
                 router,
             })
         }
         _ => Err(c.errors),
     }
+}
+
+/// The admin token: from `token_file` when set, else `KANARIA_ADMIN_TOKEN`, else none.
+fn admin_token(c: &mut Check, token_file: Option<&str>) -> Option<String> {
+    let path = KeyPath::root().key("admin").key("token_file");
+    let token = match token_file {
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(t) => t.trim().to_string(),
+            Err(e) => {
+                c.err(path, format!("cannot read {f:?}: {e}"));
+                return None;
+            }
+        },
+        None => std::env::var("KANARIA_ADMIN_TOKEN")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    };
+    if token.is_empty() {
+        if token_file.is_some() {
+            c.err(path, "the token file is empty");
+        }
+        return None;
+    }
+    Some(token)
 }
 
 fn proxy_settings(c: &mut Check, p: &ProxyFile) -> Option<ProxySettings> {
@@ -433,6 +478,7 @@ fn route(
             Some(p) => Some(p?),
             None => None,
         },
+        weight_source: WeightSource::File,
     })
 }
 

@@ -16,6 +16,9 @@ pub struct FileConfig {
     /// The admin listener (status, metrics, mutations).
     #[serde(default)]
     pub admin: AdminFile,
+    /// Hot reload of this file.
+    #[serde(default)]
+    pub reload: ReloadFile,
     /// At least one route is required (checked in `compile`, so the message names the key).
     #[serde(default)]
     pub routes: Vec<RouteFile>,
@@ -90,12 +93,35 @@ impl Default for ProxyFile {
 pub struct AdminFile {
     /// Default `"127.0.0.1:9901"`. Needs a restart to change.
     pub listen: String,
+    /// File holding the bearer token for mutations (trimmed). Default: none; then the
+    /// `KANARIA_ADMIN_TOKEN` environment variable, else mutations are disabled.
+    pub token_file: Option<String>,
 }
 
 impl Default for AdminFile {
     fn default() -> Self {
         AdminFile {
             listen: "127.0.0.1:9901".into(),
+            token_file: None,
+        }
+    }
+}
+
+/// `[reload]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadFile {
+    /// Watch the config file's directory and reload on change. Default `true`.
+    pub watch: bool,
+    /// Quiet time after the last file event before reloading. Default `"200ms"`.
+    pub debounce: String,
+}
+
+impl Default for ReloadFile {
+    fn default() -> Self {
+        ReloadFile {
+            watch: true,
+            debounce: "200ms".into(),
         }
     }
 }

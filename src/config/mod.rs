@@ -45,9 +45,52 @@ pub struct ProxySettings {
 }
 
 /// `[admin]`, validated.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdminSettings {
     pub listen: SocketAddr,
+    /// Bearer token for mutations; `None` disables them.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("AdminSettings")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// `[reload]`, validated.
+#[derive(Debug, Clone)]
+pub struct ReloadSettings {
+    pub watch: bool,
+    pub debounce: Duration,
+}
+
+/// Who set a route's effective canary weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightSource {
+    /// `canary_weight` in the config file.
+    File,
+    /// `POST /api/v1/routes/{route}/weight`.
+    Admin,
+    /// An operator's rollback (weight 0).
+    Rollback,
+    /// An operator's promote (weight 100).
+    Promote,
+}
+
+impl WeightSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightSource::File => "file",
+            WeightSource::Admin => "admin",
+            WeightSource::Rollback => "rollback",
+            WeightSource::Promote => "promote",
+        }
+    }
 }
 
 /// One version's endpoints, with the load balancer that picks among them.
@@ -68,7 +111,7 @@ impl std::fmt::Debug for Pool {
 }
 
 /// One route, validated.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Route {
     pub name: String,
     pub hosts: Vec<String>,
@@ -77,6 +120,8 @@ pub struct Route {
     pub timeouts: Timeouts,
     pub stable: Arc<Pool>,
     pub canary: Option<Arc<Pool>>,
+    /// Who set `split.canary_buckets`.
+    pub weight_source: WeightSource,
 }
 
 impl Route {
@@ -98,10 +143,13 @@ impl Route {
 }
 
 /// The whole validated config. Immutable; shared by `Arc`, replaced whole on reload.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Snapshot {
+    /// 0 until published; then 1, 2, ... per publication.
+    pub generation: u64,
     pub proxy: ProxySettings,
     pub admin: AdminSettings,
+    pub reload: ReloadSettings,
     pub routes: Vec<Arc<Route>>,
     pub router: Router,
 }

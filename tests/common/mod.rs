@@ -193,26 +193,64 @@ impl Proxy {
 
     /// Like `start`, with extra `[proxy]` keys.
     pub async fn start_with(routes: &str, proxy_extra: &str) -> Proxy {
+        Self::launch(routes, proxy_extra, "", "", &[]).await
+    }
+
+    /// The config text for given ports: `[proxy]`, `[admin]`, `[reload]`, then `routes`.
+    pub fn config_text(
+        &self,
+        routes: &str,
+        proxy_extra: &str,
+        admin_extra: &str,
+        reload_extra: &str,
+    ) -> String {
+        config_text(
+            self.port,
+            self.admin_port,
+            self.dir.path(),
+            routes,
+            proxy_extra,
+            admin_extra,
+            reload_extra,
+        )
+    }
+
+    /// Full control: extra `[proxy]` and `[admin]` keys, environment of the process.
+    pub async fn launch(
+        routes: &str,
+        proxy_extra: &str,
+        admin_extra: &str,
+        reload_extra: &str,
+        env: &[(&str, &str)],
+    ) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let admin_port = free_port();
-        let config = format!(
-            "[proxy]\nlisten = \"127.0.0.1:{port}\"\nthreads = 2\nupgrade_sock = \"{}\"\n{proxy_extra}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n{routes}\n",
-            dir.path().join("upgrade.sock").display()
+        let config = config_text(
+            port,
+            admin_port,
+            dir.path(),
+            routes,
+            proxy_extra,
+            admin_extra,
+            reload_extra,
         );
         let config_path = dir.path().join("kanaria.toml");
         std::fs::File::create(&config_path)
             .and_then(|mut f| f.write_all(config.as_bytes()))
             .expect("write config");
         let log = std::fs::File::create(dir.path().join("kanaria.log")).expect("log file");
-        let child = Command::new(kanaria_bin())
-            .args(["run", "-c"])
+        let mut cmd = Command::new(kanaria_bin());
+        cmd.args(["run", "-c"])
             .arg(&config_path)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
+            .env_remove("KANARIA_ADMIN_TOKEN")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kanaria");
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn kanaria");
         let mut proxy = Proxy {
             port,
             admin_port,
@@ -224,11 +262,77 @@ impl Proxy {
         proxy
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.admin_port, path)
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        client()
+            .get(self.admin_url("/api/v1/status"))
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("status json")
+    }
+
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    pub async fn generation(&self) -> u64 {
+        self.status().await["config_generation"]
+            .as_u64()
+            .expect("generation")
+    }
+
+    /// Polls `/api/v1/status` until `pred` holds (or fails after 20 s with the last status).
+    pub async fn wait_status(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.status().await;
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status {s:#}\nlog:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Writes the config file in place and waits for a reload newer than `after`.
+    pub async fn write_config_and_wait(&self, text: &str, after: u64) -> serde_json::Value {
+        std::fs::write(&self.config_path, text).expect("rewrite config");
+        self.wait_status("a reload", |s| {
+            s["config_generation"].as_u64() > Some(after)
+        })
+        .await
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("kanaria.log")).unwrap_or_default()
     }
 
-    /// Polls until the listener answers HTTP; fails fast if the process died.
+    /// Polls `/readyz` until the proxy listeners accept; fails fast if the process died.
     async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         let client = client();
@@ -239,13 +343,10 @@ impl Proxy {
                     self.log()
                 );
             }
-            if client
-                .get(format!("http://127.0.0.1:{}/__kanaria_ready", self.port))
-                .send()
-                .await
-                .is_ok()
-            {
-                return;
+            if let Ok(r) = client.get(self.admin_url("/readyz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
             }
             assert!(
                 Instant::now() < deadline,
@@ -259,6 +360,22 @@ impl Proxy {
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
+}
+
+/// The text of a test config.
+pub fn config_text(
+    port: u16,
+    admin_port: u16,
+    dir: &std::path::Path,
+    routes: &str,
+    proxy_extra: &str,
+    admin_extra: &str,
+    reload_extra: &str,
+) -> String {
+    format!(
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nthreads = 2\nupgrade_sock = \"{}\"\n{proxy_extra}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{admin_extra}\n\n[reload]\ndebounce = \"50ms\"\n{reload_extra}\n\n{routes}\n",
+        dir.join("upgrade.sock").display()
+    )
 }
 
 /// A real HTTP client that ignores proxy settings of the environment.

@@ -1,0 +1,274 @@
+//! The admin listener: metrics, probes, status and operator actions, served by Pingora.
+//!
+//! Read-only endpoints are open (bind the listener to loopback or a private network);
+//! mutations need `Authorization: Bearer <token>` and are refused with 403 when no token is
+//! configured. Every answer is JSON except `/metrics` (Prometheus text) and the probes.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde_json::{json, Value};
+
+use crate::config::{Pool, WeightSource};
+use crate::split::buckets_to_percent;
+use crate::state::{rollout_state, ControlError, Shared};
+
+/// Largest request body the admin API reads.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The admin HTTP application.
+pub struct AdminApp {
+    shared: Arc<Shared>,
+    ready: AtomicBool,
+}
+
+impl AdminApp {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        AdminApp {
+            shared,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Ready once the config is loaded (always, after start) and a proxy listener accepts.
+    fn is_ready(&self) -> bool {
+        if self.ready.load(Ordering::Relaxed) {
+            return true;
+        }
+        let snap = self.shared.snapshot();
+        let up = snap.proxy.listen.iter().all(|a| {
+            // A wildcard listener is reached through loopback.
+            let ip = match a.ip() {
+                IpAddr::V4(v) if v.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(v) if v.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                ip => ip,
+            };
+            TcpStream::connect_timeout(&SocketAddr::new(ip, a.port()), Duration::from_millis(200))
+                .is_ok()
+        });
+        if up {
+            self.ready.store(true, Ordering::Relaxed);
+        }
+        up
+    }
+}
+
+fn text(status: StatusCode, content_type: &str, body: String) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(body.into_bytes())
+        .unwrap_or_else(|_| Response::new(Vec::new()))
+}
+
+fn json_response(status: StatusCode, v: Value) -> Response<Vec<u8>> {
+    text(status, "application/json", format!("{v}\n"))
+}
+
+fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response<Vec<u8>> {
+    json_response(status, json!({ "error": msg.to_string() }))
+}
+
+/// Compares in time independent of where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn pool_json(p: &Pool) -> Value {
+    let backends = p.lb.backends();
+    let set = backends.get_backend();
+    let endpoints: Vec<Value> = p
+        .endpoints
+        .iter()
+        .map(|e| {
+            let healthy = set
+                .iter()
+                .find(|b| b.addr.as_inet() == Some(e))
+                .is_some_and(|b| backends.ready(b));
+            json!({ "address": e.to_string(), "healthy": healthy })
+        })
+        .collect();
+    json!({ "version": p.version, "endpoints": endpoints })
+}
+
+impl AdminApp {
+    fn status(&self) -> Value {
+        let snap = self.shared.snapshot();
+        let reload = self.shared.last_reload();
+        let routes: Vec<Value> = snap
+            .routes
+            .iter()
+            .map(|r| {
+                let configured = self
+                    .shared
+                    .configured_buckets(&r.name)
+                    .map(buckets_to_percent);
+                json!({
+                    "name": r.name,
+                    "hosts": r.hosts,
+                    "path_prefix": r.path_prefix,
+                    "stable": pool_json(&r.stable),
+                    "canary": r.canary.as_deref().map(pool_json),
+                    "configured_weight_percent": configured,
+                    "effective_weight_percent": buckets_to_percent(r.split.canary_buckets),
+                    "weight_source": r.weight_source.as_str(),
+                    "rollout_state": rollout_state(r),
+                })
+            })
+            .collect();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "config_path": self.shared.config_path.display().to_string(),
+            "config_generation": snap.generation,
+            "last_reload": {
+                "at_unix": reload.at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                "trigger": reload.trigger,
+                "ok": reload.ok,
+                "errors": reload.errors,
+                "restart_required": reload.restart_required,
+            },
+            "routes": routes,
+        })
+    }
+
+    async fn mutate(
+        &self,
+        session: &mut ServerSession,
+        route: &str,
+        action: &str,
+    ) -> Response<Vec<u8>> {
+        let snap = self.shared.snapshot();
+        let Some(token) = snap.admin.token.as_deref() else {
+            return error(
+                StatusCode::FORBIDDEN,
+                "admin mutations are disabled: set admin.token_file in the config or KANARIA_ADMIN_TOKEN in the environment, then restart",
+            );
+        };
+        let presented = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(presented.trim().as_bytes(), token.as_bytes()) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (Authorization: Bearer <token>)",
+            );
+        }
+        let result = match action {
+            "weight" => {
+                let body = match read_body(session).await {
+                    Ok(b) => b,
+                    Err(resp) => return resp,
+                };
+                let percent = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("percent").and_then(Value::as_f64));
+                let Some(percent) = percent else {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "body must be JSON like {\"percent\": 25}",
+                    );
+                };
+                self.shared.set_weight(route, percent, WeightSource::Admin)
+            }
+            "rollback" => self.shared.set_weight(route, 0.0, WeightSource::Rollback),
+            "promote" => self.shared.set_weight(route, 100.0, WeightSource::Promote),
+            "pause" | "resume" => {
+                return error(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "route {route:?} has no progressive rollout to {action}: its weight is set by hand (use weight, rollback or promote)"
+                    ),
+                )
+            }
+            _ => return error(StatusCode::NOT_FOUND, format!("no action {action:?}")),
+        };
+        match result {
+            Ok(generation) => {
+                let snap = self.shared.snapshot();
+                let r = snap.routes.iter().find(|r| r.name == route);
+                json_response(
+                    StatusCode::OK,
+                    json!({
+                        "route": route,
+                        "action": action,
+                        "config_generation": generation,
+                        "effective_weight_percent": r.map(|r| buckets_to_percent(r.split.canary_buckets)),
+                        "rollout_state": r.map(|r| rollout_state(r)),
+                    }),
+                )
+            }
+            Err(e @ ControlError::NoSuchRoute(_)) => error(StatusCode::NOT_FOUND, e),
+            Err(e @ ControlError::BadWeight(_)) => error(StatusCode::BAD_REQUEST, e),
+            Err(e @ ControlError::NoCanary(_)) => error(StatusCode::CONFLICT, e),
+        }
+    }
+}
+
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<u8>>> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk);
+                if body.len() > MAX_BODY {
+                    return Err(error(StatusCode::PAYLOAD_TOO_LARGE, "body too large"));
+                }
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(error(StatusCode::BAD_REQUEST, format!("reading body: {e}"))),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (segments.as_slice(), &method) {
+            (["metrics"], &Method::GET) => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.shared.metrics.render(),
+            ),
+            (["healthz"], &Method::GET) => text(StatusCode::OK, "text/plain", "ok\n".into()),
+            (["readyz"], &Method::GET) => {
+                if self.is_ready() {
+                    text(StatusCode::OK, "text/plain", "ready\n".into())
+                } else {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready: proxy listeners not accepting yet\n".into(),
+                    )
+                }
+            }
+            (["api", "v1", "status"], &Method::GET) => json_response(StatusCode::OK, self.status()),
+            (["api", "v1", "routes", route, action], &Method::POST) => {
+                let (route, action) = (route.to_string(), action.to_string());
+                self.mutate(session, &route, &action).await
+            }
+            (["metrics"] | ["healthz"] | ["readyz"] | ["api", "v1", "status"], _) => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+            }
+            (["api", "v1", "routes", _, _], _) => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
+            _ => error(StatusCode::NOT_FOUND, format!("no admin endpoint {path}")),
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Prometheus metrics: the registry, every metric Kanaria exports, and per-route handles.
+//!
+//! Label values are bounded: `route` comes from the config, `version` is `stable` or
+//! `canary`, `code_class` and `kind` are fixed sets. The request path never looks a label
+//! up: each route gets a [`RouteMetrics`] with its counters and histograms resolved once
+//! (when a config is published), so recording is a few atomic adds, no lock, no hashing.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::split::Version;
+
+/// Request duration buckets, 1 ms to 10 s.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Status classes of `kanaria_requests_total`; `error` is a request that got no status
+/// (the client went away, or the connection broke mid-answer).
+pub const CODE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+/// Kinds of `kanaria_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect = 0,
+    Timeout = 1,
+    Reset = 2,
+    Status5xx = 3,
+}
+
+impl UpstreamErrorKind {
+    pub const ALL: [UpstreamErrorKind; 4] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Reset,
+        UpstreamErrorKind::Status5xx,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::Status5xx => "5xx",
+        }
+    }
+}
+
+/// Every metric of the process.
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream_errors: IntCounterVec,
+    pub canary_weight: prometheus::GaugeVec,
+    pub rollout_state: IntGaugeVec,
+    pub rollbacks: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub reloads: IntCounterVec,
+    pub generation: IntGauge,
+    pub endpoint_healthy: IntGaugeVec,
+    pub pool_info: IntGaugeVec,
+}
+
+/// One version's handles within a route.
+pub struct VersionMetrics {
+    requests: [IntCounter; 6],
+    duration: Histogram,
+    upstream_errors: [IntCounter; 4],
+}
+
+/// A route's handles, resolved once per published config.
+pub struct RouteMetrics {
+    stable: VersionMetrics,
+    canary: VersionMetrics,
+}
+
+impl RouteMetrics {
+    pub fn version(&self, v: Version) -> &VersionMetrics {
+        match v {
+            Version::Stable => &self.stable,
+            Version::Canary => &self.canary,
+        }
+    }
+}
+
+impl VersionMetrics {
+    /// Records a finished request: its status (or `None` when none was sent) and duration.
+    #[inline]
+    pub fn record(&self, status: Option<u16>, seconds: f64) {
+        let class = match status {
+            Some(s @ 100..=599) => usize::from(s / 100) - 1,
+            _ => 5,
+        };
+        self.requests[class].inc();
+        self.duration.observe(seconds);
+    }
+
+    #[inline]
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors[kind as usize].inc();
+    }
+}
+
+fn build<T: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<T>,
+) -> prometheus::Result<T> {
+    let metric = metric?;
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+impl Metrics {
+    /// Fails only on a bad metric definition (a bug caught by the unit test below).
+    pub fn new() -> prometheus::Result<Self> {
+        let r = Registry::new();
+        let requests = build(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "kanaria_requests_total",
+                    "Requests answered, by route, version and status class.",
+                ),
+                &["route", "version", "code_class"],
+            ),
+        )?;
+        let duration = build(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "kanaria_request_duration_seconds",
+                    "Time from request start to the end of the answer.",
+                )
+                .buckets(DURATION_BUCKETS.to_vec()),
+                &["route", "version"],
+            ),
+        )?;
+        let upstream_errors = build(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "kanaria_upstream_errors_total",
+                    "Upstream failures: connect, timeout, reset, 5xx.",
+                ),
+                &["route", "version", "kind"],
+            ),
+        )?;
+        let canary_weight = build(
+            &r,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "kanaria_canary_weight_percent",
+                    "Effective canary weight in percent.",
+                ),
+                &["route"],
+            ),
+        )?;
+        let rollout_state = build(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "kanaria_rollout_state",
+                    "1 for the route's current rollout state.",
+                ),
+                &["route", "state"],
+            ),
+        )?;
+        let rollbacks = build(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "kanaria_rollbacks_total",
+                    "Rollbacks of the canary, by reason.",
+                ),
+                &["route", "reason"],
+            ),
+        )?;
+        let retries = build(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "kanaria_retries_total",
+                    "Requests retried on another version.",
+                ),
+                &["route", "from", "to"],
+            ),
+        )?;
+        let reloads = build(
+            &r,
+            IntCounterVec::new(
+                Opts::new("kanaria_config_reloads_total", "Config reloads, by result."),
+                &["result"],
+            ),
+        )?;
+        let generation = build(
+            &r,
+            IntGauge::new(
+                "kanaria_config_generation",
+                "Generation of the config in use.",
+            ),
+        )?;
+        let endpoint_healthy = build(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "kanaria_endpoint_healthy",
+                    "1 when the endpoint is in rotation.",
+                ),
+                &["route", "version", "endpoint"],
+            ),
+        )?;
+        let pool_info = build(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "kanaria_pool_info",
+                    "The release label each version of a route runs.",
+                ),
+                &["route", "version", "release"],
+            ),
+        )?;
+        // Make both results visible from the start, so rate() works on the first reload.
+        for result in ["success", "error"] {
+            reloads.with_label_values(&[result]);
+        }
+        Ok(Metrics {
+            registry: r,
+            requests,
+            duration,
+            upstream_errors,
+            canary_weight,
+            rollout_state,
+            rollbacks,
+            retries,
+            reloads,
+            generation,
+            endpoint_healthy,
+            pool_info,
+        })
+    }
+
+    /// The handles of one route (created on first use, shared across reloads).
+    pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
+        let version = |v: &str| VersionMetrics {
+            requests: CODE_CLASSES.map(|c| self.requests.with_label_values(&[route, v, c])),
+            duration: self.duration.with_label_values(&[route, v]),
+            upstream_errors: UpstreamErrorKind::ALL.map(|k| {
+                self.upstream_errors
+                    .with_label_values(&[route, v, k.as_str()])
+            }),
+        };
+        Arc::new(RouteMetrics {
+            stable: version("stable"),
+            canary: version("canary"),
+        })
+    }
+
+    /// Prometheus text exposition of everything.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            log::error!("encoding metrics: {e}");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_metrics_register_and_render() {
+        let m = Metrics::new().unwrap();
+        let r = m.route("app");
+        r.version(Version::Canary).record(Some(503), 0.002);
+        r.version(Version::Canary)
+            .upstream_error(UpstreamErrorKind::Status5xx);
+        r.version(Version::Stable).record(None, 0.5);
+        let text = m.render();
+        assert!(text.contains(
+            "kanaria_requests_total{code_class=\"5xx\",route=\"app\",version=\"canary\"} 1"
+        ));
+        assert!(text.contains(
+            "kanaria_requests_total{code_class=\"error\",route=\"app\",version=\"stable\"} 1"
+        ));
+        assert!(text.contains(
+            "kanaria_upstream_errors_total{kind=\"5xx\",route=\"app\",version=\"canary\"} 1"
+        ));
+        assert!(text.contains("kanaria_request_duration_seconds_bucket{route=\"app\",version=\"canary\",le=\"0.0025\"} 1"));
+        assert!(text.contains("kanaria_config_reloads_total{result=\"error\"} 0"));
+    }
+}
