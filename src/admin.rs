@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -15,9 +15,25 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use crate::analysis::WindowStats;
 use crate::config::{Pool, WeightSource};
 use crate::split::buckets_to_percent;
+use crate::split::Version;
 use crate::state::{rollout_state, ControlError, Shared};
+
+/// The window the status API reports (the analysis issue makes it configurable per route).
+const STATUS_WINDOW: Duration = Duration::from_secs(30);
+
+fn window_json(st: WindowStats) -> Value {
+    json!({
+        "requests": st.requests,
+        "errors": st.errors,
+        "error_rate": st.error_rate(),
+        "p50_ms": st.p50 * 1000.0,
+        "p90_ms": st.p90 * 1000.0,
+        "p99_ms": st.p99 * 1000.0,
+    })
+}
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -104,12 +120,20 @@ fn pool_json(p: &Pool) -> Value {
 
 impl AdminApp {
     fn status(&self) -> Value {
-        let snap = self.shared.snapshot();
+        let live = self.shared.load();
+        let snap = &live.snapshot;
         let reload = self.shared.last_reload();
+        let now = Instant::now();
         let routes: Vec<Value> = snap
             .routes
             .iter()
-            .map(|r| {
+            .enumerate()
+            .map(|(i, r)| {
+                let window = |v: Version| {
+                    live.route_metrics
+                        .get(i)
+                        .map(|m| window_json(m.version(v).window.stats(now, STATUS_WINDOW)))
+                };
                 let configured = self
                     .shared
                     .configured_buckets(&r.name)
@@ -124,6 +148,11 @@ impl AdminApp {
                     "effective_weight_percent": buckets_to_percent(r.split.canary_buckets),
                     "weight_source": r.weight_source.as_str(),
                     "rollout_state": rollout_state(r),
+                    "window_seconds": STATUS_WINDOW.as_secs(),
+                    "window": {
+                        "stable": window(Version::Stable),
+                        "canary": window(Version::Canary),
+                    },
                 })
             })
             .collect();

@@ -6,6 +6,7 @@
 //! immutable snapshot shared by every request. [`server`] wires it into a Pingora server.
 
 pub mod admin;
+pub mod analysis;
 pub mod client;
 pub mod config;
 pub mod metrics;

@@ -5,13 +5,16 @@
 //! up: each route gets a [`RouteMetrics`] with its counters and histograms resolved once
 //! (when a config is published), so recording is a few atomic adds, no lock, no hashing.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::analysis::Window;
 use crate::split::Version;
 
 /// Request duration buckets, 1 ms to 10 s.
@@ -64,6 +67,9 @@ pub struct Metrics {
     pub generation: IntGauge,
     pub endpoint_healthy: IntGaugeVec,
     pub pool_info: IntGaugeVec,
+    /// Per-route handles by name, so counters and analysis windows outlive reloads.
+    /// Locked only when a config is published.
+    routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
 }
 
 /// One version's handles within a route.
@@ -71,6 +77,8 @@ pub struct VersionMetrics {
     requests: [IntCounter; 6],
     duration: Histogram,
     upstream_errors: [IntCounter; 4],
+    /// Recent outcomes, for the status API and the canary analysis.
+    pub window: Window,
 }
 
 /// A route's handles, resolved once per published config.
@@ -98,6 +106,8 @@ impl VersionMetrics {
         };
         self.requests[class].inc();
         self.duration.observe(seconds);
+        let is_error = class >= 4;
+        self.window.record(Instant::now(), is_error, seconds);
     }
 
     #[inline]
@@ -241,11 +251,16 @@ impl Metrics {
             generation,
             endpoint_healthy,
             pool_info,
+            routes: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The handles of one route (created on first use, shared across reloads).
+    /// The handles of one route: created on first use, then the same across reloads.
     pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
+        let mut cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = cache.get(route) {
+            return m.clone();
+        }
         let version = |v: &str| VersionMetrics {
             requests: CODE_CLASSES.map(|c| self.requests.with_label_values(&[route, v, c])),
             duration: self.duration.with_label_values(&[route, v]),
@@ -253,11 +268,14 @@ impl Metrics {
                 self.upstream_errors
                     .with_label_values(&[route, v, k.as_str()])
             }),
+            window: Window::new(),
         };
-        Arc::new(RouteMetrics {
+        let m = Arc::new(RouteMetrics {
             stable: version("stable"),
             canary: version("canary"),
-        })
+        });
+        cache.insert(route.to_string(), m.clone());
+        m
     }
 
     /// Prometheus text exposition of everything.

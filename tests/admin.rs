@@ -110,6 +110,14 @@ async fn status_and_metrics_match_the_traffic() {
     assert_eq!(r["canary"]["endpoints"][0]["healthy"], true);
     assert_eq!(s["config_generation"], 1);
     assert_eq!(s["last_reload"]["ok"], true);
+    let (wc, ws) = (&r["window"]["canary"], &r["window"]["stable"]);
+    assert_eq!(wc["requests"].as_u64(), Some(to_canary as u64), "{r:#}");
+    assert_eq!(wc["errors"].as_u64(), Some(to_canary as u64));
+    assert_eq!(wc["error_rate"], 1.0);
+    assert_eq!(ws["requests"].as_u64(), Some((200 - to_canary) as u64));
+    assert_eq!(ws["errors"], 0);
+    assert!(ws["p99_ms"].as_f64().unwrap() > 0.0);
+    assert!(ws["p50_ms"].as_f64().unwrap() <= ws["p99_ms"].as_f64().unwrap());
 
     let c = client();
     assert_eq!(

@@ -12,6 +12,7 @@ fn check(src: &str) -> (i32, String, String) {
     let out = Command::new(common::kanaria_bin())
         .arg("check")
         .arg(&path)
+        .env_remove("KANARIA_ADMIN_TOKEN")
         .output()
         .expect("run kanaria check");
     let stderr = String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "FILE");
@@ -168,6 +169,19 @@ fn broken_configs_print_every_error_with_its_place() {
             &["FILE:7:11: routes[app].canary.version: \"v1\" is also the stable version"],
         ),
         ("no routes", "[proxy]\n", &["FILE: routes: at least one [[routes]] is required"]),
+        (
+            "admin on the network without a token",
+            &format!("[admin]\nlisten = \"0.0.0.0:9901\"\n{GOOD_ROUTE}"),
+            &["FILE:2:10: admin.listen: 0.0.0.0:9901 is reachable from other hosts but no admin token is set"],
+        ),
+        (
+            "unreadable token file and bad debounce",
+            &format!("[admin]\ntoken_file = \"/nonexistent/token\"\n[reload]\ndebounce = \"soon\"\n{GOOD_ROUTE}"),
+            &[
+                "FILE:2:14: admin.token_file: cannot read \"/nonexistent/token\"",
+                "FILE:4:12: reload.debounce: \"soon\" is not a duration",
+            ],
+        ),
     ];
     assert!(cases.len() >= 12);
     for (what, src, expected) in cases {
