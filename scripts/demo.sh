@@ -15,6 +15,13 @@ for spec in "v1:9001" "v2:9002"; do
   python3 -m http.server "$port" --bind 127.0.0.1 --directory "$work/$version" >/dev/null 2>&1 &
   pids+=($!)
 done
+# Wait until both demo apps accept connections, so the first request is not a 502.
+for port in 9001 9002; do
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.05
+  done
+done
 "$bin" check config/demo.toml
 cat <<'TXT'
 
