@@ -16,10 +16,10 @@ use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
 use crate::analysis::WindowStats;
-use crate::config::{Pool, WeightSource};
+use crate::config::Pool;
 use crate::split::buckets_to_percent;
 use crate::split::Version;
-use crate::state::{rollout_state, ControlError, Shared};
+use crate::state::{rollout_state, Action, ControlError, Shared};
 
 /// The window the status API reports (the analysis issue makes it configurable per route).
 const STATUS_WINDOW: Duration = Duration::from_secs(30);
@@ -102,18 +102,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn pool_json(p: &Pool) -> Value {
-    let backends = p.lb.backends();
-    let set = backends.get_backend();
     let endpoints: Vec<Value> = p
-        .endpoints
-        .iter()
-        .map(|e| {
-            let healthy = set
-                .iter()
-                .find(|b| b.addr.as_inet() == Some(e))
-                .is_some_and(|b| backends.ready(b));
-            json!({ "address": e.to_string(), "healthy": healthy })
-        })
+        .health()
+        .into_iter()
+        .map(|(e, healthy)| json!({ "address": e.to_string(), "healthy": healthy }))
         .collect();
     json!({ "version": p.version, "endpoints": endpoints })
 }
@@ -134,20 +126,36 @@ impl AdminApp {
                         .get(i)
                         .map(|m| window_json(m.version(v).window.stats(now, STATUS_WINDOW)))
                 };
-                let configured = self
-                    .shared
-                    .configured_buckets(&r.name)
-                    .map(buckets_to_percent);
+                let control = self.shared.route_control(&r.name);
+                let phase = control.as_ref().map(|c| &c.phase);
+                let rollout = (!r.steps.is_empty()).then(|| {
+                    json!({
+                        "step": phase.and_then(|p| p.step()),
+                        "steps": r.steps.iter().map(|s| json!({
+                            "weight_percent": buckets_to_percent(s.buckets),
+                            "hold_seconds": s.hold.as_secs_f64(),
+                        })).collect::<Vec<_>>(),
+                    })
+                });
                 json!({
                     "name": r.name,
                     "hosts": r.hosts,
                     "path_prefix": r.path_prefix,
                     "stable": pool_json(&r.stable),
                     "canary": r.canary.as_deref().map(pool_json),
-                    "configured_weight_percent": configured,
+                    "configured_weight_percent": buckets_to_percent(r.file_buckets),
                     "effective_weight_percent": buckets_to_percent(r.split.canary_buckets),
                     "weight_source": r.weight_source.as_str(),
-                    "rollout_state": rollout_state(r),
+                    "rollout_state": rollout_state(r, phase),
+                    "phase": phase,
+                    "rollout": rollout,
+                    "consecutive_failures": control.as_ref().map(|c| c.failures),
+                    "analysis": {
+                        "enabled": r.analysis.enabled,
+                        "interval_seconds": r.analysis.interval.as_secs_f64(),
+                        "window_seconds": r.analysis.window.as_secs(),
+                        "min_requests": r.analysis.min_requests,
+                    },
                     "window_seconds": STATUS_WINDOW.as_secs(),
                     "window": {
                         "stable": window(Version::Stable),
@@ -168,6 +176,7 @@ impl AdminApp {
                 "restart_required": reload.restart_required,
             },
             "routes": routes,
+            "events": self.shared.events(),
         })
     }
 
@@ -197,7 +206,7 @@ impl AdminApp {
                 "missing or wrong bearer token (Authorization: Bearer <token>)",
             );
         }
-        let result = match action {
+        let act = match action {
             "weight" => {
                 let body = match read_body(session).await {
                     Ok(b) => b,
@@ -212,24 +221,20 @@ impl AdminApp {
                         "body must be JSON like {\"percent\": 25}",
                     );
                 };
-                self.shared.set_weight(route, percent, WeightSource::Admin)
+                Action::Weight(percent)
             }
-            "rollback" => self.shared.set_weight(route, 0.0, WeightSource::Rollback),
-            "promote" => self.shared.set_weight(route, 100.0, WeightSource::Promote),
-            "pause" | "resume" => {
-                return error(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "route {route:?} has no progressive rollout to {action}: its weight is set by hand (use weight, rollback or promote)"
-                    ),
-                )
-            }
+            "rollback" => Action::Rollback,
+            "promote" => Action::Promote,
+            "pause" => Action::Pause,
+            "resume" => Action::Resume,
             _ => return error(StatusCode::NOT_FOUND, format!("no action {action:?}")),
         };
+        let result = self.shared.act(route, act);
         match result {
             Ok(generation) => {
                 let snap = self.shared.snapshot();
                 let r = snap.routes.iter().find(|r| r.name == route);
+                let control = self.shared.route_control(route);
                 json_response(
                     StatusCode::OK,
                     json!({
@@ -237,13 +242,15 @@ impl AdminApp {
                         "action": action,
                         "config_generation": generation,
                         "effective_weight_percent": r.map(|r| buckets_to_percent(r.split.canary_buckets)),
-                        "rollout_state": r.map(|r| rollout_state(r)),
+                        "rollout_state": r.map(|r| rollout_state(r, control.as_ref().map(|c| &c.phase))),
                     }),
                 )
             }
             Err(e @ ControlError::NoSuchRoute(_)) => error(StatusCode::NOT_FOUND, e),
             Err(e @ ControlError::BadWeight(_)) => error(StatusCode::BAD_REQUEST, e),
-            Err(e @ ControlError::NoCanary(_)) => error(StatusCode::CONFLICT, e),
+            Err(e @ (ControlError::NoCanary(_) | ControlError::Conflict(_))) => {
+                error(StatusCode::CONFLICT, e)
+            }
         }
     }
 }

@@ -6,9 +6,19 @@
 //! for a newer second by whichever thread first sees it stale: it claims the slot with a
 //! compare-and-swap on its second stamp and zeroes it; a record racing with that reset
 //! may be lost, which costs a sample, never correctness of the proxy.
+//!
+//! [`evaluate`] turns a canary window and the stable window of the same span into a
+//! verdict. Absolute rules (`max_error_rate`, `max_p99_latency`) fail the canary only when
+//! stable does not fail them alike; the relative error rule also needs the canary's error
+//! rate to be higher than stable's with the configured confidence (a one-sided Fisher exact
+//! test, exact at small samples where a normal approximation would roll back on one error).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::config::AnalysisRules;
 
 /// Slots kept: the longest window that can be asked for, in seconds.
 pub const MAX_WINDOW_SECS: u64 = 120;
@@ -123,9 +133,24 @@ impl Window {
 
     /// Totals over the last `window` (whole seconds, the current one included).
     pub fn stats(&self, now: Instant, window: Duration) -> WindowStats {
+        self.stats_since(now, window, None)
+    }
+
+    /// Like [`Self::stats`], leaving out every second that began before `since` (the
+    /// moment a new phase or version started: what came before must not judge it).
+    pub fn stats_since(
+        &self,
+        now: Instant,
+        window: Duration,
+        since: Option<Instant>,
+    ) -> WindowStats {
         let secs = window.as_secs().clamp(1, MAX_WINDOW_SECS);
         let current = self.second(now) + 1;
-        let oldest = current.saturating_sub(secs - 1);
+        let mut oldest = current.saturating_sub(secs - 1);
+        if let Some(since) = since {
+            // Stamps are second + 1: the second `since` falls in is left out as well.
+            oldest = oldest.max(self.second(since) + 2);
+        }
         let mut st = WindowStats::default();
         let mut lat = [0u64; LAT_BUCKETS];
         for slot in self.slots.iter() {
@@ -161,9 +186,253 @@ impl Window {
     }
 }
 
+/// The outcome of one evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Too few canary requests to judge.
+    Inconclusive,
+    Pass,
+    Fail {
+        /// `error_rate`, `error_rate_ratio`, `latency`, `latency_ratio`.
+        reason: &'static str,
+        /// The numbers behind the verdict, for events and logs.
+        numbers: Value,
+    },
+}
+
+fn ln_gamma(x: f64) -> f64 {
+    // Lanczos approximation (g = 7, n = 9): ~15 significant digits for x > 0.
+    const C: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        let pi = std::f64::consts::PI;
+        return (pi / (pi * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let mut a = C[0];
+    let t = x + 7.5;
+    for (i, c) in C.iter().enumerate().skip(1) {
+        a += c / (x + i as f64);
+    }
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + a.ln()
+}
+
+fn ln_choose(n: u64, k: u64) -> f64 {
+    ln_gamma(n as f64 + 1.0) - ln_gamma(k as f64 + 1.0) - ln_gamma((n - k) as f64 + 1.0)
+}
+
+/// One-sided Fisher exact test: the probability of seeing at least `a` canary errors among
+/// `n1` canary requests if both versions failed alike (`a + b` errors in `n1 + n2`).
+/// Small values mean the canary is worse.
+pub fn fisher_upper_p(a: u64, n1: u64, b: u64, n2: u64) -> f64 {
+    let (n, k) = (n1 + n2, a + b);
+    if n1 == 0 || k == 0 {
+        return 1.0;
+    }
+    let denom = ln_choose(n, n1);
+    let hi = n1.min(k);
+    let mut p = 0.0;
+    for x in a..=hi {
+        if k - x > n2 {
+            continue;
+        }
+        let term = (ln_choose(k, x) + ln_choose(n - k, n1 - x) - denom).exp();
+        p += term;
+        // Terms fall fast past the mode: stop once they no longer matter.
+        if term < p * 1e-12 && x > a + 10 {
+            break;
+        }
+    }
+    p.min(1.0)
+}
+
+/// Judges the canary against stable over the same span.
+pub fn evaluate(rules: &AnalysisRules, canary: &WindowStats, stable: &WindowStats) -> Verdict {
+    if canary.requests < rules.min_requests.max(1) {
+        return Verdict::Inconclusive;
+    }
+    let stable_judged = stable.requests >= rules.min_requests.max(1);
+    let numbers = |threshold: Value, extra: Value| {
+        let mut v = json!({
+            "canary_requests": canary.requests,
+            "canary_errors": canary.errors,
+            "canary_error_rate": canary.error_rate(),
+            "canary_p99_ms": canary.p99 * 1000.0,
+            "stable_requests": stable.requests,
+            "stable_errors": stable.errors,
+            "stable_error_rate": stable.error_rate(),
+            "stable_p99_ms": stable.p99 * 1000.0,
+            "threshold": threshold,
+        });
+        if let (Some(obj), Value::Object(more)) = (v.as_object_mut(), extra) {
+            obj.extend(more);
+        }
+        v
+    };
+    let (cr, sr) = (canary.error_rate(), stable.error_rate());
+    if let Some(max) = rules.max_error_rate {
+        // Stable failing alike means the problem is not the canary: rolling back cannot help.
+        if cr > max && !(stable_judged && sr > max) {
+            return Verdict::Fail {
+                reason: "error_rate",
+                numbers: numbers(json!(max), json!({})),
+            };
+        }
+    }
+    if let Some(ratio) = rules.max_error_rate_ratio {
+        if stable_judged && cr > ratio * sr {
+            let p = fisher_upper_p(
+                canary.errors,
+                canary.requests,
+                stable.errors,
+                stable.requests,
+            );
+            if p < 1.0 - rules.confidence {
+                return Verdict::Fail {
+                    reason: "error_rate_ratio",
+                    numbers: numbers(
+                        json!(ratio),
+                        json!({ "p_value": p, "confidence": rules.confidence }),
+                    ),
+                };
+            }
+        }
+    }
+    if let Some(max) = rules.max_p99_latency {
+        let max = max.as_secs_f64();
+        if canary.p99 > max && !(stable_judged && stable.p99 > max) {
+            return Verdict::Fail {
+                reason: "latency",
+                numbers: numbers(json!(max * 1000.0), json!({})),
+            };
+        }
+    }
+    if let Some(ratio) = rules.max_p99_latency_ratio {
+        if stable_judged && canary.p99 > ratio * stable.p99 {
+            return Verdict::Fail {
+                reason: "latency_ratio",
+                numbers: numbers(json!(ratio), json!({})),
+            };
+        }
+    }
+    Verdict::Pass
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rules() -> AnalysisRules {
+        AnalysisRules {
+            enabled: true,
+            interval: Duration::from_secs(1),
+            window: Duration::from_secs(30),
+            min_requests: 20,
+            max_error_rate: None,
+            max_p99_latency: None,
+            max_error_rate_ratio: Some(2.0),
+            max_p99_latency_ratio: None,
+            confidence: 0.99,
+            failure_limit: 1,
+        }
+    }
+
+    fn stats(requests: u64, errors: u64, p99: f64) -> WindowStats {
+        WindowStats {
+            requests,
+            errors,
+            p50: p99 / 2.0,
+            p90: p99,
+            p99,
+        }
+    }
+
+    #[test]
+    fn fisher_matches_known_values() {
+        // Hypergeometric by hand: 1 error in 220, 20 of them canary: P(X >= 1) = 20/220.
+        assert!((fisher_upper_p(1, 20, 0, 200) - 20.0 / 220.0).abs() < 1e-9);
+        assert!(fisher_upper_p(0, 20, 5, 200) > 0.999);
+        assert!(fisher_upper_p(100, 100, 0, 900) < 1e-12);
+        assert!(fisher_upper_p(2_000, 3_000, 50, 27_000) < 1e-12);
+    }
+
+    #[test]
+    fn small_samples_neither_trigger_nor_hide() {
+        let r = rules();
+        // One error in 20 canary requests against a clean stable: not significant.
+        assert_eq!(
+            evaluate(&r, &stats(20, 1, 0.01), &stats(200, 0, 0.01)),
+            Verdict::Pass
+        );
+        // Below min_requests: no verdict at all.
+        assert_eq!(
+            evaluate(&r, &stats(19, 19, 0.01), &stats(200, 0, 0.01)),
+            Verdict::Inconclusive
+        );
+        // A dead canary at the minimum sample: significant.
+        assert!(matches!(
+            evaluate(&r, &stats(20, 20, 0.01), &stats(200, 0, 0.01)),
+            Verdict::Fail {
+                reason: "error_rate_ratio",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn failing_alike_is_not_the_canary() {
+        let mut r = rules();
+        r.max_error_rate = Some(0.05);
+        r.max_p99_latency = Some(Duration::from_millis(200));
+        assert_eq!(
+            evaluate(&r, &stats(100, 50, 0.01), &stats(900, 450, 0.01)),
+            Verdict::Pass
+        );
+        assert_eq!(
+            evaluate(&r, &stats(100, 0, 0.5), &stats(900, 0, 0.6)),
+            Verdict::Pass
+        );
+        assert!(matches!(
+            evaluate(&r, &stats(100, 10, 0.01), &stats(900, 0, 0.01)),
+            Verdict::Fail {
+                reason: "error_rate",
+                ..
+            }
+        ));
+        assert!(matches!(
+            evaluate(&r, &stats(100, 0, 0.5), &stats(900, 0, 0.01)),
+            Verdict::Fail {
+                reason: "latency",
+                ..
+            }
+        ));
+        // Blue/green: no stable traffic, absolute rules still judge.
+        assert!(matches!(
+            evaluate(&r, &stats(100, 10, 0.01), &stats(0, 0, 0.0)),
+            Verdict::Fail {
+                reason: "error_rate",
+                ..
+            }
+        ));
+        r.max_p99_latency_ratio = Some(2.0);
+        r.max_p99_latency = None;
+        assert!(matches!(
+            evaluate(&r, &stats(100, 0, 0.3), &stats(900, 0, 0.1)),
+            Verdict::Fail {
+                reason: "latency_ratio",
+                ..
+            }
+        ));
+    }
 
     #[test]
     fn counts_errors_and_quantiles_within_the_window() {

@@ -62,6 +62,7 @@ pub struct Metrics {
     pub canary_weight: prometheus::GaugeVec,
     pub rollout_state: IntGaugeVec,
     pub rollbacks: IntCounterVec,
+    pub events: IntCounterVec,
     pub retries: IntCounterVec,
     pub reloads: IntCounterVec,
     pub generation: IntGauge,
@@ -85,6 +86,8 @@ pub struct VersionMetrics {
 pub struct RouteMetrics {
     stable: VersionMetrics,
     canary: VersionMetrics,
+    /// `kanaria_retries_total{from="canary",to="stable"}`.
+    pub retried_on_stable: IntCounter,
 }
 
 impl RouteMetrics {
@@ -108,6 +111,14 @@ impl VersionMetrics {
         self.duration.observe(seconds);
         let is_error = class >= 4;
         self.window.record(Instant::now(), is_error, seconds);
+    }
+
+    /// A failed attempt that was retried elsewhere: an upstream error and an error in the
+    /// analysis window (the user did not see it, but the version failed).
+    #[inline]
+    pub fn failed_attempt(&self, kind: UpstreamErrorKind, seconds: f64) {
+        self.upstream_error(kind);
+        self.window.record(Instant::now(), true, seconds);
     }
 
     #[inline]
@@ -190,6 +201,16 @@ impl Metrics {
                 &["route", "reason"],
             ),
         )?;
+        let events = build(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "kanaria_rollout_events_total",
+                    "Rollout transitions, by kind.",
+                ),
+                &["route", "kind"],
+            ),
+        )?;
         let retries = build(
             &r,
             IntCounterVec::new(
@@ -246,6 +267,7 @@ impl Metrics {
             canary_weight,
             rollout_state,
             rollbacks,
+            events,
             retries,
             reloads,
             generation,
@@ -273,6 +295,7 @@ impl Metrics {
         let m = Arc::new(RouteMetrics {
             stable: version("stable"),
             canary: version("canary"),
+            retried_on_stable: self.retries.with_label_values(&[route, "canary", "stable"]),
         });
         cache.insert(route.to_string(), m.clone());
         m

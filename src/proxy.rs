@@ -6,6 +6,10 @@
 //! Forwarding adds `X-Forwarded-For`, `X-Forwarded-Proto` and a request id; the response
 //! says which version served it. Failures become short plain-text answers: 404 with no
 //! route, 502 when the pool has no usable endpoint or the upstream fails, 504 on timeout.
+//! A canary request that fails before any byte of an answer reached the client is retried
+//! once on stable (connect errors for any method; resets, timeouts and 5xx answers for
+//! idempotent requests without a body), so a dead canary costs users nothing while the
+//! analysis still counts the failure against the canary.
 //! Nothing here may panic or block: errors are values, the hot path takes no lock.
 
 use std::net::IpAddr;
@@ -22,13 +26,15 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::config::Route;
+use crate::config::{Route, StableDown};
 use crate::metrics::UpstreamErrorKind;
 use crate::split::Version;
 use crate::state::{Live, Shared};
 
 /// Error type for "the chosen pool has no endpoint to send to" (all down or unhealthy).
 pub const NO_HEALTHY_ENDPOINT: &str = "NoHealthyEndpoint";
+/// Error type that abandons a canary's 5xx answer to retry on stable.
+const CANARY_5XX_RETRY: &str = "Canary5xxRetriedOnStable";
 
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
@@ -44,6 +50,10 @@ pub struct Ctx {
     generated_request_id: Option<HeaderValue>,
     /// Status of the upstream's answer, when one came.
     upstream_status: Option<u16>,
+    /// The canary attempt failed and the request went to stable.
+    retried: bool,
+    /// Start of the current upstream attempt.
+    attempt_start: Instant,
 }
 
 impl Ctx {
@@ -51,6 +61,32 @@ impl Ctx {
         let (live, i) = (self.live.as_ref()?, self.route?);
         live.snapshot.routes.get(i)
     }
+
+    /// May this failed attempt be retried on stable?
+    fn may_retry_on_stable(&self) -> bool {
+        self.version == Some(Version::Canary)
+            && !self.retried
+            && self.route().is_some_and(|r| r.retry_on_stable)
+    }
+
+    /// Counts the failed canary attempt and points the request at stable.
+    fn switch_to_stable(&mut self, kind: UpstreamErrorKind) {
+        if let (Some(live), Some(i)) = (&self.live, self.route) {
+            if let Some(m) = live.route_metrics.get(i) {
+                m.version(Version::Canary)
+                    .failed_attempt(kind, self.attempt_start.elapsed().as_secs_f64());
+                m.retried_on_stable.inc();
+            }
+        }
+        self.version = Some(Version::Stable);
+        self.retried = true;
+        self.upstream_status = None;
+    }
+}
+
+/// Idempotent and without a request body: safe to send twice.
+fn replayable(session: &mut Session) -> bool {
+    session.req_header().method.is_idempotent() && session.as_downstream_mut().is_body_empty()
 }
 
 /// Generates request ids: a random per-process prefix and a counter, so ids are unique
@@ -156,6 +192,8 @@ impl ProxyHttp for KanariaProxy {
             version: None,
             generated_request_id: None,
             upstream_status: None,
+            retried: false,
+            attempt_start: Instant::now(),
         }
     }
 
@@ -199,11 +237,28 @@ impl ProxyHttp for KanariaProxy {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let (Some(route), Some(version)) = (ctx.route(), ctx.version) else {
+        let (Some(route), Some(version)) = (ctx.route().cloned(), ctx.version) else {
             return Error::e_explain(ErrorType::InternalError, "no route decided");
         };
-        let pool = route.pool(version);
-        let Some(backend) = pool.lb.select(b"", 256) else {
+        let mut pool = route.pool(version);
+        let mut backend = pool.lb.select(b"", 256);
+        // Every stable endpoint down: only an explicit `stable_down = "serve_canary"` sends
+        // stable's users to the canary; by default they get a 502.
+        if backend.is_none()
+            && version == Version::Stable
+            && route.stable_down == StableDown::ServeCanary
+        {
+            if let Some(canary) = &route.canary {
+                backend = canary.lb.select(b"", 256);
+                if backend.is_some() {
+                    pool = canary;
+                    ctx.version = Some(Version::Canary);
+                    // Never "retry" such a request back onto the dead stable pool.
+                    ctx.retried = true;
+                }
+            }
+        }
+        let Some(backend) = backend else {
             return Error::e_explain(
                 ErrorType::Custom(NO_HEALTHY_ENDPOINT),
                 format!(
@@ -220,7 +275,59 @@ impl ProxyHttp for KanariaProxy {
         peer.options.read_timeout = Some(t.read);
         peer.options.write_timeout = Some(t.write);
         peer.options.idle_timeout = Some(t.idle);
+        ctx.attempt_start = Instant::now();
         Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the upstream: any method may go to stable, if its body (if any)
+        // is still fully buffered for a replay.
+        if ctx.may_retry_on_stable() && !session.as_ref().retry_buffer_truncated() {
+            let kind = if e.etype() == &ErrorType::ConnectTimedout {
+                UpstreamErrorKind::Timeout
+            } else {
+                UpstreamErrorKind::Connect
+            };
+            ctx.switch_to_stable(kind);
+            e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if e.etype() == &ErrorType::Custom(CANARY_5XX_RETRY) {
+            // Decided in upstream_response_filter.
+            return e;
+        }
+        let nothing_sent = session.as_downstream().response_written().is_none();
+        if ctx.may_retry_on_stable() && nothing_sent && replayable(session) {
+            let kind = upstream_error_kind(&e).unwrap_or(UpstreamErrorKind::Reset);
+            ctx.switch_to_stable(kind);
+            e.set_retry(true);
+            return e;
+        }
+        // Pingora's default policy otherwise.
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
     }
 
     async fn upstream_request_filter(
@@ -251,11 +358,21 @@ impl ProxyHttp for KanariaProxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        let status = upstream_response.status.as_u16();
+        if status >= 500 && ctx.may_retry_on_stable() && replayable(session) {
+            ctx.switch_to_stable(UpstreamErrorKind::Status5xx);
+            let mut e = Error::explain(
+                ErrorType::Custom(CANARY_5XX_RETRY),
+                format!("canary answered {status}"),
+            );
+            e.set_retry(true);
+            return Err(e);
+        }
+        ctx.upstream_status = Some(status);
         Ok(())
     }
 

@@ -15,6 +15,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::config::{self, Snapshot};
+use crate::controller::Controller;
 use crate::proxy::KanariaProxy;
 use crate::reload::Reloader;
 use crate::state::Shared;
@@ -50,8 +51,7 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     server.bootstrap();
 
     let admin_listen = snapshot.admin.listen;
-    let shared = Shared::new(snapshot, config_path.to_path_buf())
-        .map_err(|e| anyhow::anyhow!("metrics registry: {e}"))?;
+    let shared = Shared::new(snapshot, config_path.to_path_buf())?;
     let mut proxy = pingora::proxy::http_proxy_service(
         &server.configuration,
         KanariaProxy::new(shared.clone()),
@@ -65,7 +65,14 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     admin.threads = Some(1);
     server.add_service(proxy);
     server.add_service(admin);
-    server.add_service(background_service("config reload", Reloader::new(shared)));
+    server.add_service(background_service(
+        "config reload",
+        Reloader::new(shared.clone()),
+    ));
+    server.add_service(background_service(
+        "rollout controller",
+        Controller::new(shared),
+    ));
     log::info!(
         "kanaria {} listening on {:?} with {}",
         env!("CARGO_PKG_VERSION"),

@@ -45,7 +45,12 @@ async fn status_and_metrics_match_the_traffic() {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
     canary.set_status(503);
-    let proxy = Proxy::start(&route(50.0, &stable, &canary)).await;
+    // Raw accounting: no retry on stable, no automatic rollback.
+    let cfg = route(50.0, &stable, &canary).replace(
+        "canary_weight = 50",
+        "canary_weight = 50\nretry_on_stable = false\n[routes.analysis]\nenabled = false",
+    );
+    let proxy = Proxy::start(&cfg).await;
     let to_canary = send_users(&proxy, 200, "u").await;
     assert!(to_canary > 50 && to_canary < 150, "{to_canary}");
 
@@ -288,23 +293,35 @@ async fn token_guarded_weight_rollback_and_promote_move_users() {
         0.0
     );
 
-    // The operator's weight holds across a reload that leaves the route alone ...
+    // A rollback holds across reloads, even one that edits the weight: only a new canary
+    // version or an operator's resume ends it.
+    let gen = proxy.generation().await;
+    let changed = proxy.config_text(&route(20.0, &stable, &canary), "", &admin_extra, "");
+    let s = proxy.write_config_and_wait(&changed, gen).await;
+    assert_eq!(s["routes"][0]["rollout_state"], "rolled_back");
+    assert_eq!(s["routes"][0]["effective_weight_percent"], 0.0);
+
+    // An operator's weight holds across a reload that leaves the route alone ...
+    let r = post(w, Some("s3cret-token"), Some("{\"percent\": 50}"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let gen = proxy.generation().await;
     let same = proxy.config_text(
-        &route(10.0, &stable, &canary),
+        &route(20.0, &stable, &canary),
         "# touched",
         &admin_extra,
         "",
     );
     let s = proxy.write_config_and_wait(&same, gen).await;
-    assert_eq!(s["routes"][0]["weight_source"], "rollback");
-    assert_eq!(s["routes"][0]["effective_weight_percent"], 0.0);
+    assert_eq!(s["routes"][0]["weight_source"], "admin");
+    assert_eq!(s["routes"][0]["effective_weight_percent"], 50.0);
     // ... and ends when the file changes the route.
     let gen = s["config_generation"].as_u64().unwrap();
-    let changed = proxy.config_text(&route(20.0, &stable, &canary), "", &admin_extra, "");
+    let changed = proxy.config_text(&route(30.0, &stable, &canary), "", &admin_extra, "");
     let s = proxy.write_config_and_wait(&changed, gen).await;
     assert_eq!(s["routes"][0]["weight_source"], "file");
-    assert_eq!(s["routes"][0]["effective_weight_percent"], 20.0);
+    assert_eq!(s["routes"][0]["effective_weight_percent"], 30.0);
 
     let r = post("/api/v1/routes/app/promote", Some("s3cret-token"), None)
         .await

@@ -17,9 +17,12 @@ use serde::Deserialize;
 use toml::de::DeTable;
 
 use super::errors::{remove_at, span_of, ConfigError, ConfigErrors, KeyPath, Position};
-use super::file::{FileConfig, PoolFile, ProxyFile, RouteFile};
+use super::file::{
+    AnalysisFile, FileConfig, HealthFile, PoolFile, ProxyFile, RolloutFile, RouteFile,
+};
 use super::{
-    AdminSettings, Pool, ProxySettings, ReloadSettings, Route, Snapshot, Timeouts, WeightSource,
+    AdminSettings, AnalysisRules, HealthSettings, NotifySettings, Pool, ProxySettings,
+    ReloadSettings, Route, Snapshot, StableDown, StateSettings, Step, Timeouts, WeightSource,
 };
 use crate::route::Router;
 use crate::split::{seed_for, weight_to_buckets, OverrideRule, SplitRule, StickySource};
@@ -198,6 +201,32 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
     }
     let reload_path = KeyPath::root().key("reload");
     let debounce = c.duration(reload_path.key("debounce"), &cfg.reload.debounce);
+    let state = cfg.state.as_ref().and_then(|st| {
+        if st.dir.trim().is_empty() {
+            c.err(
+                KeyPath::root().key("state").key("dir"),
+                "must name a directory",
+            );
+            return None;
+        }
+        Some(StateSettings {
+            dir: st.dir.clone().into(),
+        })
+    });
+    let notify = cfg.notify.as_ref().and_then(|n| {
+        let path = KeyPath::root().key("notify");
+        let timeout = c.duration(path.key("timeout"), &n.timeout);
+        let parsed = parse_http_url(&n.webhook_url);
+        if let Err(e) = &parsed {
+            c.err(path.key("webhook_url"), e.clone());
+        }
+        let (authority, url_path) = parsed.ok()?;
+        Some(NotifySettings {
+            authority,
+            path: url_path,
+            timeout: timeout?,
+        })
+    });
 
     let routes_path = KeyPath::root().key("routes");
     if cfg.routes.is_empty() && !routes_in_file {
@@ -267,6 +296,8 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
                     watch: cfg.reload.watch,
                     debounce,
                 },
+                state,
+                notify,
                 routes,
                 router,
             })
@@ -433,8 +464,56 @@ fn route(
         .as_deref()
         .map(|s| c.duration(path.key("read_timeout"), s));
 
-    let stable = pool(c, &path.key("stable"), &r.stable);
-    let canary = r.canary.as_ref().map(|p| pool(c, &path.key("canary"), p));
+    let stable_down = match r.stable_down.as_str() {
+        "keep_stable" => StableDown::KeepStable,
+        "serve_canary" => StableDown::ServeCanary,
+        other => {
+            c.err(
+                path.key("stable_down"),
+                format!("{other:?} is not \"keep_stable\" or \"serve_canary\""),
+            );
+            ok = false;
+            StableDown::KeepStable
+        }
+    };
+    let health = r.health.as_ref().map(|h| health(c, &path.key("health"), h));
+    let default_analysis = AnalysisFile::default();
+    let analysis = analysis(
+        c,
+        &path.key("analysis"),
+        r.analysis.as_ref().unwrap_or(&default_analysis),
+    );
+    let steps = match &r.rollout {
+        Some(ro) => {
+            if r.canary.is_none() {
+                c.err(
+                    path.key("rollout"),
+                    "a rollout needs a [routes.canary] pool",
+                );
+                ok = false;
+            }
+            if r.canary_weight > 0.0 {
+                c.err(
+                    path.key("canary_weight"),
+                    "set either canary_weight or [routes.rollout], not both: the rollout's steps set the weight",
+                );
+                ok = false;
+            }
+            rollout(c, &path.key("rollout"), ro)
+        }
+        None => Some(Vec::new()),
+    };
+
+    let health = match health {
+        Some(Some(h)) => Some(h),
+        Some(None) => return None,
+        None => None,
+    };
+    let stable = pool(c, &path.key("stable"), &r.stable, health.as_ref());
+    let canary = r
+        .canary
+        .as_ref()
+        .map(|p| pool(c, &path.key("canary"), p, health.as_ref()));
     if let Some(cp) = &r.canary {
         if cp.version == r.stable.version && !cp.version.is_empty() {
             c.err(
@@ -462,6 +541,12 @@ fn route(
         name: r.name.clone(),
         hosts: r.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
         path_prefix: r.path_prefix.clone(),
+        file_buckets: weight?,
+        retry_on_stable: r.retry_on_stable,
+        stable_down,
+        health,
+        analysis: analysis?,
+        steps: steps?,
         split: SplitRule {
             sticky,
             seed: seed_for(r.hash_salt.as_deref().unwrap_or(&r.name)),
@@ -482,7 +567,12 @@ fn route(
     })
 }
 
-fn pool(c: &mut Check, path: &KeyPath, p: &PoolFile) -> Option<Arc<Pool>> {
+fn pool(
+    c: &mut Check,
+    path: &KeyPath,
+    p: &PoolFile,
+    health: Option<&HealthSettings>,
+) -> Option<Arc<Pool>> {
     let mut ok = true;
     if !valid_name(&p.version) {
         c.err(
@@ -517,14 +607,235 @@ fn pool(c: &mut Check, path: &KeyPath, p: &PoolFile) -> Option<Arc<Pool>> {
     endpoints.sort();
     endpoints.dedup();
     match LoadBalancer::try_from_iter(endpoints.iter().copied()) {
-        Ok(lb) => Some(Arc::new(Pool {
-            version: p.version.clone(),
-            endpoints,
-            lb: Arc::new(lb),
-        })),
+        Ok(mut lb) => {
+            if let Some(h) = health {
+                match health_check(h) {
+                    Ok(hc) => lb.set_health_check(Box::new(hc)),
+                    Err(e) => {
+                        c.err(
+                            path.key("endpoints"),
+                            format!("cannot set up health checks: {e}"),
+                        );
+                        return None;
+                    }
+                }
+            }
+            Some(Arc::new(Pool {
+                version: p.version.clone(),
+                endpoints,
+                lb: Arc::new(lb),
+            }))
+        }
         Err(e) => {
             c.err(path.key("endpoints"), format!("cannot build the pool: {e}"));
             None
         }
     }
+}
+
+/// Pingora's HTTP health check for `[routes.health]`.
+fn health_check(h: &HealthSettings) -> pingora::Result<pingora::lb::health_check::HttpHealthCheck> {
+    use pingora::lb::health_check::HttpHealthCheck;
+    let mut hc = HttpHealthCheck::new("kanaria-health-check", false);
+    hc.req = pingora::http::RequestHeader::build("GET", h.path.as_bytes(), None)?;
+    hc.req.insert_header("Host", "kanaria-health-check")?;
+    hc.req.insert_header("User-Agent", "kanaria-health-check")?;
+    hc.consecutive_success = h.healthy_threshold;
+    hc.consecutive_failure = h.unhealthy_threshold;
+    hc.peer_template.options.connection_timeout = Some(h.timeout);
+    hc.peer_template.options.read_timeout = Some(h.timeout);
+    let expected = h.expected_status;
+    hc.validator = Some(Box::new(move |resp: &pingora::http::ResponseHeader| {
+        if resp.status.as_u16() == expected {
+            Ok(())
+        } else {
+            pingora::Error::e_explain(
+                pingora::ErrorType::Custom("UnexpectedHealthStatus"),
+                format!("status {} (expected {expected})", resp.status.as_u16()),
+            )
+        }
+    }));
+    Ok(hc)
+}
+
+fn health(c: &mut Check, path: &KeyPath, h: &HealthFile) -> Option<HealthSettings> {
+    let mut ok = true;
+    if !h.path.starts_with('/') {
+        c.err(
+            path.key("path"),
+            format!("{:?} must start with \"/\"", h.path),
+        );
+        ok = false;
+    }
+    for (key, v) in [
+        ("healthy_threshold", h.healthy_threshold),
+        ("unhealthy_threshold", h.unhealthy_threshold),
+    ] {
+        if v == 0 {
+            c.err(path.key(key), "must be at least 1");
+            ok = false;
+        }
+    }
+    if !(100..=599).contains(&h.expected_status) {
+        c.err(
+            path.key("expected_status"),
+            format!("{} is not an HTTP status", h.expected_status),
+        );
+        ok = false;
+    }
+    let interval = c.duration(path.key("interval"), &h.interval);
+    let timeout = c.duration(path.key("timeout"), &h.timeout);
+    if !ok {
+        return None;
+    }
+    Some(HealthSettings {
+        path: h.path.clone(),
+        interval: interval?,
+        timeout: timeout?,
+        healthy_threshold: h.healthy_threshold,
+        unhealthy_threshold: h.unhealthy_threshold,
+        expected_status: h.expected_status,
+    })
+}
+
+fn analysis(c: &mut Check, path: &KeyPath, a: &AnalysisFile) -> Option<AnalysisRules> {
+    let mut ok = true;
+    let interval = c.duration(path.key("interval"), &a.interval);
+    let window = c.duration(path.key("window"), &a.window);
+    if let Some(w) = window {
+        if w.as_secs() > crate::analysis::MAX_WINDOW_SECS || w < std::time::Duration::from_secs(1) {
+            c.err(
+                path.key("window"),
+                format!(
+                    "{:?} must be between 1s and {}s",
+                    a.window,
+                    crate::analysis::MAX_WINDOW_SECS
+                ),
+            );
+            ok = false;
+        }
+    }
+    let max_p99 = a
+        .max_p99_latency
+        .as_deref()
+        .map(|s| c.duration(path.key("max_p99_latency"), s));
+    if let Some(r) = a.max_error_rate {
+        if !(0.0..=1.0).contains(&r) {
+            c.err(
+                path.key("max_error_rate"),
+                format!("{r} is not a rate in 0..=1"),
+            );
+            ok = false;
+        }
+    }
+    for (key, v) in [
+        ("max_error_rate_ratio", a.max_error_rate_ratio),
+        ("max_p99_latency_ratio", a.max_p99_latency_ratio),
+    ] {
+        if let Some(v) = v {
+            if !(v.is_finite() && v >= 1.0) {
+                c.err(path.key(key), format!("{v} must be at least 1.0"));
+                ok = false;
+            }
+        }
+    }
+    if !(a.confidence > 0.5 && a.confidence < 1.0) {
+        c.err(
+            path.key("confidence"),
+            format!("{} must be between 0.5 and 1 (e.g. 0.99)", a.confidence),
+        );
+        ok = false;
+    }
+    if a.failure_limit == 0 {
+        c.err(path.key("failure_limit"), "must be at least 1");
+        ok = false;
+    }
+    if !ok {
+        return None;
+    }
+    Some(AnalysisRules {
+        enabled: a.enabled,
+        interval: interval?,
+        window: window?,
+        min_requests: a.min_requests,
+        max_error_rate: a.max_error_rate,
+        max_p99_latency: match max_p99 {
+            Some(d) => Some(d?),
+            None => None,
+        },
+        max_error_rate_ratio: a.max_error_rate_ratio,
+        max_p99_latency_ratio: a.max_p99_latency_ratio,
+        confidence: a.confidence,
+        failure_limit: a.failure_limit,
+    })
+}
+
+fn rollout(c: &mut Check, path: &KeyPath, r: &RolloutFile) -> Option<Vec<Step>> {
+    if r.steps.is_empty() {
+        c.err(path.key("steps"), "at least one step is required");
+        return None;
+    }
+    let mut steps = Vec::new();
+    let mut ok = true;
+    let mut last = 0;
+    for (i, st) in r.steps.iter().enumerate() {
+        let p = path.key("steps").index(i);
+        let buckets = match weight_to_buckets(st.weight) {
+            Ok(0) => {
+                c.err(p.key("weight"), "a step's weight must be above 0");
+                None
+            }
+            Ok(b) if b < last => {
+                c.err(
+                    p.key("weight"),
+                    format!("{} is below the previous step's", st.weight),
+                );
+                None
+            }
+            Ok(b) => Some(b),
+            Err(e) => {
+                c.err(p.key("weight"), e);
+                None
+            }
+        };
+        let hold = match &st.hold {
+            Some(h) => c.duration(p.key("hold"), h),
+            None => Some(std::time::Duration::ZERO),
+        };
+        match (buckets, hold) {
+            (Some(b), Some(h)) => {
+                last = b;
+                steps.push(Step {
+                    buckets: b,
+                    hold: h,
+                });
+            }
+            _ => ok = false,
+        }
+    }
+    ok.then_some(steps)
+}
+
+/// `http://host:port/path` → ("host:port", "/path"). Only plain HTTP: webhooks go to a
+/// local relay or an in-cluster service.
+fn parse_http_url(url: &str) -> Result<(String, String), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url:?} must start with http:// (https is not supported)"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    let authority = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    Ok((authority, path.to_string()))
 }

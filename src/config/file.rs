@@ -19,6 +19,10 @@ pub struct FileConfig {
     /// Hot reload of this file.
     #[serde(default)]
     pub reload: ReloadFile,
+    /// Where rollout state is persisted. Optional: without it, state lives in memory only.
+    pub state: Option<StateFile>,
+    /// Where rollout events are sent. Optional.
+    pub notify: Option<NotifyFile>,
     /// At least one route is required (checked in `compile`, so the message names the key).
     #[serde(default)]
     pub routes: Vec<RouteFile>,
@@ -134,6 +138,130 @@ fn default_sticky_by() -> Vec<String> {
     vec!["client_ip".into()]
 }
 
+fn default_true() -> bool {
+    true
+}
+
+fn default_stable_down() -> String {
+    "keep_stable".into()
+}
+
+/// `[state]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    /// Directory for one JSON file per route (created if missing). Needs a restart to change.
+    pub dir: String,
+}
+
+/// `[notify]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyFile {
+    /// `http://HOST:PORT/PATH` receiving every rollout event as a JSON POST.
+    pub webhook_url: String,
+    /// Timeout of one POST. Default `"2s"`.
+    #[serde(default = "default_notify_timeout")]
+    pub timeout: String,
+}
+
+fn default_notify_timeout() -> String {
+    "2s".into()
+}
+
+/// `[routes.health]`: active HTTP probes of every endpoint of both pools.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthFile {
+    /// Default `"/healthz"`.
+    pub path: String,
+    /// Default `"1s"`.
+    pub interval: String,
+    /// Default `"1s"`.
+    pub timeout: String,
+    /// Consecutive successes to come back. Default 2.
+    pub healthy_threshold: usize,
+    /// Consecutive failures to leave the rotation. Default 2.
+    pub unhealthy_threshold: usize,
+    /// Default 200.
+    pub expected_status: u16,
+}
+
+impl Default for HealthFile {
+    fn default() -> Self {
+        HealthFile {
+            path: "/healthz".into(),
+            interval: "1s".into(),
+            timeout: "1s".into(),
+            healthy_threshold: 2,
+            unhealthy_threshold: 2,
+            expected_status: 200,
+        }
+    }
+}
+
+/// `[routes.analysis]`: when is the canary worse than stable. On by default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalysisFile {
+    /// Default `true`. `false`: no automatic rollback from traffic (health still applies).
+    pub enabled: bool,
+    /// How often the analysis runs. Default `"1s"`.
+    pub interval: String,
+    /// The sliding window evaluated. Default `"30s"` (at most 120s).
+    pub window: String,
+    /// Canary requests needed in a window before any verdict. Default 20.
+    pub min_requests: u64,
+    /// Absolute canary error-rate limit, 0..1. Default none.
+    pub max_error_rate: Option<f64>,
+    /// Absolute canary p99 limit. Default none.
+    pub max_p99_latency: Option<String>,
+    /// Canary error rate may be at most this times stable's (and significantly higher).
+    /// Default 2.0.
+    pub max_error_rate_ratio: Option<f64>,
+    /// Canary p99 may be at most this times stable's. Default none.
+    pub max_p99_latency_ratio: Option<f64>,
+    /// Confidence that the canary's error rate is higher than stable's before a relative
+    /// verdict (one-sided Fisher exact test). Default 0.99.
+    pub confidence: f64,
+    /// Consecutive failing evaluations before a rollback. Default 1.
+    pub failure_limit: u32,
+}
+
+impl Default for AnalysisFile {
+    fn default() -> Self {
+        AnalysisFile {
+            enabled: true,
+            interval: "1s".into(),
+            window: "30s".into(),
+            min_requests: 20,
+            max_error_rate: None,
+            max_p99_latency: None,
+            max_error_rate_ratio: Some(2.0),
+            max_p99_latency_ratio: None,
+            confidence: 0.99,
+            failure_limit: 1,
+        }
+    }
+}
+
+/// `[routes.rollout]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutFile {
+    /// Weights in percent, each held for `hold` while analysis passes.
+    pub steps: Vec<StepFile>,
+}
+
+/// One step of a rollout.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepFile {
+    pub weight: f64,
+    /// How long analysis must pass at this weight. Default: none (next step at once).
+    pub hold: Option<String>,
+}
+
 /// `[[routes]]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -166,6 +294,21 @@ pub struct RouteFile {
     pub connect_timeout: Option<String>,
     /// Per-route upstream read timeout; default `[proxy].read_timeout`.
     pub read_timeout: Option<String>,
+    /// Retry a canary request that failed before any answer reached the client once on
+    /// stable (connect errors always; resets, timeouts and 5xx for idempotent requests
+    /// without a body). Default `true`.
+    #[serde(default = "default_true")]
+    pub retry_on_stable: bool,
+    /// When every stable endpoint is down: `"keep_stable"` (answer 502, default) or
+    /// `"serve_canary"`.
+    #[serde(default = "default_stable_down")]
+    pub stable_down: String,
+    /// Active health checks. Default: none (endpoints are always in rotation).
+    pub health: Option<HealthFile>,
+    /// Canary analysis. Default: on, with the defaults of [`AnalysisFile`].
+    pub analysis: Option<AnalysisFile>,
+    /// Progressive rollout. Default: none (the weight is `canary_weight`).
+    pub rollout: Option<RolloutFile>,
     /// The version most users get. Required, with at least one endpoint.
     pub stable: PoolFile,
     /// The version under test. Optional; required when `canary_weight > 0`.

@@ -69,6 +69,63 @@ pub struct ReloadSettings {
     pub debounce: Duration,
 }
 
+/// `[routes.health]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthSettings {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: usize,
+    pub unhealthy_threshold: usize,
+    pub expected_status: u16,
+}
+
+/// `[routes.analysis]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalysisRules {
+    pub enabled: bool,
+    pub interval: Duration,
+    pub window: Duration,
+    pub min_requests: u64,
+    pub max_error_rate: Option<f64>,
+    pub max_p99_latency: Option<Duration>,
+    pub max_error_rate_ratio: Option<f64>,
+    pub max_p99_latency_ratio: Option<f64>,
+    pub confidence: f64,
+    pub failure_limit: u32,
+}
+
+/// One rollout step, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Canary buckets (percent × 100).
+    pub buckets: u32,
+    pub hold: Duration,
+}
+
+/// What to do when every stable endpoint is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StableDown {
+    KeepStable,
+    ServeCanary,
+}
+
+/// `[state]`, validated.
+#[derive(Debug, Clone)]
+pub struct StateSettings {
+    pub dir: std::path::PathBuf,
+}
+
+/// `[notify]`, validated.
+#[derive(Debug, Clone)]
+pub struct NotifySettings {
+    /// host:port to connect to.
+    pub authority: String,
+    /// Path and query to POST to.
+    pub path: String,
+    pub timeout: Duration,
+}
+
 /// Who set a route's effective canary weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightSource {
@@ -80,6 +137,8 @@ pub enum WeightSource {
     Rollback,
     /// An operator's promote (weight 100).
     Promote,
+    /// The current step of `[routes.rollout]`.
+    Rollout,
 }
 
 impl WeightSource {
@@ -89,6 +148,7 @@ impl WeightSource {
             WeightSource::Admin => "admin",
             WeightSource::Rollback => "rollback",
             WeightSource::Promote => "promote",
+            WeightSource::Rollout => "rollout",
         }
     }
 }
@@ -99,6 +159,28 @@ pub struct Pool {
     pub version: String,
     pub endpoints: Vec<SocketAddr>,
     pub lb: Arc<LoadBalancer<RoundRobin>>,
+}
+
+impl Pool {
+    /// Each endpoint with whether it is in rotation (healthy per the health checks).
+    pub fn health(&self) -> Vec<(SocketAddr, bool)> {
+        let backends = self.lb.backends();
+        let set = backends.get_backend();
+        self.endpoints
+            .iter()
+            .map(|e| {
+                let healthy = set
+                    .iter()
+                    .find(|b| b.addr.as_inet() == Some(e))
+                    .is_some_and(|b| backends.ready(b));
+                (*e, healthy)
+            })
+            .collect()
+    }
+
+    pub fn healthy_count(&self) -> usize {
+        self.health().iter().filter(|(_, h)| *h).count()
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -122,6 +204,14 @@ pub struct Route {
     pub canary: Option<Arc<Pool>>,
     /// Who set `split.canary_buckets`.
     pub weight_source: WeightSource,
+    /// `canary_weight` as written in the file, in buckets.
+    pub file_buckets: u32,
+    pub retry_on_stable: bool,
+    pub stable_down: StableDown,
+    pub health: Option<HealthSettings>,
+    pub analysis: AnalysisRules,
+    /// Empty: no progressive rollout.
+    pub steps: Vec<Step>,
 }
 
 impl Route {
@@ -150,6 +240,8 @@ pub struct Snapshot {
     pub proxy: ProxySettings,
     pub admin: AdminSettings,
     pub reload: ReloadSettings,
+    pub state: Option<StateSettings>,
+    pub notify: Option<NotifySettings>,
     pub routes: Vec<Arc<Route>>,
     pub router: Router,
 }

@@ -1,0 +1,170 @@
+//! The rollout controller: runs the active health checks and the canary analysis on their
+//! schedules, and turns what they find into rollbacks and rollout steps.
+//!
+//! It ticks every 100 ms, off the request path, on Pingora's background runtime. For each
+//! route: probes each pool when its `health.interval` is due (a probe pass runs in its own
+//! task, so a hanging endpoint delays nothing else); rolls back at once when the canary
+//! pool has no healthy endpoint; and, when `analysis.interval` is due, judges the canary
+//! against stable over the window and over the last two seconds (a sudden failure shows in
+//! the short span long before it moves a 30-second average), then hands the verdict to
+//! `Shared::record_verdict`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde_json::json;
+
+use crate::analysis::{evaluate, Verdict};
+use crate::config::{Pool, Route};
+use crate::metrics::RouteMetrics;
+use crate::split::Version;
+use crate::state::Shared;
+
+const TICK: Duration = Duration::from_millis(100);
+/// The short span judged beside the window.
+const FAST_SPAN: Duration = Duration::from_secs(2);
+
+/// The background service.
+pub struct Controller {
+    shared: Arc<Shared>,
+}
+
+impl Controller {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Controller { shared }
+    }
+}
+
+/// Per-pool probe schedule, keyed by the pool's address (pools live as long as a config
+/// that uses them; a reload that keeps a pool keeps its schedule).
+#[derive(Default)]
+struct Probes {
+    pools: HashMap<usize, (Instant, Arc<AtomicBool>)>,
+}
+
+impl Probes {
+    fn run_if_due(&mut self, pool: &Arc<Pool>, interval: Duration, now: Instant) {
+        let key = Arc::as_ptr(pool) as usize;
+        let entry = self
+            .pools
+            .entry(key)
+            .or_insert_with(|| (now - interval, Arc::new(AtomicBool::new(false))));
+        if now.duration_since(entry.0) < interval || entry.1.load(Ordering::Acquire) {
+            return;
+        }
+        entry.0 = now;
+        entry.1.store(true, Ordering::Release);
+        let (pool, running) = (pool.clone(), entry.1.clone());
+        tokio::spawn(async move {
+            pool.lb.backends().run_health_check(true).await;
+            running.store(false, Ordering::Release);
+        });
+    }
+
+    /// Forgets pools no longer in the config.
+    fn retain(&mut self, live: &[usize]) {
+        self.pools.retain(|k, _| live.contains(k));
+    }
+}
+
+fn judge(route: &Route, m: &RouteMetrics, since: Instant, now: Instant) -> Verdict {
+    let rules = &route.analysis;
+    let (c, s) = (
+        &m.version(Version::Canary).window,
+        &m.version(Version::Stable).window,
+    );
+    let full = evaluate(
+        rules,
+        &c.stats_since(now, rules.window, Some(since)),
+        &s.stats_since(now, rules.window, Some(since)),
+    );
+    let span = FAST_SPAN.min(rules.window);
+    let fast = evaluate(
+        rules,
+        &c.stats_since(now, span, Some(since)),
+        &s.stats_since(now, span, Some(since)),
+    );
+    match (full, fast) {
+        (f @ Verdict::Fail { .. }, _) | (_, f @ Verdict::Fail { .. }) => f,
+        (Verdict::Pass, _) | (_, Verdict::Pass) => Verdict::Pass,
+        _ => Verdict::Inconclusive,
+    }
+}
+
+impl Controller {
+    fn tick(&self, probes: &mut Probes, last_eval: &mut HashMap<String, Instant>) {
+        let now = Instant::now();
+        let live = self.shared.load();
+        let mut pools_seen = Vec::new();
+        for (i, route) in live.snapshot.routes.iter().enumerate() {
+            if let Some(h) = &route.health {
+                for pool in [Some(&route.stable), route.canary.as_ref()]
+                    .into_iter()
+                    .flatten()
+                {
+                    pools_seen.push(Arc::as_ptr(pool) as usize);
+                    probes.run_if_due(pool, h.interval, now);
+                }
+                if let Some(canary) = &route.canary {
+                    if route.split.canary_buckets > 0 && canary.healthy_count() == 0 {
+                        let endpoints: Vec<String> =
+                            canary.endpoints.iter().map(|e| e.to_string()).collect();
+                        self.shared.auto_rollback(
+                            &route.name,
+                            "health_check",
+                            json!({ "healthy_endpoints": 0, "endpoints": endpoints }),
+                        );
+                    }
+                }
+            }
+            if !route.analysis.enabled || route.canary.is_none() || route.split.canary_buckets == 0
+            {
+                continue;
+            }
+            let due = last_eval
+                .get(&route.name)
+                .is_none_or(|t| now.duration_since(*t) >= route.analysis.interval);
+            if !due {
+                continue;
+            }
+            last_eval.insert(route.name.clone(), now);
+            let (Some(m), Some(control)) = (
+                live.route_metrics.get(i),
+                self.shared.route_control(&route.name),
+            ) else {
+                continue;
+            };
+            match judge(route, m, control.judged_since, now) {
+                Verdict::Fail { reason, numbers } => {
+                    self.shared
+                        .record_verdict(&route.name, Some((reason, numbers)), false)
+                }
+                Verdict::Pass => self.shared.record_verdict(&route.name, None, true),
+                Verdict::Inconclusive => self.shared.record_verdict(&route.name, None, false),
+            }
+        }
+        probes.retain(&pools_seen);
+        self.shared.update_health_gauges(&live.snapshot);
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Controller {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut probes = Probes::default();
+        let mut last_eval = HashMap::new();
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = ticker.tick() => self.tick(&mut probes, &mut last_eval),
+            }
+        }
+    }
+}
