@@ -112,6 +112,7 @@ fn pool_json(p: &Pool) -> Value {
 
 impl AdminApp {
     fn status(&self) -> Value {
+        let controls = self.shared.controls();
         let live = self.shared.load();
         let snap = &live.snapshot;
         let reload = self.shared.last_reload();
@@ -126,8 +127,8 @@ impl AdminApp {
                         .get(i)
                         .map(|m| window_json(m.version(v).window.stats(now, STATUS_WINDOW)))
                 };
-                let control = self.shared.route_control(&r.name);
-                let phase = control.as_ref().map(|c| &c.phase);
+                let control = controls.get(&r.name);
+                let phase = control.map(|c| &c.phase);
                 let rollout = (!r.steps.is_empty()).then(|| {
                     json!({
                         "step": phase.and_then(|p| p.step()),
@@ -149,7 +150,9 @@ impl AdminApp {
                     "rollout_state": rollout_state(r, phase),
                     "phase": phase,
                     "rollout": rollout,
-                    "consecutive_failures": control.as_ref().map(|c| c.failures),
+                    "consecutive_failures": control.map(|c| c.failures),
+                    "evaluations": control.map(|c| c.evaluations),
+                    "last_verdict": control.map(|c| c.last_verdict),
                     "analysis": {
                         "enabled": r.analysis.enabled,
                         "interval_seconds": r.analysis.interval.as_secs_f64(),
@@ -232,9 +235,9 @@ impl AdminApp {
         let result = self.shared.act(route, act);
         match result {
             Ok(generation) => {
+                let control = self.shared.route_control(route);
                 let snap = self.shared.snapshot();
                 let r = snap.routes.iter().find(|r| r.name == route);
-                let control = self.shared.route_control(route);
                 json_response(
                     StatusCode::OK,
                     json!({

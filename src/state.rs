@@ -70,6 +70,10 @@ pub struct RouteControl {
     /// Analysis only looks at outcomes after this instant (a new phase or version must
     /// not be judged by what happened before it).
     pub judged_since: Instant,
+    /// Evaluations run for this route since start.
+    pub evaluations: u64,
+    /// `pass`, `fail:REASON` or `inconclusive`.
+    pub last_verdict: &'static str,
 }
 
 /// What publication needs under its lock.
@@ -198,6 +202,13 @@ impl Shared {
         self.lock().events.iter().cloned().collect()
     }
 
+    /// Every route's control record. Read this *before* loading the snapshot: a change of
+    /// phase is published inside the same critical section, so the snapshot loaded after
+    /// is at least as new as these records.
+    pub fn controls(&self) -> HashMap<String, RouteControl> {
+        self.lock().routes.clone()
+    }
+
     /// A route's control record (for status and the controller).
     pub fn route_control(&self, route: &str) -> Option<RouteControl> {
         self.lock().routes.get(route).cloned()
@@ -319,6 +330,8 @@ impl Shared {
                             failures: 0,
                             passed_in_hold: false,
                             judged_since: Instant::now(),
+                            evaluations: 0,
+                            last_verdict: "none",
                         },
                     );
                     let reason = if fresh {
@@ -653,6 +666,12 @@ impl Shared {
         };
         let Some(rc) = ctl.routes.get_mut(route) else {
             return;
+        };
+        rc.evaluations += 1;
+        rc.last_verdict = match (&failed, passed) {
+            (Some(_), _) => "fail",
+            (None, true) => "pass",
+            (None, false) => "inconclusive",
         };
         if let Some((reason, numbers)) = failed {
             rc.failures += 1;

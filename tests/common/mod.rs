@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::convert::Infallible;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
@@ -30,6 +29,10 @@ pub enum Mode {
     Status = 1,
     /// Never answer (until the test ends).
     Hang = 2,
+    /// Answer 200 after `Upstream::set_delay`.
+    Slow = 3,
+    /// Drop the connection without an answer.
+    Reset = 4,
 }
 
 /// A real HTTP/1.1 server on 127.0.0.1:0 that says who it is and echoes what it received.
@@ -38,6 +41,7 @@ pub struct Upstream {
     pub name: String,
     mode: Arc<AtomicU8>,
     status: Arc<AtomicU16>,
+    delay_ms: Arc<AtomicU64>,
     pub requests: Arc<AtomicU64>,
     pub connections: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
@@ -57,14 +61,16 @@ impl Upstream {
         let addr = listener.local_addr().expect("upstream addr");
         let mode = Arc::new(AtomicU8::new(Mode::Ok as u8));
         let status = Arc::new(AtomicU16::new(200));
+        let delay_ms = Arc::new(AtomicU64::new(0));
         let requests = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
-        let (m, s, r, c, n) = (
+        let (m, s, r, c, n, d) = (
             mode.clone(),
             status.clone(),
             requests.clone(),
             connections.clone(),
             name.to_string(),
+            delay_ms.clone(),
         );
         let task = tokio::spawn(async move {
             loop {
@@ -72,11 +78,22 @@ impl Upstream {
                     continue;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (m, s, r, n) = (m.clone(), s.clone(), r.clone(), n.clone());
+                let (m, s, r, n, d) = (m.clone(), s.clone(), r.clone(), n.clone(), d.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (m, s, r, n) = (m.clone(), s.clone(), r.clone(), n.clone());
-                        async move { Ok::<_, Infallible>(answer(req, &m, &s, &r, &n).await) }
+                        let (m, s, r, n, d) =
+                            (m.clone(), s.clone(), r.clone(), n.clone(), d.clone());
+                        async move {
+                            if m.load(Ordering::SeqCst) == Mode::Reset as u8 {
+                                r.fetch_add(1, Ordering::SeqCst);
+                                return Err("reset");
+                            }
+                            if m.load(Ordering::SeqCst) == Mode::Slow as u8 {
+                                let ms = d.load(Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
+                            Ok::<_, &'static str>(answer(req, &m, &s, &r, &n).await)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -89,6 +106,7 @@ impl Upstream {
             name: name.to_string(),
             mode,
             status,
+            delay_ms,
             requests,
             connections,
             task,
@@ -97,6 +115,11 @@ impl Upstream {
 
     pub fn set_mode(&self, mode: Mode) {
         self.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    pub fn set_delay(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
+        self.set_mode(Mode::Slow);
     }
 
     pub fn set_status(&self, code: u16) {
@@ -410,4 +433,140 @@ pub async fn version_for(c: &reqwest::Client, url: &str, user: &str) -> String {
         .and_then(|v| v.to_str().ok())
         .expect("x-kanaria-version header")
         .to_string()
+}
+
+/// Steady background traffic of many users; counts what clients saw.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    pub ok: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+    /// Answers served by the canary (per `x-kanaria-version`).
+    pub canary: Arc<AtomicU64>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `workers` clients, each sending GETs for users `0..users` in turn, until stopped or
+    /// 50,000 requests each (a bound, so a forgotten load cannot run away).
+    pub fn start(url: String, workers: usize, users: u64) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ok, failed, canary) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let handles = (0..workers)
+            .map(|w| {
+                let (stop, ok, failed, canary, url) = (
+                    stop.clone(),
+                    ok.clone(),
+                    failed.clone(),
+                    canary.clone(),
+                    url.clone(),
+                );
+                tokio::spawn(async move {
+                    let c = client();
+                    for i in 0..50_000u64 {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let user = format!("user-{}", (i * workers as u64 + w as u64) % users);
+                        match c.get(&url).header("x-user-id", user).send().await {
+                            Ok(r) if r.status() == 200 => {
+                                if r.headers()
+                                    .get("x-kanaria-version")
+                                    .is_some_and(|v| v == "canary")
+                                {
+                                    canary.fetch_add(1, Ordering::SeqCst);
+                                }
+                                ok.fetch_add(1, Ordering::SeqCst);
+                            }
+                            _ => {
+                                failed.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            canary,
+            handles,
+        }
+    }
+
+    /// Stops the clients and returns (ok, failed).
+    pub async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        for h in self.handles {
+            let _ = h.await;
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// A webhook receiver: keeps every POSTed body.
+pub struct Webhook {
+    pub addr: SocketAddr,
+    pub bodies: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Webhook {
+    pub async fn start() -> Webhook {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind webhook");
+        let addr = listener.local_addr().expect("webhook addr");
+        let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let b = bodies.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let b = b.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let b = b.clone();
+                        async move {
+                            use http_body_util::BodyExt;
+                            let body = req.into_body().collect().await.map(|c| c.to_bytes());
+                            if let Ok(body) = body {
+                                b.lock()
+                                    .unwrap()
+                                    .push(String::from_utf8_lossy(&body).into_owned());
+                            }
+                            Ok::<_, &'static str>(Response::new(Full::new(Bytes::from("ok"))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Webhook { addr, bodies, task }
+    }
+
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|b| serde_json::from_str(b).ok())
+            .collect()
+    }
 }
