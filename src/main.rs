@@ -52,8 +52,20 @@ enum Command {
         #[arg(long, env = "KANARIA_ADMIN_ADDR", default_value = DEFAULT_ADMIN)]
         admin: String,
     },
-    /// Send every user of a route to the canary (token from KANARIA_ADMIN_TOKEN).
+    /// Next rollout step, or every user to the canary (token from KANARIA_ADMIN_TOKEN).
     Promote {
+        route: String,
+        #[arg(long, env = "KANARIA_ADMIN_ADDR", default_value = DEFAULT_ADMIN)]
+        admin: String,
+    },
+    /// Hold a progressing rollout at its step (token from KANARIA_ADMIN_TOKEN).
+    Pause {
+        route: String,
+        #[arg(long, env = "KANARIA_ADMIN_ADDR", default_value = DEFAULT_ADMIN)]
+        admin: String,
+    },
+    /// Continue a paused rollout, or restart a rolled-back one (token from KANARIA_ADMIN_TOKEN).
+    Resume {
         route: String,
         #[arg(long, env = "KANARIA_ADMIN_ADDR", default_value = DEFAULT_ADMIN)]
         admin: String,
@@ -112,6 +124,12 @@ fn main() -> ExitCode {
         }
         Command::Promote { route, admin } => {
             report(kanaria::client::act(&admin, &route, "promote", None))
+        }
+        Command::Pause { route, admin } => {
+            report(kanaria::client::act(&admin, &route, "pause", None))
+        }
+        Command::Resume { route, admin } => {
+            report(kanaria::client::act(&admin, &route, "resume", None))
         }
     }
 }

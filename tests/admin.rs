@@ -389,4 +389,16 @@ async fn cli_status_weight_and_rollback() {
     assert!(out.contains("rolled_back"), "{out}");
     let (_, out, _) = run(&["status"], None);
     assert!(out.contains("rolled_back"), "{out}");
+    let (code, _, err) = run(&["pause", "app"], Some("tok"));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("409") && err.contains("only a progressing rollout"),
+        "{err}"
+    );
+    let (code, out, err) = run(&["resume", "app"], Some("tok"));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("manual"), "{out}");
+    let (_, out, _) = run(&["status"], None);
+    let row = out.lines().find(|l| l.starts_with("app ")).expect("a row for app");
+    assert!(row.contains("file") && row.contains("manual"), "{row}");
 }

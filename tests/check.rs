@@ -170,6 +170,22 @@ fn broken_configs_print_every_error_with_its_place() {
         ),
         ("no routes", "[proxy]\n", &["FILE: routes: at least one [[routes]] is required"]),
         (
+            "bad rollout, analysis, health, stable_down and webhook",
+            "[notify]\nwebhook_url = \"https://hooks.example.com/x\"\n[[routes]]\nname = \"app\"\ncanary_weight = 5\nstable_down = \"panic\"\n[routes.health]\nunhealthy_threshold = 0\n[routes.analysis]\nwindow = \"10m\"\nmax_error_rate = 2\nconfidence = 1.5\nfailure_limit = 0\n[routes.rollout]\nsteps = [{ weight = 50, hold = \"1m\" }, { weight = 10 }, { weight = 0 }]\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n[routes.canary]\nversion = \"v2\"\nendpoints = [\"127.0.0.1:2\"]\n",
+            &[
+                "FILE:2:15: notify.webhook_url: \"https://hooks.example.com/x\" must start with http://",
+                "FILE:5:17: routes[app].canary_weight: set either canary_weight or [routes.rollout], not both",
+                "FILE:6:15: routes[app].stable_down: \"panic\" is not \"keep_stable\" or \"serve_canary\"",
+                "FILE:8:23: routes[app].health.unhealthy_threshold: must be at least 1",
+                "FILE:10:10: routes[app].analysis.window: \"10m\" must be between 1s and 120s",
+                "FILE:11:18: routes[app].analysis.max_error_rate: 2 is not a rate in 0..=1",
+                "FILE:12:14: routes[app].analysis.confidence: 1.5 must be between 0.5 and 1",
+                "FILE:13:17: routes[app].analysis.failure_limit: must be at least 1",
+                "FILE:15:51: routes[app].rollout.steps[1].weight: 10 is below the previous step's",
+                "FILE:15:68: routes[app].rollout.steps[2].weight: a step's weight must be above 0",
+            ],
+        ),
+        (
             "admin on the network without a token",
             &format!("[admin]\nlisten = \"0.0.0.0:9901\"\n{GOOD_ROUTE}"),
             &["FILE:2:10: admin.listen: 0.0.0.0:9901 is reachable from other hosts but no admin token is set"],
