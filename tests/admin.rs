@@ -399,6 +399,9 @@ async fn cli_status_weight_and_rollback() {
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("manual"), "{out}");
     let (_, out, _) = run(&["status"], None);
-    let row = out.lines().find(|l| l.starts_with("app ")).expect("a row for app");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("app "))
+        .expect("a row for app");
     assert!(row.contains("file") && row.contains("manual"), "{row}");
 }
