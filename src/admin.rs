@@ -21,8 +21,10 @@ use crate::split::buckets_to_percent;
 use crate::split::Version;
 use crate::state::{rollout_state, Action, ControlError, Shared};
 
-/// The window the status API reports (the analysis issue makes it configurable per route).
+/// The window the status API reports.
 const STATUS_WINDOW: Duration = Duration::from_secs(30);
+/// The short window the dashboard charts (error rate and p99 "now").
+const RECENT_WINDOW: Duration = Duration::from_secs(5);
 
 fn window_json(st: WindowStats) -> Value {
     json!({
@@ -122,10 +124,16 @@ impl AdminApp {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let window = |v: Version| {
+                let window = |v: Version, span: Duration| {
                     live.route_metrics
                         .get(i)
-                        .map(|m| window_json(m.version(v).window.stats(now, STATUS_WINDOW)))
+                        .map(|m| window_json(m.version(v).window.stats(now, span)))
+                };
+                let totals = |v: Version| {
+                    live.route_metrics.get(i).map(|m| {
+                        let (requests, errors) = m.version(v).totals();
+                        json!({ "requests": requests, "errors": errors })
+                    })
                 };
                 let control = controls.get(&r.name);
                 let phase = control.map(|c| &c.phase);
@@ -161,8 +169,18 @@ impl AdminApp {
                     },
                     "window_seconds": STATUS_WINDOW.as_secs(),
                     "window": {
-                        "stable": window(Version::Stable),
-                        "canary": window(Version::Canary),
+                        "stable": window(Version::Stable, STATUS_WINDOW),
+                        "canary": window(Version::Canary, STATUS_WINDOW),
+                    },
+                    "recent_seconds": RECENT_WINDOW.as_secs(),
+                    "recent": {
+                        "stable": window(Version::Stable, RECENT_WINDOW),
+                        "canary": window(Version::Canary, RECENT_WINDOW),
+                    },
+                    "totals": {
+                        "stable": totals(Version::Stable),
+                        "canary": totals(Version::Canary),
+                        "retried_on_stable": live.route_metrics.get(i).map(|m| m.retried_on_stable.get()),
                     },
                 })
             })

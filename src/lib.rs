@@ -10,6 +10,7 @@ pub mod analysis;
 pub mod client;
 pub mod config;
 pub mod controller;
+pub mod demo;
 pub mod metrics;
 pub mod notify;
 pub mod proxy;

@@ -34,6 +34,20 @@ enum Command {
         #[arg(default_value = DEFAULT_CONFIG)]
         file: PathBuf,
     },
+    /// A whole canary story: demo apps, simulated users, a rollout, a failure, a rollback.
+    Demo {
+        #[arg(short, long, default_value = "config/demo.toml")]
+        config: PathBuf,
+        /// Proxy listen address (default: the config's).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Admin and dashboard address (default: the config's).
+        #[arg(long)]
+        admin: Option<String>,
+        /// Exit when the story ends: 0 if it ended in a rollback, 1 otherwise.
+        #[arg(long)]
+        exit_after_scenario: bool,
+    },
     /// Show routes, weights, rollout states and endpoint health of a running Kanaria.
     Status {
         #[arg(long, env = "KANARIA_ADMIN_ADDR", default_value = DEFAULT_ADMIN)]
@@ -108,6 +122,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Demo {
+            config,
+            listen,
+            admin,
+            exit_after_scenario,
+        } => report(
+            kanaria::demo::run(kanaria::demo::DemoOptions {
+                config,
+                listen,
+                admin,
+                exit_after_scenario,
+            })
+            .map(|()| String::new()),
+        ),
         Command::Status { admin } => report(kanaria::client::status(&admin)),
         Command::Weight {
             route,

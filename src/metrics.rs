@@ -113,6 +113,13 @@ impl VersionMetrics {
         self.window.record(Instant::now(), is_error, seconds);
     }
 
+    /// Answers counted so far: (all, errors = 5xx or no answer).
+    pub fn totals(&self) -> (u64, u64) {
+        let all = self.requests.iter().map(|c| c.get()).sum();
+        let errors = self.requests[4].get() + self.requests[5].get();
+        (all, errors)
+    }
+
     /// A failed attempt that was retried elsewhere: an upstream error and an error in the
     /// analysis window (the user did not see it, but the version failed).
     #[inline]

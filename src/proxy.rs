@@ -23,7 +23,7 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::config::{Route, StableDown};
@@ -328,6 +328,22 @@ impl ProxyHttp for KanariaProxy {
             e.retry.decide_reuse(client_reused);
         }
         e
+    }
+
+    /// A canary failure retried on stable is expected behaviour, counted in
+    /// `kanaria_retries_total` and the analysis: one warning per retried request would
+    /// flood the log exactly when a canary dies. It stays visible at debug level.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &Ctx,
+        error: &Error,
+        _context: ProxyWarnLogContext,
+    ) -> bool {
+        if ctx.retried {
+            log::debug!("canary attempt failed, retried on stable: {error}");
+        }
+        ctx.retried
     }
 
     async fn upstream_request_filter(

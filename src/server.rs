@@ -6,6 +6,7 @@
 //! started with `--upgrade` (zero-downtime upgrade).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -37,9 +38,16 @@ fn server_conf(snap: &Snapshot) -> ServerConf {
     }
 }
 
-/// Loads the config and runs the proxy until shutdown. Config errors are returned, all of
-/// them, before anything listens.
-pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
+/// A Kanaria server ready to run: Pingora's server with the proxy, admin, reload and
+/// controller services added, and the shared state (the demo adds its own services).
+pub struct Built {
+    pub server: Server,
+    pub shared: Arc<Shared>,
+}
+
+/// Loads the config and builds every service. Config errors are returned, all of them,
+/// before anything listens.
+pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
     let snapshot = config::load_file(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let conf = server_conf(&snapshot);
     let listen = snapshot.proxy.listen.clone();
@@ -71,15 +79,20 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     ));
     server.add_service(background_service(
         "rollout controller",
-        Controller::new(shared),
+        Controller::new(shared.clone()),
     ));
     log::info!(
-        "kanaria {} listening on {:?} with {}",
+        "kanaria {} listening on {:?} (admin {admin_listen}) with {}",
         env!("CARGO_PKG_VERSION"),
         listen,
         config_path.display()
     );
-    server.run_forever()
+    Ok(Built { server, shared })
+}
+
+/// Loads the config and runs the proxy until shutdown.
+pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
+    build(config_path, upgrade)?.server.run_forever()
 }
 
 /// `kanaria check`: validates a file, returning a one-line summary.
