@@ -19,13 +19,20 @@ deps:
 	    echo "cmake is required to build Pingora (zlib-ng): install it with your package manager (e.g. 'brew install cmake', 'dnf install cmake')"; \
 	    exit 1; \
 	  fi; }
-	@command -v python3 >/dev/null 2>&1 || echo "note: 'make demo' uses python3 for its demo apps"
+	@# The dashboard test drives a real headless Chromium (Debian's chromium + chromium-driver).
+	@command -v chromedriver >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing chromium and chromium-driver with apt-get (for the dashboard test)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "note: the dashboard test needs chromium and chromium-driver (Debian packages)"; \
+	  fi; }
 
 build: deps
 	$(CARGO) build --release
 
 demo: build
-	./scripts/demo.sh
+	./target/release/kanaria demo
 
 test: deps
 	$(CARGO) fmt --check

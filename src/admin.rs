@@ -37,6 +37,25 @@ fn window_json(st: WindowStats) -> Value {
     })
 }
 
+/// The dashboard: one self-contained page (no CDN, works offline).
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+fn dashboard() -> Response<Vec<u8>> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, "text/html; charset=utf-8")
+        .header(http::header::CONTENT_LENGTH, DASHBOARD.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        // Only this page's own inline code, talking only to this listener; never framed.
+        .header(
+            "content-security-policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+        )
+        .header("x-frame-options", "DENY")
+        .body(DASHBOARD.as_bytes().to_vec())
+        .unwrap_or_else(|_| Response::new(Vec::new()))
+}
+
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -299,6 +318,7 @@ impl ServeHttp for AdminApp {
         let path = session.req_header().uri.path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (segments.as_slice(), &method) {
+            ([""] | ["dashboard"], &Method::GET) => dashboard(),
             (["metrics"], &Method::GET) => text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",

@@ -112,7 +112,8 @@ fn effective_config(
     opts: &DemoOptions,
 ) -> anyhow::Result<String> {
     // Report a broken demo config exactly as `kanaria check` would.
-    crate::config::load_str(src, &path.display().to_string()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::config::load_str(src, &path.display().to_string())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut doc: toml::Table = toml::from_str(src).context("parsing the demo config")?;
     let table = |doc: &mut toml::Table, key: &str| -> anyhow::Result<toml::Table> {
         Ok(doc
@@ -172,8 +173,22 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     let mut canary = None;
     for (version, port, delay, pool) in [
-        ("v1", stable_port, Duration::from_millis(2), &route.stable.version),
-        ("v2", canary_port, Duration::from_millis(3), &route.canary.as_ref().map(|c| c.version.clone()).unwrap_or_default()),
+        (
+            "v1",
+            stable_port,
+            Duration::from_millis(2),
+            &route.stable.version,
+        ),
+        (
+            "v2",
+            canary_port,
+            Duration::from_millis(3),
+            &route
+                .canary
+                .as_ref()
+                .map(|c| c.version.clone())
+                .unwrap_or_default(),
+        ),
     ] {
         let handle = AppHandle {
             failing: Arc::new(AtomicBool::new(false)),
@@ -211,7 +226,9 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
         canary,
         exit_after_scenario: opts.exit_after_scenario,
     };
-    built.server.add_service(background_service("demo story", story));
+    built
+        .server
+        .add_service(background_service("demo story", story));
     built.server.run_forever()
 }
 
@@ -278,7 +295,8 @@ struct Display {
 impl Display {
     fn new() -> Display {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4));
-        let style = ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_spinner());
+        let style = ProgressStyle::with_template("{msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner());
         let lines = (0..4)
             .map(|_| {
                 let bar = multi.add(ProgressBar::new_spinner());
@@ -329,10 +347,21 @@ impl Story {
     }
 
     /// One frame of the live display; returns (phase, canary weight %).
-    fn frame(&self, display: &Display, rates: &mut VecDeque<(Instant, u64, u64)>, seen: &Seen) -> (Option<Phase>, f64) {
+    fn frame(
+        &self,
+        display: &Display,
+        rates: &mut VecDeque<(Instant, u64, u64)>,
+        seen: &Seen,
+    ) -> (Option<Phase>, f64) {
         let live = self.shared.load();
         let control = self.shared.route_control(&self.route);
-        let Some((i, r)) = live.snapshot.routes.iter().enumerate().find(|(_, r)| r.name == self.route) else {
+        let Some((i, r)) = live
+            .snapshot
+            .routes
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.name == self.route)
+        else {
             return (None, 0.0);
         };
         let weight = buckets_to_percent(r.split.canary_buckets);
@@ -344,11 +373,17 @@ impl Story {
         let (s_total, _) = m.version(Version::Stable).totals();
         let (c_total, _) = m.version(Version::Canary).totals();
         rates.push_back((now, s_total, c_total));
-        while rates.len() > 1 && rates.front().is_some_and(|(t, _, _)| now.duration_since(*t) > Duration::from_secs(2)) {
+        while rates.len() > 1
+            && rates
+                .front()
+                .is_some_and(|(t, _, _)| now.duration_since(*t) > Duration::from_secs(2))
+        {
             rates.pop_front();
         }
         let rps = |pick: fn(&(Instant, u64, u64)) -> u64| match (rates.front(), rates.back()) {
-            (Some(a), Some(b)) if b.0 > a.0 => (pick(b) - pick(a)) as f64 / b.0.duration_since(a.0).as_secs_f64(),
+            (Some(a), Some(b)) if b.0 > a.0 => {
+                (pick(b) - pick(a)) as f64 / b.0.duration_since(a.0).as_secs_f64()
+            }
             _ => 0.0,
         };
         let recent = Duration::from_secs(3);
@@ -361,7 +396,9 @@ impl Story {
             )
         };
         let step = match (&phase, r.steps.len()) {
-            (Some(p), n) if n > 0 => p.step().map_or(String::new(), |s| format!("  step {}/{n}", s + 1)),
+            (Some(p), n) if n > 0 => p
+                .step()
+                .map_or(String::new(), |s| format!("  step {}/{n}", s + 1)),
             _ => String::new(),
         };
         display.show([
@@ -405,17 +442,35 @@ impl Story {
                 None => p.name().to_string(),
             });
             if name != last_phase {
-                say(&display, format!("[{:>5.1}s] {name}: canary weight {weight:.0}%", start.elapsed().as_secs_f64()));
+                say(
+                    &display,
+                    format!(
+                        "[{:>5.1}s] {name}: canary weight {weight:.0}%",
+                        start.elapsed().as_secs_f64()
+                    ),
+                );
                 last_phase = name;
                 step_since = Instant::now();
             }
             let at_half = matches!(phase, Some(Phase::Progressing { .. })) && weight >= 50.0;
-            if failed_at.is_none() && ((at_half && step_since.elapsed() >= Duration::from_secs(2)) || start.elapsed() > Duration::from_secs(40)) {
+            if failed_at.is_none()
+                && ((at_half && step_since.elapsed() >= Duration::from_secs(2))
+                    || start.elapsed() > Duration::from_secs(40))
+            {
                 self.canary.failing.store(true, Ordering::Relaxed);
                 failed_at = Some((Instant::now(), now_ms()));
-                say(&display, format!("[{:>5.1}s] the canary starts failing: every request to v2 answers 500", start.elapsed().as_secs_f64()));
+                say(
+                    &display,
+                    format!(
+                        "[{:>5.1}s] the canary starts failing: every request to v2 answers 500",
+                        start.elapsed().as_secs_f64()
+                    ),
+                );
             }
-            if failed_at.is_some() && rolled_back_at.is_none() && matches!(phase, Some(Phase::RolledBack { .. })) {
+            if failed_at.is_some()
+                && rolled_back_at.is_none()
+                && matches!(phase, Some(Phase::RolledBack { .. }))
+            {
                 rolled_back_at = Some(Instant::now());
             }
             if let Some(t) = rolled_back_at {
@@ -447,23 +502,39 @@ impl Story {
             .and_then(|i| live.route_metrics.get(i))
             .map_or(0, |m| m.retried_on_stable.get());
         println!("\nDemo summary");
-        println!("  requests sent                {}", seen.sent.load(Ordering::Relaxed));
-        println!("  errors users saw             {}", seen.errors.load(Ordering::Relaxed));
+        println!(
+            "  requests sent                {}",
+            seen.sent.load(Ordering::Relaxed)
+        );
+        println!(
+            "  errors users saw             {}",
+            seen.errors.load(Ordering::Relaxed)
+        );
         println!("  canary failures retried      {retries}");
         match (failed_at, rollback, rolled_back) {
             (Some((_, fail_ms)), Some(rb), true) => {
                 let last = self.canary.last_request_ms.load(Ordering::Relaxed);
-                println!("  failure to rollback          {} ms (reason {})", rb.at_ms.saturating_sub(fail_ms), rb.reason);
+                println!(
+                    "  failure to rollback          {} ms (reason {})",
+                    rb.at_ms.saturating_sub(fail_ms),
+                    rb.reason
+                );
                 println!(
                     "  canary's last request       +{} ms after the failure began",
                     last.saturating_sub(fail_ms)
                 );
-                println!("  canary requests in total     {}", self.canary.requests.load(Ordering::Relaxed));
+                println!(
+                    "  canary requests in total     {}",
+                    self.canary.requests.load(Ordering::Relaxed)
+                );
                 println!("\nThe canary failed and Kanaria rolled every user back to stable.");
                 true
             }
             _ => {
-                println!("\nThe story did not end in a rollback within {}s.", STORY_LIMIT.as_secs());
+                println!(
+                    "\nThe story did not end in a rollback within {}s.",
+                    STORY_LIMIT.as_secs()
+                );
                 false
             }
         }

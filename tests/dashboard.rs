@@ -1,0 +1,260 @@
+//! The dashboard in a real headless Chromium (Debian `chromium` + `chromium-driver`, driven
+//! over the WebDriver protocol): the page loads from the admin listener, its charts fill
+//! with live traffic, and its rollback button rolls the canary back. A screenshot is saved
+//! as a test artifact (`target/test-artifacts/dashboard.png`).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::{client, free_port, pool, Load, Proxy, Upstream};
+use serde_json::{json, Value};
+
+/// chromedriver on a loopback port, killed when dropped.
+struct Driver {
+    child: Child,
+    url: String,
+    http: reqwest::Client,
+    session: Option<String>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Driver {
+    async fn start() -> Driver {
+        let bin = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("chromedriver not found: install Debian's chromium and chromium-driver (make deps does)");
+        let port = free_port();
+        let child = Command::new(bin)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let mut d = Driver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            http: client(),
+            session: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = d.http.get(format!("{}/status", d.url)).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let profile = tempfile::tempdir().unwrap().keep();
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--disable-quic", "--no-first-run", "--disable-background-networking",
+                         "--disable-component-update", "--disable-sync", "--window-size=1400,1100",
+                         format!("--user-data-dir={}", profile.display())]
+            }
+        }}});
+        let v = d.call("POST", "/session", caps).await;
+        d.session = Some(v["sessionId"].as_str().expect("session id").to_string());
+        d
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        let url = format!("{}{}", self.url, path);
+        let req = match method {
+            "GET" => self.http.get(url),
+            "DELETE" => self.http.delete(url),
+            _ => self.http.post(url).json(&body),
+        };
+        let v: Value = req
+            .send()
+            .await
+            .expect("webdriver call")
+            .json()
+            .await
+            .expect("webdriver json");
+        assert!(v["value"]["error"].is_null(), "webdriver {path}: {v}");
+        v.get("value").cloned().unwrap_or(Value::Null)
+    }
+
+    async fn session_call(&self, method: &str, path: &str, body: Value) -> Value {
+        let s = self.session.as_ref().expect("session");
+        self.call(method, &format!("/session/{s}{path}"), body)
+            .await
+    }
+
+    async fn script(&self, js: &str) -> Value {
+        self.session_call("POST", "/execute/sync", json!({"script": js, "args": []}))
+            .await
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let v = self
+            .session_call(
+                "POST",
+                "/element",
+                json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        v.as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|id| id.as_str())
+            .expect("element id")
+            .to_string()
+    }
+
+    async fn click(&self, css: &str) {
+        let id = self.find(css).await;
+        self.session_call("POST", &format!("/element/{id}/click"), json!({}))
+            .await;
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let id = self.find(css).await;
+        self.session_call(
+            "POST",
+            &format!("/element/{id}/value"),
+            json!({"text": text}),
+        )
+        .await;
+    }
+
+    /// Polls a script until it returns true.
+    async fn wait_for(&self, what: &str, js: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.script(js).await == Value::Bool(true) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_live_traffic_and_rolls_back() {
+    let (stable, canary) = (
+        Upstream::start("stable").await,
+        Upstream::start("canary").await,
+    );
+    let cfg = format!(
+        "[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\ncanary_weight = 30\n[routes.analysis]\nenabled = false\n{}\n{}",
+        pool("routes.stable", "v1", &[stable.addr]),
+        pool("routes.canary", "v2", &[canary.addr]),
+    );
+    let proxy = Proxy::launch(&cfg, "", "", "", &[("KANARIA_ADMIN_TOKEN", "dash-token")]).await;
+    let page = client().get(proxy.admin_url("/")).send().await.unwrap();
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    assert!(page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("default-src 'none'"));
+    let html = page.text().await.unwrap();
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no external assets"
+    );
+
+    let load = Load::start(proxy.url("/"), 4, 300);
+    let driver = Driver::start().await;
+    driver
+        .session_call("POST", "/url", json!({"url": proxy.admin_url("/")}))
+        .await;
+    driver
+        .wait_for(
+            "charts with live data",
+            "return window.kanaria.points >= 4 && document.querySelector('[data-route=\"app\"] canvas').getAttribute('data-points') >= 4",
+        )
+        .await;
+    driver
+        .wait_for(
+            "canary traffic on the page",
+            "return /canary\\s*\\d+ req\\/s/.test(document.querySelector('[data-route=\"app\"] [data-field=\"now\"]').innerText) && !/canary\\s*0 req\\/s/.test(document.querySelector('[data-route=\"app\"] [data-field=\"now\"]').innerText)",
+        )
+        .await;
+    let weight = driver
+        .script("return document.querySelector('[data-route=\"app\"] [data-field=\"weight\"]').textContent")
+        .await;
+    assert_eq!(weight, "30%");
+
+    // Without a token the page says so and nothing changes.
+    driver
+        .click("button[data-route=\"app\"][data-action=\"pause\"]")
+        .await;
+    driver
+        .wait_for(
+            "the token hint",
+            "return document.getElementById('msg').textContent.includes('admin token')",
+        )
+        .await;
+
+    driver.type_into("#token", "dash-token").await;
+    driver.click("#save-token").await;
+    // Rollback needs two clicks.
+    driver
+        .click("button[data-route=\"app\"][data-action=\"rollback\"]")
+        .await;
+    assert_eq!(
+        proxy.status().await["routes"][0]["rollout_state"],
+        "manual",
+        "one click does not roll back"
+    );
+    driver
+        .click("button[data-route=\"app\"][data-action=\"rollback\"]")
+        .await;
+    proxy
+        .wait_status("the dashboard's rollback", |s| {
+            s["routes"][0]["rollout_state"] == "rolled_back"
+        })
+        .await;
+    driver
+        .wait_for(
+            "the page to show it",
+            "return document.querySelector('[data-route=\"app\"] [data-field=\"state\"]').textContent === 'rolled back' && document.querySelector('#events li[data-kind=\"rollback\"]') !== null",
+        )
+        .await;
+    // Two more polls, so the picture shows the canary line dropping.
+    let polls = driver
+        .script("return window.kanaria.polls")
+        .await
+        .as_u64()
+        .unwrap();
+    driver
+        .wait_for(
+            "two more polls",
+            &format!("return window.kanaria.polls >= {}", polls + 2),
+        )
+        .await;
+    let png = driver.session_call("GET", "/screenshot", json!({})).await;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(png.as_str().expect("screenshot"))
+        .expect("png");
+    assert!(bytes.starts_with(b"\x89PNG"));
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("dashboard.png"), &bytes).unwrap();
+    if std::env::var_os("KANARIA_UPDATE_DOCS").is_some() {
+        std::fs::write(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png"),
+            &bytes,
+        )
+        .unwrap();
+    }
+    driver.session_call("DELETE", "", json!({})).await;
+    let (_, failed) = load.stop().await;
+    assert_eq!(failed, 0);
+}
