@@ -331,19 +331,17 @@ pub fn evaluate(rules: &AnalysisRules, canary: &WindowStats, stable: &WindowStat
 mod tests {
     use super::*;
 
+    /// The defaults, as a config without `[routes.analysis]` compiles them.
     fn rules() -> AnalysisRules {
-        AnalysisRules {
-            enabled: true,
-            interval: Duration::from_secs(1),
-            window: Duration::from_secs(30),
-            min_requests: 20,
-            max_error_rate: None,
-            max_p99_latency: None,
-            max_error_rate_ratio: Some(2.0),
-            max_p99_latency_ratio: None,
-            confidence: 0.99,
-            failure_limit: 1,
-        }
+        let snap = crate::config::load_str(
+            "[[routes]]\nname = \"app\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n",
+            "test.toml",
+        )
+        .unwrap();
+        let rules = snap.routes[0].analysis.clone();
+        assert_eq!(rules.max_error_rate_ratio, Some(2.0));
+        assert_eq!((rules.min_requests, rules.failure_limit), (20, 1));
+        rules
     }
 
     fn stats(requests: u64, errors: u64, p99: f64) -> WindowStats {

@@ -19,16 +19,7 @@ fn route(weight: f64, stable: &[&Upstream], canary: &Upstream) -> String {
 }
 
 async fn served_by(proxy: &Proxy, user: &str) -> String {
-    client()
-        .get(proxy.url("/"))
-        .header("x-user-id", user)
-        .send()
-        .await
-        .unwrap()
-        .headers()["x-upstream"]
-        .to_str()
-        .unwrap()
-        .to_string()
+    common::served_by(proxy, &[("x-user-id", user)]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

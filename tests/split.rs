@@ -201,22 +201,13 @@ async fn override_header_and_cookie() {
 async fn override_ignored_when_disabled_or_untrusted() {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
-    let c = client();
-    let forced = |proxy: &Proxy| {
-        let (c, url) = (c.clone(), proxy.url("/"));
-        async move {
-            c.get(url)
-                .header("x-user-id", "someone")
-                .header("x-kanaria-version", "canary")
-                .send()
-                .await
-                .unwrap()
-                .headers()["x-upstream"]
-                .to_str()
-                .unwrap()
-                .to_string()
-        }
-    };
+    async fn forced(proxy: &Proxy) -> String {
+        common::served_by(
+            proxy,
+            &[("x-user-id", "someone"), ("x-kanaria-version", "canary")],
+        )
+        .await
+    }
 
     // No override_header configured: the header is just a header.
     let proxy = Proxy::start(&route(0.0, &stable, &canary, "")).await;

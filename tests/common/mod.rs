@@ -419,6 +419,20 @@ pub fn pool(section: &str, version: &str, addrs: &[SocketAddr]) -> String {
     )
 }
 
+/// The name of the upstream that answered a GET with these headers (its `x-upstream`).
+pub async fn served_by(proxy: &Proxy, headers: &[(&str, &str)]) -> String {
+    let mut req = client().get(proxy.url("/"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.expect("request through the proxy");
+    resp.headers()
+        .get("x-upstream")
+        .and_then(|v| v.to_str().ok())
+        .expect("x-upstream header")
+        .to_string()
+}
+
 /// Which version served a user, read from the `x-kanaria-version` response header.
 pub async fn version_for(c: &reqwest::Client, url: &str, user: &str) -> String {
     let resp = c
