@@ -17,9 +17,10 @@ use serde::Deserialize;
 use toml::de::DeTable;
 
 use super::errors::{remove_at, span_of, ConfigError, ConfigErrors, KeyPath, Position};
-use super::file::{FileConfig, PoolFile, ProxyFile, RouteFile};
+use super::file::{EdgeFile, FileConfig, PoolFile, ProxyFile, RouteFile};
 use super::{
-    AdminSettings, Pool, ProxySettings, ReloadSettings, Route, Snapshot, Timeouts, WeightSource,
+    AdminSettings, EdgeSettings, Pool, ProxySettings, ReloadSettings, Route, Snapshot, Timeouts,
+    WeightSource,
 };
 use crate::route::Router;
 use crate::split::{seed_for, weight_to_buckets, OverrideRule, SplitRule, StickySource};
@@ -198,6 +199,7 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
     }
     let reload_path = KeyPath::root().key("reload");
     let debounce = c.duration(reload_path.key("debounce"), &cfg.reload.debounce);
+    let edge = edge_settings(&mut c, &cfg.edge);
 
     let routes_path = KeyPath::root().key("routes");
     if cfg.routes.is_empty() && !routes_in_file {
@@ -252,8 +254,8 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
         }
     }
 
-    match (proxy, admin_listen, debounce) {
-        (Some(proxy), Some(listen), Some(debounce)) if c.errors.is_empty() => {
+    match (proxy, admin_listen, debounce, edge) {
+        (Some(proxy), Some(listen), Some(debounce), Some(edge)) if c.errors.is_empty() => {
             let router = Router::new(
                 routes
                     .iter()
@@ -267,12 +269,83 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
                     watch: cfg.reload.watch,
                     debounce,
                 },
+                edge,
                 routes,
                 router,
             })
         }
         _ => Err(c.errors),
     }
+}
+
+/// Parses an IP network or a single address (as a /32 or /128).
+fn ip_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .ok()
+}
+
+fn edge_settings(c: &mut Check, e: &EdgeFile) -> Option<EdgeSettings> {
+    use crate::edge::{HeaderLimits, PINGORA_MAX_HEADERS, PINGORA_MAX_HEADER_BYTES};
+    let path = KeyPath::root().key("edge");
+    let header_timeout = c.duration(path.key("header_timeout"), &e.header_timeout);
+    let idle = c.duration(path.key("idle_timeout"), &e.idle_timeout);
+    let body_timeout = c.duration(path.key("body_timeout"), &e.body_timeout);
+    let mut ok = true;
+    if !(1024..=PINGORA_MAX_HEADER_BYTES).contains(&e.max_header_bytes) {
+        c.err(
+            path.key("max_header_bytes"),
+            format!(
+                "{} is not in 1024..={PINGORA_MAX_HEADER_BYTES} (Pingora refuses larger headers itself)",
+                e.max_header_bytes
+            ),
+        );
+        ok = false;
+    }
+    if !(1..=PINGORA_MAX_HEADERS).contains(&e.max_headers) {
+        c.err(
+            path.key("max_headers"),
+            format!(
+                "{} is not in 1..={PINGORA_MAX_HEADERS} (Pingora refuses more headers itself)",
+                e.max_headers
+            ),
+        );
+        ok = false;
+    }
+    if e.max_connections == 0 {
+        c.err(
+            path.key("max_connections"),
+            "0 would refuse every connection; use at least 1",
+        );
+        ok = false;
+    }
+    let mut trusted_proxies = Vec::new();
+    for (i, s) in e.trusted_proxies.iter().enumerate() {
+        match ip_net(s) {
+            Some(n) => trusted_proxies.push(n),
+            None => {
+                c.err(
+                    path.key("trusted_proxies").index(i),
+                    format!("{s:?} is not a CIDR (e.g. \"10.0.0.0/8\") or IP address"),
+                );
+                ok = false;
+            }
+        }
+    }
+    if !ok {
+        return None;
+    }
+    Some(EdgeSettings {
+        header_timeout: header_timeout?,
+        idle_timeout_secs: idle?.as_millis().div_ceil(1000).max(1) as u64,
+        body_timeout: body_timeout?,
+        limits: HeaderLimits {
+            max_bytes: e.max_header_bytes,
+            max_count: e.max_headers,
+        },
+        max_connections: e.max_connections,
+        trusted_proxies,
+    })
 }
 
 /// The admin token: from `token_file` when set, else `KANARIA_ADMIN_TOKEN`, else none.
@@ -423,6 +496,29 @@ fn route(
             }
         }
     }
+    let mut key = None;
+    if let Some(secret) = &r.override_secret {
+        let secret = secret.trim();
+        if secret.len() < crate::override_token::MIN_SECRET_LEN {
+            c.err(
+                path.key("override_secret"),
+                format!(
+                    "{} bytes is too short: use at least {} random bytes (e.g. `openssl rand -hex 32`)",
+                    secret.len(),
+                    crate::override_token::MIN_SECRET_LEN
+                ),
+            );
+            ok = false;
+        } else if r.override_header.is_none() && r.override_cookie.is_none() {
+            c.err(
+                path.key("override_secret"),
+                "set override_header or override_cookie too: the secret signs their values",
+            );
+            ok = false;
+        } else {
+            key = crate::override_token::OverrideKey::new(secret.as_bytes(), &r.name);
+        }
+    }
     let defaults = proxy.map(|p| p.timeouts);
     let connect = r
         .connect_timeout
@@ -470,6 +566,7 @@ fn route(
                 header,
                 cookie: r.override_cookie.clone(),
                 trusted,
+                key,
             },
         },
         timeouts,

@@ -62,6 +62,18 @@ impl std::fmt::Debug for AdminSettings {
     }
 }
 
+/// `[edge]`, validated.
+#[derive(Debug, Clone)]
+pub struct EdgeSettings {
+    pub header_timeout: Duration,
+    /// Keep-alive idle timeout in whole seconds (Pingora's granularity), at least 1.
+    pub idle_timeout_secs: u64,
+    pub body_timeout: Duration,
+    pub limits: crate::edge::HeaderLimits,
+    pub max_connections: usize,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
 /// `[reload]`, validated.
 #[derive(Debug, Clone)]
 pub struct ReloadSettings {
@@ -150,6 +162,7 @@ pub struct Snapshot {
     pub proxy: ProxySettings,
     pub admin: AdminSettings,
     pub reload: ReloadSettings,
+    pub edge: EdgeSettings,
     pub routes: Vec<Arc<Route>>,
     pub router: Router,
 }
