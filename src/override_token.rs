@@ -130,6 +130,55 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// `kanaria sign-override`: a token for `version` on `route`, valid for `ttl`. The secret
+/// is the route's `override_secret` in `config`, or `KANARIA_OVERRIDE_SECRET`.
+pub fn sign_command(
+    version: &str,
+    ttl: &str,
+    route: &str,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<String> {
+    let ttl = humantime::parse_duration(ttl)
+        .map_err(|e| anyhow::anyhow!("--ttl {ttl:?}: {e} (write e.g. \"1h\" or \"30m\")"))?;
+    if ttl.is_zero() {
+        anyhow::bail!("--ttl must be greater than zero");
+    }
+    if version.is_empty() || version.contains(':') {
+        anyhow::bail!("--version {version:?}: use canary, stable or a version label");
+    }
+    let secret = match config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let file: toml::Value =
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            file.get("routes")
+                .and_then(|r| r.as_array())
+                .and_then(|routes| {
+                    routes
+                        .iter()
+                        .find(|r| r.get("name").and_then(|n| n.as_str()) == Some(route))
+                })
+                .ok_or_else(|| anyhow::anyhow!("{}: no route {route:?}", path.display()))?
+                .get("override_secret")
+                .and_then(|s| s.as_str())
+                .map(|s| s.trim().to_string())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("{}: route {route:?} has no override_secret", path.display())
+                })?
+        }
+        None => std::env::var("KANARIA_OVERRIDE_SECRET")
+            .map(|s| s.trim().to_string())
+            .map_err(|_| anyhow::anyhow!("give -c CONFIG, or set KANARIA_OVERRIDE_SECRET"))?,
+    };
+    if secret.len() < MIN_SECRET_LEN {
+        anyhow::bail!("the override secret must be at least {MIN_SECRET_LEN} bytes");
+    }
+    let key = OverrideKey::new(secret.as_bytes(), route)
+        .ok_or_else(|| anyhow::anyhow!("unusable override secret"))?;
+    Ok(key.sign(version, unix_now().saturating_add(ttl.as_secs())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
