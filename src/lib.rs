@@ -12,6 +12,7 @@ pub mod config;
 pub mod conn_guard;
 pub mod edge;
 pub mod edge_hooks;
+pub mod fuzz_targets;
 pub mod metrics;
 pub mod override_token;
 pub mod proxy;
