@@ -37,11 +37,13 @@ test: deps
 # or cargo-fuzz, the committed corpus is replayed on stable instead (also part of `make test`).
 FUZZ_TARGETS = config override_token route_split request_head
 FUZZ_SECONDS ?= 300
+# Extra `cargo fuzz run` flags; CI uses `-s none` (no sanitizer: Pingora builds much faster).
+FUZZ_FLAGS ?=
 fuzz:
 	@if $(CARGO) +nightly fuzz --version >/dev/null 2>&1; then \
 	  for t in $(FUZZ_TARGETS); do \
 	    mkdir -p target/fuzz-corpus/$$t; \
-	    (cd fuzz && $(CARGO) +nightly fuzz run $$t ../target/fuzz-corpus/$$t corpus/$$t -- \
+	    (cd fuzz && $(CARGO) +nightly fuzz run $(FUZZ_FLAGS) $$t ../target/fuzz-corpus/$$t corpus/$$t -- \
 	      -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048) || exit 1; \
 	  done; \
 	else \
