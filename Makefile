@@ -1,7 +1,7 @@
 # Kanaria: `make demo` to see it run, `make test` for the whole suite.
 CARGO ?= cargo
 
-.PHONY: all deps build demo test fmt clippy check-config bench clean
+.PHONY: all deps build demo test fmt clippy check-config bench clean fuzz
 
 all: build
 
@@ -38,6 +38,25 @@ test: deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test
+
+# Fuzzing: cargo-fuzz on nightly, FUZZ_SECONDS per target (CI runs a short one). New
+# inputs go to target/fuzz-corpus, seeded from the committed fuzz/corpus. Without nightly
+# or cargo-fuzz, the committed corpus is replayed on stable instead (also part of `make test`).
+FUZZ_TARGETS = config override_token route_split request_head
+FUZZ_SECONDS ?= 300
+# Extra `cargo fuzz run` flags; CI uses `-s none` (no sanitizer: Pingora builds much faster).
+FUZZ_FLAGS ?=
+fuzz:
+	@if $(CARGO) +nightly fuzz --version >/dev/null 2>&1; then \
+	  for t in $(FUZZ_TARGETS); do \
+	    mkdir -p target/fuzz-corpus/$$t; \
+	    (cd fuzz && $(CARGO) +nightly fuzz run $(FUZZ_FLAGS) $$t ../target/fuzz-corpus/$$t corpus/$$t -- \
+	      -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048) || exit 1; \
+	  done; \
+	else \
+	  echo "make fuzz: needs a nightly toolchain and cargo-fuzz (cargo install cargo-fuzz); replaying the committed corpus on stable instead"; \
+	  $(CARGO) test --test fuzz_corpus; \
+	fi
 
 check-config: build
 	./target/release/kanaria check config/kanaria.toml

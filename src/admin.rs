@@ -1,8 +1,9 @@
 //! The admin listener: metrics, probes, status and operator actions, served by Pingora.
 //!
 //! Read-only endpoints are open (bind the listener to loopback or a private network);
-//! mutations need `Authorization: Bearer <token>` and are refused with 403 when no token is
-//! configured. Every answer is JSON except `/metrics` (Prometheus text) and the probes.
+//! mutations are POST only, need `Authorization: Bearer <token>` (403 when no token is
+//! configured) and `Content-Type: application/json`, and refuse a foreign `Origin`: a
+//! browser page elsewhere cannot make an operator's browser change a rollout (CSRF). Every answer is JSON except `/metrics` (Prometheus text) and the probes.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -246,6 +247,9 @@ impl AdminApp {
                 "missing or wrong bearer token (Authorization: Bearer <token>)",
             );
         }
+        if let Some(refused) = csrf_refusal(session.req_header()) {
+            return refused;
+        }
         let act = match action {
             "weight" => {
                 let body = match read_body(session).await {
@@ -293,6 +297,45 @@ impl AdminApp {
             }
         }
     }
+}
+
+/// Cross-site request forgery guard for mutations, checked after the token: the body type
+/// must be `application/json` (an HTML form cannot send it, and a cross-origin script
+/// cannot without a CORS preflight, which this API never grants), and a browser's `Origin`,
+/// when sent, must be this listener itself. The API sets and reads no cookies: the token
+/// travels only in `Authorization`.
+fn csrf_refusal(req: &pingora::http::RequestHeader) -> Option<Response<Vec<u8>>> {
+    let content_type = req
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        return Some(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "mutations need Content-Type: application/json",
+        ));
+    }
+    if let Some(origin) = req.headers.get(http::header::ORIGIN) {
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let same = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.strip_prefix("http://"))
+            .is_some_and(|o| !host.is_empty() && o.eq_ignore_ascii_case(host));
+        if !same {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                "cross-origin mutations are refused",
+            ));
+        }
+    }
+    None
 }
 
 async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<u8>>> {
@@ -344,7 +387,12 @@ impl ServeHttp for AdminApp {
             (["metrics"] | ["healthz"] | ["readyz"] | ["api", "v1", "status"], _) => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
             }
-            (["api", "v1", "routes", _, _], _) => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
+            (["api", "v1", "routes", _, _], _) => {
+                let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+                resp.headers_mut()
+                    .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+                resp
+            }
             _ => error(StatusCode::NOT_FOUND, format!("no admin endpoint {path}")),
         }
     }

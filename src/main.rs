@@ -66,6 +66,22 @@ enum Command {
         #[arg(long, env = "KANARIA_ADMIN_ADDR", default_value = DEFAULT_ADMIN)]
         admin: String,
     },
+    /// Print a signed override token for QA (secret from the route's override_secret in
+    /// the config, else KANARIA_OVERRIDE_SECRET).
+    SignOverride {
+        /// `canary`, `stable` or a pool's version label.
+        #[arg(long)]
+        version: String,
+        /// How long the token is valid, e.g. `1h`, `30m`.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// The route the token is for (tokens are bound to one route).
+        #[arg(long)]
+        route: String,
+        /// Read the secret from this config file's route.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
     /// Next rollout step, or every user to the canary (token from KANARIA_ADMIN_TOKEN).
     Promote {
         route: String,
@@ -150,6 +166,17 @@ fn main() -> ExitCode {
         Command::Rollback { route, admin } => {
             report(kanaria::client::act(&admin, &route, "rollback", None))
         }
+        Command::SignOverride {
+            version,
+            ttl,
+            route,
+            config,
+        } => report(kanaria::override_token::sign_command(
+            &version,
+            &ttl,
+            &route,
+            config.as_deref(),
+        )),
         Command::Promote { route, admin } => {
             report(kanaria::client::act(&admin, &route, "promote", None))
         }

@@ -68,6 +68,9 @@ pub struct Metrics {
     pub generation: IntGauge,
     pub endpoint_healthy: IntGaugeVec,
     pub pool_info: IntGaugeVec,
+    overrides: IntCounterVec,
+    /// Edge rejections (framing, limits, deadlines), handles resolved at start.
+    pub edge: EdgeMetrics,
     /// Per-route handles by name, so counters and analysis windows outlive reloads.
     /// Locked only when a config is published.
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
@@ -78,6 +81,8 @@ pub struct VersionMetrics {
     requests: [IntCounter; 6],
     duration: Histogram,
     upstream_errors: [IntCounter; 4],
+    /// Honoured overrides that chose this version.
+    pub overrides: IntCounter,
     /// Recent outcomes, for the status API and the canary analysis.
     pub window: Window,
 }
@@ -131,6 +136,18 @@ impl VersionMetrics {
     #[inline]
     pub fn upstream_error(&self, kind: UpstreamErrorKind) {
         self.upstream_errors[kind as usize].inc();
+    }
+}
+
+/// `kanaria_rejected_requests_total{reason}`, one handle per reason.
+pub struct EdgeMetrics {
+    rejected: [IntCounter; 6],
+}
+
+impl EdgeMetrics {
+    #[inline]
+    pub fn rejected(&self, reason: crate::edge::RejectReason) -> &IntCounter {
+        &self.rejected[reason as usize]
     }
 }
 
@@ -262,6 +279,30 @@ impl Metrics {
                 &["route", "version", "release"],
             ),
         )?;
+        let overrides = build(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "kanaria_overrides_total",
+                    "Requests whose version was forced by an honoured override.",
+                ),
+                &["route", "version"],
+            ),
+        )?;
+        let rejected = build(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "kanaria_rejected_requests_total",
+                    "Requests and connections refused at the edge, by reason.",
+                ),
+                &["reason"],
+            ),
+        )?;
+        let edge = EdgeMetrics {
+            rejected: crate::edge::RejectReason::ALL
+                .map(|r| rejected.with_label_values(&[r.as_str()])),
+        };
         // Make both results visible from the start, so rate() works on the first reload.
         for result in ["success", "error"] {
             reloads.with_label_values(&[result]);
@@ -280,6 +321,8 @@ impl Metrics {
             generation,
             endpoint_healthy,
             pool_info,
+            overrides,
+            edge,
             routes: Mutex::new(HashMap::new()),
         })
     }
@@ -297,6 +340,7 @@ impl Metrics {
                 self.upstream_errors
                     .with_label_values(&[route, v, k.as_str()])
             }),
+            overrides: self.overrides.with_label_values(&[route, v]),
             window: Window::new(),
         };
         let m = Arc::new(RouteMetrics {

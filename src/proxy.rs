@@ -200,6 +200,14 @@ impl ProxyHttp for KanariaProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let live = self.shared.load();
         let snap = &live.snapshot;
+        if let Some(reject) = crate::edge_hooks::admit(session, &snap.edge) {
+            self.shared.metrics.edge.rejected(reject.reason()).inc();
+            log::debug!("refused a request head: {}", reject.message());
+            let body = format!("kanaria: {}\n", reject.message());
+            respond_text(session, ctx, reject.status(), &body).await?;
+            return Ok(true);
+        }
+        let client = crate::edge_hooks::client_ip(session, &snap.edge.trusted_proxies);
         let req = session.req_header();
         // HTTP/1.1 carries the host in `Host`; absolute-form and HTTP/2 in the URI.
         let host = req
@@ -213,13 +221,19 @@ impl ProxyHttp for KanariaProxy {
         }
         let decision = route.and_then(|i| snap.routes.get(i)).map(|r| {
             r.split
-                .decide(
-                    &session.req_header().headers,
-                    client_ip(session),
-                    r.labels(),
-                )
-                .0
+                .decide(&session.req_header().headers, client, r.labels())
         });
+        if let (Some((version, crate::split::Reason::Override)), Some(i)) = (decision, route) {
+            if let Some(m) = live.route_metrics.get(i) {
+                m.version(version).overrides.inc();
+            }
+            log::debug!(
+                "override honoured: route {} version {} client {client:?}",
+                snap.routes.get(i).map_or("?", |r| r.name.as_str()),
+                version.as_str()
+            );
+        }
+        let decision = decision.map(|d| d.0);
         ctx.live = Some(live);
         ctx.route = route;
         let Some(version) = decision else {
@@ -364,6 +378,12 @@ impl ProxyHttp for KanariaProxy {
             xff.push_str(&ip.to_string());
             upstream_request.insert_header(X_FORWARDED_FOR, xff)?;
         }
+        let upgrading = session.is_upgrade_req();
+        crate::edge_hooks::clean_upstream_request(
+            upstream_request,
+            upgrading,
+            ctx.route().map(|r| r.as_ref()),
+        );
         upstream_request.insert_header(X_FORWARDED_PROTO, "http")?;
         if let (Some(id), Some(live)) = (&ctx.generated_request_id, &ctx.live) {
             upstream_request
@@ -378,6 +398,14 @@ impl ProxyHttp for KanariaProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if let Err(why) = crate::edge_hooks::clean_upstream_response(upstream_response) {
+            self.shared
+                .metrics
+                .edge
+                .rejected(crate::edge::RejectReason::UpstreamFraming)
+                .inc();
+            return Err(Error::explain(ErrorType::InvalidHTTPHeader, why).into_up());
+        }
         let status = upstream_response.status.as_u16();
         if status >= 500 && ctx.may_retry_on_stable() && replayable(session) {
             ctx.switch_to_stable(UpstreamErrorKind::Status5xx);
@@ -439,6 +467,7 @@ impl ProxyHttp for KanariaProxy {
 
     /// Records the outcome of every request that matched a route.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        crate::conn_guard::request_finished(session.as_downstream());
         let (Some(live), Some(i), Some(version)) = (&ctx.live, ctx.route, ctx.version) else {
             return;
         };

@@ -60,10 +60,13 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
 
     let admin_listen = snapshot.admin.listen;
     let shared = Shared::new(snapshot, config_path.to_path_buf())?;
-    let mut proxy = pingora::proxy::http_proxy_service(
-        &server.configuration,
-        KanariaProxy::new(shared.clone()),
+    // The proxy app behind the connection guard (header deadline, connection caps).
+    let app = crate::conn_guard::GuardedApp::new(
+        pingora::proxy::http_proxy(&server.configuration, KanariaProxy::new(shared.clone())),
+        shared.clone(),
+        &listen,
     );
+    let mut proxy = Service::new("kanaria proxy".to_string(), app);
     for addr in &listen {
         proxy.add_tcp(&addr.to_string());
     }

@@ -131,6 +131,8 @@ pub struct OverrideRule {
     pub cookie: Option<String>,
     /// Empty: anyone may override.
     pub trusted: Vec<IpNet>,
+    /// With a key, only signed unexpired tokens count (see [`crate::override_token`]).
+    pub key: Option<crate::override_token::OverrideKey>,
 }
 
 impl OverrideRule {
@@ -160,6 +162,16 @@ impl OverrideRule {
             .map(|v| v.as_bytes())
             .or_else(|| self.cookie.as_deref().and_then(|c| cookie(headers, c)))?;
         let value = value.trim_ascii();
+        let value = match &self.key {
+            Some(key) => match key.verify(value, crate::override_token::unix_now()) {
+                Ok(version) => version.as_bytes(),
+                Err(e) => {
+                    log::debug!("override token refused: {e}");
+                    return None;
+                }
+            },
+            None => value,
+        };
         if value.eq_ignore_ascii_case(b"stable") || value == labels.0.as_bytes() {
             Some(Version::Stable)
         } else if value.eq_ignore_ascii_case(b"canary")
@@ -349,6 +361,7 @@ mod tests {
             header: Some(http::HeaderName::from_static("x-kanaria-version")),
             cookie: Some("kv".into()),
             trusted: vec!["10.0.0.0/8".parse().unwrap()],
+            key: None,
         };
         let labels = ("v1", Some("v2"));
         let inside: IpAddr = "10.9.9.9".parse().unwrap();

@@ -185,14 +185,15 @@ async fn token_guarded_weight_rollback_and_promote_move_users() {
     let proxy = Proxy::launch(&route(10.0, &stable, &canary), "", &admin_extra, "", &[]).await;
     let c = client();
     let post = |path: &str, token: Option<&str>, body: Option<&str>| {
-        let mut req = c.post(proxy.admin_url(path));
+        // Every mutation is JSON (the CSRF rule), with or without a body.
+        let mut req = c
+            .post(proxy.admin_url(path))
+            .header("content-type", "application/json");
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
         if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_string());
+            req = req.body(b.to_string());
         }
         req.send()
     };

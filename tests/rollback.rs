@@ -459,15 +459,9 @@ async fn state_survives_kill_9_and_new_versions_start_afresh() {
         )
     };
     let token = [("KANARIA_ADMIN_TOKEN", "t")];
-    let post = |proxy: &Proxy, action: &str| {
-        client()
-            .post(proxy.admin_url(&format!("/api/v1/routes/app/{action}")))
-            .header("authorization", "Bearer t")
-            .send()
-    };
 
     let proxy = Proxy::launch(&cfg("v2"), "", "", "", &token).await;
-    assert_eq!(post(&proxy, "promote").await.unwrap().status(), 200);
+    assert_eq!(proxy.act("promote", "t").await, 200);
     let st = proxy.status().await;
     assert_eq!(app(&st)["rollout"]["step"], 1);
     assert_eq!(app(&st)["effective_weight_percent"], 50.0);
@@ -488,7 +482,7 @@ async fn state_survives_kill_9_and_new_versions_start_afresh() {
     assert_eq!(app(&st)["rollout"]["step"], 1);
     assert_eq!(app(&st)["effective_weight_percent"], 50.0);
     assert_eq!(events_of(&st, "restored").len(), 1);
-    assert_eq!(post(&proxy, "rollback").await.unwrap().status(), 200);
+    assert_eq!(proxy.act("rollback", "t").await, 200);
     drop(proxy);
 
     let proxy = Proxy::launch(&cfg("v2"), "", "", "", &token).await;
@@ -523,7 +517,7 @@ async fn state_survives_kill_9_and_new_versions_start_afresh() {
         "{}",
         proxy.log()
     );
-    assert_eq!(post(&proxy, "resume").await.unwrap().status(), 200);
+    assert_eq!(proxy.act("resume", "t").await, 200);
     let st = proxy.status().await;
     assert_eq!(app(&st)["rollout_state"], "progressing");
     assert_eq!(app(&st)["effective_weight_percent"], 10.0);
@@ -543,26 +537,16 @@ async fn operator_pause_resume_promote_and_webhook_events() {
         route("", &format!("{FAST_ANALYSIS}{steps}"), &stable, &canary)
     );
     let proxy = Proxy::launch(&cfg, "", "", "", &[("KANARIA_ADMIN_TOKEN", "t")]).await;
-    let post = |action: &str| {
-        client()
-            .post(proxy.admin_url(&format!("/api/v1/routes/app/{action}")))
-            .header("authorization", "Bearer t")
-            .send()
-    };
-    assert_eq!(
-        post("resume").await.unwrap().status(),
-        409,
-        "nothing to resume"
-    );
-    assert_eq!(post("pause").await.unwrap().status(), 200);
+    assert_eq!(proxy.act("resume", "t").await, 409, "nothing to resume");
+    assert_eq!(proxy.act("pause", "t").await, 200);
     assert_eq!(app(&proxy.status().await)["rollout_state"], "paused");
-    assert_eq!(post("pause").await.unwrap().status(), 409);
-    assert_eq!(post("resume").await.unwrap().status(), 200);
+    assert_eq!(proxy.act("pause", "t").await, 409);
+    assert_eq!(proxy.act("resume", "t").await, 200);
     assert_eq!(app(&proxy.status().await)["rollout_state"], "progressing");
-    assert_eq!(post("promote").await.unwrap().status(), 200);
+    assert_eq!(proxy.act("promote", "t").await, 200);
     let st = proxy.status().await;
     assert_eq!(app(&st)["rollout"]["step"], 1);
-    assert_eq!(post("rollback").await.unwrap().status(), 200);
+    assert_eq!(proxy.act("rollback", "t").await, 200);
 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

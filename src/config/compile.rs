@@ -18,11 +18,12 @@ use toml::de::DeTable;
 
 use super::errors::{remove_at, span_of, ConfigError, ConfigErrors, KeyPath, Position};
 use super::file::{
-    AnalysisFile, FileConfig, HealthFile, PoolFile, ProxyFile, RolloutFile, RouteFile,
+    AnalysisFile, EdgeFile, FileConfig, HealthFile, PoolFile, ProxyFile, RolloutFile, RouteFile,
 };
 use super::{
-    AdminSettings, AnalysisRules, HealthSettings, NotifySettings, Pool, ProxySettings,
-    ReloadSettings, Route, Snapshot, StableDown, StateSettings, Step, Timeouts, WeightSource,
+    AdminSettings, AnalysisRules, EdgeSettings, HealthSettings, NotifySettings, Pool,
+    ProxySettings, ReloadSettings, Route, Snapshot, StableDown, StateSettings, Step, Timeouts,
+    WeightSource,
 };
 use crate::route::Router;
 use crate::split::{seed_for, weight_to_buckets, OverrideRule, SplitRule, StickySource};
@@ -147,10 +148,18 @@ impl Check {
     }
 }
 
+/// When set, host names in endpoints are refused instead of resolved: the fuzz targets
+/// compile arbitrary configs and must never send a DNS query.
+pub static NO_NAME_RESOLUTION: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// `IP:PORT`, or `HOST:PORT` resolved now (all addresses it resolves to).
 pub fn resolve_endpoint(s: &str) -> Result<Vec<SocketAddr>, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(vec![a]);
+    }
+    if NO_NAME_RESOLUTION.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(format!("{s:?}: name resolution is off"));
     }
     let shape_err = || format!("{s:?} is not HOST:PORT (e.g. \"10.0.0.1:8080\", \"app.svc:8080\")");
     let (host, port) = s.rsplit_once(':').ok_or_else(shape_err)?;
@@ -227,6 +236,7 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
             timeout: timeout?,
         })
     });
+    let edge = edge_settings(&mut c, &cfg.edge);
 
     let routes_path = KeyPath::root().key("routes");
     if cfg.routes.is_empty() && !routes_in_file {
@@ -281,8 +291,8 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
         }
     }
 
-    match (proxy, admin_listen, debounce) {
-        (Some(proxy), Some(listen), Some(debounce)) if c.errors.is_empty() => {
+    match (proxy, admin_listen, debounce, edge) {
+        (Some(proxy), Some(listen), Some(debounce), Some(edge)) if c.errors.is_empty() => {
             let router = Router::new(
                 routes
                     .iter()
@@ -298,12 +308,83 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
                 },
                 state,
                 notify,
+                edge,
                 routes,
                 router,
             })
         }
         _ => Err(c.errors),
     }
+}
+
+/// Parses an IP network or a single address (as a /32 or /128).
+fn ip_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .ok()
+}
+
+fn edge_settings(c: &mut Check, e: &EdgeFile) -> Option<EdgeSettings> {
+    use crate::edge::{HeaderLimits, PINGORA_MAX_HEADERS, PINGORA_MAX_HEADER_BYTES};
+    let path = KeyPath::root().key("edge");
+    let header_timeout = c.duration(path.key("header_timeout"), &e.header_timeout);
+    let idle = c.duration(path.key("idle_timeout"), &e.idle_timeout);
+    let body_timeout = c.duration(path.key("body_timeout"), &e.body_timeout);
+    let mut ok = true;
+    if !(1024..=PINGORA_MAX_HEADER_BYTES).contains(&e.max_header_bytes) {
+        c.err(
+            path.key("max_header_bytes"),
+            format!(
+                "{} is not in 1024..={PINGORA_MAX_HEADER_BYTES} (Pingora refuses larger headers itself)",
+                e.max_header_bytes
+            ),
+        );
+        ok = false;
+    }
+    if !(1..=PINGORA_MAX_HEADERS).contains(&e.max_headers) {
+        c.err(
+            path.key("max_headers"),
+            format!(
+                "{} is not in 1..={PINGORA_MAX_HEADERS} (Pingora refuses more headers itself)",
+                e.max_headers
+            ),
+        );
+        ok = false;
+    }
+    if e.max_connections == 0 {
+        c.err(
+            path.key("max_connections"),
+            "0 would refuse every connection; use at least 1",
+        );
+        ok = false;
+    }
+    let mut trusted_proxies = Vec::new();
+    for (i, s) in e.trusted_proxies.iter().enumerate() {
+        match ip_net(s) {
+            Some(n) => trusted_proxies.push(n),
+            None => {
+                c.err(
+                    path.key("trusted_proxies").index(i),
+                    format!("{s:?} is not a CIDR (e.g. \"10.0.0.0/8\") or IP address"),
+                );
+                ok = false;
+            }
+        }
+    }
+    if !ok {
+        return None;
+    }
+    Some(EdgeSettings {
+        header_timeout: header_timeout?,
+        idle_timeout_secs: idle?.as_millis().div_ceil(1000).max(1) as u64,
+        body_timeout: body_timeout?,
+        limits: HeaderLimits {
+            max_bytes: e.max_header_bytes,
+            max_count: e.max_headers,
+        },
+        max_connections: e.max_connections,
+        trusted_proxies,
+    })
 }
 
 /// The admin token: from `token_file` when set, else `KANARIA_ADMIN_TOKEN`, else none.
@@ -454,6 +535,29 @@ fn route(
             }
         }
     }
+    let mut key = None;
+    if let Some(secret) = &r.override_secret {
+        let secret = secret.trim();
+        if secret.len() < crate::override_token::MIN_SECRET_LEN {
+            c.err(
+                path.key("override_secret"),
+                format!(
+                    "{} bytes is too short: use at least {} random bytes (e.g. `openssl rand -hex 32`)",
+                    secret.len(),
+                    crate::override_token::MIN_SECRET_LEN
+                ),
+            );
+            ok = false;
+        } else if r.override_header.is_none() && r.override_cookie.is_none() {
+            c.err(
+                path.key("override_secret"),
+                "set override_header or override_cookie too: the secret signs their values",
+            );
+            ok = false;
+        } else {
+            key = crate::override_token::OverrideKey::new(secret.as_bytes(), &r.name);
+        }
+    }
     let defaults = proxy.map(|p| p.timeouts);
     let connect = r
         .connect_timeout
@@ -555,6 +659,7 @@ fn route(
                 header,
                 cookie: r.override_cookie.clone(),
                 trusted,
+                key,
             },
         },
         timeouts,

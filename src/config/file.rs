@@ -23,6 +23,9 @@ pub struct FileConfig {
     pub state: Option<StateFile>,
     /// Where rollout events are sent. Optional.
     pub notify: Option<NotifyFile>,
+    /// Client-facing deadlines and limits.
+    #[serde(default)]
+    pub edge: EdgeFile,
     /// At least one route is required (checked in `compile`, so the message names the key).
     #[serde(default)]
     pub routes: Vec<RouteFile>,
@@ -126,6 +129,44 @@ impl Default for ReloadFile {
         ReloadFile {
             watch: true,
             debounce: "200ms".into(),
+        }
+    }
+}
+
+/// `[edge]`: what a client connection may cost before Kanaria closes it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeFile {
+    /// Deadline for a whole request header, from accept (first request) or from its first
+    /// byte (later requests on a kept-alive connection). Default `"10s"`.
+    pub header_timeout: String,
+    /// How long a kept-alive client connection may sit idle between requests. Whole
+    /// seconds (rounded up). Default `"60s"`.
+    pub idle_timeout: String,
+    /// Timeout of each read of a request body. Default `"30s"`.
+    pub body_timeout: String,
+    /// Largest request header section in bytes, request line included (431 above).
+    /// Default `65536`; at most 1048575 (Pingora's own ceiling).
+    pub max_header_bytes: usize,
+    /// Most request header fields (431 above). Default `100`; at most 256 (Pingora's ceiling).
+    pub max_headers: usize,
+    /// Open client connections per proxy listener; more are closed at accept. Default `10000`.
+    pub max_connections: usize,
+    /// Peers (CIDRs or IPs) whose `X-Forwarded-For` is believed for the client address.
+    /// Default `[]`: the socket peer is the client.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for EdgeFile {
+    fn default() -> Self {
+        EdgeFile {
+            header_timeout: "10s".into(),
+            idle_timeout: "60s".into(),
+            body_timeout: "30s".into(),
+            max_header_bytes: 65536,
+            max_headers: 100,
+            max_connections: 10_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -290,6 +331,9 @@ pub struct RouteFile {
     /// When non-empty, overrides are honoured only from client addresses in these CIDRs.
     #[serde(default)]
     pub override_trusted_cidrs: Vec<String>,
+    /// When set (at least 32 bytes), only signed, unexpired override tokens are honoured
+    /// (`kanaria sign-override`); plain `canary`/`stable` values are ignored.
+    pub override_secret: Option<String>,
     /// Per-route upstream connect timeout; default `[proxy].connect_timeout`.
     pub connect_timeout: Option<String>,
     /// Per-route upstream read timeout; default `[proxy].read_timeout`.

@@ -62,6 +62,18 @@ impl std::fmt::Debug for AdminSettings {
     }
 }
 
+/// `[edge]`, validated.
+#[derive(Debug, Clone)]
+pub struct EdgeSettings {
+    pub header_timeout: Duration,
+    /// Keep-alive idle timeout in whole seconds (Pingora's granularity), at least 1.
+    pub idle_timeout_secs: u64,
+    pub body_timeout: Duration,
+    pub limits: crate::edge::HeaderLimits,
+    pub max_connections: usize,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
 /// `[reload]`, validated.
 #[derive(Debug, Clone)]
 pub struct ReloadSettings {
@@ -242,6 +254,7 @@ pub struct Snapshot {
     pub reload: ReloadSettings,
     pub state: Option<StateSettings>,
     pub notify: Option<NotifySettings>,
+    pub edge: EdgeSettings,
     pub routes: Vec<Arc<Route>>,
     pub router: Router,
 }

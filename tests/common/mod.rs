@@ -19,6 +19,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+pub mod raw;
+
 /// What an upstream does with the next requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -313,6 +315,19 @@ impl Proxy {
             .text()
             .await
             .expect("metrics text")
+    }
+
+    /// POSTs an operator action on route `app` with bearer token `token`; returns the status.
+    pub async fn act(&self, action: &str, token: &str) -> u16 {
+        client()
+            .post(self.admin_url(&format!("/api/v1/routes/app/{action}")))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .send()
+            .await
+            .expect("admin action")
+            .status()
+            .as_u16()
     }
 
     pub async fn generation(&self) -> u64 {

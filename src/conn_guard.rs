@@ -1,0 +1,322 @@
+//! Client connections of the proxy listeners: a cap per listener and a deadline for every
+//! whole request header.
+//!
+//! Pingora times out each *read* of a request header, not the header as a whole
+//! (pingora#447): a client sending one byte just inside the read timeout keeps a connection
+//! and a task forever (slowloris). Pingora has no hook between accept and the first read,
+//! so Kanaria wraps the proxy app: [`GuardedApp`] receives each accepted stream, refuses it
+//! when its listener is at `edge.max_connections`, and hands Pingora a [`GuardedStream`]
+//! whose reads fail once `edge.header_timeout` has passed while a request header is still
+//! being read. The deadline runs from accept for the first request and from the first byte
+//! for each later one on a kept-alive connection; the proxy hooks tell the stream when a
+//! header is complete ([`request_started`]) and when the request is over
+//! ([`request_finished`]). Between requests Pingora's keep-alive timeout applies
+//! (`edge.idle_timeout`). Everything is atomics: no lock per connection or read.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType, ALPN,
+};
+use pingora::protocols::{SocketDigest, TimingDigest};
+use pingora::server::ShutdownWatch;
+use pingora::tls::TlsRef;
+use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::edge::RejectReason;
+use crate::state::Shared;
+
+const PHASE_HEADER: u8 = 0;
+const PHASE_REQUEST: u8 = 1;
+const PHASE_IDLE: u8 = 2;
+
+/// A client connection whose request headers must arrive within a deadline.
+pub struct GuardedStream {
+    inner: Stream,
+    /// `PHASE_*`: reading a header (deadline armed), in a request, or idle between requests.
+    phase: AtomicU8,
+    header_timeout: Duration,
+    deadline: Pin<Box<Sleep>>,
+    timeouts: IntCounter,
+    /// Holds the listener's connection count; released when the connection closes.
+    _slot: Option<Slot>,
+}
+
+impl fmt::Debug for GuardedStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuardedStream")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl GuardedStream {
+    /// Wraps a freshly accepted stream: the first header's deadline starts now.
+    pub fn new(inner: Stream, header_timeout: Duration, timeouts: IntCounter) -> Self {
+        GuardedStream {
+            inner,
+            phase: AtomicU8::new(PHASE_HEADER),
+            header_timeout,
+            deadline: Box::pin(tokio::time::sleep(header_timeout)),
+            timeouts,
+            _slot: None,
+        }
+    }
+}
+
+fn guarded(session: &pingora::protocols::http::ServerSession) -> Option<&GuardedStream> {
+    session.stream()?.as_any().downcast_ref::<GuardedStream>()
+}
+
+/// The request header on this connection is complete: stop its deadline.
+pub fn request_started(session: &pingora::protocols::http::ServerSession) {
+    if let Some(g) = guarded(session) {
+        g.phase.store(PHASE_REQUEST, Ordering::Relaxed);
+    }
+}
+
+/// The request is over: the next byte on this connection starts the next header deadline.
+pub fn request_finished(session: &pingora::protocols::http::ServerSession) {
+    if let Some(g) = guarded(session) {
+        g.phase.store(PHASE_IDLE, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let phase = this.phase.load(Ordering::Relaxed);
+        if phase == PHASE_HEADER && this.deadline.as_mut().poll(cx).is_ready() {
+            // Counted once: Pingora does not read again after an error.
+            this.timeouts.inc();
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request header deadline (edge.header_timeout) passed",
+            )));
+        }
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if phase == PHASE_IDLE && matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before
+        {
+            // First byte of the next request on a kept-alive connection.
+            this.phase.store(PHASE_HEADER, Ordering::Relaxed);
+            let at = Instant::now() + this.header_timeout;
+            this.deadline.as_mut().reset(at);
+        }
+        res
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for GuardedStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for GuardedStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for GuardedStream {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for GuardedStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for GuardedStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for GuardedStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for GuardedStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+/// One connection counted against a listener's cap; released on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Open connections of one listener address.
+struct ListenerCount {
+    addr: SocketAddr,
+    open: Arc<AtomicUsize>,
+}
+
+/// Wraps the proxy app: connection caps and header deadlines (see the module docs).
+pub struct GuardedApp<A> {
+    inner: Arc<A>,
+    shared: Arc<Shared>,
+    listeners: Vec<ListenerCount>,
+    /// Connections accepted on an address no listener entry matches (not expected).
+    other: Arc<AtomicUsize>,
+}
+
+impl<A> GuardedApp<A> {
+    /// `listen` are the proxy's listener addresses (fixed until restart).
+    pub fn new(inner: A, shared: Arc<Shared>, listen: &[SocketAddr]) -> Self {
+        GuardedApp {
+            inner: Arc::new(inner),
+            shared,
+            listeners: listen
+                .iter()
+                .map(|a| ListenerCount {
+                    addr: *a,
+                    open: Arc::new(AtomicUsize::new(0)),
+                })
+                .collect(),
+            other: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The counter of the listener a connection came in on (by its local address).
+    fn counter(&self, stream: &Stream) -> &Arc<AtomicUsize> {
+        let local = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        let Some(local) = local else {
+            return &self.other;
+        };
+        self.listeners
+            .iter()
+            .find(|l| {
+                l.addr.port() == local.port()
+                    && (l.addr.ip() == local.ip() || l.addr.ip().is_unspecified())
+            })
+            .map(|l| &l.open)
+            .unwrap_or(&self.other)
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let snap = self.shared.snapshot();
+        let edge = &snap.edge;
+        let counter = self.counter(&stream).clone();
+        let open = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        let slot = Slot(counter);
+        let metrics = &self.shared.metrics.edge;
+        if open > edge.max_connections {
+            // Closing at once costs the least; the client sees a reset or EOF and may retry.
+            metrics.rejected(RejectReason::ConnectionLimit).inc();
+            log::debug!(
+                "connection refused: listener at edge.max_connections = {}",
+                edge.max_connections
+            );
+            drop(slot);
+            return None;
+        }
+        let mut guarded = GuardedStream::new(
+            stream,
+            edge.header_timeout,
+            metrics.rejected(RejectReason::HeaderTimeout).clone(),
+        );
+        guarded._slot = Some(slot);
+        self.inner.process_new(Box::new(guarded), shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}

@@ -1,0 +1,361 @@
+//! Strict HTTP/1 message checks at the edge: request framing, header limits, upstream
+//! response framing and hop-by-hop header stripping.
+//!
+//! Pingora is lenient where an edge proxy must not be: it accepts a request with both
+//! `Content-Length` and `Transfer-Encoding` (it drops the length and reads chunked, pingora#945),
+//! collapses identical duplicate lengths, and its parser (httparse) takes bare LF line ends.
+//! Two front ends that disagree on where a request ends are how requests are smuggled, so
+//! Kanaria re-checks the raw header bytes Pingora read ([`check_request_head`]) before
+//! anything is routed, and refuses (400, connection closed) every message whose end is not
+//! beyond doubt. These functions are pure (bytes in, verdict out) so the fuzz targets and
+//! unit tests drive exactly what the proxy runs.
+
+use http::header::{HeaderName, CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODING, UPGRADE};
+use http::HeaderMap;
+
+/// Pingora's own ceiling on a request header (bytes); larger ones get its 400.
+pub const PINGORA_MAX_HEADER_BYTES: usize = 1_048_575;
+/// Pingora's own ceiling on the number of request headers; more get its 400.
+pub const PINGORA_MAX_HEADERS: usize = 256;
+
+/// Limits on one request header section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderLimits {
+    /// Bytes of the whole header section, request line included.
+    pub max_bytes: usize,
+    /// Number of header fields.
+    pub max_count: usize,
+}
+
+impl Default for HeaderLimits {
+    fn default() -> Self {
+        HeaderLimits {
+            max_bytes: 64 * 1024,
+            max_count: 100,
+        }
+    }
+}
+
+/// Why a request was refused before routing. Each maps to a status and a metric reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// Ambiguous or malformed framing: 400, connection closed.
+    Framing(&'static str),
+    /// Header section above `max_bytes`: 431.
+    HeaderTooLarge,
+    /// More header fields than `max_count`: 431.
+    TooManyHeaders,
+}
+
+impl Reject {
+    pub fn status(self) -> u16 {
+        match self {
+            Reject::Framing(_) => 400,
+            Reject::HeaderTooLarge | Reject::TooManyHeaders => 431,
+        }
+    }
+
+    /// The `reason` label of `kanaria_rejected_requests_total`.
+    pub fn reason(self) -> RejectReason {
+        match self {
+            Reject::Framing(_) => RejectReason::Framing,
+            Reject::HeaderTooLarge => RejectReason::HeaderTooLarge,
+            Reject::TooManyHeaders => RejectReason::TooManyHeaders,
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Reject::Framing(m) => m,
+            Reject::HeaderTooLarge => "request header too large",
+            Reject::TooManyHeaders => "too many request header fields",
+        }
+    }
+}
+
+/// Reasons of `kanaria_rejected_requests_total`: a fixed set, so the label stays bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    Framing = 0,
+    HeaderTooLarge = 1,
+    TooManyHeaders = 2,
+    HeaderTimeout = 3,
+    ConnectionLimit = 4,
+    UpstreamFraming = 5,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 6] = [
+        RejectReason::Framing,
+        RejectReason::HeaderTooLarge,
+        RejectReason::TooManyHeaders,
+        RejectReason::HeaderTimeout,
+        RejectReason::ConnectionLimit,
+        RejectReason::UpstreamFraming,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Framing => "framing",
+            RejectReason::HeaderTooLarge => "header_too_large",
+            RejectReason::TooManyHeaders => "too_many_headers",
+            RejectReason::HeaderTimeout => "header_timeout",
+            RejectReason::ConnectionLimit => "connection_limit",
+            RejectReason::UpstreamFraming => "upstream_framing",
+        }
+    }
+}
+
+/// `1*DIGIT` that fits a u64: no sign, no spaces, no list, no hex.
+fn valid_length(v: &[u8]) -> bool {
+    !v.is_empty()
+        && v.len() <= 19
+        && v.iter().all(u8::is_ascii_digit)
+        && std::str::from_utf8(v).is_ok_and(|s| s.parse::<u64>().is_ok())
+}
+
+/// RFC 9110 token characters (header field names).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Checks the raw request header section (request line to the blank line, as read from the
+/// wire). Refuses: a header above the limits; any LF not preceded by CR or CR not followed
+/// by LF; obsolete line folding; a malformed field name; more than one `Content-Length` or
+/// one that is not plain digits; `Transfer-Encoding` other than one `chunked`; both of
+/// them; `Transfer-Encoding` on HTTP/1.0.
+pub fn check_request_head(raw: &[u8], limits: &HeaderLimits) -> Result<(), Reject> {
+    if raw.len() > limits.max_bytes {
+        return Err(Reject::HeaderTooLarge);
+    }
+    // Line ends: CRLF only. httparse accepts bare LF, which another hop may read differently.
+    for (i, &b) in raw.iter().enumerate() {
+        match b {
+            b'\n' if i == 0 || raw[i - 1] != b'\r' => {
+                return Err(Reject::Framing("bare LF where CRLF is required"))
+            }
+            b'\r' if raw.get(i + 1) != Some(&b'\n') => {
+                return Err(Reject::Framing("CR not followed by LF"))
+            }
+            _ => {}
+        }
+    }
+    let mut lines = raw
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let request_line = lines.next().unwrap_or_default();
+    let http10 = request_line.ends_with(b"HTTP/1.0");
+    let (mut count, mut lengths, mut encodings) = (0usize, 0usize, 0usize);
+    for line in lines {
+        if line.is_empty() {
+            // The blank line ends the section; Pingora hands over exactly the header.
+            break;
+        }
+        if matches!(line[0], b' ' | b'\t') {
+            return Err(Reject::Framing("obsolete line folding"));
+        }
+        count += 1;
+        if count > limits.max_count {
+            return Err(Reject::TooManyHeaders);
+        }
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            return Err(Reject::Framing("header line without a colon"));
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if name.is_empty() || !name.iter().all(|b| is_tchar(*b)) {
+            return Err(Reject::Framing("malformed header field name"));
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            lengths += 1;
+            if lengths > 1 {
+                return Err(Reject::Framing("duplicate Content-Length"));
+            }
+            if !valid_length(value) {
+                return Err(Reject::Framing("invalid Content-Length"));
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            encodings += 1;
+            if encodings > 1 {
+                return Err(Reject::Framing("more than one Transfer-Encoding"));
+            }
+            if !value.eq_ignore_ascii_case(b"chunked") {
+                return Err(Reject::Framing(
+                    "Transfer-Encoding other than a single chunked",
+                ));
+            }
+        }
+    }
+    if lengths > 0 && encodings > 0 {
+        return Err(Reject::Framing("both Content-Length and Transfer-Encoding"));
+    }
+    if http10 && encodings > 0 {
+        return Err(Reject::Framing("Transfer-Encoding on HTTP/1.0"));
+    }
+    Ok(())
+}
+
+/// Checks the framing of an upstream response as Pingora parsed it: one plain-digits
+/// `Content-Length` at most, and `Transfer-Encoding` only as a single `chunked`. (Pingora
+/// already fails responses with conflicting lengths; when both headers come it drops the
+/// length before any hook runs, so that case cannot be seen here. Kanaria re-frames every
+/// response it sends, so the client is not desynchronised by it.)
+pub fn check_response_framing(headers: &HeaderMap) -> Result<(), &'static str> {
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+    if let Some(v) = lengths.next() {
+        if lengths.next().is_some() {
+            return Err("upstream sent more than one Content-Length");
+        }
+        if !valid_length(v.as_bytes().trim_ascii()) {
+            return Err("upstream sent an invalid Content-Length");
+        }
+    }
+    let mut encodings = headers.get_all(TRANSFER_ENCODING).iter();
+    if let Some(v) = encodings.next() {
+        if encodings.next().is_some() || !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked")
+        {
+            return Err("upstream sent a Transfer-Encoding other than a single chunked");
+        }
+    }
+    Ok(())
+}
+
+/// Whether `Connection` lists `token` (comma-separated, case-insensitive).
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The hop-by-hop header names of a message: `Connection` and every header it names,
+/// `Keep-Alive`, `TE`, `Upgrade` (kept when `upgrading`, with `Connection: upgrade`), and
+/// every `Proxy-*` header. These describe one connection and must not be forwarded.
+pub fn hop_by_hop_names(headers: &HeaderMap, upgrading: bool) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = vec![CONNECTION, TE, HeaderName::from_static("keep-alive")];
+    if !upgrading {
+        names.push(UPGRADE);
+    }
+    for v in headers.get_all(CONNECTION) {
+        for token in v.as_bytes().split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            if upgrading && token.eq_ignore_ascii_case(b"upgrade") {
+                continue;
+            }
+            if let Ok(h) = HeaderName::from_bytes(token) {
+                // Never let `Connection` remove what frames the message or routes it.
+                if h != TRANSFER_ENCODING && h != CONTENT_LENGTH && h != http::header::HOST {
+                    names.push(h);
+                }
+            }
+        }
+    }
+    for name in headers.keys() {
+        if name.as_str().starts_with("proxy-") {
+            names.push(name.clone());
+        }
+    }
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(raw: &str) -> Result<(), Reject> {
+        check_request_head(raw.as_bytes(), &HeaderLimits::default())
+    }
+
+    #[test]
+    fn plain_requests_pass() {
+        assert_eq!(check("GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(()));
+        assert_eq!(
+            check("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n"),
+            Ok(())
+        );
+        assert_eq!(
+            check("POST / HTTP/1.1\r\nHost: a\r\ntransfer-encoding: Chunked\r\n\r\n"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        for raw in [
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\nHost: a\n\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+            "GET / HTTP/1.1\r\nContent-Length : 3\r\n\r\n",
+        ] {
+            assert!(
+                matches!(check(raw), Err(Reject::Framing(_))),
+                "{raw:?} passed"
+            );
+        }
+    }
+
+    #[test]
+    fn limits_answer_431() {
+        let limits = HeaderLimits {
+            max_bytes: 64,
+            max_count: 2,
+        };
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(100));
+        assert_eq!(
+            check_request_head(big.as_bytes(), &limits),
+            Err(Reject::HeaderTooLarge)
+        );
+        let many = "GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n";
+        assert_eq!(
+            check_request_head(many.as_bytes(), &limits),
+            Err(Reject::TooManyHeaders)
+        );
+        assert_eq!(Reject::TooManyHeaders.status(), 431);
+    }
+
+    #[test]
+    fn hop_by_hop_names_cover_connection_tokens() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            "keep-alive, X-Secret, content-length".parse().unwrap(),
+        );
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("proxy-authorization", "basic x".parse().unwrap());
+        let names = hop_by_hop_names(&h, false);
+        for n in [
+            "connection",
+            "te",
+            "keep-alive",
+            "upgrade",
+            "x-secret",
+            "proxy-authorization",
+        ] {
+            assert!(names.iter().any(|h| h == n), "{n} missing from {names:?}");
+        }
+        assert!(!names.iter().any(|h| h == "content-length"));
+        assert!(!hop_by_hop_names(&h, true).iter().any(|h| h == "upgrade"));
+    }
+
+    #[test]
+    fn response_framing() {
+        let mut h = HeaderMap::new();
+        h.append(CONTENT_LENGTH, "3".parse().unwrap());
+        assert!(check_response_framing(&h).is_ok());
+        h.append(CONTENT_LENGTH, "3".parse().unwrap());
+        assert!(check_response_framing(&h).is_err());
+        let mut h = HeaderMap::new();
+        h.append(TRANSFER_ENCODING, "gzip".parse().unwrap());
+        assert!(check_response_framing(&h).is_err());
+    }
+}

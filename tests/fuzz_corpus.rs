@@ -1,0 +1,42 @@
+//! Replays the committed fuzz corpus (`fuzz/corpus/TARGET/*`) through the fuzz target
+//! bodies on stable, so every `cargo test` checks the regression inputs even where
+//! `cargo fuzz` (nightly) is not available.
+
+use std::path::Path;
+
+fn replay(target: &str, run: fn(&[u8])) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.expect("corpus entry").path();
+        if path.is_file() {
+            let data = std::fs::read(&path).expect("corpus file");
+            let outcome = std::panic::catch_unwind(|| run(&data));
+            assert!(outcome.is_ok(), "{target}: {} fails", path.display());
+            n += 1;
+        }
+    }
+    assert!(n > 0, "{target}: empty corpus in {}", dir.display());
+}
+
+#[test]
+fn config_corpus() {
+    replay("config", kanaria::fuzz_targets::config);
+}
+
+#[test]
+fn override_token_corpus() {
+    replay("override_token", kanaria::fuzz_targets::override_token);
+}
+
+#[test]
+fn route_split_corpus() {
+    replay("route_split", kanaria::fuzz_targets::route_split);
+}
+
+#[test]
+fn request_head_corpus() {
+    replay("request_head", kanaria::fuzz_targets::request_head);
+}
