@@ -1,7 +1,7 @@
 //! A real Prometheus (the Debian `prometheus` binary, loopback only, storage in a tempdir)
 //! scrapes a running Kanaria's admin listener with deploy/prometheus/rules.yml loaded; a
 //! rollback through the admin API then shows up in Prometheus' query API as
-//! `kanaria_rollbacks_total`, and the `KanariaCanaryRolledBack` alert fires.
+//! `kanaria_rollbacks_total` going from 0 to 1, and the `KanariaCanaryRolledBack` alert fires.
 
 mod common;
 mod tools;
@@ -188,14 +188,15 @@ async fn prometheus_scrapes_kanaria_and_sees_a_rollback() {
         )
         .await;
     assert_eq!(requests, 20.0);
+    // Before the rollback the counter is there, at 0 (so `increase()` sees the first one).
+    let manual = "/api/v1/query?query=kanaria_rollbacks_total%7Breason%3D%22manual%22%7D";
     let before = prom
-        .poll(
-            "an answer",
-            "/api/v1/query?query=kanaria_rollbacks_total",
-            |v| result(v).cloned(),
-        )
+        .poll("kanaria_rollbacks_total at 0", manual, |v| {
+            result(v).filter(|r| !r.is_empty()).cloned()
+        })
         .await;
-    assert!(before.is_empty(), "a rollback before any: {before:?}");
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["value"][1], "0");
 
     // An operator's rollback, through the admin API with the token.
     let r = c
@@ -208,11 +209,11 @@ async fn prometheus_scrapes_kanaria_and_sees_a_rollback() {
 
     // ... is read back through Prometheus' query API.
     let series = prom
-        .poll(
-            "kanaria_rollbacks_total",
-            "/api/v1/query?query=kanaria_rollbacks_total",
-            |v| result(v).filter(|r| !r.is_empty()).cloned(),
-        )
+        .poll("kanaria_rollbacks_total at 1", manual, |v| {
+            result(v)
+                .filter(|r| r.iter().any(|s| s["value"][1] == "1"))
+                .cloned()
+        })
         .await;
     assert_eq!(series.len(), 1, "{series:?}");
     let s = &series[0];
@@ -225,6 +226,36 @@ async fn prometheus_scrapes_kanaria_and_sees_a_rollback() {
         format!("127.0.0.1:{}", proxy.admin_port).as_str()
     );
     assert_eq!(s["value"][1], "1");
+    // Every other reason stays at 0, and `increase()` over the scrapes sees this one.
+    let all = prom
+        .poll(
+            "every reason",
+            "/api/v1/query?query=kanaria_rollbacks_total",
+            |v| result(v).cloned(),
+        )
+        .await;
+    assert_eq!(
+        all.len(),
+        kanaria::metrics::ROLLBACK_REASONS.len(),
+        "{all:?}"
+    );
+    let total = prom
+        .poll(
+            "the increase",
+            "/api/v1/query?query=sum(increase(kanaria_rollbacks_total%5B5m%5D))",
+            |v| {
+                result(v)?
+                    .first()?
+                    .get("value")?
+                    .get(1)?
+                    .as_str()?
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|n| *n > 0.0)
+            },
+        )
+        .await;
+    assert!(total >= 1.0, "increase {total}");
 
     // The alert rule of deploy/prometheus/rules.yml fires on the same scrape data.
     let alert = prom
