@@ -1,7 +1,7 @@
 # Kanaria: `make demo` to see it run, `make test` for the whole suite.
 CARGO ?= cargo
 
-.PHONY: all deps build demo test fmt clippy check-config bench clean fuzz
+.PHONY: all deps test-deps build demo test fmt clippy check-config check-deploy bench clean fuzz
 
 all: build
 
@@ -19,13 +19,28 @@ deps:
 	    echo "cmake is required to build Pingora (zlib-ng): install it with your package manager (e.g. 'brew install cmake', 'dnf install cmake')"; \
 	    exit 1; \
 	  fi; }
+# The deploy tests also run promtool (rules) and a real Prometheus server (scrape test):
+# Debian's `prometheus` ships both. Installed like cmake; its service is not started.
+test-deps: deps
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing prometheus (promtool) with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+	    echo "installing prometheus (promtool) with sudo apt-get"; \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "the deploy tests need promtool and prometheus: install Prometheus (e.g. 'brew install prometheus', or a release from prometheus.io)"; \
+	    exit 1; \
+	  fi; }
 	@# The dashboard test drives a real headless Chromium (Debian's chromium + chromium-driver).
 	@command -v chromedriver >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing chromium and chromium-driver with apt-get (for the dashboard test)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	  else \
-	    echo "note: the dashboard test needs chromium and chromium-driver (Debian packages)"; \
+	    echo "the dashboard test needs chromium and chromium-driver (Debian packages)"; \
+	    exit 1; \
 	  fi; }
 
 build: deps
@@ -34,7 +49,7 @@ build: deps
 demo: build
 	./target/release/kanaria demo
 
-test: deps
+test: test-deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test
@@ -61,6 +76,12 @@ fuzz:
 check-config: build
 	./target/release/kanaria check config/kanaria.toml
 	./target/release/kanaria check config/demo.toml
+
+# The deploy/ material alone: alert rules (syntax and unit tests) and the structure tests.
+check-deploy: test-deps
+	promtool check rules deploy/prometheus/rules.yml
+	promtool test rules deploy/prometheus/rules_test.yml
+	$(CARGO) test --test deploy --test prometheus
 
 clean:
 	$(CARGO) clean

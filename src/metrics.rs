@@ -26,6 +26,16 @@ pub const DURATION_BUCKETS: &[f64] = &[
 /// (the client went away, or the connection broke mid-answer).
 pub const CODE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
 
+/// Reasons of `kanaria_rollbacks_total`, created at 0 for every route (see [`Metrics::route`]).
+pub const ROLLBACK_REASONS: [&str; 6] = [
+    "manual",
+    "health_check",
+    "error_rate",
+    "error_rate_ratio",
+    "latency",
+    "latency_ratio",
+];
+
 /// Kinds of `kanaria_upstream_errors_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamErrorKind {
@@ -348,6 +358,11 @@ impl Metrics {
             canary: version("canary"),
             retried_on_stable: self.retries.with_label_values(&[route, "canary", "stable"]),
         });
+        // Rollback counters exist at 0 from the start: a series born at 1 shows no
+        // `increase()`, so dashboards and alerts would miss each route's first rollback.
+        for reason in ROLLBACK_REASONS {
+            self.rollbacks.with_label_values(&[route, reason]);
+        }
         cache.insert(route.to_string(), m.clone());
         m
     }

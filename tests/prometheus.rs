@@ -1,0 +1,290 @@
+//! A real Prometheus (the Debian `prometheus` binary, loopback only, storage in a tempdir)
+//! scrapes a running Kanaria's admin listener with deploy/prometheus/rules.yml loaded; a
+//! rollback through the admin API then shows up in Prometheus' query API as
+//! `kanaria_rollbacks_total` going from 0 to 1, and the `KanariaCanaryRolledBack` alert fires.
+
+mod common;
+mod tools;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{client, free_port, pool, Proxy, Upstream};
+use serde_json::Value;
+use tools::{deploy_dir, tool};
+
+/// A Prometheus server child process, killed when dropped.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping `target` every second, evaluating `rules` every second.
+    fn start(target: &str, rules: &Path) -> Prometheus {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: kanaria\n    static_configs:\n      - targets: [\"{target}\"]\n",
+            rules.display()
+        );
+        let config_path = dir.path().join("prometheus.yml");
+        std::fs::write(&config_path, config).expect("write prometheus.yml");
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log file");
+        let port = free_port();
+        let child = Command::new(tool("prometheus"))
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn prometheus");
+        Prometheus { child, port, dir }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// GETs a JSON API path until `pred` finds what it wants in the answer (60 s at most;
+    /// the answer is stale by at most one scrape or evaluation, i.e. one second).
+    async fn poll<T>(&mut self, what: &str, path: &str, pred: impl Fn(&Value) -> Option<T>) -> T {
+        let c = client();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = Value::Null;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("prometheus exited with {status}:\n{}", self.log());
+            }
+            if let Ok(r) = c.get(self.url(path)).send().await {
+                if let Ok(v) = r.json::<Value>().await {
+                    if let Some(t) = pred(&v) {
+                        return t;
+                    }
+                    last = v;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last answer {last:#}\nprometheus log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls `/-/ready` until Prometheus serves queries.
+    async fn wait_ready(&mut self) {
+        let c = client();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("prometheus exited with {status}:\n{}", self.log());
+            }
+            if let Ok(r) = c.get(self.url("/-/ready")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready after 60s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The `result` vector of a successful instant query.
+fn result(v: &Value) -> Option<&Vec<Value>> {
+    (v["status"] == "success")
+        .then(|| v["data"]["result"].as_array())
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_kanaria_and_sees_a_rollback() {
+    let (stable, canary) = (
+        Upstream::start("stable").await,
+        Upstream::start("canary").await,
+    );
+    let routes = format!(
+        "[[routes]]\nname = \"app\"\ncanary_weight = 50\nsticky_by = [\"header:x-user-id\"]\n{}\n{}",
+        pool("routes.stable", "v1", &[stable.addr]),
+        pool("routes.canary", "v2", &[canary.addr]),
+    );
+    let proxy = Proxy::launch(&routes, "", "", "", &[("KANARIA_ADMIN_TOKEN", "tok")]).await;
+    let c = client();
+    for i in 0..20 {
+        let r = c
+            .get(proxy.url("/"))
+            .header("x-user-id", format!("user-{i}"))
+            .send()
+            .await
+            .expect("request through the proxy");
+        assert_eq!(r.status(), 200);
+    }
+
+    let rules = deploy_dir().join("prometheus/rules.yml");
+    let mut prom = Prometheus::start(&format!("127.0.0.1:{}", proxy.admin_port), &rules);
+    prom.wait_ready().await;
+
+    // The rules file loads into a real Prometheus, and the target is scraped.
+    prom.poll("the target to be up", "/api/v1/targets", |v| {
+        let t = &v["data"]["activeTargets"][0];
+        (t["health"] == "up").then_some(())
+    })
+    .await;
+    let groups = prom
+        .poll("the rule groups", "/api/v1/rules", |v| {
+            v["data"]["groups"]
+                .as_array()
+                .filter(|g| g.len() == 2)
+                .cloned()
+        })
+        .await;
+    let names: Vec<&str> = groups
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"KanariaCanaryRolledBack"), "{names:?}");
+
+    // Before the rollback Prometheus has the route's traffic but no rollback.
+    let requests = prom
+        .poll(
+            "kanaria_requests_total",
+            "/api/v1/query?query=sum(kanaria_requests_total)",
+            |v| {
+                result(v)?
+                    .first()?
+                    .get("value")?
+                    .get(1)?
+                    .as_str()?
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|n| *n >= 20.0)
+            },
+        )
+        .await;
+    assert_eq!(requests, 20.0);
+    // Before the rollback the counter is there, at 0 (so `increase()` sees the first one).
+    let manual = "/api/v1/query?query=kanaria_rollbacks_total%7Breason%3D%22manual%22%7D";
+    let before = prom
+        .poll("kanaria_rollbacks_total at 0", manual, |v| {
+            result(v).filter(|r| !r.is_empty()).cloned()
+        })
+        .await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["value"][1], "0");
+
+    // An operator's rollback, through the admin API with the token.
+    assert_eq!(proxy.act("rollback", "tok").await, 200);
+
+    // ... is read back through Prometheus' query API.
+    let series = prom
+        .poll("kanaria_rollbacks_total at 1", manual, |v| {
+            result(v)
+                .filter(|r| r.iter().any(|s| s["value"][1] == "1"))
+                .cloned()
+        })
+        .await;
+    assert_eq!(series.len(), 1, "{series:?}");
+    let s = &series[0];
+    assert_eq!(s["metric"]["__name__"], "kanaria_rollbacks_total");
+    assert_eq!(s["metric"]["route"], "app");
+    assert_eq!(s["metric"]["reason"], "manual");
+    assert_eq!(s["metric"]["job"], "kanaria");
+    assert_eq!(
+        s["metric"]["instance"],
+        format!("127.0.0.1:{}", proxy.admin_port).as_str()
+    );
+    assert_eq!(s["value"][1], "1");
+    // Every other reason stays at 0, and `increase()` over the scrapes sees this one.
+    let all = prom
+        .poll(
+            "every reason",
+            "/api/v1/query?query=kanaria_rollbacks_total",
+            |v| result(v).cloned(),
+        )
+        .await;
+    assert_eq!(
+        all.len(),
+        kanaria::metrics::ROLLBACK_REASONS.len(),
+        "{all:?}"
+    );
+    let total = prom
+        .poll(
+            "the increase",
+            "/api/v1/query?query=sum(increase(kanaria_rollbacks_total%5B5m%5D))",
+            |v| {
+                result(v)?
+                    .first()?
+                    .get("value")?
+                    .get(1)?
+                    .as_str()?
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|n| *n > 0.0)
+            },
+        )
+        .await;
+    assert!(total >= 1.0, "increase {total}");
+
+    // The alert rule of deploy/prometheus/rules.yml fires on the same scrape data.
+    let alert = prom
+        .poll("KanariaCanaryRolledBack firing", "/api/v1/alerts", |v| {
+            v["data"]["alerts"]
+                .as_array()?
+                .iter()
+                .find(|a| {
+                    a["labels"]["alertname"] == "KanariaCanaryRolledBack" && a["state"] == "firing"
+                })
+                .cloned()
+        })
+        .await;
+    assert_eq!(alert["labels"]["route"], "app");
+    assert_eq!(alert["labels"]["severity"], "warning");
+
+    // No rule fails to evaluate against Kanaria's real series.
+    let rules = prom
+        .poll("rule health", "/api/v1/rules", |v| {
+            let rules: Vec<Value> = v["data"]["groups"]
+                .as_array()?
+                .iter()
+                .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+                .collect();
+            rules
+                .iter()
+                .all(|r| r["health"] != "unknown")
+                .then_some(rules)
+        })
+        .await;
+    for r in &rules {
+        assert_eq!(
+            r["health"], "ok",
+            "rule {} failed: {}",
+            r["name"], r["lastError"]
+        );
+    }
+}
