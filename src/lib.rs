@@ -9,6 +9,7 @@ pub mod admin;
 pub mod analysis;
 pub mod client;
 pub mod config;
+pub mod drain;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

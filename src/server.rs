@@ -15,6 +15,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::config::{self, Snapshot};
+use crate::drain::{self, Draining};
 use crate::proxy::KanariaProxy;
 use crate::reload::Reloader;
 use crate::state::Shared;
@@ -50,11 +51,16 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     server.bootstrap();
 
     let admin_listen = snapshot.admin.listen;
+    let snapshot_grace = snapshot.proxy.shutdown_grace;
     let shared = Shared::new(snapshot, config_path.to_path_buf())
         .map_err(|e| anyhow::anyhow!("metrics registry: {e}"))?;
-    let mut proxy = pingora::proxy::http_proxy_service(
-        &server.configuration,
-        KanariaProxy::new(shared.clone()),
+    let linger = drain::linger_for(snapshot_grace);
+    let mut proxy = Service::new(
+        "kanaria proxy".to_string(),
+        Draining::new(
+            pingora::proxy::http_proxy(&server.configuration, KanariaProxy::new(shared.clone())),
+            linger,
+        ),
     );
     for addr in &listen {
         proxy.add_tcp(&addr.to_string());
