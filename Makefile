@@ -38,10 +38,12 @@ test: deps
 # (bench/README.md). `make bench-quick` is a short smoke run of the same.
 bench: build
 	$(CARGO) bench --bench hot_path
+	python3 bench/criterion_table.py
 	./bench/run.sh
 
 bench-quick: build
 	$(CARGO) bench --bench hot_path -- --warm-up-time 1 --measurement-time 2
+	python3 bench/criterion_table.py
 	BENCH_DURATION=3 BENCH_WARMUP=1 BENCH_ROUNDS=1 BENCH_CANARY_DURATION=6 BENCH_RELOAD_DURATION=8 BENCH_RELOADS=20 ./bench/run.sh
 
 check-config: build

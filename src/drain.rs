@@ -4,11 +4,11 @@
 //! process) it stops accepting and, at once, closes every client connection that sits idle
 //! between two requests. A client that is sending its next request on such a connection at
 //! that moment gets a reset: a failed request during a "zero-downtime" upgrade (the fault
-//! tests saw one in two upgrades under load). [`Draining`] delays that close by a linger
-//! period instead: a request arriving on an idle connection meanwhile is still served, with
-//! `Connection: close` (Pingora marks every request after shutdown began), so the client
-//! opens a new connection, which the new process (or nobody, on SIGTERM) accepts. After the
-//! linger the connections still idle are closed as before.
+//! tests saw it in four upgrades out of six under load). [`Draining`] delays that close by
+//! a linger period instead: a request arriving on an idle connection meanwhile is still
+//! served, with `Connection: close` (Pingora marks every request after shutdown began), so
+//! the client opens a new connection, which the new process (or nobody, on SIGTERM)
+//! accepts. After the linger the connections still idle are closed as before.
 
 use std::sync::Arc;
 use std::time::Duration;
