@@ -150,7 +150,7 @@ impl OverrideRule {
         client: Option<IpAddr>,
         labels: (&str, Option<&str>),
     ) -> Option<Version> {
-        if !self.is_enabled() || !self.allowed(client) {
+        if !self.is_enabled() {
             return None;
         }
         let value = self
@@ -159,6 +159,11 @@ impl OverrideRule {
             .and_then(|h| headers.get(h))
             .map(|v| v.as_bytes())
             .or_else(|| self.cookie.as_deref().and_then(|c| cookie(headers, c)))?;
+        // The trusted networks are checked only for requests that do ask for a version:
+        // nearly all requests carry no override, and skip the CIDR scan.
+        if !self.allowed(client) {
+            return None;
+        }
         let value = value.trim_ascii();
         if value.eq_ignore_ascii_case(b"stable") || value == labels.0.as_bytes() {
             Some(Version::Stable)
