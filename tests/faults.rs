@@ -1,7 +1,8 @@
 //! Faults around the request path, through the real binary: an upstream that hangs (504,
 //! counted as a timeout), an upstream that closes the connection mid-body (the client sees a
 //! broken answer, the proxy stays healthy and counts a reset), a graceful shutdown with
-//! requests in flight (all finish), and a graceful binary upgrade through Pingora's upgrade
+//! requests in flight (all finish) and with an idle keep-alive connection (its next request
+//! is still served, then it closes), and a graceful binary upgrade through Pingora's upgrade
 //! socket under load (no failed request).
 
 mod common;
@@ -284,6 +285,79 @@ async fn sigterm_lets_every_request_in_flight_finish() {
     })
     .await;
     assert!(exit.is_some_and(|s| s.success()), "exit {exit:?}");
+}
+
+/// Sends one GET on a raw connection and reads the whole answer: (head, body).
+async fn raw_get(stream: &mut TcpStream, path: &str) -> (String, Vec<u8>) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: app\r\n\r\n");
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .expect("send request");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut chunk).await.expect("read answer");
+        assert!(n > 0, "connection closed before an answer: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length");
+    while buf.len() < head_end + len {
+        let n = stream.read(&mut chunk).await.expect("read body");
+        assert!(n > 0, "connection closed mid-body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    (head, buf[head_end..head_end + len].to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_serves_the_next_request_on_an_idle_connection_then_closes_it() {
+    let up = Upstream::start("app").await;
+    let mut proxy = Proxy::start_with(
+        &stable_route("app", "/", up.addr, ""),
+        "shutdown_grace = \"4s\"",
+    )
+    .await;
+    let mut conn = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    let (head, _) = raw_get(&mut conn, "/first").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+
+    // The connection is now idle between two requests. Shut down, and wait until Pingora
+    // has stopped listening and the cleanup that used to drop idle connections began.
+    signal(proxy.pid(), "-TERM");
+    wait_until("the drain to start", 20, || {
+        proxy
+            .log()
+            .contains("draining: idle client connections close in")
+    })
+    .await;
+    assert!(
+        TcpStream::connect(("127.0.0.1", proxy.port)).await.is_err(),
+        "new connections are refused once shutdown began"
+    );
+
+    // The next request on the idle connection is still answered, and told to close.
+    let (head, body) = raw_get(&mut conn, "/second").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("/second"));
+    let mut rest = [0u8; 16];
+    assert_eq!(conn.read(&mut rest).await.unwrap_or(0), 0, "then it closes");
+    let mut exit = None;
+    wait_until("the process to exit", 30, || {
+        exit = proxy.try_wait();
+        exit.is_some()
+    })
+    .await;
 }
 
 /// A second `kanaria` started by the test; killed when dropped.
