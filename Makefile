@@ -1,7 +1,7 @@
 # Kanaria: `make demo` to see it run, `make test` for the whole suite.
 CARGO ?= cargo
 
-.PHONY: all deps test-deps build demo test fmt clippy check-config check-deploy bench clean fuzz
+.PHONY: all deps test-deps build demo test fmt clippy check-config check-deploy bench bench-quick clean fuzz
 
 all: build
 
@@ -72,6 +72,20 @@ fuzz:
 	  echo "make fuzz: needs a nightly toolchain and cargo-fuzz (cargo install cargo-fuzz); replaying the committed corpus on stable instead"; \
 	  $(CARGO) test --test fuzz_corpus; \
 	fi
+
+# Benchmarks (never part of `make test`): criterion micro-benchmarks of the hot path, then
+# the comparative load, bad-canary and reload scripts under bench/ (they install nginx,
+# HAProxy and wrk when missing). Knobs: BENCH_DURATION, BENCH_CONNECTIONS, BENCH_ROUNDS, ...
+# (bench/README.md). `make bench-quick` is a short smoke run of the same.
+bench: build
+	$(CARGO) bench --bench hot_path
+	python3 bench/criterion_table.py
+	./bench/run.sh
+
+bench-quick: build
+	$(CARGO) bench --bench hot_path -- --warm-up-time 1 --measurement-time 2
+	python3 bench/criterion_table.py
+	BENCH_DURATION=3 BENCH_WARMUP=1 BENCH_ROUNDS=1 BENCH_CANARY_DURATION=6 BENCH_RELOAD_DURATION=8 BENCH_RELOADS=20 ./bench/run.sh
 
 check-config: build
 	./target/release/kanaria check config/kanaria.toml

@@ -12,6 +12,7 @@ pub mod config;
 pub mod conn_guard;
 pub mod controller;
 pub mod demo;
+pub mod drain;
 pub mod edge;
 pub mod edge_hooks;
 pub mod fuzz_targets;

@@ -12,6 +12,7 @@
 //! analysis still counts the failure against the canary.
 //! Nothing here may panic or block: errors are values, the hot path takes no lock.
 
+use std::io::Write as _;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -89,6 +90,8 @@ fn replayable(session: &mut Session) -> bool {
     session.req_header().method.is_idempotent() && session.as_downstream_mut().is_body_empty()
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 /// Generates request ids: a random per-process prefix and a counter, so ids are unique
 /// across restarts and instances without a syscall or a lock per request.
 struct RequestIds {
@@ -111,9 +114,20 @@ impl RequestIds {
 
     fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let s = format!("{:016x}{:016x}", self.prefix, n);
+        // Hex on the stack: one allocation (the header value) per request, no formatting.
+        let mut hex = [0u8; 32];
+        for (i, byte) in self
+            .prefix
+            .to_be_bytes()
+            .into_iter()
+            .chain(n.to_be_bytes())
+            .enumerate()
+        {
+            hex[2 * i] = HEX[usize::from(byte >> 4)];
+            hex[2 * i + 1] = HEX[usize::from(byte & 0xf)];
+        }
         // Hex digits are always a valid header value.
-        HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("0"))
+        HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("0"))
     }
 }
 
@@ -368,14 +382,18 @@ impl ProxyHttp for KanariaProxy {
     ) -> Result<()> {
         if let Some(ip) = client_ip(session) {
             // Append to what earlier proxies wrote; several XFF headers fold into one list.
-            let mut xff = String::new();
-            for v in upstream_request.headers.get_all(X_FORWARDED_FOR) {
-                if let Ok(s) = v.to_str() {
-                    xff.push_str(s);
-                    xff.push_str(", ");
+            // Built in one buffer sized up front: one allocation, no temporary strings.
+            let earlier = upstream_request.headers.get_all(X_FORWARDED_FOR);
+            let mut xff =
+                Vec::with_capacity(earlier.iter().map(|v| v.len() + 2).sum::<usize>() + 39);
+            for v in earlier {
+                if v.to_str().is_ok() {
+                    xff.extend_from_slice(v.as_bytes());
+                    xff.extend_from_slice(b", ");
                 }
             }
-            xff.push_str(&ip.to_string());
+            // Writing to a Vec cannot fail.
+            let _ = write!(xff, "{ip}");
             upstream_request.insert_header(X_FORWARDED_FOR, xff)?;
         }
         let upgrading = session.is_upgrade_req();

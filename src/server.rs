@@ -17,6 +17,7 @@ use pingora::services::listening::Service;
 use crate::admin::AdminApp;
 use crate::config::{self, Snapshot};
 use crate::controller::Controller;
+use crate::drain::{self, Draining};
 use crate::proxy::KanariaProxy;
 use crate::reload::Reloader;
 use crate::state::Shared;
@@ -59,12 +60,17 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
     server.bootstrap();
 
     let admin_listen = snapshot.admin.listen;
+    let linger = drain::linger_for(snapshot.proxy.shutdown_grace);
     let shared = Shared::new(snapshot, config_path.to_path_buf())?;
-    // The proxy app behind the connection guard (header deadline, connection caps).
-    let app = crate::conn_guard::GuardedApp::new(
-        pingora::proxy::http_proxy(&server.configuration, KanariaProxy::new(shared.clone())),
-        shared.clone(),
-        &listen,
+    // The proxy app behind the connection guard (header deadline, connection caps), which
+    // lets idle connections linger on shutdown so clients reusing them are not reset.
+    let app = Draining::new(
+        crate::conn_guard::GuardedApp::new(
+            pingora::proxy::http_proxy(&server.configuration, KanariaProxy::new(shared.clone())),
+            shared.clone(),
+            &listen,
+        ),
+        linger,
     );
     let mut proxy = Service::new("kanaria proxy".to_string(), app);
     for addr in &listen {

@@ -291,6 +291,11 @@ impl Proxy {
         self.child.id()
     }
 
+    /// The exit status once the process has ended (reaps it), `None` while it runs.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.admin_port, path)
     }

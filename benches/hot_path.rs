@@ -1,0 +1,148 @@
+//! Micro-benchmarks of the per-request work Kanaria adds on top of proxying: the split
+//! decision (user key, hash, bucket), the route match, and recording an outcome (counters,
+//! histogram, analysis window). Target: under 200 ns each. Run with `cargo bench` or
+//! `make bench`; never part of the test suite.
+
+use std::hint::black_box;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use kanaria::analysis::Window;
+use kanaria::metrics::{Metrics, UpstreamErrorKind};
+use kanaria::route::Router;
+use kanaria::split::{bucket, seed_for, OverrideRule, SplitRule, StickySource, Version};
+
+/// Headers of a typical browser request, the user id among them.
+fn request_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in [
+        ("host", "app.example.com"),
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0",
+        ),
+        ("accept", "text/html,application/xhtml+xml"),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("accept-language", "en-US,en;q=0.5"),
+        ("cookie", "theme=dark; session=3f2a9c1e7b; lang=en"),
+        ("x-user-id", "user-48213"),
+    ] {
+        h.insert(
+            HeaderName::from_static(k),
+            HeaderValue::from_str(v).expect("header value"),
+        );
+    }
+    h
+}
+
+fn rule(sticky: &[&str], overrides: OverrideRule) -> SplitRule {
+    SplitRule {
+        sticky: sticky
+            .iter()
+            .map(|s| StickySource::parse(s).expect("sticky source"))
+            .collect(),
+        seed: seed_for("app"),
+        canary_buckets: 1000,
+        overrides,
+    }
+}
+
+fn split(c: &mut Criterion) {
+    let headers = request_headers();
+    let ip: IpAddr = "10.1.2.3".parse().expect("ip");
+    let labels = ("v1", Some("v2"));
+    let mut g = c.benchmark_group("split");
+    g.bench_function("bucket (xxh3 of a 10-byte key)", |b| {
+        let seed = seed_for("app");
+        b.iter(|| bucket(black_box(seed), black_box(b"user-48213")))
+    });
+    let by_header = rule(&["header:x-user-id"], OverrideRule::default());
+    g.bench_function("decide: header key", |b| {
+        b.iter(|| by_header.decide(black_box(&headers), Some(ip), labels))
+    });
+    let by_cookie = rule(&["cookie:session"], OverrideRule::default());
+    g.bench_function("decide: cookie key", |b| {
+        b.iter(|| by_cookie.decide(black_box(&headers), Some(ip), labels))
+    });
+    let by_ip = rule(&["client_ip"], OverrideRule::default());
+    g.bench_function("decide: client ip", |b| {
+        b.iter(|| by_ip.decide(black_box(&headers), Some(ip), labels))
+    });
+    let with_override = rule(
+        &["header:x-user-id"],
+        OverrideRule {
+            header: Some(HeaderName::from_static("x-kanaria-version")),
+            cookie: Some("kv".into()),
+            trusted: vec!["10.0.0.0/8".parse().expect("cidr")],
+            key: None,
+        },
+    );
+    g.bench_function("decide: header key, override rules (absent)", |b| {
+        b.iter(|| with_override.decide(black_box(&headers), Some(ip), labels))
+    });
+    g.finish();
+}
+
+fn route(c: &mut Criterion) {
+    let none: Vec<String> = vec![];
+    let app = ["app.example.com".to_string()];
+    let api = ["api.example.com".to_string()];
+    let router = Router::new([
+        (&none[..], "/"),
+        (&none[..], "/static"),
+        (&app[..], "/"),
+        (&app[..], "/lessons"),
+        (&app[..], "/lessons/video"),
+        (&api[..], "/v1"),
+        (&api[..], "/v2"),
+    ]);
+    let mut g = c.benchmark_group("route");
+    g.bench_function("find: host with port, 3 prefixes", |b| {
+        b.iter(|| {
+            router.find(
+                black_box(Some("app.example.com:8080")),
+                black_box("/lessons/video/42?t=10"),
+            )
+        })
+    });
+    g.bench_function("find: unknown host, any-host fallback", |b| {
+        b.iter(|| {
+            router.find(
+                black_box(Some("other.example.org")),
+                black_box("/static/a.css"),
+            )
+        })
+    });
+    g.bench_function("find: upper-case host", |b| {
+        b.iter(|| router.find(black_box(Some("APP.Example.com")), black_box("/")))
+    });
+    g.finish();
+}
+
+fn record(c: &mut Criterion) {
+    let metrics = Metrics::new().expect("metrics");
+    let route = metrics.route("app");
+    let mut g = c.benchmark_group("record");
+    g.bench_function("record: 200 in 1.3 ms", |b| {
+        let m = route.version(Version::Stable);
+        b.iter(|| m.record(black_box(Some(200)), black_box(0.0013)))
+    });
+    g.bench_function("record: 502 + upstream error", |b| {
+        let m = route.version(Version::Canary);
+        b.iter(|| {
+            m.record(black_box(Some(502)), black_box(0.0007));
+            m.upstream_error(UpstreamErrorKind::Reset);
+        })
+    });
+    let window = Window::new();
+    g.bench_function("window only", |b| {
+        b.iter(|| window.record(Instant::now(), black_box(false), black_box(0.0013)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, split, route, record);
+criterion_main!(benches);
