@@ -21,7 +21,11 @@ BENCH_UPSTREAM_WORKERS="${BENCH_UPSTREAM_WORKERS:-1}"
 KANARIA_BIN="${KANARIA_BIN:-$REPO_DIR/target/release/kanaria}"
 # Extra TOML appended to Kanaria's [[routes]] table (e.g. health checks / rollback once
 # they exist), so the bad-canary run can enable whatever the build supports.
-BENCH_KANARIA_ROUTE_EXTRA="${BENCH_KANARIA_ROUTE_EXTRA:-}"
+# Kanaria's best setup for a bad canary: judge four times a second, with an absolute error
+# limit beside the default relative rule (retry on stable is on by default).
+BENCH_KANARIA_ROUTE_EXTRA="${BENCH_KANARIA_ROUTE_EXTRA:-[routes.analysis]
+interval = \"250ms\"
+max_error_rate = 0.05}"
 export BENCH_USERS
 
 CLK_TCK="$(getconf CLK_TCK)"
