@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{client, pool, Proxy, Upstream};
+use common::{client, metric, pool, Proxy, Upstream};
 
 fn route(weight: f64, stable: &Upstream, canary: &Upstream) -> String {
     format!(
@@ -32,12 +32,6 @@ async fn send_users(proxy: &Proxy, n: usize, prefix: &str) -> usize {
         }
     }
     canary
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,22 +10,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::raw::{read_all, read_response};
-use common::{pool, Proxy, Upstream};
+use common::{metric, pool, Proxy, Upstream};
 
 fn routes(edge: &str, up: &Upstream) -> String {
     format!(
         "[edge]\n{edge}\n\n[[routes]]\nname = \"app\"\n{}",
         pool("routes.stable", "v1", &[up.addr])
     )
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .map(|v| v.trim().parse().unwrap_or(-1.0))
-        })
-        .unwrap_or(0.0)
 }
 
 fn connect(port: u16) -> TcpStream {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::raw::{exchange, Exchange};
-use common::{pool, Proxy, Upstream};
+use common::{metric, pool, Proxy, Upstream};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -35,15 +35,6 @@ async fn send(port: u16, bytes: &'static [u8]) -> Exchange {
     tokio::task::spawn_blocking(move || exchange(port, bytes, WAIT))
         .await
         .expect("raw exchange")
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .map(|v| v.trim().parse().unwrap_or(-1.0))
-        })
-        .unwrap_or(0.0)
 }
 
 /// (what it is, the exact request bytes). Each must get 400, a closed connection, and

@@ -8,19 +8,10 @@ mod common;
 use std::collections::HashSet;
 use std::process::Command;
 
-use common::{client, kanaria_bin, pool, Proxy, Upstream};
+use common::{client, kanaria_bin, metric, pool, Proxy, Upstream};
 use kanaria::override_token::{unix_now, OverrideKey};
 
 const SECRET: &str = "test-secret-0123456789-0123456789-abcdef";
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .map(|v| v.trim().parse().unwrap_or(-1.0))
-        })
-        .unwrap_or(0.0)
-}
 
 async fn served_by(
     proxy: &Proxy,

@@ -176,6 +176,17 @@ async fn answer(
         .expect("response")
 }
 
+/// The value of one series in Prometheus text (`name{labels}` as rendered), 0 when absent
+/// and -1 when present but not a number (so a malformed line fails the comparison).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .map(|v| v.trim().parse().unwrap_or(-1.0))
+        })
+        .unwrap_or(0.0)
+}
+
 /// A loopback port that was free a moment ago (the OS picks it; we release it for the proxy).
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
