@@ -247,13 +247,6 @@ async fn dashboard_shows_live_traffic_and_rolls_back() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("dashboard.png"), &bytes).unwrap();
-    if std::env::var_os("KANARIA_UPDATE_DOCS").is_some() {
-        std::fs::write(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png"),
-            &bytes,
-        )
-        .unwrap();
-    }
     driver.session_call("DELETE", "", json!({})).await;
     let (_, failed) = load.stop().await;
     assert_eq!(failed, 0);
