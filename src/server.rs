@@ -56,6 +56,9 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
         upgrade,
         ..Opt::default()
     };
+    if !upgrade {
+        check_free(config_path, &snapshot)?;
+    }
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
@@ -97,6 +100,31 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
         config_path.display()
     );
     Ok(Built { server, shared })
+}
+
+/// Fails fast, naming the key, when a listen address is taken. Pingora would retry the bind
+/// for a while and then run on without that listener; an operator wants the error now.
+/// Skipped for `--upgrade`, where the old process holds the sockets on purpose.
+fn check_free(config_path: &Path, snap: &Snapshot) -> anyhow::Result<()> {
+    let keys = snap
+        .proxy
+        .listen
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("proxy.listen[{i}]"), *a))
+        .chain(std::iter::once((
+            "admin.listen".to_string(),
+            snap.admin.listen,
+        )));
+    for (key, addr) in keys {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            anyhow::bail!(
+                "{}: {key}: cannot listen on {addr}: {e} (another process has it? `kanaria run --upgrade` takes over from a running Kanaria)",
+                config_path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Loads the config and runs the proxy until shutdown.

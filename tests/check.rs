@@ -216,3 +216,35 @@ fn broken_configs_print_every_error_with_its_place() {
         );
     }
 }
+
+#[test]
+fn run_fails_fast_naming_the_key_when_a_listen_address_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n{GOOD_ROUTE}",
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(common::kanaria_bin())
+        .args(["run", "-c"])
+        .arg(&path)
+        .env_remove("KANARIA_ADMIN_TOKEN")
+        .output()
+        .expect("run kanaria");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}: proxy.listen[0]: cannot listen on 127.0.0.1:{port}",
+            path.display()
+        )),
+        "{stderr}"
+    );
+    drop(taken);
+}
