@@ -97,7 +97,8 @@ impl AdminApp {
     }
 }
 
-fn text(status: StatusCode, content_type: &str, body: String) -> Response<Vec<u8>> {
+/// A whole answer for a Pingora `ServeHttp` app (the admin API, the demo apps).
+pub(crate) fn text(status: StatusCode, content_type: &str, body: String) -> Response<Vec<u8>> {
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, content_type)

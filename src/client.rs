@@ -1,9 +1,7 @@
 //! The CLI's side of the admin API: `kanaria status`, `weight`, `rollback`, `promote`,
-//! `pause`, `resume`. A minimal HTTP/1.1 client over one TCP connection (the admin API is
-//! ours and local, so no TLS or redirects), and the status table.
+//! `pause`, `resume`: one request each (through `reqwest`, on a small runtime of its own:
+//! the CLI is synchronous), and the status table.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -17,55 +15,33 @@ pub fn request(
     token: Option<&str>,
     body: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(admin)
-        .with_context(|| format!("connecting to the admin API at {admin}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    let body = body.unwrap_or("");
-    if method == "POST" {
-        req.push_str("Content-Type: application/json\r\n");
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    stream.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let raw = String::from_utf8_lossy(&raw);
-    let (head, rest) = raw
-        .split_once("\r\n\r\n")
-        .context("malformed answer from the admin API")?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no status in the admin API's answer")?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the CLI's runtime")?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let url = format!("http://{admin}{path}");
+        let mut req = match method {
+            "POST" => client
+                .post(&url)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body.unwrap_or("").to_string()),
+            _ => client.get(&url),
         };
-        if n == 0 || rest.len() < n {
-            break;
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
         }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("connecting to the admin API at {admin}"))?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await?))
+    })
 }
 
 /// `kanaria status`: the status API as a table.

@@ -58,12 +58,7 @@ struct DemoApp {
 }
 
 fn text(status: StatusCode, body: String) -> Response<Vec<u8>> {
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .header(http::header::CONTENT_LENGTH, body.len())
-        .body(body.into_bytes())
-        .unwrap_or_else(|_| Response::new(Vec::new()))
+    crate::admin::text(status, "text/plain; charset=utf-8", body)
 }
 
 #[async_trait]

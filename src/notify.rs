@@ -6,8 +6,6 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::config::NotifySettings;
@@ -53,26 +51,35 @@ impl Notifier {
 }
 
 async fn run(settings: NotifySettings, mut rx: mpsc::Receiver<String>) {
+    let url = format!("http://{}{}", settings.authority, settings.path);
+    let client = match reqwest::Client::builder()
+        .no_proxy()
+        .timeout(settings.timeout)
+        .user_agent(concat!("kanaria/", env!("CARGO_PKG_VERSION")))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("webhook notifier: no HTTP client: {e}");
+            return;
+        }
+    };
     while let Some(event) = rx.recv().await {
         let mut backoff = Duration::from_millis(250);
         for attempt in 1..=ATTEMPTS {
-            match tokio::time::timeout(settings.timeout, post(&settings, &event)).await {
-                Ok(Ok(status)) if (200..300).contains(&status) => break,
-                Ok(Ok(status)) => log::warn!(
-                    "webhook http://{}{} answered {status} (attempt {attempt}/{ATTEMPTS})",
-                    settings.authority,
-                    settings.path
+            let sent = client
+                .post(&url)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(event.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => break,
+                Ok(r) => log::warn!(
+                    "webhook {url} answered {} (attempt {attempt}/{ATTEMPTS})",
+                    r.status().as_u16()
                 ),
-                Ok(Err(e)) => log::warn!(
-                    "webhook http://{}{}: {e} (attempt {attempt}/{ATTEMPTS})",
-                    settings.authority,
-                    settings.path
-                ),
-                Err(_) => log::warn!(
-                    "webhook http://{}{} timed out (attempt {attempt}/{ATTEMPTS})",
-                    settings.authority,
-                    settings.path
-                ),
+                Err(e) => log::warn!("webhook {url}: {e} (attempt {attempt}/{ATTEMPTS})"),
             }
             if attempt == ATTEMPTS {
                 log::error!("webhook: giving up on an event after {ATTEMPTS} attempts");
@@ -82,24 +89,4 @@ async fn run(settings: NotifySettings, mut rx: mpsc::Receiver<String>) {
             }
         }
     }
-}
-
-/// One HTTP/1.1 POST; returns the status code.
-async fn post(s: &NotifySettings, body: &str) -> std::io::Result<u16> {
-    let mut stream = TcpStream::connect(&s.authority).await?;
-    let req = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: kanaria/{}\r\n\r\n{body}",
-        s.path,
-        s.authority,
-        body.len(),
-        env!("CARGO_PKG_VERSION"),
-    );
-    stream.write_all(req.as_bytes()).await?;
-    let mut head = vec![0u8; 1024];
-    let n = stream.read(&mut head).await?;
-    let text = String::from_utf8_lossy(&head[..n]);
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no HTTP status in the webhook's answer"))
 }
