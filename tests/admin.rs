@@ -18,20 +18,11 @@ fn route(weight: f64, stable: &Upstream, canary: &Upstream) -> String {
 
 /// Sends `n` users once each; returns how many were served by the canary.
 async fn send_users(proxy: &Proxy, n: usize, prefix: &str) -> usize {
-    let c = client();
-    let mut canary = 0;
-    for i in 0..n {
-        let r = c
-            .get(proxy.url("/"))
-            .header("x-user-id", format!("{prefix}-{i}"))
-            .send()
-            .await
-            .unwrap();
-        if r.headers()["x-kanaria-version"] == "canary" {
-            canary += 1;
-        }
-    }
-    canary
+    common::send_users(proxy, n, prefix)
+        .await
+        .iter()
+        .filter(|(_, v)| v == "canary")
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{client, kanaria_bin, pool, Proxy, Upstream};
+use common::{kanaria_bin, pool, Proxy, Upstream};
 use serde::Deserialize;
 use serde_yaml::Value as Yaml;
 use tools::{deploy_dir, tool};
@@ -691,15 +691,8 @@ async fn dashboard_and_rules_query_only_metrics_kanaria_exports() {
         pool("routes.canary", "v2", &[canary.addr]),
     );
     let proxy = Proxy::launch(&routes, "", "", "", &[("KANARIA_ADMIN_TOKEN", "tok")]).await;
-    let c = client();
-    for i in 0..20 {
-        let r = c
-            .get(proxy.url("/"))
-            .header("x-user-id", format!("user-{i}"))
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(r.status(), 200);
+    for (status, _) in common::send_users(&proxy, 20, "user").await {
+        assert_eq!(status, 200);
     }
     assert_eq!(proxy.act("rollback", "tok").await, 200);
     let text = proxy.metrics().await;

@@ -134,15 +134,8 @@ async fn prometheus_scrapes_kanaria_and_sees_a_rollback() {
         pool("routes.canary", "v2", &[canary.addr]),
     );
     let proxy = Proxy::launch(&routes, "", "", "", &[("KANARIA_ADMIN_TOKEN", "tok")]).await;
-    let c = client();
-    for i in 0..20 {
-        let r = c
-            .get(proxy.url("/"))
-            .header("x-user-id", format!("user-{i}"))
-            .send()
-            .await
-            .expect("request through the proxy");
-        assert_eq!(r.status(), 200);
+    for (status, _) in common::send_users(&proxy, 20, "user").await {
+        assert_eq!(status, 200);
     }
 
     let rules = deploy_dir().join("prometheus/rules.yml");

@@ -464,6 +464,29 @@ pub async fn served_by(proxy: &Proxy, headers: &[(&str, &str)]) -> String {
         .to_string()
 }
 
+/// Sends one GET for each of `n` users (`PREFIX-0`, `PREFIX-1`, ...) in turn; returns each
+/// answer's status and the version that served it (`x-kanaria-version`, empty if absent).
+pub async fn send_users(proxy: &Proxy, n: usize, prefix: &str) -> Vec<(u16, String)> {
+    let c = client();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let r = c
+            .get(proxy.url("/"))
+            .header("x-user-id", format!("{prefix}-{i}"))
+            .send()
+            .await
+            .expect("request through the proxy");
+        let version = r
+            .headers()
+            .get("x-kanaria-version")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        out.push((r.status().as_u16(), version));
+    }
+    out
+}
+
 /// Which version served a user, read from the `x-kanaria-version` response header.
 pub async fn version_for(c: &reqwest::Client, url: &str, user: &str) -> String {
     let resp = c
