@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -120,8 +121,6 @@ async fn sighup_reloads_when_watching_is_off() {
     assert_eq!(st["last_reload"]["trigger"], "sighup");
     assert_eq!(served_by(&proxy, "u1").await, "canary");
 }
-
-use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_file_keeps_old_routing_then_next_good_edit_applies() {
