@@ -10,10 +10,10 @@ use std::time::Instant;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use kanaria::analysis::Window;
 use kanaria::metrics::{Metrics, UpstreamErrorKind};
-use kanaria::route::Router;
-use kanaria::split::{bucket, seed_for, OverrideRule, SplitRule, StickySource, Version};
+use kanaria::rollout::analysis::Window;
+use kanaria::split::router::Router;
+use kanaria::split::{bucket, seed_for, OverrideRule, SplitRule, StickySource, Track};
 
 /// Headers of a typical browser request, the user id among them.
 fn request_headers() -> HeaderMap {
@@ -127,11 +127,11 @@ fn record(c: &mut Criterion) {
     let route = metrics.route("app");
     let mut g = c.benchmark_group("record");
     g.bench_function("record: 200 in 1.3 ms", |b| {
-        let m = route.version(Version::Stable);
+        let m = route.version(Track::Stable);
         b.iter(|| m.record(black_box(Some(200)), black_box(0.0013)))
     });
     g.bench_function("record: 502 + upstream error", |b| {
-        let m = route.version(Version::Canary);
+        let m = route.version(Track::Canary);
         b.iter(|| {
             m.record(black_box(Some(502)), black_box(0.0007));
             m.upstream_error(UpstreamErrorKind::Reset);

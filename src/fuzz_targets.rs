@@ -6,10 +6,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
-use crate::edge::{check_request_head, HeaderLimits};
-use crate::override_token::OverrideKey;
-use crate::route::Router;
-use crate::split::{seed_for, OverrideRule, SplitRule, StickySource, Version, BUCKETS};
+use crate::proxy::edge::{check_request_head, HeaderLimits};
+use crate::split::override_token::OverrideKey;
+use crate::split::router::{host_without_port, normalize_path, prefix_matches, Router};
+use crate::split::{
+    bucket, seed_for, OverrideRule, Reason, SplitRule, StickySource, Track, BUCKETS,
+};
 
 /// The config parser and validator: any text gives a snapshot or errors, never a panic,
 /// and never a DNS query.
@@ -57,8 +59,11 @@ pub fn override_token(data: &[u8]) {
     }
 }
 
-/// The route and split decision: any host, path, user key and override give a route index
-/// in range and a version, deterministically; weight 0 never picks the canary by hash.
+/// The route and split decision against independent statements of what they must do:
+/// the route found is the longest whole-segment prefix match of the normalized path, and
+/// no other route matches longer; the split sends a user to the canary exactly when their
+/// bucket is below the weight, so raising the weight never moves a user back to stable;
+/// weight 0 with a signed-override key picks the canary only for a valid token.
 pub fn route_split(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let mut parts = text.splitn(4, '\n');
@@ -69,9 +74,27 @@ pub fn route_split(data: &[u8]) {
     let hosts = [vec!["a.example".to_string()], vec![], vec![]];
     let prefixes = ["/", "/api", "/api/v1/"];
     let router = Router::new(hosts.iter().map(Vec::as_slice).zip(prefixes));
-    if let Some(i) = router.find(Some(host), path) {
-        assert!(i < prefixes.len());
-        assert_eq!(router.find(Some(host), path), Some(i));
+    if let Some(norm) = normalize_path(path) {
+        assert!(!norm.contains("//") && !norm.contains("/./") && !norm.ends_with("/."));
+        assert!(!norm.split('/').any(|seg| seg == ".."));
+        let host_is_a = host_without_port(host).eq_ignore_ascii_case("a.example");
+        let matching = |i: usize| prefix_matches(prefixes[i], &norm);
+        match router.find(Some(host), &norm) {
+            Some(i) => {
+                assert!(matching(i), "route {i} does not match {norm:?}");
+                // Same host group: nothing longer matches.
+                let same_group = |j: usize| (j == 0) == (i == 0);
+                for j in 0..prefixes.len() {
+                    if same_group(j) && matching(j) {
+                        assert!(prefixes[j].len() <= prefixes[i].len());
+                    }
+                }
+                // A host route wins only for its host, and always does when it matches.
+                assert!(i != 0 || host_is_a);
+                assert!(i == 0 || !(host_is_a && matching(0)));
+            }
+            None => assert!(!(matching(1) || matching(2) || (host_is_a && matching(0)))),
+        }
     }
     let mut headers = http::HeaderMap::new();
     if let Ok(v) = http::HeaderValue::from_str(user) {
@@ -96,25 +119,34 @@ pub fn route_split(data: &[u8]) {
     };
     let client = Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)));
     let labels = ("v1", Some("v2"));
-    let r = rule(weight, None);
-    assert_eq!(
-        r.decide(&headers, client, labels),
-        r.decide(&headers, client, labels)
-    );
+    let (track, reason) = rule(weight, None).decide(&headers, client, labels);
+    if reason == Reason::Sticky && weight > 0 {
+        let mut buf = [0u8; 16];
+        let key = rule(weight, None)
+            .user_key(&headers, client, &mut buf)
+            .map(<[u8]>::to_vec);
+        let expected = key.is_some_and(|k| bucket(seed_for("app"), &k) < weight);
+        assert_eq!(track == Track::Canary, expected);
+        if track == Track::Canary {
+            // Monotone: a higher weight keeps this user on the canary.
+            let more = rule(BUCKETS, None).decide(&headers, client, labels);
+            assert_eq!(more.0, Track::Canary);
+        }
+    }
     let (v, _) = rule(0, Some(key().clone())).decide(&headers, client, labels);
     // Weight 0 with a signed-override key: only a valid token can pick the canary.
-    if v == Version::Canary {
+    if v == Track::Canary {
         let token = headers
             .get("x-kanaria-version")
             .map(|h| h.as_bytes())
             .unwrap_or_default();
         assert!(key()
-            .verify(token.trim_ascii(), crate::override_token::unix_now())
+            .verify(token.trim_ascii(), crate::split::override_token::unix_now())
             .is_ok());
     }
     assert_eq!(
         rule(weight, None).decide(&headers, client, ("v1", None)).0,
-        Version::Stable
+        Track::Stable
     );
 }
 

@@ -1,28 +1,25 @@
 //! Kanaria: a canary-release reverse proxy on Pingora.
 //!
-//! Requests are routed by host and path ([`route`]), each user is assigned stickily to the
-//! stable or canary version of the route ([`split`]), and the request is proxied to an
-//! endpoint of that version's pool ([`proxy`]). The configuration ([`config`]) is one
-//! immutable snapshot shared by every request. [`server`] wires it into a Pingora server.
+//! The crate is grouped by subsystem, following a request and then the control loop:
+//! - [`config`]: the file model, its validation (no network I/O) and the build step that
+//!   turns it into one immutable runtime snapshot; the file watcher that hot-reloads it.
+//! - [`proxy`]: Pingora's hooks (the request path), the edge checks, the connection guard,
+//!   draining, and the forwarding headers.
+//! - [`split`]: routing by host and path, the sticky split of users between the stable and
+//!   canary *tracks*, and signed override tokens.
+//! - [`rollout`]: the pure rollout state machine and everything that drives it: the
+//!   controller, the analysis windows, persistence, events and the webhook.
+//! - [`admin`]: the admin API, the dashboard, and the CLI's client of that API.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`demo`]: `kanaria demo`, the built-in story.
+//! - [`server`]: wires all of it into one Pingora server.
 
 pub mod admin;
-pub mod analysis;
-pub mod client;
-pub mod config;
-pub mod conn_guard;
-pub mod controller;
+pub(crate) mod config;
 pub mod demo;
-pub mod drain;
-pub mod edge;
-pub mod edge_hooks;
 pub mod fuzz_targets;
 pub mod metrics;
-pub mod notify;
-pub mod override_token;
-pub mod proxy;
-pub mod reload;
+pub(crate) mod proxy;
 pub mod rollout;
-pub mod route;
 pub mod server;
 pub mod split;
-pub mod state;

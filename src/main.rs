@@ -124,8 +124,15 @@ fn report(result: anyhow::Result<String>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    // The demo tells its story on the terminal: Pingora's INFO lines would interleave with
+    // it, so it logs warnings and errors only unless RUST_LOG says otherwise.
+    let default_filter = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
+        .init();
     match cli.command {
         Command::Run { config, upgrade } => match kanaria::server::run(&config, upgrade) {
             Ok(()) => ExitCode::SUCCESS,
@@ -158,39 +165,39 @@ fn main() -> ExitCode {
             })
             .map(|()| String::new()),
         ),
-        Command::Status { admin } => report(kanaria::client::status(&admin)),
+        Command::Status { admin } => report(kanaria::admin::cli::status(&admin)),
         Command::Weight {
             route,
             percent,
             admin,
-        } => report(kanaria::client::act(
+        } => report(kanaria::admin::cli::act(
             &admin,
             &route,
             "weight",
             Some(&format!("{{\"percent\": {percent}}}")),
         )),
         Command::Rollback { route, admin } => {
-            report(kanaria::client::act(&admin, &route, "rollback", None))
+            report(kanaria::admin::cli::act(&admin, &route, "rollback", None))
         }
         Command::SignOverride {
             version,
             ttl,
             route,
             config,
-        } => report(kanaria::override_token::sign_command(
+        } => report(kanaria::split::override_token::sign_command(
             &version,
             &ttl,
             &route,
             config.as_deref(),
         )),
         Command::Promote { route, admin } => {
-            report(kanaria::client::act(&admin, &route, "promote", None))
+            report(kanaria::admin::cli::act(&admin, &route, "promote", None))
         }
         Command::Pause { route, admin } => {
-            report(kanaria::client::act(&admin, &route, "pause", None))
+            report(kanaria::admin::cli::act(&admin, &route, "pause", None))
         }
         Command::Resume { route, admin } => {
-            report(kanaria::client::act(&admin, &route, "resume", None))
+            report(kanaria::admin::cli::act(&admin, &route, "resume", None))
         }
     }
 }

@@ -14,8 +14,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::analysis::Window;
-use crate::split::Version;
+use crate::rollout::analysis::Window;
+use crate::split::Track;
 
 /// Request duration buckets, 1 ms to 10 s.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -87,7 +87,7 @@ pub struct Metrics {
 }
 
 /// One version's handles within a route.
-pub struct VersionMetrics {
+pub struct TrackMetrics {
     requests: [IntCounter; 6],
     duration: Histogram,
     upstream_errors: [IntCounter; 4],
@@ -99,22 +99,22 @@ pub struct VersionMetrics {
 
 /// A route's handles, resolved once per published config.
 pub struct RouteMetrics {
-    stable: VersionMetrics,
-    canary: VersionMetrics,
+    stable: TrackMetrics,
+    canary: TrackMetrics,
     /// `kanaria_retries_total{from="canary",to="stable"}`.
     pub retried_on_stable: IntCounter,
 }
 
 impl RouteMetrics {
-    pub fn version(&self, v: Version) -> &VersionMetrics {
+    pub fn version(&self, v: Track) -> &TrackMetrics {
         match v {
-            Version::Stable => &self.stable,
-            Version::Canary => &self.canary,
+            Track::Stable => &self.stable,
+            Track::Canary => &self.canary,
         }
     }
 }
 
-impl VersionMetrics {
+impl TrackMetrics {
     /// Records a finished request: its status (or `None` when none was sent) and duration.
     #[inline]
     pub fn record(&self, status: Option<u16>, seconds: f64) {
@@ -156,7 +156,7 @@ pub struct EdgeMetrics {
 
 impl EdgeMetrics {
     #[inline]
-    pub fn rejected(&self, reason: crate::edge::RejectReason) -> &IntCounter {
+    pub fn rejected(&self, reason: crate::proxy::edge::RejectReason) -> &IntCounter {
         &self.rejected[reason as usize]
     }
 }
@@ -310,7 +310,7 @@ impl Metrics {
             ),
         )?;
         let edge = EdgeMetrics {
-            rejected: crate::edge::RejectReason::ALL
+            rejected: crate::proxy::edge::RejectReason::ALL
                 .map(|r| rejected.with_label_values(&[r.as_str()])),
         };
         // Make both results visible from the start, so rate() works on the first reload.
@@ -343,7 +343,7 @@ impl Metrics {
         if let Some(m) = cache.get(route) {
             return m.clone();
         }
-        let version = |v: &str| VersionMetrics {
+        let version = |v: &str| TrackMetrics {
             requests: CODE_CLASSES.map(|c| self.requests.with_label_values(&[route, v, c])),
             duration: self.duration.with_label_values(&[route, v]),
             upstream_errors: UpstreamErrorKind::ALL.map(|k| {
@@ -385,10 +385,10 @@ mod tests {
     fn all_metrics_register_and_render() {
         let m = Metrics::new().unwrap();
         let r = m.route("app");
-        r.version(Version::Canary).record(Some(503), 0.002);
-        r.version(Version::Canary)
+        r.version(Track::Canary).record(Some(503), 0.002);
+        r.version(Track::Canary)
             .upstream_error(UpstreamErrorKind::Status5xx);
-        r.version(Version::Stable).record(None, 0.5);
+        r.version(Track::Stable).record(None, 0.5);
         let text = m.render();
         assert!(text.contains(
             "kanaria_requests_total{code_class=\"5xx\",route=\"app\",version=\"canary\"} 1"

@@ -8,19 +8,18 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
+use crate::config::reload::Reloader;
 use crate::config::{self, Snapshot};
-use crate::controller::Controller;
-use crate::drain::{self, Draining};
+use crate::proxy::drain::{self, Draining};
 use crate::proxy::KanariaProxy;
-use crate::reload::Reloader;
-use crate::state::Shared;
+use crate::rollout::control::Shared;
+use crate::rollout::controller::Controller;
 
 /// Pingora's server configuration derived from ours.
 fn server_conf(snap: &Snapshot) -> ServerConf {
@@ -68,7 +67,7 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
     // The proxy app behind the connection guard (header deadline, connection caps), which
     // lets idle connections linger on shutdown so clients reusing them are not reset.
     let app = Draining::new(
-        crate::conn_guard::GuardedApp::new(
+        crate::proxy::conn_guard::GuardedApp::new(
             pingora::proxy::http_proxy(&server.configuration, KanariaProxy::new(shared.clone())),
             shared.clone(),
             &listen,
@@ -141,9 +140,4 @@ pub fn check(config_path: &Path) -> Result<String, config::ConfigErrors> {
         snap.routes.len(),
         if snap.routes.len() == 1 { "" } else { "s" }
     ))
-}
-
-/// Context for errors of the binary.
-pub fn with_path<T>(r: std::io::Result<T>, path: &Path) -> anyhow::Result<T> {
-    r.with_context(|| path.display().to_string())
 }

@@ -15,12 +15,17 @@ fn demo_story_ends_in_a_rollback_that_users_do_not_see() {
         .arg("--admin")
         .arg(format!("127.0.0.1:{admin}"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("RUST_LOG", "warn")
+        // As a newcomer runs it: no RUST_LOG, and no log lines in the story.
+        .env_remove("RUST_LOG")
         .output()
         .expect("run kanaria demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    assert!(
+        !stderr.contains(" INFO ") && !stdout.contains(" INFO "),
+        "INFO log lines interleave with the story:\n{stderr}"
+    );
     for line in [
         "progressing step 1: canary weight 5%",
         "progressing step 3: canary weight 50%",

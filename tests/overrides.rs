@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::process::Command;
 
 use common::{client, kanaria_bin, metric, pool, Proxy, Upstream};
-use kanaria::override_token::{unix_now, OverrideKey};
+use kanaria::split::override_token::{unix_now, OverrideKey};
 
 const SECRET: &str = "test-secret-0123456789-0123456789-abcdef";
 

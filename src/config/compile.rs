@@ -25,7 +25,7 @@ use super::{
     ProxySettings, ReloadSettings, Route, Snapshot, StableDown, StateSettings, Step, Timeouts,
     WeightSource,
 };
-use crate::route::Router;
+use crate::split::router::Router;
 use crate::split::{seed_for, weight_to_buckets, OverrideRule, SplitRule, StickySource};
 
 /// How many structural errors are reported before giving up on finding more.
@@ -225,14 +225,12 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
     let notify = cfg.notify.as_ref().and_then(|n| {
         let path = KeyPath::root().key("notify");
         let timeout = c.duration(path.key("timeout"), &n.timeout);
-        let parsed = parse_http_url(&n.webhook_url);
-        if let Err(e) = &parsed {
+        let url = webhook_url(&n.webhook_url);
+        if let Err(e) = &url {
             c.err(path.key("webhook_url"), e.clone());
         }
-        let (authority, url_path) = parsed.ok()?;
         Some(NotifySettings {
-            authority,
-            path: url_path,
+            url: url.ok()?,
             timeout: timeout?,
         })
     });
@@ -325,7 +323,7 @@ fn ip_net(s: &str) -> Option<IpNet> {
 }
 
 fn edge_settings(c: &mut Check, e: &EdgeFile) -> Option<EdgeSettings> {
-    use crate::edge::{HeaderLimits, PINGORA_MAX_HEADERS, PINGORA_MAX_HEADER_BYTES};
+    use crate::proxy::edge::{HeaderLimits, PINGORA_MAX_HEADERS, PINGORA_MAX_HEADER_BYTES};
     let path = KeyPath::root().key("edge");
     let header_timeout = c.duration(path.key("header_timeout"), &e.header_timeout);
     let idle = c.duration(path.key("idle_timeout"), &e.idle_timeout);
@@ -538,13 +536,13 @@ fn route(
     let mut key = None;
     if let Some(secret) = &r.override_secret {
         let secret = secret.trim();
-        if secret.len() < crate::override_token::MIN_SECRET_LEN {
+        if secret.len() < crate::split::override_token::MIN_SECRET_LEN {
             c.err(
                 path.key("override_secret"),
                 format!(
                     "{} bytes is too short: use at least {} random bytes (e.g. `openssl rand -hex 32`)",
                     secret.len(),
-                    crate::override_token::MIN_SECRET_LEN
+                    crate::split::override_token::MIN_SECRET_LEN
                 ),
             );
             ok = false;
@@ -555,7 +553,7 @@ fn route(
             );
             ok = false;
         } else {
-            key = crate::override_token::OverrideKey::new(secret.as_bytes(), &r.name);
+            key = crate::split::override_token::OverrideKey::new(secret.as_bytes(), &r.name);
         }
     }
     let defaults = proxy.map(|p| p.timeouts);
@@ -808,13 +806,15 @@ fn analysis(c: &mut Check, path: &KeyPath, a: &AnalysisFile) -> Option<AnalysisR
     let interval = c.duration(path.key("interval"), &a.interval);
     let window = c.duration(path.key("window"), &a.window);
     if let Some(w) = window {
-        if w.as_secs() > crate::analysis::MAX_WINDOW_SECS || w < std::time::Duration::from_secs(1) {
+        if w.as_secs() > crate::rollout::analysis::MAX_WINDOW_SECS
+            || w < std::time::Duration::from_secs(1)
+        {
             c.err(
                 path.key("window"),
                 format!(
                     "{:?} must be between 1s and {}s",
                     a.window,
-                    crate::analysis::MAX_WINDOW_SECS
+                    crate::rollout::analysis::MAX_WINDOW_SECS
                 ),
             );
             ok = false;
@@ -921,26 +921,17 @@ fn rollout(c: &mut Check, path: &KeyPath, r: &RolloutFile) -> Option<Vec<Step>> 
     ok.then_some(steps)
 }
 
-/// `http://host:port/path` → ("host:port", "/path"). Only plain HTTP: webhooks go to a
-/// local relay or an in-cluster service.
-fn parse_http_url(url: &str) -> Result<(String, String), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url:?} must start with http:// (https is not supported)"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() {
+/// A webhook URL: plain `http://` with a host (webhooks go to a local relay or an
+/// in-cluster service; the HTTP client is built without TLS).
+fn webhook_url(url: &str) -> Result<String, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    if parsed.scheme() != "http" {
+        return Err(format!(
+            "{url:?} must start with http:// (https is not supported)"
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
         return Err(format!("{url:?} has no host"));
     }
-    let authority = if authority
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
-    Ok((authority, path.to_string()))
+    Ok(parsed.to_string())
 }

@@ -8,6 +8,7 @@
 pub mod compile;
 pub mod errors;
 pub mod file;
+pub mod reload;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -17,10 +18,10 @@ use std::time::Duration;
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::LoadBalancer;
 
-pub use errors::{ConfigError, ConfigErrors, KeyPath};
+pub use errors::ConfigErrors;
 
-use crate::route::Router;
-use crate::split::{SplitRule, Version};
+use crate::split::router::Router;
+use crate::split::{SplitRule, Track};
 
 /// Upstream timeouts of one route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +70,7 @@ pub struct EdgeSettings {
     /// Keep-alive idle timeout in whole seconds (Pingora's granularity), at least 1.
     pub idle_timeout_secs: u64,
     pub body_timeout: Duration,
-    pub limits: crate::edge::HeaderLimits,
+    pub limits: crate::proxy::edge::HeaderLimits,
     pub max_connections: usize,
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
@@ -131,10 +132,8 @@ pub struct StateSettings {
 /// `[notify]`, validated.
 #[derive(Debug, Clone)]
 pub struct NotifySettings {
-    /// host:port to connect to.
-    pub authority: String,
-    /// Path and query to POST to.
-    pub path: String,
+    /// The `http://` URL events are POSTed to.
+    pub url: String,
     pub timeout: Duration,
 }
 
@@ -228,9 +227,9 @@ pub struct Route {
 
 impl Route {
     /// The pool serving `v`. A route without a canary pool serves everything from stable.
-    pub fn pool(&self, v: Version) -> &Arc<Pool> {
+    pub fn pool(&self, v: Track) -> &Arc<Pool> {
         match (v, &self.canary) {
-            (Version::Canary, Some(c)) => c,
+            (Track::Canary, Some(c)) => c,
             _ => &self.stable,
         }
     }
@@ -257,15 +256,6 @@ pub struct Snapshot {
     pub edge: EdgeSettings,
     pub routes: Vec<Arc<Route>>,
     pub router: Router,
-}
-
-impl Snapshot {
-    /// The route for a request's host and path.
-    pub fn find_route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
-        self.router
-            .find(host, path)
-            .and_then(|i| self.routes.get(i))
-    }
 }
 
 /// Parse and validate config text. `file` is the name used in error messages.

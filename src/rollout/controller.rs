@@ -7,7 +7,9 @@
 //! pool has no healthy endpoint; and, when `analysis.interval` is due, judges the canary
 //! against stable over the window and over the last two seconds (a sudden failure shows in
 //! the short span long before it moves a 30-second average), then hands the verdict to
-//! `Shared::record_verdict`.
+//! the route's state machine with the epoch its data was read at: if anything changed the
+//! phase or the canary version while it judged (an operator's resume, a new version), the
+//! machine drops the verdict instead of letting the new phase inherit an old failure.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,11 +21,13 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde_json::json;
 
-use crate::analysis::{evaluate, Verdict};
-use crate::config::{Pool, Route};
+use crate::config::{Pool, Route, WeightSource};
 use crate::metrics::RouteMetrics;
-use crate::split::Version;
-use crate::state::Shared;
+use crate::rollout::analysis::{evaluate, Verdict};
+use crate::rollout::control::Shared;
+use crate::rollout::machine::{self, Input};
+use crate::rollout::phase::now_ms;
+use crate::split::Track;
 
 const TICK: Duration = Duration::from_millis(100);
 /// The short span judged beside the window.
@@ -75,8 +79,8 @@ impl Probes {
 fn judge(route: &Route, m: &RouteMetrics, since: Instant, now: Instant) -> Verdict {
     let rules = &route.analysis;
     let (c, s) = (
-        &m.version(Version::Canary).window,
-        &m.version(Version::Stable).window,
+        &m.version(Track::Canary).window,
+        &m.version(Track::Stable).window,
     );
     let full = evaluate(
         rules,
@@ -114,13 +118,16 @@ impl Controller {
                     if route.split.canary_buckets > 0 && canary.healthy_count() == 0 {
                         let endpoints: Vec<String> =
                             canary.endpoints.iter().map(|e| e.to_string()).collect();
-                        self.shared.auto_rollback(
+                        self.shared.canary_unhealthy(
                             &route.name,
-                            "health_check",
                             json!({ "healthy_endpoints": 0, "endpoints": endpoints }),
                         );
                     }
                 }
+            }
+            // A rollout step's hold may elapse between evaluations (or without analysis).
+            if route.weight_source == WeightSource::Rollout {
+                self.shared.observe(&route.name, Input::Tick);
             }
             if !route.analysis.enabled || route.canary.is_none() || route.split.canary_buckets == 0
             {
@@ -139,14 +146,19 @@ impl Controller {
             ) else {
                 continue;
             };
-            match judge(route, m, control.judged_since, now) {
-                Verdict::Fail { reason, numbers } => {
-                    self.shared
-                        .record_verdict(&route.name, Some((reason, numbers)), false)
-                }
-                Verdict::Pass => self.shared.record_verdict(&route.name, None, true),
-                Verdict::Inconclusive => self.shared.record_verdict(&route.name, None, false),
-            }
+            // Outcomes since the current phase began, as an instant of this clock.
+            let since =
+                now - Duration::from_millis(now_ms().saturating_sub(control.judged_since_ms));
+            let verdict = match judge(route, m, since, now) {
+                Verdict::Fail { reason, numbers } => machine::Verdict::Fail {
+                    reason: reason.to_string(),
+                    numbers,
+                },
+                Verdict::Pass => machine::Verdict::Pass,
+                Verdict::Inconclusive => machine::Verdict::Inconclusive,
+            };
+            self.shared
+                .record_verdict(&route.name, control.epoch, verdict);
         }
         probes.retain(&pools_seen);
         self.shared.update_health_gauges(&live.snapshot);

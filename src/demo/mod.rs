@@ -26,9 +26,9 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
-use crate::rollout::{now_ms, Phase};
-use crate::split::{buckets_to_percent, Version};
-use crate::state::Shared;
+use crate::rollout::control::Shared;
+use crate::rollout::phase::{now_ms, Phase};
+use crate::split::{buckets_to_percent, Track};
 
 /// How long the story may take before it is declared failed.
 const STORY_LIMIT: Duration = Duration::from_secs(120);
@@ -365,8 +365,8 @@ impl Story {
         let Some(m) = live.route_metrics.get(i) else {
             return (phase, weight);
         };
-        let (s_total, _) = m.version(Version::Stable).totals();
-        let (c_total, _) = m.version(Version::Canary).totals();
+        let (s_total, _) = m.version(Track::Stable).totals();
+        let (c_total, _) = m.version(Track::Canary).totals();
         rates.push_back((now, s_total, c_total));
         while rates.len() > 1
             && rates
@@ -382,7 +382,7 @@ impl Story {
             _ => 0.0,
         };
         let recent = Duration::from_secs(3);
-        let line = |name: &str, label: &str, v: Version, rps: f64| {
+        let line = |name: &str, label: &str, v: Track, rps: f64| {
             let st = m.version(v).window.stats(now, recent);
             format!(
                 "  {name:<7} {label:<4} {rps:>6.0} req/s   errors {:>6.2}%   p99 {:>7.1} ms",
@@ -402,11 +402,11 @@ impl Story {
                 r.name,
                 phase.as_ref().map_or("?", |p| p.name())
             ),
-            line("stable", &r.stable.version, Version::Stable, rps(|x| x.1)),
+            line("stable", &r.stable.version, Track::Stable, rps(|x| x.1)),
             line(
                 "canary",
                 r.canary.as_ref().map_or("-", |c| c.version.as_str()),
-                Version::Canary,
+                Track::Canary,
                 rps(|x| x.2),
             ),
             format!(

@@ -5,7 +5,13 @@
 //! whole path segments: `/api` matches `/api`, `/api/x` and `/api?q`, not `/apix`; a prefix
 //! ending in `/` matches everything below it. Host names compare case-insensitively, and a
 //! port in the `Host` header is ignored.
+//!
+//! The path is matched the way nginx matches `location`: after [`normalize_path`] has
+//! decoded percent escapes, merged repeated slashes and resolved `.` and `..` segments, so
+//! `/api/../admin` is matched as `/admin`, never by the `/api` route. The request is still
+//! forwarded with the path the client sent.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// Index of routes for matching. Built once per config snapshot.
@@ -41,6 +47,63 @@ pub fn host_without_port(host: &str) -> &str {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => host,
     }
+}
+
+/// The path used for routing: the part before `?`, percent-decoded, with repeated slashes
+/// merged and dot segments resolved. `None` when `..` climbs above the root (nginx answers
+/// 400 for such a request). Paths that need none of this are borrowed, not copied.
+pub fn normalize_path(path: &str) -> Option<Cow<'_, str>> {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let needs_work = path.contains("//") || path.contains("/.") || path.contains('%');
+    if !needs_work {
+        return Some(Cow::Borrowed(path));
+    }
+    let decoded = percent_decode(path.as_bytes());
+    let mut segments: Vec<&[u8]> = Vec::new();
+    let mut trailing_slash = false;
+    for seg in decoded.split(|b| *b == b'/') {
+        trailing_slash = false;
+        match seg {
+            b"" | b"." => trailing_slash = true,
+            b".." => {
+                segments.pop()?;
+                trailing_slash = true;
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = Vec::with_capacity(decoded.len());
+    for seg in &segments {
+        out.push(b'/');
+        out.extend_from_slice(seg);
+    }
+    if out.is_empty() || trailing_slash {
+        out.push(b'/');
+    }
+    Some(Cow::Owned(String::from_utf8_lossy(&out).into_owned()))
+}
+
+fn percent_decode(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push(hi << 4 | lo);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 impl Router {
@@ -118,5 +181,30 @@ mod tests {
 
         let only_api = Router::new([(&none[..], "/api")]);
         assert_eq!(only_api.find(None, "/"), None);
+    }
+
+    #[test]
+    fn paths_are_normalized_like_nginx_location() {
+        let n = |p: &str| normalize_path(p).map(|c| c.into_owned());
+        assert_eq!(n("/api/v1?x=/../y").as_deref(), Some("/api/v1"));
+        assert_eq!(n("/api/../admin").as_deref(), Some("/admin"));
+        assert_eq!(n("/api/%2e%2e/admin").as_deref(), Some("/admin"));
+        assert_eq!(n("//api///v1/./x/").as_deref(), Some("/api/v1/x/"));
+        assert_eq!(n("/api/..").as_deref(), Some("/"));
+        assert_eq!(n("/a/b/..").as_deref(), Some("/a/"));
+        assert_eq!(n("/%41pi").as_deref(), Some("/Api"));
+        assert_eq!(n("/bad%zz").as_deref(), Some("/bad%zz"));
+        assert_eq!(n("/../etc"), None);
+        assert_eq!(n(""), Some(String::new()));
+        assert!(matches!(
+            normalize_path("/plain/path"),
+            Some(Cow::Borrowed(_))
+        ));
+
+        let none: Vec<String> = vec![];
+        let r = Router::new([(&none[..], "/"), (&none[..], "/api")]);
+        let route_of = |p: &str| r.find(None, &normalize_path(p).unwrap());
+        assert_eq!(route_of("/api/../admin"), Some(0));
+        assert_eq!(route_of("//api//x"), Some(1));
     }
 }

@@ -37,8 +37,8 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::edge::RejectReason;
-use crate::state::Shared;
+use crate::proxy::edge::RejectReason;
+use crate::rollout::control::Shared;
 
 const PHASE_HEADER: u8 = 0;
 const PHASE_REQUEST: u8 = 1;

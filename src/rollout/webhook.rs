@@ -51,7 +51,7 @@ impl Notifier {
 }
 
 async fn run(settings: NotifySettings, mut rx: mpsc::Receiver<String>) {
-    let url = format!("http://{}{}", settings.authority, settings.path);
+    let url = settings.url.clone();
     let client = match reqwest::Client::builder()
         .no_proxy()
         .timeout(settings.timeout)

@@ -5,7 +5,9 @@
 //! configured) and `Content-Type: application/json`, and refuse a foreign `Origin`: a
 //! browser page elsewhere cannot make an operator's browser change a rollout (CSRF). Every answer is JSON except `/metrics` (Prometheus text) and the probes.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+pub mod cli;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -16,11 +18,11 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
-use crate::analysis::WindowStats;
 use crate::config::Pool;
+use crate::rollout::analysis::WindowStats;
+use crate::rollout::control::{rollout_state, ControlError, OperatorAction, Shared};
 use crate::split::buckets_to_percent;
-use crate::split::Version;
-use crate::state::{rollout_state, Action, ControlError, Shared};
+use crate::split::Track;
 
 /// The window the status API reports.
 const STATUS_WINDOW: Duration = Duration::from_secs(30);
@@ -75,21 +77,29 @@ impl AdminApp {
     }
 
     /// Ready once the config is loaded (always, after start) and a proxy listener accepts.
-    fn is_ready(&self) -> bool {
+    /// Probed with an async connect: the admin listener's runtime never blocks on it.
+    async fn is_ready(&self) -> bool {
         if self.ready.load(Ordering::Relaxed) {
             return true;
         }
         let snap = self.shared.snapshot();
-        let up = snap.proxy.listen.iter().all(|a| {
+        let mut up = true;
+        for a in &snap.proxy.listen {
             // A wildcard listener is reached through loopback.
             let ip = match a.ip() {
                 IpAddr::V4(v) if v.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
                 IpAddr::V6(v) if v.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
                 ip => ip,
             };
-            TcpStream::connect_timeout(&SocketAddr::new(ip, a.port()), Duration::from_millis(200))
-                .is_ok()
-        });
+            let connect = tokio::net::TcpStream::connect(SocketAddr::new(ip, a.port()));
+            if !matches!(
+                tokio::time::timeout(Duration::from_millis(200), connect).await,
+                Ok(Ok(_))
+            ) {
+                up = false;
+                break;
+            }
+        }
         if up {
             self.ready.store(true, Ordering::Relaxed);
         }
@@ -145,12 +155,12 @@ impl AdminApp {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let window = |v: Version, span: Duration| {
+                let window = |v: Track, span: Duration| {
                     live.route_metrics
                         .get(i)
                         .map(|m| window_json(m.version(v).window.stats(now, span)))
                 };
-                let totals = |v: Version| {
+                let totals = |v: Track| {
                     live.route_metrics.get(i).map(|m| {
                         let (requests, errors) = m.version(v).totals();
                         json!({ "requests": requests, "errors": errors })
@@ -190,17 +200,17 @@ impl AdminApp {
                     },
                     "window_seconds": STATUS_WINDOW.as_secs(),
                     "window": {
-                        "stable": window(Version::Stable, STATUS_WINDOW),
-                        "canary": window(Version::Canary, STATUS_WINDOW),
+                        "stable": window(Track::Stable, STATUS_WINDOW),
+                        "canary": window(Track::Canary, STATUS_WINDOW),
                     },
                     "recent_seconds": RECENT_WINDOW.as_secs(),
                     "recent": {
-                        "stable": window(Version::Stable, RECENT_WINDOW),
-                        "canary": window(Version::Canary, RECENT_WINDOW),
+                        "stable": window(Track::Stable, RECENT_WINDOW),
+                        "canary": window(Track::Canary, RECENT_WINDOW),
                     },
                     "totals": {
-                        "stable": totals(Version::Stable),
-                        "canary": totals(Version::Canary),
+                        "stable": totals(Track::Stable),
+                        "canary": totals(Track::Canary),
                         "retried_on_stable": live.route_metrics.get(i).map(|m| m.retried_on_stable.get()),
                     },
                 })
@@ -266,15 +276,20 @@ impl AdminApp {
                         "body must be JSON like {\"percent\": 25}",
                     );
                 };
-                Action::Weight(percent)
+                OperatorAction::Weight(percent)
             }
-            "rollback" => Action::Rollback,
-            "promote" => Action::Promote,
-            "pause" => Action::Pause,
-            "resume" => Action::Resume,
+            "rollback" => OperatorAction::Rollback,
+            "promote" => OperatorAction::Promote,
+            "pause" => OperatorAction::Pause,
+            "resume" => OperatorAction::Resume,
             _ => return error(StatusCode::NOT_FOUND, format!("no action {action:?}")),
         };
-        let result = self.shared.act(route, act);
+        // The action returns once its state file is durable: wait off the async runtime.
+        let (shared, name) = (self.shared.clone(), route.to_string());
+        let result = match tokio::task::spawn_blocking(move || shared.act(&name, act)).await {
+            Ok(result) => result,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        };
         match result {
             Ok(generation) => {
                 let control = self.shared.route_control(route);
@@ -293,9 +308,7 @@ impl AdminApp {
             }
             Err(e @ ControlError::NoSuchRoute(_)) => error(StatusCode::NOT_FOUND, e),
             Err(e @ ControlError::BadWeight(_)) => error(StatusCode::BAD_REQUEST, e),
-            Err(e @ (ControlError::NoCanary(_) | ControlError::Conflict(_))) => {
-                error(StatusCode::CONFLICT, e)
-            }
+            Err(e @ ControlError::Refused(_)) => error(StatusCode::CONFLICT, e),
         }
     }
 }
@@ -370,7 +383,7 @@ impl ServeHttp for AdminApp {
             ),
             (["healthz"], &Method::GET) => text(StatusCode::OK, "text/plain", "ok\n".into()),
             (["readyz"], &Method::GET) => {
-                if self.is_ready() {
+                if self.is_ready().await {
                     text(StatusCode::OK, "text/plain", "ready\n".into())
                 } else {
                     text(

@@ -12,7 +12,11 @@
 //! analysis still counts the failure against the canary.
 //! Nothing here may panic or block: errors are values, the hot path takes no lock.
 
-use std::io::Write as _;
+pub mod conn_guard;
+pub mod drain;
+pub mod edge;
+pub mod headers;
+
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,16 +33,13 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::config::{Route, StableDown};
 use crate::metrics::UpstreamErrorKind;
-use crate::split::Version;
-use crate::state::{Live, Shared};
+use crate::rollout::control::{Live, Shared};
+use crate::split::Track;
 
 /// Error type for "the chosen pool has no endpoint to send to" (all down or unhealthy).
 pub const NO_HEALTHY_ENDPOINT: &str = "NoHealthyEndpoint";
 /// Error type that abandons a canary's 5xx answer to retry on stable.
 const CANARY_5XX_RETRY: &str = "Canary5xxRetriedOnStable";
-
-const X_FORWARDED_FOR: &str = "x-forwarded-for";
-const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 
 /// Per-request state shared across the hooks.
 pub struct Ctx {
@@ -46,7 +47,7 @@ pub struct Ctx {
     /// The config this request decided from (kept so every hook sees the same one).
     live: Option<Arc<Live>>,
     route: Option<usize>,
-    version: Option<Version>,
+    version: Option<Track>,
     /// Set when Kanaria generated the id (the client sent none).
     generated_request_id: Option<HeaderValue>,
     /// Status of the upstream's answer, when one came.
@@ -65,7 +66,7 @@ impl Ctx {
 
     /// May this failed attempt be retried on stable?
     fn may_retry_on_stable(&self) -> bool {
-        self.version == Some(Version::Canary)
+        self.version == Some(Track::Canary)
             && !self.retried
             && self.route().is_some_and(|r| r.retry_on_stable)
     }
@@ -74,12 +75,12 @@ impl Ctx {
     fn switch_to_stable(&mut self, kind: UpstreamErrorKind) {
         if let (Some(live), Some(i)) = (&self.live, self.route) {
             if let Some(m) = live.route_metrics.get(i) {
-                m.version(Version::Canary)
+                m.version(Track::Canary)
                     .failed_attempt(kind, self.attempt_start.elapsed().as_secs_f64());
                 m.retried_on_stable.inc();
             }
         }
-        self.version = Some(Version::Stable);
+        self.version = Some(Track::Stable);
         self.retried = true;
         self.upstream_status = None;
     }
@@ -214,14 +215,14 @@ impl ProxyHttp for KanariaProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let live = self.shared.load();
         let snap = &live.snapshot;
-        if let Some(reject) = crate::edge_hooks::admit(session, &snap.edge) {
+        if let Some(reject) = crate::proxy::headers::admit(session, &snap.edge) {
             self.shared.metrics.edge.rejected(reject.reason()).inc();
             log::debug!("refused a request head: {}", reject.message());
             let body = format!("kanaria: {}\n", reject.message());
             respond_text(session, ctx, reject.status(), &body).await?;
             return Ok(true);
         }
-        let client = crate::edge_hooks::client_ip(session, &snap.edge.trusted_proxies);
+        let client = crate::proxy::headers::client_ip(session, &snap.edge.trusted_proxies);
         let req = session.req_header();
         // HTTP/1.1 carries the host in `Host`; absolute-form and HTTP/2 in the URI.
         let host = req
@@ -229,7 +230,20 @@ impl ProxyHttp for KanariaProxy {
             .get(HOST)
             .and_then(|v| v.to_str().ok())
             .or_else(|| req.uri.host());
-        let route = snap.router.find(host, req.uri.path());
+        // Matched on the normalized path (as nginx's `location`); forwarded as sent.
+        let Some(path) = crate::split::router::normalize_path(req.uri.path()) else {
+            ctx.live = Some(live);
+            respond_text(
+                session,
+                ctx,
+                400,
+                "kanaria: the path climbs above the root\n",
+            )
+            .await?;
+            return Ok(true);
+        };
+        let route = snap.router.find(host, &path);
+        drop(path);
         if req.headers.get(&snap.proxy.request_id_header).is_none() {
             ctx.generated_request_id = Some(self.ids.next());
         }
@@ -273,14 +287,14 @@ impl ProxyHttp for KanariaProxy {
         // Every stable endpoint down: only an explicit `stable_down = "serve_canary"` sends
         // stable's users to the canary; by default they get a 502.
         if backend.is_none()
-            && version == Version::Stable
+            && version == Track::Stable
             && route.stable_down == StableDown::ServeCanary
         {
             if let Some(canary) = &route.canary {
                 backend = canary.lb.select(b"", 256);
                 if backend.is_some() {
                     pool = canary;
-                    ctx.version = Some(Version::Canary);
+                    ctx.version = Some(Track::Canary);
                     // Never "retry" such a request back onto the dead stable pool.
                     ctx.retried = true;
                 }
@@ -380,29 +394,23 @@ impl ProxyHttp for KanariaProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some(ip) = client_ip(session) {
-            // Append to what earlier proxies wrote; several XFF headers fold into one list.
-            // Built in one buffer sized up front: one allocation, no temporary strings.
-            let earlier = upstream_request.headers.get_all(X_FORWARDED_FOR);
-            let mut xff =
-                Vec::with_capacity(earlier.iter().map(|v| v.len() + 2).sum::<usize>() + 39);
-            for v in earlier {
-                if v.to_str().is_ok() {
-                    xff.extend_from_slice(v.as_bytes());
-                    xff.extend_from_slice(b", ");
-                }
-            }
-            // Writing to a Vec cannot fail.
-            let _ = write!(xff, "{ip}");
-            upstream_request.insert_header(X_FORWARDED_FOR, xff)?;
-        }
         let upgrading = session.is_upgrade_req();
-        crate::edge_hooks::clean_upstream_request(
+        crate::proxy::headers::clean_upstream_request(
             upstream_request,
             upgrading,
             ctx.route().map(|r| r.as_ref()),
         );
-        upstream_request.insert_header(X_FORWARDED_PROTO, "http")?;
+        // After the hop-by-hop cleanup: a client's `Connection` cannot remove ours.
+        let trusted = ctx
+            .live
+            .as_ref()
+            .map_or(&[][..], |l| &l.snapshot.edge.trusted_proxies[..]);
+        crate::proxy::headers::set_forwarding(
+            upstream_request,
+            client_ip(session),
+            trusted,
+            "http",
+        )?;
         if let (Some(id), Some(live)) = (&ctx.generated_request_id, &ctx.live) {
             upstream_request
                 .insert_header(live.snapshot.proxy.request_id_header.clone(), id.clone())?;
@@ -416,11 +424,11 @@ impl ProxyHttp for KanariaProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Err(why) = crate::edge_hooks::clean_upstream_response(upstream_response) {
+        if let Err(why) = crate::proxy::headers::clean_upstream_response(upstream_response) {
             self.shared
                 .metrics
                 .edge
-                .rejected(crate::edge::RejectReason::UpstreamFraming)
+                .rejected(crate::proxy::edge::RejectReason::UpstreamFraming)
                 .inc();
             return Err(Error::explain(ErrorType::InvalidHTTPHeader, why).into_up());
         }
@@ -485,7 +493,7 @@ impl ProxyHttp for KanariaProxy {
 
     /// Records the outcome of every request that matched a route.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        crate::conn_guard::request_finished(session.as_downstream());
+        crate::proxy::conn_guard::request_finished(session.as_downstream());
         let (Some(live), Some(i), Some(version)) = (&ctx.live, ctx.route, ctx.version) else {
             return;
         };

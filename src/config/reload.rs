@@ -16,7 +16,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::sync::mpsc;
 
-use crate::state::Shared;
+use crate::rollout::control::Shared;
 
 /// The background service that reloads the config.
 pub struct Reloader {

@@ -1,9 +1,11 @@
 //! The edge checks as the proxy hooks run them: admitting a request head, choosing the
-//! client address, and cleaning the messages Kanaria forwards.
+//! client address, and cleaning the messages Kanaria forwards. Every forwarding header
+//! (`X-Forwarded-For`, `X-Forwarded-Proto`) is set here, in [`set_forwarding`].
 //!
-//! The decisions themselves are in [`crate::edge`] (pure functions); this module applies
-//! them to Pingora sessions so `proxy.rs` only calls one function per hook.
+//! The decisions themselves are in [`crate::proxy::edge`] (pure functions); this module applies
+//! them to Pingora sessions so the hooks only call one function each.
 
+use std::io::Write as _;
 use std::net::IpAddr;
 
 use http::header::COOKIE;
@@ -13,13 +15,13 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 
 use crate::config::{EdgeSettings, Route};
-use crate::edge::{check_request_head, check_response_framing, hop_by_hop_names, Reject};
+use crate::proxy::edge::{check_request_head, check_response_framing, hop_by_hop_names, Reject};
 
 /// Checks a request head just read and applies the per-connection settings. `Some` means
 /// refuse: the caller answers `reject.status()` and closes the connection.
 pub fn admit(session: &mut Session, edge: &EdgeSettings) -> Option<Reject> {
     let downstream = session.as_downstream_mut();
-    crate::conn_guard::request_started(downstream);
+    crate::proxy::conn_guard::request_started(downstream);
     // HTTP/1 only: an HTTP/2 head has no raw bytes, and h2 framing is not length-ambiguous.
     let raw = downstream.as_http1().map(|h1| h1.get_headers_raw_bytes());
     if let Some(raw) = raw {
@@ -140,6 +142,56 @@ pub fn without_cookie(headers: &http::HeaderMap, name: &str) -> Option<String> {
     })
 }
 
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+
+/// Sets the forwarding headers of a request about to go upstream. `X-Forwarded-For` gets
+/// the socket peer appended to what earlier proxies wrote. `X-Forwarded-Proto` keeps what a
+/// trusted proxy sent (it terminated the client's connection and knows its scheme) and is
+/// otherwise the scheme of the listener the request came in on: a client cannot claim
+/// `https` on a plain connection.
+pub fn set_forwarding(
+    upstream_request: &mut RequestHeader,
+    peer: Option<IpAddr>,
+    trusted: &[IpNet],
+    listener_scheme: &'static str,
+) -> pingora::Result<()> {
+    if let Some(ip) = peer {
+        // Several XFF headers fold into one list, built in one buffer sized up front.
+        let earlier = upstream_request.headers.get_all(X_FORWARDED_FOR);
+        let mut xff = Vec::with_capacity(earlier.iter().map(|v| v.len() + 2).sum::<usize>() + 39);
+        for v in earlier {
+            if v.to_str().is_ok() {
+                xff.extend_from_slice(v.as_bytes());
+                xff.extend_from_slice(b", ");
+            }
+        }
+        // Writing to a Vec cannot fail.
+        let _ = write!(xff, "{ip}");
+        upstream_request.insert_header(X_FORWARDED_FOR, xff)?;
+    }
+    let from_trusted = peer.is_some_and(|ip| trusted.iter().any(|n| n.contains(&ip)));
+    let proto = upstream_request
+        .headers
+        .get(X_FORWARDED_PROTO)
+        .filter(|_| from_trusted)
+        .and_then(|v| forwarded_scheme(v.as_bytes()));
+    upstream_request.insert_header(X_FORWARDED_PROTO, proto.unwrap_or(listener_scheme))?;
+    Ok(())
+}
+
+/// The scheme a trusted proxy forwarded: only `http` or `https` (the first of a list).
+fn forwarded_scheme(value: &[u8]) -> Option<&'static str> {
+    let first = value.split(|b| *b == b',').next()?.trim_ascii();
+    if first.eq_ignore_ascii_case(b"https") {
+        Some("https")
+    } else if first.eq_ignore_ascii_case(b"http") {
+        Some("http")
+    } else {
+        None
+    }
+}
+
 /// Checks and cleans an upstream response head. `Err` means the framing is ambiguous:
 /// the caller turns it into a 502.
 pub fn clean_upstream_response(resp: &mut ResponseHeader) -> Result<(), &'static str> {
@@ -176,6 +228,31 @@ mod tests {
         assert_eq!(forwarded_client(lb, [].iter(), &trusted), lb);
         let garbage = [hv("1.1.1.1, nonsense")];
         assert_eq!(forwarded_client(lb, garbage.iter(), &trusted), lb);
+    }
+
+    #[test]
+    fn forwarded_proto_is_believed_only_from_trusted_peers() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let forwarded = |peer: &str, sent: Option<&str>| {
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            if let Some(v) = sent {
+                req.insert_header(X_FORWARDED_PROTO, v).unwrap();
+            }
+            set_forwarding(&mut req, peer.parse().ok(), &trusted, "http").unwrap();
+            let proto = req.headers.get(X_FORWARDED_PROTO).unwrap();
+            let xff = req.headers.get(X_FORWARDED_FOR).unwrap();
+            (
+                proto.to_str().unwrap().to_string(),
+                xff.to_str().unwrap().to_string(),
+            )
+        };
+        assert_eq!(forwarded("10.0.0.1", Some("https")).0, "https");
+        assert_eq!(forwarded("10.0.0.1", Some("HTTPS, http")).0, "https");
+        assert_eq!(forwarded("10.0.0.1", Some("gopher")).0, "http");
+        assert_eq!(forwarded("10.0.0.1", None).0, "http");
+        // A client cannot claim https on a plain connection.
+        assert_eq!(forwarded("192.0.2.9", Some("https")).0, "http");
+        assert_eq!(forwarded("192.0.2.9", None).1, "192.0.2.9");
     }
 
     #[test]

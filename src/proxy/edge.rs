@@ -219,15 +219,6 @@ pub fn check_response_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Whether `Connection` lists `token` (comma-separated, case-insensitive).
-pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-}
-
 /// The hop-by-hop header names of a message: `Connection` and every header it names,
 /// `Keep-Alive`, `TE`, `Upgrade` (kept when `upgrading`, with `Connection: upgrade`), and
 /// every `Proxy-*` header. These describe one connection and must not be forwarded.

@@ -15,21 +15,24 @@ use http::HeaderMap;
 use ipnet::IpNet;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+pub mod override_token;
+pub mod router;
+
 /// Number of buckets: weights have 0.01 % resolution.
 pub const BUCKETS: u32 = 10_000;
 
 /// Which pool of a route serves a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Version {
+pub enum Track {
     Stable,
     Canary,
 }
 
-impl Version {
+impl Track {
     pub fn as_str(self) -> &'static str {
         match self {
-            Version::Stable => "stable",
-            Version::Canary => "canary",
+            Track::Stable => "stable",
+            Track::Canary => "canary",
         }
     }
 }
@@ -131,8 +134,8 @@ pub struct OverrideRule {
     pub cookie: Option<String>,
     /// Empty: anyone may override.
     pub trusted: Vec<IpNet>,
-    /// With a key, only signed unexpired tokens count (see [`crate::override_token`]).
-    pub key: Option<crate::override_token::OverrideKey>,
+    /// With a key, only signed unexpired tokens count (see [`crate::split::override_token`]).
+    pub key: Option<crate::split::override_token::OverrideKey>,
 }
 
 impl OverrideRule {
@@ -151,7 +154,7 @@ impl OverrideRule {
         headers: &HeaderMap,
         client: Option<IpAddr>,
         labels: (&str, Option<&str>),
-    ) -> Option<Version> {
+    ) -> Option<Track> {
         if !self.is_enabled() {
             return None;
         }
@@ -168,7 +171,7 @@ impl OverrideRule {
         }
         let value = value.trim_ascii();
         let value = match &self.key {
-            Some(key) => match key.verify(value, crate::override_token::unix_now()) {
+            Some(key) => match key.verify(value, crate::split::override_token::unix_now()) {
                 Ok(version) => version.as_bytes(),
                 Err(e) => {
                     log::debug!("override token refused: {e}");
@@ -178,11 +181,11 @@ impl OverrideRule {
             None => value,
         };
         if value.eq_ignore_ascii_case(b"stable") || value == labels.0.as_bytes() {
-            Some(Version::Stable)
+            Some(Track::Stable)
         } else if value.eq_ignore_ascii_case(b"canary")
             || Some(value) == labels.1.map(str::as_bytes)
         {
-            Some(Version::Canary)
+            Some(Track::Canary)
         } else {
             None
         }
@@ -243,23 +246,23 @@ impl SplitRule {
         headers: &HeaderMap,
         client: Option<IpAddr>,
         labels: (&str, Option<&str>),
-    ) -> (Version, Reason) {
+    ) -> (Track, Reason) {
         if labels.1.is_none() {
-            return (Version::Stable, Reason::Sticky);
+            return (Track::Stable, Reason::Sticky);
         }
         if let Some(v) = self.overrides.forced(headers, client, labels) {
             return (v, Reason::Override);
         }
         if self.canary_buckets == 0 {
-            return (Version::Stable, Reason::Sticky);
+            return (Track::Stable, Reason::Sticky);
         }
         let mut buf = [0u8; 16];
         match self.user_key(headers, client, &mut buf) {
             Some(key) if bucket(self.seed, key) < self.canary_buckets => {
-                (Version::Canary, Reason::Sticky)
+                (Track::Canary, Reason::Sticky)
             }
-            Some(_) => (Version::Stable, Reason::Sticky),
-            None => (Version::Stable, Reason::NoKey),
+            Some(_) => (Track::Stable, Reason::Sticky),
+            None => (Track::Stable, Reason::NoKey),
         }
     }
 }
@@ -291,24 +294,21 @@ mod tests {
         h
     }
 
+    /// Computed independently with Python's `xxhash` package:
+    /// `xxh3_64_intdigest(key, seed=xxh3_64_intdigest(salt)) % 10000`.
+    const PINNED_APP: [u32; 4] = [6573, 3893, 5207, 9035];
+    const PINNED_OTHER: u32 = 3736;
+
     #[test]
     fn bucket_is_stable_across_builds() {
-        // Pinned values: changing the hash would move every user of every running rollout.
-        assert_eq!(
-            bucket(seed_for("app"), b"user-1"),
-            bucket(seed_for("app"), b"user-1")
-        );
-        let b = bucket(seed_for("app"), b"user-1");
-        assert!(b < BUCKETS);
-        assert_ne!(
-            (0..50)
-                .map(|i| bucket(seed_for("app"), format!("u{i}").as_bytes()))
-                .collect::<Vec<_>>(),
-            (0..50)
-                .map(|i| bucket(seed_for("other"), format!("u{i}").as_bytes()))
-                .collect::<Vec<_>>(),
-            "two salts must pick different users"
-        );
+        // Pinned values: a change of the hash or the seeding would move every user of every
+        // running rollout, and must fail here first.
+        let pinned: Vec<u32> = ["user-1", "user-2", "alice", ""]
+            .iter()
+            .map(|k| bucket(seed_for("app"), k.as_bytes()))
+            .collect();
+        assert_eq!(pinned, PINNED_APP);
+        assert_eq!(bucket(seed_for("other"), b"user-1"), PINNED_OTHER);
     }
 
     #[test]
@@ -332,9 +332,9 @@ mod tests {
             let h = headers(&[("x-user-id", &format!("user-{i}"))]);
             let (a, _) = low.decide(&h, None, labels);
             let (b, _) = high.decide(&h, None, labels);
-            if a == Version::Canary {
+            if a == Track::Canary {
                 canary_low += 1;
-                assert_eq!(b, Version::Canary, "user-{i} moved back to stable");
+                assert_eq!(b, Track::Canary, "user-{i} moved back to stable");
             }
         }
         assert!(
@@ -372,18 +372,18 @@ mod tests {
         let inside: IpAddr = "10.9.9.9".parse().unwrap();
         let outside: IpAddr = "192.0.2.1".parse().unwrap();
         let h = headers(&[("x-kanaria-version", "canary")]);
-        assert_eq!(r.decide(&h, Some(inside), labels).0, Version::Canary);
-        assert_eq!(r.decide(&h, Some(outside), labels).0, Version::Stable);
+        assert_eq!(r.decide(&h, Some(inside), labels).0, Track::Canary);
+        assert_eq!(r.decide(&h, Some(outside), labels).0, Track::Stable);
         let h = headers(&[("cookie", "kv=v2")]);
         assert_eq!(
             r.decide(&h, Some(inside), labels),
-            (Version::Canary, Reason::Override)
+            (Track::Canary, Reason::Override)
         );
         let h = headers(&[("x-kanaria-version", "bogus")]);
         assert_eq!(r.decide(&h, Some(inside), labels).1, Reason::Sticky);
         // No canary pool: nothing can force one.
         let h = headers(&[("x-kanaria-version", "canary")]);
-        assert_eq!(r.decide(&h, Some(inside), ("v1", None)).0, Version::Stable);
+        assert_eq!(r.decide(&h, Some(inside), ("v1", None)).0, Track::Stable);
     }
 
     #[test]

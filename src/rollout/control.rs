@@ -1,0 +1,518 @@
+//! The process's shared state: the published config snapshot and everything that changes it.
+//!
+//! Two inputs shape what requests see: the config file (loaded at start and on reload) and
+//! each route's rollout state, moved only by the pure [`machine`](crate::rollout::machine).
+//! Every change is applied under one mutex that the request path never touches: the
+//! machine's step and its in-memory effects (a new [`Snapshot`] made live with a single
+//! `ArcSwap::store`, the event kept, logged, counted and queued for the webhook) happen
+//! inside it, so no two changes interleave; the state file is written after it, on the
+//! persister's thread, in the same order. Requests load the snapshot once and never see
+//! half a change.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use serde_json::Value;
+
+use crate::config::{self, ConfigErrors, Route, Snapshot};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::rollout::machine::{self, Effect, Event, Input, Refusal, RouteRollout, Spec};
+use crate::rollout::phase::{now_ms, Phase, STATES};
+use crate::rollout::store::{Persister, Store, Write};
+use crate::rollout::webhook::Notifier;
+use crate::split::{buckets_to_percent, weight_to_buckets};
+
+pub use crate::rollout::machine::{Action, Verdict};
+
+/// Events kept for the status API.
+const EVENTS_KEPT: usize = 200;
+
+/// The published config plus per-route metric handles, swapped as one.
+pub struct Live {
+    pub snapshot: Arc<Snapshot>,
+    /// Parallel to `snapshot.routes`.
+    pub route_metrics: Vec<Arc<RouteMetrics>>,
+}
+
+/// The result of the last reload attempt, for the status API.
+#[derive(Debug, Clone)]
+pub struct ReloadStatus {
+    pub at: SystemTime,
+    /// `startup`, `watch`, `sighup`.
+    pub trigger: &'static str,
+    pub ok: bool,
+    pub errors: Vec<String>,
+    /// Keys that changed in the file but only take effect after a restart.
+    pub restart_required: Vec<String>,
+}
+
+/// What publication needs under its lock.
+struct Control {
+    /// The last config compiled from the file, before rollout phases.
+    file: Arc<Snapshot>,
+    routes: HashMap<String, RouteRollout>,
+    generation: u64,
+    events: VecDeque<Event>,
+}
+
+/// Errors of operator actions, each mapped to an HTTP status by the admin API.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no route named {0:?}")]
+    NoSuchRoute(String),
+    #[error("{0}")]
+    BadWeight(String),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+}
+
+/// Shared by the proxy, the admin API, the reloader and the rollout controller.
+pub struct Shared {
+    live: ArcSwap<Live>,
+    pub metrics: Metrics,
+    pub config_path: PathBuf,
+    control: Mutex<Control>,
+    last_reload: ArcSwap<ReloadStatus>,
+    persister: Option<Persister>,
+    notifier: Option<Notifier>,
+}
+
+/// Restart-only settings that differ between two configs, by key.
+fn restart_keys(running: &Snapshot, new: &Snapshot) -> Vec<String> {
+    let mut keys = Vec::new();
+    if running.proxy.listen != new.proxy.listen {
+        keys.push("proxy.listen".to_string());
+    }
+    if running.proxy.threads != new.proxy.threads {
+        keys.push("proxy.threads".to_string());
+    }
+    if running.proxy.upgrade_sock != new.proxy.upgrade_sock {
+        keys.push("proxy.upgrade_sock".to_string());
+    }
+    if running.admin.listen != new.admin.listen {
+        keys.push("admin.listen".to_string());
+    }
+    if running.state.as_ref().map(|s| &s.dir) != new.state.as_ref().map(|s| &s.dir) {
+        keys.push("state.dir".to_string());
+    }
+    keys
+}
+
+impl Shared {
+    /// State for a config loaded at startup (generation 1). Persisted phases are restored.
+    pub fn new(snapshot: Snapshot, config_path: PathBuf) -> anyhow::Result<Arc<Self>> {
+        let metrics = Metrics::new()?;
+        let persister = match &snapshot.state {
+            Some(st) => Some(Persister::start(Store::new(&st.dir)?)?),
+            None => None,
+        };
+        let notifier = snapshot.notify.clone().map(Notifier::start);
+        let file = Arc::new(snapshot);
+        let shared = Arc::new(Shared {
+            live: ArcSwap::from_pointee(Live {
+                snapshot: file.clone(),
+                route_metrics: Vec::new(),
+            }),
+            metrics,
+            config_path,
+            control: Mutex::new(Control {
+                file: file.clone(),
+                routes: HashMap::new(),
+                generation: 0,
+                events: VecDeque::new(),
+            }),
+            last_reload: ArcSwap::from_pointee(ReloadStatus {
+                at: SystemTime::now(),
+                trigger: "startup",
+                ok: true,
+                errors: Vec::new(),
+                restart_required: Vec::new(),
+            }),
+            persister,
+            notifier,
+        });
+        {
+            let mut ctl = shared.lock();
+            shared.sync_routes(&mut ctl);
+            shared.publish(&mut ctl);
+        }
+        shared.flush_state();
+        shared.metrics.reloads.with_label_values(&["success"]).inc();
+        Ok(shared)
+    }
+
+    /// What a request decides from. One atomic load; no lock.
+    #[inline]
+    pub fn load(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// The current snapshot (for status and tests).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.live.load().snapshot.clone()
+    }
+
+    pub fn last_reload(&self) -> Arc<ReloadStatus> {
+        self.last_reload.load_full()
+    }
+
+    /// The most recent events, oldest first.
+    pub fn events(&self) -> Vec<Event> {
+        self.lock().events.iter().cloned().collect()
+    }
+
+    /// Every route's rollout state. Read this *before* loading the snapshot: a change of
+    /// phase is published inside the same critical section, so the snapshot loaded after
+    /// is at least as new as these records.
+    pub fn controls(&self) -> HashMap<String, RouteRollout> {
+        self.lock().routes.clone()
+    }
+
+    /// A route's rollout state (for status and the controller).
+    pub fn route_control(&self, route: &str) -> Option<RouteRollout> {
+        self.lock().routes.get(route).cloned()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Control> {
+        // Every field of Control is replaced whole, so a panic elsewhere while the lock
+        // was held cannot leave it torn: a poisoned lock is still usable.
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Steps one route's machine under the lock and carries out the effects that belong
+    /// inside it (publication, events); state files are queued for the persister. Returns
+    /// whether the weights may have changed (the caller publishes once for all routes).
+    fn step(&self, ctl: &mut Control, route: &str, input: Input) -> Result<bool, Refusal> {
+        let now = now_ms();
+        let state = match ctl.routes.get(route) {
+            Some(s) => s.clone(),
+            None => match ctl.file.routes.iter().find(|r| r.name == route) {
+                Some(r) => machine::fresh(&Spec::of(r), now),
+                None => return Ok(false),
+            },
+        };
+        let outcome = machine::step(route, &state, input, now)?;
+        match outcome.next {
+            Some(next) => ctl.routes.insert(route.to_string(), next),
+            None => ctl.routes.remove(route),
+        };
+        let mut publish = false;
+        for effect in outcome.effects {
+            match effect {
+                Effect::Publish => publish = true,
+                Effect::Emit(event) => self.emit(ctl, event),
+                Effect::Persist(rec) => {
+                    if let Some(p) = &self.persister {
+                        p.queue(Write::Save(rec));
+                    }
+                }
+                Effect::Forget => {
+                    if let Some(p) = &self.persister {
+                        p.queue(Write::Remove(route.to_string()));
+                    }
+                }
+            }
+        }
+        Ok(publish)
+    }
+
+    /// Waits until the state files of every change so far are on disk. Called outside
+    /// the lock.
+    fn flush_state(&self) {
+        if let Some(p) = &self.persister {
+            p.flush();
+        }
+    }
+
+    fn emit(&self, ctl: &mut Control, event: Event) {
+        let line = serde_json::to_string(&event).unwrap_or_default();
+        log::info!(target: "kanaria::event", "{line}");
+        self.metrics
+            .events
+            .with_label_values(&[&event.route, &event.kind])
+            .inc();
+        if event.kind == "rollback" {
+            self.metrics
+                .rollbacks
+                .with_label_values(&[&event.route, &event.reason])
+                .inc();
+        }
+        if let Some(n) = &self.notifier {
+            n.send(line);
+        }
+        if ctl.events.len() >= EVENTS_KEPT {
+            ctl.events.pop_front();
+        }
+        ctl.events.push_back(event);
+    }
+
+    /// Brings the routes' rollout states in line with the file config: routes that left
+    /// are forgotten (with their state files), new ones restore what was saved for them,
+    /// and every other one gets the reloaded config.
+    fn sync_routes(&self, ctl: &mut Control) {
+        let file = ctl.file.clone();
+        let gone: Vec<String> = ctl
+            .routes
+            .keys()
+            .filter(|name| !file.routes.iter().any(|r| &r.name == *name))
+            .cloned()
+            .collect();
+        for name in gone {
+            let _ = self.step(ctl, &name, Input::Removed);
+        }
+        for route in &file.routes {
+            let input = if ctl.routes.contains_key(&route.name) {
+                Input::Config(Spec::of(route))
+            } else {
+                Input::Restore(self.saved(route))
+            };
+            let _ = self.step(ctl, &route.name, input);
+        }
+    }
+
+    /// What the state store holds for a route that appears. Read under the lock: it runs
+    /// at start and on reload only, never on the request path.
+    fn saved(&self, route: &Route) -> Result<Option<crate::rollout::phase::Record>, String> {
+        let Some(p) = &self.persister else {
+            return Ok(None);
+        };
+        p.store().load(&route.name).map_err(|e| {
+            log::error!(
+                "route {}: {e}; no canary traffic until the canary version changes or an operator resumes",
+                route.name
+            );
+            e.to_string()
+        })
+    }
+
+    /// Builds the snapshot to serve from the file config and the phases, and stores it.
+    fn publish(&self, ctl: &mut Control) {
+        let old = self.live.load();
+        let mut snap = (*ctl.file).clone();
+        ctl.generation += 1;
+        snap.generation = ctl.generation;
+        snap.routes = ctl
+            .file
+            .routes
+            .iter()
+            .map(|r| {
+                let mut route = (**r).clone();
+                // Unchanged pools keep their load balancer (and so their endpoint health).
+                if let Some(prev) = old.snapshot.routes.iter().find(|o| o.name == r.name) {
+                    if prev.stable.version == route.stable.version
+                        && prev.stable.endpoints == route.stable.endpoints
+                        && prev.health == route.health
+                    {
+                        route.stable = prev.stable.clone();
+                    }
+                    if let (Some(p), Some(n)) = (&prev.canary, &route.canary) {
+                        if p.version == n.version
+                            && p.endpoints == n.endpoints
+                            && prev.health == route.health
+                        {
+                            route.canary = Some(p.clone());
+                        }
+                    }
+                }
+                if let Some(rc) = ctl.routes.get(&r.name) {
+                    let (buckets, source) = rc.weight();
+                    route.split.canary_buckets = if route.canary.is_some() { buckets } else { 0 };
+                    route.weight_source = source;
+                }
+                Arc::new(route)
+            })
+            .collect();
+        let route_metrics = snap
+            .routes
+            .iter()
+            .map(|r| self.metrics.route(&r.name))
+            .collect();
+        self.update_gauges(&old.snapshot, &snap, ctl);
+        self.live.store(Arc::new(Live {
+            snapshot: Arc::new(snap),
+            route_metrics,
+        }));
+    }
+
+    fn update_gauges(&self, old: &Snapshot, new: &Snapshot, ctl: &Control) {
+        let m = &self.metrics;
+        // Series of routes, pools and endpoints that went away must not linger.
+        for r in &old.routes {
+            let _ = m.canary_weight.remove_label_values(&[&r.name]);
+            for st in STATES {
+                let _ = m.rollout_state.remove_label_values(&[&r.name, st]);
+            }
+            for (role, pool) in [("stable", Some(&r.stable)), ("canary", r.canary.as_ref())] {
+                if let Some(p) = pool {
+                    let _ = m
+                        .pool_info
+                        .remove_label_values(&[&r.name, role, &p.version]);
+                    for e in &p.endpoints {
+                        let _ = m.endpoint_healthy.remove_label_values(&[
+                            &r.name,
+                            role,
+                            &e.to_string(),
+                        ]);
+                    }
+                }
+            }
+        }
+        for r in &new.routes {
+            m.canary_weight
+                .with_label_values(&[&r.name])
+                .set(buckets_to_percent(r.split.canary_buckets));
+            let state = rollout_state(r, ctl.routes.get(&r.name).map(|c| &c.phase));
+            for st in STATES {
+                m.rollout_state
+                    .with_label_values(&[&r.name, st])
+                    .set(i64::from(st == state));
+            }
+            for (role, pool) in [("stable", Some(&r.stable)), ("canary", r.canary.as_ref())] {
+                if let Some(p) = pool {
+                    m.pool_info
+                        .with_label_values(&[&r.name, role, &p.version])
+                        .set(1);
+                }
+            }
+        }
+        self.update_health_gauges(new);
+        m.generation.set(new.generation as i64);
+    }
+
+    /// `kanaria_endpoint_healthy` from the load balancers' current health.
+    pub fn update_health_gauges(&self, snap: &Snapshot) {
+        for r in &snap.routes {
+            for (role, pool) in [("stable", Some(&r.stable)), ("canary", r.canary.as_ref())] {
+                if let Some(p) = pool {
+                    for (addr, healthy) in p.health() {
+                        self.metrics
+                            .endpoint_healthy
+                            .with_label_values(&[&r.name, role, &addr.to_string()])
+                            .set(i64::from(healthy));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Re-reads the config file. On success the new config is live before this returns;
+    /// on error the old one keeps serving and every error is logged and kept for status.
+    pub fn reload_from_file(&self, trigger: &'static str) -> Result<u64, ConfigErrors> {
+        // Parsed and built before the lock is taken: nothing waits on the file.
+        let result = config::load_file(&self.config_path);
+        let mut ctl = self.lock();
+        match result {
+            Ok(new) => {
+                let restart_required = restart_keys(&ctl.file, &new);
+                for key in &restart_required {
+                    log::warn!(
+                        "config reload ({trigger}): {key} changed; it takes effect after a restart, the running value stays"
+                    );
+                }
+                ctl.file = Arc::new(new);
+                // Before publishing: whoever sees the new generation sees this result too.
+                self.last_reload.store(Arc::new(ReloadStatus {
+                    at: SystemTime::now(),
+                    trigger,
+                    ok: true,
+                    errors: Vec::new(),
+                    restart_required,
+                }));
+                self.metrics.reloads.with_label_values(&["success"]).inc();
+                self.sync_routes(&mut ctl);
+                self.publish(&mut ctl);
+                let generation = ctl.generation;
+                drop(ctl);
+                log::info!(
+                    "config reloaded ({trigger}) from {}: generation {generation}",
+                    self.config_path.display(),
+                );
+                Ok(generation)
+            }
+            Err(errors) => {
+                drop(ctl);
+                self.metrics.reloads.with_label_values(&["error"]).inc();
+                for e in &errors.0 {
+                    log::error!(
+                        "config reload ({trigger}) rejected, old config keeps serving: {e}"
+                    );
+                }
+                self.last_reload.store(Arc::new(ReloadStatus {
+                    at: SystemTime::now(),
+                    trigger,
+                    ok: false,
+                    errors: errors.0.iter().map(|e| e.to_string()).collect(),
+                    restart_required: Vec::new(),
+                }));
+                Err(errors)
+            }
+        }
+    }
+
+    /// An operator's action (a weight in percent). Returns the new generation once the
+    /// change is live and its state file is on disk.
+    pub fn act(&self, route: &str, action: OperatorAction) -> Result<u64, ControlError> {
+        let action = match action {
+            OperatorAction::Weight(percent) => {
+                Action::Weight(weight_to_buckets(percent).map_err(ControlError::BadWeight)?)
+            }
+            OperatorAction::Rollback => Action::Rollback,
+            OperatorAction::Promote => Action::Promote,
+            OperatorAction::Pause => Action::Pause,
+            OperatorAction::Resume => Action::Resume,
+        };
+        let generation = {
+            let mut ctl = self.lock();
+            if !ctl.file.routes.iter().any(|r| r.name == route) {
+                return Err(ControlError::NoSuchRoute(route.to_string()));
+            }
+            if self.step(&mut ctl, route, Input::Operator(action))? {
+                self.publish(&mut ctl);
+            }
+            ctl.generation
+        };
+        self.flush_state();
+        Ok(generation)
+    }
+
+    /// Feeds one input from the controller (a verdict, a health change, a tick) to a
+    /// route's machine. A verdict for an epoch that is no longer current is dropped there.
+    pub fn observe(&self, route: &str, input: Input) {
+        let mut ctl = self.lock();
+        if matches!(self.step(&mut ctl, route, input), Ok(true)) {
+            self.publish(&mut ctl);
+        }
+    }
+
+    /// The controller's rollback when the canary pool has no healthy endpoint.
+    pub fn canary_unhealthy(&self, route: &str, numbers: Value) {
+        self.observe(route, Input::CanaryUnhealthy { numbers });
+    }
+
+    /// An evaluation's verdict, judged on data read at `epoch`.
+    pub fn record_verdict(&self, route: &str, epoch: u64, verdict: Verdict) {
+        self.observe(route, Input::Verdict { epoch, verdict });
+    }
+}
+
+/// An operator's action as the admin API takes it (the weight in percent).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OperatorAction {
+    Weight(f64),
+    Rollback,
+    Promote,
+    Pause,
+    Resume,
+}
+
+/// The rollout state of a published route.
+pub fn rollout_state(r: &Route, phase: Option<&Phase>) -> &'static str {
+    match (r.canary.is_some(), phase) {
+        (false, _) => "no_canary",
+        (true, Some(p)) => p.name(),
+        (true, None) => "manual",
+    }
+}
