@@ -739,7 +739,13 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        // Failures are shrunk and printed; a case worth keeping becomes a named unit test
+        // above (no regression files in the tree).
+        #![proptest_config(ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
 
         #[test]
         fn invariants_hold_over_long_event_sequences(
