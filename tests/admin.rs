@@ -287,6 +287,18 @@ async fn token_guarded_weight_rollback_and_promote_move_users() {
     assert_eq!(s["routes"][0]["rollout_state"], "rolled_back");
     assert_eq!(s["routes"][0]["effective_weight_percent"], 0.0);
 
+    // The latch: a weight cannot end a rollback; only a resume (or a new version) does.
+    let r = post(w, Some("s3cret-token"), Some("{\"percent\": 50}"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("resume it first"), "{body}");
+    let r = post("/api/v1/routes/app/resume", Some("s3cret-token"), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
     // An operator's weight holds across a reload that leaves the route alone ...
     let r = post(w, Some("s3cret-token"), Some("{\"percent\": 50}"))
         .await
@@ -378,7 +390,7 @@ async fn cli_status_weight_and_rollback() {
     let (code, _, err) = run(&["pause", "app"], Some("tok"));
     assert_eq!(code, Some(1));
     assert!(
-        err.contains("409") && err.contains("only a progressing rollout"),
+        err.contains("409") && err.contains("resume it first"),
         "{err}"
     );
     let (code, out, err) = run(&["resume", "app"], Some("tok"));

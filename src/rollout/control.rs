@@ -516,3 +516,106 @@ pub fn rollout_state(r: &Route, phase: Option<&Phase>) -> &'static str {
         (true, None) => "manual",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[[routes]]
+name = "app"
+[routes.stable]
+version = "v1"
+endpoints = ["127.0.0.1:1"]
+[routes.canary]
+version = "VERSION"
+endpoints = ["127.0.0.1:2"]
+[routes.rollout]
+steps = [{ weight = 10, hold = "1h" }, { weight = 50, hold = "1h" }]
+"#;
+
+    fn write(dir: &std::path::Path, version: &str) -> PathBuf {
+        let path = dir.join("kanaria.toml");
+        let text = format!(
+            "[state]\ndir = \"{}\"\n{}",
+            dir.join("state").display(),
+            CONFIG.replace("VERSION", version)
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn start(dir: &std::path::Path) -> Arc<Shared> {
+        let path = write(dir, "v2");
+        Shared::new(config::load_file(&path).unwrap(), path).unwrap()
+    }
+
+    fn fail() -> Verdict {
+        Verdict::Fail {
+            reason: "error_rate".into(),
+            numbers: serde_json::json!({}),
+        }
+    }
+
+    fn phase(shared: &Shared) -> &'static str {
+        shared.route_control("app").unwrap().phase.name()
+    }
+
+    /// The controller reads a route's data and judges it outside the lock; an operator's
+    /// pause and resume land in between. The old failure must not roll back the resumed
+    /// rollout (before epochs, it did).
+    #[test]
+    fn a_verdict_judged_before_a_resume_is_not_applied_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = start(dir.path());
+        let read_at = shared.route_control("app").unwrap().epoch;
+        shared.act("app", OperatorAction::Pause).unwrap();
+        shared.act("app", OperatorAction::Resume).unwrap();
+        shared.record_verdict("app", read_at, fail());
+        assert_eq!(phase(&shared), "progressing");
+        assert_eq!(shared.snapshot().routes[0].split.canary_buckets, 1_000);
+        // A verdict on current data still rolls back, atomically with its publication.
+        let now = shared.route_control("app").unwrap().epoch;
+        shared.record_verdict("app", now, fail());
+        assert_eq!(phase(&shared), "rolled_back");
+        assert_eq!(shared.snapshot().routes[0].split.canary_buckets, 0);
+    }
+
+    /// The same with a new canary version deployed while the old one's data is judged.
+    #[test]
+    fn a_new_canary_version_does_not_inherit_the_old_ones_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = start(dir.path());
+        let read_at = shared.route_control("app").unwrap().epoch;
+        write(dir.path(), "v3");
+        shared.reload_from_file("test").unwrap();
+        shared.record_verdict("app", read_at, fail());
+        let state = shared.route_control("app").unwrap();
+        assert_eq!(state.canary_version.as_deref(), Some("v3"));
+        assert_eq!(state.phase.name(), "progressing");
+    }
+
+    /// A route removed from the config forgets its state file: re-added, it starts afresh.
+    #[test]
+    fn a_removed_route_forgets_its_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = start(dir.path());
+        shared.act("app", OperatorAction::Rollback).unwrap();
+        let file = dir.path().join("state/app.json");
+        assert!(file.exists());
+        let path = dir.path().join("kanaria.toml");
+        let other = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("name = \"app\"", "name = \"other\"");
+        std::fs::write(&path, other).unwrap();
+        shared.reload_from_file("test").unwrap();
+        shared.flush_state();
+        assert!(
+            !file.exists(),
+            "the removed route's state file is still there"
+        );
+        write(dir.path(), "v2");
+        shared.reload_from_file("test").unwrap();
+        assert_eq!(phase(&shared), "progressing");
+    }
+}

@@ -221,4 +221,36 @@ mod tests {
         let err = store.load("app").unwrap_err().to_string();
         assert!(err.contains("app.json: not a Kanaria state file"), "{err}");
     }
+
+    /// Two writers of one route (an old and a new process during `--upgrade`) never share
+    /// a temp file: every save succeeds and the file is always whole. With one fixed temp
+    /// name, one writer's rename took the other's half-written file, or found none.
+    #[test]
+    fn concurrent_writers_of_one_route_never_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let writers: Vec<_> = (0..2)
+            .map(|w| {
+                let store = Store::new(dir.path()).unwrap();
+                std::thread::spawn(move || {
+                    for i in 0..100 {
+                        let rec = Record {
+                            route: "app".into(),
+                            canary_version: format!("v{w}"),
+                            phase: Phase::Paused { step: i },
+                            updated_ms: i as u64,
+                        };
+                        store.save(&rec).unwrap();
+                        // Every read in between finds a whole file.
+                        store.load("app").unwrap().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let store = Store::new(dir.path()).unwrap();
+        let rec = store.load("app").unwrap().unwrap();
+        assert_eq!(rec.phase, Phase::Paused { step: 99 });
+    }
 }
