@@ -113,6 +113,101 @@ async fn forwarded_headers_and_request_id() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["headers"]["x-request-id"], "abc-123");
     assert_eq!(body["headers"]["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+
+    // A client that is not a trusted proxy cannot claim https.
+    let r = c
+        .get(proxy.url("/c"))
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["headers"]["x-forwarded-proto"], "http");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxy_keeps_its_forwarded_proto() {
+    let app = Upstream::start("app").await;
+    let cfg = format!(
+        "[edge]\ntrusted_proxies = [\"127.0.0.1/32\"]\n[[routes]]\nname = \"app\"\n{}",
+        pool("routes.stable", "v1", &[app.addr])
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let r = client()
+        .get(proxy.url("/a"))
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["headers"]["x-forwarded-proto"], "https");
+}
+
+/// What curl sends with `--path-as-is`: the status, the upstream that answered, the path it saw.
+fn curl_as_is(port: u16, path: &str) -> (u16, String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--path-as-is", "--max-time", "10", "-D", "-"])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let upstream = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-upstream: "))
+        .unwrap_or_default()
+        .to_string();
+    let path = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["path"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    (status, upstream, path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_matches_the_normalized_path_like_nginx() {
+    let web = Upstream::start("web").await;
+    let api = Upstream::start("api").await;
+    let cfg = format!(
+        "[[routes]]\nname = \"web\"\n{}\n[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\n{}\n",
+        pool("routes.stable", "v1", &[web.addr]),
+        pool("routes.stable", "v1", &[api.addr]),
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let port = proxy.port;
+    let cases = tokio::task::spawn_blocking(move || {
+        [
+            "/api/../admin",
+            "/api/%2e%2e/admin",
+            "//api//v1",
+            "/x/../api/v1",
+            "/api/./v1",
+            "/../etc/passwd",
+        ]
+        .map(|p| (p, curl_as_is(port, p)))
+    })
+    .await
+    .unwrap();
+    let want = [
+        (200, "web"),
+        (200, "web"),
+        (200, "api"),
+        (200, "api"),
+        (200, "api"),
+        (400, ""),
+    ];
+    for ((path, (status, upstream, seen)), (want_status, want_upstream)) in cases.iter().zip(want) {
+        assert_eq!(*status, want_status, "{path}");
+        assert_eq!(upstream, want_upstream, "{path}");
+        if *status == 200 {
+            assert_eq!(seen, path, "forwarded as sent");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
