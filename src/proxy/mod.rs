@@ -506,7 +506,9 @@ impl ProxyHttp for KanariaProxy {
             return e;
         }
         let nothing_sent = session.as_downstream().response_written().is_none();
-        if ctx.may_retry_on_stable() && nothing_sent && replayable(session) {
+        // The client hung up: not the canary's failure, and nobody to answer on stable.
+        let client_gone = e.esource() == &ErrorSource::Downstream;
+        if ctx.may_retry_on_stable() && nothing_sent && !client_gone && replayable(session) {
             let timed_out = ctx.route().is_some_and(|r| waited >= r.canary_timeout);
             let kind = match upstream_error_kind(&e) {
                 Some(UpstreamErrorKind::Reset) | None if timed_out => UpstreamErrorKind::Timeout,
