@@ -189,6 +189,15 @@ impl TrackMetrics {
         self.window.record(Instant::now(), true, seconds);
     }
 
+    /// An attempt Kanaria gave up on (the canary timeout, or a rollback) and retried
+    /// elsewhere: a timeout in the metrics, and in the analysis a slow request of the time
+    /// it waited, not an error: the version did not fail, it was too slow to wait for.
+    #[inline]
+    pub fn abandoned_attempt(&self, seconds: f64) {
+        self.upstream_error(UpstreamErrorKind::Timeout);
+        self.window.record(Instant::now(), false, seconds);
+    }
+
     #[inline]
     pub fn upstream_error(&self, kind: UpstreamErrorKind) {
         self.upstream_errors[kind as usize].inc();

@@ -120,13 +120,18 @@ impl Ctx {
             && self.route().is_some_and(|r| r.retry_on_stable)
     }
 
-    /// Counts the failed canary attempt (against the canary, with its own duration) and
-    /// points the request at stable.
-    fn switch_to_stable(&mut self, kind: UpstreamErrorKind) {
+    /// Counts the failed canary attempt (against the canary, with its own duration; `None`:
+    /// abandoned by Kanaria, a slow request rather than an error) and points the request at
+    /// stable.
+    fn switch_to_stable(&mut self, kind: Option<UpstreamErrorKind>) {
         self.attempt_over();
         if let Some(m) = self.route_metrics() {
-            m.version(Track::Canary)
-                .failed_attempt(kind, self.attempt_start.elapsed().as_secs_f64());
+            let waited = self.attempt_start.elapsed().as_secs_f64();
+            let canary = m.version(Track::Canary);
+            match kind {
+                Some(kind) => canary.failed_attempt(kind, waited),
+                None => canary.abandoned_attempt(waited),
+            }
             m.retried_on_stable.inc();
         }
         self.version = Some(Track::Stable);
@@ -138,6 +143,12 @@ impl Ctx {
 /// Idempotent and without a request body: safe to send twice.
 fn replayable(session: &mut Session) -> bool {
     session.req_header().method.is_idempotent() && session.as_downstream_mut().is_body_empty()
+}
+
+/// The canary timeout when it is shorter than the read timeout (otherwise Pingora's own
+/// read timeout comes first, and the attempt fails as a timeout).
+fn canary_timeout(route: &Route) -> Option<Duration> {
+    (route.canary_timeout < route.timeouts.read).then_some(route.canary_timeout)
 }
 
 /// Abandons a canary attempt that outlives `timeout` or its canary's rollback.
@@ -154,7 +165,7 @@ fn replayable(session: &mut Session) -> bool {
 /// request per connection at a time, so no other request shares the socket.
 fn watch_canary_attempt(
     fd: std::os::fd::RawFd,
-    timeout: Duration,
+    timeout: Option<Duration>,
     metrics: Arc<RouteMetrics>,
     seen_generation: u64,
 ) -> Option<tokio::sync::oneshot::Sender<()>> {
@@ -168,10 +179,16 @@ fn watch_canary_attempt(
     let socket = std::net::TcpStream::from(dup);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
+        let timeout = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             _ = stopped => return,
-            _ = tokio::time::sleep(timeout) => {}
+            _ = timeout => {}
             _ = metrics.canary_rollbacks.wait_after(seen_generation) => {}
         }
         if let Err(e) = socket.shutdown(std::net::Shutdown::Both) {
@@ -437,7 +454,7 @@ impl ProxyHttp for KanariaProxy {
             if let (Some(route), Some(m)) = (ctx.route(), ctx.route_metrics()) {
                 ctx.watcher = watch_canary_attempt(
                     fd,
-                    route.canary_timeout,
+                    canary_timeout(route),
                     m.clone(),
                     ctx.rollback_generation,
                 );
@@ -482,7 +499,7 @@ impl ProxyHttp for KanariaProxy {
             } else {
                 UpstreamErrorKind::Connect
             };
-            ctx.switch_to_stable(kind);
+            ctx.switch_to_stable(Some(kind));
             e.set_retry(true);
         }
         e
@@ -497,8 +514,10 @@ impl ProxyHttp for KanariaProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        // Measured before the attempt is over: the canary watcher's timeout shows as a
-        // closed connection, which this tells apart from a reset.
+        // Read before the attempt is over: when the canary watcher shut the connection
+        // down (its timeout passed, or the canary was rolled back), the "closed connection"
+        // is Kanaria giving up on a slow canary, not the canary failing.
+        let watched = ctx.watcher.is_some();
         let waited = ctx.attempt_start.elapsed();
         ctx.attempt_over();
         if e.etype() == &ErrorType::Custom(CANARY_5XX_RETRY) {
@@ -509,13 +528,18 @@ impl ProxyHttp for KanariaProxy {
         // The client hung up: not the canary's failure, and nobody to answer on stable.
         let client_gone = e.esource() == &ErrorSource::Downstream;
         if ctx.may_retry_on_stable() && nothing_sent && !client_gone && replayable(session) {
-            let timed_out = ctx.route().is_some_and(|r| waited >= r.canary_timeout);
-            let kind = match upstream_error_kind(&e) {
-                Some(UpstreamErrorKind::Reset) | None if timed_out => UpstreamErrorKind::Timeout,
-                Some(k) => k,
-                None => UpstreamErrorKind::Reset,
-            };
-            ctx.switch_to_stable(kind);
+            let timed_out = ctx
+                .route()
+                .and_then(|r| canary_timeout(r))
+                .is_some_and(|t| waited >= t);
+            let rolled_back = ctx
+                .route_metrics()
+                .is_some_and(|m| m.canary_rollbacks.generation() != ctx.rollback_generation);
+            let kind = upstream_error_kind(&e).unwrap_or(UpstreamErrorKind::Reset);
+            let abandoned = watched
+                && (timed_out || rolled_back)
+                && !matches!(e.etype(), ErrorType::ReadTimedout);
+            ctx.switch_to_stable((!abandoned).then_some(kind));
             e.set_retry(true);
             return e;
         }
@@ -595,7 +619,7 @@ impl ProxyHttp for KanariaProxy {
             ctx.attempt_over();
         }
         if status >= 500 && ctx.may_retry_on_stable() && replayable(session) {
-            ctx.switch_to_stable(UpstreamErrorKind::Status5xx);
+            ctx.switch_to_stable(Some(UpstreamErrorKind::Status5xx));
             let mut e = Error::explain(
                 ErrorType::Custom(CANARY_5XX_RETRY),
                 format!("canary answered {status}"),
