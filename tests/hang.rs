@@ -268,3 +268,79 @@ async fn clients_hanging_up_are_not_errors_of_the_version() {
         .await;
     assert!(app(&st)["window"]["canary"]["errors"].as_u64() >= Some(5));
 }
+
+/// Latency is the app's: a client that takes a second to upload its body does not make
+/// the version look slow (the analysis measures each upstream attempt up to its answer's
+/// head, while `kanaria_request_duration_seconds` still shows the whole request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_the_apps_latency() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (stable, _server) = body_reading_upstream().await;
+    let proxy = Proxy::start(&format!(
+        "[[routes]]\nname = \"app\"\n{}",
+        pool("routes.stable", "v1", &[stable])
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .expect("connect to the proxy");
+    let started = Instant::now();
+    conn.write_all(
+        b"POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 8\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("request head");
+    // The body, one byte every 150 ms: a 1 s upload, paced on purpose.
+    for b in b"12345678" {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if let Err(e) = conn.write_all(&[*b]).await {
+            let mut answer = Vec::new();
+            let _ = conn.read_to_end(&mut answer).await;
+            panic!("{e}: {}", String::from_utf8_lossy(&answer));
+        }
+    }
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.expect("answer");
+    let took = started.elapsed();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(took >= Duration::from_millis(1000), "{took:?}");
+    let st = proxy
+        .wait_status("the request in the window", |s| {
+            app(s)["window"]["stable"]["requests"].as_u64() >= Some(1)
+        })
+        .await;
+    let p99 = app(&st)["window"]["stable"]["p99_ms"].as_f64().unwrap();
+    assert!(
+        p99 < 500.0,
+        "the upload's {took:?} was counted as the app's latency: p99 {p99} ms"
+    );
+}
+
+/// An upstream that reads the whole request body before it answers, as most apps do.
+async fn body_reading_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use http_body_util::{BodyExt, Full};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let addr = listener.local_addr().expect("upstream addr");
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        Ok::<_, hyper::Error>(hyper::Response::new(Full::new(body)))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
