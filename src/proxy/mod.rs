@@ -162,7 +162,9 @@ fn canary_timeout(route: &Route) -> Option<Duration> {
 /// with nothing sent to the client, and `error_while_proxy` retries on stable. The
 /// attempt's end (its answer's head, a failure, the request's end) drops `stop`, which
 /// ends the task and closes the duplicate. The upstream connection is HTTP/1.1, one
-/// request per connection at a time, so no other request shares the socket.
+/// request per connection at a time, so no other request shares the socket. (Should the
+/// head arrive in the very microseconds the timeout fires, that one answer is cut; the
+/// connection is then not reused.)
 fn watch_canary_attempt(
     fd: std::os::fd::RawFd,
     timeout: Option<Duration>,
