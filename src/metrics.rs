@@ -14,7 +14,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::rollout::analysis::Window;
+use crate::rollout::analysis::{InFlight, Window};
 use crate::split::Track;
 
 /// Request duration buckets, 1 ms to 10 s.
@@ -93,8 +93,10 @@ pub struct TrackMetrics {
     upstream_errors: [IntCounter; 4],
     /// Honoured overrides that chose this version.
     pub overrides: IntCounter,
-    /// Recent outcomes, for the status API and the canary analysis.
+    /// Recent outcomes of upstream attempts, for the status API and the canary analysis.
     pub window: Window,
+    /// Upstream attempts waiting for their answer's head, for the analysis.
+    pub in_flight: InFlight,
 }
 
 /// A route's handles, resolved once per published config.
@@ -103,6 +105,44 @@ pub struct RouteMetrics {
     canary: TrackMetrics,
     /// `kanaria_retries_total{from="canary",to="stable"}`.
     pub retried_on_stable: IntCounter,
+    /// Wakes the canary attempts still waiting for an answer when the canary is rolled back.
+    pub canary_rollbacks: RollbackSignal,
+}
+
+/// Tells waiting canary attempts that their canary was rolled back: a generation counter
+/// (an attempt compares it with the one it saw when it started, so a rollback between its
+/// start and its wait is not missed) and a [`tokio::sync::Notify`] to wake the waiters.
+#[derive(Default)]
+pub struct RollbackSignal {
+    generation: std::sync::atomic::AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+impl RollbackSignal {
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A rollback happened: every attempt waiting now, or checking later, sees it.
+    pub fn rolled_back(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+
+    /// Resolves once a rollback after `seen` (a [`Self::generation`]) happened.
+    pub async fn wait_after(&self, seen: u64) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a rollback in between still wakes us.
+            notified.as_mut().enable();
+            if self.generation() != seen {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 impl RouteMetrics {
@@ -115,7 +155,8 @@ impl RouteMetrics {
 }
 
 impl TrackMetrics {
-    /// Records a finished request: its status (or `None` when none was sent) and duration.
+    /// Records a finished request in the Prometheus series: its status (or `None` when
+    /// none was sent) and its whole duration.
     #[inline]
     pub fn record(&self, status: Option<u16>, seconds: f64) {
         let class = match status {
@@ -124,7 +165,12 @@ impl TrackMetrics {
         };
         self.requests[class].inc();
         self.duration.observe(seconds);
-        let is_error = class >= 4;
+    }
+
+    /// Records the outcome of the upstream attempt that answered (or failed) a request, for
+    /// the analysis: `seconds` is that attempt's latency to the answer's head.
+    #[inline]
+    pub fn observe(&self, is_error: bool, seconds: f64) {
         self.window.record(Instant::now(), is_error, seconds);
     }
 
@@ -141,6 +187,15 @@ impl TrackMetrics {
     pub fn failed_attempt(&self, kind: UpstreamErrorKind, seconds: f64) {
         self.upstream_error(kind);
         self.window.record(Instant::now(), true, seconds);
+    }
+
+    /// An attempt Kanaria gave up on (the canary timeout, or a rollback) and retried
+    /// elsewhere: a timeout in the metrics, and in the analysis a slow request of the time
+    /// it waited, not an error: the version did not fail, it was too slow to wait for.
+    #[inline]
+    pub fn abandoned_attempt(&self, seconds: f64) {
+        self.upstream_error(UpstreamErrorKind::Timeout);
+        self.window.record(Instant::now(), false, seconds);
     }
 
     #[inline]
@@ -352,11 +407,13 @@ impl Metrics {
             }),
             overrides: self.overrides.with_label_values(&[route, v]),
             window: Window::new(),
+            in_flight: InFlight::new(),
         };
         let m = Arc::new(RouteMetrics {
             stable: version("stable"),
             canary: version("canary"),
             retried_on_stable: self.retries.with_label_values(&[route, "canary", "stable"]),
+            canary_rollbacks: RollbackSignal::default(),
         });
         // Rollback counters exist at 0 from the start: a series born at 1 shows no
         // `increase()`, so dashboards and alerts would miss each route's first rollback.

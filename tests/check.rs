@@ -110,6 +110,14 @@ fn broken_configs_print_every_error_with_its_place() {
             &["routes[app2].path_prefix: \"/\" on any host is already served by route \"app\""],
         ),
         (
+            "bad canary timeouts",
+            &format!("{GOOD_ROUTE}{}", GOOD_ROUTE.replace("name = \"app\"", "name = \"app2\"\npath_prefix = \"/x\"\ncanary_timeout = \"0s\"")).replace("name = \"app\"", "name = \"app\"\ncanary_timeout = \"soon\""),
+            &[
+                "FILE:4:18: routes[app].canary_timeout: \"soon\" is not a duration",
+                "FILE:12:18: routes[app2].canary_timeout: \"0s\" must be greater than zero",
+            ],
+        ),
+        (
             "empty stable pool",
             "[[routes]]\nname = \"app\"\n[routes.stable]\nversion = \"v1\"\nendpoints = []\n",
             &["FILE:5:13: routes[app].stable.endpoints: no endpoints"],

@@ -168,15 +168,19 @@ async fn hanging_upstream_is_504_counted_as_timeout_and_others_keep_being_served
         assert_eq!(r.status(), 504);
         assert_eq!(r.text().await.unwrap(), "kanaria: upstream timed out\n");
     }
-    let m = proxy.metrics().await;
-    assert_eq!(
-        series(
-            &m,
-            "kanaria_upstream_errors_total{kind=\"timeout\",route=\"slow\",version=\"stable\"}"
-        ),
-        3,
-        "{m}"
-    );
+    // Pingora runs the logging hook (which counts) after the answer went out: the client
+    // can read it first.
+    let timeouts =
+        "kanaria_upstream_errors_total{kind=\"timeout\",route=\"slow\",version=\"stable\"}";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let m = loop {
+        let m = proxy.metrics().await;
+        if series(&m, timeouts) >= 3 || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(series(&m, timeouts), 3, "{m}");
     assert_eq!(
         series(
             &m,

@@ -166,6 +166,12 @@ impl AdminApp {
                         json!({ "requests": requests, "errors": errors })
                     })
                 };
+                // Upstream attempts waiting for their answer's head right now.
+                let in_flight = |v: Track| {
+                    live.route_metrics
+                        .get(i)
+                        .map(|m| m.version(v).in_flight.count())
+                };
                 let control = controls.get(&r.name);
                 let phase = control.map(|c| &c.phase);
                 let rollout = (!r.steps.is_empty()).then(|| {
@@ -207,6 +213,10 @@ impl AdminApp {
                     "recent": {
                         "stable": window(Track::Stable, RECENT_WINDOW),
                         "canary": window(Track::Canary, RECENT_WINDOW),
+                    },
+                    "in_flight": {
+                        "stable": in_flight(Track::Stable),
+                        "canary": in_flight(Track::Canary),
                     },
                     "totals": {
                         "stable": totals(Track::Stable),

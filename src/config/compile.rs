@@ -565,6 +565,10 @@ fn route(
         .read_timeout
         .as_deref()
         .map(|s| c.duration(path.key("read_timeout"), s));
+    let canary_timeout = r
+        .canary_timeout
+        .as_deref()
+        .map(|s| c.duration(path.key("canary_timeout"), s));
 
     let stable_down = match r.stable_down.as_str() {
         "keep_stable" => StableDown::KeepStable,
@@ -635,6 +639,14 @@ fn route(
         read: read.unwrap_or(Some(defaults.read))?,
         ..defaults
     };
+    let analysis = analysis?;
+    // A canary twice as slow as its latency limit is not worth waiting for: stable answers.
+    let canary_timeout = match canary_timeout {
+        Some(d) => d?,
+        None => analysis
+            .max_p99_latency
+            .map_or(timeouts.read, |l| (2 * l).min(timeouts.read)),
+    };
     let header = header.unwrap_or(None);
     if !ok || (r.override_header.is_some() && header.is_none()) {
         return None;
@@ -645,9 +657,10 @@ fn route(
         path_prefix: r.path_prefix.clone(),
         file_buckets: weight?,
         retry_on_stable: r.retry_on_stable,
+        canary_timeout,
         stable_down,
         health,
-        analysis: analysis?,
+        analysis,
         steps: steps?,
         split: SplitRule {
             sticky,

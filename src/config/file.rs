@@ -338,6 +338,10 @@ pub struct RouteFile {
     pub connect_timeout: Option<String>,
     /// Per-route upstream read timeout; default `[proxy].read_timeout`.
     pub read_timeout: Option<String>,
+    /// How long a canary attempt of an idempotent request without a body may wait for the
+    /// answer's head before it is abandoned and retried on stable (with `retry_on_stable`).
+    /// Default: twice `[routes.analysis].max_p99_latency` when set, else the read timeout.
+    pub canary_timeout: Option<String>,
     /// Retry a canary request that failed before any answer reached the client once on
     /// stable (connect errors always; resets, timeouts and 5xx for idempotent requests
     /// without a body). Default `true`.

@@ -218,6 +218,9 @@ pub struct Route {
     /// `canary_weight` as written in the file, in buckets.
     pub file_buckets: u32,
     pub retry_on_stable: bool,
+    /// How long a replayable canary attempt waits for its answer's head before it goes
+    /// to stable (`canary_timeout`, resolved with its default).
+    pub canary_timeout: Duration,
     pub stable_down: StableDown,
     pub health: Option<HealthSettings>,
     pub analysis: AnalysisRules,

@@ -9,7 +9,15 @@
 //! A canary request that fails before any byte of an answer reached the client is retried
 //! once on stable (connect errors for any method; resets, timeouts and 5xx answers for
 //! idempotent requests without a body), so a dead canary costs users nothing while the
-//! analysis still counts the failure against the canary.
+//! analysis still counts the failure against the canary. A canary that hangs is not waited
+//! for either: a replayable canary attempt still without an answer after the route's
+//! `canary_timeout`, or when the canary is rolled back, is abandoned (a watcher task shuts
+//! down its upstream socket, see [`watch_canary_attempt`]) and retried on stable.
+//!
+//! For the analysis, each upstream attempt is measured on its own: from the moment the
+//! request (body included) was handed to the upstream to the head of its answer, and it is
+//! counted as *in flight* meanwhile, so a canary that hangs is judged while it hangs. A
+//! client that hangs up before an answer is not the version's failure and is not counted.
 //! Nothing here may panic or block: errors are values, the hot path takes no lock.
 
 pub mod conn_guard;
@@ -20,7 +28,7 @@ pub mod headers;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -32,7 +40,8 @@ use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::config::{Route, StableDown};
-use crate::metrics::UpstreamErrorKind;
+use crate::metrics::{RouteMetrics, TrackMetrics, UpstreamErrorKind};
+use crate::rollout::analysis::Ticket;
 use crate::rollout::control::{Live, Shared};
 use crate::split::Track;
 
@@ -54,14 +63,54 @@ pub struct Ctx {
     upstream_status: Option<u16>,
     /// The canary attempt failed and the request went to stable.
     retried: bool,
-    /// Start of the current upstream attempt.
+    /// Start of the current upstream attempt; from the end of the upload once the whole
+    /// request was handed to the upstream (a slow upload is not the app's latency).
     attempt_start: Instant,
+    /// The current attempt waits for its answer's head.
+    awaiting_head: bool,
+    /// The current attempt counted in its track's in-flight registry.
+    in_flight: Option<(Track, Ticket)>,
+    /// Latency of the attempt whose answer's head arrived.
+    attempt_latency: Option<f64>,
+    /// Dropped when the attempt is over: stops its canary watcher.
+    watcher: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The route's canary rollback generation when the request was split.
+    rollback_generation: u64,
+}
+
+impl Drop for Ctx {
+    /// Whatever way a request ends (even cancelled mid-hook), its attempt leaves the
+    /// in-flight registry: a leaked count would look like a request hanging forever.
+    fn drop(&mut self) {
+        self.attempt_over();
+    }
 }
 
 impl Ctx {
     fn route(&self) -> Option<&Arc<Route>> {
         let (live, i) = (self.live.as_ref()?, self.route?);
         live.snapshot.routes.get(i)
+    }
+
+    fn route_metrics(&self) -> Option<&Arc<RouteMetrics>> {
+        let (live, i) = (self.live.as_ref()?, self.route?);
+        live.route_metrics.get(i)
+    }
+
+    fn track_metrics(&self, track: Track) -> Option<&TrackMetrics> {
+        self.route_metrics().map(|m| m.version(track))
+    }
+
+    /// The current attempt ended (answer head, failure, or the request is gone): it leaves
+    /// the in-flight registry and its canary watcher stops.
+    fn attempt_over(&mut self) {
+        self.awaiting_head = false;
+        self.watcher = None;
+        if let Some((track, ticket)) = self.in_flight.take() {
+            if let Some(m) = self.track_metrics(track) {
+                m.in_flight.finish(ticket);
+            }
+        }
     }
 
     /// May this failed attempt be retried on stable?
@@ -71,14 +120,19 @@ impl Ctx {
             && self.route().is_some_and(|r| r.retry_on_stable)
     }
 
-    /// Counts the failed canary attempt and points the request at stable.
-    fn switch_to_stable(&mut self, kind: UpstreamErrorKind) {
-        if let (Some(live), Some(i)) = (&self.live, self.route) {
-            if let Some(m) = live.route_metrics.get(i) {
-                m.version(Track::Canary)
-                    .failed_attempt(kind, self.attempt_start.elapsed().as_secs_f64());
-                m.retried_on_stable.inc();
+    /// Counts the failed canary attempt (against the canary, with its own duration; `None`:
+    /// abandoned by Kanaria, a slow request rather than an error) and points the request at
+    /// stable.
+    fn switch_to_stable(&mut self, kind: Option<UpstreamErrorKind>) {
+        self.attempt_over();
+        if let Some(m) = self.route_metrics() {
+            let waited = self.attempt_start.elapsed().as_secs_f64();
+            let canary = m.version(Track::Canary);
+            match kind {
+                Some(kind) => canary.failed_attempt(kind, waited),
+                None => canary.abandoned_attempt(waited),
             }
+            m.retried_on_stable.inc();
         }
         self.version = Some(Track::Stable);
         self.retried = true;
@@ -89,6 +143,61 @@ impl Ctx {
 /// Idempotent and without a request body: safe to send twice.
 fn replayable(session: &mut Session) -> bool {
     session.req_header().method.is_idempotent() && session.as_downstream_mut().is_body_empty()
+}
+
+/// The canary timeout when it is shorter than the read timeout (otherwise Pingora's own
+/// read timeout comes first, and the attempt fails as a timeout).
+fn canary_timeout(route: &Route) -> Option<Duration> {
+    (route.canary_timeout < route.timeouts.read).then_some(route.canary_timeout)
+}
+
+/// Abandons a canary attempt that outlives `timeout` or its canary's rollback.
+///
+/// Pingora 0.9 runs no hook while an attempt waits for the answer's head, and its per-peer
+/// `read_timeout` bounds every read of the answer, body included (a canary timeout there
+/// would cut streamed answers), and cannot be changed once the head arrived. So a task
+/// watches the attempt from aside: it holds a duplicate of the upstream socket's
+/// descriptor (the socket stays valid however Pingora closes its own) and, when the
+/// timeout or a rollback comes first, shuts the socket down. Pingora's read then fails
+/// with nothing sent to the client, and `error_while_proxy` retries on stable. The
+/// attempt's end (its answer's head, a failure, the request's end) drops `stop`, which
+/// ends the task and closes the duplicate. The upstream connection is HTTP/1.1, one
+/// request per connection at a time, so no other request shares the socket. (Should the
+/// head arrive in the very microseconds the timeout fires, that one answer is cut; the
+/// connection is then not reused.)
+fn watch_canary_attempt(
+    fd: std::os::fd::RawFd,
+    timeout: Option<Duration>,
+    metrics: Arc<RouteMetrics>,
+    seen_generation: u64,
+) -> Option<tokio::sync::oneshot::Sender<()>> {
+    use std::os::fd::BorrowedFd;
+    // SAFETY: Pingora hands `connected_to_upstream` the descriptor of the connection the
+    // attempt is about to use; it stays open for the whole call, and the duplicate made
+    // here is owned (and closed) by the watcher alone.
+    let dup = unsafe { BorrowedFd::borrow_raw(fd) }
+        .try_clone_to_owned()
+        .ok()?;
+    let socket = std::net::TcpStream::from(dup);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let timeout = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = stopped => return,
+            _ = timeout => {}
+            _ = metrics.canary_rollbacks.wait_after(seen_generation) => {}
+        }
+        if let Err(e) = socket.shutdown(std::net::Shutdown::Both) {
+            log::debug!("could not abandon a canary attempt: {e}");
+        }
+    });
+    Some(stop)
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -209,6 +318,11 @@ impl ProxyHttp for KanariaProxy {
             upstream_status: None,
             retried: false,
             attempt_start: Instant::now(),
+            awaiting_head: false,
+            in_flight: None,
+            attempt_latency: None,
+            watcher: None,
+            rollback_generation: 0,
         }
     }
 
@@ -275,10 +389,15 @@ impl ProxyHttp for KanariaProxy {
             return Ok(true);
         };
         ctx.version = Some(version);
+        if let Some(m) = ctx.route_metrics() {
+            ctx.rollback_generation = m.canary_rollbacks.generation();
+        }
         Ok(false)
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        // A retry starts a new attempt: the previous one is over.
+        ctx.attempt_over();
         let (Some(route), Some(version)) = (ctx.route().cloned(), ctx.version) else {
             return Error::e_explain(ErrorType::InternalError, "no route decided");
         };
@@ -318,7 +437,52 @@ impl ProxyHttp for KanariaProxy {
         peer.options.write_timeout = Some(t.write);
         peer.options.idle_timeout = Some(t.idle);
         ctx.attempt_start = Instant::now();
+        ctx.awaiting_head = true;
+        ctx.attempt_latency = None;
         Ok(Box::new(peer))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        fd: std::os::fd::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // Only attempts that can go to stable are worth abandoning.
+        if ctx.awaiting_head && ctx.may_retry_on_stable() && replayable(session) {
+            if let (Some(route), Some(m)) = (ctx.route(), ctx.route_metrics()) {
+                ctx.watcher = watch_canary_attempt(
+                    fd,
+                    canary_timeout(route),
+                    m.clone(),
+                    ctx.rollback_generation,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole request was handed to the upstream: from now on, the wait is the app's.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if end_of_stream && ctx.awaiting_head && ctx.in_flight.is_none() {
+            let now = Instant::now();
+            ctx.attempt_start = now;
+            if let Some(track) = ctx.version {
+                if let Some(m) = ctx.track_metrics(track) {
+                    ctx.in_flight = Some((track, m.in_flight.start(now)));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn fail_to_connect(
@@ -330,13 +494,14 @@ impl ProxyHttp for KanariaProxy {
     ) -> Box<Error> {
         // Nothing reached the upstream: any method may go to stable, if its body (if any)
         // is still fully buffered for a replay.
+        ctx.attempt_over();
         if ctx.may_retry_on_stable() && !session.as_ref().retry_buffer_truncated() {
             let kind = if e.etype() == &ErrorType::ConnectTimedout {
                 UpstreamErrorKind::Timeout
             } else {
                 UpstreamErrorKind::Connect
             };
-            ctx.switch_to_stable(kind);
+            ctx.switch_to_stable(Some(kind));
             e.set_retry(true);
         }
         e
@@ -351,14 +516,32 @@ impl ProxyHttp for KanariaProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        // Read before the attempt is over: when the canary watcher shut the connection
+        // down (its timeout passed, or the canary was rolled back), the "closed connection"
+        // is Kanaria giving up on a slow canary, not the canary failing.
+        let watched = ctx.watcher.is_some();
+        let waited = ctx.attempt_start.elapsed();
+        ctx.attempt_over();
         if e.etype() == &ErrorType::Custom(CANARY_5XX_RETRY) {
             // Decided in upstream_response_filter.
             return e;
         }
         let nothing_sent = session.as_downstream().response_written().is_none();
-        if ctx.may_retry_on_stable() && nothing_sent && replayable(session) {
+        // The client hung up: not the canary's failure, and nobody to answer on stable.
+        let client_gone = e.esource() == &ErrorSource::Downstream;
+        if ctx.may_retry_on_stable() && nothing_sent && !client_gone && replayable(session) {
+            let timed_out = ctx
+                .route()
+                .and_then(|r| canary_timeout(r))
+                .is_some_and(|t| waited >= t);
+            let rolled_back = ctx
+                .route_metrics()
+                .is_some_and(|m| m.canary_rollbacks.generation() != ctx.rollback_generation);
             let kind = upstream_error_kind(&e).unwrap_or(UpstreamErrorKind::Reset);
-            ctx.switch_to_stable(kind);
+            let abandoned = watched
+                && (timed_out || rolled_back)
+                && !matches!(e.etype(), ErrorType::ReadTimedout);
+            ctx.switch_to_stable((!abandoned).then_some(kind));
             e.set_retry(true);
             return e;
         }
@@ -433,8 +616,12 @@ impl ProxyHttp for KanariaProxy {
             return Err(Error::explain(ErrorType::InvalidHTTPHeader, why).into_up());
         }
         let status = upstream_response.status.as_u16();
+        if ctx.awaiting_head {
+            ctx.attempt_latency = Some(ctx.attempt_start.elapsed().as_secs_f64());
+            ctx.attempt_over();
+        }
         if status >= 500 && ctx.may_retry_on_stable() && replayable(session) {
-            ctx.switch_to_stable(UpstreamErrorKind::Status5xx);
+            ctx.switch_to_stable(Some(UpstreamErrorKind::Status5xx));
             let mut e = Error::explain(
                 ErrorType::Custom(CANARY_5XX_RETRY),
                 format!("canary answered {status}"),
@@ -494,22 +681,35 @@ impl ProxyHttp for KanariaProxy {
     /// Records the outcome of every request that matched a route.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         crate::proxy::conn_guard::request_finished(session.as_downstream());
-        let (Some(live), Some(i), Some(version)) = (&ctx.live, ctx.route, ctx.version) else {
+        let waited = ctx.attempt_start.elapsed().as_secs_f64();
+        ctx.attempt_over();
+        let Some(version) = ctx.version else {
             return;
         };
-        let Some(m) = live.route_metrics.get(i) else {
+        let Some(m) = ctx.track_metrics(version) else {
             return;
         };
-        let m = m.version(version);
         let status = session
             .as_downstream()
             .response_written()
             .map(|r| r.status.as_u16());
         m.record(status, ctx.start.elapsed().as_secs_f64());
+        let upstream_failed = e.is_some_and(|e| e.esource() == &ErrorSource::Upstream);
         if let Some(kind) = e.and_then(upstream_error_kind) {
             m.upstream_error(kind);
         } else if ctx.upstream_status.is_some_and(|s| s >= 500) {
             m.upstream_error(UpstreamErrorKind::Status5xx);
+        }
+        // The analysis judges the last attempt by its own latency to the answer's head.
+        match ctx.attempt_latency {
+            Some(latency) => {
+                let is_error = ctx.upstream_status.is_some_and(|s| s >= 500) || upstream_failed;
+                m.observe(is_error, latency);
+            }
+            // The client hung up before any answer: not the version's failure.
+            None if e.is_some_and(|e| e.esource() == &ErrorSource::Downstream) => {}
+            // No answer: refused, reset, timed out, no endpoint, or an internal error.
+            None => m.observe(status.is_none_or(|s| s >= 500), waited),
         }
     }
 }

@@ -239,6 +239,11 @@ impl Shared {
                 .rollbacks
                 .with_label_values(&[&event.route, &event.reason])
                 .inc();
+            // Canary attempts still waiting for an answer go to stable now.
+            self.metrics
+                .route(&event.route)
+                .canary_rollbacks
+                .rolled_back();
         }
         if let Some(n) = &self.notifier {
             n.send(line);

@@ -6,7 +6,9 @@
 //! task, so a hanging endpoint delays nothing else); rolls back at once when the canary
 //! pool has no healthy endpoint; and, when `analysis.interval` is due, judges the canary
 //! against stable over the window and over the last two seconds (a sudden failure shows in
-//! the short span long before it moves a 30-second average), then hands the verdict to
+//! the short span long before it moves a 30-second average), counting the attempts still
+//! waiting for an answer past the latency limit as slow (a hanging canary is seen while it
+//! hangs, not when its requests finally time out), then hands the verdict to
 //! the route's state machine with the epoch its data was read at: if anything changed the
 //! phase or the canary version while it judged (an operator's resume, a new version), the
 //! machine drops the verdict instead of letting the new phase inherit an old failure.
@@ -23,7 +25,7 @@ use serde_json::json;
 
 use crate::config::{Pool, Route, WeightSource};
 use crate::metrics::RouteMetrics;
-use crate::rollout::analysis::{evaluate, Verdict};
+use crate::rollout::analysis::{evaluate, Verdict, WindowStats};
 use crate::rollout::control::Shared;
 use crate::rollout::machine::{self, Input};
 use crate::rollout::phase::now_ms;
@@ -76,23 +78,37 @@ impl Probes {
     }
 }
 
+/// One track's numbers over `span` since `since`: the finished attempts, plus the attempts
+/// still waiting past the latency limit (slow) or the read timeout (failed). Without a
+/// latency limit only the read timeout makes a waiting attempt count.
+fn sample(
+    route: &Route,
+    m: &RouteMetrics,
+    track: Track,
+    span: Duration,
+    since: Instant,
+    now: Instant,
+) -> WindowStats {
+    let tm = m.version(track);
+    let mut totals = tm.window.totals_since(now, span, Some(since));
+    let read = route.timeouts.read;
+    let slow_after = route.analysis.max_p99_latency.unwrap_or(read);
+    tm.in_flight
+        .add_pending(now, slow_after, read, Some(since), &mut totals);
+    totals.stats()
+}
+
 fn judge(route: &Route, m: &RouteMetrics, since: Instant, now: Instant) -> Verdict {
     let rules = &route.analysis;
-    let (c, s) = (
-        &m.version(Track::Canary).window,
-        &m.version(Track::Stable).window,
-    );
-    let full = evaluate(
-        rules,
-        &c.stats_since(now, rules.window, Some(since)),
-        &s.stats_since(now, rules.window, Some(since)),
-    );
-    let span = FAST_SPAN.min(rules.window);
-    let fast = evaluate(
-        rules,
-        &c.stats_since(now, span, Some(since)),
-        &s.stats_since(now, span, Some(since)),
-    );
+    let pair = |span: Duration| {
+        evaluate(
+            rules,
+            &sample(route, m, Track::Canary, span, since, now),
+            &sample(route, m, Track::Stable, span, since, now),
+        )
+    };
+    let full = pair(rules.window);
+    let fast = pair(FAST_SPAN.min(rules.window));
     match (full, fast) {
         (f @ Verdict::Fail { .. }, _) | (_, f @ Verdict::Fail { .. }) => f,
         (Verdict::Pass, _) | (_, Verdict::Pass) => Verdict::Pass,
