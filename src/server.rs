@@ -63,12 +63,18 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
 
     let admin_listen = snapshot.admin.listen;
     let linger = drain::linger_for(snapshot.proxy.shutdown_grace);
+    let log_settings = snapshot.log.clone();
     let shared = Shared::new(snapshot, config_path.to_path_buf())?;
+    let access_log =
+        crate::proxy::access_log::AccessLog::start(&log_settings, &shared.metrics.registry)?;
     // The proxy app behind the connection guard (header deadline, connection caps), which
     // lets idle connections linger on shutdown so clients reusing them are not reset.
     let app = Draining::new(
         crate::proxy::conn_guard::GuardedApp::new(
-            pingora::proxy::http_proxy(&server.configuration, KanariaProxy::new(shared.clone())),
+            pingora::proxy::http_proxy(
+                &server.configuration,
+                KanariaProxy::new(shared.clone()).with_access_log(access_log),
+            ),
             shared.clone(),
             &listen,
         ),

@@ -79,7 +79,11 @@ pub fn compile_str(src: &str, file: &str) -> Result<Snapshot, ConfigErrors> {
     if let Some(cfg) = parsed {
         // Routes dropped for structural errors are already reported; "no routes" would be noise.
         let routes_in_file = original.iter().any(|(k, _)| k.get_ref() == "routes");
-        match validate(&cfg, routes_in_file) {
+        let base = std::path::Path::new(file)
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        match validate(&cfg, routes_in_file, &base) {
             Ok(snapshot) if errors.is_empty() => return Ok(snapshot),
             Ok(_) => {}
             Err(semantic) => {
@@ -186,8 +190,80 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(KeyPath, String)>> {
+/// A path from the config: absolute, or relative to the config file's directory `base`.
+pub fn relative_to(base: &std::path::Path, p: &str) -> std::path::PathBuf {
+    let p = std::path::Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn log_settings(
+    c: &mut Check,
+    l: &super::file::LogFile,
+    base: &std::path::Path,
+) -> Option<crate::proxy::access_log::LogSettings> {
+    use crate::proxy::access_log::{Format, LogSettings, Target};
+    let path = KeyPath::root().key("log");
+    let mut ok = true;
+    let access = match l.access.trim() {
+        "off" => Target::Off,
+        "stdout" => Target::Stdout,
+        "" => {
+            c.err(
+                path.key("access"),
+                "empty: use \"off\", \"stdout\" or a file path",
+            );
+            ok = false;
+            Target::Off
+        }
+        p => {
+            let file = relative_to(base, p);
+            match file.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+                    c.err(
+                        path.key("access"),
+                        format!("{p:?}: directory {} does not exist", dir.display()),
+                    );
+                    ok = false;
+                }
+                _ => {}
+            }
+            Target::File(file)
+        }
+    };
+    let format = match l.format.as_str() {
+        "json" => Format::Json,
+        "combined" => Format::Combined,
+        other => {
+            c.err(
+                path.key("format"),
+                format!("{other:?} is not \"json\" or \"combined\""),
+            );
+            ok = false;
+            Format::Json
+        }
+    };
+    if l.queue == 0 {
+        c.err(path.key("queue"), "must be at least 1");
+        ok = false;
+    }
+    ok.then_some(LogSettings {
+        access,
+        format,
+        queue: l.queue,
+    })
+}
+
+fn validate(
+    cfg: &FileConfig,
+    routes_in_file: bool,
+    base: &std::path::Path,
+) -> Result<Snapshot, Vec<(KeyPath, String)>> {
     let mut c = Check::default();
+    let log = log_settings(&mut c, &cfg.log, base);
     let proxy = proxy_settings(&mut c, &cfg.proxy);
 
     let admin_path = KeyPath::root().key("admin").key("listen");
@@ -289,8 +365,10 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
         }
     }
 
-    match (proxy, admin_listen, debounce, edge) {
-        (Some(proxy), Some(listen), Some(debounce), Some(edge)) if c.errors.is_empty() => {
+    match (proxy, admin_listen, debounce, edge, log) {
+        (Some(proxy), Some(listen), Some(debounce), Some(edge), Some(log))
+            if c.errors.is_empty() =>
+        {
             let router = Router::new(
                 routes
                     .iter()
@@ -307,6 +385,7 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
                 state,
                 notify,
                 edge,
+                log,
                 routes,
                 router,
             })
@@ -483,13 +562,37 @@ fn route(
     let mut sticky = Vec::new();
     for (i, s) in r.sticky_by.iter().enumerate() {
         match StickySource::parse(s) {
-            Ok(src) => sticky.push(src),
+            Ok(src) => {
+                // Issuing gives every request a key: what follows is never reached, and an
+                // issued cookie after client_ip would never be issued.
+                let blocked = if sticky
+                    .iter()
+                    .any(|p| matches!(p, StickySource::IssuedCookie(_)))
+                {
+                    Some("an issued_cookie (every request has a key from it)")
+                } else if matches!(src, StickySource::IssuedCookie(_))
+                    && sticky.contains(&StickySource::ClientIp)
+                {
+                    Some("client_ip (every request has a client address)")
+                } else {
+                    None
+                };
+                if let Some(prev) = blocked {
+                    c.err(
+                        path.key("sticky_by").index(i),
+                        format!("{s:?} is never reached: it comes after {prev}"),
+                    );
+                    ok = false;
+                }
+                sticky.push(src)
+            }
             Err(e) => {
                 c.err(path.key("sticky_by").index(i), e);
                 ok = false;
             }
         }
     }
+    let issued_max_age = c.duration(path.key("issued_cookie_max_age"), &r.issued_cookie_max_age);
     let weight = match weight_to_buckets(r.canary_weight) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -649,6 +752,16 @@ fn route(
         health,
         analysis: analysis?,
         steps: steps?,
+        issued_cookie: match sticky.iter().find_map(|s| match s {
+            StickySource::IssuedCookie(name) => Some(name.clone()),
+            _ => None,
+        }) {
+            Some(name) => Some(crate::split::issued::IssuedCookie {
+                name,
+                max_age: issued_max_age?,
+            }),
+            None => None,
+        },
         split: SplitRule {
             sticky,
             seed: seed_for(r.hash_salt.as_deref().unwrap_or(&r.name)),

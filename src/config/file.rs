@@ -26,6 +26,9 @@ pub struct FileConfig {
     /// Client-facing deadlines and limits.
     #[serde(default)]
     pub edge: EdgeFile,
+    /// The access log. Optional: off by default.
+    #[serde(default)]
+    pub log: LogFile,
     /// At least one route is required (checked in `compile`, so the message names the key).
     #[serde(default)]
     pub routes: Vec<RouteFile>,
@@ -133,6 +136,31 @@ impl Default for ReloadFile {
     }
 }
 
+/// `[log]`: the access log. Read at start: changing it needs a restart.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogFile {
+    /// `"off"` (default), `"stdout"`, or a file path (relative to the config file's
+    /// directory), reopened on SIGUSR1.
+    pub access: String,
+    /// `"json"` (default: one JSON object per line) or `"combined"` (nginx's combined
+    /// format with route, track, upstream time and request id appended).
+    pub format: String,
+    /// Lines that may wait for the writer; more are dropped and counted in
+    /// `kanaria_access_log_dropped_total`. Default `16384`.
+    pub queue: usize,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        LogFile {
+            access: "off".into(),
+            format: "json".into(),
+            queue: 16_384,
+        }
+    }
+}
+
 /// `[edge]`: what a client connection may cost before Kanaria closes it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -177,6 +205,10 @@ fn default_path_prefix() -> String {
 
 fn default_sticky_by() -> Vec<String> {
     vec!["client_ip".into()]
+}
+
+fn default_issued_cookie_max_age() -> String {
+    "365d".into()
 }
 
 fn default_true() -> bool {
@@ -316,9 +348,15 @@ pub struct RouteFile {
     #[serde(default = "default_path_prefix")]
     pub path_prefix: String,
     /// Where the user key comes from, first present wins: `header:NAME`, `cookie:NAME`,
-    /// `client_ip`. Default `["client_ip"]`; the client IP is always the last resort.
+    /// `issued_cookie:NAME`, `client_ip`. Default `["client_ip"]`; the client IP is always
+    /// the last resort. `issued_cookie:NAME`: a request with no key gets a random id, split
+    /// on it, and its response sets cookie NAME to it (later sources are never reached).
     #[serde(default = "default_sticky_by")]
     pub sticky_by: Vec<String>,
+    /// `Max-Age` of the issued cookie (with `issued_cookie:NAME` in `sticky_by`).
+    /// Default `"365d"`.
+    #[serde(default = "default_issued_cookie_max_age")]
+    pub issued_cookie_max_age: String,
     /// Percent of users sent to the canary, `0..=100` in steps of 0.01. Default `0`.
     #[serde(default)]
     pub canary_weight: f64,

@@ -210,6 +210,8 @@ pub struct Route {
     pub hosts: Vec<String>,
     pub path_prefix: String,
     pub split: SplitRule,
+    /// Set when `sticky_by` has `issued_cookie:NAME`.
+    pub issued_cookie: Option<crate::split::issued::IssuedCookie>,
     pub timeouts: Timeouts,
     pub stable: Arc<Pool>,
     pub canary: Option<Arc<Pool>>,
@@ -254,6 +256,8 @@ pub struct Snapshot {
     pub state: Option<StateSettings>,
     pub notify: Option<NotifySettings>,
     pub edge: EdgeSettings,
+    /// `[log]` (read at start only).
+    pub log: crate::proxy::access_log::LogSettings,
     pub routes: Vec<Arc<Route>>,
     pub router: Router,
 }

@@ -26,13 +26,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::TlsRef;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
     UniqueIDType, ALPN,
 };
 use pingora::protocols::{SocketDigest, TimingDigest};
 use pingora::server::ShutdownWatch;
-use pingora::tls::TlsRef;
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};

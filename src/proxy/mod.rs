@@ -12,9 +12,11 @@
 //! analysis still counts the failure against the canary.
 //! Nothing here may panic or block: errors are values, the hot path takes no lock.
 
+pub mod access_log;
 pub mod conn_guard;
 pub mod drain;
 pub mod edge;
+pub mod edge_ctx;
 pub mod headers;
 
 use std::net::IpAddr;
@@ -56,6 +58,8 @@ pub struct Ctx {
     retried: bool,
     /// Start of the current upstream attempt.
     attempt_start: Instant,
+    /// TLS, the issued key, the upstream's address and latency (see [`edge_ctx`]).
+    edge: edge_ctx::EdgeCtx,
 }
 
 impl Ctx {
@@ -136,6 +140,8 @@ impl RequestIds {
 pub struct KanariaProxy {
     shared: Arc<Shared>,
     ids: RequestIds,
+    issued_ids: crate::split::issued::IssuedIds,
+    access_log: Option<Arc<access_log::AccessLog>>,
 }
 
 impl KanariaProxy {
@@ -143,7 +149,15 @@ impl KanariaProxy {
         KanariaProxy {
             shared,
             ids: RequestIds::new(),
+            issued_ids: crate::split::issued::IssuedIds::new(),
+            access_log: None,
         }
+    }
+
+    /// Writes one access log line per request to `log` (see [`access_log`]).
+    pub fn with_access_log(mut self, log: Option<Arc<access_log::AccessLog>>) -> Self {
+        self.access_log = log;
+        self
     }
 }
 
@@ -192,7 +206,7 @@ fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
     if let Some(id) = &ctx.generated_request_id {
         resp.insert_header(snap.proxy.request_id_header.clone(), id.clone())?;
     }
-    Ok(())
+    ctx.edge.decorate(resp, ctx.route().map(|r| r.as_ref()))
 }
 
 #[async_trait]
@@ -209,6 +223,7 @@ impl ProxyHttp for KanariaProxy {
             upstream_status: None,
             retried: false,
             attempt_start: Instant::now(),
+            edge: edge_ctx::EdgeCtx::default(),
         }
     }
 
@@ -244,12 +259,19 @@ impl ProxyHttp for KanariaProxy {
         };
         let route = snap.router.find(host, &path);
         drop(path);
+        let r = route.and_then(|i| snap.routes.get(i));
+        ctx.edge
+            .begin(session, r.map(|r| r.as_ref()), &self.issued_ids);
         if req.headers.get(&snap.proxy.request_id_header).is_none() {
             ctx.generated_request_id = Some(self.ids.next());
         }
         let decision = route.and_then(|i| snap.routes.get(i)).map(|r| {
-            r.split
-                .decide(&session.req_header().headers, client, r.labels())
+            r.split.decide_issued(
+                &session.req_header().headers,
+                client,
+                r.labels(),
+                ctx.edge.issued_key(),
+            )
         });
         if let (Some((version, crate::split::Reason::Override)), Some(i)) = (decision, route) {
             if let Some(m) = live.route_metrics.get(i) {
@@ -311,6 +333,7 @@ impl ProxyHttp for KanariaProxy {
                 ),
             );
         };
+        ctx.edge.upstream_addr = backend.addr.as_inet().copied();
         let mut peer = HttpPeer::new(backend.addr, false, String::new());
         let t = route.timeouts;
         peer.options.connection_timeout = Some(t.connect);
@@ -409,7 +432,7 @@ impl ProxyHttp for KanariaProxy {
             upstream_request,
             client_ip(session),
             trusted,
-            "http",
+            ctx.edge.scheme(),
         )?;
         if let (Some(id), Some(live)) = (&ctx.generated_request_id, &ctx.live) {
             upstream_request
@@ -443,6 +466,7 @@ impl ProxyHttp for KanariaProxy {
             return Err(e);
         }
         ctx.upstream_status = Some(status);
+        ctx.edge.upstream_latency = Some(ctx.attempt_start.elapsed());
         Ok(())
     }
 
@@ -494,6 +518,9 @@ impl ProxyHttp for KanariaProxy {
     /// Records the outcome of every request that matched a route.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         crate::proxy::conn_guard::request_finished(session.as_downstream());
+        if let Some(log) = &self.access_log {
+            log.log(session, ctx);
+        }
         let (Some(live), Some(i), Some(version)) = (&ctx.live, ctx.route, ctx.version) else {
             return;
         };
