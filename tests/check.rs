@@ -186,6 +186,18 @@ fn broken_configs_print_every_error_with_its_place() {
             ],
         ),
         (
+            "bad access log, issued cookie order and max age",
+            "[log]\naccess = \"nodir/x.log\"\nformat = \"xml\"\nqueue = 0\n[[routes]]\nname = \"app\"\nsticky_by = [\"client_ip\", \"issued_cookie:uid\", \"header:x\"]\nissued_cookie_max_age = \"forever\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n",
+            &[
+                "FILE:2:10: log.access: \"nodir/x.log\": directory ",
+                "FILE:3:10: log.format: \"xml\" is not \"json\" or \"combined\"",
+                "FILE:4:9: log.queue: must be at least 1",
+                "FILE:7:27: routes[app].sticky_by[1]: \"issued_cookie:uid\" is never reached: it comes after client_ip",
+                "FILE:7:48: routes[app].sticky_by[2]: \"header:x\" is never reached: it comes after an issued_cookie",
+                "FILE:8:25: routes[app].issued_cookie_max_age: \"forever\" is not a duration",
+            ],
+        ),
+        (
             "admin on the network without a token",
             &format!("[admin]\nlisten = \"0.0.0.0:9901\"\n{GOOD_ROUTE}"),
             &["FILE:2:10: admin.listen: 0.0.0.0:9901 is reachable from other hosts but no admin token is set"],
