@@ -264,7 +264,7 @@ fn validate(
 ) -> Result<Snapshot, Vec<(KeyPath, String)>> {
     let mut c = Check::default();
     let log = log_settings(&mut c, &cfg.log, base);
-    let proxy = proxy_settings(&mut c, &cfg.proxy);
+    let proxy = proxy_settings(&mut c, &cfg.proxy, base);
 
     let admin_path = KeyPath::root().key("admin").key("listen");
     let admin_listen = c.socket_addr(admin_path.clone(), &cfg.admin.listen);
@@ -428,6 +428,20 @@ fn edge_settings(c: &mut Check, e: &EdgeFile) -> Option<EdgeSettings> {
         );
         ok = false;
     }
+    if !(1..=10_000).contains(&e.h2_max_concurrent_streams) {
+        c.err(
+            path.key("h2_max_concurrent_streams"),
+            format!("{} is not in 1..=10000", e.h2_max_concurrent_streams),
+        );
+        ok = false;
+    }
+    if !(1024..=1 << 20).contains(&e.h2_max_header_list_size) {
+        c.err(
+            path.key("h2_max_header_list_size"),
+            format!("{} is not in 1024..=1048576", e.h2_max_header_list_size),
+        );
+        ok = false;
+    }
     if e.max_connections == 0 {
         c.err(
             path.key("max_connections"),
@@ -461,6 +475,8 @@ fn edge_settings(c: &mut Check, e: &EdgeFile) -> Option<EdgeSettings> {
         },
         max_connections: e.max_connections,
         trusted_proxies,
+        h2_max_concurrent_streams: e.h2_max_concurrent_streams,
+        h2_max_header_list_size: e.h2_max_header_list_size,
     })
 }
 
@@ -489,7 +505,62 @@ fn admin_token(c: &mut Check, token_file: Option<&str>) -> Option<String> {
     Some(token)
 }
 
-fn proxy_settings(c: &mut Check, p: &ProxyFile) -> Option<ProxySettings> {
+fn tls_settings(
+    c: &mut Check,
+    t: &super::file::TlsFile,
+    base: &std::path::Path,
+) -> Option<crate::proxy::tls::TlsSettings> {
+    use crate::proxy::tls::{load, unix_now, CertPaths};
+    let path = KeyPath::root().key("proxy").key("tls");
+    let mut ok = true;
+    let listen_strs = t.listen.to_vec();
+    if listen_strs.is_empty() {
+        c.err(
+            path.key("listen"),
+            "at least one listen address is required",
+        );
+        ok = false;
+    }
+    let listen: Vec<_> = listen_strs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| c.socket_addr(path.key("listen").index(i), s))
+        .collect();
+    let watch = c.duration(path.key("watch_interval"), &t.watch_interval);
+    if t.certificates.is_empty() {
+        c.err(
+            path.key("certificates"),
+            "at least one [[proxy.tls.certificates]] (cert and key) is required",
+        );
+        ok = false;
+    }
+    let now = unix_now();
+    let mut certificates = Vec::new();
+    for (i, f) in t.certificates.iter().enumerate() {
+        let p = CertPaths {
+            cert: relative_to(base, &f.cert),
+            key: relative_to(base, &f.key),
+        };
+        // Read now, so `kanaria check` and a reload refuse what would not serve.
+        if let Err(e) = load(&p, now) {
+            let key = if e.on_key { "key" } else { "cert" };
+            c.err(path.key("certificates").index(i).key(key), e.message);
+            ok = false;
+        }
+        certificates.push(p);
+    }
+    if !ok {
+        return None;
+    }
+    Some(crate::proxy::tls::TlsSettings {
+        listen: listen.into_iter().collect::<Option<Vec<_>>>()?,
+        certificates,
+        http2: t.http2,
+        watch_interval: watch?,
+    })
+}
+
+fn proxy_settings(c: &mut Check, p: &ProxyFile, base: &std::path::Path) -> Option<ProxySettings> {
     let path = KeyPath::root().key("proxy");
     let listen_strs = p.listen.to_vec();
     if listen_strs.is_empty() {
@@ -516,6 +587,17 @@ fn proxy_settings(c: &mut Check, p: &ProxyFile) -> Option<ProxySettings> {
     let grace = c.duration(path.key("shutdown_grace"), &p.shutdown_grace);
     let version_header = c.header_name(path.key("version_header"), &p.version_header);
     let request_id_header = c.header_name(path.key("request_id_header"), &p.request_id_header);
+    let tls = p.tls.as_ref().map(|t| tls_settings(c, t, base));
+    if let Some(Some(t)) = &tls {
+        for (i, a) in t.listen.iter().enumerate() {
+            if listen.contains(&Some(*a)) {
+                c.err(
+                    path.key("tls").key("listen").index(i),
+                    format!("{a} is also a plain proxy listener"),
+                );
+            }
+        }
+    }
     Some(ProxySettings {
         listen: listen.into_iter().collect::<Option<Vec<_>>>()?,
         threads: p.threads,
@@ -533,6 +615,11 @@ fn proxy_settings(c: &mut Check, p: &ProxyFile) -> Option<ProxySettings> {
         request_id_header: request_id_header?,
         shutdown_grace: grace?,
         upgrade_sock: p.upgrade_sock.clone(),
+        h2c: p.h2c,
+        tls: match tls {
+            Some(t) => Some(t?),
+            None => None,
+        },
     })
 }
 

@@ -77,6 +77,42 @@ pub struct ProxyFile {
     pub shutdown_grace: String,
     /// Pingora's graceful-upgrade socket. Default `"/tmp/kanaria_upgrade.sock"`. Needs a restart.
     pub upgrade_sock: String,
+    /// Accept HTTP/2 with prior knowledge (h2c) on the plain listeners, beside HTTP/1.1.
+    /// Default `false`. Needs a restart.
+    pub h2c: bool,
+    /// TLS listeners. Default: none.
+    pub tls: Option<TlsFile>,
+}
+
+/// `[proxy.tls]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// TLS listener addresses, e.g. `["0.0.0.0:8443"]`. Needs a restart to change.
+    pub listen: OneOrMany,
+    /// Offer HTTP/2 through ALPN (else HTTP/1.1 only). Default `true`.
+    #[serde(default = "default_true")]
+    pub http2: bool,
+    /// How often the certificate files are re-read for changes. Default `"2s"`.
+    #[serde(default = "default_tls_watch_interval")]
+    pub watch_interval: String,
+    /// At least one; the first is the default for unknown or absent SNI.
+    #[serde(default)]
+    pub certificates: Vec<CertificateFile>,
+}
+
+fn default_tls_watch_interval() -> String {
+    "2s".into()
+}
+
+/// `[[proxy.tls.certificates]]`: paths relative to the config file's directory.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFile {
+    /// PEM certificate chain, leaf first. It serves the DNS names of its subjectAltName.
+    pub cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) matching the certificate.
+    pub key: String,
 }
 
 impl Default for ProxyFile {
@@ -93,6 +129,8 @@ impl Default for ProxyFile {
             request_id_header: "x-request-id".into(),
             shutdown_grace: "30s".into(),
             upgrade_sock: "/tmp/kanaria_upgrade.sock".into(),
+            h2c: false,
+            tls: None,
         }
     }
 }
@@ -183,6 +221,10 @@ pub struct EdgeFile {
     /// Peers (CIDRs or IPs) whose `X-Forwarded-For` is believed for the client address.
     /// Default `[]`: the socket peer is the client.
     pub trusted_proxies: Vec<String>,
+    /// HTTP/2: most concurrent streams per client connection. Default `100`.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2: largest request header list (HPACK-decoded bytes). Default `65536`.
+    pub h2_max_header_list_size: u32,
 }
 
 impl Default for EdgeFile {
@@ -195,6 +237,8 @@ impl Default for EdgeFile {
             max_headers: 100,
             max_connections: 10_000,
             trusted_proxies: Vec::new(),
+            h2_max_concurrent_streams: 100,
+            h2_max_header_list_size: 65536,
         }
     }
 }

@@ -43,6 +43,9 @@ pub struct ProxySettings {
     pub request_id_header: http::HeaderName,
     pub shutdown_grace: Duration,
     pub upgrade_sock: String,
+    /// h2c (HTTP/2 prior knowledge) on the plain listeners.
+    pub h2c: bool,
+    pub tls: Option<crate::proxy::tls::TlsSettings>,
 }
 
 /// `[admin]`, validated.
@@ -73,6 +76,8 @@ pub struct EdgeSettings {
     pub limits: crate::proxy::edge::HeaderLimits,
     pub max_connections: usize,
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_max_header_list_size: u32,
 }
 
 /// `[reload]`, validated.

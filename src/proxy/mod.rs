@@ -17,7 +17,9 @@ pub mod conn_guard;
 pub mod drain;
 pub mod edge;
 pub mod edge_ctx;
+pub mod h2;
 pub mod headers;
+pub mod tls;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
