@@ -118,13 +118,20 @@ impl TrackMetrics {
     /// Records a finished request: its status (or `None` when none was sent) and duration.
     #[inline]
     pub fn record(&self, status: Option<u16>, seconds: f64) {
+        self.record_outcome(status, seconds, false);
+    }
+
+    /// [`Self::record`] for an answer that failed whatever its status (`failed`: a gRPC
+    /// error status); it counts as an error in the analysis window.
+    #[inline]
+    pub fn record_outcome(&self, status: Option<u16>, seconds: f64, failed: bool) {
         let class = match status {
             Some(s @ 100..=599) => usize::from(s / 100) - 1,
             _ => 5,
         };
         self.requests[class].inc();
         self.duration.observe(seconds);
-        let is_error = class >= 4;
+        let is_error = class >= 4 || failed;
         self.window.record(Instant::now(), is_error, seconds);
     }
 

@@ -114,31 +114,14 @@ async fn sni_picks_the_certificate_and_the_scheme_is_https() {
     );
 }
 
-/// Runs h2load over HTTP/1.1 and TLS for `secs` seconds; returns its summary output.
+/// Runs h2load over TLS for `secs` seconds; returns its summary output.
 fn h2load(port: u16, secs: u32, extra: &[&str]) -> String {
-    let out = std::process::Command::new("h2load")
-        .args(["-c", "4", "-D"])
-        .arg(secs.to_string())
-        .args(extra)
-        .arg(format!("https://127.0.0.1:{port}/"))
-        .output()
-        .expect("run h2load");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// (succeeded, failed, errored) from h2load's `requests:` line.
-pub fn h2load_counts(out: &str) -> (u64, u64, u64) {
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("requests:"))
-        .unwrap_or_else(|| panic!("no summary in h2load output:\n{out}"));
-    let field = |name: &str| -> u64 {
-        line.split(',')
-            .find_map(|p| p.trim().strip_suffix(name).map(str::trim))
-            .and_then(|n| n.trim_start_matches("requests:").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {line}"))
-    };
-    (field("succeeded"), field("failed"), field("errored"))
+    let secs = secs.to_string();
+    let url = format!("https://127.0.0.1:{port}/");
+    let mut args = vec!["-c", "4", "-D", secs.as_str()];
+    args.extend_from_slice(extra);
+    args.push(url.as_str());
+    common::h2load::run(&args)
 }
 
 /// Points the symlink `link` at `target` atomically (as Kubernetes secret volumes do).
@@ -186,7 +169,7 @@ async fn rotation_under_load_and_a_bad_new_certificate() {
         .await
         .unwrap();
     let out = load.join().unwrap();
-    let (ok, failed, errored) = h2load_counts(&out);
+    let (ok, failed, errored) = common::h2load::counts(&out);
     assert!(ok > 0, "{out}");
     assert_eq!(
         (failed, errored),

@@ -894,6 +894,18 @@ fn pool(
         );
         ok = false;
     }
+    let h2c = match p.protocol.as_str() {
+        "http1" => false,
+        "h2c" => true,
+        other => {
+            c.err(
+                path.key("protocol"),
+                format!("{other:?} is not \"http1\" or \"h2c\""),
+            );
+            ok = false;
+            false
+        }
+    };
     let mut endpoints = Vec::new();
     for (i, e) in p.endpoints.iter().enumerate() {
         match resolve_endpoint(e) {
@@ -912,7 +924,7 @@ fn pool(
     match LoadBalancer::try_from_iter(endpoints.iter().copied()) {
         Ok(mut lb) => {
             if let Some(h) = health {
-                match health_check(h) {
+                match health_check(h, h2c) {
                     Ok(hc) => lb.set_health_check(Box::new(hc)),
                     Err(e) => {
                         c.err(
@@ -927,6 +939,7 @@ fn pool(
                 version: p.version.clone(),
                 endpoints,
                 lb: Arc::new(lb),
+                h2c,
             }))
         }
         Err(e) => {
@@ -937,7 +950,10 @@ fn pool(
 }
 
 /// Pingora's HTTP health check for `[routes.health]`.
-fn health_check(h: &HealthSettings) -> pingora::Result<pingora::lb::health_check::HttpHealthCheck> {
+fn health_check(
+    h: &HealthSettings,
+    h2c: bool,
+) -> pingora::Result<pingora::lb::health_check::HttpHealthCheck> {
     use pingora::lb::health_check::HttpHealthCheck;
     let mut hc = HttpHealthCheck::new("kanaria-health-check", false);
     hc.req = pingora::http::RequestHeader::build("GET", h.path.as_bytes(), None)?;
@@ -947,6 +963,9 @@ fn health_check(h: &HealthSettings) -> pingora::Result<pingora::lb::health_check
     hc.consecutive_failure = h.unhealthy_threshold;
     hc.peer_template.options.connection_timeout = Some(h.timeout);
     hc.peer_template.options.read_timeout = Some(h.timeout);
+    if h2c {
+        hc.peer_template.options.set_http_version(2, 2);
+    }
     let expected = h.expected_status;
     hc.validator = Some(Box::new(move |resp: &pingora::http::ResponseHeader| {
         if resp.status.as_u16() == expected {
@@ -1055,6 +1074,21 @@ fn analysis(c: &mut Check, path: &KeyPath, a: &AnalysisFile) -> Option<AnalysisR
         c.err(path.key("failure_limit"), "must be at least 1");
         ok = false;
     }
+    let mut grpc_error_codes = 0u32;
+    for (i, name) in a.grpc_error_codes.iter().enumerate() {
+        match crate::proxy::h2::grpc_code(name) {
+            Some(code) => grpc_error_codes |= 1 << code,
+            None => {
+                c.err(
+                    path.key("grpc_error_codes").index(i),
+                    format!(
+                        "{name:?} is not a gRPC status code name (e.g. \"UNAVAILABLE\", \"INTERNAL\")"
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
     if !ok {
         return None;
     }
@@ -1072,6 +1106,7 @@ fn analysis(c: &mut Check, path: &KeyPath, a: &AnalysisFile) -> Option<AnalysisR
         max_p99_latency_ratio: a.max_p99_latency_ratio,
         confidence: a.confidence,
         failure_limit: a.failure_limit,
+        grpc_error_codes,
     })
 }
 

@@ -343,6 +343,10 @@ pub struct AnalysisFile {
     pub confidence: f64,
     /// Consecutive failing evaluations before a rollback. Default 1.
     pub failure_limit: u32,
+    /// gRPC status codes (names, as `"UNAVAILABLE"`) that count as errors of a version when
+    /// an answer carries them in `grpc-status` (headers or trailers). Default the server
+    /// faults: `UNKNOWN`, `INTERNAL`, `UNAVAILABLE`, `DATA_LOSS`, `DEADLINE_EXCEEDED`.
+    pub grpc_error_codes: Vec<String>,
 }
 
 impl Default for AnalysisFile {
@@ -358,6 +362,15 @@ impl Default for AnalysisFile {
             max_p99_latency_ratio: None,
             confidence: 0.99,
             failure_limit: 1,
+            grpc_error_codes: [
+                "UNKNOWN",
+                "INTERNAL",
+                "UNAVAILABLE",
+                "DATA_LOSS",
+                "DEADLINE_EXCEEDED",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -449,4 +462,12 @@ pub struct PoolFile {
     pub version: String,
     /// `IP:PORT` or `HOST:PORT` (resolved when the config is loaded).
     pub endpoints: Vec<String>,
+    /// How Kanaria talks to the endpoints: `"http1"` (default) or `"h2c"` (HTTP/2 with
+    /// prior knowledge, e.g. gRPC services). Health checks use the same protocol.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+fn default_protocol() -> String {
+    "http1".into()
 }

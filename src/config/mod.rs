@@ -111,6 +111,8 @@ pub struct AnalysisRules {
     pub max_p99_latency_ratio: Option<f64>,
     pub confidence: f64,
     pub failure_limit: u32,
+    /// Bit `n` set: gRPC status `n` counts as an error (see [`crate::proxy::h2`]).
+    pub grpc_error_codes: u32,
 }
 
 /// One rollout step, validated.
@@ -175,6 +177,8 @@ pub struct Pool {
     pub version: String,
     pub endpoints: Vec<SocketAddr>,
     pub lb: Arc<LoadBalancer<RoundRobin>>,
+    /// Speak HTTP/2 with prior knowledge to the endpoints.
+    pub h2c: bool,
 }
 
 impl Pool {

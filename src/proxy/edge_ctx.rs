@@ -27,6 +27,8 @@ pub struct EdgeCtx {
     pub upstream_addr: Option<SocketAddr>,
     /// Time from the last attempt's start to the upstream's response header.
     pub upstream_latency: Option<Duration>,
+    /// The answer carried a gRPC status that counts as an error (headers or trailers).
+    pub grpc_failed: bool,
 }
 
 impl EdgeCtx {

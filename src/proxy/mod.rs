@@ -70,6 +70,11 @@ impl Ctx {
         live.snapshot.routes.get(i)
     }
 
+    /// The gRPC status codes that count as errors on this request's route.
+    fn grpc_codes(&self) -> u32 {
+        self.route().map_or(0, |r| r.analysis.grpc_error_codes)
+    }
+
     /// May this failed attempt be retried on stable?
     fn may_retry_on_stable(&self) -> bool {
         self.version == Some(Track::Canary)
@@ -342,6 +347,7 @@ impl ProxyHttp for KanariaProxy {
         peer.options.read_timeout = Some(t.read);
         peer.options.write_timeout = Some(t.write);
         peer.options.idle_timeout = Some(t.idle);
+        h2::upstream_peer(&mut peer, pool);
         ctx.attempt_start = Instant::now();
         Ok(Box::new(peer))
     }
@@ -440,7 +446,8 @@ impl ProxyHttp for KanariaProxy {
             upstream_request
                 .insert_header(live.snapshot.proxy.request_id_header.clone(), id.clone())?;
         }
-        Ok(())
+        let h2c = matches!((ctx.route(), ctx.version), (Some(r), Some(v)) if r.pool(v).h2c);
+        h2::forward_te_trailers(&session.req_header().headers, upstream_request, h2c)
     }
 
     async fn upstream_response_filter(
@@ -469,6 +476,18 @@ impl ProxyHttp for KanariaProxy {
         }
         ctx.upstream_status = Some(status);
         ctx.edge.upstream_latency = Some(ctx.attempt_start.elapsed());
+        ctx.edge.grpc_failed = h2::grpc_failed(&upstream_response.headers, ctx.grpc_codes());
+        Ok(())
+    }
+
+    /// gRPC sends its status in trailers after the body.
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        upstream_trailers: &mut http::HeaderMap,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.edge.grpc_failed |= h2::grpc_failed(upstream_trailers, ctx.grpc_codes());
         Ok(())
     }
 
@@ -534,7 +553,11 @@ impl ProxyHttp for KanariaProxy {
             .as_downstream()
             .response_written()
             .map(|r| r.status.as_u16());
-        m.record(status, ctx.start.elapsed().as_secs_f64());
+        m.record_outcome(
+            status,
+            ctx.start.elapsed().as_secs_f64(),
+            ctx.edge.grpc_failed,
+        );
         if let Some(kind) = e.and_then(upstream_error_kind) {
             m.upstream_error(kind);
         } else if ctx.upstream_status.is_some_and(|s| s >= 500) {
