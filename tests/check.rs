@@ -198,6 +198,23 @@ fn broken_configs_print_every_error_with_its_place() {
             ],
         ),
         (
+            "bad TLS, HTTP/2 limits, gRPC codes and pool protocol",
+            "[proxy.tls]\nlisten = [\"127.0.0.1:8443\"]\nwatch_interval = \"never\"\n[[proxy.tls.certificates]]\ncert = \"/nonexistent/site.pem\"\nkey = \"/nonexistent/site.key\"\n[edge]\nh2_max_concurrent_streams = 0\nh2_max_header_list_size = 10\n[[routes]]\nname = \"app\"\n[routes.analysis]\ngrpc_error_codes = [\"UNAVAILABLE\", \"TEAPOT\"]\n[routes.stable]\nversion = \"v1\"\nprotocol = \"h3\"\nendpoints = [\"127.0.0.1:1\"]\n",
+            &[
+                "FILE:3:18: proxy.tls.watch_interval: \"never\" is not a duration",
+                "FILE:5:8: proxy.tls.certificates[0].cert: cannot read /nonexistent/site.pem",
+                "FILE:8:29: edge.h2_max_concurrent_streams: 0 is not in 1..=10000",
+                "FILE:9:27: edge.h2_max_header_list_size: 10 is not in 1024..=1048576",
+                "FILE:13:36: routes[app].analysis.grpc_error_codes[1]: \"TEAPOT\" is not a gRPC status code name",
+                "FILE:16:12: routes[app].stable.protocol: \"h3\" is not \"http1\" or \"h2c\"",
+            ],
+        ),
+        (
+            "TLS without certificates",
+            &format!("[proxy.tls]\nlisten = \"127.0.0.1:8443\"\n{GOOD_ROUTE}"),
+            &["FILE:1:1: proxy.tls.certificates: at least one [[proxy.tls.certificates]] (cert and key) is required"],
+        ),
+        (
             "admin on the network without a token",
             &format!("[admin]\nlisten = \"0.0.0.0:9901\"\n{GOOD_ROUTE}"),
             &["FILE:2:10: admin.listen: 0.0.0.0:9901 is reachable from other hosts but no admin token is set"],
