@@ -187,9 +187,9 @@ fn broken_configs_print_every_error_with_its_place() {
         ),
         (
             "bad access log, issued cookie order and max age",
-            "[log]\naccess = \"nodir/x.log\"\nformat = \"xml\"\nqueue = 0\n[[routes]]\nname = \"app\"\nsticky_by = [\"client_ip\", \"issued_cookie:uid\", \"header:x\"]\nissued_cookie_max_age = \"forever\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n",
+            "[log]\naccess = \"\"\nformat = \"xml\"\nqueue = 0\n[[routes]]\nname = \"app\"\nsticky_by = [\"client_ip\", \"issued_cookie:uid\", \"header:x\"]\nissued_cookie_max_age = \"forever\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n",
             &[
-                "FILE:2:10: log.access: \"nodir/x.log\": directory ",
+                "FILE:2:10: log.access: empty: use \"off\", \"stdout\" or a file path",
                 "FILE:3:10: log.format: \"xml\" is not \"json\" or \"combined\"",
                 "FILE:4:9: log.queue: must be at least 1",
                 "FILE:7:27: routes[app].sticky_by[1]: \"issued_cookie:uid\" is never reached: it comes after client_ip",

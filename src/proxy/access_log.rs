@@ -127,7 +127,10 @@ fn open(target: &Target) -> std::io::Result<Box<dyn Write + Send>> {
                 .append(true)
                 .open(path)
                 .map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("access log {}: {e}", path.display()))
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("log.access: cannot open {}: {e}", path.display()),
+                    )
                 })?,
         ),
     })
