@@ -73,6 +73,13 @@ impl AccessLog {
         settings: &LogSettings,
         registry: &prometheus::Registry,
     ) -> anyhow::Result<Option<Arc<AccessLog>>> {
+        // Always handled, so a logrotate `kill -USR1` never terminates Kanaria (SIGUSR1's
+        // default action), whatever `[log]` says.
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            signal_hook_registry::register(libc::SIGUSR1, || REOPEN.store(true, Ordering::Relaxed))
+        }
+        .map_err(|e| anyhow::anyhow!("cannot handle SIGUSR1 for the access log: {e}"))?;
         if settings.access == Target::Off {
             return Ok(None);
         }
@@ -82,15 +89,6 @@ impl AccessLog {
         )?;
         registry.register(Box::new(dropped.clone()))?;
         let out = open(&settings.access)?;
-        if let Target::File(_) = settings.access {
-            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-            unsafe {
-                signal_hook_registry::register(libc::SIGUSR1, || {
-                    REOPEN.store(true, Ordering::Relaxed)
-                })
-            }
-            .map_err(|e| anyhow::anyhow!("cannot handle SIGUSR1 for the access log: {e}"))?;
-        }
         let (tx, rx) = std::sync::mpsc::sync_channel(settings.queue.max(1));
         let target = settings.access.clone();
         std::thread::Builder::new()
