@@ -272,3 +272,55 @@ async fn http2_connections_outlive_the_http1_header_deadline() {
         1
     );
 }
+
+/// The HTTP/2 limits from `[edge]` are what the server announces in its SETTINGS, and a
+/// dead canary is retried on stable for HTTP/2 clients as for HTTP/1.1 ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_limits_are_announced_and_retries_on_stable_work() {
+    let stable = Upstream::start("stable").await;
+    let routes = format!(
+        "[edge]\nh2_max_concurrent_streams = 7\nh2_max_header_list_size = 4096\n\n[[routes]]\nname = \"app\"\ncanary_weight = 100\n{}\n{}",
+        pool("routes.stable", "v1", &[stable.addr]),
+        pool("routes.canary", "v2", &[common::dead_addr()]),
+    );
+    let proxy = Proxy::start_with(&routes, "h2c = true").await;
+    let url = proxy.url("/");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("nghttp")
+            .args(["-nv", &url])
+            .output()
+            .expect("run nghttp")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let settings = text
+        .lines()
+        .skip_while(|l| !l.contains("recv SETTINGS frame"))
+        .take(6)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        settings.contains("SETTINGS_MAX_CONCURRENT_STREAMS(0x03):7"),
+        "{text}"
+    );
+    assert!(
+        settings.contains("SETTINGS_MAX_HEADER_LIST_SIZE(0x06):4096"),
+        "{text}"
+    );
+    // The canary refuses connections: the HTTP/2 request is answered by stable.
+    assert!(text.contains(":status: 200"), "{text}");
+    let (line, headers) = tokio::task::spawn_blocking({
+        let url = proxy.url("/");
+        move || curl(&["--http2-prior-knowledge", &url])
+    })
+    .await
+    .unwrap();
+    assert_eq!(line, "2 200");
+    assert_eq!(header(&headers, "x-upstream"), Some("stable"));
+    let st = proxy.status().await;
+    assert!(
+        st["routes"][0]["totals"]["retried_on_stable"].as_u64() >= Some(2),
+        "{st:#}"
+    );
+}
