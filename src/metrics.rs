@@ -168,7 +168,8 @@ impl TrackMetrics {
     }
 
     /// Records the outcome of the upstream attempt that answered (or failed) a request, for
-    /// the analysis: `seconds` is that attempt's latency to the answer's head.
+    /// the analysis: `seconds` is that attempt's latency to the answer's head; `is_error`
+    /// covers 5xx, no answer and a gRPC error status.
     #[inline]
     pub fn observe(&self, is_error: bool, seconds: f64) {
         self.window.record(Instant::now(), is_error, seconds);

@@ -63,20 +63,48 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
 
     let admin_listen = snapshot.admin.listen;
     let linger = drain::linger_for(snapshot.proxy.shutdown_grace);
+    let log_settings = snapshot.log.clone();
     let shared = Shared::new(snapshot, config_path.to_path_buf())?;
+    let access_log =
+        crate::proxy::access_log::AccessLog::start(&log_settings, &shared.metrics.registry)?;
+    let tls = shared.snapshot().proxy.tls.clone();
+    let h2c = shared.snapshot().proxy.h2c;
+    let edge = shared.snapshot().edge.clone();
+    let mut all_listeners = listen.clone();
+    if let Some(t) = &tls {
+        all_listeners.extend(t.listen.iter().copied());
+    }
+    let mut http = pingora::proxy::http_proxy(
+        &server.configuration,
+        KanariaProxy::new(shared.clone()).with_access_log(access_log),
+    );
+    http.server_options = Some({
+        let mut o = pingora::apps::HttpServerOptions::default();
+        o.h2c = h2c;
+        o
+    });
+    http.h2_options = Some(crate::proxy::h2::options(&edge));
     // The proxy app behind the connection guard (header deadline, connection caps), which
     // lets idle connections linger on shutdown so clients reusing them are not reset.
     let app = Draining::new(
-        crate::proxy::conn_guard::GuardedApp::new(
-            pingora::proxy::http_proxy(&server.configuration, KanariaProxy::new(shared.clone())),
-            shared.clone(),
-            &listen,
-        ),
+        crate::proxy::conn_guard::GuardedApp::new(http, shared.clone(), &all_listeners),
         linger,
     );
     let mut proxy = Service::new("kanaria proxy".to_string(), app);
     for addr in &listen {
         proxy.add_tcp(&addr.to_string());
+    }
+    if let Some(t) = &tls {
+        let store = crate::proxy::tls::CertStore::new(t, &shared.metrics.registry)?;
+        for addr in &t.listen {
+            let settings = crate::proxy::tls::listener_settings(&store, t.http2)
+                .map_err(|e| anyhow::anyhow!("proxy.tls: {e}"))?;
+            proxy.add_tls_with_settings(&addr.to_string(), None, settings);
+        }
+        server.add_service(background_service(
+            "certificate reload",
+            crate::proxy::tls::CertWatcher::new(store, shared.clone()),
+        ));
     }
     let mut admin = Service::new("kanaria admin".to_string(), AdminApp::new(shared.clone()));
     admin.add_tcp(&admin_listen.to_string());
@@ -93,9 +121,11 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
         Controller::new(shared.clone()),
     ));
     log::info!(
-        "kanaria {} listening on {:?} (admin {admin_listen}) with {}",
+        "kanaria {} listening on {:?}{} (admin {admin_listen}) with {}",
         env!("CARGO_PKG_VERSION"),
         listen,
+        tls.as_ref()
+            .map_or(String::new(), |t| format!(", TLS on {:?}", t.listen)),
         config_path.display()
     );
     Ok(Built { server, shared })
@@ -111,6 +141,12 @@ fn check_free(config_path: &Path, snap: &Snapshot) -> anyhow::Result<()> {
         .iter()
         .enumerate()
         .map(|(i, a)| (format!("proxy.listen[{i}]"), *a))
+        .chain(snap.proxy.tls.iter().flat_map(|t| {
+            t.listen
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (format!("proxy.tls.listen[{i}]"), *a))
+        }))
         .chain(std::iter::once((
             "admin.listen".to_string(),
             snap.admin.listen,

@@ -194,6 +194,35 @@ fn broken_configs_print_every_error_with_its_place() {
             ],
         ),
         (
+            "bad access log, issued cookie order and max age",
+            "[log]\naccess = \"\"\nformat = \"xml\"\nqueue = 0\n[[routes]]\nname = \"app\"\nsticky_by = [\"client_ip\", \"issued_cookie:uid\", \"header:x\"]\nissued_cookie_max_age = \"forever\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n",
+            &[
+                "FILE:2:10: log.access: empty: use \"off\", \"stdout\" or a file path",
+                "FILE:3:10: log.format: \"xml\" is not \"json\" or \"combined\"",
+                "FILE:4:9: log.queue: must be at least 1",
+                "FILE:7:27: routes[app].sticky_by[1]: \"issued_cookie:uid\" is never reached: it comes after client_ip",
+                "FILE:7:48: routes[app].sticky_by[2]: \"header:x\" is never reached: it comes after an issued_cookie",
+                "FILE:8:25: routes[app].issued_cookie_max_age: \"forever\" is not a duration",
+            ],
+        ),
+        (
+            "bad TLS, HTTP/2 limits, gRPC codes and pool protocol",
+            "[proxy.tls]\nlisten = [\"127.0.0.1:8443\"]\nwatch_interval = \"never\"\n[[proxy.tls.certificates]]\ncert = \"/nonexistent/site.pem\"\nkey = \"/nonexistent/site.key\"\n[edge]\nh2_max_concurrent_streams = 0\nh2_max_header_list_size = 10\n[[routes]]\nname = \"app\"\n[routes.analysis]\ngrpc_error_codes = [\"UNAVAILABLE\", \"TEAPOT\"]\n[routes.stable]\nversion = \"v1\"\nprotocol = \"h3\"\nendpoints = [\"127.0.0.1:1\"]\n",
+            &[
+                "FILE:3:18: proxy.tls.watch_interval: \"never\" is not a duration",
+                "FILE:5:8: proxy.tls.certificates[0].cert: cannot read /nonexistent/site.pem",
+                "FILE:8:29: edge.h2_max_concurrent_streams: 0 is not in 1..=10000",
+                "FILE:9:27: edge.h2_max_header_list_size: 10 is not in 1024..=1048576",
+                "FILE:13:36: routes[app].analysis.grpc_error_codes[1]: \"TEAPOT\" is not a gRPC status code name",
+                "FILE:16:12: routes[app].stable.protocol: \"h3\" is not \"http1\" or \"h2c\"",
+            ],
+        ),
+        (
+            "TLS without certificates",
+            &format!("[proxy.tls]\nlisten = \"127.0.0.1:8443\"\n{GOOD_ROUTE}"),
+            &["FILE:1:1: proxy.tls.certificates: at least one [[proxy.tls.certificates]] (cert and key) is required"],
+        ),
+        (
             "admin on the network without a token",
             &format!("[admin]\nlisten = \"0.0.0.0:9901\"\n{GOOD_ROUTE}"),
             &["FILE:2:10: admin.listen: 0.0.0.0:9901 is reachable from other hosts but no admin token is set"],

@@ -84,7 +84,8 @@ impl AdminApp {
         }
         let snap = self.shared.snapshot();
         let mut up = true;
-        for a in &snap.proxy.listen {
+        let tls = snap.proxy.tls.iter().flat_map(|t| t.listen.iter());
+        for a in snap.proxy.listen.iter().chain(tls) {
             // A wildcard listener is reached through loopback.
             let ip = match a.ip() {
                 IpAddr::V4(v) if v.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -239,6 +240,7 @@ impl AdminApp {
             },
             "routes": routes,
             "events": self.shared.events(),
+            "tls": crate::proxy::tls::store().map(|s| s.status()),
         })
     }
 

@@ -79,7 +79,11 @@ pub fn compile_str(src: &str, file: &str) -> Result<Snapshot, ConfigErrors> {
     if let Some(cfg) = parsed {
         // Routes dropped for structural errors are already reported; "no routes" would be noise.
         let routes_in_file = original.iter().any(|(k, _)| k.get_ref() == "routes");
-        match validate(&cfg, routes_in_file) {
+        let base = std::path::Path::new(file)
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        match validate(&cfg, routes_in_file, &base) {
             Ok(snapshot) if errors.is_empty() => return Ok(snapshot),
             Ok(_) => {}
             Err(semantic) => {
@@ -186,9 +190,69 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(KeyPath, String)>> {
+/// A path from the config: absolute, or relative to the config file's directory `base`.
+pub fn relative_to(base: &std::path::Path, p: &str) -> std::path::PathBuf {
+    let p = std::path::Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn log_settings(
+    c: &mut Check,
+    l: &super::file::LogFile,
+    base: &std::path::Path,
+) -> Option<crate::proxy::access_log::LogSettings> {
+    use crate::proxy::access_log::{Format, LogSettings, Target};
+    let path = KeyPath::root().key("log");
+    let mut ok = true;
+    let access = match l.access.trim() {
+        "off" => Target::Off,
+        "stdout" => Target::Stdout,
+        "" => {
+            c.err(
+                path.key("access"),
+                "empty: use \"off\", \"stdout\" or a file path",
+            );
+            ok = false;
+            Target::Off
+        }
+        // Opened at start (its directory may exist only where Kanaria is deployed).
+        p => Target::File(relative_to(base, p)),
+    };
+    let format = match l.format.as_str() {
+        "json" => Format::Json,
+        "combined" => Format::Combined,
+        other => {
+            c.err(
+                path.key("format"),
+                format!("{other:?} is not \"json\" or \"combined\""),
+            );
+            ok = false;
+            Format::Json
+        }
+    };
+    if l.queue == 0 {
+        c.err(path.key("queue"), "must be at least 1");
+        ok = false;
+    }
+    ok.then_some(LogSettings {
+        access,
+        format,
+        queue: l.queue,
+    })
+}
+
+fn validate(
+    cfg: &FileConfig,
+    routes_in_file: bool,
+    base: &std::path::Path,
+) -> Result<Snapshot, Vec<(KeyPath, String)>> {
     let mut c = Check::default();
-    let proxy = proxy_settings(&mut c, &cfg.proxy);
+    let log = log_settings(&mut c, &cfg.log, base);
+    let proxy = proxy_settings(&mut c, &cfg.proxy, base);
 
     let admin_path = KeyPath::root().key("admin").key("listen");
     let admin_listen = c.socket_addr(admin_path.clone(), &cfg.admin.listen);
@@ -289,8 +353,10 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
         }
     }
 
-    match (proxy, admin_listen, debounce, edge) {
-        (Some(proxy), Some(listen), Some(debounce), Some(edge)) if c.errors.is_empty() => {
+    match (proxy, admin_listen, debounce, edge, log) {
+        (Some(proxy), Some(listen), Some(debounce), Some(edge), Some(log))
+            if c.errors.is_empty() =>
+        {
             let router = Router::new(
                 routes
                     .iter()
@@ -307,6 +373,7 @@ fn validate(cfg: &FileConfig, routes_in_file: bool) -> Result<Snapshot, Vec<(Key
                 state,
                 notify,
                 edge,
+                log,
                 routes,
                 router,
             })
@@ -349,6 +416,20 @@ fn edge_settings(c: &mut Check, e: &EdgeFile) -> Option<EdgeSettings> {
         );
         ok = false;
     }
+    if !(1..=10_000).contains(&e.h2_max_concurrent_streams) {
+        c.err(
+            path.key("h2_max_concurrent_streams"),
+            format!("{} is not in 1..=10000", e.h2_max_concurrent_streams),
+        );
+        ok = false;
+    }
+    if !(1024..=1 << 20).contains(&e.h2_max_header_list_size) {
+        c.err(
+            path.key("h2_max_header_list_size"),
+            format!("{} is not in 1024..=1048576", e.h2_max_header_list_size),
+        );
+        ok = false;
+    }
     if e.max_connections == 0 {
         c.err(
             path.key("max_connections"),
@@ -382,6 +463,8 @@ fn edge_settings(c: &mut Check, e: &EdgeFile) -> Option<EdgeSettings> {
         },
         max_connections: e.max_connections,
         trusted_proxies,
+        h2_max_concurrent_streams: e.h2_max_concurrent_streams,
+        h2_max_header_list_size: e.h2_max_header_list_size,
     })
 }
 
@@ -410,7 +493,62 @@ fn admin_token(c: &mut Check, token_file: Option<&str>) -> Option<String> {
     Some(token)
 }
 
-fn proxy_settings(c: &mut Check, p: &ProxyFile) -> Option<ProxySettings> {
+fn tls_settings(
+    c: &mut Check,
+    t: &super::file::TlsFile,
+    base: &std::path::Path,
+) -> Option<crate::proxy::tls::TlsSettings> {
+    use crate::proxy::tls::{load, unix_now, CertPaths};
+    let path = KeyPath::root().key("proxy").key("tls");
+    let mut ok = true;
+    let listen_strs = t.listen.to_vec();
+    if listen_strs.is_empty() {
+        c.err(
+            path.key("listen"),
+            "at least one listen address is required",
+        );
+        ok = false;
+    }
+    let listen: Vec<_> = listen_strs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| c.socket_addr(path.key("listen").index(i), s))
+        .collect();
+    let watch = c.duration(path.key("watch_interval"), &t.watch_interval);
+    if t.certificates.is_empty() {
+        c.err(
+            path.key("certificates"),
+            "at least one [[proxy.tls.certificates]] (cert and key) is required",
+        );
+        ok = false;
+    }
+    let now = unix_now();
+    let mut certificates = Vec::new();
+    for (i, f) in t.certificates.iter().enumerate() {
+        let p = CertPaths {
+            cert: relative_to(base, &f.cert),
+            key: relative_to(base, &f.key),
+        };
+        // Read now, so `kanaria check` and a reload refuse what would not serve.
+        if let Err(e) = load(&p, now) {
+            let key = if e.on_key { "key" } else { "cert" };
+            c.err(path.key("certificates").index(i).key(key), e.message);
+            ok = false;
+        }
+        certificates.push(p);
+    }
+    if !ok {
+        return None;
+    }
+    Some(crate::proxy::tls::TlsSettings {
+        listen: listen.into_iter().collect::<Option<Vec<_>>>()?,
+        certificates,
+        http2: t.http2,
+        watch_interval: watch?,
+    })
+}
+
+fn proxy_settings(c: &mut Check, p: &ProxyFile, base: &std::path::Path) -> Option<ProxySettings> {
     let path = KeyPath::root().key("proxy");
     let listen_strs = p.listen.to_vec();
     if listen_strs.is_empty() {
@@ -437,6 +575,17 @@ fn proxy_settings(c: &mut Check, p: &ProxyFile) -> Option<ProxySettings> {
     let grace = c.duration(path.key("shutdown_grace"), &p.shutdown_grace);
     let version_header = c.header_name(path.key("version_header"), &p.version_header);
     let request_id_header = c.header_name(path.key("request_id_header"), &p.request_id_header);
+    let tls = p.tls.as_ref().map(|t| tls_settings(c, t, base));
+    if let Some(Some(t)) = &tls {
+        for (i, a) in t.listen.iter().enumerate() {
+            if listen.contains(&Some(*a)) {
+                c.err(
+                    path.key("tls").key("listen").index(i),
+                    format!("{a} is also a plain proxy listener"),
+                );
+            }
+        }
+    }
     Some(ProxySettings {
         listen: listen.into_iter().collect::<Option<Vec<_>>>()?,
         threads: p.threads,
@@ -454,6 +603,11 @@ fn proxy_settings(c: &mut Check, p: &ProxyFile) -> Option<ProxySettings> {
         request_id_header: request_id_header?,
         shutdown_grace: grace?,
         upgrade_sock: p.upgrade_sock.clone(),
+        h2c: p.h2c,
+        tls: match tls {
+            Some(t) => Some(t?),
+            None => None,
+        },
     })
 }
 
@@ -483,13 +637,37 @@ fn route(
     let mut sticky = Vec::new();
     for (i, s) in r.sticky_by.iter().enumerate() {
         match StickySource::parse(s) {
-            Ok(src) => sticky.push(src),
+            Ok(src) => {
+                // Issuing gives every request a key: what follows is never reached, and an
+                // issued cookie after client_ip would never be issued.
+                let blocked = if sticky
+                    .iter()
+                    .any(|p| matches!(p, StickySource::IssuedCookie(_)))
+                {
+                    Some("an issued_cookie (every request has a key from it)")
+                } else if matches!(src, StickySource::IssuedCookie(_))
+                    && sticky.contains(&StickySource::ClientIp)
+                {
+                    Some("client_ip (every request has a client address)")
+                } else {
+                    None
+                };
+                if let Some(prev) = blocked {
+                    c.err(
+                        path.key("sticky_by").index(i),
+                        format!("{s:?} is never reached: it comes after {prev}"),
+                    );
+                    ok = false;
+                }
+                sticky.push(src)
+            }
             Err(e) => {
                 c.err(path.key("sticky_by").index(i), e);
                 ok = false;
             }
         }
     }
+    let issued_max_age = c.duration(path.key("issued_cookie_max_age"), &r.issued_cookie_max_age);
     let weight = match weight_to_buckets(r.canary_weight) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -662,6 +840,16 @@ fn route(
         health,
         analysis,
         steps: steps?,
+        issued_cookie: match sticky.iter().find_map(|s| match s {
+            StickySource::IssuedCookie(name) => Some(name.clone()),
+            _ => None,
+        }) {
+            Some(name) => Some(crate::split::issued::IssuedCookie {
+                name,
+                max_age: issued_max_age?,
+            }),
+            None => None,
+        },
         split: SplitRule {
             sticky,
             seed: seed_for(r.hash_salt.as_deref().unwrap_or(&r.name)),
@@ -707,6 +895,18 @@ fn pool(
         );
         ok = false;
     }
+    let h2c = match p.protocol.as_str() {
+        "http1" => false,
+        "h2c" => true,
+        other => {
+            c.err(
+                path.key("protocol"),
+                format!("{other:?} is not \"http1\" or \"h2c\""),
+            );
+            ok = false;
+            false
+        }
+    };
     let mut endpoints = Vec::new();
     for (i, e) in p.endpoints.iter().enumerate() {
         match resolve_endpoint(e) {
@@ -725,7 +925,7 @@ fn pool(
     match LoadBalancer::try_from_iter(endpoints.iter().copied()) {
         Ok(mut lb) => {
             if let Some(h) = health {
-                match health_check(h) {
+                match health_check(h, h2c) {
                     Ok(hc) => lb.set_health_check(Box::new(hc)),
                     Err(e) => {
                         c.err(
@@ -740,6 +940,7 @@ fn pool(
                 version: p.version.clone(),
                 endpoints,
                 lb: Arc::new(lb),
+                h2c,
             }))
         }
         Err(e) => {
@@ -750,7 +951,10 @@ fn pool(
 }
 
 /// Pingora's HTTP health check for `[routes.health]`.
-fn health_check(h: &HealthSettings) -> pingora::Result<pingora::lb::health_check::HttpHealthCheck> {
+fn health_check(
+    h: &HealthSettings,
+    h2c: bool,
+) -> pingora::Result<pingora::lb::health_check::HttpHealthCheck> {
     use pingora::lb::health_check::HttpHealthCheck;
     let mut hc = HttpHealthCheck::new("kanaria-health-check", false);
     hc.req = pingora::http::RequestHeader::build("GET", h.path.as_bytes(), None)?;
@@ -760,6 +964,9 @@ fn health_check(h: &HealthSettings) -> pingora::Result<pingora::lb::health_check
     hc.consecutive_failure = h.unhealthy_threshold;
     hc.peer_template.options.connection_timeout = Some(h.timeout);
     hc.peer_template.options.read_timeout = Some(h.timeout);
+    if h2c {
+        hc.peer_template.options.set_http_version(2, 2);
+    }
     let expected = h.expected_status;
     hc.validator = Some(Box::new(move |resp: &pingora::http::ResponseHeader| {
         if resp.status.as_u16() == expected {
@@ -868,6 +1075,21 @@ fn analysis(c: &mut Check, path: &KeyPath, a: &AnalysisFile) -> Option<AnalysisR
         c.err(path.key("failure_limit"), "must be at least 1");
         ok = false;
     }
+    let mut grpc_error_codes = 0u32;
+    for (i, name) in a.grpc_error_codes.iter().enumerate() {
+        match crate::proxy::h2::grpc_code(name) {
+            Some(code) => grpc_error_codes |= 1 << code,
+            None => {
+                c.err(
+                    path.key("grpc_error_codes").index(i),
+                    format!(
+                        "{name:?} is not a gRPC status code name (e.g. \"UNAVAILABLE\", \"INTERNAL\")"
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
     if !ok {
         return None;
     }
@@ -885,6 +1107,7 @@ fn analysis(c: &mut Check, path: &KeyPath, a: &AnalysisFile) -> Option<AnalysisR
         max_p99_latency_ratio: a.max_p99_latency_ratio,
         confidence: a.confidence,
         failure_limit: a.failure_limit,
+        grpc_error_codes,
     })
 }
 

@@ -26,6 +26,9 @@ pub struct FileConfig {
     /// Client-facing deadlines and limits.
     #[serde(default)]
     pub edge: EdgeFile,
+    /// The access log. Optional: off by default.
+    #[serde(default)]
+    pub log: LogFile,
     /// At least one route is required (checked in `compile`, so the message names the key).
     #[serde(default)]
     pub routes: Vec<RouteFile>,
@@ -74,6 +77,42 @@ pub struct ProxyFile {
     pub shutdown_grace: String,
     /// Pingora's graceful-upgrade socket. Default `"/tmp/kanaria_upgrade.sock"`. Needs a restart.
     pub upgrade_sock: String,
+    /// Accept HTTP/2 with prior knowledge (h2c) on the plain listeners, beside HTTP/1.1.
+    /// Default `false`. Needs a restart.
+    pub h2c: bool,
+    /// TLS listeners. Default: none.
+    pub tls: Option<TlsFile>,
+}
+
+/// `[proxy.tls]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// TLS listener addresses, e.g. `["0.0.0.0:8443"]`. Needs a restart to change.
+    pub listen: OneOrMany,
+    /// Offer HTTP/2 through ALPN (else HTTP/1.1 only). Default `true`.
+    #[serde(default = "default_true")]
+    pub http2: bool,
+    /// How often the certificate files are re-read for changes. Default `"2s"`.
+    #[serde(default = "default_tls_watch_interval")]
+    pub watch_interval: String,
+    /// At least one; the first is the default for unknown or absent SNI.
+    #[serde(default)]
+    pub certificates: Vec<CertificateFile>,
+}
+
+fn default_tls_watch_interval() -> String {
+    "2s".into()
+}
+
+/// `[[proxy.tls.certificates]]`: paths relative to the config file's directory.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFile {
+    /// PEM certificate chain, leaf first. It serves the DNS names of its subjectAltName.
+    pub cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) matching the certificate.
+    pub key: String,
 }
 
 impl Default for ProxyFile {
@@ -90,6 +129,8 @@ impl Default for ProxyFile {
             request_id_header: "x-request-id".into(),
             shutdown_grace: "30s".into(),
             upgrade_sock: "/tmp/kanaria_upgrade.sock".into(),
+            h2c: false,
+            tls: None,
         }
     }
 }
@@ -133,6 +174,31 @@ impl Default for ReloadFile {
     }
 }
 
+/// `[log]`: the access log. Read at start: changing it needs a restart.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogFile {
+    /// `"off"` (default), `"stdout"`, or a file path (relative to the config file's
+    /// directory), reopened on SIGUSR1.
+    pub access: String,
+    /// `"json"` (default: one JSON object per line) or `"combined"` (nginx's combined
+    /// format with route, track, upstream time and request id appended).
+    pub format: String,
+    /// Lines that may wait for the writer; more are dropped and counted in
+    /// `kanaria_access_log_dropped_total`. Default `16384`.
+    pub queue: usize,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        LogFile {
+            access: "off".into(),
+            format: "json".into(),
+            queue: 16_384,
+        }
+    }
+}
+
 /// `[edge]`: what a client connection may cost before Kanaria closes it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -155,6 +221,10 @@ pub struct EdgeFile {
     /// Peers (CIDRs or IPs) whose `X-Forwarded-For` is believed for the client address.
     /// Default `[]`: the socket peer is the client.
     pub trusted_proxies: Vec<String>,
+    /// HTTP/2: most concurrent streams per client connection. Default `100`.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2: largest request header list (HPACK-decoded bytes). Default `65536`.
+    pub h2_max_header_list_size: u32,
 }
 
 impl Default for EdgeFile {
@@ -167,6 +237,8 @@ impl Default for EdgeFile {
             max_headers: 100,
             max_connections: 10_000,
             trusted_proxies: Vec::new(),
+            h2_max_concurrent_streams: 100,
+            h2_max_header_list_size: 65536,
         }
     }
 }
@@ -177,6 +249,10 @@ fn default_path_prefix() -> String {
 
 fn default_sticky_by() -> Vec<String> {
     vec!["client_ip".into()]
+}
+
+fn default_issued_cookie_max_age() -> String {
+    "365d".into()
 }
 
 fn default_true() -> bool {
@@ -267,6 +343,10 @@ pub struct AnalysisFile {
     pub confidence: f64,
     /// Consecutive failing evaluations before a rollback. Default 1.
     pub failure_limit: u32,
+    /// gRPC status codes (names, as `"UNAVAILABLE"`) that count as errors of a version when
+    /// an answer carries them in `grpc-status` (headers or trailers). Default the server
+    /// faults: `UNKNOWN`, `INTERNAL`, `UNAVAILABLE`, `DATA_LOSS`, `DEADLINE_EXCEEDED`.
+    pub grpc_error_codes: Vec<String>,
 }
 
 impl Default for AnalysisFile {
@@ -282,6 +362,15 @@ impl Default for AnalysisFile {
             max_p99_latency_ratio: None,
             confidence: 0.99,
             failure_limit: 1,
+            grpc_error_codes: [
+                "UNKNOWN",
+                "INTERNAL",
+                "UNAVAILABLE",
+                "DATA_LOSS",
+                "DEADLINE_EXCEEDED",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -316,9 +405,15 @@ pub struct RouteFile {
     #[serde(default = "default_path_prefix")]
     pub path_prefix: String,
     /// Where the user key comes from, first present wins: `header:NAME`, `cookie:NAME`,
-    /// `client_ip`. Default `["client_ip"]`; the client IP is always the last resort.
+    /// `issued_cookie:NAME`, `client_ip`. Default `["client_ip"]`; the client IP is always
+    /// the last resort. `issued_cookie:NAME`: a request with no key gets a random id, split
+    /// on it, and its response sets cookie NAME to it (later sources are never reached).
     #[serde(default = "default_sticky_by")]
     pub sticky_by: Vec<String>,
+    /// `Max-Age` of the issued cookie (with `issued_cookie:NAME` in `sticky_by`).
+    /// Default `"365d"`.
+    #[serde(default = "default_issued_cookie_max_age")]
+    pub issued_cookie_max_age: String,
     /// Percent of users sent to the canary, `0..=100` in steps of 0.01. Default `0`.
     #[serde(default)]
     pub canary_weight: f64,
@@ -371,4 +466,12 @@ pub struct PoolFile {
     pub version: String,
     /// `IP:PORT` or `HOST:PORT` (resolved when the config is loaded).
     pub endpoints: Vec<String>,
+    /// How Kanaria talks to the endpoints: `"http1"` (default) or `"h2c"` (HTTP/2 with
+    /// prior knowledge, e.g. gRPC services). Health checks use the same protocol.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+fn default_protocol() -> String {
+    "http1".into()
 }

@@ -43,6 +43,9 @@ pub struct ProxySettings {
     pub request_id_header: http::HeaderName,
     pub shutdown_grace: Duration,
     pub upgrade_sock: String,
+    /// h2c (HTTP/2 prior knowledge) on the plain listeners.
+    pub h2c: bool,
+    pub tls: Option<crate::proxy::tls::TlsSettings>,
 }
 
 /// `[admin]`, validated.
@@ -73,6 +76,8 @@ pub struct EdgeSettings {
     pub limits: crate::proxy::edge::HeaderLimits,
     pub max_connections: usize,
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_max_header_list_size: u32,
 }
 
 /// `[reload]`, validated.
@@ -106,6 +111,8 @@ pub struct AnalysisRules {
     pub max_p99_latency_ratio: Option<f64>,
     pub confidence: f64,
     pub failure_limit: u32,
+    /// Bit `n` set: gRPC status `n` counts as an error (see [`crate::proxy::h2`]).
+    pub grpc_error_codes: u32,
 }
 
 /// One rollout step, validated.
@@ -170,6 +177,8 @@ pub struct Pool {
     pub version: String,
     pub endpoints: Vec<SocketAddr>,
     pub lb: Arc<LoadBalancer<RoundRobin>>,
+    /// Speak HTTP/2 with prior knowledge to the endpoints.
+    pub h2c: bool,
 }
 
 impl Pool {
@@ -210,6 +219,8 @@ pub struct Route {
     pub hosts: Vec<String>,
     pub path_prefix: String,
     pub split: SplitRule,
+    /// Set when `sticky_by` has `issued_cookie:NAME`.
+    pub issued_cookie: Option<crate::split::issued::IssuedCookie>,
     pub timeouts: Timeouts,
     pub stable: Arc<Pool>,
     pub canary: Option<Arc<Pool>>,
@@ -257,6 +268,8 @@ pub struct Snapshot {
     pub state: Option<StateSettings>,
     pub notify: Option<NotifySettings>,
     pub edge: EdgeSettings,
+    /// `[log]` (read at start only).
+    pub log: crate::proxy::access_log::LogSettings,
     pub routes: Vec<Arc<Route>>,
     pub router: Router,
 }

@@ -12,6 +12,11 @@
 //! header is complete ([`request_started`]) and when the request is over
 //! ([`request_finished`]). Between requests Pingora's keep-alive timeout applies
 //! (`edge.idle_timeout`). Everything is atomics: no lock per connection or read.
+//!
+//! The header deadline is HTTP/1-specific: an HTTP/2 connection (its first bytes are the
+//! client preface, on h2c or after TLS with ALPN `h2`) interleaves the frames of many
+//! requests, so the deadline is disarmed for it; `[edge] h2_max_concurrent_streams` and
+//! `h2_max_header_list_size` bound such a connection instead.
 
 use std::fmt;
 use std::future::Future;
@@ -26,13 +31,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::TlsRef;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
     UniqueIDType, ALPN,
 };
 use pingora::protocols::{SocketDigest, TimingDigest};
 use pingora::server::ShutdownWatch;
-use pingora::tls::TlsRef;
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -43,6 +48,12 @@ use crate::rollout::control::Shared;
 const PHASE_HEADER: u8 = 0;
 const PHASE_REQUEST: u8 = 1;
 const PHASE_IDLE: u8 = 2;
+/// An HTTP/2 connection: no header deadline.
+const PHASE_H2: u8 = 3;
+
+/// The start of the HTTP/2 client preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
+const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
+const NOT_H2: u8 = u8::MAX;
 
 /// A client connection whose request headers must arrive within a deadline.
 pub struct GuardedStream {
@@ -50,6 +61,9 @@ pub struct GuardedStream {
     /// `PHASE_*`: reading a header (deadline armed), in a request, or idle between requests.
     phase: AtomicU8,
     header_timeout: Duration,
+    /// Bytes of the HTTP/2 preface matched by the first bytes read so far; `NOT_H2` once
+    /// they differ. Decided only on the whole start, so a slow "P" does not disarm anything.
+    preface: u8,
     deadline: Pin<Box<Sleep>>,
     timeouts: IntCounter,
     /// Holds the listener's connection count; released when the connection closes.
@@ -72,6 +86,7 @@ impl GuardedStream {
             inner,
             phase: AtomicU8::new(PHASE_HEADER),
             header_timeout,
+            preface: 0,
             deadline: Box::pin(tokio::time::sleep(header_timeout)),
             timeouts,
             _slot: None,
@@ -115,6 +130,20 @@ impl AsyncRead for GuardedStream {
         }
         let before = buf.filled().len();
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if usize::from(this.preface) < H2_PREFACE_START.len() && matches!(res, Poll::Ready(Ok(())))
+        {
+            for &b in &buf.filled()[before..] {
+                if H2_PREFACE_START.get(usize::from(this.preface)) != Some(&b) {
+                    this.preface = NOT_H2;
+                    break;
+                }
+                this.preface += 1;
+                if usize::from(this.preface) == H2_PREFACE_START.len() {
+                    this.phase.store(PHASE_H2, Ordering::Relaxed);
+                    return res;
+                }
+            }
+        }
         if phase == PHASE_IDLE && matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before
         {
             // First byte of the next request on a kept-alive connection.

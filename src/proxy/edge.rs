@@ -9,6 +9,11 @@
 //! anything is routed, and refuses (400, connection closed) every message whose end is not
 //! beyond doubt. These functions are pure (bytes in, verdict out) so the fuzz targets and
 //! unit tests drive exactly what the proxy runs.
+//!
+//! All of this is HTTP/1-specific. An HTTP/2 request has no raw header bytes and no
+//! length ambiguity (frames carry their lengths, `h2` rejects malformed ones), so the
+//! request checks and `edge.max_header_bytes`/`max_headers` are skipped for it; the HTTP/2
+//! limits `edge.h2_max_concurrent_streams` and `h2_max_header_list_size` apply instead.
 
 use http::header::{HeaderName, CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODING, UPGRADE};
 use http::HeaderMap;

@@ -20,10 +20,14 @@
 //! client that hangs up before an answer is not the version's failure and is not counted.
 //! Nothing here may panic or block: errors are values, the hot path takes no lock.
 
+pub mod access_log;
 pub mod conn_guard;
 pub mod drain;
 pub mod edge;
+pub mod edge_ctx;
+pub mod h2;
 pub mod headers;
+pub mod tls;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,6 +80,8 @@ pub struct Ctx {
     watcher: Option<tokio::sync::oneshot::Sender<()>>,
     /// The route's canary rollback generation when the request was split.
     rollback_generation: u64,
+    /// TLS, the issued key, the upstream's address (see [`edge_ctx`]).
+    edge: edge_ctx::EdgeCtx,
 }
 
 impl Drop for Ctx {
@@ -111,6 +117,11 @@ impl Ctx {
                 m.in_flight.finish(ticket);
             }
         }
+    }
+
+    /// The gRPC status codes that count as errors on this request's route.
+    fn grpc_codes(&self) -> u32 {
+        self.route().map_or(0, |r| r.analysis.grpc_error_codes)
     }
 
     /// May this failed attempt be retried on stable?
@@ -245,6 +256,8 @@ impl RequestIds {
 pub struct KanariaProxy {
     shared: Arc<Shared>,
     ids: RequestIds,
+    issued_ids: crate::split::issued::IssuedIds,
+    access_log: Option<Arc<access_log::AccessLog>>,
 }
 
 impl KanariaProxy {
@@ -252,7 +265,15 @@ impl KanariaProxy {
         KanariaProxy {
             shared,
             ids: RequestIds::new(),
+            issued_ids: crate::split::issued::IssuedIds::new(),
+            access_log: None,
         }
+    }
+
+    /// Writes one access log line per request to `log` (see [`access_log`]).
+    pub fn with_access_log(mut self, log: Option<Arc<access_log::AccessLog>>) -> Self {
+        self.access_log = log;
+        self
     }
 }
 
@@ -301,7 +322,7 @@ fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
     if let Some(id) = &ctx.generated_request_id {
         resp.insert_header(snap.proxy.request_id_header.clone(), id.clone())?;
     }
-    Ok(())
+    ctx.edge.decorate(resp, ctx.route().map(|r| r.as_ref()))
 }
 
 #[async_trait]
@@ -323,6 +344,7 @@ impl ProxyHttp for KanariaProxy {
             attempt_latency: None,
             watcher: None,
             rollback_generation: 0,
+            edge: edge_ctx::EdgeCtx::default(),
         }
     }
 
@@ -358,12 +380,19 @@ impl ProxyHttp for KanariaProxy {
         };
         let route = snap.router.find(host, &path);
         drop(path);
+        let r = route.and_then(|i| snap.routes.get(i));
+        ctx.edge
+            .begin(session, r.map(|r| r.as_ref()), &self.issued_ids);
         if req.headers.get(&snap.proxy.request_id_header).is_none() {
             ctx.generated_request_id = Some(self.ids.next());
         }
         let decision = route.and_then(|i| snap.routes.get(i)).map(|r| {
-            r.split
-                .decide(&session.req_header().headers, client, r.labels())
+            r.split.decide_issued(
+                &session.req_header().headers,
+                client,
+                r.labels(),
+                ctx.edge.issued_key(),
+            )
         });
         if let (Some((version, crate::split::Reason::Override)), Some(i)) = (decision, route) {
             if let Some(m) = live.route_metrics.get(i) {
@@ -430,12 +459,14 @@ impl ProxyHttp for KanariaProxy {
                 ),
             );
         };
+        ctx.edge.upstream_addr = backend.addr.as_inet().copied();
         let mut peer = HttpPeer::new(backend.addr, false, String::new());
         let t = route.timeouts;
         peer.options.connection_timeout = Some(t.connect);
         peer.options.read_timeout = Some(t.read);
         peer.options.write_timeout = Some(t.write);
         peer.options.idle_timeout = Some(t.idle);
+        h2::upstream_peer(&mut peer, pool);
         ctx.attempt_start = Instant::now();
         ctx.awaiting_head = true;
         ctx.attempt_latency = None;
@@ -592,13 +623,14 @@ impl ProxyHttp for KanariaProxy {
             upstream_request,
             client_ip(session),
             trusted,
-            "http",
+            ctx.edge.scheme(),
         )?;
         if let (Some(id), Some(live)) = (&ctx.generated_request_id, &ctx.live) {
             upstream_request
                 .insert_header(live.snapshot.proxy.request_id_header.clone(), id.clone())?;
         }
-        Ok(())
+        let h2c = matches!((ctx.route(), ctx.version), (Some(r), Some(v)) if r.pool(v).h2c);
+        h2::forward_te_trailers(&session.req_header().headers, upstream_request, h2c)
     }
 
     async fn upstream_response_filter(
@@ -630,6 +662,18 @@ impl ProxyHttp for KanariaProxy {
             return Err(e);
         }
         ctx.upstream_status = Some(status);
+        ctx.edge.grpc_failed = h2::grpc_failed(&upstream_response.headers, ctx.grpc_codes());
+        Ok(())
+    }
+
+    /// gRPC sends its status in trailers after the body.
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        upstream_trailers: &mut http::HeaderMap,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.edge.grpc_failed |= h2::grpc_failed(upstream_trailers, ctx.grpc_codes());
         Ok(())
     }
 
@@ -681,6 +725,9 @@ impl ProxyHttp for KanariaProxy {
     /// Records the outcome of every request that matched a route.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         crate::proxy::conn_guard::request_finished(session.as_downstream());
+        if let Some(log) = &self.access_log {
+            log.log(session, ctx);
+        }
         let waited = ctx.attempt_start.elapsed().as_secs_f64();
         ctx.attempt_over();
         let Some(version) = ctx.version else {
@@ -703,7 +750,9 @@ impl ProxyHttp for KanariaProxy {
         // The analysis judges the last attempt by its own latency to the answer's head.
         match ctx.attempt_latency {
             Some(latency) => {
-                let is_error = ctx.upstream_status.is_some_and(|s| s >= 500) || upstream_failed;
+                let is_error = ctx.upstream_status.is_some_and(|s| s >= 500)
+                    || upstream_failed
+                    || ctx.edge.grpc_failed;
                 m.observe(is_error, latency);
             }
             // The client hung up before any answer: not the version's failure.

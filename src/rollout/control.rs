@@ -92,6 +92,28 @@ fn restart_keys(running: &Snapshot, new: &Snapshot) -> Vec<String> {
     if running.proxy.upgrade_sock != new.proxy.upgrade_sock {
         keys.push("proxy.upgrade_sock".to_string());
     }
+    let tls_listen = |s: &Snapshot| s.proxy.tls.as_ref().map(|t| t.listen.clone());
+    if tls_listen(running) != tls_listen(new) {
+        keys.push("proxy.tls.listen".to_string());
+    }
+    if running.proxy.tls.as_ref().map(|t| t.http2) != new.proxy.tls.as_ref().map(|t| t.http2) {
+        keys.push("proxy.tls.http2".to_string());
+    }
+    if running.proxy.h2c != new.proxy.h2c {
+        keys.push("proxy.h2c".to_string());
+    }
+    if (
+        running.edge.h2_max_concurrent_streams,
+        running.edge.h2_max_header_list_size,
+    ) != (
+        new.edge.h2_max_concurrent_streams,
+        new.edge.h2_max_header_list_size,
+    ) {
+        keys.push("edge.h2_max_concurrent_streams/h2_max_header_list_size".to_string());
+    }
+    if running.log != new.log {
+        keys.push("log".to_string());
+    }
     if running.admin.listen != new.admin.listen {
         keys.push("admin.listen".to_string());
     }

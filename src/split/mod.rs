@@ -7,7 +7,10 @@
 //! (weight in percent, 0.01 steps). So the same user lands on the same version on every
 //! request, after a restart and on every proxy instance, and raising the weight only ever
 //! moves users from stable to canary. Overrides (header or cookie, optionally only from
-//! trusted CIDRs) force a version for testers.
+//! trusted CIDRs) force a version for testers. A route may also let Kanaria *issue* the
+//! key (`issued_cookie:NAME`, see [`issued`]): a request without any key gets a fresh random
+//! id, is split on it, and the response sets the cookie, so anonymous users behind one NAT
+//! address are spread like users with ids instead of moving as one block.
 
 use std::net::IpAddr;
 
@@ -15,6 +18,7 @@ use http::HeaderMap;
 use ipnet::IpNet;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+pub mod issued;
 pub mod override_token;
 pub mod router;
 
@@ -44,12 +48,14 @@ pub enum StickySource {
     Header(http::HeaderName),
     /// A cookie by name.
     Cookie(String),
+    /// A cookie Kanaria sets itself when a request has no key yet (see [`issued`]).
+    IssuedCookie(String),
     /// The client's IP address: 4 octets for IPv4, 16 for IPv6.
     ClientIp,
 }
 
 impl StickySource {
-    /// Parses `header:NAME`, `cookie:NAME` or `client_ip`.
+    /// Parses `header:NAME`, `cookie:NAME`, `issued_cookie:NAME` or `client_ip`.
     pub fn parse(s: &str) -> Result<Self, String> {
         if s == "client_ip" {
             return Ok(StickySource::ClientIp);
@@ -60,16 +66,25 @@ impl StickySource {
                 .map_err(|_| format!("{name:?} is not a valid header name"));
         }
         if let Some(name) = s.strip_prefix("cookie:") {
-            let name = name.trim();
-            if name.is_empty() || name.contains([';', '=', ' ']) {
-                return Err(format!("{name:?} is not a valid cookie name"));
-            }
-            return Ok(StickySource::Cookie(name.to_string()));
+            return cookie_name(name).map(StickySource::Cookie);
+        }
+        if let Some(name) = s.strip_prefix("issued_cookie:") {
+            return cookie_name(name).map(StickySource::IssuedCookie);
         }
         Err(format!(
-            "{s:?} is not a user key source; use \"header:NAME\", \"cookie:NAME\" or \"client_ip\""
+            "{s:?} is not a user key source; use \"header:NAME\", \"cookie:NAME\", \"issued_cookie:NAME\" or \"client_ip\""
         ))
     }
+}
+
+/// A cookie name: an RFC 6265 token (no separators, controls or spaces).
+fn cookie_name(name: &str) -> Result<String, String> {
+    let name = name.trim();
+    let token = |b: u8| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b);
+    if name.is_empty() || !name.bytes().all(token) {
+        return Err(format!("{name:?} is not a valid cookie name"));
+    }
+    Ok(name.to_string())
 }
 
 /// The per-route seed of the user hash.
@@ -211,6 +226,50 @@ impl SplitRule {
         client: Option<IpAddr>,
         ip_buf: &'a mut [u8; 16],
     ) -> Option<&'a [u8]> {
+        self.user_key_issued(headers, client, ip_buf, None)
+    }
+
+    /// The issued cookie's name, when this route issues user keys.
+    pub fn issued_cookie(&self) -> Option<&str> {
+        self.sticky.iter().find_map(|s| match s {
+            StickySource::IssuedCookie(name) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Whether a request needs a freshly issued key: the route issues keys and no source
+    /// up to the issued cookie (included) is present. Sources after it are never reached.
+    pub fn needs_issued_key(&self, headers: &HeaderMap) -> bool {
+        for src in &self.sticky {
+            match src {
+                StickySource::Header(h) => {
+                    if headers
+                        .get(h)
+                        .is_some_and(|v| !v.as_bytes().trim_ascii().is_empty())
+                    {
+                        return false;
+                    }
+                }
+                StickySource::Cookie(c) => {
+                    if cookie(headers, c).is_some() {
+                        return false;
+                    }
+                }
+                StickySource::IssuedCookie(c) => return cookie(headers, c).is_none(),
+                StickySource::ClientIp => return false,
+            }
+        }
+        false
+    }
+
+    /// [`Self::user_key`], with `issued` standing in for an absent issued cookie.
+    pub fn user_key_issued<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        client: Option<IpAddr>,
+        ip_buf: &'a mut [u8; 16],
+        issued: Option<&'a [u8]>,
+    ) -> Option<&'a [u8]> {
         for src in &self.sticky {
             let found = match src {
                 StickySource::Header(h) => headers
@@ -218,6 +277,7 @@ impl SplitRule {
                     .map(|v| v.as_bytes().trim_ascii())
                     .filter(|v| !v.is_empty()),
                 StickySource::Cookie(c) => cookie(headers, c),
+                StickySource::IssuedCookie(c) => cookie(headers, c).or(issued),
                 StickySource::ClientIp => None,
             };
             if found.is_some() {
@@ -239,6 +299,18 @@ impl SplitRule {
         }
     }
 
+    /// The user's bucket, for the access log (`None` without any key).
+    pub fn bucket_of(
+        &self,
+        headers: &HeaderMap,
+        client: Option<IpAddr>,
+        issued: Option<&[u8]>,
+    ) -> Option<u32> {
+        let mut buf = [0u8; 16];
+        self.user_key_issued(headers, client, &mut buf, issued)
+            .map(|k| bucket(self.seed, k))
+    }
+
     /// The version for one request. `has_canary` is false when the route has no canary
     /// pool; then every request is stable whatever the weight or an override says.
     pub fn decide(
@@ -246,6 +318,18 @@ impl SplitRule {
         headers: &HeaderMap,
         client: Option<IpAddr>,
         labels: (&str, Option<&str>),
+    ) -> (Track, Reason) {
+        self.decide_issued(headers, client, labels, None)
+    }
+
+    /// [`Self::decide`] for a request that was just issued the key `issued` (it carries
+    /// no key of its own; see [`Self::needs_issued_key`]).
+    pub fn decide_issued(
+        &self,
+        headers: &HeaderMap,
+        client: Option<IpAddr>,
+        labels: (&str, Option<&str>),
+        issued: Option<&[u8]>,
     ) -> (Track, Reason) {
         if labels.1.is_none() {
             return (Track::Stable, Reason::Sticky);
@@ -257,7 +341,7 @@ impl SplitRule {
             return (Track::Stable, Reason::Sticky);
         }
         let mut buf = [0u8; 16];
-        match self.user_key(headers, client, &mut buf) {
+        match self.user_key_issued(headers, client, &mut buf, issued) {
             Some(key) if bucket(self.seed, key) < self.canary_buckets => {
                 (Track::Canary, Reason::Sticky)
             }
@@ -357,6 +441,33 @@ mod tests {
             Some(&[10u8, 1, 2, 3][..])
         );
         assert_eq!(r.user_key(&HeaderMap::new(), None, &mut buf), None);
+    }
+
+    #[test]
+    fn issued_keys_only_for_requests_without_a_key() {
+        let r = rule(&["header:x-user-id", "issued_cookie:uid"], 50.0);
+        assert_eq!(r.issued_cookie(), Some("uid"));
+        assert!(r.needs_issued_key(&HeaderMap::new()));
+        assert!(!r.needs_issued_key(&headers(&[("x-user-id", "u1")])));
+        assert!(!r.needs_issued_key(&headers(&[("cookie", "a=1; uid=abc")])));
+        let mut buf = [0u8; 16];
+        let h = headers(&[("cookie", "uid=abc")]);
+        assert_eq!(
+            r.user_key_issued(&h, None, &mut buf, Some(b"new")),
+            Some(&b"abc"[..])
+        );
+        assert_eq!(
+            r.user_key_issued(&HeaderMap::new(), None, &mut buf, Some(b"new")),
+            Some(&b"new"[..])
+        );
+        // The issued key and the cookie carrying it later hash alike.
+        let labels = ("v1", Some("v2"));
+        let h = headers(&[("cookie", "uid=k1")]);
+        assert_eq!(
+            r.decide(&h, None, labels),
+            r.decide_issued(&HeaderMap::new(), None, labels, Some(b"k1"))
+        );
+        assert!(!rule(&["client_ip"], 5.0).needs_issued_key(&HeaderMap::new()));
     }
 
     #[test]

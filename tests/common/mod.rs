@@ -19,6 +19,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+pub mod certs;
+pub mod grpc;
+pub mod h2load;
 pub mod raw;
 
 /// What an upstream does with the next requests.

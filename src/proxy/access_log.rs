@@ -1,0 +1,386 @@
+//! The access log: one line per request, written off the request path.
+//!
+//! Pingora's `logging` hook formats the line (JSON by default, or the combined format of
+//! nginx and Apache) and hands it to a bounded queue with `try_send`: a request never
+//! waits for the disk. A writer thread drains the queue into a buffered file (or stdout)
+//! and flushes whenever the queue runs empty. When the queue is full the line is dropped
+//! and counted in `kanaria_access_log_dropped_total`. SIGUSR1 asks the writer to reopen
+//! the file by its path, for logrotate's rename-then-signal (the handler only sets a flag:
+//! async-signal-safe). The settings are read at start; changing `[log]` needs a restart.
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use pingora::proxy::Session;
+use prometheus::IntCounter;
+
+use super::Ctx;
+
+/// Where the lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Off,
+    Stdout,
+    /// Absolute, or resolved against the config file's directory.
+    File(PathBuf),
+}
+
+/// The line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Combined,
+}
+
+/// `[log]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    pub access: Target,
+    pub format: Format,
+    /// Lines that may wait for the writer before new ones are dropped.
+    pub queue: usize,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            access: Target::Off,
+            format: Format::Json,
+            queue: 16_384,
+        }
+    }
+}
+
+/// Set by SIGUSR1; the writer reopens the file when it sees it.
+static REOPEN: AtomicBool = AtomicBool::new(false);
+
+/// The request side of the access log: cheap to call from the `logging` hook.
+pub struct AccessLog {
+    tx: SyncSender<String>,
+    format: Format,
+    dropped: IntCounter,
+}
+
+impl AccessLog {
+    /// Opens the target and starts the writer thread. `None` when the log is off.
+    pub fn start(
+        settings: &LogSettings,
+        registry: &prometheus::Registry,
+    ) -> anyhow::Result<Option<Arc<AccessLog>>> {
+        // Always handled, so a logrotate `kill -USR1` never terminates Kanaria (SIGUSR1's
+        // default action), whatever `[log]` says.
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            signal_hook_registry::register(libc::SIGUSR1, || REOPEN.store(true, Ordering::Relaxed))
+        }
+        .map_err(|e| anyhow::anyhow!("cannot handle SIGUSR1 for the access log: {e}"))?;
+        if settings.access == Target::Off {
+            return Ok(None);
+        }
+        let dropped = IntCounter::new(
+            "kanaria_access_log_dropped_total",
+            "Access log lines dropped because the writer fell behind (queue full).",
+        )?;
+        registry.register(Box::new(dropped.clone()))?;
+        let out = open(&settings.access)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(settings.queue.max(1));
+        let target = settings.access.clone();
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || writer(rx, target, out))?;
+        Ok(Some(Arc::new(AccessLog {
+            tx,
+            format: settings.format,
+            dropped,
+        })))
+    }
+
+    /// Formats the line of a finished request and queues it; drops it when the queue is full.
+    pub fn log(&self, session: &Session, ctx: &Ctx) {
+        let line = match self.format {
+            Format::Json => json_line(session, ctx),
+            Format::Combined => combined_line(session, ctx),
+        };
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => self.dropped.inc(),
+            // The writer is gone (it logged why); nothing to do per request.
+            Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+}
+
+fn open(target: &Target) -> std::io::Result<Box<dyn Write + Send>> {
+    Ok(match target {
+        Target::Off | Target::Stdout => Box::new(std::io::stdout()),
+        Target::File(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("log.access: cannot open {}: {e}", path.display()),
+                    )
+                })?,
+        ),
+    })
+}
+
+/// The writer thread: drains the queue, flushes when it runs empty, reopens on SIGUSR1.
+fn writer(rx: Receiver<String>, target: Target, out: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    loop {
+        if REOPEN.swap(false, Ordering::Relaxed) {
+            let _ = out.flush();
+            match open(&target) {
+                Ok(f) => {
+                    out = std::io::BufWriter::with_capacity(64 * 1024, f);
+                    log::info!("access log reopened (SIGUSR1)");
+                }
+                Err(e) => log::warn!("cannot reopen the access log, keeping the old file: {e}"),
+            }
+        }
+        let line = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => line,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut res = out.write_all(line.as_bytes());
+        // Write what is queued, then flush once: one syscall per burst, not per line.
+        while let (Ok(()), Ok(more)) = (&res, rx.try_recv()) {
+            res = out.write_all(more.as_bytes());
+        }
+        if let Err(e) = res.and_then(|()| out.flush()) {
+            log::warn!("access log write failed: {e}");
+        }
+    }
+    let _ = out.flush();
+}
+
+/// The facts of one request, shared by both formats.
+struct Facts<'a> {
+    client: Option<IpAddr>,
+    method: &'a str,
+    host: &'a str,
+    path: &'a str,
+    version: &'static str,
+    status: u16,
+    bytes: usize,
+}
+
+fn facts<'a>(session: &'a Session, ctx: &Ctx) -> Facts<'a> {
+    let req = session.req_header();
+    let trusted = ctx
+        .live
+        .as_ref()
+        .map_or(&[][..], |l| &l.snapshot.edge.trusted_proxies[..]);
+    Facts {
+        client: crate::proxy::headers::client_ip(session, trusted),
+        method: req.method.as_str(),
+        host: req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri.host())
+            .unwrap_or(""),
+        path: req.uri.path_and_query().map_or("/", |p| p.as_str()),
+        version: match req.version {
+            http::Version::HTTP_2 => "HTTP/2.0",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
+        status: session
+            .as_downstream()
+            .response_written()
+            .map_or(0, |r| r.status.as_u16()),
+        bytes: session.as_downstream().body_bytes_sent(),
+    }
+}
+
+/// Appends `s` as a JSON string.
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn request_id<'a>(session: &'a Session, ctx: &'a Ctx) -> Option<&'a str> {
+    if let Some(id) = &ctx.generated_request_id {
+        return id.to_str().ok();
+    }
+    let live = ctx.live.as_ref()?;
+    session
+        .req_header()
+        .headers
+        .get(&live.snapshot.proxy.request_id_header)?
+        .to_str()
+        .ok()
+}
+
+fn json_line(session: &Session, ctx: &Ctx) -> String {
+    let f = facts(session, ctx);
+    let route = ctx.route();
+    let mut s = String::with_capacity(512);
+    s.push_str("{\"time\":\"");
+    let _ = write!(s, "{}", humantime::format_rfc3339_millis(SystemTime::now()));
+    s.push_str("\",\"client\":");
+    match f.client {
+        Some(ip) => {
+            let _ = write!(s, "\"{ip}\"");
+        }
+        None => s.push_str("null"),
+    }
+    s.push_str(",\"method\":");
+    json_str(&mut s, f.method);
+    s.push_str(",\"host\":");
+    json_str(&mut s, f.host);
+    s.push_str(",\"path\":");
+    json_str(&mut s, f.path);
+    let _ = write!(
+        s,
+        ",\"protocol\":\"{}\",\"tls\":{},\"status\":{},\"bytes\":{}",
+        f.version, ctx.edge.tls, f.status, f.bytes
+    );
+    s.push_str(",\"route\":");
+    match route {
+        Some(r) => json_str(&mut s, &r.name),
+        None => s.push_str("null"),
+    }
+    s.push_str(",\"track\":");
+    match ctx.version {
+        Some(v) => {
+            let _ = write!(s, "\"{}\"", v.as_str());
+        }
+        None => s.push_str("null"),
+    }
+    s.push_str(",\"release\":");
+    match (route, ctx.version) {
+        (Some(r), Some(v)) => json_str(&mut s, &r.pool(v).version),
+        _ => s.push_str("null"),
+    }
+    s.push_str(",\"bucket\":");
+    let bucket = route.and_then(|r| {
+        r.split.bucket_of(
+            &session.req_header().headers,
+            f.client,
+            ctx.edge.issued_key(),
+        )
+    });
+    match bucket {
+        Some(b) => {
+            let _ = write!(s, "{b}");
+        }
+        None => s.push_str("null"),
+    }
+    s.push_str(",\"upstream\":");
+    match ctx.edge.upstream_addr {
+        Some(a) => {
+            let _ = write!(s, "\"{a}\"");
+        }
+        None => s.push_str("null"),
+    }
+    s.push_str(",\"upstream_ms\":");
+    match ctx.attempt_latency {
+        Some(secs) => {
+            let _ = write!(s, "{}", ms(Duration::from_secs_f64(secs)));
+        }
+        None => s.push_str("null"),
+    }
+    let _ = write!(
+        s,
+        ",\"total_ms\":{},\"retried\":{}",
+        ms(ctx.start.elapsed()),
+        ctx.retried
+    );
+    s.push_str(",\"request_id\":");
+    match request_id(session, ctx) {
+        Some(id) => json_str(&mut s, id),
+        None => s.push_str("null"),
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// `10/Oct/2000:13:55:36 +0000` from an RFC 3339 UTC time.
+fn clf_time(now: SystemTime) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    // "2000-10-10T13:55:36Z"
+    let t = humantime::format_rfc3339_seconds(now).to_string();
+    let month = t
+        .get(5..7)
+        .and_then(|m| m.parse::<usize>().ok())
+        .and_then(|m| MONTHS.get(m.wrapping_sub(1)))
+        .unwrap_or(&"Jan");
+    format!(
+        "{}/{month}/{}:{} +0000",
+        t.get(8..10).unwrap_or("01"),
+        t.get(0..4).unwrap_or("1970"),
+        t.get(11..19).unwrap_or("00:00:00"),
+    )
+}
+
+/// nginx's `combined`, plus the route, track, upstream time and request id at the end.
+fn combined_line(session: &Session, ctx: &Ctx) -> String {
+    let f = facts(session, ctx);
+    let h = &session.req_header().headers;
+    let header = |name: http::header::HeaderName| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .replace('"', "\\\"")
+    };
+    let client = f.client.map_or("-".to_string(), |ip| ip.to_string());
+    format!(
+        "{client} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" route={} track={} upstream_ms={} request_id={}\n",
+        clf_time(SystemTime::now()),
+        f.method,
+        f.path.replace('"', "%22"),
+        f.version,
+        f.status,
+        f.bytes,
+        header(http::header::REFERER),
+        header(http::header::USER_AGENT),
+        ctx.route().map_or("-", |r| r.name.as_str()),
+        ctx.version.map_or("-", |v| v.as_str()),
+        ctx.attempt_latency
+            .map_or("-".to_string(), |secs| ms(Duration::from_secs_f64(secs)).to_string()),
+        request_id(session, ctx).unwrap_or("-"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_strings_are_escaped_and_times_formatted() {
+        let mut s = String::new();
+        json_str(&mut s, "a\"b\\c\n");
+        assert_eq!(s, "\"a\\\"b\\\\c\\u000a\"");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(971_186_136);
+        assert_eq!(clf_time(t), "10/Oct/2000:13:55:36 +0000");
+    }
+}
