@@ -19,29 +19,30 @@ deps:
 	    echo "cmake is required to build Pingora (zlib-ng): install it with your package manager (e.g. 'brew install cmake', 'dnf install cmake')"; \
 	    exit 1; \
 	  fi; }
-# The deploy tests also run promtool (rules) and a real Prometheus server (scrape test):
-# Debian's `prometheus` ships both. Installed like cmake; its service is not started.
+# Tools the test suite runs, from Debian's packages: promtool and a real Prometheus (deploy
+# and scrape tests; the service is not started), headless Chromium and its WebDriver (the
+# dashboard test), curl, nghttp and h2load (HTTP/2 tests), redis-server (fleet tests; the
+# tests start their own on a loopback port). Each is installed only when its command is missing.
+TEST_TOOLS = promtool:prometheus prometheus:prometheus curl:curl h2load:nghttp2-client \
+	nghttp:nghttp2-client redis-server:redis-server redis-cli:redis-tools
+# The browser with its recommended packages (fonts).
+BROWSER_TOOLS = chromedriver:chromium-driver chromium:chromium
+APT_INSTALL = env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 test-deps: deps
-	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
-	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    echo "installing prometheus (promtool) with apt-get"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
-	    echo "installing prometheus (promtool) with sudo apt-get"; \
-	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  else \
-	    echo "the deploy tests need promtool and prometheus: install Prometheus (e.g. 'brew install prometheus', or a release from prometheus.io)"; \
-	    exit 1; \
-	  fi; }
-	@# The dashboard test drives a real headless Chromium (Debian's chromium + chromium-driver).
-	@command -v chromedriver >/dev/null 2>&1 || { \
-	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    echo "installing chromium and chromium-driver with apt-get (for the dashboard test)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	  else \
-	    echo "the dashboard test needs chromium and chromium-driver (Debian packages)"; \
-	    exit 1; \
-	  fi; }
+	@set -e; install() { \
+	  flags="$$1"; shift; missing=""; \
+	  for pair in "$$@"; do cmd=$${pair%%:*}; command -v $$cmd >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	  [ -n "$$missing" ] || return 0; \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then sudo=""; \
+	  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	  else echo "the test suite needs these Debian packages (or their equivalents):$$missing"; exit 1; fi; \
+	  echo "installing with apt-get:$$missing"; \
+	  $$sudo apt-get update -qq && $$sudo $(APT_INSTALL) $$flags $$missing >/dev/null; \
+	}; \
+	install --no-install-recommends $(TEST_TOOLS); \
+	install "" $(BROWSER_TOOLS)
+	@# The redis-server package starts a system service on port 6379; the tests use their own.
+	@if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server 2>/dev/null; then systemctl stop redis-server || true; fi
 
 build: deps
 	$(CARGO) build --release
