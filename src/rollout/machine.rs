@@ -15,7 +15,10 @@
 //! - the published weight is always the phase's weight, within `0..=BUCKETS`;
 //! - a rollout whose steps shrink on reload continues from the last valid step and can
 //!   still finish;
-//! - a route removed from the config is forgotten (its state file too).
+//! - a route removed from the config is forgotten (its state file too);
+//! - in a fleet, adopted generations only increase, a rollback always wins a race against
+//!   a raise or a promote, a local rollback not yet shared is never undone by an older
+//!   view of the fleet, and nothing but a rollback happens while the fleet is unreachable.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -94,6 +97,13 @@ pub struct RouteRollout {
     pub evaluations: u64,
     /// `none`, `pass`, `fail` or `inconclusive`.
     pub last_verdict: &'static str,
+    /// The newest fleet generation of this route's record applied here (0: none yet).
+    pub fleet_generation: u64,
+    /// The fleet store is unreachable: nothing advances, only rollbacks apply.
+    pub fleet_down: bool,
+    /// A rollback decided here that the fleet has not accepted yet: no older view of the
+    /// fleet may undo it.
+    pub unshared_rollback: bool,
 }
 
 impl RouteRollout {
@@ -144,6 +154,50 @@ pub enum Input {
     Tick,
     /// The route is gone from the config.
     Removed,
+    /// The fleet's record for this route (from the store: a poll, a message, the answer to
+    /// a write). `own`: this process wrote it, so it is already applied here.
+    Adopt {
+        record: FleetRecord,
+        own: bool,
+    },
+    /// The fleet store became reachable (`true`) or unreachable (`false`).
+    FleetLink(bool),
+}
+
+/// How a shared record is written to the fleet store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShareMode {
+    /// Compare-and-set on `generation` (a rollback is written whatever the generation).
+    Cas,
+    /// Only if the store holds no record yet (a restored or reset state: the fleet's
+    /// record, when there is one, wins and is adopted instead).
+    Seed,
+}
+
+/// A route's rollout as the fleet shares it: one record per route and canary version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetRecord {
+    pub route: String,
+    pub canary_version: String,
+    pub phase: Phase,
+    /// Set by the store on every accepted write; a replica applies only a newer one. In a
+    /// record to be written: the generation it was decided on (the compare-and-set's).
+    pub generation: u64,
+    /// The latch, spelled out for readers of the store (`phase` says it too).
+    pub rolled_back: bool,
+    pub weight_percent: f64,
+    pub step: Option<usize>,
+    pub paused: bool,
+    /// The event's kind and reason.
+    pub kind: String,
+    pub reason: String,
+    /// The instance that decided it (filled in by the control module).
+    pub by: String,
+    /// The writing process (instance, pid and start): tells a replica its own records.
+    pub writer: String,
+    pub at_ms: u64,
+    pub mode: ShareMode,
 }
 
 /// One transition, with the reason and the numbers behind it.
@@ -172,6 +226,8 @@ pub enum Effect {
     Emit(Event),
     /// Remove the route's saved state.
     Forget,
+    /// Write this record to the fleet store (ignored without `[fleet]`).
+    Share(FleetRecord),
 }
 
 /// Why an operator's action was refused (nothing changed).
@@ -189,6 +245,34 @@ pub enum Refusal {
 pub struct Outcome {
     pub next: Option<RouteRollout>,
     pub effects: Vec<Effect>,
+}
+
+/// The record the fleet is offered for a route's current state (`None` without a canary).
+pub fn share_record(
+    route: &str,
+    s: &RouteRollout,
+    kind: &str,
+    reason: &str,
+    now_ms: u64,
+    mode: ShareMode,
+) -> Option<FleetRecord> {
+    let version = s.canary_version.as_ref()?;
+    Some(FleetRecord {
+        route: route.to_string(),
+        canary_version: version.clone(),
+        phase: s.phase.clone(),
+        generation: s.fleet_generation,
+        rolled_back: matches!(s.phase, Phase::RolledBack { .. }),
+        weight_percent: buckets_to_percent(s.weight().0),
+        step: s.phase.step(),
+        paused: matches!(s.phase, Phase::Paused { .. }),
+        kind: kind.to_string(),
+        reason: reason.to_string(),
+        by: String::new(),
+        writer: String::new(),
+        at_ms: now_ms,
+        mode,
+    })
 }
 
 /// The first phase of a canary version (manual without steps or without a canary).
@@ -215,6 +299,9 @@ pub fn fresh(spec: &Spec, now_ms: u64) -> RouteRollout {
         passed_in_hold: false,
         evaluations: 0,
         last_verdict: "none",
+        fleet_generation: 0,
+        fleet_down: false,
+        unshared_rollback: false,
     }
 }
 
@@ -244,6 +331,8 @@ pub fn step(
                 effects: vec![Effect::Forget, Effect::Publish],
             })
         }
+        Input::Adopt { record, own } => t.adopt(record, own),
+        Input::FleetLink(up) => t.next.fleet_down = !up,
     }
     Ok(Outcome {
         next: Some(t.next),
@@ -264,8 +353,20 @@ impl Step<'_> {
         &self.next.spec
     }
 
-    /// Moves to `phase`: a new epoch, a fresh analysis span, and every effect.
+    /// Moves to `phase`: a new epoch, a fresh analysis span, and every effect; decided
+    /// here, so shared with the fleet by compare-and-set.
     fn transition(&mut self, kind: &str, phase: Phase, reason: &str, numbers: Value) {
+        self.transition_shared(kind, phase, reason, numbers, Some(ShareMode::Cas));
+    }
+
+    fn transition_shared(
+        &mut self,
+        kind: &str,
+        phase: Phase,
+        reason: &str,
+        numbers: Value,
+        share: Option<ShareMode>,
+    ) {
         let from = self.next.phase.name();
         let s = &mut self.next;
         s.phase = phase;
@@ -292,8 +393,60 @@ impl Step<'_> {
                 phase: s.phase.clone(),
                 updated_ms: self.now_ms,
             }));
+            let rolled_back = matches!(s.phase, Phase::RolledBack { .. });
+            match share {
+                Some(mode) => {
+                    // A rollback decided here holds until the fleet has it.
+                    s.unshared_rollback = rolled_back && mode == ShareMode::Cas;
+                    if let Some(rec) = share_record(self.route, s, kind, reason, self.now_ms, mode)
+                    {
+                        self.effects.push(Effect::Share(rec));
+                    }
+                }
+                None => s.unshared_rollback = false,
+            }
         }
         self.effects.push(Effect::Emit(event));
+    }
+
+    /// The fleet's record: applied when it is newer than what was applied here and for
+    /// this canary version. A local rollback the fleet has not accepted yet is not undone
+    /// (it is being written, and a rollback always wins in the store).
+    fn adopt(&mut self, rec: FleetRecord, own: bool) {
+        let s = &self.next;
+        if s.canary_version.as_deref() != Some(rec.canary_version.as_str())
+            || rec.generation <= s.fleet_generation
+        {
+            return;
+        }
+        let rolled_back = matches!(rec.phase, Phase::RolledBack { .. });
+        if s.unshared_rollback && !rolled_back {
+            return;
+        }
+        self.next.fleet_generation = rec.generation;
+        if rolled_back && matches!(self.next.phase, Phase::RolledBack { .. }) {
+            self.next.unshared_rollback = false;
+        }
+        let phase = clamp_steps(rec.phase.clone(), self.spec(), self.now_ms);
+        if own || stage(&phase) == stage(&self.next.phase) {
+            return;
+        }
+        let kind = if rolled_back { "rollback" } else { "adopted" };
+        let reason = format!(
+            "fleet: {} (generation {}, by {})",
+            rec.reason, rec.generation, rec.by
+        );
+        let reason = match &phase {
+            Phase::RolledBack { reason: r } => r.clone(),
+            _ => reason,
+        };
+        self.transition_shared(
+            kind,
+            phase,
+            &reason,
+            json!({ "fleet_generation": rec.generation, "by": rec.by, "fleet_reason": rec.reason }),
+            None,
+        );
     }
 
     fn restore(&mut self, saved: Result<Option<Record>, String>) {
@@ -318,7 +471,8 @@ impl Step<'_> {
             ),
             (None, _) => ("reset", initial_phase(&spec, self.now_ms), "start".into()),
         };
-        self.transition(kind, phase, &reason, json!({}));
+        // What this process restored is only a proposal: the fleet's record wins.
+        self.transition_shared(kind, phase, &reason, json!({}), Some(ShareMode::Seed));
     }
 
     fn config(&mut self, spec: Spec) {
@@ -329,11 +483,14 @@ impl Step<'_> {
                 Some(v) => format!("canary version {v}: a fresh rollout"),
                 None => "the canary was removed".to_string(),
             };
-            self.transition(
+            self.next.fleet_generation = 0;
+            self.next.unshared_rollback = false;
+            self.transition_shared(
                 "reset",
                 initial_phase(&spec, self.now_ms),
                 &reason,
                 json!({}),
+                Some(ShareMode::Seed),
             );
             return;
         }
@@ -369,6 +526,12 @@ impl Step<'_> {
             return Err(Refusal::NoCanary(self.route.to_string()));
         }
         let phase = self.next.phase.clone();
+        if self.next.fleet_down && action != Action::Rollback {
+            return Err(Refusal::Conflict(format!(
+                "route {:?}: the fleet store is unreachable: only a rollback applies until it is back",
+                self.route
+            )));
+        }
         if let (Phase::RolledBack { .. }, Action::Weight(_) | Action::Promote | Action::Pause) =
             (&phase, action)
         {
@@ -500,6 +663,10 @@ impl Step<'_> {
         let Phase::Progressing { step, since_ms } = s.phase else {
             return;
         };
+        // Without the fleet, no replica may advance on what it alone sees.
+        if s.fleet_down {
+            return;
+        }
         if s.canary_version.is_none() {
             return;
         }
@@ -531,6 +698,17 @@ impl Step<'_> {
             )
         };
         self.transition(kind, next, &reason, json!({}));
+    }
+}
+
+/// A phase without its start time.
+fn stage(p: &Phase) -> Phase {
+    match p {
+        Phase::Progressing { step, .. } => Phase::Progressing {
+            step: *step,
+            since_ms: 0,
+        },
+        other => other.clone(),
     }
 }
 
@@ -670,17 +848,6 @@ mod tests {
         let out = step("app", &s, Input::Removed, 1).unwrap();
         assert_eq!(out.next, None);
         assert!(out.effects.contains(&Effect::Forget));
-    }
-
-    /// A phase without its start time.
-    fn stage(p: &Phase) -> Phase {
-        match p {
-            Phase::Progressing { step, .. } => Phase::Progressing {
-                step: *step,
-                since_ms: 0,
-            },
-            other => other.clone(),
-        }
     }
 
     /// Inputs for the property tests, with the time advancing between them.
