@@ -46,8 +46,13 @@ impl Fleet {
         let mut replicas = Vec::new();
         for name in ["a", "b", "c"] {
             let state = tempfile::tempdir().expect("state dir").keep();
+            let weight = if rollout.is_empty() {
+                format!("canary_weight = {canary_weight}\n")
+            } else {
+                String::new()
+            };
             let routes = format!(
-                "[state]\ndir = \"{}\"\n\n[fleet]\nurl = \"{}\"\ncluster = \"test\"\ninstance = \"{name}\"\npoll_interval = \"500ms\"\n{fleet_extra}\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\ncanary_weight = {canary_weight}\n{}{}{rollout}\n[routes.analysis]\nenabled = false\n",
+                "[state]\ndir = \"{}\"\n\n[fleet]\nurl = \"{}\"\ncluster = \"test\"\ninstance = \"{name}\"\npoll_interval = \"500ms\"\n{fleet_extra}\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\n{weight}{}{}{rollout}\n[routes.analysis]\nenabled = false\n",
                 state.display(),
                 redis.url(),
                 pool("routes.stable", "stable", &[stable.addr]),
@@ -207,4 +212,276 @@ async fn an_action_on_one_replica_applies_to_all_and_users_map_identically() {
         common::metric(&metrics, "kanaria_fleet_generation{route=\"app\"}"),
         generations[0] as f64
     );
+}
+
+/// Polls a replica's status until its route is rolled back; returns when it saw it.
+async fn until_rolled_back(c: reqwest::Client, url: String, started: Instant) -> Duration {
+    let deadline = started + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = c.get(&url).send().await {
+            if let Ok(s) = r.json::<Value>().await {
+                if state_of(&s) == "rolled_back" && weight_of(&s) == 0.0 {
+                    return started.elapsed();
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no rollback seen at {url}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollback_on_any_replica_reaches_every_replica() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(&redis, 30.0, "", "").await;
+    let c = client();
+    let mut lags = Vec::new();
+    for trial in 0..20 {
+        fleet
+            .converge("canary traffic", |s| {
+                state_of(s) == "manual" && weight_of(s) == 30.0
+            })
+            .await;
+        let from = trial % 3;
+        let started = Instant::now();
+        let (code, body) = fleet.act(from, "rollback", "{}").await;
+        assert_eq!(code, 200, "{body}");
+        let others: Vec<_> = (0..3)
+            .filter(|i| *i != from)
+            .map(|i| {
+                let url = fleet.replicas[i].admin_url("/api/v1/status");
+                tokio::spawn(until_rolled_back(c.clone(), url, started))
+            })
+            .collect();
+        for o in others {
+            lags.push(o.await.expect("poller"));
+        }
+        let (code, body) = fleet.act((trial + 1) % 3, "resume", "{}").await;
+        assert_eq!(code, 200, "{body}");
+    }
+    lags.sort();
+    let p50 = lags[lags.len() / 2];
+    let p99 = lags[(lags.len() * 99).div_ceil(100) - 1];
+    println!(
+        "fleet rollback propagation over {} replica observations (20 trials, 3 replicas, loopback, debug build): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (from the admin call to the other replicas' status)",
+        lags.len(),
+        p50.as_secs_f64() * 1000.0,
+        p99.as_secs_f64() * 1000.0,
+        lags[lags.len() - 1].as_secs_f64() * 1000.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollback_wins_every_race_against_a_raise_or_a_promote() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(&redis, 10.0, "", "").await;
+    for round in 0..100 {
+        let (a, b) = (round % 3, (round + 1) % 3);
+        let raise = if round % 2 == 0 {
+            ("weight", r#"{"percent": 90}"#)
+        } else {
+            ("promote", "{}")
+        };
+        let (rollback, other) = tokio::join!(
+            fleet.act(a, "rollback", "{}"),
+            fleet.act(b, raise.0, raise.1)
+        );
+        assert_eq!(rollback.0, 200, "round {round}: {:?}", rollback.1);
+        // The raise either landed first (then the rollback overrode it) or was refused.
+        assert!(matches!(other.0, 200 | 409), "round {round}: {other:?}");
+        let seen = fleet
+            .converge("the rollback everywhere", |s| {
+                state_of(s) == "rolled_back" && weight_of(s) == 0.0
+            })
+            .await;
+        let gens: Vec<u64> = seen
+            .iter()
+            .map(|s| route_of(s)["fleet_generation"].as_u64().unwrap_or(0))
+            .collect();
+        // Stays rolled back: nothing after it in the store.
+        let again = fleet.replicas[b].status().await;
+        assert_eq!(state_of(&again), "rolled_back", "round {round}");
+        assert!(gens.iter().all(|g| *g > 0), "{gens:?}");
+        let (code, body) = fleet.act(b, "resume", "{}").await;
+        assert_eq!(code, 200, "round {round}: {body}");
+        fleet
+            .converge("resumed", |s| {
+                state_of(s) == "manual" && weight_of(s) == 10.0
+            })
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_subscription_killed_state_still_converges() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(&redis, 10.0, "", "").await;
+    let mut conn = redis.conn().await;
+    for percent in [20, 30, 40] {
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut conn)
+            .await
+            .expect("CLIENT KILL");
+        assert!(killed >= 3, "every replica subscribes: {killed} killed");
+        let (code, body) = fleet
+            .act(0, "weight", &format!("{{\"percent\": {percent}}}"))
+            .await;
+        assert_eq!(code, 200, "{body}");
+        fleet
+            .converge("the weight without the subscription", |s| {
+                weight_of(s) == f64::from(percent)
+            })
+            .await;
+    }
+    // The replicas subscribed again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n: Vec<Value> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("kanaria:test:changes")
+            .query_async::<Vec<redis::Value>>(&mut conn)
+            .await
+            .map(|v| {
+                v.into_iter()
+                    .map(|x| Value::String(format!("{x:?}")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if n.get(1).is_some_and(|v| v.as_str() == Some("int(3)")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not resubscribed: {n:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_redis_down_replicas_serve_nothing_promotes_and_a_rollback_is_shared_on_return() {
+    let mut redis = Redis::start().await;
+    // A rollout whose steps hold 3 s: without Redis, it must not move on.
+    let fleet = Fleet::start(
+        &redis,
+        0.0,
+        "[routes.rollout]\nsteps = [{ weight = 20, hold = \"3s\" }, { weight = 50, hold = \"3s\" }, { weight = 100 }]\n",
+        "",
+    )
+    .await;
+    fleet
+        .converge("progressing", |s| state_of(s) == "progressing")
+        .await;
+    let loads: Vec<Load> = fleet
+        .replicas
+        .iter()
+        .map(|r| Load::start(r.url("/"), 4, 500))
+        .collect();
+    redis.stop();
+    fleet
+        .converge("the store is down", |s| s["fleet"]["connected"] == false)
+        .await;
+    let down_at = Instant::now();
+    let mut at_down = Vec::new();
+    for r in &fleet.replicas {
+        let s = r.status().await;
+        assert_eq!(state_of(&s), "progressing", "{s:#}");
+        at_down.push(step_of(&s));
+    }
+    // Twice the hold: nothing advances without the fleet.
+    while down_at.elapsed() < Duration::from_secs(6) {
+        for (r, step) in fleet.replicas.iter().zip(&at_down) {
+            let s = r.status().await;
+            assert_eq!(&step_of(&s), step, "advanced with Redis down: {s:#}");
+            assert_eq!(state_of(&s), "progressing");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Operator actions other than a rollback are refused; a rollback applies at once here.
+    let (code, _) = fleet.act(1, "promote", "{}").await;
+    assert_eq!(code, 409);
+    let (code, body) = fleet.act(0, "rollback", "{}").await;
+    assert_eq!(code, 200, "{body}");
+    let a = fleet.replicas[0].status().await;
+    assert_eq!(state_of(&a), "rolled_back");
+    assert_eq!(a["fleet"]["connected"], false);
+    assert_eq!(a["fleet"]["stale"], true);
+    // The others cannot know yet.
+    assert_eq!(state_of(&fleet.replicas[1].status().await), "progressing");
+    let metrics = fleet.replicas[2].metrics().await;
+    assert_eq!(common::metric(&metrics, "kanaria_fleet_connected"), 0.0);
+    // Redis back (empty: no persistence): the rollback is written and every replica has it.
+    redis.restart().await;
+    fleet
+        .converge("the rollback shared once Redis is back", |s| {
+            state_of(s) == "rolled_back" && s["fleet"]["connected"] == true
+        })
+        .await;
+    let mut total = (0, 0);
+    for l in loads {
+        let (ok, failed) = l.stop().await;
+        total = (total.0 + ok, total.1 + failed);
+    }
+    assert!(total.0 > 0);
+    assert_eq!(total.1, 0, "proxy errors while Redis was down: {total:?}");
+    for r in &fleet.replicas {
+        let s = r.status().await;
+        let promoted = s["events"].as_array().is_some_and(|ev| {
+            ev.iter()
+                .any(|e| e["kind"] == "step" || e["kind"] == "promoted")
+        });
+        assert!(!promoted, "a step was taken: {s:#}");
+    }
+    // The record in Redis is the rollback.
+    let mut conn = redis.conn().await;
+    let rec: String = redis::cmd("GET")
+        .arg("kanaria:test:rollout:app:canary")
+        .query_async(&mut conn)
+        .await
+        .expect("the record");
+    let rec: Value = serde_json::from_str(&rec).expect("record json");
+    assert_eq!(rec["rolled_back"], true, "{rec}");
+    assert_eq!(rec["by"], "a", "{rec}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_replica_adopts_the_fleets_state_before_it_is_ready() {
+    let mut redis = Redis::start().await;
+    let mut fleet = Fleet::start(&redis, 10.0, "", "startup_timeout = \"2s\"\n").await;
+    // c stops; the fleet moves on without it; c's state file says 10%.
+    fleet.replicas[2].kill();
+    let (code, body) = fleet.act(0, "weight", r#"{"percent": 60}"#).await;
+    assert_eq!(code, 200, "{body}");
+    fleet.replicas[2].respawn();
+    fleet.replicas[2].wait_until_ready().await;
+    // Ready means the fleet's record is applied: no window where c serves 10%.
+    let s = fleet.replicas[2].status().await;
+    assert_eq!(weight_of(&s), 60.0, "{s:#}");
+    assert_eq!(s["fleet"]["synced"], true);
+    assert_eq!(s["fleet"]["start"], "adopted the fleet's records");
+    // Without Redis at start, c is ready after fleet.startup_timeout with its own state,
+    // and says so.
+    fleet.replicas[2].kill();
+    redis.stop();
+    let t0 = Instant::now();
+    fleet.replicas[2].respawn();
+    fleet.replicas[2].wait_until_ready().await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1_500),
+        "ready before the timeout"
+    );
+    let s = fleet.replicas[2].status().await;
+    assert_eq!(s["fleet"]["synced"], false);
+    assert!(
+        s["fleet"]["start"]
+            .as_str()
+            .is_some_and(|t| t.contains("serving local state")),
+        "{s:#}"
+    );
+    assert_eq!(
+        weight_of(&s),
+        60.0,
+        "its state file has the fleet's last weight"
+    );
+    drop(fleet.canary.requests.clone());
 }
