@@ -850,6 +850,26 @@ mod tests {
         assert!(out.effects.contains(&Effect::Forget));
     }
 
+    /// A fleet record of route `app`.
+    fn record(version: &str, phase: Phase, generation: u64) -> FleetRecord {
+        FleetRecord {
+            route: "app".into(),
+            canary_version: version.into(),
+            rolled_back: matches!(phase, Phase::RolledBack { .. }),
+            step: phase.step(),
+            paused: matches!(phase, Phase::Paused { .. }),
+            phase,
+            generation,
+            weight_percent: 0.0,
+            kind: "test".into(),
+            reason: "test".into(),
+            by: "other".into(),
+            writer: "other/1/1".into(),
+            at_ms: 0,
+            mode: ShareMode::Cas,
+        }
+    }
+
     /// Inputs for the property tests, with the time advancing between them.
     fn input() -> impl Strategy<Value = (u64, Input)> {
         let version = prop_oneof![Just(None), Just(Some("v2")), Just(Some("v3"))];
@@ -885,12 +905,14 @@ mod tests {
         let saved = prop_oneof![
             Just(Ok(None)),
             Just(Err("app.json: not a Kanaria state file".to_string())),
-            (prop_oneof![Just("v2"), Just("v3")], phase).prop_map(|(v, phase)| Ok(Some(Record {
-                route: "app".into(),
-                canary_version: v.into(),
-                phase,
-                updated_ms: 0,
-            }))),
+            (prop_oneof![Just("v2"), Just("v3")], phase.clone()).prop_map(|(v, phase)| Ok(Some(
+                Record {
+                    route: "app".into(),
+                    canary_version: v.into(),
+                    phase,
+                    updated_ms: 0,
+                }
+            ))),
         ];
         let input = prop_oneof![
             3 => spec_s.prop_map(Input::Config),
@@ -901,6 +923,10 @@ mod tests {
             4 => Just(Input::Tick),
             1 => Just(Input::Removed),
             1 => saved.prop_map(Input::Restore),
+            // Generations are offsets from the current one, resolved in the test.
+            3 => (prop_oneof![Just("v2"), Just("v3")], phase.clone(), 0u64..5, any::<bool>())
+                .prop_map(|(v, phase, g, own)| Input::Adopt { record: record(v, phase, g), own }),
+            2 => any::<bool>().prop_map(Input::FleetLink),
         ];
         (0u64..2_000, input)
     }
@@ -940,8 +966,21 @@ mod tests {
                         epoch: s.epoch.saturating_sub(back),
                         verdict,
                     },
+                    // Fleet generations around the one applied: older, equal, newer.
+                    Input::Adopt { mut record, own } => {
+                        record.generation = (s.fleet_generation + record.generation).saturating_sub(2);
+                        Input::Adopt { record, own }
+                    }
                     other => other,
                 };
+                let adopt = match &input {
+                    Input::Adopt { record, .. } => Some(record.clone()),
+                    _ => None,
+                };
+                let advancing = matches!(
+                    &input,
+                    Input::Tick | Input::Verdict { .. } | Input::Operator(Action::Weight(_) | Action::Promote | Action::Pause | Action::Resume)
+                );
                 let stale = matches!(&input, Input::Verdict { epoch, .. } if *epoch != s.epoch);
                 let version_changes = matches!(&input, Input::Config(sp) if sp.canary_version != s.canary_version);
                 let resume = input == Input::Operator(Action::Resume);
@@ -961,13 +1000,38 @@ mod tests {
                     continue;
                 }
                 let next = out.next.clone().expect("a state unless removed");
+                // Adopted generations only increase (a new canary version starts at 0);
+                // an older or equal one changes nothing; adopting never shares back.
+                if !version_changes {
+                    prop_assert!(next.fleet_generation >= s.fleet_generation);
+                }
+                if let Some(rec) = &adopt {
+                    prop_assert!(!out.effects.iter().any(|e| matches!(e, Effect::Share(_))));
+                    if rec.generation <= s.fleet_generation
+                        || s.canary_version.as_deref() != Some(rec.canary_version.as_str())
+                    {
+                        prop_assert_eq!(&next, &s);
+                        prop_assert!(out.effects.is_empty());
+                    }
+                    // A local rollback the fleet has not accepted is not undone.
+                    if s.unshared_rollback {
+                        let kept = matches!(next.phase, Phase::RolledBack { .. });
+                        prop_assert!(kept, "a local rollback undone by {:?}", rec);
+                    }
+                }
+                // With the fleet unreachable, nothing advances: only a rollback applies.
+                if s.fleet_down && advancing {
+                    let held = stage(&next.phase) == stage(&s.phase)
+                        || matches!(next.phase, Phase::RolledBack { .. });
+                    prop_assert!(held, "advanced with the fleet down: {:?} -> {:?}", s.phase, next.phase);
+                }
                 // A stale verdict is never applied.
                 if stale {
                     prop_assert_eq!(&next, &s);
                     prop_assert!(out.effects.is_empty());
                 }
                 // The rollback latch.
-                if matches!(s.phase, Phase::RolledBack { .. }) && !(resume || version_changes || restore) {
+                if matches!(s.phase, Phase::RolledBack { .. }) && !(resume || version_changes || restore || adopt.is_some()) {
                     let latched = matches!(next.phase, Phase::RolledBack { .. });
                     prop_assert!(latched, "left the latch: {:?}", next.phase);
                     prop_assert_eq!(next.weight().0, 0);
@@ -999,6 +1063,93 @@ mod tests {
                 }
                 state = Some(next);
             }
+        }
+
+        /// Two replicas decide at once on the same fleet generation: one rolls back (an
+        /// operator, a failing verdict, an unhealthy pool), the other raises, promotes or
+        /// steps on. Whatever order the store sees the writes in, and however the
+        /// records reach the replicas (late, twice, out of order), the fleet ends rolled
+        /// back, and each replica's adopted generation only ever increases.
+        #[test]
+        fn a_rollback_always_wins_a_race(
+            rollback in 0usize..3,
+            raise in 0usize..3,
+            writes_first in any::<bool>(),
+            deliveries in prop::collection::vec((any::<bool>(), 0usize..8), 0..12),
+        ) {
+            use crate::rollout::fleet::decide;
+            let sp = spec(Some("v2"), &[(100, 0), (1_000, 0), (5_000, 0)]);
+            let start = started(&sp);
+            let shares = |out: &Outcome| -> Vec<FleetRecord> {
+                out.effects.iter().filter_map(|e| match e {
+                    Effect::Share(r) => Some(r.clone()),
+                    _ => None,
+                }).collect()
+            };
+            // The store holds the first replica's seed.
+            let mut store = None;
+            for r in shares(&step("app", &fresh(&sp, 0), Input::Restore(Ok(None)), 0).unwrap()) {
+                store = decide(store.as_ref(), &r).ok().or(store);
+            }
+            let seeded = store.clone().unwrap();
+            let a0 = apply(&start, Input::Adopt { record: seeded.clone(), own: false }, 1);
+            let b0 = a0.clone();
+            let down = match rollback {
+                0 => Input::Operator(Action::Rollback),
+                1 => Input::Verdict { epoch: a0.epoch, verdict: fail() },
+                _ => Input::CanaryUnhealthy { numbers: json!({}) },
+            };
+            let up = match raise {
+                0 => Input::Operator(Action::Weight(9_000)),
+                1 => Input::Operator(Action::Promote),
+                _ => Input::Verdict { epoch: b0.epoch, verdict: Verdict::Pass },
+            };
+            let out_a = step("app", &a0, down, 2).unwrap();
+            let out_b = step("app", &b0, up, 2).unwrap();
+            let mut a = out_a.next.clone().unwrap();
+            let mut b = out_b.next.clone().unwrap();
+            let rolled = matches!(a.phase, Phase::RolledBack { .. });
+            prop_assert!(rolled);
+            let (wa, wb) = (shares(&out_a), shares(&out_b));
+            prop_assert_eq!(wa.len(), 1);
+            let order: Vec<(bool, FleetRecord)> = if writes_first {
+                wa.into_iter().map(|r| (true, r)).chain(wb.into_iter().map(|r| (false, r))).collect()
+            } else {
+                wb.into_iter().map(|r| (false, r)).chain(wa.into_iter().map(|r| (true, r))).collect()
+            };
+            // Every record the store answers with, as the replicas may receive it.
+            let mut published = vec![seeded];
+            for (from_a, mut r) in order {
+                // The control module names the writing process.
+                r.writer = if from_a { "a/1/1".into() } else { "b/1/1".into() };
+                let answer = match decide(store.as_ref(), &r) {
+                    Ok(w) => { store = Some(w.clone()); w }
+                    Err(cur) => cur,
+                };
+                published.push(answer.clone());
+                // The writer adopts the answer at once.
+                let own = answer.writer == r.writer;
+                let target = if from_a { &mut a } else { &mut b };
+                let before = target.fleet_generation;
+                *target = apply(target, Input::Adopt { record: answer, own }, 3);
+                prop_assert!(target.fleet_generation >= before);
+            }
+            for (to_a, i) in deliveries {
+                let rec = published[i % published.len()].clone();
+                let target = if to_a { &mut a } else { &mut b };
+                let before = target.fleet_generation;
+                *target = apply(target, Input::Adopt { record: rec, own: false }, 4);
+                prop_assert!(target.fleet_generation >= before);
+            }
+            // The poll: the store's record reaches both.
+            let last = store.clone().unwrap();
+            prop_assert!(last.rolled_back, "the store ended {:?}", last.phase);
+            a = apply(&a, Input::Adopt { record: last.clone(), own: false }, 5);
+            b = apply(&b, Input::Adopt { record: last, own: false }, 5);
+            prop_assert!(matches!(a.phase, Phase::RolledBack { .. }), "a: {:?}", a.phase);
+            prop_assert!(matches!(b.phase, Phase::RolledBack { .. }), "b: {:?}", b.phase);
+            prop_assert_eq!(a.weight().0, 0);
+            prop_assert_eq!(b.weight().0, 0);
         }
 
         /// Whatever the steps became, passing evaluations finish the rollout.
