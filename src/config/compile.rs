@@ -211,10 +211,17 @@ fn fleet_settings(c: &mut Check, f: &super::file::FleetFile) -> Option<FleetSett
     }
     let url_ok = match redis::IntoConnectionInfo::into_connection_info(f.url.as_str()) {
         Ok(_) if f.url.starts_with("redis://") => true,
+        _ if f.url.starts_with("rediss://") => {
+            c.err(
+                path.key("url"),
+                "only redis:// URLs are supported by this build (no TLS: reach Redis over a private network or a TLS sidecar)",
+            );
+            false
+        }
         Ok(_) => {
             c.err(
                 path.key("url"),
-                "only redis:// URLs are supported by this build (no TLS: use a TLS sidecar or a private network)",
+                "only redis:// URLs are supported (e.g. \"redis://127.0.0.1:6379/0\")",
             );
             false
         }
