@@ -46,13 +46,18 @@ impl Fleet {
         let mut replicas = Vec::new();
         for name in ["a", "b", "c"] {
             let state = tempfile::tempdir().expect("state dir").keep();
-            let weight = if rollout.is_empty() {
+            let analysis = if rollout.contains("[routes.analysis]") {
+                ""
+            } else {
+                "[routes.analysis]\nenabled = false\n"
+            };
+            let weight = if !rollout.contains("[routes.rollout]") {
                 format!("canary_weight = {canary_weight}\n")
             } else {
                 String::new()
             };
             let routes = format!(
-                "[state]\ndir = \"{}\"\n\n[fleet]\nurl = \"{}\"\ncluster = \"test\"\ninstance = \"{name}\"\npoll_interval = \"500ms\"\n{fleet_extra}\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\n{weight}{}{}{rollout}\n[routes.analysis]\nenabled = false\n",
+                "[state]\ndir = \"{}\"\n\n[fleet]\nurl = \"{}\"\ncluster = \"test\"\ninstance = \"{name}\"\npoll_interval = \"500ms\"\n{fleet_extra}\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\n{weight}{}{}{rollout}\n{analysis}",
                 state.display(),
                 redis.url(),
                 pool("routes.stable", "stable", &[stable.addr]),
@@ -484,4 +489,80 @@ async fn a_restarted_replica_adopts_the_fleets_state_before_it_is_ready() {
         "its state file has the fleet's last weight"
     );
     drop(fleet.canary.requests.clone());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_analysis_judges_the_fleets_summed_counts() {
+    let redis = Redis::start().await;
+    // 60 canary requests are needed for a verdict; each replica sees about 35.
+    let fleet = Fleet::start(
+        &redis,
+        50.0,
+        "[routes.analysis]\ninterval = \"500ms\"\nmin_requests = 60\nmax_error_rate = 0.5\n",
+        "",
+    )
+    .await;
+    fleet.canary.set_status(500);
+    // Traffic at a steady pace on every replica until the fleet rolls back: the sum
+    // reaches 60 canary requests long before any one replica does.
+    let mut seen = Vec::new();
+    for batch in 0..100 {
+        let prefixes: Vec<String> = (0..3).map(|i| format!("b{batch}-{i}")).collect();
+        let sends: Vec<_> = fleet
+            .replicas
+            .iter()
+            .zip(&prefixes)
+            .map(|(r, p)| common::send_users(r, 4, p))
+            .collect();
+        futures::future::join_all(sends).await;
+        let mut all = Vec::new();
+        for r in &fleet.replicas {
+            all.push(r.status().await);
+        }
+        if all.iter().all(|s| state_of(s) == "rolled_back") {
+            seen = all;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !seen.is_empty(),
+        "no rollback after 100 batches:\n{}",
+        fleet.replicas[0].log()
+    );
+    let events: Vec<Value> = seen
+        .iter()
+        .flat_map(|s| s["events"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["kind"] == "rollback" && e["numbers"]["scope"]["fleet"].is_u64())
+        .collect();
+    assert!(
+        !events.is_empty(),
+        "a replica decided on the fleet's data: {seen:#?}"
+    );
+    for e in &events {
+        let n = &e["numbers"];
+        println!("the fleet's rollback: {n}");
+        let total = n["canary_requests"].as_u64().unwrap_or(0);
+        assert!(total >= 60, "{n}");
+        let by_replica = n["scope"]["canary_requests_by_replica"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        assert!(by_replica.len() >= 2, "{n}");
+        assert_eq!(
+            by_replica.values().filter_map(Value::as_u64).sum::<u64>(),
+            total,
+            "{n}"
+        );
+        for (inst, c) in &by_replica {
+            assert!(
+                c.as_u64().unwrap_or(99) < 60,
+                "{inst} alone had enough: {n}"
+            );
+        }
+    }
+    // The others applied it as the fleet's.
+    for s in &seen {
+        assert_eq!(weight_of(s), 0.0);
+    }
 }

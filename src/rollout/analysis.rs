@@ -144,6 +144,11 @@ impl Window {
         window: Duration,
         since: Option<Instant>,
     ) -> WindowStats {
+        self.raw_since(now, window, since).stats()
+    }
+
+    /// The counts behind [`Self::stats_since`]: they add up across replicas.
+    pub fn raw_since(&self, now: Instant, window: Duration, since: Option<Instant>) -> RawStats {
         let secs = window.as_secs().clamp(1, MAX_WINDOW_SECS);
         let current = self.second(now) + 1;
         let mut oldest = current.saturating_sub(secs - 1);
@@ -151,19 +156,55 @@ impl Window {
             // Stamps are second + 1: the second `since` falls in is left out as well.
             oldest = oldest.max(self.second(since) + 2);
         }
-        let mut st = WindowStats::default();
-        let mut lat = [0u64; LAT_BUCKETS];
+        let mut raw = RawStats::default();
         for slot in self.slots.iter() {
             let stamp = slot.stamp.load(Relaxed);
             if stamp == 0 || stamp < oldest || stamp > current {
                 continue;
             }
-            st.requests += slot.requests.load(Relaxed);
-            st.errors += slot.errors.load(Relaxed);
-            for (acc, b) in lat.iter_mut().zip(&slot.latency) {
+            raw.requests += slot.requests.load(Relaxed);
+            raw.errors += slot.errors.load(Relaxed);
+            for (acc, b) in raw.latency.iter_mut().zip(&slot.latency) {
                 *acc += b.load(Relaxed);
             }
         }
+        raw
+    }
+}
+
+/// Requests, errors and the latency histogram of a span: what a replica contributes to
+/// the fleet's analysis, summed before any quantile is taken.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RawStats {
+    pub requests: u64,
+    pub errors: u64,
+    /// Counts per latency bucket (`LAT_BUCKETS` of them; a shorter list is padded).
+    pub latency: Vec<u64>,
+}
+
+impl Default for RawStats {
+    fn default() -> Self {
+        RawStats {
+            requests: 0,
+            errors: 0,
+            latency: vec![0; LAT_BUCKETS],
+        }
+    }
+}
+
+impl RawStats {
+    pub fn add(&mut self, other: &RawStats) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.latency.resize(LAT_BUCKETS, 0);
+        for (a, b) in self.latency.iter_mut().zip(&other.latency) {
+            *a += b;
+        }
+    }
+
+    /// Totals and quantiles (bucket upper bounds).
+    pub fn stats(&self) -> WindowStats {
+        let lat = &self.latency;
         let total: u64 = lat.iter().sum();
         let quantile = |q: f64| {
             if total == 0 {
@@ -179,10 +220,13 @@ impl Window {
             }
             lat_bound(LAT_BUCKETS - 1)
         };
-        st.p50 = quantile(0.5);
-        st.p90 = quantile(0.9);
-        st.p99 = quantile(0.99);
-        st
+        WindowStats {
+            requests: self.requests,
+            errors: self.errors,
+            p50: quantile(0.5),
+            p90: quantile(0.9),
+            p99: quantile(0.99),
+        }
     }
 }
 

@@ -25,6 +25,7 @@ use crate::config::{Pool, Route, WeightSource};
 use crate::metrics::RouteMetrics;
 use crate::rollout::analysis::{evaluate, Verdict};
 use crate::rollout::control::Shared;
+use crate::rollout::fleet::{Contribution, Fleet, Spans};
 use crate::rollout::machine::{self, Input};
 use crate::rollout::phase::now_ms;
 use crate::split::Track;
@@ -100,6 +101,85 @@ fn judge(route: &Route, m: &RouteMetrics, since: Instant, now: Instant) -> Verdi
     }
 }
 
+/// A verdict on one replica's counts or the fleet's sum: the window and the short span.
+fn verdict_of(route: &Route, c: &Contribution) -> Verdict {
+    let rules = &route.analysis;
+    let full = evaluate(rules, &c.window.canary.stats(), &c.window.stable.stats());
+    let fast = evaluate(rules, &c.fast.canary.stats(), &c.fast.stable.stats());
+    match (full, fast) {
+        (f @ Verdict::Fail { .. }, _) | (_, f @ Verdict::Fail { .. }) => f,
+        (Verdict::Pass, _) | (_, Verdict::Pass) => Verdict::Pass,
+        _ => Verdict::Inconclusive,
+    }
+}
+
+/// Adds where the numbers come from to a failing verdict.
+fn scoped(v: Verdict, scope: serde_json::Value) -> Verdict {
+    match v {
+        Verdict::Fail {
+            reason,
+            mut numbers,
+        } => {
+            if let Some(o) = numbers.as_object_mut() {
+                o.insert("scope".into(), scope);
+            }
+            Verdict::Fail { reason, numbers }
+        }
+        other => other,
+    }
+}
+
+/// In a fleet: this replica's counts go to the fleet; the verdict is taken on the sum of
+/// every replica's recent counts. A replica that sees the canary fail on its own traffic
+/// still rolls the fleet back (always safe); without the fleet's data (the store down or
+/// the view stale) nothing passes, so nothing is promoted on one replica's data.
+fn judge_fleet(
+    route: &Route,
+    m: &RouteMetrics,
+    since: Instant,
+    now: Instant,
+    fleet: &Fleet,
+    version: &str,
+) -> Verdict {
+    let rules = &route.analysis;
+    let span = FAST_SPAN.min(rules.window);
+    let raw = |t: Track, d: Duration| m.version(t).window.raw_since(now, d, Some(since));
+    let mine = Contribution {
+        at_ms: now_ms(),
+        canary_version: version.to_string(),
+        window: Spans {
+            canary: raw(Track::Canary, rules.window),
+            stable: raw(Track::Stable, rules.window),
+        },
+        fast: Spans {
+            canary: raw(Track::Canary, span),
+            stable: raw(Track::Stable, span),
+        },
+    };
+    fleet.contribute(&route.name, mine.clone());
+    let me = fleet.settings.instance.clone();
+    let local = verdict_of(route, &mine);
+    if matches!(local, Verdict::Fail { .. }) {
+        return scoped(local, json!({ "replica": me }));
+    }
+    if fleet.stale() || !fleet.connected.load(Ordering::Acquire) {
+        return Verdict::Inconclusive;
+    }
+    let others = fleet.others(&route.name, version);
+    let mut sum = mine.clone();
+    let mut by_replica = serde_json::Map::new();
+    by_replica.insert(me, json!(mine.window.canary.requests));
+    for (inst, c) in &others {
+        sum.window.add(&c.window);
+        sum.fast.add(&c.fast);
+        by_replica.insert(inst.clone(), json!(c.window.canary.requests));
+    }
+    scoped(
+        verdict_of(route, &sum),
+        json!({ "fleet": others.len() + 1, "canary_requests_by_replica": by_replica }),
+    )
+}
+
 impl Controller {
     fn tick(&self, probes: &mut Probes, last_eval: &mut HashMap<String, Instant>) {
         let now = Instant::now();
@@ -149,7 +229,13 @@ impl Controller {
             // Outcomes since the current phase began, as an instant of this clock.
             let since =
                 now - Duration::from_millis(now_ms().saturating_sub(control.judged_since_ms));
-            let verdict = match judge(route, m, since, now) {
+            let judged = match (&self.shared.fleet, &route.canary) {
+                (Some(fleet), Some(canary)) => {
+                    judge_fleet(route, m, since, now, fleet, &canary.version)
+                }
+                _ => judge(route, m, since, now),
+            };
+            let verdict = match judged {
                 Verdict::Fail { reason, numbers } => machine::Verdict::Fail {
                     reason: reason.to_string(),
                     numbers,

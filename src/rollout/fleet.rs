@@ -10,6 +10,12 @@
 //! than what it applied. Pub/sub is at-most-once, so each replica also re-reads the
 //! records every `poll_interval`, and says there that it is alive (`members` hash).
 //!
+//! Analysis is fleet-wide: each replica's controller hands its raw counts (requests,
+//! errors, latency histogram, per track, over the analysis window and the short span) to
+//! [`Fleet::contribute`]; the poll writes them to a hash per route and canary version
+//! (`counts:<route>:<version>`, a field per replica) and reads the others'. The verdict
+//! is taken on the sum.
+//!
 //! Redis down: the replica keeps serving what it knows; its machines are told the link is
 //! down (nothing advances, only rollbacks apply); the writes that failed are kept, the
 //! newest per record, and written when Redis answers again (a rollback still wins then).
@@ -30,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 
 use crate::config::FleetSettings;
+use crate::rollout::analysis::RawStats;
 use crate::rollout::control::Shared;
 use crate::rollout::machine::{FleetRecord, ShareMode};
 use crate::rollout::phase::now_ms;
@@ -99,6 +106,29 @@ pub struct View {
     pub pending: usize,
 }
 
+/// One track pair's counts over a span.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Spans {
+    pub canary: RawStats,
+    pub stable: RawStats,
+}
+
+impl Spans {
+    pub fn add(&mut self, other: &Spans) {
+        self.canary.add(&other.canary);
+        self.stable.add(&other.stable);
+    }
+}
+
+/// What one replica counted for a route: over the analysis window and the short span.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Contribution {
+    pub at_ms: u64,
+    pub canary_version: String,
+    pub window: Spans,
+    pub fast: Spans,
+}
+
 /// A write for the store, with whoever waits for its answer.
 struct Job {
     record: FleetRecord,
@@ -118,6 +148,10 @@ pub struct Fleet {
     pub synced: AtomicBool,
     pub started: Instant,
     view: Mutex<View>,
+    /// This replica's latest counts per route, written by the next poll.
+    mine: Mutex<HashMap<String, Contribution>>,
+    /// The other replicas' latest counts per route, as the last poll read them.
+    others: Mutex<HashMap<String, Vec<(String, Contribution)>>>,
     /// Wakes the poller (a subscription re-made, a write refused).
     poke: Notify,
 }
@@ -138,6 +172,8 @@ impl Fleet {
             synced: AtomicBool::new(false),
             started: Instant::now(),
             view: Mutex::new(View::default()),
+            mine: Mutex::new(HashMap::new()),
+            others: Mutex::new(HashMap::new()),
             poke: Notify::new(),
         })
     }
@@ -152,6 +188,42 @@ impl Fleet {
 
     fn channel(&self) -> String {
         format!("{}changes", self.prefix())
+    }
+
+    fn counts_key(&self, route: &str, version: &str) -> String {
+        format!("{}counts:{route}:{version}", self.prefix())
+    }
+
+    /// Hands this replica's latest counts of a route to the fleet (written by the next poll).
+    pub fn contribute(&self, route: &str, c: Contribution) {
+        self.mine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(route.to_string(), c);
+    }
+
+    /// The other replicas' recent counts of a route and canary version: (instance, counts).
+    pub fn others(&self, route: &str, version: &str) -> Vec<(String, Contribution)> {
+        let fresh = self.fresh_ms();
+        let now = now_ms();
+        self.others
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(route)
+            .map(|v| {
+                v.iter()
+                    .filter(|(_, c)| {
+                        c.canary_version == version && now.saturating_sub(c.at_ms) <= fresh
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// How old another replica's counts may be and still count.
+    fn fresh_ms(&self) -> u64 {
+        (3 * self.settings.poll_interval.as_millis() as u64).max(5_000)
     }
 
     fn members_key(&self) -> String {
@@ -360,6 +432,7 @@ impl FleetService {
                 }
             }
         }
+        self.exchange_counts(conn).await?;
         let now = now_ms();
         let me = Member {
             instance: self.fleet.settings.instance.clone(),
@@ -400,6 +473,43 @@ impl FleetService {
             v.last_sync_ms = now;
             v.pending = waiting;
         });
+        Ok(())
+    }
+
+    /// Writes this replica's counts and reads the others'.
+    async fn exchange_counts(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+        let mine: Vec<(String, Contribution)> = self
+            .fleet
+            .mine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(r, c)| (r.clone(), c.clone()))
+            .collect();
+        let me = &self.fleet.settings.instance;
+        let ttl = self.fleet.fresh_ms() * 4;
+        let mut others = HashMap::new();
+        for (route, c) in mine {
+            let key = self.fleet.counts_key(&route, &c.canary_version);
+            let body = serde_json::to_string(&c).unwrap_or_default();
+            let (_, _, all): ((), (), HashMap<String, String>) = redis::pipe()
+                .hset(&key, me, body)
+                .pexpire(&key, ttl as i64)
+                .hgetall(&key)
+                .query_async(conn)
+                .await?;
+            let theirs: Vec<(String, Contribution)> = all
+                .into_iter()
+                .filter(|(inst, _)| inst != me)
+                .filter_map(|(inst, text)| {
+                    serde_json::from_str::<Contribution>(&text)
+                        .ok()
+                        .map(|c| (inst, c))
+                })
+                .collect();
+            others.insert(route, theirs);
+        }
+        *self.fleet.others.lock().unwrap_or_else(|p| p.into_inner()) = others;
         Ok(())
     }
 
