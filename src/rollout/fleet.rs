@@ -65,26 +65,23 @@ redis.call('PUBLISH', ARGV[4], out)
 return {1, out}
 "#;
 
-/// What the write script decides, in Rust (the tests' model of the store): `Ok(written)`
-/// or `Err(current)`.
+/// What the write script decides, in Rust (the tests' model of the store): `(true,
+/// written)` or `(false, current)`.
 #[cfg(test)]
-pub fn decide(
-    current: Option<&FleetRecord>,
-    new: &FleetRecord,
-) -> Result<FleetRecord, FleetRecord> {
+pub fn decide(current: Option<&FleetRecord>, new: &FleetRecord) -> (bool, FleetRecord) {
     let mut gen = 0;
     if let Some(c) = current {
         gen = c.generation;
         if new.mode == ShareMode::Seed {
-            return Err(c.clone());
+            return (false, c.clone());
         }
         if gen != new.generation && (!new.rolled_back || c.rolled_back) {
-            return Err(c.clone());
+            return (false, c.clone());
         }
     }
     let mut out = new.clone();
     out.generation = gen.max(new.generation) + 1;
-    Ok(out)
+    (true, out)
 }
 
 /// A replica as the fleet sees it.
@@ -666,16 +663,18 @@ mod tests {
             ShareMode::Cas,
         );
         // The raise first: the rollback, decided on the same generation, still lands.
-        let first = decide(None, &raise).unwrap();
+        let (ok, first) = decide(None, &raise);
+        assert!(ok);
         assert_eq!(first.generation, 1);
-        let second = decide(Some(&first), &rollback).unwrap();
+        let (ok, second) = decide(Some(&first), &rollback);
+        assert!(ok);
         assert_eq!(second.generation, 2);
         // The rollback first: the raise is refused with the rollback.
-        let first = decide(None, &rollback).unwrap();
-        assert_eq!(decide(Some(&first), &raise).unwrap_err(), first);
+        let (_, first) = decide(None, &rollback);
+        assert_eq!(decide(Some(&first), &raise), (false, first.clone()));
         // A seed never overwrites.
         let seed = rec(0, Phase::Manual, ShareMode::Seed);
-        assert_eq!(decide(Some(&first), &seed).unwrap_err(), first);
-        assert_eq!(decide(None, &seed).unwrap().generation, 1);
+        assert_eq!(decide(Some(&first), &seed), (false, first.clone()));
+        assert_eq!(decide(None, &seed).1.generation, 1);
     }
 }

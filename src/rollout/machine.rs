@@ -1089,7 +1089,10 @@ mod tests {
             // The store holds the first replica's seed.
             let mut store = None;
             for r in shares(&step("app", &fresh(&sp, 0), Input::Restore(Ok(None)), 0).unwrap()) {
-                store = decide(store.as_ref(), &r).ok().or(store);
+                let (written, rec) = decide(store.as_ref(), &r);
+                if written {
+                    store = Some(rec);
+                }
             }
             let seeded = store.clone().unwrap();
             let a0 = apply(&start, Input::Adopt { record: seeded.clone(), own: false }, 1);
@@ -1122,10 +1125,10 @@ mod tests {
             for (from_a, mut r) in order {
                 // The control module names the writing process.
                 r.writer = if from_a { "a/1/1".into() } else { "b/1/1".into() };
-                let answer = match decide(store.as_ref(), &r) {
-                    Ok(w) => { store = Some(w.clone()); w }
-                    Err(cur) => cur,
-                };
+                let (written, answer) = decide(store.as_ref(), &r);
+                if written {
+                    store = Some(answer.clone());
+                }
                 published.push(answer.clone());
                 // The writer adopts the answer at once.
                 let own = answer.writer == r.writer;
