@@ -15,6 +15,7 @@ const TOKEN: &str = "fleet-secret";
 /// Three replicas of one config (each its own ports and `instance`), a `[fleet]` on `redis`.
 struct Fleet {
     replicas: Vec<Proxy>,
+    _state: Vec<tempfile::TempDir>,
     _stable: Upstream,
     canary: Upstream,
 }
@@ -44,8 +45,11 @@ impl Fleet {
         let stable = Upstream::start("stable").await;
         let canary = Upstream::start("canary").await;
         let mut replicas = Vec::new();
+        let mut dirs = Vec::new();
         for name in ["a", "b", "c"] {
-            let state = tempfile::tempdir().expect("state dir").keep();
+            let dir = tempfile::tempdir().expect("state dir");
+            let state = dir.path().to_path_buf();
+            dirs.push(dir);
             let analysis = if rollout.contains("[routes.analysis]") {
                 ""
             } else {
@@ -68,6 +72,7 @@ impl Fleet {
         }
         let fleet = Fleet {
             replicas,
+            _state: dirs,
             _stable: stable,
             canary,
         };
@@ -210,12 +215,44 @@ async fn an_action_on_one_replica_applies_to_all_and_users_map_identically() {
     assert_eq!(names, ["a", "b", "c"]);
     assert_eq!(seen[2]["fleet"]["connected"], true);
     assert_eq!(seen[2]["fleet"]["stale"], false);
+    // `kanaria status` lists the members; `kanaria weight` through c applies to the fleet.
+    let cli = |args: &[&str], admin_port: u16| {
+        let out = std::process::Command::new(common::kanaria_bin())
+            .args(args)
+            .arg("--admin")
+            .arg(format!("127.0.0.1:{admin_port}"))
+            .env("KANARIA_ADMIN_TOKEN", TOKEN)
+            .output()
+            .expect("kanaria cli");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = cli(&["status"], fleet.replicas[0].admin_port);
+    assert!(
+        table.contains("fleet test (this replica: a): connected"),
+        "{table}"
+    );
+    for m in ["a", "b", "c"] {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{m} "))),
+            "{table}"
+        );
+    }
+    cli(&["weight", "app", "35"], fleet.replicas[2].admin_port);
+    fleet
+        .converge("the weight set by the CLI on c", |s| weight_of(s) == 35.0)
+        .await;
     let metrics = fleet.replicas[0].metrics().await;
     assert_eq!(common::metric(&metrics, "kanaria_fleet_connected"), 1.0);
     assert_eq!(common::metric(&metrics, "kanaria_fleet_members"), 3.0);
-    assert_eq!(
-        common::metric(&metrics, "kanaria_fleet_generation{route=\"app\"}"),
-        generations[0] as f64
+    assert!(
+        common::metric(&metrics, "kanaria_fleet_generation{route=\"app\"}") > generations[0] as f64
     );
 }
 
