@@ -33,6 +33,19 @@ test-deps: deps
 	    echo "the deploy tests need promtool and prometheus: install Prometheus (e.g. 'brew install prometheus', or a release from prometheus.io)"; \
 	    exit 1; \
 	  fi; }
+	@# The fleet tests (tests/fleet.rs, the deploy test's fleet metrics) run a real
+	@# redis-server (Debian's redis-server package; its service is not started).
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing redis-server with apt-get (for the fleet tests)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; \
+	  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+	    echo "installing redis-server with sudo apt-get (for the fleet tests)"; \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; \
+	  else \
+	    echo "the fleet tests need redis-server: install Redis or Valkey (e.g. 'brew install redis')"; \
+	    exit 1; \
+	  fi; }
 	@# The dashboard test drives a real headless Chromium (Debian's chromium + chromium-driver).
 	@command -v chromedriver >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \

@@ -78,10 +78,10 @@ pub struct Metrics {
     pub generation: IntGauge,
     pub endpoint_healthy: IntGaugeVec,
     pub pool_info: IntGaugeVec,
-    /// `[fleet]` only: 1 while the fleet store answers.
-    pub fleet_connected: IntGauge,
+    /// `[fleet]` only (no series without it): 1 while the fleet store answers.
+    pub fleet_connected: IntGaugeVec,
     /// `[fleet]` only: replicas seen alive in the fleet (this one included).
-    pub fleet_members: IntGauge,
+    pub fleet_members: IntGaugeVec,
     /// `[fleet]` only: the fleet generation of each route's record applied here.
     pub fleet_generation: IntGaugeVec,
     overrides: IntCounterVec,
@@ -295,18 +295,26 @@ impl Metrics {
                 &["route", "version", "release"],
             ),
         )?;
+        // Labelled by the fleet's name: a process without [fleet] exports no series, so
+        // alerts on them never fire for a single node.
         let fleet_connected = build(
             &r,
-            IntGauge::new(
-                "kanaria_fleet_connected",
-                "1 while the fleet store (Redis) answers; 0 when it does not ([fleet] only).",
+            IntGaugeVec::new(
+                Opts::new(
+                    "kanaria_fleet_connected",
+                    "1 while the fleet store (Redis) answers; 0 when it does not ([fleet] only).",
+                ),
+                &["cluster"],
             ),
         )?;
         let fleet_members = build(
             &r,
-            IntGauge::new(
-                "kanaria_fleet_members",
-                "Replicas of the fleet seen alive, this one included ([fleet] only).",
+            IntGaugeVec::new(
+                Opts::new(
+                    "kanaria_fleet_members",
+                    "Replicas of the fleet seen alive, this one included ([fleet] only).",
+                ),
+                &["cluster"],
             ),
         )?;
         let fleet_generation = build(
@@ -316,7 +324,7 @@ impl Metrics {
                     "kanaria_fleet_generation",
                     "Fleet generation of the route's shared record applied by this replica ([fleet] only).",
                 ),
-                &["route"],
+                &["cluster", "route"],
             ),
         )?;
         let overrides = build(

@@ -249,10 +249,19 @@ async fn an_action_on_one_replica_applies_to_all_and_users_map_identically() {
         .converge("the weight set by the CLI on c", |s| weight_of(s) == 35.0)
         .await;
     let metrics = fleet.replicas[0].metrics().await;
-    assert_eq!(common::metric(&metrics, "kanaria_fleet_connected"), 1.0);
-    assert_eq!(common::metric(&metrics, "kanaria_fleet_members"), 3.0);
+    assert_eq!(
+        common::metric(&metrics, "kanaria_fleet_connected{cluster=\"test\"}"),
+        1.0
+    );
+    assert_eq!(
+        common::metric(&metrics, "kanaria_fleet_members{cluster=\"test\"}"),
+        3.0
+    );
     assert!(
-        common::metric(&metrics, "kanaria_fleet_generation{route=\"app\"}") > generations[0] as f64
+        common::metric(
+            &metrics,
+            "kanaria_fleet_generation{cluster=\"test\",route=\"app\"}"
+        ) > generations[0] as f64
     );
 }
 
@@ -451,7 +460,10 @@ async fn with_redis_down_replicas_serve_nothing_promotes_and_a_rollback_is_share
     // The others cannot know yet.
     assert_eq!(state_of(&fleet.replicas[1].status().await), "progressing");
     let metrics = fleet.replicas[2].metrics().await;
-    assert_eq!(common::metric(&metrics, "kanaria_fleet_connected"), 0.0);
+    assert!(
+        metrics.contains("kanaria_fleet_connected{cluster=\"test\"} 0"),
+        "{metrics}"
+    );
     // Redis back (empty: no persistence): the rollback is written and every replica has it.
     redis.restart().await;
     fleet

@@ -552,10 +552,10 @@ impl Shared {
         ) {
             self.publish(&mut ctl);
         }
-        if let Some(rc) = ctl.routes.get(&route) {
+        if let (Some(rc), Some(f)) = (ctl.routes.get(&route), &self.fleet) {
             self.metrics
                 .fleet_generation
-                .with_label_values(&[&route])
+                .with_label_values(&[&f.settings.cluster, &route])
                 .set(rc.fleet_generation as i64);
         }
     }
@@ -600,11 +600,13 @@ impl Shared {
             .filter(|(_, rc)| rc.canary_version.is_some())
             .map(|(n, rc)| (n.clone(), rc.fleet_generation))
             .collect();
-        for (route, g) in &gens {
-            self.metrics
-                .fleet_generation
-                .with_label_values(&[route])
-                .set(*g as i64);
+        if let Some(f) = &self.fleet {
+            for (route, g) in &gens {
+                self.metrics
+                    .fleet_generation
+                    .with_label_values(&[&f.settings.cluster, route])
+                    .set(*g as i64);
+            }
         }
         gens
     }

@@ -292,7 +292,11 @@ impl FleetService {
     /// Marks the link up or down; the machines learn it on a change.
     fn link(&self, up: bool) {
         let was = self.fleet.connected.swap(up, Ordering::AcqRel);
-        self.shared.metrics.fleet_connected.set(i64::from(up));
+        self.shared
+            .metrics
+            .fleet_connected
+            .with_label_values(&[&self.fleet.settings.cluster])
+            .set(i64::from(up));
         if was != up {
             if up {
                 log::info!("fleet: connected to the store");
@@ -463,7 +467,11 @@ impl FleetService {
                 .await?;
         }
         members.sort_by(|a, b| a.instance.cmp(&b.instance));
-        self.shared.metrics.fleet_members.set(members.len() as i64);
+        self.shared
+            .metrics
+            .fleet_members
+            .with_label_values(&[&self.fleet.settings.cluster])
+            .set(members.len() as i64);
         let waiting = pending.lock().await.len();
         self.fleet.set_view(|v| {
             v.members = members;
@@ -618,7 +626,11 @@ impl BackgroundService for FleetService {
             }
         };
         let pending = Arc::new(tokio::sync::Mutex::new(HashMap::new()));
-        self.shared.metrics.fleet_connected.set(0);
+        self.shared
+            .metrics
+            .fleet_connected
+            .with_label_values(&[&self.fleet.settings.cluster])
+            .set(0);
         tokio::select! {
             _ = shutdown.changed() => {}
             _ = self.writer(conn.clone(), rx, pending.clone()) => {}
