@@ -381,10 +381,12 @@ impl FleetService {
                     Err(msg)
                 }
                 Err(e) => {
-                    log::warn!(
-                        "fleet: cannot write {} ({e}); written when the store is back",
-                        record.route
-                    );
+                    if self.fleet.connected.load(Ordering::Acquire) {
+                        log::warn!(
+                            "fleet: cannot write {} ({e}); written when the store is back",
+                            record.route
+                        );
+                    }
                     self.link(false);
                     let mut p = pending.lock().await;
                     p.insert(key, record);
@@ -408,27 +410,32 @@ impl FleetService {
         conn: &mut ConnectionManager,
         pending: &tokio::sync::Mutex<HashMap<String, FleetRecord>>,
     ) -> redis::RedisResult<()> {
-        // Writes that waited for the store go first: a local rollback wins over what the
-        // fleet did meanwhile.
-        let waiting: Vec<FleetRecord> = pending.lock().await.values().cloned().collect();
-        for rec in waiting {
-            self.fleet.share(rec, None);
-        }
         let routes = self.shared.fleet_routes();
+        let mut values: Vec<Option<String>> = Vec::new();
         if !routes.is_empty() {
             let keys: Vec<String> = routes
                 .iter()
                 .map(|(r, v, _)| self.fleet.record_key(r, v))
                 .collect();
-            let values: Vec<Option<String>> =
-                redis::cmd("MGET").arg(&keys).query_async(conn).await?;
-            for ((_, _, seed), value) in routes.into_iter().zip(values) {
-                match value.and_then(|t| serde_json::from_str::<FleetRecord>(&t).ok()) {
-                    Some(rec) => self.shared.adopt(rec),
-                    None => {
-                        if let Some(seed) = seed {
-                            self.fleet.share(seed, None);
-                        }
+            values = redis::cmd("MGET").arg(&keys).query_async(conn).await?;
+        } else {
+            let _: String = redis::cmd("PING").query_async(conn).await?;
+        }
+        // The store answers: writes that waited for it go now, ahead of anything adopted
+        // below (a local rollback not yet shared is not undone by the older records read
+        // here: the machine keeps it, and the store lets it win).
+        let waiting: Vec<FleetRecord> = pending.lock().await.values().cloned().collect();
+        for rec in waiting {
+            self.fleet.share(rec, None);
+        }
+        for ((_, _, seed), value) in routes.into_iter().zip(values) {
+            match value.and_then(|t| serde_json::from_str::<FleetRecord>(&t).ok()) {
+                Some(rec) => self.shared.adopt(rec),
+                // A new fleet, or a Redis that lost its data: this replica's state seeds it
+                // (only if no other replica's got there first).
+                None => {
+                    if let Some(seed) = seed {
+                        self.fleet.share(seed, None);
                     }
                 }
             }
