@@ -248,6 +248,16 @@ async fn an_action_on_one_replica_applies_to_all_and_users_map_identically() {
     fleet
         .converge("the weight set by the CLI on c", |s| weight_of(s) == 35.0)
         .await;
+    // The dashboard has a fleet section filled from the same status.
+    let page = client()
+        .get(fleet.replicas[1].admin_url("/"))
+        .send()
+        .await
+        .expect("dashboard")
+        .text()
+        .await
+        .expect("dashboard text");
+    assert!(page.contains("id=\"fleet\"") && page.contains("status.fleet"));
     let metrics = fleet.replicas[0].metrics().await;
     assert_eq!(
         common::metric(&metrics, "kanaria_fleet_connected{cluster=\"test\"}"),

@@ -10,6 +10,9 @@
 //! the route's state machine with the epoch its data was read at: if anything changed the
 //! phase or the canary version while it judged (an operator's resume, a new version), the
 //! machine drops the verdict instead of letting the new phase inherit an old failure.
+//!
+//! With `[fleet]`, the counts judged are the sum of every replica's (exchanged through the
+//! fleet module); this replica's own counts alone may only fail the canary, never pass it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
