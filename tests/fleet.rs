@@ -324,8 +324,9 @@ async fn a_rollback_on_any_replica_reaches_every_replica() {
     let p50 = lags[lags.len() / 2];
     let p99 = lags[(lags.len() * 99).div_ceil(100) - 1];
     println!(
-        "fleet rollback propagation over {} replica observations (20 trials, 3 replicas, loopback, debug build): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (from the admin call to the other replicas' status)",
+        "fleet rollback propagation over {} replica observations (20 trials, 3 replicas, loopback, {} build): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (from the admin call to the other replicas' status)",
         lags.len(),
+        if cfg!(debug_assertions) { "debug" } else { "release" },
         p50.as_secs_f64() * 1000.0,
         p99.as_secs_f64() * 1000.0,
         lags[lags.len() - 1].as_secs_f64() * 1000.0
