@@ -214,7 +214,15 @@ impl Shared {
         let state = match ctl.routes.get(route) {
             Some(s) => s.clone(),
             None => match ctl.file.routes.iter().find(|r| r.name == route) {
-                Some(r) => machine::fresh(&Spec::of(r), now),
+                Some(r) => {
+                    let mut s = machine::fresh(&Spec::of(r), now);
+                    // A route added while the fleet store is unreachable must not advance.
+                    s.fleet_down = self
+                        .fleet
+                        .as_ref()
+                        .is_some_and(|f| !f.connected.load(std::sync::atomic::Ordering::Acquire));
+                    s
+                }
                 None => return Ok(false),
             },
         };

@@ -632,6 +632,9 @@ impl BackgroundService for FleetService {
                 return;
             }
         };
+        // Until the store first answers, nothing advances (a replica started while Redis
+        // is down must not step on its own).
+        self.shared.fleet_link(false);
         let pending = Arc::new(tokio::sync::Mutex::new(HashMap::new()));
         self.shared
             .metrics
