@@ -374,12 +374,65 @@ async fn a_rollback_wins_every_race_against_a_raise_or_a_promote() {
     }
 }
 
+/// Waits until `n` clients subscribe to the fleet's channel.
+async fn wait_subscribers(conn: &mut redis::aio::MultiplexedConnection, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, count): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("kanaria:test:changes")
+            .query_async(conn)
+            .await
+            .expect("PUBSUB NUMSUB");
+        if count == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{count} subscribers, not {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_the_subscription_killed_state_still_converges() {
     let redis = Redis::start().await;
     let fleet = Fleet::start(&redis, 10.0, "", "").await;
     let mut conn = redis.conn().await;
+    // No subscription at all (killed, and SUBSCRIBE refused meanwhile): the poll alone
+    // brings the change to every replica.
+    wait_subscribers(&mut conn, 3).await;
+    let admin_conn = conn.clone();
+    let acl = |rule: &'static str| {
+        let mut c = admin_conn.clone();
+        async move {
+            let _: () = redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg("default")
+                .arg(rule)
+                .query_async(&mut c)
+                .await
+                .expect("ACL SETUSER");
+        }
+    };
+    acl("-subscribe").await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT KILL");
+    assert_eq!(killed, 3, "every replica subscribes");
+    let (code, body) = fleet.act(1, "weight", r#"{"percent": 15}"#).await;
+    assert_eq!(code, 200, "{body}");
+    fleet
+        .converge("the weight through the poll alone", |s| {
+            weight_of(s) == 15.0
+        })
+        .await;
+    wait_subscribers(&mut conn, 0).await;
+    acl("+subscribe").await;
     for percent in [20, 30, 40] {
+        wait_subscribers(&mut conn, 3).await;
         let killed: i64 = redis::cmd("CLIENT")
             .arg("KILL")
             .arg("TYPE")
@@ -387,7 +440,7 @@ async fn with_the_subscription_killed_state_still_converges() {
             .query_async(&mut conn)
             .await
             .expect("CLIENT KILL");
-        assert!(killed >= 3, "every replica subscribes: {killed} killed");
+        assert_eq!(killed, 3, "every replica subscribes");
         let (code, body) = fleet
             .act(0, "weight", &format!("{{\"percent\": {percent}}}"))
             .await;
@@ -399,25 +452,7 @@ async fn with_the_subscription_killed_state_still_converges() {
             .await;
     }
     // The replicas subscribed again.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let n: Vec<Value> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg("kanaria:test:changes")
-            .query_async::<Vec<redis::Value>>(&mut conn)
-            .await
-            .map(|v| {
-                v.into_iter()
-                    .map(|x| Value::String(format!("{x:?}")))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if n.get(1).is_some_and(|v| v.as_str() == Some("int(3)")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not resubscribed: {n:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_subscribers(&mut conn, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
