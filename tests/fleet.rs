@@ -656,8 +656,11 @@ async fn the_analysis_judges_the_fleets_summed_counts() {
             );
         }
     }
-    // The others applied it as the fleet's.
+    // The others applied it as the fleet's; status shows the window summed over the fleet.
     for s in &seen {
         assert_eq!(weight_of(s), 0.0);
+        let fw = &route_of(s)["fleet_window"];
+        assert!(fw["replicas"].as_u64().is_some_and(|n| n >= 1), "{fw}");
+        assert!(fw["canary"]["requests"].is_u64(), "{fw}");
     }
 }

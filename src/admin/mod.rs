@@ -223,6 +223,12 @@ impl AdminApp {
                     "evaluations": control.map(|c| c.evaluations),
                     "last_verdict": control.map(|c| c.last_verdict),
                     "fleet_generation": control.filter(|_| self.shared.fleet.is_some()).map(|c| c.fleet_generation),
+                    // [fleet]: the analysis window summed over the replicas, as last judged.
+                    "fleet_window": self.shared.fleet.as_ref().zip(r.canary.as_ref()).and_then(|(f, c)| f.fleet_counts(&r.name, &c.version)).map(|(sum, replicas)| json!({
+                        "replicas": replicas,
+                        "stable": window_json(sum.stable.stats()),
+                        "canary": window_json(sum.canary.stats()),
+                    })),
                     "analysis": {
                         "enabled": r.analysis.enabled,
                         "interval_seconds": r.analysis.interval.as_secs_f64(),

@@ -218,6 +218,24 @@ impl Fleet {
             .unwrap_or_default()
     }
 
+    /// The fleet-wide counts of a route over its analysis window, as last judged: this
+    /// replica's plus the others' recent ones, and how many replicas they come from.
+    pub fn fleet_counts(&self, route: &str, version: &str) -> Option<(Spans, usize)> {
+        let mine = self
+            .mine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(route)
+            .filter(|c| c.canary_version == version)
+            .cloned()?;
+        let others = self.others(route, version);
+        let mut sum = mine.window;
+        for (_, c) in &others {
+            sum.add(&c.window);
+        }
+        Some((sum, others.len() + 1))
+    }
+
     /// How old another replica's counts may be and still count.
     fn fresh_ms(&self) -> u64 {
         (3 * self.settings.poll_interval.as_millis() as u64).max(5_000)
