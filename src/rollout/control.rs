@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::config::{self, ConfigErrors, Route, Snapshot};
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::rollout::fleet::{Fleet, Reply};
+use crate::rollout::fleet::{Answer, Fleet, Reply};
 use crate::rollout::machine::{
     self, Effect, Event, FleetRecord, Input, Refusal, RouteRollout, ShareMode, Spec,
 };
@@ -529,13 +529,17 @@ impl Shared {
         self.flush_state();
         if let Some(answer) = answer {
             match answer.recv_timeout(std::time::Duration::from_secs(5)) {
-                Ok(Ok(_)) => {}
-                // A rollback applies here whatever the store says (it is written when the
-                // store is back); anything else the fleet refused is undone.
-                Ok(Err(msg)) if action != Action::Rollback => {
+                Ok(Answer::Written(_)) => {}
+                // The fleet's record changed meanwhile and was adopted instead: this action
+                // did not happen (a rollback is never refused unless the fleet already is
+                // rolled back).
+                Ok(Answer::Refused(msg)) if action != Action::Rollback => {
                     return Err(ControlError::Refused(Refusal::Conflict(msg)))
                 }
-                Ok(Err(msg)) => log::warn!("fleet: {msg}"),
+                Ok(Answer::Refused(msg)) => log::info!("fleet: {msg}"),
+                // Applied here, written when the store is back (the store going down is
+                // noticed by this write: from now on only rollbacks apply).
+                Ok(Answer::Unreachable(msg)) => log::warn!("fleet: {msg}"),
                 Err(_) => log::warn!("fleet: no answer from the store within 5s"),
             }
         }

@@ -129,7 +129,7 @@ pub struct Contribution {
 /// A write for the store, with whoever waits for its answer.
 struct Job {
     record: FleetRecord,
-    reply: Option<std::sync::mpsc::SyncSender<Result<u64, String>>>,
+    reply: Option<Reply>,
 }
 
 /// The fleet link of one process: shared by the control module (which queues writes) and
@@ -153,8 +153,19 @@ pub struct Fleet {
     poke: Notify,
 }
 
-/// Replies to a write an operator waits for.
-pub type Reply = std::sync::mpsc::SyncSender<Result<u64, String>>;
+/// The store's answer to a write an operator waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Written, at this generation.
+    Written(u64),
+    /// Refused: the fleet's record changed meanwhile (and is adopted instead).
+    Refused(String),
+    /// The store did not answer: applied here, written when it is back.
+    Unreachable(String),
+}
+
+/// Where the answer to a write goes.
+pub type Reply = std::sync::mpsc::SyncSender<Answer>;
 
 impl Fleet {
     pub fn new(settings: FleetSettings) -> Arc<Fleet> {
@@ -380,7 +391,7 @@ impl FleetService {
                     pending.lock().await.remove(&key);
                     let generation = rec.generation;
                     self.shared.adopt(rec);
-                    Ok(generation)
+                    Answer::Written(generation)
                 }
                 Ok(Written::Refused(current)) => {
                     pending.lock().await.remove(&key);
@@ -396,7 +407,7 @@ impl FleetService {
                     if let Some(c) = current {
                         self.shared.adopt(c);
                     }
-                    Err(msg)
+                    Answer::Refused(msg)
                 }
                 Err(e) => {
                     if self.fleet.connected.load(Ordering::Acquire) {
@@ -410,7 +421,7 @@ impl FleetService {
                     p.insert(key, record);
                     let n = p.len();
                     self.fleet.set_view(|v| v.pending = n);
-                    Err(format!(
+                    Answer::Unreachable(format!(
                         "the fleet store is unreachable ({e}): applied on this replica, shared when the store is back"
                     ))
                 }
