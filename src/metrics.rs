@@ -78,6 +78,12 @@ pub struct Metrics {
     pub generation: IntGauge,
     pub endpoint_healthy: IntGaugeVec,
     pub pool_info: IntGaugeVec,
+    /// `[fleet]` only (no series without it): 1 while the fleet store answers.
+    pub fleet_connected: IntGaugeVec,
+    /// `[fleet]` only: replicas seen alive in the fleet (this one included).
+    pub fleet_members: IntGaugeVec,
+    /// `[fleet]` only: the fleet generation of each route's record applied here.
+    pub fleet_generation: IntGaugeVec,
     overrides: IntCounterVec,
     /// Edge rejections (framing, limits, deadlines), handles resolved at start.
     pub edge: EdgeMetrics,
@@ -345,6 +351,38 @@ impl Metrics {
                 &["route", "version", "release"],
             ),
         )?;
+        // Labelled by the fleet's name: a process without [fleet] exports no series, so
+        // alerts on them never fire for a single node.
+        let fleet_connected = build(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "kanaria_fleet_connected",
+                    "1 while the fleet store (Redis) answers; 0 when it does not ([fleet] only).",
+                ),
+                &["cluster"],
+            ),
+        )?;
+        let fleet_members = build(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "kanaria_fleet_members",
+                    "Replicas of the fleet seen alive, this one included ([fleet] only).",
+                ),
+                &["cluster"],
+            ),
+        )?;
+        let fleet_generation = build(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "kanaria_fleet_generation",
+                    "Fleet generation of the route's shared record applied by this replica ([fleet] only).",
+                ),
+                &["cluster", "route"],
+            ),
+        )?;
         let overrides = build(
             &r,
             IntCounterVec::new(
@@ -384,6 +422,9 @@ impl Metrics {
             events,
             retries,
             reloads,
+            fleet_connected,
+            fleet_members,
+            fleet_generation,
             generation,
             endpoint_healthy,
             pool_info,

@@ -120,6 +120,17 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
         "rollout controller",
         Controller::new(shared.clone()),
     ));
+    if let Some(fleet) = &shared.fleet {
+        log::info!(
+            "fleet {:?}: this replica is {:?}; rollout state is shared through Redis",
+            fleet.settings.cluster,
+            fleet.settings.instance
+        );
+        server.add_service(background_service(
+            "fleet",
+            crate::rollout::fleet::FleetService::new(shared.clone(), fleet.clone()),
+        ));
+    }
     log::info!(
         "kanaria {} listening on {:?}{} (admin {admin_listen}) with {}",
         env!("CARGO_PKG_VERSION"),

@@ -235,6 +235,31 @@ fn broken_configs_print_every_error_with_its_place() {
                 "FILE:4:12: reload.debounce: \"soon\" is not a duration",
             ],
         ),
+        (
+            "bad [fleet]",
+            &format!("[fleet]\nbackend = \"etcd\"\nurl = \"http://127.0.0.1:6379\"\ncluster = \"a b\"\ninstance = \"\"\npoll_interval = \"often\"\nstartup_timeout = \"0s\"\n{GOOD_ROUTE}"),
+            &[
+                "FILE:2:11: fleet.backend: \"etcd\" is not a fleet backend: the only one is \"redis\"",
+                "FILE:3:7: fleet.url: not a Redis URL",
+                "FILE:4:11: fleet.cluster: \"a b\" is not a valid fleet name",
+                "FILE:5:12: fleet.instance: \"\" must be 1 to 253 characters without spaces",
+                "FILE:6:17: fleet.poll_interval: \"often\" is not a duration",
+                "FILE:7:19: fleet.startup_timeout: \"0s\" must be greater than zero",
+            ],
+        ),
+        (
+            "[fleet] without url and cluster, with an unknown key",
+            &format!("[fleet]\nhost = \"redis\"\n{GOOD_ROUTE}"),
+            &[
+                "FILE:1:1: fleet: missing field `url`",
+                "FILE:2:1: fleet.host: unknown field `host`",
+            ],
+        ),
+        (
+            "[fleet] with TLS",
+            &format!("[fleet]\nurl = \"rediss://cache.example.com:6380\"\ncluster = \"prod\"\n{GOOD_ROUTE}"),
+            &["FILE:2:7: fleet.url: only redis:// URLs are supported by this build"],
+        ),
     ];
     assert!(cases.len() >= 12);
     for (what, src, expected) in cases {

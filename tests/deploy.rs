@@ -724,17 +724,24 @@ fn dashboard_queries(v: &serde_json::Value, out: &mut Vec<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_and_rules_query_only_metrics_kanaria_exports() {
     // A running Kanaria with health checks, some traffic and a rollback, so every metric
-    // family has a series.
+    // family has a series; in a fleet (a real redis-server), for the fleet's metrics.
     let (stable, canary) = (
         Upstream::start("stable").await,
         Upstream::start("canary").await,
     );
+    let redis = common::Redis::start().await;
     let routes = format!(
-        "[[routes]]\nname = \"app\"\ncanary_weight = 50\nsticky_by = [\"header:x-user-id\"]\n[routes.health]\npath = \"/healthz\"\ninterval = \"200ms\"\n{}\n{}",
+        "[fleet]\nurl = \"{}\"\ncluster = \"deploy\"\ninstance = \"k1\"\npoll_interval = \"200ms\"\n\n[[routes]]\nname = \"app\"\ncanary_weight = 50\nsticky_by = [\"header:x-user-id\"]\n[routes.health]\npath = \"/healthz\"\ninterval = \"200ms\"\n{}\n{}",
+        redis.url(),
         pool("routes.stable", "v1", &[stable.addr]),
         pool("routes.canary", "v2", &[canary.addr]),
     );
     let proxy = Proxy::launch(&routes, "", "", "", &[("KANARIA_ADMIN_TOKEN", "tok")]).await;
+    proxy
+        .wait_status("the fleet's members", |s| {
+            s["fleet"]["members"].as_array().map(Vec::len) == Some(1)
+        })
+        .await;
     for (status, _) in common::send_users(&proxy, 20, "user").await {
         assert_eq!(status, 200);
     }
@@ -752,6 +759,9 @@ async fn dashboard_and_rules_query_only_metrics_kanaria_exports() {
         r#"code_class="5xx""#,
         r#"code_class="error""#,
         r#"kanaria_endpoint_healthy{endpoint="#,
+        r#"kanaria_fleet_connected{cluster="deploy"} 1"#,
+        r#"kanaria_fleet_members{cluster="deploy"} 1"#,
+        r#"kanaria_fleet_generation{cluster="deploy",route="app"}"#,
     ] {
         assert!(text.contains(series), "no {series} in /metrics:\n{text}");
     }
@@ -813,6 +823,8 @@ async fn dashboard_and_rules_query_only_metrics_kanaria_exports() {
         "KanariaNoHealthyStableEndpoint",
         "KanariaErrorBudgetBurnFast",
         "KanariaErrorBudgetBurnSlow",
+        "KanariaFleetDisconnected",
+        "KanariaFleetGenerationLag",
     ] {
         assert!(alerts.contains_key(a), "no alert {a}");
     }

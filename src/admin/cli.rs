@@ -97,6 +97,41 @@ pub fn status_table(v: &Value) -> String {
             },
         ));
     }
+    let fleet = &v["fleet"];
+    if fleet.is_object() {
+        out.push_str(&format!(
+            "fleet {} (this replica: {}): {}{}\n",
+            fleet["cluster"].as_str().unwrap_or("?"),
+            fleet["instance"].as_str().unwrap_or("?"),
+            if fleet["connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "Redis NOT REACHABLE"
+            },
+            if fleet["stale"].as_bool() == Some(true) {
+                ", view STALE"
+            } else {
+                ""
+            },
+        ));
+        out.push_str(&format!(
+            "  {:<24} {:>14} GENERATIONS\n",
+            "MEMBER", "LAST SEEN (s)"
+        ));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        for m in fleet["members"].as_array().into_iter().flatten() {
+            let seen = m["last_seen_unix_ms"].as_u64().unwrap_or(0);
+            out.push_str(&format!(
+                "  {:<24} {:>14.1} {}\n",
+                m["instance"].as_str().unwrap_or("?"),
+                now.saturating_sub(seen) as f64 / 1000.0,
+                m["generations"],
+            ));
+        }
+    }
     out
 }
 

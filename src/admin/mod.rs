@@ -82,6 +82,13 @@ impl AdminApp {
         if self.ready.load(Ordering::Relaxed) {
             return true;
         }
+        // A replica of a fleet first adopts the fleet's records (bounded by
+        // fleet.startup_timeout, then it serves its local state and status says so).
+        if let Some(f) = &self.shared.fleet {
+            if !f.ready() {
+                return false;
+            }
+        }
         let snap = self.shared.snapshot();
         let mut up = true;
         let tls = snap.proxy.tls.iter().flat_map(|t| t.listen.iter());
@@ -144,6 +151,29 @@ fn pool_json(p: &Pool) -> Value {
     json!({ "version": p.version, "endpoints": endpoints })
 }
 
+/// The fleet as this replica sees it: who is in it, what each applied, and whether the
+/// view is current.
+fn fleet_json(f: &crate::rollout::fleet::Fleet) -> Value {
+    let view = f.view();
+    let connected = f.connected.load(Ordering::Acquire);
+    let synced = f.synced.load(Ordering::Acquire);
+    json!({
+        "cluster": f.settings.cluster,
+        "instance": f.settings.instance,
+        "connected": connected,
+        "stale": f.stale(),
+        "synced": synced,
+        "start": if synced { "adopted the fleet's records" } else if f.ready() { "serving local state: the fleet store did not answer within fleet.startup_timeout" } else { "adopting the fleet's records" },
+        "last_sync_unix_ms": view.last_sync_ms,
+        "pending_writes": view.pending,
+        "members": view.members.iter().map(|m| json!({
+            "instance": m.instance,
+            "last_seen_unix_ms": m.last_seen_ms,
+            "generations": m.generations,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 impl AdminApp {
     fn status(&self) -> Value {
         let controls = self.shared.controls();
@@ -199,6 +229,13 @@ impl AdminApp {
                     "consecutive_failures": control.map(|c| c.failures),
                     "evaluations": control.map(|c| c.evaluations),
                     "last_verdict": control.map(|c| c.last_verdict),
+                    "fleet_generation": control.filter(|_| self.shared.fleet.is_some()).map(|c| c.fleet_generation),
+                    // [fleet]: the analysis window summed over the replicas, as last judged.
+                    "fleet_window": self.shared.fleet.as_ref().zip(r.canary.as_ref()).and_then(|(f, c)| f.fleet_counts(&r.name, &c.version)).map(|(sum, replicas)| json!({
+                        "replicas": replicas,
+                        "stable": window_json(sum.stable.stats()),
+                        "canary": window_json(sum.canary.stats()),
+                    })),
                     "analysis": {
                         "enabled": r.analysis.enabled,
                         "interval_seconds": r.analysis.interval.as_secs_f64(),
@@ -239,6 +276,7 @@ impl AdminApp {
                 "restart_required": reload.restart_required,
             },
             "routes": routes,
+            "fleet": self.shared.fleet.as_ref().map(|f| fleet_json(f)),
             "events": self.shared.events(),
             "tls": crate::proxy::tls::store().map(|s| s.status()),
         })

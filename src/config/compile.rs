@@ -21,9 +21,9 @@ use super::file::{
     AnalysisFile, EdgeFile, FileConfig, HealthFile, PoolFile, ProxyFile, RolloutFile, RouteFile,
 };
 use super::{
-    AdminSettings, AnalysisRules, EdgeSettings, HealthSettings, NotifySettings, Pool,
-    ProxySettings, ReloadSettings, Route, Snapshot, StableDown, StateSettings, Step, Timeouts,
-    WeightSource,
+    AdminSettings, AnalysisRules, EdgeSettings, FleetSettings, HealthSettings, NotifySettings,
+    Pool, ProxySettings, ReloadSettings, Route, Snapshot, StableDown, StateSettings, Step,
+    Timeouts, WeightSource,
 };
 use crate::split::router::Router;
 use crate::split::{seed_for, weight_to_buckets, OverrideRule, SplitRule, StickySource};
@@ -245,6 +245,85 @@ fn log_settings(
     })
 }
 
+/// The host name, the default `fleet.instance` (read from the kernel: no network I/O).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "kanaria".to_string())
+}
+
+fn fleet_settings(c: &mut Check, f: &super::file::FleetFile) -> Option<FleetSettings> {
+    let path = KeyPath::root().key("fleet");
+    let mut ok = true;
+    if f.backend != "redis" {
+        c.err(
+            path.key("backend"),
+            format!(
+                "{:?} is not a fleet backend: the only one is \"redis\"",
+                f.backend
+            ),
+        );
+        ok = false;
+    }
+    let url_ok = match redis::IntoConnectionInfo::into_connection_info(f.url.as_str()) {
+        Ok(_) if f.url.starts_with("redis://") => true,
+        _ if f.url.starts_with("rediss://") => {
+            c.err(
+                path.key("url"),
+                "only redis:// URLs are supported by this build (no TLS: reach Redis over a private network or a TLS sidecar)",
+            );
+            false
+        }
+        Ok(_) => {
+            c.err(
+                path.key("url"),
+                "only redis:// URLs are supported (e.g. \"redis://127.0.0.1:6379/0\")",
+            );
+            false
+        }
+        Err(e) => {
+            c.err(
+                path.key("url"),
+                format!("not a Redis URL ({e}); write e.g. \"redis://127.0.0.1:6379/0\""),
+            );
+            false
+        }
+    };
+    if !valid_name(&f.cluster) {
+        c.err(
+            path.key("cluster"),
+            format!(
+                "{:?} is not a valid fleet name (1 to 64 of A-Z a-z 0-9 - _ .)",
+                f.cluster
+            ),
+        );
+        ok = false;
+    }
+    let instance = f.instance.clone().unwrap_or_else(hostname);
+    if instance.is_empty() || instance.len() > 253 || instance.chars().any(char::is_whitespace) {
+        c.err(
+            path.key("instance"),
+            format!("{instance:?} must be 1 to 253 characters without spaces"),
+        );
+        ok = false;
+    }
+    let poll = c.duration(path.key("poll_interval"), &f.poll_interval);
+    let startup = c.duration(path.key("startup_timeout"), &f.startup_timeout);
+    if !(ok && url_ok) {
+        return None;
+    }
+    Some(FleetSettings {
+        url: f.url.clone(),
+        cluster: f.cluster.clone(),
+        instance,
+        poll_interval: poll?,
+        startup_timeout: startup?,
+    })
+}
+
 fn validate(
     cfg: &FileConfig,
     routes_in_file: bool,
@@ -298,6 +377,7 @@ fn validate(
             timeout: timeout?,
         })
     });
+    let fleet = cfg.fleet.as_ref().and_then(|f| fleet_settings(&mut c, f));
     let edge = edge_settings(&mut c, &cfg.edge);
 
     let routes_path = KeyPath::root().key("routes");
@@ -372,6 +452,7 @@ fn validate(
                 },
                 state,
                 notify,
+                fleet,
                 edge,
                 log,
                 routes,

@@ -23,6 +23,9 @@ pub struct FileConfig {
     pub state: Option<StateFile>,
     /// Where rollout events are sent. Optional.
     pub notify: Option<NotifyFile>,
+    /// Shared rollout state and analysis of a fleet of replicas. Optional: without it,
+    /// this process decides alone (single node).
+    pub fleet: Option<FleetFile>,
     /// Client-facing deadlines and limits.
     #[serde(default)]
     pub edge: EdgeFile,
@@ -261,6 +264,44 @@ fn default_true() -> bool {
 
 fn default_stable_down() -> String {
     "keep_stable".into()
+}
+
+/// `[fleet]`: replicas sharing rollout state and analysis through Redis. Every key needs
+/// a restart to change.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetFile {
+    /// The store. Only `"redis"` for now. Default `"redis"`.
+    #[serde(default = "default_fleet_backend")]
+    pub backend: String,
+    /// `redis://[:PASSWORD@]HOST[:PORT][/DB]` (also Valkey, ElastiCache). Required. Without
+    /// a password in the URL, `KANARIA_FLEET_PASSWORD` from the environment is used if set.
+    pub url: String,
+    /// The fleet's name, the prefix of every key: several fleets may share one Redis.
+    /// Required (1 to 64 of A-Z a-z 0-9 - _ .).
+    pub cluster: String,
+    /// This replica's name, unique in the fleet. Default: the host name.
+    pub instance: Option<String>,
+    /// How often each replica re-reads the fleet's records and says it is alive (pub/sub
+    /// is at-most-once; this bounds how long a missed message matters). Default `"1s"`.
+    #[serde(default = "default_fleet_poll")]
+    pub poll_interval: String,
+    /// How long a starting replica waits to adopt the fleet's records before it reports
+    /// ready with its local state. Default `"5s"`.
+    #[serde(default = "default_fleet_startup")]
+    pub startup_timeout: String,
+}
+
+fn default_fleet_backend() -> String {
+    "redis".into()
+}
+
+fn default_fleet_poll() -> String {
+    "1s".into()
+}
+
+fn default_fleet_startup() -> String {
+    "5s".into()
 }
 
 /// `[state]`

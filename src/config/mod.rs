@@ -136,6 +136,29 @@ pub struct StateSettings {
     pub dir: std::path::PathBuf,
 }
 
+/// `[fleet]`, validated.
+#[derive(Clone)]
+pub struct FleetSettings {
+    /// The Redis URL as written (password included: never printed).
+    pub url: String,
+    pub cluster: String,
+    pub instance: String,
+    pub poll_interval: Duration,
+    pub startup_timeout: Duration,
+}
+
+impl std::fmt::Debug for FleetSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password.
+        f.debug_struct("FleetSettings")
+            .field("cluster", &self.cluster)
+            .field("instance", &self.instance)
+            .field("poll_interval", &self.poll_interval)
+            .field("startup_timeout", &self.startup_timeout)
+            .finish()
+    }
+}
+
 /// `[notify]`, validated.
 #[derive(Debug, Clone)]
 pub struct NotifySettings {
@@ -267,6 +290,7 @@ pub struct Snapshot {
     pub reload: ReloadSettings,
     pub state: Option<StateSettings>,
     pub notify: Option<NotifySettings>,
+    pub fleet: Option<FleetSettings>,
     pub edge: EdgeSettings,
     /// `[log]` (read at start only).
     pub log: crate::proxy::access_log::LogSettings,

@@ -33,6 +33,7 @@ use std::sync::atomic::{
 };
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::config::AnalysisRules;
@@ -162,14 +163,19 @@ impl WindowStats {
     }
 }
 
-/// Raw totals over a span: counts and the merged histogram, before quantiles.
-#[derive(Clone)]
+/// Raw totals over a span: counts and the merged histogram, before quantiles. They add
+/// up: a fleet's replicas exchange them and the verdict is taken on the sum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Totals {
     pub requests: u64,
     pub errors: u64,
+    #[serde(default)]
     pub in_flight_slow: u64,
+    #[serde(default)]
     pub in_flight_failed: u64,
-    latency: Box<[u64; LAT_BUCKETS]>,
+    /// Counts per latency bucket (`LAT_BUCKETS` of them; a shorter list from another
+    /// build is padded, a longer one cut).
+    latency: Vec<u64>,
 }
 
 impl Default for Totals {
@@ -179,16 +185,30 @@ impl Default for Totals {
             errors: 0,
             in_flight_slow: 0,
             in_flight_failed: 0,
-            latency: Box::new([0; LAT_BUCKETS]),
+            latency: vec![0; LAT_BUCKETS],
         }
     }
 }
 
 impl Totals {
+    /// Adds another span's totals (another replica's, for the fleet-wide verdict).
+    pub fn merge(&mut self, other: &Totals) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.in_flight_slow += other.in_flight_slow;
+        self.in_flight_failed += other.in_flight_failed;
+        self.latency.resize(LAT_BUCKETS, 0);
+        for (a, b) in self.latency.iter_mut().zip(&other.latency) {
+            *a += b;
+        }
+    }
+
     /// Adds `n` requests that took (at least) `seconds`.
     fn add(&mut self, n: u64, seconds: f64) {
         self.requests += n;
-        self.latency[lat_index(seconds)] += n;
+        if let Some(b) = self.latency.get_mut(lat_index(seconds)) {
+            *b += n;
+        }
     }
 
     /// The quantile `q` (0..1): the midpoint of the bucket holding the sample of rank

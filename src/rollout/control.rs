@@ -19,7 +19,10 @@ use serde_json::Value;
 
 use crate::config::{self, ConfigErrors, Route, Snapshot};
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::rollout::machine::{self, Effect, Event, Input, Refusal, RouteRollout, Spec};
+use crate::rollout::fleet::{Answer, Fleet, Reply};
+use crate::rollout::machine::{
+    self, Effect, Event, FleetRecord, Input, Refusal, RouteRollout, ShareMode, Spec,
+};
 use crate::rollout::phase::{now_ms, Phase, STATES};
 use crate::rollout::store::{Persister, Store, Write};
 use crate::rollout::webhook::Notifier;
@@ -56,6 +59,8 @@ struct Control {
     routes: HashMap<String, RouteRollout>,
     generation: u64,
     events: VecDeque<Event>,
+    /// Who waits for the store's answer to the next shared change (an operator).
+    reply: Option<Reply>,
 }
 
 /// Errors of operator actions, each mapped to an HTTP status by the admin API.
@@ -78,6 +83,8 @@ pub struct Shared {
     last_reload: ArcSwap<ReloadStatus>,
     persister: Option<Persister>,
     notifier: Option<Notifier>,
+    /// `[fleet]`: the link to the other replicas (`None`: this process decides alone).
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 /// Restart-only settings that differ between two configs, by key.
@@ -120,6 +127,20 @@ fn restart_keys(running: &Snapshot, new: &Snapshot) -> Vec<String> {
     if running.state.as_ref().map(|s| &s.dir) != new.state.as_ref().map(|s| &s.dir) {
         keys.push("state.dir".to_string());
     }
+    let fleet = |s: &Snapshot| {
+        s.fleet.as_ref().map(|f| {
+            (
+                f.url.clone(),
+                f.cluster.clone(),
+                f.instance.clone(),
+                f.poll_interval,
+                f.startup_timeout,
+            )
+        })
+    };
+    if fleet(running) != fleet(new) {
+        keys.push("fleet".to_string());
+    }
     keys
 }
 
@@ -132,6 +153,7 @@ impl Shared {
             None => None,
         };
         let notifier = snapshot.notify.clone().map(Notifier::start);
+        let fleet = snapshot.fleet.clone().map(Fleet::new);
         let file = Arc::new(snapshot);
         let shared = Arc::new(Shared {
             live: ArcSwap::from_pointee(Live {
@@ -145,6 +167,7 @@ impl Shared {
                 routes: HashMap::new(),
                 generation: 0,
                 events: VecDeque::new(),
+                reply: None,
             }),
             last_reload: ArcSwap::from_pointee(ReloadStatus {
                 at: SystemTime::now(),
@@ -155,6 +178,7 @@ impl Shared {
             }),
             persister,
             notifier,
+            fleet,
         });
         {
             let mut ctl = shared.lock();
@@ -212,7 +236,15 @@ impl Shared {
         let state = match ctl.routes.get(route) {
             Some(s) => s.clone(),
             None => match ctl.file.routes.iter().find(|r| r.name == route) {
-                Some(r) => machine::fresh(&Spec::of(r), now),
+                Some(r) => {
+                    let mut s = machine::fresh(&Spec::of(r), now);
+                    // A route added while the fleet store is unreachable must not advance.
+                    s.fleet_down = self
+                        .fleet
+                        .as_ref()
+                        .is_some_and(|f| !f.connected.load(std::sync::atomic::Ordering::Acquire));
+                    s
+                }
                 None => return Ok(false),
             },
         };
@@ -234,6 +266,11 @@ impl Shared {
                 Effect::Forget => {
                     if let Some(p) = &self.persister {
                         p.queue(Write::Remove(route.to_string()));
+                    }
+                }
+                Effect::Share(rec) => {
+                    if let Some(f) = &self.fleet {
+                        f.share(rec, ctl.reply.take());
                     }
                 }
             }
@@ -491,18 +528,126 @@ impl Shared {
             OperatorAction::Pause => Action::Pause,
             OperatorAction::Resume => Action::Resume,
         };
+        // In a fleet, the action returns once the store has it (or refused it).
+        let (reply, answer) = match &self.fleet {
+            Some(_) => {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         let generation = {
             let mut ctl = self.lock();
             if !ctl.file.routes.iter().any(|r| r.name == route) {
                 return Err(ControlError::NoSuchRoute(route.to_string()));
             }
-            if self.step(&mut ctl, route, Input::Operator(action))? {
+            ctl.reply = reply;
+            let stepped = self.step(&mut ctl, route, Input::Operator(action));
+            // Nothing shared (a refusal, no change): nobody will answer.
+            let shared = ctl.reply.take().is_none();
+            if stepped? {
                 self.publish(&mut ctl);
+            }
+            if !shared {
+                return Ok(ctl.generation);
             }
             ctl.generation
         };
         self.flush_state();
-        Ok(generation)
+        if let Some(answer) = answer {
+            match answer.recv_timeout(std::time::Duration::from_secs(5)) {
+                Ok(Answer::Written(_)) => {}
+                // The fleet's record changed meanwhile and was adopted instead: this action
+                // did not happen (a rollback is never refused unless the fleet already is
+                // rolled back).
+                Ok(Answer::Refused(msg)) if action != Action::Rollback => {
+                    return Err(ControlError::Refused(Refusal::Conflict(msg)))
+                }
+                Ok(Answer::Refused(msg)) => log::info!("fleet: {msg}"),
+                // Applied here, written when the store is back (the store going down is
+                // noticed by this write: from now on only rollbacks apply).
+                Ok(Answer::Unreachable(msg)) => log::warn!("fleet: {msg}"),
+                Err(_) => log::warn!("fleet: no answer from the store within 5s"),
+            }
+        }
+        Ok(self.snapshot().generation.max(generation))
+    }
+
+    /// The fleet's record for a route: applied when it is newer than what this replica
+    /// applied (the machine decides).
+    pub fn adopt(&self, record: FleetRecord) {
+        let own = self
+            .fleet
+            .as_ref()
+            .is_some_and(|f| f.writer_id == record.writer);
+        let route = record.route.clone();
+        let mut ctl = self.lock();
+        if !ctl.routes.contains_key(&route) {
+            return;
+        }
+        if matches!(
+            self.step(&mut ctl, &route, Input::Adopt { record, own }),
+            Ok(true)
+        ) {
+            self.publish(&mut ctl);
+        }
+        if let (Some(rc), Some(f)) = (ctl.routes.get(&route), &self.fleet) {
+            self.metrics
+                .fleet_generation
+                .with_label_values(&[&f.settings.cluster, &route])
+                .set(rc.fleet_generation as i64);
+        }
+    }
+
+    /// The fleet store became reachable or unreachable.
+    pub fn fleet_link(&self, up: bool) {
+        let mut ctl = self.lock();
+        let names: Vec<String> = ctl.routes.keys().cloned().collect();
+        for name in names {
+            let _ = self.step(&mut ctl, &name, Input::FleetLink(up));
+        }
+    }
+
+    /// Every route with a canary: (route, canary version, the record to seed the store
+    /// with when it has none).
+    pub fn fleet_routes(&self) -> Vec<(String, String, Option<FleetRecord>)> {
+        let now = now_ms();
+        self.lock()
+            .routes
+            .iter()
+            .filter_map(|(name, rc)| {
+                let version = rc.canary_version.clone()?;
+                let seed = machine::share_record(
+                    name,
+                    rc,
+                    "seed",
+                    "state of the first replica",
+                    now,
+                    ShareMode::Seed,
+                );
+                Some((name.clone(), version, seed))
+            })
+            .collect()
+    }
+
+    /// The fleet generation applied per route (for the members' view and the gauge).
+    pub fn fleet_generations(&self) -> HashMap<String, u64> {
+        let gens: HashMap<String, u64> = self
+            .lock()
+            .routes
+            .iter()
+            .filter(|(_, rc)| rc.canary_version.is_some())
+            .map(|(n, rc)| (n.clone(), rc.fleet_generation))
+            .collect();
+        if let Some(f) = &self.fleet {
+            for (route, g) in &gens {
+                self.metrics
+                    .fleet_generation
+                    .with_label_values(&[&f.settings.cluster, route])
+                    .set(*g as i64);
+            }
+        }
+        gens
     }
 
     /// Feeds one input from the controller (a verdict, a health change, a tick) to a

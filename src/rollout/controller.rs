@@ -12,6 +12,9 @@
 //! the route's state machine with the epoch its data was read at: if anything changed the
 //! phase or the canary version while it judged (an operator's resume, a new version), the
 //! machine drops the verdict instead of letting the new phase inherit an old failure.
+//!
+//! With `[fleet]`, the counts judged are the sum of every replica's (exchanged through the
+//! fleet module); this replica's own counts alone may only fail the canary, never pass it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,8 +28,9 @@ use serde_json::json;
 
 use crate::config::{Pool, Route, WeightSource};
 use crate::metrics::RouteMetrics;
-use crate::rollout::analysis::{evaluate, Verdict, WindowStats};
+use crate::rollout::analysis::{evaluate, Totals, Verdict};
 use crate::rollout::control::Shared;
+use crate::rollout::fleet::{Contribution, Fleet, Spans};
 use crate::rollout::machine::{self, Input};
 use crate::rollout::phase::now_ms;
 use crate::split::Track;
@@ -81,39 +85,111 @@ impl Probes {
 /// One track's numbers over `span` since `since`: the finished attempts, plus the attempts
 /// still waiting past the latency limit (slow) or the read timeout (failed). Without a
 /// latency limit only the read timeout makes a waiting attempt count.
-fn sample(
+fn totals(
     route: &Route,
     m: &RouteMetrics,
     track: Track,
     span: Duration,
     since: Instant,
     now: Instant,
-) -> WindowStats {
+) -> Totals {
     let tm = m.version(track);
     let mut totals = tm.window.totals_since(now, span, Some(since));
     let read = route.timeouts.read;
     let slow_after = route.analysis.max_p99_latency.unwrap_or(read);
     tm.in_flight
         .add_pending(now, slow_after, read, Some(since), &mut totals);
-    totals.stats()
+    totals
+}
+
+/// This replica's numbers for a route: over the analysis window and the short span.
+fn own_counts(
+    route: &Route,
+    m: &RouteMetrics,
+    since: Instant,
+    now: Instant,
+    version: &str,
+) -> Contribution {
+    let span = FAST_SPAN.min(route.analysis.window);
+    let spans = |d: Duration| Spans {
+        canary: totals(route, m, Track::Canary, d, since, now),
+        stable: totals(route, m, Track::Stable, d, since, now),
+    };
+    Contribution {
+        at_ms: now_ms(),
+        canary_version: version.to_string(),
+        window: spans(route.analysis.window),
+        fast: spans(span),
+    }
 }
 
 fn judge(route: &Route, m: &RouteMetrics, since: Instant, now: Instant) -> Verdict {
+    verdict_of(route, &own_counts(route, m, since, now, ""))
+}
+
+/// A verdict on one replica's counts or the fleet's sum: the window and the short span.
+fn verdict_of(route: &Route, c: &Contribution) -> Verdict {
     let rules = &route.analysis;
-    let pair = |span: Duration| {
-        evaluate(
-            rules,
-            &sample(route, m, Track::Canary, span, since, now),
-            &sample(route, m, Track::Stable, span, since, now),
-        )
-    };
-    let full = pair(rules.window);
-    let fast = pair(FAST_SPAN.min(rules.window));
+    let full = evaluate(rules, &c.window.canary.stats(), &c.window.stable.stats());
+    let fast = evaluate(rules, &c.fast.canary.stats(), &c.fast.stable.stats());
     match (full, fast) {
         (f @ Verdict::Fail { .. }, _) | (_, f @ Verdict::Fail { .. }) => f,
         (Verdict::Pass, _) | (_, Verdict::Pass) => Verdict::Pass,
         _ => Verdict::Inconclusive,
     }
+}
+
+/// Adds where the numbers come from to a failing verdict.
+fn scoped(v: Verdict, scope: serde_json::Value) -> Verdict {
+    match v {
+        Verdict::Fail {
+            reason,
+            mut numbers,
+        } => {
+            if let Some(o) = numbers.as_object_mut() {
+                o.insert("scope".into(), scope);
+            }
+            Verdict::Fail { reason, numbers }
+        }
+        other => other,
+    }
+}
+
+/// In a fleet: this replica's counts go to the fleet; the verdict is taken on the sum of
+/// every replica's recent counts. A replica that sees the canary fail on its own traffic
+/// still rolls the fleet back (always safe); without the fleet's data (the store down or
+/// the view stale) nothing passes, so nothing is promoted on one replica's data.
+fn judge_fleet(
+    route: &Route,
+    m: &RouteMetrics,
+    since: Instant,
+    now: Instant,
+    fleet: &Fleet,
+    version: &str,
+) -> Verdict {
+    let mine = own_counts(route, m, since, now, version);
+    fleet.contribute(&route.name, mine.clone());
+    let me = fleet.settings.instance.clone();
+    let local = verdict_of(route, &mine);
+    if matches!(local, Verdict::Fail { .. }) {
+        return scoped(local, json!({ "replica": me }));
+    }
+    if fleet.stale() || !fleet.connected.load(Ordering::Acquire) {
+        return Verdict::Inconclusive;
+    }
+    let others = fleet.others(&route.name, version);
+    let mut sum = mine.clone();
+    let mut by_replica = serde_json::Map::new();
+    by_replica.insert(me, json!(mine.window.canary.requests));
+    for (inst, c) in &others {
+        sum.window.add(&c.window);
+        sum.fast.add(&c.fast);
+        by_replica.insert(inst.clone(), json!(c.window.canary.requests));
+    }
+    scoped(
+        verdict_of(route, &sum),
+        json!({ "fleet": others.len() + 1, "canary_requests_by_replica": by_replica }),
+    )
 }
 
 impl Controller {
@@ -165,7 +241,13 @@ impl Controller {
             // Outcomes since the current phase began, as an instant of this clock.
             let since =
                 now - Duration::from_millis(now_ms().saturating_sub(control.judged_since_ms));
-            let verdict = match judge(route, m, since, now) {
+            let judged = match (&self.shared.fleet, &route.canary) {
+                (Some(fleet), Some(canary)) => {
+                    judge_fleet(route, m, since, now, fleet, &canary.version)
+                }
+                _ => judge(route, m, since, now),
+            };
+            let verdict = match judged {
                 Verdict::Fail { reason, numbers } => machine::Verdict::Fail {
                     reason: reason.to_string(),
                     numbers,

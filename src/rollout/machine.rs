@@ -15,7 +15,10 @@
 //! - the published weight is always the phase's weight, within `0..=BUCKETS`;
 //! - a rollout whose steps shrink on reload continues from the last valid step and can
 //!   still finish;
-//! - a route removed from the config is forgotten (its state file too).
+//! - a route removed from the config is forgotten (its state file too);
+//! - in a fleet, adopted generations only increase, a rollback always wins a race against
+//!   a raise or a promote, a local rollback not yet shared is never undone by an older
+//!   view of the fleet, and nothing but a rollback happens while the fleet is unreachable.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -94,6 +97,13 @@ pub struct RouteRollout {
     pub evaluations: u64,
     /// `none`, `pass`, `fail` or `inconclusive`.
     pub last_verdict: &'static str,
+    /// The newest fleet generation of this route's record applied here (0: none yet).
+    pub fleet_generation: u64,
+    /// The fleet store is unreachable: nothing advances, only rollbacks apply.
+    pub fleet_down: bool,
+    /// A rollback decided here that the fleet has not accepted yet: no older view of the
+    /// fleet may undo it.
+    pub unshared_rollback: bool,
 }
 
 impl RouteRollout {
@@ -144,6 +154,50 @@ pub enum Input {
     Tick,
     /// The route is gone from the config.
     Removed,
+    /// The fleet's record for this route (from the store: a poll, a message, the answer to
+    /// a write). `own`: this process wrote it, so it is already applied here.
+    Adopt {
+        record: FleetRecord,
+        own: bool,
+    },
+    /// The fleet store became reachable (`true`) or unreachable (`false`).
+    FleetLink(bool),
+}
+
+/// How a shared record is written to the fleet store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShareMode {
+    /// Compare-and-set on `generation` (a rollback is written whatever the generation).
+    Cas,
+    /// Only if the store holds no record yet (a restored or reset state: the fleet's
+    /// record, when there is one, wins and is adopted instead).
+    Seed,
+}
+
+/// A route's rollout as the fleet shares it: one record per route and canary version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetRecord {
+    pub route: String,
+    pub canary_version: String,
+    pub phase: Phase,
+    /// Set by the store on every accepted write; a replica applies only a newer one. In a
+    /// record to be written: the generation it was decided on (the compare-and-set's).
+    pub generation: u64,
+    /// The latch, spelled out for readers of the store (`phase` says it too).
+    pub rolled_back: bool,
+    pub weight_percent: f64,
+    pub step: Option<usize>,
+    pub paused: bool,
+    /// The event's kind and reason.
+    pub kind: String,
+    pub reason: String,
+    /// The instance that decided it (filled in by the control module).
+    pub by: String,
+    /// The writing process (instance, pid and start): tells a replica its own records.
+    pub writer: String,
+    pub at_ms: u64,
+    pub mode: ShareMode,
 }
 
 /// One transition, with the reason and the numbers behind it.
@@ -172,6 +226,8 @@ pub enum Effect {
     Emit(Event),
     /// Remove the route's saved state.
     Forget,
+    /// Write this record to the fleet store (ignored without `[fleet]`).
+    Share(FleetRecord),
 }
 
 /// Why an operator's action was refused (nothing changed).
@@ -189,6 +245,34 @@ pub enum Refusal {
 pub struct Outcome {
     pub next: Option<RouteRollout>,
     pub effects: Vec<Effect>,
+}
+
+/// The record the fleet is offered for a route's current state (`None` without a canary).
+pub fn share_record(
+    route: &str,
+    s: &RouteRollout,
+    kind: &str,
+    reason: &str,
+    now_ms: u64,
+    mode: ShareMode,
+) -> Option<FleetRecord> {
+    let version = s.canary_version.as_ref()?;
+    Some(FleetRecord {
+        route: route.to_string(),
+        canary_version: version.clone(),
+        phase: s.phase.clone(),
+        generation: s.fleet_generation,
+        rolled_back: matches!(s.phase, Phase::RolledBack { .. }),
+        weight_percent: buckets_to_percent(s.weight().0),
+        step: s.phase.step(),
+        paused: matches!(s.phase, Phase::Paused { .. }),
+        kind: kind.to_string(),
+        reason: reason.to_string(),
+        by: String::new(),
+        writer: String::new(),
+        at_ms: now_ms,
+        mode,
+    })
 }
 
 /// The first phase of a canary version (manual without steps or without a canary).
@@ -215,6 +299,9 @@ pub fn fresh(spec: &Spec, now_ms: u64) -> RouteRollout {
         passed_in_hold: false,
         evaluations: 0,
         last_verdict: "none",
+        fleet_generation: 0,
+        fleet_down: false,
+        unshared_rollback: false,
     }
 }
 
@@ -244,6 +331,8 @@ pub fn step(
                 effects: vec![Effect::Forget, Effect::Publish],
             })
         }
+        Input::Adopt { record, own } => t.adopt(record, own),
+        Input::FleetLink(up) => t.next.fleet_down = !up,
     }
     Ok(Outcome {
         next: Some(t.next),
@@ -264,8 +353,20 @@ impl Step<'_> {
         &self.next.spec
     }
 
-    /// Moves to `phase`: a new epoch, a fresh analysis span, and every effect.
+    /// Moves to `phase`: a new epoch, a fresh analysis span, and every effect; decided
+    /// here, so shared with the fleet by compare-and-set.
     fn transition(&mut self, kind: &str, phase: Phase, reason: &str, numbers: Value) {
+        self.transition_shared(kind, phase, reason, numbers, Some(ShareMode::Cas));
+    }
+
+    fn transition_shared(
+        &mut self,
+        kind: &str,
+        phase: Phase,
+        reason: &str,
+        numbers: Value,
+        share: Option<ShareMode>,
+    ) {
         let from = self.next.phase.name();
         let s = &mut self.next;
         s.phase = phase;
@@ -292,8 +393,60 @@ impl Step<'_> {
                 phase: s.phase.clone(),
                 updated_ms: self.now_ms,
             }));
+            let rolled_back = matches!(s.phase, Phase::RolledBack { .. });
+            match share {
+                Some(mode) => {
+                    // A rollback decided here holds until the fleet has it.
+                    s.unshared_rollback = rolled_back && mode == ShareMode::Cas;
+                    if let Some(rec) = share_record(self.route, s, kind, reason, self.now_ms, mode)
+                    {
+                        self.effects.push(Effect::Share(rec));
+                    }
+                }
+                None => s.unshared_rollback = false,
+            }
         }
         self.effects.push(Effect::Emit(event));
+    }
+
+    /// The fleet's record: applied when it is newer than what was applied here and for
+    /// this canary version. A local rollback the fleet has not accepted yet is not undone
+    /// (it is being written, and a rollback always wins in the store).
+    fn adopt(&mut self, rec: FleetRecord, own: bool) {
+        let s = &self.next;
+        if s.canary_version.as_deref() != Some(rec.canary_version.as_str())
+            || rec.generation <= s.fleet_generation
+        {
+            return;
+        }
+        let rolled_back = matches!(rec.phase, Phase::RolledBack { .. });
+        if s.unshared_rollback && !rolled_back {
+            return;
+        }
+        self.next.fleet_generation = rec.generation;
+        if rolled_back && matches!(self.next.phase, Phase::RolledBack { .. }) {
+            self.next.unshared_rollback = false;
+        }
+        let phase = clamp_steps(rec.phase.clone(), self.spec(), self.now_ms);
+        if own || stage(&phase) == stage(&self.next.phase) {
+            return;
+        }
+        let kind = if rolled_back { "rollback" } else { "adopted" };
+        let reason = format!(
+            "fleet: {} (generation {}, by {})",
+            rec.reason, rec.generation, rec.by
+        );
+        let reason = match &phase {
+            Phase::RolledBack { reason: r } => r.clone(),
+            _ => reason,
+        };
+        self.transition_shared(
+            kind,
+            phase,
+            &reason,
+            json!({ "fleet_generation": rec.generation, "by": rec.by, "fleet_reason": rec.reason }),
+            None,
+        );
     }
 
     fn restore(&mut self, saved: Result<Option<Record>, String>) {
@@ -318,7 +471,8 @@ impl Step<'_> {
             ),
             (None, _) => ("reset", initial_phase(&spec, self.now_ms), "start".into()),
         };
-        self.transition(kind, phase, &reason, json!({}));
+        // What this process restored is only a proposal: the fleet's record wins.
+        self.transition_shared(kind, phase, &reason, json!({}), Some(ShareMode::Seed));
     }
 
     fn config(&mut self, spec: Spec) {
@@ -329,11 +483,14 @@ impl Step<'_> {
                 Some(v) => format!("canary version {v}: a fresh rollout"),
                 None => "the canary was removed".to_string(),
             };
-            self.transition(
+            self.next.fleet_generation = 0;
+            self.next.unshared_rollback = false;
+            self.transition_shared(
                 "reset",
                 initial_phase(&spec, self.now_ms),
                 &reason,
                 json!({}),
+                Some(ShareMode::Seed),
             );
             return;
         }
@@ -369,6 +526,12 @@ impl Step<'_> {
             return Err(Refusal::NoCanary(self.route.to_string()));
         }
         let phase = self.next.phase.clone();
+        if self.next.fleet_down && action != Action::Rollback {
+            return Err(Refusal::Conflict(format!(
+                "route {:?}: the fleet store is unreachable: only a rollback applies until it is back",
+                self.route
+            )));
+        }
         if let (Phase::RolledBack { .. }, Action::Weight(_) | Action::Promote | Action::Pause) =
             (&phase, action)
         {
@@ -500,6 +663,10 @@ impl Step<'_> {
         let Phase::Progressing { step, since_ms } = s.phase else {
             return;
         };
+        // Without the fleet, no replica may advance on what it alone sees.
+        if s.fleet_down {
+            return;
+        }
         if s.canary_version.is_none() {
             return;
         }
@@ -531,6 +698,17 @@ impl Step<'_> {
             )
         };
         self.transition(kind, next, &reason, json!({}));
+    }
+}
+
+/// A phase without its start time.
+fn stage(p: &Phase) -> Phase {
+    match p {
+        Phase::Progressing { step, .. } => Phase::Progressing {
+            step: *step,
+            since_ms: 0,
+        },
+        other => other.clone(),
     }
 }
 
@@ -672,14 +850,23 @@ mod tests {
         assert!(out.effects.contains(&Effect::Forget));
     }
 
-    /// A phase without its start time.
-    fn stage(p: &Phase) -> Phase {
-        match p {
-            Phase::Progressing { step, .. } => Phase::Progressing {
-                step: *step,
-                since_ms: 0,
-            },
-            other => other.clone(),
+    /// A fleet record of route `app`.
+    fn record(version: &str, phase: Phase, generation: u64) -> FleetRecord {
+        FleetRecord {
+            route: "app".into(),
+            canary_version: version.into(),
+            rolled_back: matches!(phase, Phase::RolledBack { .. }),
+            step: phase.step(),
+            paused: matches!(phase, Phase::Paused { .. }),
+            phase,
+            generation,
+            weight_percent: 0.0,
+            kind: "test".into(),
+            reason: "test".into(),
+            by: "other".into(),
+            writer: "other/1/1".into(),
+            at_ms: 0,
+            mode: ShareMode::Cas,
         }
     }
 
@@ -718,12 +905,14 @@ mod tests {
         let saved = prop_oneof![
             Just(Ok(None)),
             Just(Err("app.json: not a Kanaria state file".to_string())),
-            (prop_oneof![Just("v2"), Just("v3")], phase).prop_map(|(v, phase)| Ok(Some(Record {
-                route: "app".into(),
-                canary_version: v.into(),
-                phase,
-                updated_ms: 0,
-            }))),
+            (prop_oneof![Just("v2"), Just("v3")], phase.clone()).prop_map(|(v, phase)| Ok(Some(
+                Record {
+                    route: "app".into(),
+                    canary_version: v.into(),
+                    phase,
+                    updated_ms: 0,
+                }
+            ))),
         ];
         let input = prop_oneof![
             3 => spec_s.prop_map(Input::Config),
@@ -734,6 +923,10 @@ mod tests {
             4 => Just(Input::Tick),
             1 => Just(Input::Removed),
             1 => saved.prop_map(Input::Restore),
+            // Generations are offsets from the current one, resolved in the test.
+            3 => (prop_oneof![Just("v2"), Just("v3")], phase.clone(), 0u64..5, any::<bool>())
+                .prop_map(|(v, phase, g, own)| Input::Adopt { record: record(v, phase, g), own }),
+            2 => any::<bool>().prop_map(Input::FleetLink),
         ];
         (0u64..2_000, input)
     }
@@ -773,8 +966,21 @@ mod tests {
                         epoch: s.epoch.saturating_sub(back),
                         verdict,
                     },
+                    // Fleet generations around the one applied: older, equal, newer.
+                    Input::Adopt { mut record, own } => {
+                        record.generation = (s.fleet_generation + record.generation).saturating_sub(2);
+                        Input::Adopt { record, own }
+                    }
                     other => other,
                 };
+                let adopt = match &input {
+                    Input::Adopt { record, .. } => Some(record.clone()),
+                    _ => None,
+                };
+                let advancing = matches!(
+                    &input,
+                    Input::Tick | Input::Verdict { .. } | Input::Operator(Action::Weight(_) | Action::Promote | Action::Pause | Action::Resume)
+                );
                 let stale = matches!(&input, Input::Verdict { epoch, .. } if *epoch != s.epoch);
                 let version_changes = matches!(&input, Input::Config(sp) if sp.canary_version != s.canary_version);
                 let resume = input == Input::Operator(Action::Resume);
@@ -794,13 +1000,38 @@ mod tests {
                     continue;
                 }
                 let next = out.next.clone().expect("a state unless removed");
+                // Adopted generations only increase (a new canary version starts at 0);
+                // an older or equal one changes nothing; adopting never shares back.
+                if !version_changes {
+                    prop_assert!(next.fleet_generation >= s.fleet_generation);
+                }
+                if let Some(rec) = &adopt {
+                    prop_assert!(!out.effects.iter().any(|e| matches!(e, Effect::Share(_))));
+                    if rec.generation <= s.fleet_generation
+                        || s.canary_version.as_deref() != Some(rec.canary_version.as_str())
+                    {
+                        prop_assert_eq!(&next, &s);
+                        prop_assert!(out.effects.is_empty());
+                    }
+                    // A local rollback the fleet has not accepted is not undone.
+                    if s.unshared_rollback {
+                        let kept = matches!(next.phase, Phase::RolledBack { .. });
+                        prop_assert!(kept, "a local rollback undone by {:?}", rec);
+                    }
+                }
+                // With the fleet unreachable, nothing advances: only a rollback applies.
+                if s.fleet_down && advancing {
+                    let held = stage(&next.phase) == stage(&s.phase)
+                        || matches!(next.phase, Phase::RolledBack { .. });
+                    prop_assert!(held, "advanced with the fleet down: {:?} -> {:?}", s.phase, next.phase);
+                }
                 // A stale verdict is never applied.
                 if stale {
                     prop_assert_eq!(&next, &s);
                     prop_assert!(out.effects.is_empty());
                 }
                 // The rollback latch.
-                if matches!(s.phase, Phase::RolledBack { .. }) && !(resume || version_changes || restore) {
+                if matches!(s.phase, Phase::RolledBack { .. }) && !(resume || version_changes || restore || adopt.is_some()) {
                     let latched = matches!(next.phase, Phase::RolledBack { .. });
                     prop_assert!(latched, "left the latch: {:?}", next.phase);
                     prop_assert_eq!(next.weight().0, 0);
@@ -832,6 +1063,96 @@ mod tests {
                 }
                 state = Some(next);
             }
+        }
+
+        /// Two replicas decide at once on the same fleet generation: one rolls back (an
+        /// operator, a failing verdict, an unhealthy pool), the other raises, promotes or
+        /// steps on. Whatever order the store sees the writes in, and however the
+        /// records reach the replicas (late, twice, out of order), the fleet ends rolled
+        /// back, and each replica's adopted generation only ever increases.
+        #[test]
+        fn a_rollback_always_wins_a_race(
+            rollback in 0usize..3,
+            raise in 0usize..3,
+            writes_first in any::<bool>(),
+            deliveries in prop::collection::vec((any::<bool>(), 0usize..8), 0..12),
+        ) {
+            use crate::rollout::fleet::decide;
+            let sp = spec(Some("v2"), &[(100, 0), (1_000, 0), (5_000, 0)]);
+            let start = started(&sp);
+            let shares = |out: &Outcome| -> Vec<FleetRecord> {
+                out.effects.iter().filter_map(|e| match e {
+                    Effect::Share(r) => Some(r.clone()),
+                    _ => None,
+                }).collect()
+            };
+            // The store holds the first replica's seed.
+            let mut store = None;
+            for r in shares(&step("app", &fresh(&sp, 0), Input::Restore(Ok(None)), 0).unwrap()) {
+                let (written, rec) = decide(store.as_ref(), &r);
+                if written {
+                    store = Some(rec);
+                }
+            }
+            let seeded = store.clone().unwrap();
+            let a0 = apply(&start, Input::Adopt { record: seeded.clone(), own: false }, 1);
+            let b0 = a0.clone();
+            let down = match rollback {
+                0 => Input::Operator(Action::Rollback),
+                1 => Input::Verdict { epoch: a0.epoch, verdict: fail() },
+                _ => Input::CanaryUnhealthy { numbers: json!({}) },
+            };
+            let up = match raise {
+                0 => Input::Operator(Action::Weight(9_000)),
+                1 => Input::Operator(Action::Promote),
+                _ => Input::Verdict { epoch: b0.epoch, verdict: Verdict::Pass },
+            };
+            let out_a = step("app", &a0, down, 2).unwrap();
+            let out_b = step("app", &b0, up, 2).unwrap();
+            let mut a = out_a.next.clone().unwrap();
+            let mut b = out_b.next.clone().unwrap();
+            let rolled = matches!(a.phase, Phase::RolledBack { .. });
+            prop_assert!(rolled);
+            let (wa, wb) = (shares(&out_a), shares(&out_b));
+            prop_assert_eq!(wa.len(), 1);
+            let order: Vec<(bool, FleetRecord)> = if writes_first {
+                wa.into_iter().map(|r| (true, r)).chain(wb.into_iter().map(|r| (false, r))).collect()
+            } else {
+                wb.into_iter().map(|r| (false, r)).chain(wa.into_iter().map(|r| (true, r))).collect()
+            };
+            // Every record the store answers with, as the replicas may receive it.
+            let mut published = vec![seeded];
+            for (from_a, mut r) in order {
+                // The control module names the writing process.
+                r.writer = if from_a { "a/1/1".into() } else { "b/1/1".into() };
+                let (written, answer) = decide(store.as_ref(), &r);
+                if written {
+                    store = Some(answer.clone());
+                }
+                published.push(answer.clone());
+                // The writer adopts the answer at once.
+                let own = answer.writer == r.writer;
+                let target = if from_a { &mut a } else { &mut b };
+                let before = target.fleet_generation;
+                *target = apply(target, Input::Adopt { record: answer, own }, 3);
+                prop_assert!(target.fleet_generation >= before);
+            }
+            for (to_a, i) in deliveries {
+                let rec = published[i % published.len()].clone();
+                let target = if to_a { &mut a } else { &mut b };
+                let before = target.fleet_generation;
+                *target = apply(target, Input::Adopt { record: rec, own: false }, 4);
+                prop_assert!(target.fleet_generation >= before);
+            }
+            // The poll: the store's record reaches both.
+            let last = store.clone().unwrap();
+            prop_assert!(last.rolled_back, "the store ended {:?}", last.phase);
+            a = apply(&a, Input::Adopt { record: last.clone(), own: false }, 5);
+            b = apply(&b, Input::Adopt { record: last, own: false }, 5);
+            prop_assert!(matches!(a.phase, Phase::RolledBack { .. }), "a: {:?}", a.phase);
+            prop_assert!(matches!(b.phase, Phase::RolledBack { .. }), "b: {:?}", b.phase);
+            prop_assert_eq!(a.weight().0, 0);
+            prop_assert_eq!(b.weight().0, 0);
         }
 
         /// Whatever the steps became, passing evaluations finish the rollout.

@@ -214,6 +214,7 @@ pub struct Proxy {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     child: Child,
+    env: Vec<(String, String)>,
 }
 
 impl Drop for Proxy {
@@ -278,27 +279,48 @@ impl Proxy {
         std::fs::File::create(&config_path)
             .and_then(|mut f| f.write_all(config.as_bytes()))
             .expect("write config");
-        let log = std::fs::File::create(dir.path().join("kanaria.log")).expect("log file");
-        let mut cmd = Command::new(kanaria_bin());
-        cmd.args(["run", "-c"])
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .env_remove("KANARIA_ADMIN_TOKEN")
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn kanaria");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = spawn(&config_path, dir.path(), &env);
         let mut proxy = Proxy {
             port,
             admin_port,
             dir,
             config_path,
             child,
+            env,
         };
         proxy.wait_ready().await;
         proxy
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the process again with the same config, ports and environment (after
+    /// [`Self::kill`]), without waiting for it to be ready.
+    pub fn respawn(&mut self) {
+        self.child = spawn(&self.config_path, self.dir.path(), &self.env);
+    }
+
+    /// Whether `/readyz` answers 200 right now.
+    pub async fn is_ready(&self) -> bool {
+        client()
+            .get(self.admin_url("/readyz"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    }
+
+    /// Waits until `/readyz` answers 200 (fails if the process died or after 30 s).
+    pub async fn wait_until_ready(&mut self) {
+        self.wait_ready().await;
     }
 
     pub fn pid(&self) -> u32 {
@@ -416,6 +438,123 @@ impl Proxy {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+}
+
+/// Starts `kanaria run -c CONFIG`, its log appended to `DIR/kanaria.log`.
+fn spawn(config_path: &std::path::Path, dir: &std::path::Path, env: &[(String, String)]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("kanaria.log"))
+        .expect("log file");
+    let mut cmd = Command::new(kanaria_bin());
+    cmd.args(["run", "-c"])
+        .arg(config_path)
+        .env("RUST_LOG", "info")
+        .env_remove("KANARIA_ADMIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn kanaria")
+}
+
+/// A real `redis-server` (Debian's) on a loopback port, no persistence, killed when
+/// dropped. `restart` starts a fresh one (empty) on the same port.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        r.restart().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to clients).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a server on the port (stopping one that runs) and waits until it answers.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let child = Command::new("redis-server")
+                .args(["--port", &self.port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(self.dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server (Debian's redis-server package) must be installed");
+            self.child = Some(child);
+            loop {
+                if self.ping().await {
+                    return;
+                }
+                if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                    // The port was taken meanwhile (a killed server's socket): try again.
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server did not answer PING"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.child = None;
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn ping(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        if s.write_all(b"PING\r\n").await.is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 16];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await,
+            Ok(Ok(n)) if buf[..n].starts_with(b"+PONG")
+        )
+    }
+
+    /// A connection for the test's own commands.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis")
     }
 }
 

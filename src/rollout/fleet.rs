@@ -1,0 +1,731 @@
+//! The fleet: replicas sharing each route's rollout through Redis (`[fleet]`).
+//!
+//! The store holds one record per route and canary version (`kanaria:<cluster>:rollout:
+//! <route>:<version>`, a [`FleetRecord`] as JSON). Every change is decided by the state
+//! machine of the replica where it happens and handed here as an
+//! [`Effect::Share`](crate::rollout::machine::Effect::Share); this module writes it with
+//! one Lua script that compares and sets the generation (a rollback is written whatever
+//! the generation: it always wins) and publishes the new record on the fleet's channel.
+//! Every replica applies the records it receives ([`Input::Adopt`]) when they are newer
+//! than what it applied. Pub/sub is at-most-once, so each replica also re-reads the
+//! records every `poll_interval`, and says there that it is alive (`members` hash).
+//!
+//! Analysis is fleet-wide: each replica's controller hands its raw counts (requests,
+//! errors, latency histogram, per track, over the analysis window and the short span) to
+//! [`Fleet::contribute`]; the poll writes them to a hash per route and canary version
+//! (`counts:<route>:<version>`, a field per replica) and reads the others'. The verdict
+//! is taken on the sum.
+//!
+//! Redis down: the replica keeps serving what it knows; its machines are told the link is
+//! down (nothing advances, only rollbacks apply); the writes that failed are kept, the
+//! newest per record, and written when Redis answers again (a rollback still wins then).
+//! The command connection is the `redis` crate's `ConnectionManager` (it reconnects); the
+//! subscription is a dedicated connection re-made whenever it ends.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Notify};
+
+use crate::config::FleetSettings;
+use crate::rollout::analysis::Totals;
+use crate::rollout::control::Shared;
+use crate::rollout::machine::{FleetRecord, ShareMode};
+use crate::rollout::phase::now_ms;
+
+/// Compare-and-set of one record, then publication. KEYS[1]: the record; ARGV: the new
+/// record (JSON), the generation it was decided on, `cas` or `seed`, the channel. Returns
+/// `{1, record}` when written, `{0, current}` when refused. Mirrored by [`decide`].
+const WRITE_SCRIPT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local new = cjson.decode(ARGV[1])
+local expected = tonumber(ARGV[2])
+local gen = 0
+if cur then
+  local c = cjson.decode(cur)
+  gen = tonumber(c.generation) or 0
+  if ARGV[3] == 'seed' then return {0, cur} end
+  if gen ~= expected then
+    if not new.rolled_back or c.rolled_back == true then return {0, cur} end
+  end
+end
+if expected > gen then gen = expected end
+new.generation = gen + 1
+local out = cjson.encode(new)
+redis.call('SET', KEYS[1], out)
+redis.call('PUBLISH', ARGV[4], out)
+return {1, out}
+"#;
+
+/// What the write script decides, in Rust (the tests' model of the store): `(true,
+/// written)` or `(false, current)`.
+#[cfg(test)]
+pub fn decide(current: Option<&FleetRecord>, new: &FleetRecord) -> (bool, FleetRecord) {
+    let mut gen = 0;
+    if let Some(c) = current {
+        gen = c.generation;
+        if new.mode == ShareMode::Seed {
+            return (false, c.clone());
+        }
+        if gen != new.generation && (!new.rolled_back || c.rolled_back) {
+            return (false, c.clone());
+        }
+    }
+    let mut out = new.clone();
+    out.generation = gen.max(new.generation) + 1;
+    (true, out)
+}
+
+/// A replica as the fleet sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Member {
+    pub instance: String,
+    pub last_seen_ms: u64,
+    /// The fleet generation applied per route.
+    pub generations: HashMap<String, u64>,
+}
+
+/// What the fleet view is, for status and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub members: Vec<Member>,
+    /// The last time the store answered a poll (ms since the Unix epoch; 0: never).
+    pub last_sync_ms: u64,
+    /// Writes waiting for the store.
+    pub pending: usize,
+}
+
+/// One track pair's counts over a span.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Spans {
+    pub canary: Totals,
+    pub stable: Totals,
+}
+
+impl Spans {
+    pub fn add(&mut self, other: &Spans) {
+        self.canary.merge(&other.canary);
+        self.stable.merge(&other.stable);
+    }
+}
+
+/// What one replica counted for a route: over the analysis window and the short span.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Contribution {
+    pub at_ms: u64,
+    pub canary_version: String,
+    pub window: Spans,
+    pub fast: Spans,
+}
+
+/// A write for the store, with whoever waits for its answer.
+struct Job {
+    record: FleetRecord,
+    reply: Option<Reply>,
+}
+
+/// The fleet link of one process: shared by the control module (which queues writes) and
+/// the background service (which talks to Redis).
+pub struct Fleet {
+    pub settings: FleetSettings,
+    /// Tells this process's own records: instance, pid and start time.
+    pub writer_id: String,
+    tx: mpsc::UnboundedSender<Job>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<Job>>>,
+    pub connected: AtomicBool,
+    /// The first poll answered (records adopted or seeded): ready to serve as the fleet.
+    pub synced: AtomicBool,
+    pub started: Instant,
+    view: Mutex<View>,
+    /// This replica's latest counts per route, written by the next poll.
+    mine: Mutex<HashMap<String, Contribution>>,
+    /// The other replicas' latest counts per route, as the last poll read them.
+    others: Mutex<HashMap<String, Vec<(String, Contribution)>>>,
+    /// Wakes the poller (a subscription re-made, a write refused).
+    poke: Notify,
+}
+
+/// The store's answer to a write an operator waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Written, at this generation.
+    Written(u64),
+    /// Refused: the fleet's record changed meanwhile (and is adopted instead).
+    Refused(String),
+    /// The store did not answer: applied here, written when it is back.
+    Unreachable(String),
+}
+
+/// Where the answer to a write goes.
+pub type Reply = std::sync::mpsc::SyncSender<Answer>;
+
+impl Fleet {
+    pub fn new(settings: FleetSettings) -> Arc<Fleet> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer_id = format!("{}/{}/{}", settings.instance, std::process::id(), now_ms());
+        Arc::new(Fleet {
+            settings,
+            writer_id,
+            tx,
+            rx: Mutex::new(Some(rx)),
+            connected: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
+            started: Instant::now(),
+            view: Mutex::new(View::default()),
+            mine: Mutex::new(HashMap::new()),
+            others: Mutex::new(HashMap::new()),
+            poke: Notify::new(),
+        })
+    }
+
+    fn prefix(&self) -> String {
+        format!("kanaria:{}:", self.settings.cluster)
+    }
+
+    pub fn record_key(&self, route: &str, version: &str) -> String {
+        format!("{}rollout:{route}:{version}", self.prefix())
+    }
+
+    fn channel(&self) -> String {
+        format!("{}changes", self.prefix())
+    }
+
+    fn counts_key(&self, route: &str, version: &str) -> String {
+        format!("{}counts:{route}:{version}", self.prefix())
+    }
+
+    /// Hands this replica's latest counts of a route to the fleet (written by the next poll).
+    pub fn contribute(&self, route: &str, c: Contribution) {
+        self.mine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(route.to_string(), c);
+    }
+
+    /// The other replicas' recent counts of a route and canary version: (instance, counts).
+    pub fn others(&self, route: &str, version: &str) -> Vec<(String, Contribution)> {
+        let fresh = self.fresh_ms();
+        let now = now_ms();
+        self.others
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(route)
+            .map(|v| {
+                v.iter()
+                    .filter(|(_, c)| {
+                        c.canary_version == version && now.saturating_sub(c.at_ms) <= fresh
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The fleet-wide counts of a route over its analysis window, as last judged: this
+    /// replica's plus the others' recent ones, and how many replicas they come from.
+    pub fn fleet_counts(&self, route: &str, version: &str) -> Option<(Spans, usize)> {
+        let mine = self
+            .mine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(route)
+            .filter(|c| c.canary_version == version)
+            .cloned()?;
+        let others = self.others(route, version);
+        let mut sum = mine.window;
+        for (_, c) in &others {
+            sum.add(&c.window);
+        }
+        Some((sum, others.len() + 1))
+    }
+
+    /// How old another replica's counts may be and still count.
+    fn fresh_ms(&self) -> u64 {
+        (3 * self.settings.poll_interval.as_millis() as u64).max(5_000)
+    }
+
+    fn members_key(&self) -> String {
+        format!("{}members", self.prefix())
+    }
+
+    /// Queues a record for the store (never blocks). Called under the control lock.
+    pub fn share(&self, mut record: FleetRecord, reply: Option<Reply>) {
+        record.by = self.settings.instance.clone();
+        record.writer = self.writer_id.clone();
+        if self.tx.send(Job { record, reply }).is_err() {
+            log::error!("fleet: the writer is gone; a change was not shared");
+        }
+    }
+
+    pub fn view(&self) -> View {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_view(&self, f: impl FnOnce(&mut View)) {
+        f(&mut self.view.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Whether `/readyz` may say ready: the fleet's records are adopted, or the startup
+    /// timeout passed (then the replica serves its local state, and status says so).
+    pub fn ready(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+            || self.started.elapsed() >= self.settings.startup_timeout
+    }
+
+    /// The fleet view is stale when the store has not answered for three polls.
+    pub fn stale(&self) -> bool {
+        let last = self.view().last_sync_ms;
+        let limit = 3 * self.settings.poll_interval.as_millis() as u64;
+        last == 0 || now_ms().saturating_sub(last) > limit.max(1_000)
+    }
+}
+
+/// The background service talking to Redis.
+pub struct FleetService {
+    shared: Arc<Shared>,
+    fleet: Arc<Fleet>,
+}
+
+impl FleetService {
+    pub fn new(shared: Arc<Shared>, fleet: Arc<Fleet>) -> Self {
+        FleetService { shared, fleet }
+    }
+}
+
+fn client(settings: &FleetSettings) -> redis::RedisResult<redis::Client> {
+    let mut info = redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())?;
+    if info.redis_settings().password().is_none() {
+        if let Ok(pw) = std::env::var("KANARIA_FLEET_PASSWORD") {
+            let redis_settings = info.redis_settings().clone().set_password(pw);
+            info = info.set_redis_settings(redis_settings);
+        }
+    }
+    redis::Client::open(info)
+}
+
+/// The store's answer to a write.
+enum Written {
+    Accepted(FleetRecord),
+    Refused(Option<FleetRecord>),
+}
+
+impl FleetService {
+    /// Marks the link up or down; the machines learn it on a change.
+    fn link(&self, up: bool) {
+        let was = self.fleet.connected.swap(up, Ordering::AcqRel);
+        self.shared
+            .metrics
+            .fleet_connected
+            .with_label_values(&[&self.fleet.settings.cluster])
+            .set(i64::from(up));
+        if was != up {
+            if up {
+                log::info!("fleet: connected to the store");
+            } else {
+                log::warn!("fleet: the store does not answer: serving the last known state; only rollbacks apply until it is back");
+            }
+            self.shared.fleet_link(up);
+        }
+    }
+
+    async fn write(
+        &self,
+        conn: &mut ConnectionManager,
+        script: &redis::Script,
+        record: &FleetRecord,
+    ) -> redis::RedisResult<Written> {
+        let body = serde_json::to_string(record).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::Client, "encode", e.to_string()))
+        })?;
+        let mode = match record.mode {
+            ShareMode::Cas => "cas",
+            ShareMode::Seed => "seed",
+        };
+        let (written, text): (i64, Option<String>) = script
+            .key(self.fleet.record_key(&record.route, &record.canary_version))
+            .arg(body)
+            .arg(record.generation)
+            .arg(mode)
+            .arg(self.fleet.channel())
+            .invoke_async(conn)
+            .await?;
+        let parsed = text.and_then(|t| serde_json::from_str::<FleetRecord>(&t).ok());
+        Ok(match (written, parsed) {
+            (1, Some(r)) => Written::Accepted(r),
+            (_, r) => Written::Refused(r),
+        })
+    }
+
+    /// Writes queued records in order. A refused write adopts the store's record; a write
+    /// that fails on the connection waits (the newest per record) for the store to return.
+    async fn writer(
+        &self,
+        mut conn: ConnectionManager,
+        mut rx: mpsc::UnboundedReceiver<Job>,
+        pending: Arc<tokio::sync::Mutex<HashMap<String, FleetRecord>>>,
+    ) {
+        let script = redis::Script::new(WRITE_SCRIPT);
+        // The newest generation this process wrote per record: two changes decided here in
+        // a row were both decided on the older one, and the second must not be refused
+        // for the first.
+        let mut written: HashMap<String, u64> = HashMap::new();
+        while let Some(job) = rx.recv().await {
+            let Job { mut record, reply } = job;
+            let key = self.fleet.record_key(&record.route, &record.canary_version);
+            if let Some(&g) = written.get(&key) {
+                if record.mode == ShareMode::Cas {
+                    record.generation = record.generation.max(g);
+                }
+            }
+            let answer = match self.write(&mut conn, &script, &record).await {
+                Ok(Written::Accepted(rec)) => {
+                    written.insert(key.clone(), rec.generation);
+                    pending.lock().await.remove(&key);
+                    let generation = rec.generation;
+                    self.shared.adopt(rec);
+                    Answer::Written(generation)
+                }
+                Ok(Written::Refused(current)) => {
+                    pending.lock().await.remove(&key);
+                    let msg = match &current {
+                        Some(c) => format!(
+                            "the fleet's record changed meanwhile (generation {}: {} by {}): nothing changed, see status",
+                            c.generation,
+                            c.phase.name(),
+                            c.by
+                        ),
+                        None => "the fleet store refused the change".to_string(),
+                    };
+                    if let Some(c) = current {
+                        self.shared.adopt(c);
+                    }
+                    Answer::Refused(msg)
+                }
+                Err(e) => {
+                    if self.fleet.connected.load(Ordering::Acquire) {
+                        log::warn!(
+                            "fleet: cannot write {} ({e}); written when the store is back",
+                            record.route
+                        );
+                    }
+                    self.link(false);
+                    let mut p = pending.lock().await;
+                    p.insert(key, record);
+                    let n = p.len();
+                    self.fleet.set_view(|v| v.pending = n);
+                    Answer::Unreachable(format!(
+                        "the fleet store is unreachable ({e}): applied on this replica, shared when the store is back"
+                    ))
+                }
+            };
+            if let Some(reply) = reply {
+                let _ = reply.try_send(answer);
+            }
+        }
+    }
+
+    /// Re-reads every record, seeds those the store lacks, says this replica is alive and
+    /// reads who else is. Any error marks the link down.
+    async fn poll(
+        &self,
+        conn: &mut ConnectionManager,
+        pending: &tokio::sync::Mutex<HashMap<String, FleetRecord>>,
+    ) -> redis::RedisResult<()> {
+        let routes = self.shared.fleet_routes();
+        let mut values: Vec<Option<String>> = Vec::new();
+        if !routes.is_empty() {
+            let keys: Vec<String> = routes
+                .iter()
+                .map(|(r, v, _)| self.fleet.record_key(r, v))
+                .collect();
+            values = redis::cmd("MGET").arg(&keys).query_async(conn).await?;
+        } else {
+            let _: String = redis::cmd("PING").query_async(conn).await?;
+        }
+        // The store answers: writes that waited for it go now, ahead of anything adopted
+        // below (a local rollback not yet shared is not undone by the older records read
+        // here: the machine keeps it, and the store lets it win).
+        let waiting: Vec<FleetRecord> = pending.lock().await.values().cloned().collect();
+        for rec in waiting {
+            self.fleet.share(rec, None);
+        }
+        for ((_, _, seed), value) in routes.into_iter().zip(values) {
+            match value.and_then(|t| serde_json::from_str::<FleetRecord>(&t).ok()) {
+                Some(rec) => self.shared.adopt(rec),
+                // A new fleet, or a Redis that lost its data: this replica's state seeds it
+                // (only if no other replica's got there first).
+                None => {
+                    if let Some(seed) = seed {
+                        self.fleet.share(seed, None);
+                    }
+                }
+            }
+        }
+        self.exchange_counts(conn).await?;
+        let now = now_ms();
+        let me = Member {
+            instance: self.fleet.settings.instance.clone(),
+            last_seen_ms: now,
+            generations: self.shared.fleet_generations(),
+        };
+        let body = serde_json::to_string(&me).unwrap_or_default();
+        let (_, all): ((), HashMap<String, String>) = redis::pipe()
+            .hset(self.fleet.members_key(), &me.instance, body)
+            .hgetall(self.fleet.members_key())
+            .query_async(conn)
+            .await?;
+        // A replica silent for 10 polls (at least 30 s) is gone from the view; after an
+        // hour its entry is removed.
+        let alive = (10 * self.fleet.settings.poll_interval.as_millis() as u64).max(30_000);
+        let mut members: Vec<Member> = Vec::new();
+        let mut gone = Vec::new();
+        for (instance, text) in all {
+            match serde_json::from_str::<Member>(&text) {
+                Ok(m) if now.saturating_sub(m.last_seen_ms) <= alive => members.push(m),
+                Ok(m) if now.saturating_sub(m.last_seen_ms) > 3_600_000 => gone.push(instance),
+                Ok(_) => {}
+                Err(_) => gone.push(instance),
+            }
+        }
+        if !gone.is_empty() {
+            let _: () = redis::cmd("HDEL")
+                .arg(self.fleet.members_key())
+                .arg(&gone)
+                .query_async(conn)
+                .await?;
+        }
+        members.sort_by(|a, b| a.instance.cmp(&b.instance));
+        self.shared
+            .metrics
+            .fleet_members
+            .with_label_values(&[&self.fleet.settings.cluster])
+            .set(members.len() as i64);
+        let waiting = pending.lock().await.len();
+        self.fleet.set_view(|v| {
+            v.members = members;
+            v.last_sync_ms = now;
+            v.pending = waiting;
+        });
+        Ok(())
+    }
+
+    /// Writes this replica's counts and reads the others'.
+    async fn exchange_counts(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+        let mine: Vec<(String, Contribution)> = self
+            .fleet
+            .mine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(r, c)| (r.clone(), c.clone()))
+            .collect();
+        let me = &self.fleet.settings.instance;
+        let ttl = self.fleet.fresh_ms() * 4;
+        let mut others = HashMap::new();
+        for (route, c) in mine {
+            let key = self.fleet.counts_key(&route, &c.canary_version);
+            let body = serde_json::to_string(&c).unwrap_or_default();
+            let (_, _, all): ((), (), HashMap<String, String>) = redis::pipe()
+                .hset(&key, me, body)
+                .pexpire(&key, ttl as i64)
+                .hgetall(&key)
+                .query_async(conn)
+                .await?;
+            let theirs: Vec<(String, Contribution)> = all
+                .into_iter()
+                .filter(|(inst, _)| inst != me)
+                .filter_map(|(inst, text)| {
+                    serde_json::from_str::<Contribution>(&text)
+                        .ok()
+                        .map(|c| (inst, c))
+                })
+                .collect();
+            others.insert(route, theirs);
+        }
+        *self.fleet.others.lock().unwrap_or_else(|p| p.into_inner()) = others;
+        Ok(())
+    }
+
+    async fn poller(
+        &self,
+        mut conn: ConnectionManager,
+        pending: Arc<tokio::sync::Mutex<HashMap<String, FleetRecord>>>,
+    ) {
+        let every = self.fleet.settings.poll_interval;
+        loop {
+            match tokio::time::timeout(
+                every.max(Duration::from_secs(1)),
+                self.poll(&mut conn, &pending),
+            )
+            .await
+            {
+                Ok(Ok(())) => {
+                    self.link(true);
+                    if !self.fleet.synced.swap(true, Ordering::AcqRel) {
+                        log::info!("fleet: the fleet's records are adopted");
+                    }
+                }
+                Ok(Err(e)) => {
+                    log::debug!("fleet: poll failed: {e}");
+                    self.link(false);
+                }
+                Err(_) => self.link(false),
+            }
+            // While the store is down, retry sooner than the poll: a rollback waits to be
+            // shared, and a starting replica waits to be ready.
+            let wait = if self.fleet.connected.load(Ordering::Acquire) {
+                every
+            } else {
+                every.min(Duration::from_millis(250))
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.fleet.poke.notified() => {}
+            }
+        }
+    }
+
+    /// The subscription: every record published is adopted at once. Re-made whenever it
+    /// ends (a killed connection, Redis restarted), then a poll catches up on what was
+    /// missed meanwhile.
+    async fn subscriber(&self, client: redis::Client) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let sub = async {
+                let mut ps = client.get_async_pubsub().await?;
+                ps.subscribe(self.fleet.channel()).await?;
+                redis::RedisResult::Ok(ps)
+            };
+            match tokio::time::timeout(Duration::from_secs(2), sub).await {
+                Ok(Ok(ps)) => {
+                    backoff = Duration::from_millis(50);
+                    self.fleet.poke.notify_one();
+                    let mut stream = ps.into_on_message();
+                    while let Some(msg) = stream.next().await {
+                        let Ok(text) = msg.get_payload::<String>() else {
+                            continue;
+                        };
+                        match serde_json::from_str::<FleetRecord>(&text) {
+                            Ok(rec) => self.shared.adopt(rec),
+                            Err(e) => log::warn!("fleet: unreadable record on the channel: {e}"),
+                        }
+                    }
+                    log::info!("fleet: the subscription ended; re-subscribing");
+                }
+                Ok(Err(e)) => log::debug!("fleet: cannot subscribe: {e}"),
+                Err(_) => log::debug!("fleet: subscribing timed out"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for FleetService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(rx) = self
+            .fleet
+            .rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let client = match client(&self.fleet.settings) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("fleet: {e}: this replica runs alone");
+                return;
+            }
+        };
+        // Short timeouts: a store that does not answer must not hold a rollback back.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = match ConnectionManager::new_lazy_with_config(client.clone(), config) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("fleet: {e}: this replica runs alone");
+                return;
+            }
+        };
+        // Until the store first answers, nothing advances (a replica started while Redis
+        // is down must not step on its own).
+        self.shared.fleet_link(false);
+        let pending = Arc::new(tokio::sync::Mutex::new(HashMap::new()));
+        self.shared
+            .metrics
+            .fleet_connected
+            .with_label_values(&[&self.fleet.settings.cluster])
+            .set(0);
+        tokio::select! {
+            _ = shutdown.changed() => {}
+            _ = self.writer(conn.clone(), rx, pending.clone()) => {}
+            _ = self.poller(conn, pending) => {}
+            _ = self.subscriber(client) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::phase::Phase;
+
+    fn rec(generation: u64, phase: Phase, mode: ShareMode) -> FleetRecord {
+        FleetRecord {
+            route: "app".into(),
+            canary_version: "v2".into(),
+            rolled_back: matches!(phase, Phase::RolledBack { .. }),
+            phase,
+            generation,
+            weight_percent: 0.0,
+            step: None,
+            paused: false,
+            kind: "weight".into(),
+            reason: "test".into(),
+            by: "a".into(),
+            writer: "a/1/1".into(),
+            at_ms: 1,
+            mode,
+        }
+    }
+
+    #[test]
+    fn the_store_compares_and_sets_and_a_rollback_always_wins() {
+        let raise = rec(0, Phase::Weight { buckets: 5_000 }, ShareMode::Cas);
+        let rollback = rec(
+            0,
+            Phase::RolledBack {
+                reason: "manual".into(),
+            },
+            ShareMode::Cas,
+        );
+        // The raise first: the rollback, decided on the same generation, still lands.
+        let (ok, first) = decide(None, &raise);
+        assert!(ok);
+        assert_eq!(first.generation, 1);
+        let (ok, second) = decide(Some(&first), &rollback);
+        assert!(ok);
+        assert_eq!(second.generation, 2);
+        // The rollback first: the raise is refused with the rollback.
+        let (_, first) = decide(None, &rollback);
+        assert_eq!(decide(Some(&first), &raise), (false, first.clone()));
+        // A seed never overwrites.
+        let seed = rec(0, Phase::Manual, ShareMode::Seed);
+        assert_eq!(decide(Some(&first), &seed), (false, first.clone()));
+        assert_eq!(decide(None, &seed).1.generation, 1);
+    }
+}

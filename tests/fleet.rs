@@ -1,0 +1,674 @@
+//! A fleet of three real `kanaria run` replicas sharing rollout state through a real
+//! `redis-server` (Debian's), with real upstreams and clients: operator actions anywhere,
+//! rollbacks everywhere, the same users on the same versions, Redis down and back, the
+//! subscription killed, a restart that adopts the fleet's state before it is ready.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{client, pool, Load, Proxy, Redis, Upstream};
+use serde_json::Value;
+
+const TOKEN: &str = "fleet-secret";
+
+/// Three replicas of one config (each its own ports and `instance`), a `[fleet]` on `redis`.
+struct Fleet {
+    replicas: Vec<Proxy>,
+    _state: Vec<tempfile::TempDir>,
+    _stable: Upstream,
+    canary: Upstream,
+}
+
+fn route_of(s: &Value) -> &Value {
+    &s["routes"][0]
+}
+
+fn state_of(s: &Value) -> &str {
+    route_of(s)["rollout_state"].as_str().unwrap_or("")
+}
+
+fn weight_of(s: &Value) -> f64 {
+    route_of(s)["effective_weight_percent"]
+        .as_f64()
+        .unwrap_or(-1.0)
+}
+
+fn step_of(s: &Value) -> Option<u64> {
+    route_of(s)["phase"]["step"].as_u64()
+}
+
+impl Fleet {
+    /// `rollout` is extra TOML for the route (e.g. `[routes.rollout]`), `fleet_extra` extra
+    /// `[fleet]` keys, `state`: whether each replica persists to a state dir.
+    async fn start(redis: &Redis, canary_weight: f64, rollout: &str, fleet_extra: &str) -> Fleet {
+        let stable = Upstream::start("stable").await;
+        let canary = Upstream::start("canary").await;
+        let mut replicas = Vec::new();
+        let mut dirs = Vec::new();
+        for name in ["a", "b", "c"] {
+            let dir = tempfile::tempdir().expect("state dir");
+            let state = dir.path().to_path_buf();
+            dirs.push(dir);
+            let analysis = if rollout.contains("[routes.analysis]") {
+                ""
+            } else {
+                "[routes.analysis]\nenabled = false\n"
+            };
+            let weight = if !rollout.contains("[routes.rollout]") {
+                format!("canary_weight = {canary_weight}\n")
+            } else {
+                String::new()
+            };
+            let routes = format!(
+                "[state]\ndir = \"{}\"\n\n[fleet]\nurl = \"{}\"\ncluster = \"test\"\ninstance = \"{name}\"\npoll_interval = \"500ms\"\n{fleet_extra}\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\n{weight}{}{}{rollout}\n{analysis}",
+                state.display(),
+                redis.url(),
+                pool("routes.stable", "stable", &[stable.addr]),
+                pool("routes.canary", "canary", &[canary.addr]),
+            );
+            replicas
+                .push(Proxy::launch(&routes, "", "", "", &[("KANARIA_ADMIN_TOKEN", TOKEN)]).await);
+        }
+        let fleet = Fleet {
+            replicas,
+            _state: dirs,
+            _stable: stable,
+            canary,
+        };
+        // Every replica sees all three members.
+        for r in &fleet.replicas {
+            r.wait_status("three members", |s| {
+                s["fleet"]["members"].as_array().map(Vec::len) == Some(3)
+            })
+            .await;
+        }
+        fleet
+    }
+
+    async fn act(&self, i: usize, action: &str, body: &str) -> (u16, Value) {
+        let r = client()
+            .post(self.replicas[i].admin_url(&format!("/api/v1/routes/app/{action}")))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("admin action");
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until every replica's status satisfies `pred`.
+    async fn converge(&self, what: &str, pred: impl Fn(&Value) -> bool + Copy) -> Vec<Value> {
+        let mut out = Vec::new();
+        for r in &self.replicas {
+            out.push(r.wait_status(what, pred).await);
+        }
+        out
+    }
+}
+
+/// Which version served each of `n` users (by `x-kanaria-version`), with 32 clients at once.
+async fn versions(proxy: &Proxy, n: usize) -> Vec<String> {
+    let url = proxy.url("/");
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut out = Vec::new();
+            for i in (w..n).step_by(32) {
+                out.push((i, common::version_for(&c, &url, &format!("user-{i}")).await));
+            }
+            out
+        }));
+    }
+    let mut all = vec![String::new(); n];
+    for t in tasks {
+        for (i, v) in t.await.expect("client task") {
+            all[i] = v;
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_action_on_one_replica_applies_to_all_and_users_map_identically() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(&redis, 20.0, "", "").await;
+    let users = 10_000;
+    let before: Vec<Vec<String>> = {
+        let mut v = Vec::new();
+        for r in &fleet.replicas {
+            v.push(versions(r, users).await);
+        }
+        v
+    };
+    assert_eq!(
+        before[0], before[1],
+        "replicas a and b map users differently"
+    );
+    assert_eq!(
+        before[0], before[2],
+        "replicas a and c map users differently"
+    );
+    let on_canary = before[0].iter().filter(|v| *v == "canary").count();
+    assert!(
+        (1_500..2_500).contains(&on_canary),
+        "{on_canary} of {users} on the canary at 20%"
+    );
+
+    // The weight set through replica b is the fleet's: a and c apply it.
+    let (code, body) = fleet.act(1, "weight", r#"{"percent": 50}"#).await;
+    assert_eq!(code, 200, "{body}");
+    let seen = fleet
+        .converge("the weight set on b", |s| weight_of(s) == 50.0)
+        .await;
+    let generations: Vec<u64> = seen
+        .iter()
+        .map(|s| route_of(s)["fleet_generation"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(
+        generations.iter().all(|g| *g == generations[0] && *g > 0),
+        "{generations:?}"
+    );
+    let events = seen[0]["events"].as_array().cloned().unwrap_or_default();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "adopted"
+                && e["reason"].as_str().is_some_and(|r| r.contains("by b"))),
+        "replica a's events say where the change came from: {events:?}"
+    );
+    let after: Vec<Vec<String>> = {
+        let mut v = Vec::new();
+        for r in &fleet.replicas {
+            v.push(versions(r, users).await);
+        }
+        v
+    };
+    assert_eq!(
+        after[0], after[1],
+        "after the change, a and b map users differently"
+    );
+    assert_eq!(
+        after[0], after[2],
+        "after the change, a and c map users differently"
+    );
+    // Sticky: nobody on the canary at 20% left it at 50%.
+    for (b, a) in before[0].iter().zip(&after[0]) {
+        assert!(
+            !(b == "canary" && a == "stable"),
+            "a user left the canary on a raise"
+        );
+    }
+    // Status names every member and what it applied.
+    let members = seen[2]["fleet"]["members"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let names: Vec<&str> = members
+        .iter()
+        .filter_map(|m| m["instance"].as_str())
+        .collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    assert_eq!(seen[2]["fleet"]["connected"], true);
+    assert_eq!(seen[2]["fleet"]["stale"], false);
+    // `kanaria status` lists the members; `kanaria weight` through c applies to the fleet.
+    let cli = |args: &[&str], admin_port: u16| {
+        let out = std::process::Command::new(common::kanaria_bin())
+            .args(args)
+            .arg("--admin")
+            .arg(format!("127.0.0.1:{admin_port}"))
+            .env("KANARIA_ADMIN_TOKEN", TOKEN)
+            .output()
+            .expect("kanaria cli");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = cli(&["status"], fleet.replicas[0].admin_port);
+    assert!(
+        table.contains("fleet test (this replica: a): connected"),
+        "{table}"
+    );
+    for m in ["a", "b", "c"] {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{m} "))),
+            "{table}"
+        );
+    }
+    cli(&["weight", "app", "35"], fleet.replicas[2].admin_port);
+    fleet
+        .converge("the weight set by the CLI on c", |s| weight_of(s) == 35.0)
+        .await;
+    // The dashboard has a fleet section filled from the same status.
+    let page = client()
+        .get(fleet.replicas[1].admin_url("/"))
+        .send()
+        .await
+        .expect("dashboard")
+        .text()
+        .await
+        .expect("dashboard text");
+    assert!(page.contains("id=\"fleet\"") && page.contains("status.fleet"));
+    let metrics = fleet.replicas[0].metrics().await;
+    assert_eq!(
+        common::metric(&metrics, "kanaria_fleet_connected{cluster=\"test\"}"),
+        1.0
+    );
+    assert_eq!(
+        common::metric(&metrics, "kanaria_fleet_members{cluster=\"test\"}"),
+        3.0
+    );
+    assert!(
+        common::metric(
+            &metrics,
+            "kanaria_fleet_generation{cluster=\"test\",route=\"app\"}"
+        ) > generations[0] as f64
+    );
+}
+
+/// Polls a replica's status until its route is rolled back; returns when it saw it.
+async fn until_rolled_back(c: reqwest::Client, url: String, started: Instant) -> Duration {
+    let deadline = started + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = c.get(&url).send().await {
+            if let Ok(s) = r.json::<Value>().await {
+                if state_of(&s) == "rolled_back" && weight_of(&s) == 0.0 {
+                    return started.elapsed();
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no rollback seen at {url}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollback_on_any_replica_reaches_every_replica() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(&redis, 30.0, "", "").await;
+    let c = client();
+    let mut lags = Vec::new();
+    for trial in 0..20 {
+        fleet
+            .converge("canary traffic", |s| {
+                state_of(s) == "manual" && weight_of(s) == 30.0
+            })
+            .await;
+        let from = trial % 3;
+        let started = Instant::now();
+        let (code, body) = fleet.act(from, "rollback", "{}").await;
+        assert_eq!(code, 200, "{body}");
+        let others: Vec<_> = (0..3)
+            .filter(|i| *i != from)
+            .map(|i| {
+                let url = fleet.replicas[i].admin_url("/api/v1/status");
+                tokio::spawn(until_rolled_back(c.clone(), url, started))
+            })
+            .collect();
+        for o in others {
+            lags.push(o.await.expect("poller"));
+        }
+        let (code, body) = fleet.act((trial + 1) % 3, "resume", "{}").await;
+        assert_eq!(code, 200, "{body}");
+    }
+    lags.sort();
+    let p50 = lags[lags.len() / 2];
+    let p99 = lags[(lags.len() * 99).div_ceil(100) - 1];
+    println!(
+        "fleet rollback propagation over {} replica observations (20 trials, 3 replicas, loopback, {} build): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (from the admin call to the other replicas' status)",
+        lags.len(),
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        p50.as_secs_f64() * 1000.0,
+        p99.as_secs_f64() * 1000.0,
+        lags[lags.len() - 1].as_secs_f64() * 1000.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollback_wins_every_race_against_a_raise_or_a_promote() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(&redis, 10.0, "", "").await;
+    for round in 0..100 {
+        let (a, b) = (round % 3, (round + 1) % 3);
+        let raise = if round % 2 == 0 {
+            ("weight", r#"{"percent": 90}"#)
+        } else {
+            ("promote", "{}")
+        };
+        let (rollback, other) = tokio::join!(
+            fleet.act(a, "rollback", "{}"),
+            fleet.act(b, raise.0, raise.1)
+        );
+        assert_eq!(rollback.0, 200, "round {round}: {:?}", rollback.1);
+        // The raise either landed first (then the rollback overrode it) or was refused.
+        assert!(matches!(other.0, 200 | 409), "round {round}: {other:?}");
+        let seen = fleet
+            .converge("the rollback everywhere", |s| {
+                state_of(s) == "rolled_back" && weight_of(s) == 0.0
+            })
+            .await;
+        let gens: Vec<u64> = seen
+            .iter()
+            .map(|s| route_of(s)["fleet_generation"].as_u64().unwrap_or(0))
+            .collect();
+        // Stays rolled back: nothing after it in the store.
+        let again = fleet.replicas[b].status().await;
+        assert_eq!(state_of(&again), "rolled_back", "round {round}");
+        assert!(gens.iter().all(|g| *g > 0), "{gens:?}");
+        let (code, body) = fleet.act(b, "resume", "{}").await;
+        assert_eq!(code, 200, "round {round}: {body}");
+        fleet
+            .converge("resumed", |s| {
+                state_of(s) == "manual" && weight_of(s) == 10.0
+            })
+            .await;
+    }
+}
+
+/// Waits until `n` clients subscribe to the fleet's channel.
+async fn wait_subscribers(conn: &mut redis::aio::MultiplexedConnection, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, count): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("kanaria:test:changes")
+            .query_async(conn)
+            .await
+            .expect("PUBSUB NUMSUB");
+        if count == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{count} subscribers, not {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_subscription_killed_state_still_converges() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(&redis, 10.0, "", "").await;
+    let mut conn = redis.conn().await;
+    // No subscription at all (killed, and SUBSCRIBE refused meanwhile): the poll alone
+    // brings the change to every replica.
+    wait_subscribers(&mut conn, 3).await;
+    let admin_conn = conn.clone();
+    let acl = |rule: &'static str| {
+        let mut c = admin_conn.clone();
+        async move {
+            let _: () = redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg("default")
+                .arg(rule)
+                .query_async(&mut c)
+                .await
+                .expect("ACL SETUSER");
+        }
+    };
+    acl("-subscribe").await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT KILL");
+    assert_eq!(killed, 3, "every replica subscribes");
+    let (code, body) = fleet.act(1, "weight", r#"{"percent": 15}"#).await;
+    assert_eq!(code, 200, "{body}");
+    fleet
+        .converge("the weight through the poll alone", |s| {
+            weight_of(s) == 15.0
+        })
+        .await;
+    wait_subscribers(&mut conn, 0).await;
+    acl("+subscribe").await;
+    for percent in [20, 30, 40] {
+        wait_subscribers(&mut conn, 3).await;
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut conn)
+            .await
+            .expect("CLIENT KILL");
+        assert_eq!(killed, 3, "every replica subscribes");
+        let (code, body) = fleet
+            .act(0, "weight", &format!("{{\"percent\": {percent}}}"))
+            .await;
+        assert_eq!(code, 200, "{body}");
+        fleet
+            .converge("the weight without the subscription", |s| {
+                weight_of(s) == f64::from(percent)
+            })
+            .await;
+    }
+    // The replicas subscribed again.
+    wait_subscribers(&mut conn, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_redis_down_replicas_serve_nothing_promotes_and_a_rollback_is_shared_on_return() {
+    let mut redis = Redis::start().await;
+    // A rollout whose steps hold 3 s: without Redis, it must not move on.
+    let fleet = Fleet::start(
+        &redis,
+        0.0,
+        "[routes.rollout]\nsteps = [{ weight = 20, hold = \"3s\" }, { weight = 50, hold = \"3s\" }, { weight = 100 }]\n",
+        "",
+    )
+    .await;
+    fleet
+        .converge("progressing", |s| state_of(s) == "progressing")
+        .await;
+    let loads: Vec<Load> = fleet
+        .replicas
+        .iter()
+        .map(|r| Load::start(r.url("/"), 4, 500))
+        .collect();
+    redis.stop();
+    fleet
+        .converge("the store is down", |s| s["fleet"]["connected"] == false)
+        .await;
+    let down_at = Instant::now();
+    let down_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut at_down = Vec::new();
+    for r in &fleet.replicas {
+        let s = r.status().await;
+        assert_eq!(state_of(&s), "progressing", "{s:#}");
+        at_down.push(step_of(&s));
+    }
+    // Twice the hold: nothing advances without the fleet.
+    while down_at.elapsed() < Duration::from_secs(6) {
+        for (r, step) in fleet.replicas.iter().zip(&at_down) {
+            let s = r.status().await;
+            assert_eq!(&step_of(&s), step, "advanced with Redis down: {s:#}");
+            assert_eq!(state_of(&s), "progressing");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Operator actions other than a rollback are refused; a rollback applies at once here.
+    let (code, _) = fleet.act(1, "promote", "{}").await;
+    assert_eq!(code, 409);
+    let (code, body) = fleet.act(0, "rollback", "{}").await;
+    assert_eq!(code, 200, "{body}");
+    let a = fleet.replicas[0].status().await;
+    assert_eq!(state_of(&a), "rolled_back");
+    assert_eq!(a["fleet"]["connected"], false);
+    assert_eq!(a["fleet"]["stale"], true);
+    // The others cannot know yet.
+    assert_eq!(state_of(&fleet.replicas[1].status().await), "progressing");
+    let metrics = fleet.replicas[2].metrics().await;
+    assert!(
+        metrics.contains("kanaria_fleet_connected{cluster=\"test\"} 0"),
+        "{metrics}"
+    );
+    // Redis back (empty: no persistence): the rollback is written and every replica has it.
+    redis.restart().await;
+    fleet
+        .converge("the rollback shared once Redis is back", |s| {
+            state_of(s) == "rolled_back" && s["fleet"]["connected"] == true
+        })
+        .await;
+    let mut total = (0, 0);
+    for l in loads {
+        let (ok, failed) = l.stop().await;
+        total = (total.0 + ok, total.1 + failed);
+    }
+    assert!(total.0 > 0);
+    assert_eq!(total.1, 0, "proxy errors while Redis was down: {total:?}");
+    // No promotion since the store went down. (A replica whose hold elapsed during the
+    // outage may take its step the moment Redis answers again, before the rollback
+    // reaches it; the rollback still wins, as the convergence above shows.)
+    for r in &fleet.replicas {
+        let s = r.status().await;
+        let promoted = s["events"].as_array().is_some_and(|ev| {
+            ev.iter().any(|e| {
+                e["at_ms"].as_u64().is_some_and(|t| t >= down_unix_ms) && e["to"] == "promoted"
+            })
+        });
+        assert!(!promoted, "promoted after Redis went down: {s:#}");
+    }
+    // The record in Redis is the rollback.
+    let mut conn = redis.conn().await;
+    let rec: String = redis::cmd("GET")
+        .arg("kanaria:test:rollout:app:canary")
+        .query_async(&mut conn)
+        .await
+        .expect("the record");
+    let rec: Value = serde_json::from_str(&rec).expect("record json");
+    assert_eq!(rec["rolled_back"], true, "{rec}");
+    assert_eq!(rec["by"], "a", "{rec}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_replica_adopts_the_fleets_state_before_it_is_ready() {
+    let mut redis = Redis::start().await;
+    let mut fleet = Fleet::start(&redis, 10.0, "", "startup_timeout = \"2s\"\n").await;
+    // c stops; the fleet moves on without it; c's state file says 10%.
+    fleet.replicas[2].kill();
+    let (code, body) = fleet.act(0, "weight", r#"{"percent": 60}"#).await;
+    assert_eq!(code, 200, "{body}");
+    fleet.replicas[2].respawn();
+    fleet.replicas[2].wait_until_ready().await;
+    // Ready means the fleet's record is applied: no window where c serves 10%.
+    let s = fleet.replicas[2].status().await;
+    assert_eq!(weight_of(&s), 60.0, "{s:#}");
+    assert_eq!(s["fleet"]["synced"], true);
+    assert_eq!(s["fleet"]["start"], "adopted the fleet's records");
+    // Without Redis at start, c is ready after fleet.startup_timeout with its own state,
+    // and says so.
+    fleet.replicas[2].kill();
+    redis.stop();
+    let t0 = Instant::now();
+    fleet.replicas[2].respawn();
+    fleet.replicas[2].wait_until_ready().await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1_500),
+        "ready before the timeout"
+    );
+    let s = fleet.replicas[2].status().await;
+    assert_eq!(s["fleet"]["synced"], false);
+    assert!(
+        s["fleet"]["start"]
+            .as_str()
+            .is_some_and(|t| t.contains("serving local state")),
+        "{s:#}"
+    );
+    assert_eq!(
+        weight_of(&s),
+        60.0,
+        "its state file has the fleet's last weight"
+    );
+    drop(fleet.canary.requests.clone());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_analysis_judges_the_fleets_summed_counts() {
+    let redis = Redis::start().await;
+    // 60 canary requests are needed for a verdict; each replica sees about 35.
+    let fleet = Fleet::start(
+        &redis,
+        50.0,
+        "[routes.analysis]\ninterval = \"500ms\"\nmin_requests = 60\nmax_error_rate = 0.5\n",
+        "",
+    )
+    .await;
+    fleet.canary.set_status(500);
+    // Traffic at a steady pace on every replica until the fleet rolls back: the sum
+    // reaches 60 canary requests long before any one replica does.
+    let mut seen = Vec::new();
+    for batch in 0..100 {
+        let prefixes: Vec<String> = (0..3).map(|i| format!("b{batch}-{i}")).collect();
+        let sends: Vec<_> = fleet
+            .replicas
+            .iter()
+            .zip(&prefixes)
+            .map(|(r, p)| common::send_users(r, 4, p))
+            .collect();
+        futures::future::join_all(sends).await;
+        let mut all = Vec::new();
+        for r in &fleet.replicas {
+            all.push(r.status().await);
+        }
+        if all.iter().all(|s| state_of(s) == "rolled_back") {
+            seen = all;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !seen.is_empty(),
+        "no rollback after 100 batches:\n{}",
+        fleet.replicas[0].log()
+    );
+    let events: Vec<Value> = seen
+        .iter()
+        .flat_map(|s| s["events"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["kind"] == "rollback" && e["numbers"]["scope"]["fleet"].is_u64())
+        .collect();
+    assert!(
+        !events.is_empty(),
+        "a replica decided on the fleet's data: {seen:#?}"
+    );
+    for e in &events {
+        let n = &e["numbers"];
+        println!("the fleet's rollback: {n}");
+        let total = n["canary_requests"].as_u64().unwrap_or(0);
+        assert!(total >= 60, "{n}");
+        let by_replica = n["scope"]["canary_requests_by_replica"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        assert!(by_replica.len() >= 2, "{n}");
+        assert_eq!(
+            by_replica.values().filter_map(Value::as_u64).sum::<u64>(),
+            total,
+            "{n}"
+        );
+        for (inst, c) in &by_replica {
+            assert!(
+                c.as_u64().unwrap_or(99) < 60,
+                "{inst} alone had enough: {n}"
+            );
+        }
+    }
+    // The others applied it as the fleet's; status shows the window summed over the fleet.
+    for s in &seen {
+        assert_eq!(weight_of(s), 0.0);
+        let fw = &route_of(s)["fleet_window"];
+        assert!(fw["replicas"].as_u64().is_some_and(|n| n >= 1), "{fw}");
+        assert!(fw["canary"]["requests"].is_u64(), "{fw}");
+    }
+}
