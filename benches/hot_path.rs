@@ -124,7 +124,7 @@ fn route(c: &mut Criterion) {
 
 fn record(c: &mut Criterion) {
     let metrics = Metrics::new().expect("metrics");
-    let route = metrics.route("app");
+    let route = metrics.route("app", std::time::Duration::from_secs(30));
     let mut g = c.benchmark_group("record");
     g.bench_function("record: 200 in 1.3 ms", |b| {
         let m = route.version(Track::Stable);

@@ -7,14 +7,14 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::rollout::analysis::{InFlight, Window};
+use crate::rollout::analysis::{InFlight, Window, STATUS_SPAN};
 use crate::split::Track;
 
 /// Request duration buckets, 1 ms to 10 s.
@@ -435,10 +435,21 @@ impl Metrics {
     }
 
     /// The handles of one route: created on first use, then the same across reloads.
-    pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
+    /// The handles of a route already published, if any.
+    pub fn known_route(&self, route: &str) -> Option<Arc<RouteMetrics>> {
+        let cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        cache.get(route).cloned()
+    }
+
+    /// The handles of a route whose windows must answer for spans up to `span`. A route
+    /// whose span changed gets new windows (and starts counting afresh).
+    pub fn route(&self, route: &str, span: Duration) -> Arc<RouteMetrics> {
+        let span = span.max(STATUS_SPAN);
         let mut cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = cache.get(route) {
-            return m.clone();
+            if m.stable.window.span_secs() == Window::span_secs_for(span) {
+                return m.clone();
+            }
         }
         let version = |v: &str| TrackMetrics {
             requests: CODE_CLASSES.map(|c| self.requests.with_label_values(&[route, v, c])),
@@ -448,7 +459,7 @@ impl Metrics {
                     .with_label_values(&[route, v, k.as_str()])
             }),
             overrides: self.overrides.with_label_values(&[route, v]),
-            window: Window::new(),
+            window: Window::with_span(span),
             in_flight: InFlight::new(),
         };
         let m = Arc::new(RouteMetrics {
@@ -483,7 +494,7 @@ mod tests {
     #[test]
     fn all_metrics_register_and_render() {
         let m = Metrics::new().unwrap();
-        let r = m.route("app");
+        let r = m.route("app", std::time::Duration::from_secs(30));
         r.version(Track::Canary).record(Some(503), 0.002);
         r.version(Track::Canary)
             .upstream_error(UpstreamErrorKind::Status5xx);

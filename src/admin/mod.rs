@@ -25,7 +25,7 @@ use crate::split::buckets_to_percent;
 use crate::split::Track;
 
 /// The window the status API reports.
-const STATUS_WINDOW: Duration = Duration::from_secs(30);
+const STATUS_WINDOW: Duration = crate::rollout::analysis::STATUS_SPAN;
 /// The short window the dashboard charts (error rate and p99 "now").
 const RECENT_WINDOW: Duration = Duration::from_secs(5);
 

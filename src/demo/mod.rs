@@ -348,8 +348,11 @@ impl Story {
         rates: &mut VecDeque<(Instant, u64, u64)>,
         seen: &Seen,
     ) -> (Option<Phase>, f64) {
-        let live = self.shared.load();
+        // The control state first: a phase change is published under the same lock, so the
+        // snapshot loaded after it is at least as new (the line never pairs a new step with
+        // the old weight).
         let control = self.shared.route_control(&self.route);
+        let live = self.shared.load();
         let Some((i, r)) = live
             .snapshot
             .routes

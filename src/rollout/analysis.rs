@@ -38,8 +38,10 @@ use serde_json::{json, Value};
 
 use crate::config::AnalysisRules;
 
-/// Slots kept: the longest window that can be asked for, in seconds.
+/// The longest window that can be configured, in seconds.
 pub const MAX_WINDOW_SECS: u64 = 120;
+/// The span the status API shows (`window` in `/api/v1/status`): every ring holds at least it.
+pub const STATUS_SPAN: Duration = Duration::from_secs(30);
 
 /// Latency histogram: values in microseconds; below `2 × SUB` each microsecond has its own
 /// bucket, above it each power of two is split into `SUB` equal buckets.
@@ -242,7 +244,9 @@ impl Totals {
     }
 }
 
-/// One track's sliding window.
+/// One track's sliding window: a ring of one-second slots, as many as the longest span
+/// asked of it (a slot holds a 1.6 KB latency histogram, so the ring is sized from the
+/// route's configured window rather than the longest possible one).
 pub struct Window {
     epoch: Instant,
     slots: Box<[Slot]>,
@@ -255,11 +259,31 @@ impl Default for Window {
 }
 
 impl Window {
+    /// A window that can answer for any span up to [`MAX_WINDOW_SECS`].
     pub fn new() -> Self {
+        Self::with_span(Duration::from_secs(MAX_WINDOW_SECS))
+    }
+
+    /// A window that can answer for spans up to `span` (whole seconds, 1 to
+    /// [`MAX_WINDOW_SECS`]); longer questions get the longest span it holds.
+    pub fn with_span(span: Duration) -> Self {
+        // One slot more than the span: the slot being reused for the next second is never
+        // one a reader of the full span still counts.
+        let slots = Self::span_secs_for(span) + 1;
         Window {
             epoch: Instant::now(),
-            slots: (0..MAX_WINDOW_SECS).map(|_| Slot::new()).collect(),
+            slots: (0..slots).map(|_| Slot::new()).collect(),
         }
+    }
+
+    /// The span, in whole seconds, that [`Self::with_span`] makes for `span`.
+    pub fn span_secs_for(span: Duration) -> u64 {
+        span.as_secs().clamp(1, MAX_WINDOW_SECS)
+    }
+
+    /// The longest span this window answers for, in seconds.
+    pub fn span_secs(&self) -> u64 {
+        self.slots.len() as u64 - 1
     }
 
     fn second(&self, now: Instant) -> u64 {
@@ -270,7 +294,7 @@ impl Window {
     #[inline]
     pub fn record(&self, now: Instant, is_error: bool, seconds: f64) {
         let sec = self.second(now);
-        let slot = &self.slots[(sec % MAX_WINDOW_SECS) as usize];
+        let slot = &self.slots[(sec % self.slots.len() as u64) as usize];
         let stamp = sec + 1;
         let seen = slot.stamp.load(Acquire);
         if seen != stamp && seen != RESETTING {
@@ -320,7 +344,7 @@ impl Window {
 
     /// The raw totals behind [`Self::stats_since`], to merge requests in flight into.
     pub fn totals_since(&self, now: Instant, window: Duration, since: Option<Instant>) -> Totals {
-        let secs = window.as_secs().clamp(1, MAX_WINDOW_SECS);
+        let secs = window.as_secs().clamp(1, self.span_secs());
         let current = self.second(now) + 1;
         let mut oldest = current.saturating_sub(secs - 1);
         if let Some(since) = since {

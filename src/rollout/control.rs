@@ -299,10 +299,9 @@ impl Shared {
                 .with_label_values(&[&event.route, &event.reason])
                 .inc();
             // Canary attempts still waiting for an answer go to stable now.
-            self.metrics
-                .route(&event.route)
-                .canary_rollbacks
-                .rolled_back();
+            if let Some(m) = self.metrics.known_route(&event.route) {
+                m.canary_rollbacks.rolled_back();
+            }
         }
         if let Some(n) = &self.notifier {
             n.send(line);
@@ -392,7 +391,7 @@ impl Shared {
         let route_metrics = snap
             .routes
             .iter()
-            .map(|r| self.metrics.route(&r.name))
+            .map(|r| self.metrics.route(&r.name, r.analysis.window))
             .collect();
         self.update_gauges(&old.snapshot, &snap, ctl);
         self.live.store(Arc::new(Live {
