@@ -8,6 +8,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::modules::http::HttpModules;
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -21,6 +24,60 @@ use crate::proxy::KanariaProxy;
 use crate::rollout::control::Shared;
 use crate::rollout::controller::Controller;
 
+/// The Pingora settings Kanaria chooses for its proxy service, where they differ from
+/// Pingora's defaults. Shared with the benchmark's bare-Pingora floor
+/// (`examples/bare_pingora.rs`), so the floor runs exactly the Pingora Kanaria runs; each
+/// field was measured with A/B runs (bench/README.md, "Pingora's settings").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PingoraTuning {
+    /// Tokio work stealing between the proxy's worker threads (`ServerConf::work_stealing`).
+    pub work_stealing: bool,
+    /// Keep the response-compression module Pingora registers (disabled) on every proxy.
+    pub compression_module: bool,
+    /// Read buffer of each accepted client connection in bytes; `None`: Pingora's 64 KiB.
+    pub l4_read_buffer: Option<usize>,
+    /// Idle upstream keep-alive connections kept per worker thread
+    /// (`ServerConf::upstream_keepalive_pool_size`).
+    pub upstream_keepalive_pool_size: usize,
+}
+
+impl PingoraTuning {
+    /// Pingora 0.9's own defaults (the "before" of every A/B run).
+    pub const PINGORA_DEFAULTS: PingoraTuning = PingoraTuning {
+        work_stealing: true,
+        compression_module: true,
+        l4_read_buffer: None,
+        upstream_keepalive_pool_size: 128,
+    };
+
+    /// What Kanaria runs.
+    pub const KANARIA: PingoraTuning = PingoraTuning::PINGORA_DEFAULTS;
+
+    /// Applies the server-wide settings to Pingora's configuration.
+    pub fn apply_conf(&self, conf: &mut ServerConf) {
+        conf.work_stealing = self.work_stealing;
+        conf.upstream_keepalive_pool_size = self.upstream_keepalive_pool_size;
+    }
+
+    /// A proxy listener on `addr` with these settings.
+    pub fn listener(&self, addr: &str) -> ListenerConfig {
+        let listener = ListenerConfig::tcp(addr);
+        match self.l4_read_buffer {
+            Some(read) => listener.l4_buffer(L4BufferSettings::default().read(read)),
+            None => listener,
+        }
+    }
+
+    /// Applies the per-proxy settings to a proxy built with `pingora::proxy::http_proxy`.
+    pub fn apply_proxy<SV>(&self, proxy: &mut HttpProxy<SV>) {
+        if !self.compression_module {
+            // Kanaria never compresses: the module Pingora adds by default would only
+            // build a context and run its filters on every request.
+            proxy.downstream_modules = HttpModules::new();
+        }
+    }
+}
+
 /// Pingora's server configuration derived from ours.
 fn server_conf(snap: &Snapshot) -> ServerConf {
     let threads = snap.proxy.threads.unwrap_or_else(|| {
@@ -28,14 +85,16 @@ fn server_conf(snap: &Snapshot) -> ServerConf {
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    ServerConf {
+    let mut conf = ServerConf {
         threads,
         // Round up: a grace of 500ms must not become 0.
         grace_period_seconds: Some(snap.proxy.shutdown_grace.as_millis().div_ceil(1000) as u64),
         graceful_shutdown_timeout_seconds: Some(5),
         upgrade_sock: snap.proxy.upgrade_sock.clone(),
         ..ServerConf::default()
-    }
+    };
+    PingoraTuning::KANARIA.apply_conf(&mut conf);
+    conf
 }
 
 /// A Kanaria server ready to run: Pingora's server with the proxy, admin, reload and
@@ -66,17 +125,17 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
     let shared = Shared::new(snapshot, config_path.to_path_buf())?;
     // The proxy app behind the connection guard (header deadline, connection caps), which
     // lets idle connections linger on shutdown so clients reusing them are not reset.
+    let tuning = PingoraTuning::KANARIA;
+    let mut http =
+        pingora::proxy::http_proxy(&server.configuration, KanariaProxy::new(shared.clone()));
+    tuning.apply_proxy(&mut http);
     let app = Draining::new(
-        crate::proxy::conn_guard::GuardedApp::new(
-            pingora::proxy::http_proxy(&server.configuration, KanariaProxy::new(shared.clone())),
-            shared.clone(),
-            &listen,
-        ),
+        crate::proxy::conn_guard::GuardedApp::new(http, shared.clone(), &listen),
         linger,
     );
     let mut proxy = Service::new("kanaria proxy".to_string(), app);
     for addr in &listen {
-        proxy.add_tcp(&addr.to_string());
+        proxy.add_listener(tuning.listener(&addr.to_string()));
     }
     let mut admin = Service::new("kanaria admin".to_string(), AdminApp::new(shared.clone()));
     admin.add_tcp(&admin_listen.to_string());
