@@ -48,7 +48,7 @@ for round in $(seq 1 "$BENCH_ROUNDS"); do
       rss="$(peak_rss_kb "$pid")"
       stop_started "$pid"
     fi
-    echo "proxy=$which round=$round cpu=$(python3 -c "print($cpu1 - $cpu0)") rss_kb=$rss upstream_conns=$((acc1 - acc0)) ${res#BENCH_RESULT }" >>"$RAW"
+    echo "proxy=$which round=$round cpu=$(python3 -c "print($cpu1 - $cpu0)") rss_kb=$rss upstream_conns=$((acc1 - acc0 - 2)) ${res#BENCH_RESULT }" >>"$RAW"
     log "round $round $which: $(tail -1 "$RAW")"
   done
 done

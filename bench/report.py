@@ -70,7 +70,7 @@ def load(path):
             "conns": sum(int(r["upstream_conns"]) for r in rs) if "upstream_conns" in rs[0] else None,
             "rps_all": rps,
         }
-    print("| proxy | requests/s | p50 ms | p99 ms | p99.9 ms | CPU s / 100k req | peak RSS MiB | errors | new upstream conns | rounds (req/s) |")
+    print("| proxy | requests/s | p50 ms | p99 ms | p99.9 ms | CPU s / 100k req | peak RSS MiB | errors | new upstream conns (all rounds) | rounds (req/s) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for p in order:
         m = med[p]
@@ -196,17 +196,21 @@ def reload(path):
 def instructions(path):
     rows = parse(path)
     med = {}
-    for r in rows:
-        med[r["proxy"]] = {
-            "sys": r["syscalls"] / r["requests"],
-            "clock": r["task_clock_ms"] * 1000 / r["requests"],
-            "ir": r["ir"] / r["ir_requests"],
+    for p in dict.fromkeys(r["proxy"] for r in rows):
+        rs = [r for r in rows if r["proxy"] == p]
+        irs = [r["ir"] / r["ir_requests"] for r in rs]
+        med[p] = {
+            "sys": statistics.median(r["syscalls"] / r["requests"] for r in rs),
+            "clock": statistics.median(r["task_clock_ms"] * 1000 / r["requests"] for r in rs),
+            "ir": statistics.median(irs),
+            "spread": (max(irs) - min(irs)) / statistics.median(irs),
+            "rounds": len(rs),
         }
-    print("| proxy | instructions / request (callgrind) | system calls / request | task-clock µs / request |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| proxy | instructions / request (callgrind) | spread over rounds | system calls / request | task-clock µs / request |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for p, m in med.items():
         name = "bare Pingora (floor)" if p == "bare" else p
-        print(f"| {name} | {m['ir']:.0f} | {m['sys']:.2f} | {m['clock']:.1f} |")
+        print(f"| {name} | {m['ir']:.0f} | {100 * m['spread']:.1f}% | {m['sys']:.2f} | {m['clock']:.1f} |")
     pairs = [("kanaria", "bare", "Kanaria / bare Pingora"), ("bare", "nginx", "bare Pingora / nginx"),
              ("kanaria", "nginx", "Kanaria / nginx")]
     pairs += [(p, p.split(":", 1)[0], f"{p} / {p.split(':', 1)[0]}") for p in med if ":" in p]

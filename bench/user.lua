@@ -3,8 +3,6 @@
 -- users to the canary. Requests are prebuilt in init(): the Lua cost per request is a table
 -- lookup, the same for every proxy under test.
 -- done() prints one `BENCH_RESULT key=value ...` line that bench/lib.sh parses.
--- BENCH_REQUESTS=N stops each wrk thread after N responses (a fixed amount of work, for
--- bench/instructions.sh); unset, wrk runs for its duration and no response() hook is set.
 
 local reqs = {}
 local n = 0
@@ -25,17 +23,6 @@ end
 function request()
   i = i % n + 1
   return reqs[i]
-end
-
-local limit = tonumber(os.getenv("BENCH_REQUESTS") or "")
-if limit then
-  local seen = 0
-  function response(status, headers, body)
-    seen = seen + 1
-    if seen >= limit then
-      wrk.thread:stop()
-    end
-  end
 end
 
 function done(summary, latency, requests)

@@ -11,8 +11,8 @@
 //! bare_pingora --listen 127.0.0.1:8080 --stable 127.0.0.1:9001 --canary 127.0.0.1:9002
 //! ```
 //!
-//! The `--work-stealing`, `--compression-module`, `--l4-read-buffer`, `--pool-size` and
-//! `--peer-timeouts` flags change one Pingora setting each, for A/B runs of that setting
+//! The `--work-stealing`, `--compression-module`, `--l4-read-buffer`, `--pool-size`,
+//! `--tokio-timers` and `--peer-timeouts` flags change one Pingora setting each, for A/B runs of that setting
 //! (`--pingora-defaults` starts from Pingora's own defaults instead of Kanaria's).
 
 use std::net::SocketAddr;
@@ -65,6 +65,9 @@ struct Args {
     /// Override: upstream keep-alive pool size per worker thread.
     #[arg(long)]
     pool_size: Option<usize>,
+    /// Override: I/O timeouts on Tokio's timer instead of Pingora's fast timer.
+    #[arg(long)]
+    tokio_timers: Option<bool>,
     /// Set Kanaria's default upstream timeouts on every peer (connect 2s, read and write
     /// 30s, idle 60s), as Kanaria does. `false` arms no upstream timer.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -117,7 +120,8 @@ fn main() {
     let mut tuning = if args.pingora_defaults {
         PingoraTuning::PINGORA_DEFAULTS
     } else {
-        PingoraTuning::KANARIA
+        // Kanaria's pool for its default `edge.max_connections` on one listener.
+        PingoraTuning::KANARIA.with_pool_for(10_000, args.threads.max(1))
     };
     if let Some(v) = args.work_stealing {
         tuning.work_stealing = v;
@@ -130,6 +134,9 @@ fn main() {
     }
     if let Some(v) = args.pool_size {
         tuning.upstream_keepalive_pool_size = v;
+    }
+    if let Some(v) = args.tokio_timers {
+        tuning.tokio_timers = v;
     }
     let mut conf = ServerConf {
         threads: args.threads.max(1),
