@@ -1,7 +1,7 @@
 # Kanaria: `make demo` to see it run, `make test` for the whole suite.
 CARGO ?= cargo
 
-.PHONY: all deps test-deps build demo test fmt clippy check-config check-deploy bench bench-quick clean fuzz
+.PHONY: all deps test-deps build bench-build demo test fmt clippy check-config check-deploy bench bench-quick clean fuzz
 
 all: build
 
@@ -75,18 +75,23 @@ fuzz:
 	fi
 
 # Benchmarks (never part of `make test`): criterion micro-benchmarks of the hot path, then
-# the comparative load, bad-canary and reload scripts under bench/ (they install nginx,
-# HAProxy and wrk when missing). Knobs: BENCH_DURATION, BENCH_CONNECTIONS, BENCH_ROUNDS, ...
-# (bench/README.md). `make bench-quick` is a short smoke run of the same.
-bench: build
+# the comparative load, memory, bad-canary and reload scripts under bench/ (they install
+# nginx, HAProxy and wrk when missing). The load compares Kanaria with a bare Pingora proxy
+# (examples/bare_pingora.rs, the floor), nginx and HAProxy. Knobs: BENCH_DURATION,
+# BENCH_CONNECTIONS, BENCH_ROUNDS, ... (bench/README.md). `make bench-quick` is a short smoke
+# run of the same. Instruction counts per request: `BENCH_ONLY=instructions bench/run.sh`.
+bench-build: build
+	$(CARGO) build --release --example bare_pingora
+
+bench: bench-build
 	$(CARGO) bench --bench hot_path
 	python3 bench/criterion_table.py
 	./bench/run.sh
 
-bench-quick: build
+bench-quick: bench-build
 	$(CARGO) bench --bench hot_path -- --warm-up-time 1 --measurement-time 2
 	python3 bench/criterion_table.py
-	BENCH_DURATION=3 BENCH_WARMUP=1 BENCH_ROUNDS=1 BENCH_CANARY_DURATION=6 BENCH_RELOAD_DURATION=8 BENCH_RELOADS=20 ./bench/run.sh
+	BENCH_DURATION=3 BENCH_WARMUP=1 BENCH_ROUNDS=1 BENCH_CANARY_DURATION=6 BENCH_RELOAD_DURATION=8 BENCH_RELOADS=20 BENCH_MEM_DURATION=1 ./bench/run.sh
 
 check-config: build
 	./target/release/kanaria check config/kanaria.toml

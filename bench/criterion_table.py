@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Markdown table of the criterion hot-path benchmarks (median ns per call), checked
-against the 200 ns target. Reads target/criterion/*/*/new/{benchmark,estimates}.json, so
+"""Markdown table of the criterion hot-path benchmarks (median ns per call), the decisions
+checked against the 200 ns target. Reads target/criterion/*/*/new/{benchmark,estimates}.json, so
 run it after `cargo bench --bench hot_path`; writes bench/results/hot-path-STAMP.md too."""
 import glob
 import json
@@ -25,7 +25,11 @@ lines = [
     "| --- | ---: | --- |",
 ]
 for name, ns in rows:
-    lines.append(f"| {name} | {ns:.1f} | {'PASS' if ns < TARGET_NS else 'FAIL'} |")
+    # The target is for the decisions (split, route, recording, the request filter); the
+    # header work on forwarded messages is measured so its trims can be, without a target.
+    targeted = not name.startswith("request/") or name.startswith("request/filter")
+    verdict = ("PASS" if ns < TARGET_NS else "FAIL") if targeted else "-"
+    lines.append(f"| {name} | {ns:.1f} | {verdict} |")
 table = "\n".join(lines)
 print(table)
 stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -1,6 +1,6 @@
 # Shared pieces of the benchmark scripts (sourced, not run): tools, free ports, the nginx
-# upstreams, the three proxies under test with the same 10% user split, wrk runs and the
-# CPU / RSS readings from /proc. Everything listens on 127.0.0.1 on OS-picked ports and is
+# upstreams, the proxies under test (Kanaria, the bare-Pingora floor, nginx, HAProxy) with
+# the same 10% user split, wrk runs and the CPU / RSS readings from /proc. Everything listens on 127.0.0.1 on OS-picked ports and is
 # started by the script itself, which stops exactly the processes it started.
 
 set -euo pipefail
@@ -19,6 +19,8 @@ BENCH_USERS="${BENCH_USERS:-10000}"           # distinct x-user-id values
 BENCH_CANARY_PERCENT="${BENCH_CANARY_PERCENT:-10}"
 BENCH_UPSTREAM_WORKERS="${BENCH_UPSTREAM_WORKERS:-1}"
 KANARIA_BIN="${KANARIA_BIN:-$REPO_DIR/target/release/kanaria}"
+# The floor: examples/bare_pingora.rs (`cargo build --release --example bare_pingora`).
+BARE_BIN="${BARE_BIN:-$REPO_DIR/target/release/examples/bare_pingora}"
 # Extra TOML appended to Kanaria's [[routes]] table (e.g. health checks / rollback once
 # they exist), so the bad-canary run can enable whatever the build supports.
 # Kanaria's best setup for a bad canary: judge four times a second, with an absolute error
@@ -31,6 +33,10 @@ export BENCH_USERS
 CLK_TCK="$(getconf CLK_TCK)"
 STARTED_PIDS=()
 LAST_PID=""
+# A command prefix for the proxy processes (bench/instructions.sh runs them under valgrind),
+# and how many 50 ms polls a process gets to start listening.
+PROXY_WRAP=()
+WAIT_POLLS="${WAIT_POLLS:-300}"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -58,24 +64,24 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# Polls until something accepts on 127.0.0.1:$1 (at most 15 s).
+# Polls until something accepts on 127.0.0.1:$1 (WAIT_POLLS times, 15 s by default).
 wait_port() {
   local i
-  for i in $(seq 1 300); do
+  for i in $(seq 1 "$WAIT_POLLS"); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
     sleep 0.05
   done
-  die "nothing listens on 127.0.0.1:$1 after 15 s"
+  die "nothing listens on 127.0.0.1:$1 after $((WAIT_POLLS / 20)) s"
 }
 
-# Polls an HTTP URL until it answers 200 (at most 15 s).
+# Polls an HTTP URL until it answers 200 (WAIT_POLLS times, 15 s by default).
 wait_http() {
   local i
-  for i in $(seq 1 300); do
+  for i in $(seq 1 "$WAIT_POLLS"); do
     if [ "$(curl -s -o /dev/null -w '%{http_code}' --noproxy '*' "$1")" = 200 ]; then return 0; fi
     sleep 0.05
   done
-  die "$1 not ready after 15 s"
+  die "$1 not ready after $((WAIT_POLLS / 20)) s"
 }
 
 # Stops one process we started (and its children), then reaps it.
@@ -133,7 +139,9 @@ run_wrk() {
 # touching $dir/$name.reset makes it close connections without answering (nginx's 444).
 # The canary logs "$msec $status" per request, to see when it stopped getting traffic.
 start_upstream() {
-  local name="$1" port="$2" dir="$3" access="access_log off;"
+  local name="$1" port="$2" dir="$3" access="access_log off;" status_port
+  status_port="$(free_port)"
+  echo "$status_port" >"$dir/$name.status_port"
   mkdir -p "$dir/$name-tmp"
   if [ "$name" = canary ]; then
     access="log_format ts '\$msec \$status'; access_log $dir/canary.access.log ts buffer=32k flush=100ms;"
@@ -163,12 +171,24 @@ http {
       return 200 "$name\n";
     }
   }
+  # Connection counters (accepts), on a port of their own: new upstream connections.
+  server {
+    listen 127.0.0.1:$status_port;
+    location / { stub_status; }
+  }
 }
 EOF
   nginx -p "$dir" -c "$dir/$name.nginx.conf" -e "$dir/$name.nginx.error.log" </dev/null >/dev/null 2>&1 &
   LAST_PID=$!
   STARTED_PIDS+=("$LAST_PID")
   wait_port "$port"
+}
+
+# Connections an upstream has accepted so far (nginx stub_status), this read included: two
+# reads of one upstream differ by the new connections between them plus one.
+upstream_accepts() {
+  local dir="$1" name="$2"
+  curl -s --noproxy '*' "http://127.0.0.1:$(cat "$dir/$name.status_port")/" | awk 'NR == 3 {print $1}'
 }
 
 # --- proxies under test ----------------------------------------------------------------
@@ -180,7 +200,7 @@ kanaria_config() {
   cat <<EOF
 [proxy]
 listen = "127.0.0.1:$port"
-threads = 1
+threads = ${PROXY_WORKERS:-1}
 upgrade_sock = "$dir/kanaria-upgrade.sock"
 shutdown_grace = "1s"
 
@@ -204,6 +224,26 @@ endpoints = ["127.0.0.1:$s"]
 version = "v2"
 endpoints = ["127.0.0.1:$c"]
 EOF
+  # BENCH_ROUTES > 1: more routes of the same shape on their own path prefixes (memory.sh).
+  local i
+  for ((i = 1; i < ${BENCH_ROUTES:-1}; i++)); do
+    cat <<EOF
+
+[[routes]]
+name = "r$i"
+path_prefix = "/r$i"
+sticky_by = ["header:x-user-id"]
+canary_weight = $pct
+
+[routes.stable]
+version = "v1"
+endpoints = ["127.0.0.1:$s"]
+
+[routes.canary]
+version = "v2"
+endpoints = ["127.0.0.1:$c"]
+EOF
+  done
 }
 
 # Split, metrics and analysis are always on in Kanaria (metrics and windows are recorded
@@ -213,7 +253,7 @@ start_kanaria() {
   admin="$(free_port)"
   echo "$admin" >"$dir/kanaria.admin_port"
   kanaria_config "$port" "$admin" "$dir" "$s" "$c" "$BENCH_CANARY_PERCENT" >"$dir/kanaria.toml"
-  RUST_LOG="${RUST_LOG:-warn}" "$KANARIA_BIN" run -c "$dir/kanaria.toml" </dev/null >/dev/null 2>"$dir/kanaria.log" &
+  RUST_LOG="${RUST_LOG:-warn}" "${PROXY_WRAP[@]}" "$KANARIA_BIN" run -c "$dir/kanaria.toml" </dev/null >/dev/null 2>"$dir/kanaria.log" &
   LAST_PID=$!
   STARTED_PIDS+=("$LAST_PID")
   wait_http "http://127.0.0.1:$admin/readyz"
@@ -225,8 +265,9 @@ start_kanaria() {
 nginx_proxy_config() {
   local port="$1" dir="$2" s="$3" c="$4" pct="$5"
   cat <<EOF
-worker_processes 1;
+worker_processes ${PROXY_WORKERS:-1};
 daemon off;
+${NGINX_EXTRA:-}
 user root;
 pid $dir/proxy.nginx.pid;
 error_log $dir/proxy.nginx.error.log warn;
@@ -274,7 +315,7 @@ start_nginx_proxy() {
   local port="$1" dir="$2" s="$3" c="$4"
   mkdir -p "$dir/proxy-tmp"
   nginx_proxy_config "$port" "$dir" "$s" "$c" "$BENCH_CANARY_PERCENT" >"$dir/proxy.nginx.conf"
-  nginx -p "$dir" -c "$dir/proxy.nginx.conf" -e "$dir/proxy.nginx.error.log" </dev/null >/dev/null 2>&1 &
+  "${PROXY_WRAP[@]}" nginx -p "$dir" -c "$dir/proxy.nginx.conf" -e "$dir/proxy.nginx.error.log" </dev/null >/dev/null 2>&1 &
   LAST_PID=$!
   STARTED_PIDS+=("$LAST_PID")
   wait_port "$port"
@@ -290,7 +331,7 @@ haproxy_config() {
   local port="$1" dir="$2" s="$3" c="$4" pct="$5"
   cat <<EOF
 global
-  nbthread 1
+  nbthread ${PROXY_WORKERS:-1}
   maxconn 4000
   pidfile $dir/haproxy.pid
   stats socket $dir/haproxy.sock mode 600 level admin expose-fd listeners
@@ -336,13 +377,37 @@ start_haproxy() {
   wait_port "$port"
 }
 
-# Starts one proxy by name; its pid is left in LAST_PID.
+# The bare-Pingora floor (examples/bare_pingora.rs): Kanaria's Pingora settings, the same
+# split on x-user-id in upstream_peer, nothing else. $5... are extra flags (A/B runs).
+start_bare() {
+  local port="$1" dir="$2" s="$3" c="$4"
+  shift 4
+  [ -x "$BARE_BIN" ] || die "$BARE_BIN missing: run 'cargo build --release --example bare_pingora' (make bench does)"
+  RUST_LOG="${RUST_LOG:-warn}" "${PROXY_WRAP[@]}" "$BARE_BIN" --listen "127.0.0.1:$port" --stable "127.0.0.1:$s" \
+    --canary "127.0.0.1:$c" --percent "$BENCH_CANARY_PERCENT" --threads "${PROXY_WORKERS:-1}" "$@" \
+    </dev/null >/dev/null 2>"$dir/bare.log" &
+  LAST_PID=$!
+  STARTED_PIDS+=("$LAST_PID")
+  wait_port "$port"
+}
+
+# Starts one proxy by name; its pid is left in LAST_PID. A name ending in @N runs N
+# workers (threads or worker processes) instead of one: `kanaria@2`, `nginx@2`.
 start_proxy() {
-  local which="$1" port="$2" dir="$3" s="$4" c="$5"
+  local which="$1" port="$2" dir="$3" s="$4" c="$5" flags=()
+  PROXY_WORKERS=1
+  if [[ "$which" == *@* ]]; then
+    PROXY_WORKERS="${which##*@}"
+    which="${which%@*}"
+  fi
   case "$which" in
     kanaria) start_kanaria "$port" "$dir" "$s" "$c" ;;
     # kanaria:PATH runs another build, for before/after comparisons in one run.
     kanaria:*) KANARIA_BIN="${which#kanaria:}" start_kanaria "$port" "$dir" "$s" "$c" ;;
+    bare) start_bare "$port" "$dir" "$s" "$c" ;;
+    # bare:FLAG,FLAG runs the floor with flags of examples/bare_pingora.rs (A/B of one
+    # Pingora setting), e.g. bare:--work-stealing=true or bare:--pingora-defaults.
+    bare:*) IFS=, read -r -a flags <<<"${which#bare:}"; start_bare "$port" "$dir" "$s" "$c" "${flags[@]}" ;;
     nginx) start_nginx_proxy "$port" "$dir" "$s" "$c" ;;
     haproxy) start_haproxy "$port" "$dir" "$s" "$c" ;;
     *) die "unknown proxy $which" ;;

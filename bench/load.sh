@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Comparative load: direct to the upstream (the ceiling), Kanaria, nginx and HAProxy, each
-# with one worker and the same 10% user split, under the same wrk load. Rounds alternate the
+# Comparative load: direct to the upstream (the ceiling), Kanaria, the bare-Pingora floor
+# (examples/bare_pingora.rs), nginx and HAProxy, each with one worker (`NAME@N`: N workers)
+# and the same 10% user split, under the same wrk load. Rounds alternate the
 # proxies (A B C A B C ...) so machine drift hits all alike; each round starts the proxy
 # fresh, warms it up, then measures requests/s, latency percentiles, CPU seconds per 100k
-# requests and peak RSS. Prints a markdown table of the medians and writes it to
+# requests, peak RSS and the upstream connections opened during the measured run (0 when
+# keep-alive holds). Prints a markdown table of the medians and writes it to
 # bench/results/. Knobs: BENCH_DURATION, BENCH_CONNECTIONS, BENCH_THREADS, BENCH_ROUNDS,
 # BENCH_WARMUP (see bench/README.md).
 source "$(dirname "$0")/lib.sh"
 need_tools
 mkdir -p "$RESULTS_DIR"
 WORK="$(mktemp -d /tmp/kanaria-bench.XXXXXX)"
-PROXIES="${BENCH_PROXIES:-direct kanaria nginx haproxy}"
+PROXIES="${BENCH_PROXIES:-direct kanaria bare nginx haproxy}"
 
 S_PORT="$(free_port)"
 C_PORT="$(free_port)"
@@ -37,14 +39,16 @@ for round in $(seq 1 "$BENCH_ROUNDS"); do
     run_wrk "$url" "$BENCH_WARMUP" >/dev/null
     cpu0=0
     [ -z "$pid" ] || cpu0="$(cpu_seconds "$pid")"
+    acc0=$(($(upstream_accepts "$WORK" stable) + $(upstream_accepts "$WORK" canary)))
     res="$(run_wrk "$url" "$BENCH_DURATION")"
+    acc1=$(($(upstream_accepts "$WORK" stable) + $(upstream_accepts "$WORK" canary)))
     cpu1=0 rss=0
     if [ -n "$pid" ]; then
       cpu1="$(cpu_seconds "$pid")"
       rss="$(peak_rss_kb "$pid")"
       stop_started "$pid"
     fi
-    echo "proxy=$which round=$round cpu=$(python3 -c "print($cpu1 - $cpu0)") rss_kb=$rss ${res#BENCH_RESULT }" >>"$RAW"
+    echo "proxy=$which round=$round cpu=$(python3 -c "print($cpu1 - $cpu0)") rss_kb=$rss upstream_conns=$((acc1 - acc0 - 2)) ${res#BENCH_RESULT }" >>"$RAW"
     log "round $round $which: $(tail -1 "$RAW")"
   done
 done
@@ -57,7 +61,7 @@ python3 "$BENCH_DIR/report.py" load "$RAW" >"$WORK/table.md"
   echo
   echo "$CONDITIONS"
   echo "- load: wrk $BENCH_THREADS thread(s), $BENCH_CONNECTIONS connections, ${BENCH_DURATION}s per round after ${BENCH_WARMUP}s warm-up, $BENCH_ROUNDS rounds alternating, $BENCH_USERS users, ${BENCH_CANARY_PERCENT}% canary; medians over rounds"
-  echo "- each proxy: one worker; upstreams: nginx ($BENCH_UPSTREAM_WORKERS worker each) answering a 7-byte body"
+  echo "- each proxy: one worker (NAME@N: N); upstreams: nginx ($BENCH_UPSTREAM_WORKERS worker each) answering a 7-byte body"
   echo
   cat "$WORK/table.md"
 } >"$OUT"

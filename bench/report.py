@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Turns the raw lines of the benchmark scripts into markdown tables.
 
-    report.py load RAW          medians per proxy, ratios Kanaria/nginx and /HAProxy, targets
+    report.py load RAW          medians per proxy; ratios Kanaria/bare Pingora, bare Pingora/nginx,
+                                Kanaria/nginx, /HAProxy per worker count; A/B runs; scaling; targets
+    report.py instructions RAW  fixed request count: callgrind instructions, system calls, task-clock
+    report.py memory RAW        RSS with 1 and 1,000 routes, per extra route
     report.py canary RAW        bad-canary runs: client errors, when the canary got no traffic
     report.py reload RAW        reload runs: failed requests and p99 during reloads
     report.py canary-out LOG T  seconds from T until the canary's traffic stopped (see below)
@@ -39,6 +42,12 @@ def ms(us):
     return f"{us / 1000:.2f}"
 
 
+def split_workers(name):
+    """`kanaria@2` -> ("kanaria", "@2"); `nginx` -> ("nginx", "")."""
+    base, at, n = name.rpartition("@")
+    return (base, "@" + n) if at and n.isdigit() else (name, "")
+
+
 def load(path):
     rows = parse(path)
     order = []
@@ -58,31 +67,60 @@ def load(path):
             "cpu100k": statistics.median(r["cpu"] / r["requests"] * 1e5 for r in rs) if p != "direct" else None,
             "rss": statistics.median(r["rss_kb"] for r in rs) / 1024 if p != "direct" else None,
             "errors": sum(errors(r) for r in rs),
+            "conns": sum(int(r["upstream_conns"]) for r in rs) if "upstream_conns" in rs[0] else None,
             "rps_all": rps,
         }
-    print("| proxy | requests/s | p50 ms | p99 ms | p99.9 ms | CPU s / 100k req | peak RSS MiB | errors | rounds (req/s) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| proxy | requests/s | p50 ms | p99 ms | p99.9 ms | CPU s / 100k req | peak RSS MiB | errors | new upstream conns (all rounds) | rounds (req/s) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for p in order:
         m = med[p]
         cpu = f"{m['cpu100k']:.2f}" if m["cpu100k"] is not None else "-"
         rss = f"{m['rss']:.1f}" if m["rss"] is not None else "-"
-        name = "direct (ceiling)" if p == "direct" else p
+        conns = str(m["conns"]) if m["conns"] is not None else "-"
+        name = "direct (ceiling)" if p == "direct" else "bare Pingora (floor)" if p == "bare" else p
         rounds = " ".join(f"{x:.0f}" for x in m["rps_all"])
-        print(f"| {name} | {m['rps']:.0f} | {ms(m['p50'])} | {ms(m['p99'])} | {ms(m['p999'])} | {cpu} | {rss} | {m['errors']} | {rounds} |")
-    if "kanaria" not in med:
-        return
-    k = med["kanaria"]
-    print()
-    print("| ratio | requests/s | p50 | p99 | p99.9 | CPU / req | peak RSS |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for other in ("nginx", "haproxy"):
-        if other not in med:
-            continue
-        o = med[other]
-        print(f"| Kanaria / {other} | {k['rps'] / o['rps']:.2f} | {k['p50'] / o['p50']:.2f} | {k['p99'] / o['p99']:.2f} | "
-              f"{k['p999'] / o['p999']:.2f} | {k['cpu100k'] / o['cpu100k']:.2f} | {k['rss'] / o['rss']:.2f} |")
-    if "nginx" in med:
-        n = med["nginx"]
+        print(f"| {name} | {m['rps']:.0f} | {ms(m['p50'])} | {ms(m['p99'])} | {ms(m['p999'])} | {cpu} | {rss} | {m['errors']} | {conns} | {rounds} |")
+
+    # Ratios within each worker count: what is Kanaria's (Kanaria / bare Pingora), what is
+    # Pingora's (bare Pingora / nginx), and the sum of both (Kanaria / nginx).
+    pairs = [("kanaria", "bare", "Kanaria / bare Pingora"), ("bare", "nginx", "bare Pingora / nginx"),
+             ("kanaria", "nginx", "Kanaria / nginx"), ("kanaria", "haproxy", "Kanaria / haproxy"),
+             ("bare", "haproxy", "bare Pingora / haproxy")]
+    lines = []
+    for suffix in sorted({split_workers(p)[1] for p in order}):
+        for a, b, label in pairs:
+            if a + suffix in med and b + suffix in med:
+                x, y = med[a + suffix], med[b + suffix]
+                label += f" ({suffix[1:]} workers)" if suffix else ""
+                lines.append(f"| {label} | {x['rps'] / y['rps']:.2f} | {x['p50'] / y['p50']:.2f} | {x['p99'] / y['p99']:.2f} | "
+                             f"{x['p999'] / y['p999']:.2f} | {x['cpu100k'] / y['cpu100k']:.2f} | {x['rss'] / y['rss']:.2f} |")
+    # A/B runs: another build or other Pingora settings against the default one.
+    for p in order:
+        base = p.split(":", 1)[0] + split_workers(p)[1] if ":" in p else None
+        if base and base in med:
+            x, y = med[p], med[base]
+            lines.append(f"| {p} / {base} | {x['rps'] / y['rps']:.2f} | {x['p50'] / y['p50']:.2f} | {x['p99'] / y['p99']:.2f} | "
+                         f"{x['p999'] / y['p999']:.2f} | {x['cpu100k'] / y['cpu100k']:.2f} | {x['rss'] / y['rss']:.2f} |")
+    if lines:
+        print()
+        print("| ratio | requests/s | p50 | p99 | p99.9 | CPU / req | peak RSS |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("\n".join(lines))
+
+    # Scaling: N workers against one, per proxy.
+    scaling = []
+    for p in order:
+        base, suffix = split_workers(p)
+        if suffix and base in med:
+            scaling.append(f"| {base} | {suffix[1:]} | {med[base]['rps']:.0f} | {med[p]['rps']:.0f} | {med[p]['rps'] / med[base]['rps']:.2f} |")
+    if scaling:
+        print()
+        print("| proxy | workers | requests/s, 1 worker | requests/s, N workers | N / 1 |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        print("\n".join(scaling))
+
+    if "kanaria" in med and "nginx" in med:
+        k, n = med["kanaria"], med["nginx"]
         print()
         print("Targets (one worker each):")
         checks = [
@@ -91,6 +129,10 @@ def load(path):
             ("Kanaria peak RSS <= 2x nginx", k["rss"] <= 2 * n["rss"], f"{k['rss'] / n['rss']:.2f}x"),
             ("no errors through Kanaria", k["errors"] == 0, str(k["errors"])),
         ]
+        if "bare" in med:
+            b = med["bare"]
+            checks.append(("Kanaria CPU per request <= 1.05x bare Pingora", k["cpu100k"] <= 1.05 * b["cpu100k"],
+                           f"{k['cpu100k'] / b['cpu100k']:.2f}x"))
         for name, ok, val in checks:
             print(f"- {'PASS' if ok else 'FAIL'}: {name} ({val})")
 
@@ -151,10 +193,59 @@ def reload(path):
               f"{ms(r['p99_us'])} | {ms(r['p999_us'])} | {ms(r['max_us'])} |")
 
 
+def instructions(path):
+    rows = parse(path)
+    med = {}
+    for p in dict.fromkeys(r["proxy"] for r in rows):
+        rs = [r for r in rows if r["proxy"] == p]
+        irs = [r["ir"] / r["ir_requests"] for r in rs]
+        med[p] = {
+            "sys": statistics.median(r["syscalls"] / r["requests"] for r in rs),
+            "clock": statistics.median(r["task_clock_ms"] * 1000 / r["requests"] for r in rs),
+            "ir": statistics.median(irs),
+            "spread": (max(irs) - min(irs)) / statistics.median(irs),
+            "rounds": len(rs),
+        }
+    print("| proxy | instructions / request (callgrind) | spread over rounds | system calls / request | task-clock µs / request |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for p, m in med.items():
+        name = "bare Pingora (floor)" if p == "bare" else p
+        print(f"| {name} | {m['ir']:.0f} | {100 * m['spread']:.1f}% | {m['sys']:.2f} | {m['clock']:.1f} |")
+    pairs = [("kanaria", "bare", "Kanaria / bare Pingora"), ("bare", "nginx", "bare Pingora / nginx"),
+             ("kanaria", "nginx", "Kanaria / nginx")]
+    pairs += [(p, p.split(":", 1)[0], f"{p} / {p.split(':', 1)[0]}") for p in med if ":" in p]
+    lines = [f"| {label} | {med[a]['ir'] / med[b]['ir']:.3f} | {med[a]['sys'] / med[b]['sys']:.2f} | {med[a]['clock'] / med[b]['clock']:.2f} |"
+             for a, b, label in pairs if a in med and b in med]
+    if lines:
+        print()
+        print("| ratio | instructions | system calls | task-clock |")
+        print("| --- | ---: | ---: | ---: |")
+        print("\n".join(lines))
+
+
+def memory(path):
+    rows = parse(path)
+    print("| routes | RSS ready MiB | RSS after load MiB | peak RSS MiB | requests/s |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {int(r['routes'])} | {r['ready_kb'] / 1024:.1f} | {r['loaded_kb'] / 1024:.1f} | {r['peak_kb'] / 1024:.1f} | "
+              f"{r['requests'] / (r['duration_us'] / 1e6):.0f} |")
+    if len(rows) >= 2 and rows[-1]["routes"] > rows[0]["routes"]:
+        a, b = rows[0], rows[-1]
+        extra = b["routes"] - a["routes"]
+        print()
+        print(f"Per extra route: {(b['ready_kb'] - a['ready_kb']) / extra:.1f} KiB once ready, "
+              f"{(b['peak_kb'] - a['peak_kb']) / extra:.1f} KiB at peak.")
+
+
 def main():
     mode = sys.argv[1]
     if mode == "load":
         load(sys.argv[2])
+    elif mode == "memory":
+        memory(sys.argv[2])
+    elif mode == "instructions":
+        instructions(sys.argv[2])
     elif mode == "canary":
         canary(sys.argv[2])
     elif mode == "reload":

@@ -1,14 +1,21 @@
 //! Micro-benchmarks of the per-request work Kanaria adds on top of proxying: the split
-//! decision (user key, hash, bucket), the route match, and recording an outcome (counters,
-//! histogram, analysis window). Target: under 200 ns each. Run with `cargo bench` or
-//! `make bench`; never part of the test suite.
+//! decision (user key, hash, bucket), the route match, recording an outcome (counters,
+//! histogram, analysis window), and, through `kanaria::bench_api`, what the hooks do with a
+//! request: the request filter's decision on a real config (path normalization, route,
+//! split), the request-head check, and the forwarding headers (hop-by-hop cleanup,
+//! `X-Forwarded-For`/`-Proto`, the response cleanup). Target: under 200 ns each for the
+//! decisions. Run with `cargo bench` or `make bench`; never part of the test suite.
 
 use std::hint::black_box;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
+use pingora::http::{RequestHeader, ResponseHeader};
+
+use kanaria::bench_api;
 
 use kanaria::metrics::{Metrics, UpstreamErrorKind};
 use kanaria::rollout::analysis::Window;
@@ -144,5 +151,139 @@ fn record(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, split, route, record);
+/// The bench's config shape: a catch-all route split on `x-user-id` and two more routes.
+const CONFIG: &str = r#"
+[[routes]]
+name = "app"
+sticky_by = ["header:x-user-id"]
+canary_weight = 10
+[routes.stable]
+version = "v1"
+endpoints = ["127.0.0.1:9001"]
+[routes.canary]
+version = "v2"
+endpoints = ["127.0.0.1:9002"]
+
+[[routes]]
+name = "lessons"
+hosts = ["app.example.com"]
+path_prefix = "/lessons"
+sticky_by = ["header:x-user-id", "cookie:session"]
+canary_weight = 25
+[routes.stable]
+version = "v1"
+endpoints = ["127.0.0.1:9001"]
+[routes.canary]
+version = "v2"
+endpoints = ["127.0.0.1:9002"]
+
+[[routes]]
+name = "api"
+hosts = ["api.example.com"]
+path_prefix = "/v1"
+[routes.stable]
+version = "v1"
+endpoints = ["127.0.0.1:9003"]
+"#;
+
+const HEAD: &[u8] = b"GET /lessons/video/42?t=10 HTTP/1.1\r\nHost: app.example.com\r\n\
+User-Agent: Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0\r\nAccept: text/html,application/xhtml+xml\r\n\
+Accept-Encoding: gzip, deflate, br\r\nAccept-Language: en-US,en;q=0.5\r\n\
+Cookie: theme=dark; session=3f2a9c1e7b; lang=en\r\nx-user-id: user-48213\r\n\r\n";
+
+/// The request as Pingora hands it to `upstream_request_filter`.
+fn upstream_request() -> RequestHeader {
+    let mut req = RequestHeader::build("GET", b"/lessons/video/42?t=10", Some(8)).expect("request");
+    for (k, v) in request_headers().iter() {
+        req.append_header(k.clone(), v.clone()).expect("header");
+    }
+    req
+}
+
+fn request(c: &mut Criterion) {
+    let config = bench_api::Config::parse(CONFIG).expect("bench config");
+    let headers = request_headers();
+    let ip: IpAddr = "10.1.2.3".parse().expect("ip");
+    let mut g = c.benchmark_group("request");
+    g.bench_function("filter: normalize + route + split (3 routes)", |b| {
+        b.iter(|| {
+            config.decide(
+                black_box(Some("app.example.com")),
+                black_box("/lessons/video/42"),
+                black_box(&headers),
+                Some(ip),
+            )
+        })
+    });
+    g.bench_function("filter: path with dot segments", |b| {
+        b.iter(|| {
+            config.decide(
+                black_box(Some("app.example.com")),
+                black_box("/static/../lessons/./video//42"),
+                black_box(&headers),
+                Some(ip),
+            )
+        })
+    });
+    g.bench_function("filter: catch-all route", |b| {
+        b.iter(|| {
+            config.decide(
+                black_box(Some("other.example.org")),
+                black_box("/"),
+                black_box(&headers),
+                Some(ip),
+            )
+        })
+    });
+    g.bench_function("head check (8 header lines)", |b| {
+        b.iter(|| bench_api::check_head(black_box(HEAD)))
+    });
+    let proto = upstream_request();
+    g.bench_function(
+        "clone of the request header (baseline of the next two)",
+        |b| b.iter_batched(|| (), |_| proto.clone(), BatchSize::SmallInput),
+    );
+    g.bench_function("forward: hop-by-hop cleanup", |b| {
+        b.iter_batched(
+            || proto.clone(),
+            |mut req| {
+                bench_api::clean_upstream_request(&mut req);
+                req
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().expect("cidr")];
+    let outsider: IpAddr = "192.0.2.9".parse().expect("ip");
+    g.bench_function("forward: set_forwarding (XFF + proto)", |b| {
+        b.iter_batched(
+            || proto.clone(),
+            |mut req| {
+                let _ = bench_api::set_forwarding(&mut req, Some(outsider), &trusted);
+                req
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let mut resp = ResponseHeader::build(200, Some(4)).expect("response");
+    resp.append_header("content-type", "text/plain")
+        .expect("header");
+    resp.append_header("content-length", "7").expect("header");
+    resp.append_header("server", "nginx").expect("header");
+    resp.append_header("connection", "keep-alive")
+        .expect("header");
+    g.bench_function("response: framing check + hop-by-hop cleanup", |b| {
+        b.iter_batched(
+            || resp.clone(),
+            |mut r| {
+                bench_api::clean_upstream_response(&mut r);
+                r
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, split, route, record, request);
 criterion_main!(benches);

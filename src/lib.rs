@@ -13,8 +13,12 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`demo`]: `kanaria demo`, the built-in story.
 //! - [`server`]: wires all of it into one Pingora server.
+//!
+//! `bench_api` (hidden) exposes request-path internals to the criterion benchmarks only.
 
 pub mod admin;
+#[doc(hidden)]
+pub mod bench_api;
 pub(crate) mod config;
 pub mod demo;
 pub mod fuzz_targets;

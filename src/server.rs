@@ -8,6 +8,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::modules::http::HttpModules;
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -21,6 +24,92 @@ use crate::proxy::KanariaProxy;
 use crate::rollout::control::Shared;
 use crate::rollout::controller::Controller;
 
+/// The Pingora settings Kanaria chooses for its proxy service, where they differ from
+/// Pingora's defaults. Shared with the benchmark's bare-Pingora floor
+/// (`examples/bare_pingora.rs`), so the floor runs exactly the Pingora Kanaria runs; each
+/// field was measured with A/B runs (bench/README.md, "Pingora's settings").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PingoraTuning {
+    /// Tokio work stealing between the proxy's worker threads (`ServerConf::work_stealing`).
+    pub work_stealing: bool,
+    /// Keep the response-compression module Pingora registers (disabled) on every proxy.
+    pub compression_module: bool,
+    /// Read buffer of each accepted client connection in bytes; `None`: Pingora's 64 KiB.
+    pub l4_read_buffer: Option<usize>,
+    /// Idle upstream keep-alive connections kept per worker thread
+    /// (`ServerConf::upstream_keepalive_pool_size`).
+    pub upstream_keepalive_pool_size: usize,
+    /// Arm I/O timeouts on Tokio's timer of the worker's runtime instead of Pingora's
+    /// shared fast timer (`ServerConf::fast_timeout_to_tokio_threshold_seconds = 0`).
+    pub tokio_timers: bool,
+}
+
+impl PingoraTuning {
+    /// Pingora 0.9's own defaults (the "before" of every A/B run).
+    pub const PINGORA_DEFAULTS: PingoraTuning = PingoraTuning {
+        work_stealing: true,
+        compression_module: true,
+        l4_read_buffer: None,
+        upstream_keepalive_pool_size: 128,
+        tokio_timers: false,
+    };
+
+    /// What Kanaria runs (before [`PingoraTuning::with_pool_for`]). Each change from
+    /// Pingora's defaults, measured in user-space instructions per request on the bare
+    /// floor (bench/README.md): no compression module -0.7%, unbuffered client reads -0.5%
+    /// and 64 KiB less memory per client connection, Tokio's timers -2.4% (and no timer
+    /// thread). Work stealing stays on although turning it off saved 1.0% on HTTP/1: with
+    /// one runtime per worker, the streams of one HTTP/2 client connection are spread over
+    /// the runtimes, each with its own upstream pool, and a steady h2 client opened a new
+    /// upstream connection every few requests (`tests/http2.rs`).
+    pub const KANARIA: PingoraTuning = PingoraTuning {
+        work_stealing: true,
+        compression_module: false,
+        l4_read_buffer: Some(0),
+        upstream_keepalive_pool_size: 128,
+        tokio_timers: true,
+    };
+
+    /// Sizes the upstream keep-alive pool so that every client connection can keep its
+    /// upstream connection: with fewer idle slots than busy client connections, Pingora
+    /// closes upstream connections on release and opens new ones under steady load (200
+    /// client connections over a pool of 128: thousands of new upstream connections per
+    /// run, bench/README.md). The pool only holds idle connections, so its cap costs
+    /// nothing until they exist. Pingora's setting is per worker thread.
+    pub fn with_pool_for(mut self, client_connections: usize, threads: usize) -> Self {
+        let per_thread = client_connections.div_ceil(threads.max(1));
+        self.upstream_keepalive_pool_size = self.upstream_keepalive_pool_size.max(per_thread);
+        self
+    }
+
+    /// Applies the server-wide settings to Pingora's configuration.
+    pub fn apply_conf(&self, conf: &mut ServerConf) {
+        conf.work_stealing = self.work_stealing;
+        conf.upstream_keepalive_pool_size = self.upstream_keepalive_pool_size;
+        if self.tokio_timers {
+            conf.fast_timeout_to_tokio_threshold_seconds = Some(0);
+        }
+    }
+
+    /// A proxy listener on `addr` with these settings.
+    pub fn listener(&self, addr: &str) -> ListenerConfig {
+        let listener = ListenerConfig::tcp(addr);
+        match self.l4_read_buffer {
+            Some(read) => listener.l4_buffer(L4BufferSettings::default().read(read)),
+            None => listener,
+        }
+    }
+
+    /// Applies the per-proxy settings to a proxy built with `pingora::proxy::http_proxy`.
+    pub fn apply_proxy<SV>(&self, proxy: &mut HttpProxy<SV>) {
+        if !self.compression_module {
+            // Kanaria never compresses: the module Pingora adds by default would only
+            // build a context and run its filters on every request.
+            proxy.downstream_modules = HttpModules::new();
+        }
+    }
+}
+
 /// Pingora's server configuration derived from ours.
 fn server_conf(snap: &Snapshot) -> ServerConf {
     let threads = snap.proxy.threads.unwrap_or_else(|| {
@@ -28,14 +117,26 @@ fn server_conf(snap: &Snapshot) -> ServerConf {
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    ServerConf {
+    let mut conf = ServerConf {
         threads,
         // Round up: a grace of 500ms must not become 0.
         grace_period_seconds: Some(snap.proxy.shutdown_grace.as_millis().div_ceil(1000) as u64),
         graceful_shutdown_timeout_seconds: Some(5),
         upgrade_sock: snap.proxy.upgrade_sock.clone(),
         ..ServerConf::default()
-    }
+    };
+    tuning(snap, threads).apply_conf(&mut conf);
+    conf
+}
+
+/// Kanaria's Pingora settings for this config: [`PingoraTuning::KANARIA`], the upstream pool
+/// sized for `edge.max_connections` on every proxy listener.
+fn tuning(snap: &Snapshot, threads: usize) -> PingoraTuning {
+    let clients = snap
+        .edge
+        .max_connections
+        .saturating_mul(snap.proxy.listen.len().max(1));
+    PingoraTuning::KANARIA.with_pool_for(clients, threads)
 }
 
 /// A Kanaria server ready to run: Pingora's server with the proxy, admin, reload and
@@ -50,6 +151,7 @@ pub struct Built {
 pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
     let snapshot = config::load_file(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let conf = server_conf(&snapshot);
+    let tuning = tuning(&snapshot, conf.threads);
     let listen = snapshot.proxy.listen.clone();
     let opt = Opt {
         upgrade,
@@ -84,6 +186,7 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
         o
     });
     http.h2_options = Some(crate::proxy::h2::options(&edge));
+    tuning.apply_proxy(&mut http);
     // The proxy app behind the connection guard (header deadline, connection caps), which
     // lets idle connections linger on shutdown so clients reusing them are not reset.
     let app = Draining::new(
@@ -92,7 +195,7 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
     );
     let mut proxy = Service::new("kanaria proxy".to_string(), app);
     for addr in &listen {
-        proxy.add_tcp(&addr.to_string());
+        proxy.add_listener(tuning.listener(&addr.to_string()));
     }
     if let Some(t) = &tls {
         let store = crate::proxy::tls::CertStore::new(t, &shared.metrics.registry)?;
@@ -187,4 +290,26 @@ pub fn check(config_path: &Path) -> Result<String, config::ConfigErrors> {
         snap.routes.len(),
         if snap.routes.len() == 1 { "" } else { "s" }
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PingoraTuning;
+
+    #[test]
+    fn upstream_pool_holds_one_connection_per_client_connection() {
+        let t = PingoraTuning::KANARIA;
+        // 10,000 client connections over 2 workers: 5,000 idle slots each.
+        assert_eq!(
+            t.with_pool_for(10_000, 2).upstream_keepalive_pool_size,
+            5_000
+        );
+        assert_eq!(
+            t.with_pool_for(10_001, 2).upstream_keepalive_pool_size,
+            5_001
+        );
+        // Never below Pingora's default.
+        assert_eq!(t.with_pool_for(50, 1).upstream_keepalive_pool_size, 128);
+        assert_eq!(t.with_pool_for(50, 0).upstream_keepalive_pool_size, 128);
+    }
 }

@@ -220,6 +220,7 @@ pub struct EdgeFile {
     /// Most request header fields (431 above). Default `100`; at most 256 (Pingora's ceiling).
     pub max_headers: usize,
     /// Open client connections per proxy listener; more are closed at accept. Default `10000`.
+    /// Also sizes the upstream keep-alive pool at start (`server::PingoraTuning::with_pool_for`).
     pub max_connections: usize,
     /// Peers (CIDRs or IPs) whose `X-Forwarded-For` is believed for the client address.
     /// Default `[]`: the socket peer is the client.
