@@ -196,7 +196,11 @@ upstream_accepts() {
 # best setup it has for a failing canary (written out below).
 
 kanaria_config() {
-  local port="$1" admin="$2" dir="$3" s="$4" c="$5" pct="$6"
+  local port="$1" admin="$2" dir="$3" s="$4" c="$5" pct="$6" log="${KANARIA_ACCESS_LOG:-on}"
+  if [ "$log" = on ]; then
+    # The access log on, as an operator runs it: JSON lines to a file, off the request path.
+    printf '[log]\naccess = "%s"\nformat = "json"\n\n' "$dir/kanaria.access.log"
+  fi
   cat <<EOF
 [proxy]
 listen = "127.0.0.1:$port"
@@ -247,7 +251,9 @@ EOF
 }
 
 # Split, metrics and analysis are always on in Kanaria (metrics and windows are recorded
-# for every request). No access log, like the others.
+# for every request), and so is its access log (JSON lines to a file): `kanaria-nolog`
+# runs the same without it, to show what the log costs. Builds named by path
+# (`kanaria:PATH`, e.g. an older one) run without `[log]`, which they may not know.
 start_kanaria() {
   local port="$1" dir="$2" s="$3" c="$4" admin
   admin="$(free_port)"
@@ -402,8 +408,9 @@ start_proxy() {
   fi
   case "$which" in
     kanaria) start_kanaria "$port" "$dir" "$s" "$c" ;;
+    kanaria-nolog) KANARIA_ACCESS_LOG=off start_kanaria "$port" "$dir" "$s" "$c" ;;
     # kanaria:PATH runs another build, for before/after comparisons in one run.
-    kanaria:*) KANARIA_BIN="${which#kanaria:}" start_kanaria "$port" "$dir" "$s" "$c" ;;
+    kanaria:*) KANARIA_ACCESS_LOG=off KANARIA_BIN="${which#kanaria:}" start_kanaria "$port" "$dir" "$s" "$c" ;;
     bare) start_bare "$port" "$dir" "$s" "$c" ;;
     # bare:FLAG,FLAG runs the floor with flags of examples/bare_pingora.rs (A/B of one
     # Pingora setting), e.g. bare:--work-stealing=true or bare:--pingora-defaults.

@@ -12,7 +12,7 @@ source "$(dirname "$0")/lib.sh"
 need_tools
 mkdir -p "$RESULTS_DIR"
 WORK="$(mktemp -d /tmp/kanaria-bench.XXXXXX)"
-PROXIES="${BENCH_PROXIES:-direct kanaria bare nginx haproxy}"
+PROXIES="${BENCH_PROXIES:-direct kanaria kanaria-nolog bare nginx haproxy}"
 
 S_PORT="$(free_port)"
 C_PORT="$(free_port)"

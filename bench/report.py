@@ -94,6 +94,10 @@ def load(path):
                 label += f" ({suffix[1:]} workers)" if suffix else ""
                 lines.append(f"| {label} | {x['rps'] / y['rps']:.2f} | {x['p50'] / y['p50']:.2f} | {x['p99'] / y['p99']:.2f} | "
                              f"{x['p999'] / y['p999']:.2f} | {x['cpu100k'] / y['cpu100k']:.2f} | {x['rss'] / y['rss']:.2f} |")
+    if "kanaria" in med and "kanaria-nolog" in med:
+        x, y = med["kanaria"], med["kanaria-nolog"]
+        lines.append(f"| kanaria / kanaria-nolog (access log on / off) | {x['rps'] / y['rps']:.2f} | {x['p50'] / y['p50']:.2f} | "
+                     f"{x['p99'] / y['p99']:.2f} | {x['p999'] / y['p999']:.2f} | {x['cpu100k'] / y['cpu100k']:.2f} | {x['rss'] / y['rss']:.2f} |")
     # A/B runs: another build or other Pingora settings against the default one.
     for p in order:
         base = p.split(":", 1)[0] + split_workers(p)[1] if ":" in p else None
@@ -133,6 +137,10 @@ def load(path):
             b = med["bare"]
             checks.append(("Kanaria CPU per request <= 1.05x bare Pingora", k["cpu100k"] <= 1.05 * b["cpu100k"],
                            f"{k['cpu100k'] / b['cpu100k']:.2f}x"))
+        if "kanaria-nolog" in med:
+            q = med["kanaria-nolog"]
+            checks.append(("access log costs <= 5% of requests/s", k["rps"] >= 0.95 * q["rps"],
+                           f"{k['rps'] / q['rps']:.2f} of the requests/s without it"))
         for name, ok, val in checks:
             print(f"- {'PASS' if ok else 'FAIL'}: {name} ({val})")
 

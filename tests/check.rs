@@ -256,9 +256,14 @@ fn broken_configs_print_every_error_with_its_place() {
             ],
         ),
         (
-            "[fleet] with TLS",
-            &format!("[fleet]\nurl = \"rediss://cache.example.com:6380\"\ncluster = \"prod\"\n{GOOD_ROUTE}"),
-            &["FILE:2:7: fleet.url: only redis:// URLs are supported by this build"],
+            "[fleet] ca without TLS",
+            &format!("[fleet]\nurl = \"redis://cache.example.com:6379\"\ncluster = \"prod\"\nca = \"ca.pem\"\n{GOOD_ROUTE}"),
+            &["FILE:4:6: fleet.ca: only applies to a rediss:// url (TLS to Redis)"],
+        ),
+        (
+            "[fleet] TLS with a missing ca file",
+            &format!("[fleet]\nurl = \"rediss://cache.example.com:6380\"\ncluster = \"prod\"\nca = \"no-such-ca.pem\"\n{GOOD_ROUTE}"),
+            &["FILE:4:6: fleet.ca: cannot read"],
         ),
     ];
     assert!(cases.len() >= 12);

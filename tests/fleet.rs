@@ -672,3 +672,23 @@ async fn the_analysis_judges_the_fleets_summed_counts() {
         assert!(fw["canary"]["requests"].is_u64(), "{fw}");
     }
 }
+
+/// `rediss://`: the replicas reach Redis over TLS only (its TLS port, trusting the test's
+/// CA through `fleet.ca`), and an action on one replica still reaches the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_state_over_tls_to_redis() {
+    let (redis, ca) = Redis::start_tls().await;
+    assert!(redis.url().starts_with("rediss://"));
+    let fleet = Fleet::start(&redis, 10.0, "", &format!("ca = \"{}\"", ca.display())).await;
+    for s in fleet
+        .converge("connected over TLS", |s| s["fleet"]["connected"] == true)
+        .await
+    {
+        assert_eq!(weight_of(&s), 10.0);
+    }
+    let (code, body) = fleet.act(1, "weight", "{\"percent\": 30}").await;
+    assert_eq!(code, 200, "{body}");
+    fleet
+        .converge("the weight from replica b", |s| weight_of(s) == 30.0)
+        .await;
+}

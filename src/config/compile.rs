@@ -255,7 +255,11 @@ fn hostname() -> String {
         .unwrap_or_else(|| "kanaria".to_string())
 }
 
-fn fleet_settings(c: &mut Check, f: &super::file::FleetFile) -> Option<FleetSettings> {
+fn fleet_settings(
+    c: &mut Check,
+    f: &super::file::FleetFile,
+    base: &std::path::Path,
+) -> Option<FleetSettings> {
     let path = KeyPath::root().key("fleet");
     let mut ok = true;
     if f.backend != "redis" {
@@ -268,19 +272,13 @@ fn fleet_settings(c: &mut Check, f: &super::file::FleetFile) -> Option<FleetSett
         );
         ok = false;
     }
+    let tls = f.url.starts_with("rediss://");
     let url_ok = match redis::IntoConnectionInfo::into_connection_info(f.url.as_str()) {
-        Ok(_) if f.url.starts_with("redis://") => true,
-        _ if f.url.starts_with("rediss://") => {
-            c.err(
-                path.key("url"),
-                "only redis:// URLs are supported by this build (no TLS: reach Redis over a private network or a TLS sidecar)",
-            );
-            false
-        }
+        Ok(_) if f.url.starts_with("redis://") || tls => true,
         Ok(_) => {
             c.err(
                 path.key("url"),
-                "only redis:// URLs are supported (e.g. \"redis://127.0.0.1:6379/0\")",
+                "only redis:// and rediss:// URLs are supported (e.g. \"redis://127.0.0.1:6379/0\")",
             );
             false
         }
@@ -290,6 +288,43 @@ fn fleet_settings(c: &mut Check, f: &super::file::FleetFile) -> Option<FleetSett
                 format!("not a Redis URL ({e}); write e.g. \"redis://127.0.0.1:6379/0\""),
             );
             false
+        }
+    };
+    let ca_pem = match &f.ca {
+        None => None,
+        Some(_) if !tls => {
+            c.err(
+                path.key("ca"),
+                "only applies to a rediss:// url (TLS to Redis)",
+            );
+            ok = false;
+            None
+        }
+        Some(ca) => {
+            let file = relative_to(base, ca);
+            match std::fs::read(&file) {
+                Ok(pem) => {
+                    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+                        .collect::<Result<Vec<_>, _>>()
+                        .unwrap_or_default();
+                    if certs.is_empty() {
+                        c.err(
+                            path.key("ca"),
+                            format!("{}: no PEM certificate in it", file.display()),
+                        );
+                        ok = false;
+                    }
+                    Some(pem)
+                }
+                Err(e) => {
+                    c.err(
+                        path.key("ca"),
+                        format!("cannot read {}: {e}", file.display()),
+                    );
+                    ok = false;
+                    None
+                }
+            }
         }
     };
     if !valid_name(&f.cluster) {
@@ -321,6 +356,7 @@ fn fleet_settings(c: &mut Check, f: &super::file::FleetFile) -> Option<FleetSett
         instance,
         poll_interval: poll?,
         startup_timeout: startup?,
+        ca_pem,
     })
 }
 
@@ -377,7 +413,10 @@ fn validate(
             timeout: timeout?,
         })
     });
-    let fleet = cfg.fleet.as_ref().and_then(|f| fleet_settings(&mut c, f));
+    let fleet = cfg
+        .fleet
+        .as_ref()
+        .and_then(|f| fleet_settings(&mut c, f, base));
     let edge = edge_settings(&mut c, &cfg.edge);
 
     let routes_path = KeyPath::root().key("routes");

@@ -275,9 +275,13 @@ pub struct FleetFile {
     /// The store. Only `"redis"` for now. Default `"redis"`.
     #[serde(default = "default_fleet_backend")]
     pub backend: String,
-    /// `redis://[:PASSWORD@]HOST[:PORT][/DB]` (also Valkey, ElastiCache). Required. Without
-    /// a password in the URL, `KANARIA_FLEET_PASSWORD` from the environment is used if set.
+    /// `redis://[:PASSWORD@]HOST[:PORT][/DB]`, or `rediss://` for TLS (also Valkey,
+    /// ElastiCache). Required. Without a password in the URL, `KANARIA_FLEET_PASSWORD` from
+    /// the environment is used if set.
     pub url: String,
+    /// With `rediss://`: a PEM file of the certificate authorities to trust for the Redis
+    /// server (relative to the config file's directory). Default: the system's trust store.
+    pub ca: Option<String>,
     /// The fleet's name, the prefix of every key: several fleets may share one Redis.
     /// Required (1 to 64 of A-Z a-z 0-9 - _ .).
     pub cluster: String,

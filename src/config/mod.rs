@@ -145,6 +145,8 @@ pub struct FleetSettings {
     pub instance: String,
     pub poll_interval: Duration,
     pub startup_timeout: Duration,
+    /// `rediss://`: the PEM of the authorities to trust (`None`: the system's store).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for FleetSettings {
@@ -155,6 +157,7 @@ impl std::fmt::Debug for FleetSettings {
             .field("instance", &self.instance)
             .field("poll_interval", &self.poll_interval)
             .field("startup_timeout", &self.startup_timeout)
+            .field("tls", &self.url.starts_with("rediss://"))
             .finish()
     }
 }

@@ -308,7 +308,18 @@ fn client(settings: &FleetSettings) -> redis::RedisResult<redis::Client> {
             info = info.set_redis_settings(redis_settings);
         }
     }
-    redis::Client::open(info)
+    match &settings.ca_pem {
+        // rediss:// trusting the configured authorities only.
+        Some(pem) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            },
+        ),
+        // redis://, or rediss:// trusting the system's store.
+        None => redis::Client::open(info),
+    }
 }
 
 /// The store's answer to a write.

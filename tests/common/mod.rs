@@ -465,6 +465,8 @@ fn spawn(config_path: &std::path::Path, dir: &std::path::Path, env: &[(String, S
 /// dropped. `restart` starts a fresh one (empty) on the same port.
 pub struct Redis {
     pub port: u16,
+    /// With TLS: the port serving TLS (the plain `port` stays, for the test's own commands).
+    pub tls_port: Option<u16>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -479,6 +481,7 @@ impl Redis {
     pub async fn start() -> Redis {
         let mut r = Redis {
             port: free_port(),
+            tls_port: None,
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
         };
@@ -486,7 +489,31 @@ impl Redis {
         r
     }
 
+    /// A server that also serves TLS with a certificate for 127.0.0.1 signed by a test CA;
+    /// returns it and the CA's PEM file (what clients must trust).
+    pub async fn start_tls() -> (Redis, PathBuf) {
+        let mut r = Redis {
+            port: free_port(),
+            tls_port: Some(free_port()),
+            child: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        let ca = certs::TestCa::new("kanaria test redis CA");
+        let ca_path = ca.write(r.dir.path(), "ca.pem");
+        certs::write_pair(r.dir.path(), "redis", &ca.leaf(&["127.0.0.1", "localhost"]));
+        r.restart().await;
+        (r, ca_path)
+    }
+
+    /// The URL replicas use: `rediss://` on the TLS port when there is one.
     pub fn url(&self) -> String {
+        match self.tls_port {
+            Some(p) => format!("rediss://127.0.0.1:{p}/0"),
+            None => self.plain_url(),
+        }
+    }
+
+    fn plain_url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
@@ -503,11 +530,23 @@ impl Redis {
         self.stop();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let child = Command::new("redis-server")
-                .args(["--port", &self.port.to_string()])
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--port", &self.port.to_string()])
                 .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .arg("--dir")
-                .arg(self.dir.path())
+                .arg(self.dir.path());
+            if let Some(tls) = self.tls_port {
+                let file = |n: &str| self.dir.path().join(n);
+                cmd.args(["--tls-port", &tls.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(file("redis.pem"))
+                    .arg("--tls-key-file")
+                    .arg(file("redis.key"))
+                    .arg("--tls-ca-cert-file")
+                    .arg(file("ca.pem"))
+                    .args(["--tls-auth-clients", "no"]);
+            }
+            let child = cmd
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -550,7 +589,7 @@ impl Redis {
 
     /// A connection for the test's own commands.
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
+        redis::Client::open(self.plain_url())
             .expect("redis url")
             .get_multiplexed_async_connection()
             .await
