@@ -224,13 +224,31 @@ pub fn check_response_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The hop-by-hop header names of a message: `Connection` and every header it names,
-/// `Keep-Alive`, `TE`, `Upgrade` (kept when `upgrading`, with `Connection: upgrade`), and
-/// every `Proxy-*` header. These describe one connection and must not be forwarded.
+/// The hop-by-hop header names present in a message: `Connection` and every header it
+/// names, `Keep-Alive`, `TE`, `Upgrade` (kept when `upgrading`, with `Connection: upgrade`),
+/// and every `Proxy-*` header. These describe one connection and must not be forwarded.
+///
+/// Only names the message carries are returned, each once, so a message with none costs one
+/// pass over its names and no allocation (this runs on every request and response).
 pub fn hop_by_hop_names(headers: &HeaderMap, upgrading: bool) -> Vec<HeaderName> {
-    let mut names: Vec<HeaderName> = vec![CONNECTION, TE, HeaderName::from_static("keep-alive")];
-    if !upgrading {
-        names.push(UPGRADE);
+    let mut names: Vec<HeaderName> = Vec::new();
+    let mut has_connection = false;
+    for name in headers.keys() {
+        let hop = if name == CONNECTION {
+            has_connection = true;
+            true
+        } else {
+            name == TE
+                || (name == UPGRADE && !upgrading)
+                || name.as_str() == "keep-alive"
+                || name.as_str().starts_with("proxy-")
+        };
+        if hop {
+            names.push(name.clone());
+        }
+    }
+    if !has_connection {
+        return names;
     }
     for v in headers.get_all(CONNECTION) {
         for token in v.as_bytes().split(|b| *b == b',') {
@@ -238,21 +256,24 @@ pub fn hop_by_hop_names(headers: &HeaderMap, upgrading: bool) -> Vec<HeaderName>
             if upgrading && token.eq_ignore_ascii_case(b"upgrade") {
                 continue;
             }
-            if let Ok(h) = HeaderName::from_bytes(token) {
-                // Never let `Connection` remove what frames the message or routes it.
-                if h != TRANSFER_ENCODING && h != CONTENT_LENGTH && h != http::header::HOST {
-                    names.push(h);
-                }
+            // Looked up first (no allocation): the usual tokens (`keep-alive`, `close`)
+            // name no header the message carries.
+            let present = std::str::from_utf8(token).is_ok_and(|t| headers.contains_key(t));
+            if !present {
+                continue;
+            }
+            let Ok(h) = HeaderName::from_bytes(token) else {
+                continue;
+            };
+            // Never let `Connection` remove what frames the message or routes it.
+            if h == TRANSFER_ENCODING || h == CONTENT_LENGTH || h == http::header::HOST {
+                continue;
+            }
+            if !names.contains(&h) {
+                names.push(h);
             }
         }
     }
-    for name in headers.keys() {
-        if name.as_str().starts_with("proxy-") {
-            names.push(name.clone());
-        }
-    }
-    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    names.dedup();
     names
 }
 
@@ -324,10 +345,15 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             CONNECTION,
-            "keep-alive, X-Secret, content-length".parse().unwrap(),
+            "keep-alive, X-Secret, content-length, absent"
+                .parse()
+                .unwrap(),
         );
-        h.insert("x-secret", "1".parse().unwrap());
+        for n in ["x-secret", "keep-alive", "te", "upgrade", "content-length"] {
+            h.insert(HeaderName::from_static(n), "1".parse().unwrap());
+        }
         h.insert("proxy-authorization", "basic x".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
         let names = hop_by_hop_names(&h, false);
         for n in [
             "connection",
@@ -339,8 +365,13 @@ mod tests {
         ] {
             assert!(names.iter().any(|h| h == n), "{n} missing from {names:?}");
         }
-        assert!(!names.iter().any(|h| h == "content-length"));
+        assert_eq!(names.len(), 6, "{names:?}");
         assert!(!hop_by_hop_names(&h, true).iter().any(|h| h == "upgrade"));
+        // A message without any: nothing.
+        let mut plain = HeaderMap::new();
+        plain.insert("x-kept", "1".parse().unwrap());
+        plain.insert(http::header::HOST, "a".parse().unwrap());
+        assert!(hop_by_hop_names(&plain, false).is_empty());
     }
 
     #[test]
