@@ -32,6 +32,25 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
+/// A header Kanaria adds to messages: its name for lookups, and the bytes Pingora writes on
+/// the wire, prepared once. Pingora's case-preserving `insert_header` copies a `HeaderName`
+/// into a new buffer on every call (to title-case it); bytes made here are only shared.
+#[derive(Debug, Clone)]
+pub struct AddedHeader {
+    pub name: http::HeaderName,
+    pub wire: bytes::Bytes,
+}
+
+impl AddedHeader {
+    pub fn new(name: http::HeaderName) -> Self {
+        use pingora::http::IntoCaseHeaderName as _;
+        // Exactly what Pingora would make of the name per call (title case for the names
+        // it knows, as written otherwise).
+        let wire = bytes::Bytes::copy_from_slice((&name).into_case_header_name().as_slice());
+        AddedHeader { name, wire }
+    }
+}
+
 /// `[proxy]`, validated.
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
@@ -39,8 +58,8 @@ pub struct ProxySettings {
     pub threads: Option<usize>,
     pub timeouts: Timeouts,
     /// `None` when `add_version_header = false`.
-    pub version_header: Option<http::HeaderName>,
-    pub request_id_header: http::HeaderName,
+    pub version_header: Option<AddedHeader>,
+    pub request_id_header: AddedHeader,
     pub shutdown_grace: Duration,
     pub upgrade_sock: String,
     /// h2c (HTTP/2 prior knowledge) on the plain listeners.

@@ -48,11 +48,7 @@ pub fn client_ip(session: &Session, trusted: &[IpNet]) -> Option<IpAddr> {
         .map(|a| a.ip())?;
     Some(forwarded_client(
         peer,
-        session
-            .req_header()
-            .headers
-            .get_all("x-forwarded-for")
-            .iter(),
+        session.req_header().headers.get_all(&XFF_NAME).iter(),
         trusted,
     ))
 }
