@@ -119,9 +119,58 @@ fn valid_length(v: &[u8]) -> bool {
         && std::str::from_utf8(v).is_ok_and(|s| s.parse::<u64>().is_ok())
 }
 
-/// RFC 9110 token characters (header field names).
+/// RFC 9110 token characters (header field names), one table lookup per byte.
+const TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    t
+};
+
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[usize::from(b)]
+}
+
+/// The lines of `raw` split at LF (as `split(|b| *b == b'\n')`), found with `memchr`.
+struct Lines<'a>(Option<&'a [u8]>);
+
+impl<'a> Iterator for Lines<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let rest = self.0?;
+        match memchr::memchr(b'\n', rest) {
+            Some(i) => {
+                self.0 = Some(&rest[i + 1..]);
+                Some(&rest[..i])
+            }
+            None => {
+                self.0 = None;
+                Some(rest)
+            }
+        }
+    }
 }
 
 /// Checks the raw request header section (request line to the blank line, as read from the
@@ -134,20 +183,19 @@ pub fn check_request_head(raw: &[u8], limits: &HeaderLimits) -> Result<(), Rejec
         return Err(Reject::HeaderTooLarge);
     }
     // Line ends: CRLF only. httparse accepts bare LF, which another hop may read differently.
-    for (i, &b) in raw.iter().enumerate() {
-        match b {
-            b'\n' if i == 0 || raw[i - 1] != b'\r' => {
-                return Err(Reject::Framing("bare LF where CRLF is required"))
-            }
-            b'\r' if raw.get(i + 1) != Some(&b'\n') => {
-                return Err(Reject::Framing("CR not followed by LF"))
-            }
-            _ => {}
+    // Every CR and LF in order (memchr: this runs on every request): a CR must be followed
+    // by an LF, which is then skipped; an LF met on its own had no CR before it.
+    let mut ends = memchr::memchr2_iter(b'\r', b'\n', raw);
+    while let Some(i) = ends.next() {
+        if raw[i] == b'\n' {
+            return Err(Reject::Framing("bare LF where CRLF is required"));
         }
+        if raw.get(i + 1) != Some(&b'\n') {
+            return Err(Reject::Framing("CR not followed by LF"));
+        }
+        ends.next();
     }
-    let mut lines = raw
-        .split(|b| *b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let mut lines = Lines(Some(raw)).map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     let request_line = lines.next().unwrap_or_default();
     let http10 = request_line.ends_with(b"HTTP/1.0");
     let (mut count, mut lengths, mut encodings) = (0usize, 0usize, 0usize);
@@ -163,7 +211,7 @@ pub fn check_request_head(raw: &[u8], limits: &HeaderLimits) -> Result<(), Rejec
         if count > limits.max_count {
             return Err(Reject::TooManyHeaders);
         }
-        let Some(colon) = line.iter().position(|b| *b == b':') else {
+        let Some(colon) = memchr::memchr(b':', line) else {
             return Err(Reject::Framing("header line without a colon"));
         };
         let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
@@ -319,6 +367,32 @@ mod tests {
                 "{raw:?} passed"
             );
         }
+    }
+
+    #[test]
+    fn tchar_table_and_lines_match_the_plain_definitions() {
+        for b in 0..=255u8 {
+            let plain = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            assert_eq!(is_tchar(b), plain, "{b}");
+        }
+        for raw in ["", "\n", "a", "a\nb", "a\n\nb\n", "\r\n\r\n"] {
+            let split: Vec<&[u8]> = raw.as_bytes().split(|b| *b == b'\n').collect();
+            let lines: Vec<&[u8]> = Lines(Some(raw.as_bytes())).collect();
+            assert_eq!(lines, split, "{raw:?}");
+        }
+        // Which defect is reported when there are several: the first CR/LF fault wins.
+        assert_eq!(
+            check("GET / HTTP/1.1\r\nBad Name: 1\r\nX: 1\n\r\n"),
+            Err(Reject::Framing("bare LF where CRLF is required"))
+        );
+        assert_eq!(
+            check("GET / HTTP/1.1\r\nX: 1\r\r\n\r\n"),
+            Err(Reject::Framing("CR not followed by LF"))
+        );
+        assert_eq!(
+            check("GET / HTTP/1.1\r\nX: 1\r"),
+            Err(Reject::Framing("CR not followed by LF"))
+        );
     }
 
     #[test]
