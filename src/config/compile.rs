@@ -1017,12 +1017,12 @@ fn pool(
                     }
                 }
             }
-            Some(Arc::new(Pool {
-                version: p.version.clone(),
+            Some(Arc::new(Pool::new(
+                p.version.clone(),
                 endpoints,
-                lb: Arc::new(lb),
+                Arc::new(lb),
                 h2c,
-            }))
+            )))
         }
         Err(e) => {
             c.err(path.key("endpoints"), format!("cannot build the pool: {e}"));

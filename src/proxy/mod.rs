@@ -435,7 +435,7 @@ impl ProxyHttp for KanariaProxy {
             return Error::e_explain(ErrorType::InternalError, "no route decided");
         };
         let mut pool = route.pool(version);
-        let mut backend = pool.lb.select(b"", 256);
+        let mut backend = pool.select();
         // Every stable endpoint down: only an explicit `stable_down = "serve_canary"` sends
         // stable's users to the canary; by default they get a 502.
         if backend.is_none()
@@ -443,7 +443,7 @@ impl ProxyHttp for KanariaProxy {
             && route.stable_down == StableDown::ServeCanary
         {
             if let Some(canary) = &route.canary {
-                backend = canary.lb.select(b"", 256);
+                backend = canary.select();
                 if backend.is_some() {
                     pool = canary;
                     ctx.version = Some(Track::Canary);
@@ -464,7 +464,7 @@ impl ProxyHttp for KanariaProxy {
             );
         };
         ctx.edge.upstream_addr = backend.addr.as_inet().copied();
-        let mut peer = HttpPeer::new(backend.addr, false, String::new());
+        let mut peer = HttpPeer::new(backend.addr.clone(), false, String::new());
         let t = route.timeouts;
         peer.options.connection_timeout = Some(t.connect);
         peer.options.read_timeout = Some(t.read);
