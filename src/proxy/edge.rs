@@ -278,13 +278,19 @@ pub fn check_response_framing(headers: &HeaderMap) -> Result<(), &'static str> {
 ///
 /// Only names the message carries are returned, each once, so a message with none costs one
 /// pass over its names and no allocation (this runs on every request and response).
-pub fn hop_by_hop_names(headers: &HeaderMap, upgrading: bool) -> Vec<HeaderName> {
+/// `keep_connection` leaves `Connection` itself out (its tokens still count): for a response,
+/// where Pingora writes its own.
+pub fn hop_by_hop_names(
+    headers: &HeaderMap,
+    upgrading: bool,
+    keep_connection: bool,
+) -> Vec<HeaderName> {
     let mut names: Vec<HeaderName> = Vec::new();
     let mut has_connection = false;
     for name in headers.keys() {
         let hop = if name == CONNECTION {
             has_connection = true;
-            true
+            !keep_connection
         } else {
             name == TE
                 || (name == UPGRADE && !upgrading)
@@ -428,7 +434,7 @@ mod tests {
         }
         h.insert("proxy-authorization", "basic x".parse().unwrap());
         h.insert("x-kept", "1".parse().unwrap());
-        let names = hop_by_hop_names(&h, false);
+        let names = hop_by_hop_names(&h, false, false);
         for n in [
             "connection",
             "te",
@@ -440,12 +446,21 @@ mod tests {
             assert!(names.iter().any(|h| h == n), "{n} missing from {names:?}");
         }
         assert_eq!(names.len(), 6, "{names:?}");
-        assert!(!hop_by_hop_names(&h, true).iter().any(|h| h == "upgrade"));
+        assert!(!hop_by_hop_names(&h, true, false)
+            .iter()
+            .any(|h| h == "upgrade"));
+        let kept = hop_by_hop_names(&h, false, true);
+        assert!(!kept.iter().any(|h| h == "connection"), "{kept:?}");
+        assert!(kept.iter().any(|h| h == "x-secret"), "{kept:?}");
         // A message without any: nothing.
         let mut plain = HeaderMap::new();
         plain.insert("x-kept", "1".parse().unwrap());
         plain.insert(http::header::HOST, "a".parse().unwrap());
-        assert!(hop_by_hop_names(&plain, false).is_empty());
+        assert!(hop_by_hop_names(&plain, false, false).is_empty());
+        // A response's `Connection: keep-alive`: nothing to remove, nothing allocated.
+        plain.insert(CONNECTION, "keep-alive".parse().unwrap());
+        let names = hop_by_hop_names(&plain, false, true);
+        assert!(names.is_empty() && names.capacity() == 0, "{names:?}");
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub fn clean_upstream_request(
     upgrading: bool,
     route: Option<&Route>,
 ) {
-    for name in hop_by_hop_names(&upstream_request.headers, upgrading) {
+    for name in hop_by_hop_names(&upstream_request.headers, upgrading, false) {
         upstream_request.remove_header(&name);
     }
     if upgrading {
@@ -221,11 +221,9 @@ fn forwarded_scheme(value: &[u8]) -> Option<&'static str> {
 pub fn clean_upstream_response(resp: &mut ResponseHeader) -> Result<(), &'static str> {
     check_response_framing(&resp.headers)?;
     let upgrading = resp.status.as_u16() == 101;
-    for name in hop_by_hop_names(&resp.headers, upgrading) {
-        // Pingora writes its own `Connection` for the client connection.
-        if name != http::header::CONNECTION {
-            resp.remove_header(&name);
-        }
+    // Pingora writes its own `Connection` for the client connection.
+    for name in hop_by_hop_names(&resp.headers, upgrading, true) {
+        resp.remove_header(&name);
     }
     Ok(())
 }
