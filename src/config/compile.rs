@@ -716,11 +716,11 @@ fn proxy_settings(c: &mut Check, p: &ProxyFile, base: &std::path::Path) -> Optio
             idle: idle?,
         },
         version_header: if p.add_version_header {
-            Some(version_header?)
+            Some(super::AddedHeader::new(version_header?))
         } else {
             None
         },
-        request_id_header: request_id_header?,
+        request_id_header: super::AddedHeader::new(request_id_header?),
         shutdown_grace: grace?,
         upgrade_sock: p.upgrade_sock.clone(),
         h2c: p.h2c,
@@ -1056,12 +1056,12 @@ fn pool(
                     }
                 }
             }
-            Some(Arc::new(Pool {
-                version: p.version.clone(),
+            Some(Arc::new(Pool::new(
+                p.version.clone(),
                 endpoints,
-                lb: Arc::new(lb),
+                Arc::new(lb),
                 h2c,
-            }))
+            )))
         }
         Err(e) => {
             c.err(path.key("endpoints"), format!("cannot build the pool: {e}"));

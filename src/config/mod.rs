@@ -12,11 +12,12 @@ pub mod reload;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use pingora::lb::selection::RoundRobin;
-use pingora::lb::LoadBalancer;
+use pingora::lb::{Backend, LoadBalancer};
 
 pub use errors::ConfigErrors;
 
@@ -32,6 +33,25 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
+/// A header Kanaria adds to messages: its name for lookups, and the bytes Pingora writes on
+/// the wire, prepared once. Pingora's case-preserving `insert_header` copies a `HeaderName`
+/// into a new buffer on every call (to title-case it); bytes made here are only shared.
+#[derive(Debug, Clone)]
+pub struct AddedHeader {
+    pub name: http::HeaderName,
+    pub wire: bytes::Bytes,
+}
+
+impl AddedHeader {
+    pub fn new(name: http::HeaderName) -> Self {
+        use pingora::http::IntoCaseHeaderName as _;
+        // Exactly what Pingora would make of the name per call (title case for the names
+        // it knows, as written otherwise).
+        let wire = bytes::Bytes::copy_from_slice((&name).into_case_header_name().as_slice());
+        AddedHeader { name, wire }
+    }
+}
+
 /// `[proxy]`, validated.
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
@@ -39,8 +59,8 @@ pub struct ProxySettings {
     pub threads: Option<usize>,
     pub timeouts: Timeouts,
     /// `None` when `add_version_header = false`.
-    pub version_header: Option<http::HeaderName>,
-    pub request_id_header: http::HeaderName,
+    pub version_header: Option<AddedHeader>,
+    pub request_id_header: AddedHeader,
     pub shutdown_grace: Duration,
     pub upgrade_sock: String,
     /// h2c (HTTP/2 prior knowledge) on the plain listeners.
@@ -197,7 +217,7 @@ impl WeightSource {
     }
 }
 
-/// One version's endpoints, with the load balancer that picks among them.
+/// One version's endpoints, with the load balancer that health-checks them.
 pub struct Pool {
     /// The release label, e.g. `v2`.
     pub version: String,
@@ -205,9 +225,57 @@ pub struct Pool {
     pub lb: Arc<LoadBalancer<RoundRobin>>,
     /// Speak HTTP/2 with prior knowledge to the endpoints.
     pub h2c: bool,
+    /// The load balancer's backends (in its order), each with whether it was ready (healthy
+    /// and enabled) after the last health check round: what the request path picks from.
+    picks: Box<[(Backend, AtomicBool)]>,
+    /// Round-robin position.
+    next: AtomicUsize,
 }
 
 impl Pool {
+    pub fn new(
+        version: String,
+        endpoints: Vec<SocketAddr>,
+        lb: Arc<LoadBalancer<RoundRobin>>,
+        h2c: bool,
+    ) -> Self {
+        let backends = lb.backends();
+        let picks = backends
+            .get_backend()
+            .iter()
+            .map(|b| (b.clone(), AtomicBool::new(backends.ready(b))))
+            .collect();
+        Pool {
+            version,
+            endpoints,
+            lb,
+            h2c,
+            picks,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Copies the load balancer's readiness into the request path's flags. Readiness
+    /// changes only in a health check round, so the controller calls this after each.
+    pub fn refresh_ready(&self) {
+        let backends = self.lb.backends();
+        for (b, ready) in self.picks.iter() {
+            ready.store(backends.ready(b), Ordering::Relaxed);
+        }
+    }
+
+    /// The next ready endpoint, round robin, as `LoadBalancer::select` picks it; `None`
+    /// when none is ready. One atomic add and a scan of flags: Pingora's `select` builds a
+    /// hash set and hashes every candidate on each call.
+    pub fn select(&self) -> Option<&Backend> {
+        let n = self.picks.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|k| &self.picks[start.wrapping_add(k) % n])
+            .find(|(_, ready)| ready.load(Ordering::Relaxed))
+            .map(|(b, _)| b)
+    }
+
     /// Each endpoint with whether it is in rotation (healthy per the health checks).
     pub fn health(&self) -> Vec<(SocketAddr, bool)> {
         let backends = self.lb.backends();

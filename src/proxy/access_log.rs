@@ -289,7 +289,7 @@ fn request_id<'a>(session: &'a Session, ctx: &'a Ctx) -> Option<&'a str> {
     session
         .req_header()
         .headers
-        .get(&live.snapshot.proxy.request_id_header)?
+        .get(&live.snapshot.proxy.request_id_header.name)?
         .to_str()
         .ok()
 }

@@ -119,9 +119,58 @@ fn valid_length(v: &[u8]) -> bool {
         && std::str::from_utf8(v).is_ok_and(|s| s.parse::<u64>().is_ok())
 }
 
-/// RFC 9110 token characters (header field names).
+/// RFC 9110 token characters (header field names), one table lookup per byte.
+const TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    t
+};
+
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[usize::from(b)]
+}
+
+/// The lines of `raw` split at LF (as `split(|b| *b == b'\n')`), found with `memchr`.
+struct Lines<'a>(Option<&'a [u8]>);
+
+impl<'a> Iterator for Lines<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let rest = self.0?;
+        match memchr::memchr(b'\n', rest) {
+            Some(i) => {
+                self.0 = Some(&rest[i + 1..]);
+                Some(&rest[..i])
+            }
+            None => {
+                self.0 = None;
+                Some(rest)
+            }
+        }
+    }
 }
 
 /// Checks the raw request header section (request line to the blank line, as read from the
@@ -134,20 +183,19 @@ pub fn check_request_head(raw: &[u8], limits: &HeaderLimits) -> Result<(), Rejec
         return Err(Reject::HeaderTooLarge);
     }
     // Line ends: CRLF only. httparse accepts bare LF, which another hop may read differently.
-    for (i, &b) in raw.iter().enumerate() {
-        match b {
-            b'\n' if i == 0 || raw[i - 1] != b'\r' => {
-                return Err(Reject::Framing("bare LF where CRLF is required"))
-            }
-            b'\r' if raw.get(i + 1) != Some(&b'\n') => {
-                return Err(Reject::Framing("CR not followed by LF"))
-            }
-            _ => {}
+    // Every CR and LF in order (memchr: this runs on every request): a CR must be followed
+    // by an LF, which is then skipped; an LF met on its own had no CR before it.
+    let mut ends = memchr::memchr2_iter(b'\r', b'\n', raw);
+    while let Some(i) = ends.next() {
+        if raw[i] == b'\n' {
+            return Err(Reject::Framing("bare LF where CRLF is required"));
         }
+        if raw.get(i + 1) != Some(&b'\n') {
+            return Err(Reject::Framing("CR not followed by LF"));
+        }
+        ends.next();
     }
-    let mut lines = raw
-        .split(|b| *b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let mut lines = Lines(Some(raw)).map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     let request_line = lines.next().unwrap_or_default();
     let http10 = request_line.ends_with(b"HTTP/1.0");
     let (mut count, mut lengths, mut encodings) = (0usize, 0usize, 0usize);
@@ -163,7 +211,7 @@ pub fn check_request_head(raw: &[u8], limits: &HeaderLimits) -> Result<(), Rejec
         if count > limits.max_count {
             return Err(Reject::TooManyHeaders);
         }
-        let Some(colon) = line.iter().position(|b| *b == b':') else {
+        let Some(colon) = memchr::memchr(b':', line) else {
             return Err(Reject::Framing("header line without a colon"));
         };
         let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
@@ -224,13 +272,37 @@ pub fn check_response_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The hop-by-hop header names of a message: `Connection` and every header it names,
-/// `Keep-Alive`, `TE`, `Upgrade` (kept when `upgrading`, with `Connection: upgrade`), and
-/// every `Proxy-*` header. These describe one connection and must not be forwarded.
-pub fn hop_by_hop_names(headers: &HeaderMap, upgrading: bool) -> Vec<HeaderName> {
-    let mut names: Vec<HeaderName> = vec![CONNECTION, TE, HeaderName::from_static("keep-alive")];
-    if !upgrading {
-        names.push(UPGRADE);
+/// The hop-by-hop header names present in a message: `Connection` and every header it
+/// names, `Keep-Alive`, `TE`, `Upgrade` (kept when `upgrading`, with `Connection: upgrade`),
+/// and every `Proxy-*` header. These describe one connection and must not be forwarded.
+///
+/// Only names the message carries are returned, each once, so a message with none costs one
+/// pass over its names and no allocation (this runs on every request and response).
+/// `keep_connection` leaves `Connection` itself out (its tokens still count): for a response,
+/// where Pingora writes its own.
+pub fn hop_by_hop_names(
+    headers: &HeaderMap,
+    upgrading: bool,
+    keep_connection: bool,
+) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = Vec::new();
+    let mut has_connection = false;
+    for name in headers.keys() {
+        let hop = if name == CONNECTION {
+            has_connection = true;
+            !keep_connection
+        } else {
+            name == TE
+                || (name == UPGRADE && !upgrading)
+                || name.as_str() == "keep-alive"
+                || name.as_str().starts_with("proxy-")
+        };
+        if hop {
+            names.push(name.clone());
+        }
+    }
+    if !has_connection {
+        return names;
     }
     for v in headers.get_all(CONNECTION) {
         for token in v.as_bytes().split(|b| *b == b',') {
@@ -238,21 +310,24 @@ pub fn hop_by_hop_names(headers: &HeaderMap, upgrading: bool) -> Vec<HeaderName>
             if upgrading && token.eq_ignore_ascii_case(b"upgrade") {
                 continue;
             }
-            if let Ok(h) = HeaderName::from_bytes(token) {
-                // Never let `Connection` remove what frames the message or routes it.
-                if h != TRANSFER_ENCODING && h != CONTENT_LENGTH && h != http::header::HOST {
-                    names.push(h);
-                }
+            // Looked up first (no allocation): the usual tokens (`keep-alive`, `close`)
+            // name no header the message carries.
+            let present = std::str::from_utf8(token).is_ok_and(|t| headers.contains_key(t));
+            if !present {
+                continue;
+            }
+            let Ok(h) = HeaderName::from_bytes(token) else {
+                continue;
+            };
+            // Never let `Connection` remove what frames the message or routes it.
+            if h == TRANSFER_ENCODING || h == CONTENT_LENGTH || h == http::header::HOST {
+                continue;
+            }
+            if !names.contains(&h) {
+                names.push(h);
             }
         }
     }
-    for name in headers.keys() {
-        if name.as_str().starts_with("proxy-") {
-            names.push(name.clone());
-        }
-    }
-    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    names.dedup();
     names
 }
 
@@ -301,6 +376,32 @@ mod tests {
     }
 
     #[test]
+    fn tchar_table_and_lines_match_the_plain_definitions() {
+        for b in 0..=255u8 {
+            let plain = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            assert_eq!(is_tchar(b), plain, "{b}");
+        }
+        for raw in ["", "\n", "a", "a\nb", "a\n\nb\n", "\r\n\r\n"] {
+            let split: Vec<&[u8]> = raw.as_bytes().split(|b| *b == b'\n').collect();
+            let lines: Vec<&[u8]> = Lines(Some(raw.as_bytes())).collect();
+            assert_eq!(lines, split, "{raw:?}");
+        }
+        // Which defect is reported when there are several: the first CR/LF fault wins.
+        assert_eq!(
+            check("GET / HTTP/1.1\r\nBad Name: 1\r\nX: 1\n\r\n"),
+            Err(Reject::Framing("bare LF where CRLF is required"))
+        );
+        assert_eq!(
+            check("GET / HTTP/1.1\r\nX: 1\r\r\n\r\n"),
+            Err(Reject::Framing("CR not followed by LF"))
+        );
+        assert_eq!(
+            check("GET / HTTP/1.1\r\nX: 1\r"),
+            Err(Reject::Framing("CR not followed by LF"))
+        );
+    }
+
+    #[test]
     fn limits_answer_431() {
         let limits = HeaderLimits {
             max_bytes: 64,
@@ -324,11 +425,16 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             CONNECTION,
-            "keep-alive, X-Secret, content-length".parse().unwrap(),
+            "keep-alive, X-Secret, content-length, absent"
+                .parse()
+                .unwrap(),
         );
-        h.insert("x-secret", "1".parse().unwrap());
+        for n in ["x-secret", "keep-alive", "te", "upgrade", "content-length"] {
+            h.insert(HeaderName::from_static(n), "1".parse().unwrap());
+        }
         h.insert("proxy-authorization", "basic x".parse().unwrap());
-        let names = hop_by_hop_names(&h, false);
+        h.insert("x-kept", "1".parse().unwrap());
+        let names = hop_by_hop_names(&h, false, false);
         for n in [
             "connection",
             "te",
@@ -339,8 +445,22 @@ mod tests {
         ] {
             assert!(names.iter().any(|h| h == n), "{n} missing from {names:?}");
         }
-        assert!(!names.iter().any(|h| h == "content-length"));
-        assert!(!hop_by_hop_names(&h, true).iter().any(|h| h == "upgrade"));
+        assert_eq!(names.len(), 6, "{names:?}");
+        assert!(!hop_by_hop_names(&h, true, false)
+            .iter()
+            .any(|h| h == "upgrade"));
+        let kept = hop_by_hop_names(&h, false, true);
+        assert!(!kept.iter().any(|h| h == "connection"), "{kept:?}");
+        assert!(kept.iter().any(|h| h == "x-secret"), "{kept:?}");
+        // A message without any: nothing.
+        let mut plain = HeaderMap::new();
+        plain.insert("x-kept", "1".parse().unwrap());
+        plain.insert(http::header::HOST, "a".parse().unwrap());
+        assert!(hop_by_hop_names(&plain, false, false).is_empty());
+        // A response's `Connection: keep-alive`: nothing to remove, nothing allocated.
+        plain.insert(CONNECTION, "keep-alive".parse().unwrap());
+        let names = hop_by_hop_names(&plain, false, true);
+        assert!(names.is_empty() && names.capacity() == 0, "{names:?}");
     }
 
     #[test]

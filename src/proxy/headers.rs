@@ -8,7 +8,7 @@
 use std::io::Write as _;
 use std::net::IpAddr;
 
-use http::header::COOKIE;
+use http::header::{HeaderName, COOKIE};
 use http::HeaderValue;
 use ipnet::IpNet;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -48,11 +48,7 @@ pub fn client_ip(session: &Session, trusted: &[IpNet]) -> Option<IpAddr> {
         .map(|a| a.ip())?;
     Some(forwarded_client(
         peer,
-        session
-            .req_header()
-            .headers
-            .get_all("x-forwarded-for")
-            .iter(),
+        session.req_header().headers.get_all(&XFF_NAME).iter(),
         trusted,
     ))
 }
@@ -93,7 +89,7 @@ pub fn clean_upstream_request(
     upgrading: bool,
     route: Option<&Route>,
 ) {
-    for name in hop_by_hop_names(&upstream_request.headers, upgrading) {
+    for name in hop_by_hop_names(&upstream_request.headers, upgrading, false) {
         upstream_request.remove_header(&name);
     }
     if upgrading {
@@ -142,8 +138,37 @@ pub fn without_cookie(headers: &http::HeaderMap, name: &str) -> Option<String> {
     })
 }
 
+// Looked up as pre-parsed names (no parse per request); inserted as `&'static str`, which
+// Pingora's case map takes without copying (a `HeaderName` it would copy to title-case).
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+const XFF_NAME: HeaderName = HeaderName::from_static(X_FORWARDED_FOR);
+const XFP_NAME: HeaderName = HeaderName::from_static(X_FORWARDED_PROTO);
+
+/// Appends `ip` as text. IPv4 (the common case) by hand: `write!` through the formatting
+/// machinery costs more than the rest of the header.
+fn push_ip(buf: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf.push(b'.');
+                }
+                if octet >= 100 {
+                    buf.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    buf.push(b'0' + octet / 10 % 10);
+                }
+                buf.push(b'0' + octet % 10);
+            }
+        }
+        // Writing to a Vec cannot fail.
+        IpAddr::V6(_) => {
+            let _ = write!(buf, "{ip}");
+        }
+    }
+}
 
 /// Sets the forwarding headers of a request about to go upstream. `X-Forwarded-For` gets
 /// the socket peer appended to what earlier proxies wrote. `X-Forwarded-Proto` keeps what a
@@ -158,7 +183,7 @@ pub fn set_forwarding(
 ) -> pingora::Result<()> {
     if let Some(ip) = peer {
         // Several XFF headers fold into one list, built in one buffer sized up front.
-        let earlier = upstream_request.headers.get_all(X_FORWARDED_FOR);
+        let earlier = upstream_request.headers.get_all(&XFF_NAME);
         let mut xff = Vec::with_capacity(earlier.iter().map(|v| v.len() + 2).sum::<usize>() + 39);
         for v in earlier {
             if v.to_str().is_ok() {
@@ -166,14 +191,13 @@ pub fn set_forwarding(
                 xff.extend_from_slice(b", ");
             }
         }
-        // Writing to a Vec cannot fail.
-        let _ = write!(xff, "{ip}");
+        push_ip(&mut xff, ip);
         upstream_request.insert_header(X_FORWARDED_FOR, xff)?;
     }
     let from_trusted = peer.is_some_and(|ip| trusted.iter().any(|n| n.contains(&ip)));
     let proto = upstream_request
         .headers
-        .get(X_FORWARDED_PROTO)
+        .get(&XFP_NAME)
         .filter(|_| from_trusted)
         .and_then(|v| forwarded_scheme(v.as_bytes()));
     upstream_request.insert_header(X_FORWARDED_PROTO, proto.unwrap_or(listener_scheme))?;
@@ -197,11 +221,9 @@ fn forwarded_scheme(value: &[u8]) -> Option<&'static str> {
 pub fn clean_upstream_response(resp: &mut ResponseHeader) -> Result<(), &'static str> {
     check_response_framing(&resp.headers)?;
     let upgrading = resp.status.as_u16() == 101;
-    for name in hop_by_hop_names(&resp.headers, upgrading) {
-        // Pingora writes its own `Connection` for the client connection.
-        if name != http::header::CONNECTION {
-            resp.remove_header(&name);
-        }
+    // Pingora writes its own `Connection` for the client connection.
+    for name in hop_by_hop_names(&resp.headers, upgrading, true) {
+        resp.remove_header(&name);
     }
     Ok(())
 }
@@ -253,6 +275,25 @@ mod tests {
         // A client cannot claim https on a plain connection.
         assert_eq!(forwarded("192.0.2.9", Some("https")).0, "http");
         assert_eq!(forwarded("192.0.2.9", None).1, "192.0.2.9");
+    }
+
+    #[test]
+    fn ip_text_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.255.9",
+            "192.168.100.99",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::ff00:42:8329",
+            "::ffff:192.0.2.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut buf = Vec::new();
+            push_ip(&mut buf, ip);
+            assert_eq!(String::from_utf8(buf).unwrap(), ip.to_string());
+        }
     }
 
     #[test]

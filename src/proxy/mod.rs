@@ -316,11 +316,11 @@ fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
         return Ok(());
     };
     let snap = &live.snapshot;
-    if let (Some(name), Some(v)) = (&snap.proxy.version_header, ctx.version) {
-        resp.insert_header(name.clone(), v.as_str())?;
+    if let (Some(header), Some(v)) = (&snap.proxy.version_header, ctx.version) {
+        resp.insert_header(header.wire.clone(), HeaderValue::from_static(v.as_str()))?;
     }
     if let Some(id) = &ctx.generated_request_id {
-        resp.insert_header(snap.proxy.request_id_header.clone(), id.clone())?;
+        resp.insert_header(snap.proxy.request_id_header.wire.clone(), id.clone())?;
     }
     ctx.edge.decorate(resp, ctx.route().map(|r| r.as_ref()))
 }
@@ -383,7 +383,11 @@ impl ProxyHttp for KanariaProxy {
         let r = route.and_then(|i| snap.routes.get(i));
         ctx.edge
             .begin(session, r.map(|r| r.as_ref()), &self.issued_ids);
-        if req.headers.get(&snap.proxy.request_id_header).is_none() {
+        if req
+            .headers
+            .get(&snap.proxy.request_id_header.name)
+            .is_none()
+        {
             ctx.generated_request_id = Some(self.ids.next());
         }
         let decision = route.and_then(|i| snap.routes.get(i)).map(|r| {
@@ -431,7 +435,7 @@ impl ProxyHttp for KanariaProxy {
             return Error::e_explain(ErrorType::InternalError, "no route decided");
         };
         let mut pool = route.pool(version);
-        let mut backend = pool.lb.select(b"", 256);
+        let mut backend = pool.select();
         // Every stable endpoint down: only an explicit `stable_down = "serve_canary"` sends
         // stable's users to the canary; by default they get a 502.
         if backend.is_none()
@@ -439,7 +443,7 @@ impl ProxyHttp for KanariaProxy {
             && route.stable_down == StableDown::ServeCanary
         {
             if let Some(canary) = &route.canary {
-                backend = canary.lb.select(b"", 256);
+                backend = canary.select();
                 if backend.is_some() {
                     pool = canary;
                     ctx.version = Some(Track::Canary);
@@ -460,7 +464,7 @@ impl ProxyHttp for KanariaProxy {
             );
         };
         ctx.edge.upstream_addr = backend.addr.as_inet().copied();
-        let mut peer = HttpPeer::new(backend.addr, false, String::new());
+        let mut peer = HttpPeer::new(backend.addr.clone(), false, String::new());
         let t = route.timeouts;
         peer.options.connection_timeout = Some(t.connect);
         peer.options.read_timeout = Some(t.read);
@@ -626,8 +630,10 @@ impl ProxyHttp for KanariaProxy {
             ctx.edge.scheme(),
         )?;
         if let (Some(id), Some(live)) = (&ctx.generated_request_id, &ctx.live) {
-            upstream_request
-                .insert_header(live.snapshot.proxy.request_id_header.clone(), id.clone())?;
+            upstream_request.insert_header(
+                live.snapshot.proxy.request_id_header.wire.clone(),
+                id.clone(),
+            )?;
         }
         let h2c = matches!((ctx.route(), ctx.version), (Some(r), Some(v)) if r.pool(v).h2c);
         h2::forward_te_trailers(&session.req_header().headers, upstream_request, h2c)

@@ -72,6 +72,7 @@ impl Probes {
         let (pool, running) = (pool.clone(), entry.1.clone());
         tokio::spawn(async move {
             pool.lb.backends().run_health_check(true).await;
+            pool.refresh_ready();
             running.store(false, Ordering::Release);
         });
     }
