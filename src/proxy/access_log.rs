@@ -246,11 +246,45 @@ fn json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// Appends an address as text (IPv4 by hand, as the forwarding headers do).
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let (text, n) = crate::proxy::headers::ipv4_text(v4);
+            // ASCII digits and dots.
+            out.push_str(std::str::from_utf8(&text[..n]).unwrap_or("?"));
+        }
+        IpAddr::V6(_) => {
+            let _ = write!(out, "{ip}");
+        }
+    }
+}
+
+/// Appends a number in decimal without the formatting machinery.
+fn push_uint(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
+}
+
 /// Writes `d` in milliseconds with three decimals (microseconds), by integer arithmetic:
 /// float formatting was a large part of a line's cost.
 fn write_ms(out: &mut String, d: Duration) {
-    let us = d.as_micros();
-    let _ = write!(out, "{}.{:03}", us / 1000, us % 1000);
+    let us = d.as_micros() as u64;
+    push_uint(out, us / 1000);
+    let frac = us % 1000;
+    out.push('.');
+    out.push(char::from(b'0' + (frac / 100) as u8));
+    out.push(char::from(b'0' + (frac / 10 % 10) as u8));
+    out.push(char::from(b'0' + (frac % 10) as u8));
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` for now. The date and time to the second are formatted once
@@ -303,7 +337,9 @@ fn json_line(session: &Session, ctx: &Ctx) -> String {
     s.push_str("\",\"client\":");
     match f.client {
         Some(ip) => {
-            let _ = write!(s, "\"{ip}\"");
+            s.push('"');
+            push_ip(&mut s, ip);
+            s.push('"');
         }
         None => s.push_str("null"),
     }
@@ -313,11 +349,16 @@ fn json_line(session: &Session, ctx: &Ctx) -> String {
     json_str(&mut s, f.host);
     s.push_str(",\"path\":");
     json_str(&mut s, f.path);
-    let _ = write!(
-        s,
-        ",\"protocol\":\"{}\",\"tls\":{},\"status\":{},\"bytes\":{}",
-        f.version, ctx.edge.tls, f.status, f.bytes
-    );
+    s.push_str(",\"protocol\":\"");
+    s.push_str(f.version);
+    s.push_str(if ctx.edge.tls {
+        "\",\"tls\":true,\"status\":"
+    } else {
+        "\",\"tls\":false,\"status\":"
+    });
+    push_uint(&mut s, u64::from(f.status));
+    s.push_str(",\"bytes\":");
+    push_uint(&mut s, f.bytes as u64);
     s.push_str(",\"route\":");
     match route {
         Some(r) => json_str(&mut s, &r.name),
@@ -326,7 +367,9 @@ fn json_line(session: &Session, ctx: &Ctx) -> String {
     s.push_str(",\"track\":");
     match ctx.version {
         Some(v) => {
-            let _ = write!(s, "\"{}\"", v.as_str());
+            s.push('"');
+            s.push_str(v.as_str());
+            s.push('"');
         }
         None => s.push_str("null"),
     }
@@ -344,15 +387,23 @@ fn json_line(session: &Session, ctx: &Ctx) -> String {
         )
     });
     match bucket {
-        Some(b) => {
-            let _ = write!(s, "{b}");
-        }
+        Some(b) => push_uint(&mut s, u64::from(b)),
         None => s.push_str("null"),
     }
     s.push_str(",\"upstream\":");
     match ctx.edge.upstream_addr {
         Some(a) => {
-            let _ = write!(s, "\"{a}\"");
+            s.push('"');
+            if a.is_ipv6() {
+                s.push('[');
+                push_ip(&mut s, a.ip());
+                s.push(']');
+            } else {
+                push_ip(&mut s, a.ip());
+            }
+            s.push(':');
+            push_uint(&mut s, u64::from(a.port()));
+            s.push('"');
         }
         None => s.push_str("null"),
     }
@@ -452,6 +503,14 @@ mod tests {
         write_ms(&mut s, Duration::from_micros(1_234_567));
         s.push(' ');
         write_ms(&mut s, Duration::from_micros(42));
-        assert_eq!(s, "1234.567 0.042");
+        s.push(' ');
+        push_ip(&mut s, "192.168.10.1".parse().unwrap());
+        s.push(' ');
+        push_ip(&mut s, "::1".parse().unwrap());
+        s.push(' ');
+        push_uint(&mut s, 0);
+        s.push(' ');
+        push_uint(&mut s, 18_446_744_073_709_551_615);
+        assert_eq!(s, "1234.567 0.042 192.168.10.1 ::1 0 18446744073709551615");
     }
 }
