@@ -200,7 +200,11 @@ fn facts<'a>(session: &'a Session, ctx: &Ctx) -> Facts<'a> {
         .as_ref()
         .map_or(&[][..], |l| &l.snapshot.edge.trusted_proxies[..]);
     Facts {
-        client: crate::proxy::headers::client_ip(session, trusted),
+        // As the split saw it; computed here only for requests refused before that.
+        client: ctx
+            .edge
+            .client
+            .or_else(|| crate::proxy::headers::client_ip(session, trusted)),
         method: req.method.as_str(),
         host: req
             .headers
@@ -246,13 +250,17 @@ fn json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// Appends an address as text (IPv4 by hand, as the forwarding headers do).
+/// Appends an address as text (IPv4 without the formatting machinery).
 fn push_ip(out: &mut String, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
-            let (text, n) = crate::proxy::headers::ipv4_text(v4);
-            // ASCII digits and dots.
-            out.push_str(std::str::from_utf8(&text[..n]).unwrap_or("?"));
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(digits.format(octet));
+            }
         }
         IpAddr::V6(_) => {
             let _ = write!(out, "{ip}");
@@ -261,18 +269,17 @@ fn push_ip(out: &mut String, ip: IpAddr) {
 }
 
 /// Appends a number in decimal without the formatting machinery.
-fn push_uint(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
+fn push_uint(out: &mut String, n: u64) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+/// Appends a value that needs no JSON escaping, quoted: route names and release labels
+/// (the config allows only `A-Z a-z 0-9 - _ .` in them), methods and track names.
+fn json_plain(out: &mut String, s: &str) {
+    debug_assert!(!s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20));
+    out.push('"');
+    out.push_str(s);
+    out.push('"');
 }
 
 /// Writes `d` in milliseconds with three decimals (microseconds), by integer arithmetic:
@@ -344,7 +351,7 @@ fn json_line(session: &Session, ctx: &Ctx) -> String {
         None => s.push_str("null"),
     }
     s.push_str(",\"method\":");
-    json_str(&mut s, f.method);
+    json_plain(&mut s, f.method);
     s.push_str(",\"host\":");
     json_str(&mut s, f.host);
     s.push_str(",\"path\":");
@@ -361,21 +368,17 @@ fn json_line(session: &Session, ctx: &Ctx) -> String {
     push_uint(&mut s, f.bytes as u64);
     s.push_str(",\"route\":");
     match route {
-        Some(r) => json_str(&mut s, &r.name),
+        Some(r) => json_plain(&mut s, &r.name),
         None => s.push_str("null"),
     }
     s.push_str(",\"track\":");
     match ctx.version {
-        Some(v) => {
-            s.push('"');
-            s.push_str(v.as_str());
-            s.push('"');
-        }
+        Some(v) => json_plain(&mut s, v.as_str()),
         None => s.push_str("null"),
     }
     s.push_str(",\"release\":");
     match (route, ctx.version) {
-        (Some(r), Some(v)) => json_str(&mut s, &r.pool(v).version),
+        (Some(r), Some(v)) => json_plain(&mut s, &r.pool(v).version),
         _ => s.push_str("null"),
     }
     s.push_str(",\"bucket\":");

@@ -26,6 +26,8 @@ pub struct EdgeCtx {
     pub upstream_addr: Option<SocketAddr>,
     /// The answer carried a gRPC status that counts as an error (headers or trailers).
     pub grpc_failed: bool,
+    /// The client's address as the split saw it (the access log reuses it).
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl EdgeCtx {

@@ -359,6 +359,7 @@ impl ProxyHttp for KanariaProxy {
             return Ok(true);
         }
         let client = crate::proxy::headers::client_ip(session, &snap.edge.trusted_proxies);
+        ctx.edge.client = client;
         let req = session.req_header();
         // HTTP/1.1 carries the host in `Host`; absolute-form and HTTP/2 in the URI.
         let host = req
