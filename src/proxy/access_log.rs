@@ -24,6 +24,7 @@ use pingora::proxy::Session;
 use prometheus::IntCounter;
 
 use super::Ctx;
+use crate::proxy::headers::push_ip;
 
 /// Where the lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,24 +249,6 @@ fn json_str(out: &mut String, s: &str) {
     }
     out.push_str(&s[start..]);
     out.push('"');
-}
-
-/// Appends an address as text (IPv4 without the formatting machinery).
-fn push_ip(out: &mut String, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            let mut digits = itoa::Buffer::new();
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                out.push_str(digits.format(octet));
-            }
-        }
-        IpAddr::V6(_) => {
-            let _ = write!(out, "{ip}");
-        }
-    }
 }
 
 /// Appends a number in decimal without the formatting machinery.

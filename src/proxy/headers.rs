@@ -5,7 +5,7 @@
 //! The decisions themselves are in [`crate::proxy::edge`] (pure functions); this module applies
 //! them to Pingora sessions so the hooks only call one function each.
 
-use std::io::Write as _;
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use http::header::{HeaderName, COOKIE};
@@ -38,14 +38,19 @@ pub fn admit(session: &mut Session, edge: &EdgeSettings) -> Option<Reject> {
     None
 }
 
+/// The socket peer's address: what `X-Forwarded-For` appends.
+pub fn peer_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
 /// The client's address for stickiness and override allow-lists: the socket peer, unless
 /// the peer is a trusted proxy; then the right-most `X-Forwarded-For` entry that is not a
 /// trusted proxy (entries further left are the client's own claims and are ignored).
 pub fn client_ip(session: &Session, trusted: &[IpNet]) -> Option<IpAddr> {
-    let peer = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip())?;
+    let peer = peer_ip(session)?;
     Some(forwarded_client(
         peer,
         session.req_header().headers.get_all(&XFF_NAME).iter(),
@@ -145,40 +150,23 @@ const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 const XFF_NAME: HeaderName = HeaderName::from_static(X_FORWARDED_FOR);
 const XFP_NAME: HeaderName = HeaderName::from_static(X_FORWARDED_PROTO);
 
-/// An IPv4 address as text, by hand: `write!` through the formatting machinery costs more
-/// than the rest of a header (or an access log line's other fields).
-pub(crate) fn ipv4_text(v4: std::net::Ipv4Addr) -> ([u8; 15], usize) {
-    let mut out = [0u8; 15];
-    let mut n = 0;
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            out[n] = b'.';
-            n += 1;
-        }
-        if octet >= 100 {
-            out[n] = b'0' + octet / 100;
-            n += 1;
-        }
-        if octet >= 10 {
-            out[n] = b'0' + octet / 10 % 10;
-            n += 1;
-        }
-        out[n] = b'0' + octet % 10;
-        n += 1;
-    }
-    (out, n)
-}
-
-/// Appends `ip` as text (IPv4, the common case, by hand).
-fn push_ip(buf: &mut Vec<u8>, ip: IpAddr) {
+/// Appends `ip` as text. IPv4 (the common case) octet by octet through `itoa`: `write!`
+/// through the formatting machinery costs more than the rest of a header (or of an access
+/// log line's other fields). Used by both.
+pub(crate) fn push_ip(out: &mut String, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
-            let (text, n) = ipv4_text(v4);
-            buf.extend_from_slice(&text[..n]);
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(digits.format(octet));
+            }
         }
-        // Writing to a Vec cannot fail.
+        // Writing to a String cannot fail.
         IpAddr::V6(_) => {
-            let _ = write!(buf, "{ip}");
+            let _ = write!(out, "{ip}");
         }
     }
 }
@@ -197,11 +185,12 @@ pub fn set_forwarding(
     if let Some(ip) = peer {
         // Several XFF headers fold into one list, built in one buffer sized up front.
         let earlier = upstream_request.headers.get_all(&XFF_NAME);
-        let mut xff = Vec::with_capacity(earlier.iter().map(|v| v.len() + 2).sum::<usize>() + 39);
+        let mut xff =
+            String::with_capacity(earlier.iter().map(|v| v.len() + 2).sum::<usize>() + 39);
         for v in earlier {
-            if v.to_str().is_ok() {
-                xff.extend_from_slice(v.as_bytes());
-                xff.extend_from_slice(b", ");
+            if let Ok(text) = v.to_str() {
+                xff.push_str(text);
+                xff.push_str(", ");
             }
         }
         push_ip(&mut xff, ip);
@@ -303,9 +292,9 @@ mod tests {
             "::ffff:192.0.2.1",
         ] {
             let ip: IpAddr = ip.parse().unwrap();
-            let mut buf = Vec::new();
+            let mut buf = String::new();
             push_ip(&mut buf, ip);
-            assert_eq!(String::from_utf8(buf).unwrap(), ip.to_string());
+            assert_eq!(buf, ip.to_string());
         }
     }
 

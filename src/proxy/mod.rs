@@ -29,7 +29,6 @@ pub mod h2;
 pub mod headers;
 pub mod tls;
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -211,8 +210,6 @@ fn watch_canary_attempt(
     Some(stop)
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
 /// Generates request ids: a random per-process prefix and a counter, so ids are unique
 /// across restarts and instances without a syscall or a lock per request.
 struct RequestIds {
@@ -236,17 +233,8 @@ impl RequestIds {
     fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         // Hex on the stack: one allocation (the header value) per request, no formatting.
-        let mut hex = [0u8; 32];
-        for (i, byte) in self
-            .prefix
-            .to_be_bytes()
-            .into_iter()
-            .chain(n.to_be_bytes())
-            .enumerate()
-        {
-            hex[2 * i] = HEX[usize::from(byte >> 4)];
-            hex[2 * i + 1] = HEX[usize::from(byte & 0xf)];
-        }
+        let id = (u128::from(self.prefix) << 64) | u128::from(n);
+        let hex = crate::split::issued::hex32(id.to_be_bytes());
         // Hex digits are always a valid header value.
         HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("0"))
     }
@@ -289,13 +277,6 @@ fn upstream_error_kind(e: &Error) -> Option<UpstreamErrorKind> {
         | SocketError => UpstreamErrorKind::Connect,
         _ => UpstreamErrorKind::Reset,
     })
-}
-
-fn client_ip(session: &Session) -> Option<IpAddr> {
-    session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
 }
 
 /// Writes a short plain-text answer. Used for every response Kanaria makes itself.
@@ -391,7 +372,7 @@ impl ProxyHttp for KanariaProxy {
         {
             ctx.generated_request_id = Some(self.ids.next());
         }
-        let decision = route.and_then(|i| snap.routes.get(i)).map(|r| {
+        let decision = r.map(|r| {
             r.split.decide_issued(
                 &session.req_header().headers,
                 client,
@@ -626,7 +607,7 @@ impl ProxyHttp for KanariaProxy {
             .map_or(&[][..], |l| &l.snapshot.edge.trusted_proxies[..]);
         crate::proxy::headers::set_forwarding(
             upstream_request,
-            client_ip(session),
+            headers::peer_ip(session),
             trusted,
             ctx.edge.scheme(),
         )?;

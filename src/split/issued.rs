@@ -52,7 +52,7 @@ impl IssuedId {
     }
 
     pub fn as_str(&self) -> &str {
-        // Hex digits only (see `IssuedIds::next`).
+        // Hex digits only (see `hex32`).
         std::str::from_utf8(&self.0).unwrap_or("0")
     }
 }
@@ -86,16 +86,22 @@ impl IssuedIds {
     }
 
     pub fn next(&self) -> IssuedId {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let v = xxh3_128_with_seed(&n.to_le_bytes(), self.seed);
-        let mut out = [0u8; 32];
-        for (i, byte) in v.to_be_bytes().into_iter().enumerate() {
-            out[2 * i] = HEX[usize::from(byte >> 4)];
-            out[2 * i + 1] = HEX[usize::from(byte & 0xf)];
-        }
-        IssuedId(out)
+        IssuedId(hex32(
+            xxh3_128_with_seed(&n.to_le_bytes(), self.seed).to_be_bytes(),
+        ))
     }
+}
+
+/// 16 bytes as 32 lower-case hex digits, on the stack (issued ids and request ids).
+pub(crate) fn hex32(bytes: [u8; 16]) -> [u8; 32] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (i, byte) in bytes.into_iter().enumerate() {
+        out[2 * i] = HEX[usize::from(byte >> 4)];
+        out[2 * i + 1] = HEX[usize::from(byte & 0xf)];
+    }
+    out
 }
 
 #[cfg(test)]
