@@ -331,18 +331,9 @@ impl Window {
         self.totals_since(now, window, None).stats()
     }
 
-    /// Like [`Self::stats`], leaving out every second that began before `since` (the
-    /// moment a new phase or version started: what came before must not judge it).
-    pub fn stats_since(
-        &self,
-        now: Instant,
-        window: Duration,
-        since: Option<Instant>,
-    ) -> WindowStats {
-        self.totals_since(now, window, since).stats()
-    }
-
-    /// The raw totals behind [`Self::stats_since`], to merge requests in flight into.
+    /// The raw totals over the last `window`, leaving out every second that began before
+    /// `since` (the moment a new phase or version started: what came before must not judge
+    /// it); requests in flight are merged into them before the verdict.
     pub fn totals_since(&self, now: Instant, window: Duration, since: Option<Instant>) -> Totals {
         let secs = window.as_secs().clamp(1, self.span_secs());
         let current = self.second(now) + 1;
