@@ -265,6 +265,11 @@ fn broken_configs_print_every_error_with_its_place() {
             &format!("[fleet]\nurl = \"rediss://cache.example.com:6380\"\ncluster = \"prod\"\nca = \"no-such-ca.pem\"\n{GOOD_ROUTE}"),
             &["FILE:4:6: fleet.ca: cannot read"],
         ),
+        (
+            "[fleet] records that could lapse between two polls",
+            &format!("[fleet]\nurl = \"redis://127.0.0.1:6379\"\ncluster = \"prod\"\npoll_interval = \"1s\"\nrecord_ttl = \"5s\"\n{GOOD_ROUTE}"),
+            &["FILE:5:14: fleet.record_ttl: \"5s\" must be at least 10 × poll_interval (10s)"],
+        ),
     ];
     assert!(cases.len() >= 12);
     for (what, src, expected) in cases {

@@ -692,3 +692,65 @@ async fn replicas_share_state_over_tls_to_redis() {
         .converge("the weight from replica b", |s| weight_of(s) == 30.0)
         .await;
 }
+
+/// `PTTL` of a key in ms (-2: no such key).
+async fn pttl(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("PTTL")
+}
+
+/// Waits (polling Redis, 10 s at most) until `pred` holds for the key's `PTTL`.
+async fn wait_pttl(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    what: &str,
+    pred: impl Fn(i64) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = pttl(conn, key).await;
+        if pred(t) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{key}: {what} (PTTL {t})");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_versions_no_replica_serves_expire_and_served_ones_are_renewed() {
+    let redis = Redis::start().await;
+    let stable = Upstream::start("stable").await;
+    let canary = Upstream::start("canary").await;
+    let routes = |version: &str| {
+        format!(
+            "[fleet]\nurl = \"{}\"\ncluster = \"test\"\ninstance = \"a\"\npoll_interval = \"200ms\"\nrecord_ttl = \"2s\"\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\ncanary_weight = 10\n{}{}[routes.analysis]\nenabled = false\n",
+            redis.url(),
+            pool("routes.stable", "stable", &[stable.addr]),
+            pool("routes.canary", version, &[canary.addr]),
+        )
+    };
+    let proxy = Proxy::launch(&routes("v1"), "", "", "", &[]).await;
+    let mut conn = redis.conn().await;
+    let v1 = "kanaria:test:rollout:app:v1";
+    let v2 = "kanaria:test:rollout:app:v2";
+    // The record is written with a time to live, and renewed at every poll while v1 is
+    // served: its PTTL counts down and comes back up, and the record outlives its TTL.
+    wait_pttl(&mut conn, v1, "written with a TTL", |t| t > 0 && t <= 2_000).await;
+    let first_seen = Instant::now();
+    while first_seen.elapsed() < Duration::from_millis(3_000) {
+        wait_pttl(&mut conn, v1, "counting down", |t| (0..1_850).contains(&t)).await;
+        wait_pttl(&mut conn, v1, "renewed", |t| t > 1_950).await;
+    }
+    // The release moves on to v2: v1's record is no longer renewed and goes; v2's stays.
+    let generation = proxy.generation().await;
+    proxy
+        .write_config_and_wait(&proxy.config_text(&routes("v2"), "", "", ""), generation)
+        .await;
+    wait_pttl(&mut conn, v2, "written with a TTL", |t| t > 0).await;
+    wait_pttl(&mut conn, v1, "expired", |t| t == -2).await;
+    assert!(pttl(&mut conn, v2).await > 0, "v2's record went with v1's");
+}

@@ -347,6 +347,21 @@ fn fleet_settings(
     }
     let poll = c.duration(path.key("poll_interval"), &f.poll_interval);
     let startup = c.duration(path.key("startup_timeout"), &f.startup_timeout);
+    let record_ttl = c.duration(path.key("record_ttl"), &f.record_ttl);
+    if let (Some(ttl), Some(poll)) = (record_ttl, poll) {
+        // Renewed at every poll: a TTL within a few polls could lapse between two.
+        if ttl < poll * 10 {
+            c.err(
+                path.key("record_ttl"),
+                format!(
+                    "{:?} must be at least 10 × poll_interval ({})",
+                    f.record_ttl,
+                    humantime::format_duration(poll * 10)
+                ),
+            );
+            ok = false;
+        }
+    }
     if !(ok && url_ok) {
         return None;
     }
@@ -356,6 +371,7 @@ fn fleet_settings(
         instance,
         poll_interval: poll?,
         startup_timeout: startup?,
+        record_ttl: record_ttl?,
         ca_pem,
     })
 }

@@ -295,6 +295,12 @@ pub struct FleetFile {
     /// ready with its local state. Default `"5s"`.
     #[serde(default = "default_fleet_startup")]
     pub startup_timeout: String,
+    /// How long the store keeps a route's record for a canary version no replica serves
+    /// any more. Every replica renews the records of the versions it serves at each poll,
+    /// so this only clears records of finished releases. At least 10 × `poll_interval`.
+    /// Default `"7d"`.
+    #[serde(default = "default_fleet_record_ttl")]
+    pub record_ttl: String,
 }
 
 fn default_fleet_backend() -> String {
@@ -307,6 +313,10 @@ fn default_fleet_poll() -> String {
 
 fn default_fleet_startup() -> String {
     "5s".into()
+}
+
+fn default_fleet_record_ttl() -> String {
+    "7d".into()
 }
 
 /// `[state]`

@@ -165,6 +165,8 @@ pub struct FleetSettings {
     pub instance: String,
     pub poll_interval: Duration,
     pub startup_timeout: Duration,
+    /// How long a record of a version no replica serves stays in the store.
+    pub record_ttl: Duration,
     /// `rediss://`: the PEM of the authorities to trust (`None`: the system's store).
     pub ca_pem: Option<Vec<u8>>,
 }
@@ -177,6 +179,7 @@ impl std::fmt::Debug for FleetSettings {
             .field("instance", &self.instance)
             .field("poll_interval", &self.poll_interval)
             .field("startup_timeout", &self.startup_timeout)
+            .field("record_ttl", &self.record_ttl)
             .field("tls", &self.url.starts_with("rediss://"))
             .finish()
     }

@@ -9,6 +9,8 @@
 //! Every replica applies the records it receives ([`Input::Adopt`]) when they are newer
 //! than what it applied. Pub/sub is at-most-once, so each replica also re-reads the
 //! records every `poll_interval`, and says there that it is alive (`members` hash).
+//! Records expire after `record_ttl`; each poll renews those of the versions the replica
+//! serves, so only the records of releases no replica serves any more go.
 //!
 //! Analysis is fleet-wide: each replica's controller hands its raw counts (requests,
 //! errors, latency histogram, per track, over the analysis window and the short span) to
@@ -42,7 +44,9 @@ use crate::rollout::machine::{FleetRecord, ShareMode};
 use crate::rollout::phase::now_ms;
 
 /// Compare-and-set of one record, then publication. KEYS[1]: the record; ARGV: the new
-/// record (JSON), the generation it was decided on, `cas` or `seed`, the channel. Returns
+/// record (JSON), the generation it was decided on, `cas` or `seed`, the channel, the
+/// record's time to live in ms (renewed by every poll while a replica serves the version).
+/// Returns
 /// `{1, record}` when written, `{0, current}` when refused. Mirrored by [`decide`].
 const WRITE_SCRIPT: &str = r#"
 local cur = redis.call('GET', KEYS[1])
@@ -60,7 +64,7 @@ end
 if expected > gen then gen = expected end
 new.generation = gen + 1
 local out = cjson.encode(new)
-redis.call('SET', KEYS[1], out)
+redis.call('SET', KEYS[1], out, 'PX', ARGV[5])
 redis.call('PUBLISH', ARGV[4], out)
 return {1, out}
 "#;
@@ -247,6 +251,11 @@ impl Fleet {
         Some((sum, others.len() + 1))
     }
 
+    /// The records' time to live in the store, in ms (at least 1).
+    fn record_ttl_ms(&self) -> u64 {
+        (self.settings.record_ttl.as_millis() as u64).max(1)
+    }
+
     /// How old another replica's counts may be and still count.
     fn fresh_ms(&self) -> u64 {
         (3 * self.settings.poll_interval.as_millis() as u64).max(5_000)
@@ -366,6 +375,7 @@ impl FleetService {
             .arg(record.generation)
             .arg(mode)
             .arg(self.fleet.channel())
+            .arg(self.fleet.record_ttl_ms())
             .invoke_async(conn)
             .await?;
         let parsed = text.and_then(|t| serde_json::from_str::<FleetRecord>(&t).ok());
@@ -457,7 +467,15 @@ impl FleetService {
                 .iter()
                 .map(|(r, v, _)| self.fleet.record_key(r, v))
                 .collect();
-            values = redis::cmd("MGET").arg(&keys).query_async(conn).await?;
+            // Read, and renew the records this replica serves: a record lapses only when
+            // no replica has served its version for `record_ttl` (a finished release).
+            let mut pipe = redis::pipe();
+            pipe.cmd("MGET").arg(&keys);
+            let ttl = self.fleet.record_ttl_ms() as i64;
+            for key in &keys {
+                pipe.pexpire(key, ttl).ignore();
+            }
+            (values,) = pipe.query_async(conn).await?;
         } else {
             let _: String = redis::cmd("PING").query_async(conn).await?;
         }
