@@ -1,7 +1,9 @@
 //! The dashboard in a real headless Chromium (Debian `chromium` + `chromium-driver`, driven
 //! over the WebDriver protocol): the page loads from the admin listener, its charts fill
 //! with live traffic, and its rollback button rolls the canary back. A screenshot is saved
-//! as a test artifact (`target/test-artifacts/dashboard.png`).
+//! as a test artifact (`target/test-artifacts/dashboard.png`). With `[fleet]`, the Fleet
+//! card lists the replicas from a real `redis-server`, a rollback clicked on one replica's
+//! page reaches the other, and the card says when Redis is gone.
 
 mod common;
 
@@ -9,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{client, free_port, pool, Load, Proxy, Upstream};
+use common::{client, free_port, pool, Load, Proxy, Redis, Upstream};
 use serde_json::{json, Value};
 
 /// chromedriver on a loopback port, killed when dropped.
@@ -250,4 +252,58 @@ async fn dashboard_shows_live_traffic_and_rolls_back() {
     driver.session_call("DELETE", "", json!({})).await;
     let (_, failed) = load.stop().await;
     assert_eq!(failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_card_lists_the_replicas_and_its_rollback_reaches_them_all() {
+    let mut redis = Redis::start().await;
+    let (stable, canary) = (
+        Upstream::start("stable").await,
+        Upstream::start("canary").await,
+    );
+    let mut replicas = Vec::new();
+    for name in ["a", "b"] {
+        let cfg = format!(
+            "[fleet]\nurl = \"{}\"\ncluster = \"dash\"\ninstance = \"{name}\"\npoll_interval = \"250ms\"\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\ncanary_weight = 30\n[routes.analysis]\nenabled = false\n{}\n{}",
+            redis.url(),
+            pool("routes.stable", "v1", &[stable.addr]),
+            pool("routes.canary", "v2", &[canary.addr]),
+        );
+        replicas
+            .push(Proxy::launch(&cfg, "", "", "", &[("KANARIA_ADMIN_TOKEN", "dash-token")]).await);
+    }
+    let driver = Driver::start().await;
+    driver
+        .session_call("POST", "/url", json!({"url": replicas[0].admin_url("/")}))
+        .await;
+    driver
+        .wait_for(
+            "both replicas on the Fleet card",
+            "const f = document.getElementById('fleet'); return !f.hidden && f.querySelector('li[data-instance=\"a\"]') !== null && f.querySelector('li[data-instance=\"b\"]') !== null && f.querySelector('[data-field=\"fleet-meta\"]').textContent.includes('dash · this replica a · Redis connected')",
+        )
+        .await;
+
+    // The rollback clicked on a's page is the fleet's: b rolls back too.
+    driver.type_into("#token", "dash-token").await;
+    driver.click("#save-token").await;
+    for _ in 0..2 {
+        driver
+            .click("button[data-route=\"app\"][data-action=\"rollback\"]")
+            .await;
+    }
+    replicas[1]
+        .wait_status("the rollback from a's dashboard", |s| {
+            s["routes"][0]["rollout_state"] == "rolled_back"
+        })
+        .await;
+
+    // Redis gone: the card says so.
+    redis.stop();
+    driver
+        .wait_for(
+            "the card to say Redis is unreachable",
+            "return document.querySelector('#fleet [data-field=\"fleet-meta\"]').textContent.includes('Redis NOT reachable')",
+        )
+        .await;
+    driver.session_call("DELETE", "", json!({})).await;
 }
