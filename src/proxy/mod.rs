@@ -308,10 +308,13 @@ fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
 
 #[async_trait]
 impl ProxyHttp for KanariaProxy {
-    type CTX = Ctx;
+    /// Boxed: Pingora keeps the context inside the request's future, which it moves into a
+    /// box of its own per request (a `memcpy` of the whole future); a pointer there instead
+    /// of the ~300-byte context makes that copy smaller than the allocation costs.
+    type CTX = Box<Ctx>;
 
-    fn new_ctx(&self) -> Ctx {
-        Ctx {
+    fn new_ctx(&self) -> Box<Ctx> {
+        Box::new(Ctx {
             start: Instant::now(),
             live: None,
             route: None,
@@ -326,10 +329,10 @@ impl ProxyHttp for KanariaProxy {
             watcher: None,
             rollback_generation: 0,
             edge: edge_ctx::EdgeCtx::default(),
-        }
+        })
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Box<Ctx>) -> Result<bool> {
         let live = self.shared.load();
         let snap = &live.snapshot;
         if let Some(reject) = crate::proxy::headers::admit(session, &snap.edge) {
@@ -410,7 +413,11 @@ impl ProxyHttp for KanariaProxy {
         Ok(false)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Box<Ctx>,
+    ) -> Result<Box<HttpPeer>> {
         // A retry starts a new attempt: the previous one is over.
         ctx.attempt_over();
         let (Some(route), Some(version)) = (ctx.route().cloned(), ctx.version) else {
@@ -466,7 +473,7 @@ impl ProxyHttp for KanariaProxy {
         _peer: &HttpPeer,
         fd: std::os::fd::RawFd,
         _digest: Option<&pingora::protocols::Digest>,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         // Only attempts that can go to stable are worth abandoning.
         if ctx.awaiting_head && ctx.may_retry_on_stable() && replayable(session) {
@@ -488,7 +495,7 @@ impl ProxyHttp for KanariaProxy {
         _session: &mut Session,
         _body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         if end_of_stream && ctx.awaiting_head && ctx.in_flight.is_none() {
             let now = Instant::now();
@@ -506,7 +513,7 @@ impl ProxyHttp for KanariaProxy {
         &self,
         session: &mut Session,
         _peer: &HttpPeer,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing reached the upstream: any method may go to stable, if its body (if any)
@@ -529,7 +536,7 @@ impl ProxyHttp for KanariaProxy {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
@@ -578,7 +585,7 @@ impl ProxyHttp for KanariaProxy {
     fn suppress_proxy_warn_log(
         &self,
         _session: &Session,
-        ctx: &Ctx,
+        ctx: &Box<Ctx>,
         error: &Error,
         _context: ProxyWarnLogContext,
     ) -> bool {
@@ -592,7 +599,7 @@ impl ProxyHttp for KanariaProxy {
         &self,
         session: &mut Session,
         upstream_request: &mut RequestHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         let upgrading = session.is_upgrade_req();
         crate::proxy::headers::clean_upstream_request(
@@ -625,7 +632,7 @@ impl ProxyHttp for KanariaProxy {
         &self,
         session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         if let Err(why) = crate::proxy::headers::clean_upstream_response(upstream_response) {
             self.shared
@@ -659,7 +666,7 @@ impl ProxyHttp for KanariaProxy {
         &self,
         _session: &mut Session,
         upstream_trailers: &mut http::HeaderMap,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         ctx.edge.grpc_failed |= h2::grpc_failed(upstream_trailers, ctx.grpc_codes());
         Ok(())
@@ -669,12 +676,17 @@ impl ProxyHttp for KanariaProxy {
         &self,
         _session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         decorate_response(upstream_response, ctx)
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Box<Ctx>,
+    ) -> FailToProxy {
         use ErrorType::*;
         let (code, body) = match e.etype() {
             HTTPStatus(code) => (*code, "kanaria: request failed\n"),
@@ -711,7 +723,7 @@ impl ProxyHttp for KanariaProxy {
     }
 
     /// Records the outcome of every request that matched a route.
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Box<Ctx>) {
         crate::proxy::conn_guard::request_finished(session.as_downstream());
         if let Some(log) = &self.access_log {
             log.log(session, ctx);
