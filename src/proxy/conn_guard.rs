@@ -64,7 +64,13 @@ pub struct GuardedStream {
     /// Bytes of the HTTP/2 preface matched by the first bytes read so far; `NOT_H2` once
     /// they differ. Decided only on the whole start, so a slow "P" does not disarm anything.
     preface: u8,
+    /// Fires at the header deadline. On a kept-alive connection the next request's
+    /// deadline is only written to `header_deadline`; the timer is moved there (a timer
+    /// wheel update) the first time a read of that header has to wait, which a header
+    /// arriving in one read (the common case) never does.
     deadline: Pin<Box<Sleep>>,
+    /// The current header's deadline, when `deadline` still points at an earlier one.
+    header_deadline: Option<Instant>,
     timeouts: IntCounter,
     /// Holds the listener's connection count; released when the connection closes.
     _slot: Option<Slot>,
@@ -88,6 +94,7 @@ impl GuardedStream {
             header_timeout,
             preface: 0,
             deadline: Box::pin(tokio::time::sleep(header_timeout)),
+            header_deadline: None,
             timeouts,
             _slot: None,
         }
@@ -120,6 +127,11 @@ impl AsyncRead for GuardedStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let phase = this.phase.load(Ordering::Relaxed);
+        if phase == PHASE_HEADER {
+            if let Some(at) = this.header_deadline.take() {
+                this.deadline.as_mut().reset(at);
+            }
+        }
         if phase == PHASE_HEADER && this.deadline.as_mut().poll(cx).is_ready() {
             // Counted once: Pingora does not read again after an error.
             this.timeouts.inc();
@@ -148,8 +160,7 @@ impl AsyncRead for GuardedStream {
         {
             // First byte of the next request on a kept-alive connection.
             this.phase.store(PHASE_HEADER, Ordering::Relaxed);
-            let at = Instant::now() + this.header_timeout;
-            this.deadline.as_mut().reset(at);
+            this.header_deadline = Some(Instant::now() + this.header_timeout);
         }
         res
     }
