@@ -251,25 +251,11 @@ pub fn check_request_head(raw: &[u8], limits: &HeaderLimits) -> Result<(), Rejec
 /// `Content-Length` at most, and `Transfer-Encoding` only as a single `chunked`. (Pingora
 /// already fails responses with conflicting lengths; when both headers come it drops the
 /// length before any hook runs, so that case cannot be seen here. Kanaria re-frames every
-/// response it sends, so the client is not desynchronised by it.)
+/// response it sends, so the client is not desynchronised by it.) The proxy runs it as part
+/// of [`scan`]; on its own for the tests.
+#[cfg(test)]
 pub fn check_response_framing(headers: &HeaderMap) -> Result<(), &'static str> {
-    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
-    if let Some(v) = lengths.next() {
-        if lengths.next().is_some() {
-            return Err("upstream sent more than one Content-Length");
-        }
-        if !valid_length(v.as_bytes().trim_ascii()) {
-            return Err("upstream sent an invalid Content-Length");
-        }
-    }
-    let mut encodings = headers.get_all(TRANSFER_ENCODING).iter();
-    if let Some(v) = encodings.next() {
-        if encodings.next().is_some() || !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked")
-        {
-            return Err("upstream sent a Transfer-Encoding other than a single chunked");
-        }
-    }
-    Ok(())
+    scan::<true>(headers, false, true).framing
 }
 
 /// The hop-by-hop header names present in a message: `Connection` and every header it
@@ -285,11 +271,55 @@ pub fn hop_by_hop_names(
     upgrading: bool,
     keep_connection: bool,
 ) -> Vec<HeaderName> {
+    scan::<false>(headers, upgrading, keep_connection).hop_by_hop
+}
+
+/// [`check_response_framing`] and [`hop_by_hop_names`] of one message.
+pub struct Scan {
+    pub framing: Result<(), &'static str>,
+    pub hop_by_hop: Vec<HeaderName>,
+}
+
+/// Both checks in one pass over the headers (an upstream response needs both, on every
+/// request): the framing headers are looked at as they come instead of looked up. Without
+/// `FRAMING` (a request, whose framing [`check_request_head`] checked) `framing` is `Ok`.
+pub fn scan<const FRAMING: bool>(
+    headers: &HeaderMap,
+    upgrading: bool,
+    keep_connection: bool,
+) -> Scan {
     let mut names: Vec<HeaderName> = Vec::new();
-    let mut has_connection = false;
-    for name in headers.keys() {
-        let hop = if name == CONNECTION {
-            has_connection = true;
+    // Content-Length: how many, and whether the first is valid; Transfer-Encoding: how
+    // many, and whether the first is `chunked`. Judged after the pass, in the order the
+    // checks were always made (the same verdict, the same message).
+    let (mut lengths, mut length_ok) = (0usize, false);
+    let (mut encodings, mut encoding_ok) = (0usize, false);
+    // The `Connection` value, when there is exactly one (the usual case); more than one
+    // are read again below.
+    let (mut connections, mut connection) = (0usize, None);
+    // `iter` yields a name once per value, its values one after another.
+    let mut last: Option<&HeaderName> = None;
+    for (name, value) in headers.iter() {
+        let repeat = last == Some(name);
+        last = Some(name);
+        let hop = if FRAMING && name == CONTENT_LENGTH {
+            lengths += 1;
+            if lengths == 1 {
+                length_ok = valid_length(value.as_bytes().trim_ascii());
+            }
+            false
+        } else if FRAMING && name == TRANSFER_ENCODING {
+            encodings += 1;
+            if encodings == 1 {
+                encoding_ok = value
+                    .as_bytes()
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"chunked");
+            }
+            false
+        } else if name == CONNECTION {
+            connections += 1;
+            connection = Some(value);
             !keep_connection
         } else {
             name == TE
@@ -297,38 +327,68 @@ pub fn hop_by_hop_names(
                 || name.as_str() == "keep-alive"
                 || name.as_str().starts_with("proxy-")
         };
-        if hop {
+        if hop && !repeat {
             names.push(name.clone());
         }
     }
-    if !has_connection {
-        return names;
-    }
-    for v in headers.get_all(CONNECTION) {
-        for token in v.as_bytes().split(|b| *b == b',') {
-            let token = token.trim_ascii();
-            if upgrading && token.eq_ignore_ascii_case(b"upgrade") {
-                continue;
-            }
-            // Looked up first (no allocation): the usual tokens (`keep-alive`, `close`)
-            // name no header the message carries.
-            let present = std::str::from_utf8(token).is_ok_and(|t| headers.contains_key(t));
-            if !present {
-                continue;
-            }
-            let Ok(h) = HeaderName::from_bytes(token) else {
-                continue;
-            };
-            // Never let `Connection` remove what frames the message or routes it.
-            if h == TRANSFER_ENCODING || h == CONTENT_LENGTH || h == http::header::HOST {
-                continue;
-            }
-            if !names.contains(&h) {
-                names.push(h);
+    let framing = if lengths > 1 {
+        Err("upstream sent more than one Content-Length")
+    } else if lengths == 1 && !length_ok {
+        Err("upstream sent an invalid Content-Length")
+    } else if encodings > 1 || (encodings == 1 && !encoding_ok) {
+        Err("upstream sent a Transfer-Encoding other than a single chunked")
+    } else {
+        Ok(())
+    };
+    match (connections, connection) {
+        (0, _) | (_, None) => {}
+        (1, Some(v)) => connection_tokens(headers, v, upgrading, &mut names),
+        _ => {
+            for v in headers.get_all(CONNECTION) {
+                connection_tokens(headers, v, upgrading, &mut names);
             }
         }
     }
-    names
+    Scan {
+        framing,
+        hop_by_hop: names,
+    }
+}
+
+/// Adds the headers named by one `Connection` value to `names`.
+fn connection_tokens(
+    headers: &HeaderMap,
+    value: &http::HeaderValue,
+    upgrading: bool,
+    names: &mut Vec<HeaderName>,
+) {
+    for token in value.as_bytes().split(|b| *b == b',') {
+        let token = token.trim_ascii();
+        if upgrading && token.eq_ignore_ascii_case(b"upgrade") {
+            continue;
+        }
+        // `Keep-Alive` is hop-by-hop anyway: already in `names` when present. (The usual
+        // token; skipping it saves the lookup below.)
+        if token.eq_ignore_ascii_case(b"keep-alive") {
+            continue;
+        }
+        // Looked up first (no allocation): the usual tokens (`close`) name no header the
+        // message carries.
+        let present = std::str::from_utf8(token).is_ok_and(|t| headers.contains_key(t));
+        if !present {
+            continue;
+        }
+        let Ok(h) = HeaderName::from_bytes(token) else {
+            continue;
+        };
+        // Never let `Connection` remove what frames the message or routes it.
+        if h == TRANSFER_ENCODING || h == CONTENT_LENGTH || h == http::header::HOST {
+            continue;
+        }
+        if !names.contains(&h) {
+            names.push(h);
+        }
+    }
 }
 
 #[cfg(test)]

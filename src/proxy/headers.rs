@@ -15,7 +15,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 
 use crate::config::{EdgeSettings, Route};
-use crate::proxy::edge::{check_request_head, check_response_framing, hop_by_hop_names, Reject};
+use crate::proxy::edge::{check_request_head, hop_by_hop_names, Reject};
 
 /// Checks a request head just read and applies the per-connection settings. `Some` means
 /// refuse: the caller answers `reject.status()` and closes the connection.
@@ -221,10 +221,11 @@ fn forwarded_scheme(value: &[u8]) -> Option<&'static str> {
 /// Checks and cleans an upstream response head. `Err` means the framing is ambiguous:
 /// the caller turns it into a 502.
 pub fn clean_upstream_response(resp: &mut ResponseHeader) -> Result<(), &'static str> {
-    check_response_framing(&resp.headers)?;
     let upgrading = resp.status.as_u16() == 101;
     // Pingora writes its own `Connection` for the client connection.
-    for name in hop_by_hop_names(&resp.headers, upgrading, true) {
+    let scan = crate::proxy::edge::scan::<true>(&resp.headers, upgrading, true);
+    scan.framing?;
+    for name in scan.hop_by_hop {
         resp.remove_header(&name);
     }
     Ok(())
