@@ -178,7 +178,72 @@ impl<'a> Iterator for Lines<'a> {
 /// by LF; obsolete line folding; a malformed field name; more than one `Content-Length` or
 /// one that is not plain digits; `Transfer-Encoding` other than one `chunked`; both of
 /// them; `Transfer-Encoding` on HTTP/1.0.
+///
+/// A head that passes is recognised in one pass ([`plain_head`]); anything else goes
+/// through the check in full, which gives the verdict and its reason.
 pub fn check_request_head(raw: &[u8], limits: &HeaderLimits) -> Result<(), Reject> {
+    if plain_head(raw, limits) {
+        return Ok(());
+    }
+    check_request_head_in_full(raw, limits)
+}
+
+/// True only for a head [`check_request_head_in_full`] passes (the fuzz target checks
+/// this), found in one pass: each line runs to its first CR or LF, which must be CRLF; a
+/// field line is a token name up to the colon, then its value; the blank line ends `raw`.
+/// `false` says nothing: the full check decides.
+pub fn plain_head(raw: &[u8], limits: &HeaderLimits) -> bool {
+    if raw.len() > limits.max_bytes {
+        return false;
+    }
+    // The CR ending the line that starts at `at` (the line's first CR or LF, followed by LF).
+    let line_end = |at: usize| -> Option<usize> {
+        let i = at + memchr::memchr2(b'\r', b'\n', raw.get(at..)?)?;
+        (raw[i] == b'\r' && raw.get(i + 1) == Some(&b'\n')).then_some(i)
+    };
+    let Some(end) = line_end(0) else {
+        return false;
+    };
+    let http10 = raw[..end].ends_with(b"HTTP/1.0");
+    let (mut at, mut count, mut lengths, mut encodings) = (end + 2, 0usize, 0usize, 0usize);
+    loop {
+        if raw.get(at) == Some(&b'\r') {
+            // The blank line, and nothing after it.
+            return raw.get(at + 1) == Some(&b'\n')
+                && at + 2 == raw.len()
+                && !(lengths > 0 && encodings > 0)
+                && !(http10 && encodings > 0);
+        }
+        count += 1;
+        if count > limits.max_count {
+            return false;
+        }
+        let name_len = raw[at..].iter().take_while(|b| is_tchar(**b)).count();
+        let colon = at + name_len;
+        if name_len == 0 || raw.get(colon) != Some(&b':') {
+            return false;
+        }
+        let Some(end) = line_end(colon + 1) else {
+            return false;
+        };
+        let (name, value) = (&raw[at..colon], raw[colon + 1..end].trim_ascii());
+        if name.eq_ignore_ascii_case(b"content-length") {
+            lengths += 1;
+            if lengths > 1 || !valid_length(value) {
+                return false;
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            encodings += 1;
+            if encodings > 1 || !value.eq_ignore_ascii_case(b"chunked") {
+                return false;
+            }
+        }
+        at = end + 2;
+    }
+}
+
+/// [`check_request_head`] line by line, every rule with its own reason.
+pub fn check_request_head_in_full(raw: &[u8], limits: &HeaderLimits) -> Result<(), Reject> {
     if raw.len() > limits.max_bytes {
         return Err(Reject::HeaderTooLarge);
     }
