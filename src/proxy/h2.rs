@@ -51,8 +51,11 @@ pub fn grpc_code(name: &str) -> Option<u32> {
 /// Does this header block (response headers of a Trailers-Only answer, or trailers) carry
 /// a `grpc-status` whose bit is set in `codes`?
 pub fn grpc_failed(headers: &http::HeaderMap, codes: u32) -> bool {
+    // Looked up by a prebuilt name: a `&str` key is parsed (lower-cased, matched against
+    // the standard names) on every lookup, and this runs on every response.
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
     headers
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         .and_then(|v| v.trim().parse::<u32>().ok())
         .is_some_and(|n| n < 32 && codes & (1 << n) != 0)

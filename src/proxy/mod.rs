@@ -314,15 +314,17 @@ impl ProxyHttp for KanariaProxy {
     type CTX = Box<Ctx>;
 
     fn new_ctx(&self) -> Box<Ctx> {
+        // One clock read for both (the attempt's start is set again when it begins).
+        let now = Instant::now();
         Box::new(Ctx {
-            start: Instant::now(),
+            start: now,
             live: None,
             route: None,
             version: None,
             generated_request_id: None,
             upstream_status: None,
             retried: false,
-            attempt_start: Instant::now(),
+            attempt_start: now,
             awaiting_head: false,
             in_flight: None,
             attempt_latency: None,
@@ -728,7 +730,10 @@ impl ProxyHttp for KanariaProxy {
         if let Some(log) = &self.access_log {
             log.log(session, ctx);
         }
-        let waited = ctx.attempt_start.elapsed().as_secs_f64();
+        let now = Instant::now();
+        let waited = now
+            .saturating_duration_since(ctx.attempt_start)
+            .as_secs_f64();
         ctx.attempt_over();
         let Some(version) = ctx.version else {
             return;
@@ -740,7 +745,10 @@ impl ProxyHttp for KanariaProxy {
             .as_downstream()
             .response_written()
             .map(|r| r.status.as_u16());
-        m.record(status, ctx.start.elapsed().as_secs_f64());
+        m.record(
+            status,
+            now.saturating_duration_since(ctx.start).as_secs_f64(),
+        );
         let upstream_failed = e.is_some_and(|e| e.esource() == &ErrorSource::Upstream);
         if let Some(kind) = e.and_then(upstream_error_kind) {
             m.upstream_error(kind);
