@@ -77,11 +77,15 @@ pub fn forward_te_trailers(
     upstream: &mut pingora::http::RequestHeader,
     h2c: bool,
 ) -> pingora::Result<()> {
+    // Only an h2c pool needs it: no lookup for the others.
+    if !h2c {
+        return Ok(());
+    }
     let wants = client
         .get_all(http::header::TE)
         .iter()
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if h2c && wants {
+    if wants {
         upstream.insert_header(http::header::TE, "trailers")?;
     }
     Ok(())

@@ -51,6 +51,10 @@ pub fn peer_ip(session: &Session) -> Option<IpAddr> {
 /// trusted proxy (entries further left are the client's own claims and are ignored).
 pub fn client_ip(session: &Session, trusted: &[IpNet]) -> Option<IpAddr> {
     let peer = peer_ip(session)?;
+    // Most peers are not trusted proxies (none are by default): no header lookup for them.
+    if !trusted.iter().any(|n| n.contains(&peer)) {
+        return Some(peer);
+    }
     Some(forwarded_client(
         peer,
         session.req_header().headers.get_all(&XFF_NAME).iter(),
