@@ -21,7 +21,10 @@ use crate::proxy::edge::{check_request_head, hop_by_hop_names, Reject};
 /// refuse: the caller answers `reject.status()` and closes the connection.
 pub fn admit(session: &mut Session, edge: &EdgeSettings) -> Option<Reject> {
     let downstream = session.as_downstream_mut();
-    crate::proxy::conn_guard::request_started(downstream);
+    // The guard also bounds the idle wait before the next request (`edge.idle_timeout`), so
+    // Pingora's keep-alive stays as the client asked (on, without a timeout of its own; or
+    // off for `Connection: close`).
+    crate::proxy::conn_guard::request_started(downstream, edge.idle_timeout_secs);
     // HTTP/1 only: an HTTP/2 head has no raw bytes, and h2 framing is not length-ambiguous.
     let raw = downstream.as_http1().map(|h1| h1.get_headers_raw_bytes());
     if let Some(raw) = raw {
@@ -31,10 +34,6 @@ pub fn admit(session: &mut Session, edge: &EdgeSettings) -> Option<Reject> {
         }
     }
     downstream.set_read_timeout(Some(edge.body_timeout));
-    // Keep the client's `Connection: close` (None); otherwise our idle timeout.
-    if downstream.get_keepalive().is_some() {
-        downstream.set_keepalive(Some(edge.idle_timeout_secs));
-    }
     None
 }
 
