@@ -362,9 +362,23 @@ pub fn scan<const FRAMING: bool>(
     // The `Connection` value, when there is exactly one (the usual case); more than one
     // are read again below.
     let (mut connections, mut connection) = (0usize, None);
+    if !FRAMING {
+        // A request: its names once each, `Connection`'s values looked up if present.
+        for name in headers.keys() {
+            let hop = if name == CONNECTION {
+                connections += 1;
+                !keep_connection
+            } else {
+                is_hop_by_hop(name, upgrading)
+            };
+            if hop {
+                names.push(name.clone());
+            }
+        }
+    }
     // `iter` yields a name once per value, its values one after another.
     let mut last: Option<&HeaderName> = None;
-    for (name, value) in headers.iter() {
+    for (name, value) in headers.iter().filter(|_| FRAMING) {
         let repeat = last == Some(name);
         last = Some(name);
         let hop = if FRAMING && name == CONTENT_LENGTH {
@@ -387,10 +401,7 @@ pub fn scan<const FRAMING: bool>(
             connection = Some(value);
             !keep_connection
         } else {
-            name == TE
-                || (name == UPGRADE && !upgrading)
-                || name.as_str() == "keep-alive"
-                || name.as_str().starts_with("proxy-")
+            is_hop_by_hop(name, upgrading)
         };
         if hop && !repeat {
             names.push(name.clone());
@@ -406,7 +417,7 @@ pub fn scan<const FRAMING: bool>(
         Ok(())
     };
     match (connections, connection) {
-        (0, _) | (_, None) => {}
+        (0, _) => {}
         (1, Some(v)) => connection_tokens(headers, v, upgrading, &mut names),
         _ => {
             for v in headers.get_all(CONNECTION) {
@@ -418,6 +429,14 @@ pub fn scan<const FRAMING: bool>(
         framing,
         hop_by_hop: names,
     }
+}
+
+/// A name that is hop-by-hop by itself (`Connection` and the names it lists aside).
+fn is_hop_by_hop(name: &HeaderName, upgrading: bool) -> bool {
+    name == TE
+        || (name == UPGRADE && !upgrading)
+        || name.as_str() == "keep-alive"
+        || name.as_str().starts_with("proxy-")
 }
 
 /// Adds the headers named by one `Connection` value to `names`.

@@ -213,7 +213,8 @@ fn watch_canary_attempt(
 /// Generates request ids: a random per-process prefix and a counter, so ids are unique
 /// across restarts and instances without a syscall or a lock per request.
 struct RequestIds {
-    prefix: u64,
+    /// The prefix in hex, encoded once.
+    prefix: [u8; 16],
     counter: AtomicU64,
 }
 
@@ -224,17 +225,21 @@ impl RequestIds {
         let prefix = std::collections::hash_map::RandomState::new()
             .build_hasher()
             .finish();
+        let mut hex = [0u8; 16];
+        crate::split::issued::hex_into(&prefix.to_be_bytes(), &mut hex);
         RequestIds {
-            prefix,
+            prefix: hex,
             counter: AtomicU64::new(0),
         }
     }
 
     fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        // Hex on the stack: one allocation (the header value) per request, no formatting.
-        let id = (u128::from(self.prefix) << 64) | u128::from(n);
-        let hex = crate::split::issued::hex32(id.to_be_bytes());
+        // Hex on the stack: one allocation (the header value) per request, no formatting;
+        // the counter's half only (the prefix's was encoded once).
+        let mut hex = [0u8; 32];
+        hex[..16].copy_from_slice(&self.prefix);
+        crate::split::issued::hex_into(&n.to_be_bytes(), &mut hex[16..]);
         // Hex digits are always a valid header value.
         HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("0"))
     }
