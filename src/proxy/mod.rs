@@ -314,8 +314,8 @@ fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
 #[async_trait]
 impl ProxyHttp for KanariaProxy {
     /// Boxed: Pingora keeps the context inside the request's future, which it moves into a
-    /// box of its own per request (a `memcpy` of the whole future); a pointer there instead
-    /// of the ~300-byte context makes that copy smaller than the allocation costs.
+    /// box of its own per request (a `memcpy` of the whole future); with a pointer there
+    /// instead, the future is ~830 bytes smaller, which saves more than the allocation costs.
     type CTX = Box<Ctx>;
 
     fn new_ctx(&self) -> Box<Ctx> {
