@@ -484,6 +484,56 @@ mod tests {
     }
 
     #[test]
+    fn the_one_pass_check_agrees_with_the_full_one() {
+        let limits = HeaderLimits {
+            max_bytes: 200,
+            max_count: 3,
+        };
+        let heads = [
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length:  7 \r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "GET / HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n\n",
+            "GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n",
+            "GET /\r HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHo st: a\r\n\r\n",
+            "GET / HTTP/1.1\r\n: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n",
+            "GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\nGET",
+            "GET / HTTP/1.1\r\nHost: a\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r",
+            "GET / HTTP/1.1",
+            "",
+            "\r\n",
+        ];
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(200));
+        for head in heads.iter().copied().chain([long.as_str()]) {
+            let raw = head.as_bytes();
+            let full = check_request_head_in_full(raw, &limits);
+            if plain_head(raw, &limits) {
+                assert_eq!(full, Ok(()), "{head:?}");
+            }
+            assert_eq!(check_request_head(raw, &limits), full, "{head:?}");
+        }
+        // The common heads take the one pass.
+        assert!(plain_head(heads[0].as_bytes(), &limits));
+        assert!(plain_head(heads[2].as_bytes(), &limits));
+        assert!(plain_head(heads[3].as_bytes(), &limits));
+    }
+
+    #[test]
     fn plain_requests_pass() {
         assert_eq!(check("GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(()));
         assert_eq!(
@@ -617,5 +667,27 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(TRANSFER_ENCODING, "gzip".parse().unwrap());
         assert!(check_response_framing(&h).is_err());
+        // One pass, the checks' old order: the lengths are judged first.
+        h.append(CONTENT_LENGTH, "x".parse().unwrap());
+        assert_eq!(
+            check_response_framing(&h),
+            Err("upstream sent an invalid Content-Length")
+        );
+        // A hop-by-hop name with several values is listed once; `Connection` twice is read
+        // in full.
+        let mut h = HeaderMap::new();
+        h.append("proxy-x", "1".parse().unwrap());
+        h.append("proxy-x", "2".parse().unwrap());
+        h.append("x-a", "1".parse().unwrap());
+        h.append("x-b", "1".parse().unwrap());
+        h.append(CONNECTION, "x-a".parse().unwrap());
+        h.append(CONNECTION, "keep-alive, x-b".parse().unwrap());
+        let scan = scan::<true>(&h, false, true);
+        assert_eq!(scan.framing, Ok(()));
+        assert_eq!(scan.hop_by_hop, ["proxy-x", "x-a", "x-b"]);
+        assert_eq!(
+            hop_by_hop_names(&h, false, false),
+            ["proxy-x", "connection", "x-a", "x-b"]
+        );
     }
 }
