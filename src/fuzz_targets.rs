@@ -6,7 +6,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
-use crate::proxy::edge::{check_request_head, HeaderLimits};
+use crate::proxy::edge::{
+    check_request_head, check_request_head_in_full, plain_head, HeaderLimits,
+};
 use crate::split::override_token::OverrideKey;
 use crate::split::router::{host_without_port, normalize_path, prefix_matches, Router};
 use crate::split::{
@@ -154,6 +156,10 @@ pub fn route_split(data: &[u8]) {
 /// and at most one framing header.
 pub fn request_head(data: &[u8]) {
     let limits = HeaderLimits::default();
+    // The one-pass recognition of a plain head never passes what the full check refuses.
+    if plain_head(data, &limits) {
+        assert_eq!(check_request_head_in_full(data, &limits), Ok(()));
+    }
     if check_request_head(data, &limits).is_ok() {
         assert!(data.len() <= limits.max_bytes);
         for (i, b) in data.iter().enumerate() {

@@ -10,8 +10,11 @@
 //! being read. The deadline runs from accept for the first request and from the first byte
 //! for each later one on a kept-alive connection; the proxy hooks tell the stream when a
 //! header is complete ([`request_started`]) and when the request is over
-//! ([`request_finished`]). Between requests Pingora's keep-alive timeout applies
-//! (`edge.idle_timeout`). Everything is atomics: no lock per connection or read.
+//! ([`request_finished`]). Between requests the same timer bounds the wait for the next
+//! request's first byte (`edge.idle_timeout`): once it passes, the stream reads as closed
+//! and Pingora ends the connection as a client that hung up. (Pingora's own keep-alive
+//! timeout would do the same with a new timer for every request; this one timer per
+//! connection is moved instead.) Everything is atomics: no lock per connection or read.
 //!
 //! The header deadline is HTTP/1-specific: an HTTP/2 connection (its first bytes are the
 //! client preface, on h2c or after TLS with ALPN `h2`) interleaves the frames of many
@@ -23,7 +26,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -64,7 +67,18 @@ pub struct GuardedStream {
     /// Bytes of the HTTP/2 preface matched by the first bytes read so far; `NOT_H2` once
     /// they differ. Decided only on the whole start, so a slow "P" does not disarm anything.
     preface: u8,
+    /// Fires at the header deadline. On a kept-alive connection the next request's
+    /// deadline is only written to `header_deadline`; the timer is moved there (a timer
+    /// wheel update) the first time a read of that header has to wait, which a header
+    /// arriving in one read (the common case) never does.
     deadline: Pin<Box<Sleep>>,
+    /// The current header's deadline, when `deadline` still points at an earlier one.
+    header_deadline: Option<Instant>,
+    /// `edge.idle_timeout` in seconds, as of the last request (a reload applies to the
+    /// next wait).
+    idle_secs: AtomicU64,
+    /// `deadline` is set to the end of the current idle wait.
+    idle_armed: bool,
     timeouts: IntCounter,
     /// Holds the listener's connection count; released when the connection closes.
     _slot: Option<Slot>,
@@ -81,13 +95,21 @@ impl fmt::Debug for GuardedStream {
 
 impl GuardedStream {
     /// Wraps a freshly accepted stream: the first header's deadline starts now.
-    pub fn new(inner: Stream, header_timeout: Duration, timeouts: IntCounter) -> Self {
+    pub fn new(
+        inner: Stream,
+        header_timeout: Duration,
+        idle_secs: u64,
+        timeouts: IntCounter,
+    ) -> Self {
         GuardedStream {
             inner,
             phase: AtomicU8::new(PHASE_HEADER),
             header_timeout,
             preface: 0,
             deadline: Box::pin(tokio::time::sleep(header_timeout)),
+            header_deadline: None,
+            idle_secs: AtomicU64::new(idle_secs),
+            idle_armed: false,
             timeouts,
             _slot: None,
         }
@@ -98,10 +120,12 @@ fn guarded(session: &pingora::protocols::http::ServerSession) -> Option<&Guarded
     session.stream()?.as_any().downcast_ref::<GuardedStream>()
 }
 
-/// The request header on this connection is complete: stop its deadline.
-pub fn request_started(session: &pingora::protocols::http::ServerSession) {
+/// The request header on this connection is complete: stop its deadline. `idle_secs`
+/// (`edge.idle_timeout` of the config the request runs with) bounds the wait after it.
+pub fn request_started(session: &pingora::protocols::http::ServerSession, idle_secs: u64) {
     if let Some(g) = guarded(session) {
         g.phase.store(PHASE_REQUEST, Ordering::Relaxed);
+        g.idle_secs.store(idle_secs, Ordering::Relaxed);
     }
 }
 
@@ -120,6 +144,11 @@ impl AsyncRead for GuardedStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let phase = this.phase.load(Ordering::Relaxed);
+        if phase == PHASE_HEADER {
+            if let Some(at) = this.header_deadline.take() {
+                this.deadline.as_mut().reset(at);
+            }
+        }
         if phase == PHASE_HEADER && this.deadline.as_mut().poll(cx).is_ready() {
             // Counted once: Pingora does not read again after an error.
             this.timeouts.inc();
@@ -130,6 +159,20 @@ impl AsyncRead for GuardedStream {
         }
         let before = buf.filled().len();
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if phase == PHASE_IDLE && res.is_pending() {
+            // Waiting for the next request: bounded by the idle timeout, from the first
+            // wait after the last request.
+            if !this.idle_armed {
+                this.idle_armed = true;
+                let idle = Duration::from_secs(this.idle_secs.load(Ordering::Relaxed));
+                this.deadline.as_mut().reset(Instant::now() + idle);
+            }
+            if this.deadline.as_mut().poll(cx).is_ready() {
+                // Nothing read: the end of the stream, which Pingora takes as a client
+                // that closed its idle connection (what its keep-alive timeout did).
+                return Poll::Ready(Ok(()));
+            }
+        }
         if usize::from(this.preface) < H2_PREFACE_START.len() && matches!(res, Poll::Ready(Ok(())))
         {
             for &b in &buf.filled()[before..] {
@@ -148,8 +191,8 @@ impl AsyncRead for GuardedStream {
         {
             // First byte of the next request on a kept-alive connection.
             this.phase.store(PHASE_HEADER, Ordering::Relaxed);
-            let at = Instant::now() + this.header_timeout;
-            this.deadline.as_mut().reset(at);
+            this.idle_armed = false;
+            this.header_deadline = Some(Instant::now() + this.header_timeout);
         }
         res
     }
@@ -339,6 +382,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
         let mut guarded = GuardedStream::new(
             stream,
             edge.header_timeout,
+            edge.idle_timeout_secs,
             metrics.rejected(RejectReason::HeaderTimeout).clone(),
         );
         guarded._slot = Some(slot);

@@ -178,7 +178,72 @@ impl<'a> Iterator for Lines<'a> {
 /// by LF; obsolete line folding; a malformed field name; more than one `Content-Length` or
 /// one that is not plain digits; `Transfer-Encoding` other than one `chunked`; both of
 /// them; `Transfer-Encoding` on HTTP/1.0.
+///
+/// A head that passes is recognised in one pass ([`plain_head`]); anything else goes
+/// through the check in full, which gives the verdict and its reason.
 pub fn check_request_head(raw: &[u8], limits: &HeaderLimits) -> Result<(), Reject> {
+    if plain_head(raw, limits) {
+        return Ok(());
+    }
+    check_request_head_in_full(raw, limits)
+}
+
+/// True only for a head [`check_request_head_in_full`] passes (the fuzz target checks
+/// this), found in one pass: each line runs to its first CR or LF, which must be CRLF; a
+/// field line is a token name up to the colon, then its value; the blank line ends `raw`.
+/// `false` says nothing: the full check decides.
+pub fn plain_head(raw: &[u8], limits: &HeaderLimits) -> bool {
+    if raw.len() > limits.max_bytes {
+        return false;
+    }
+    // The CR ending the line that starts at `at` (the line's first CR or LF, followed by LF).
+    let line_end = |at: usize| -> Option<usize> {
+        let i = at + memchr::memchr2(b'\r', b'\n', raw.get(at..)?)?;
+        (raw[i] == b'\r' && raw.get(i + 1) == Some(&b'\n')).then_some(i)
+    };
+    let Some(end) = line_end(0) else {
+        return false;
+    };
+    let http10 = raw[..end].ends_with(b"HTTP/1.0");
+    let (mut at, mut count, mut lengths, mut encodings) = (end + 2, 0usize, 0usize, 0usize);
+    loop {
+        if raw.get(at) == Some(&b'\r') {
+            // The blank line, and nothing after it.
+            return raw.get(at + 1) == Some(&b'\n')
+                && at + 2 == raw.len()
+                && !(lengths > 0 && encodings > 0)
+                && !(http10 && encodings > 0);
+        }
+        count += 1;
+        if count > limits.max_count {
+            return false;
+        }
+        let name_len = raw[at..].iter().take_while(|b| is_tchar(**b)).count();
+        let colon = at + name_len;
+        if name_len == 0 || raw.get(colon) != Some(&b':') {
+            return false;
+        }
+        let Some(end) = line_end(colon + 1) else {
+            return false;
+        };
+        let (name, value) = (&raw[at..colon], raw[colon + 1..end].trim_ascii());
+        if name.eq_ignore_ascii_case(b"content-length") {
+            lengths += 1;
+            if lengths > 1 || !valid_length(value) {
+                return false;
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            encodings += 1;
+            if encodings > 1 || !value.eq_ignore_ascii_case(b"chunked") {
+                return false;
+            }
+        }
+        at = end + 2;
+    }
+}
+
+/// [`check_request_head`] line by line, every rule with its own reason.
+pub fn check_request_head_in_full(raw: &[u8], limits: &HeaderLimits) -> Result<(), Reject> {
     if raw.len() > limits.max_bytes {
         return Err(Reject::HeaderTooLarge);
     }
@@ -251,25 +316,11 @@ pub fn check_request_head(raw: &[u8], limits: &HeaderLimits) -> Result<(), Rejec
 /// `Content-Length` at most, and `Transfer-Encoding` only as a single `chunked`. (Pingora
 /// already fails responses with conflicting lengths; when both headers come it drops the
 /// length before any hook runs, so that case cannot be seen here. Kanaria re-frames every
-/// response it sends, so the client is not desynchronised by it.)
+/// response it sends, so the client is not desynchronised by it.) The proxy runs it as part
+/// of [`scan`]; on its own for the tests.
+#[cfg(test)]
 pub fn check_response_framing(headers: &HeaderMap) -> Result<(), &'static str> {
-    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
-    if let Some(v) = lengths.next() {
-        if lengths.next().is_some() {
-            return Err("upstream sent more than one Content-Length");
-        }
-        if !valid_length(v.as_bytes().trim_ascii()) {
-            return Err("upstream sent an invalid Content-Length");
-        }
-    }
-    let mut encodings = headers.get_all(TRANSFER_ENCODING).iter();
-    if let Some(v) = encodings.next() {
-        if encodings.next().is_some() || !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked")
-        {
-            return Err("upstream sent a Transfer-Encoding other than a single chunked");
-        }
-    }
-    Ok(())
+    scan::<true>(headers, false, true).framing
 }
 
 /// The hop-by-hop header names present in a message: `Connection` and every header it
@@ -285,50 +336,143 @@ pub fn hop_by_hop_names(
     upgrading: bool,
     keep_connection: bool,
 ) -> Vec<HeaderName> {
+    scan::<false>(headers, upgrading, keep_connection).hop_by_hop
+}
+
+/// [`check_response_framing`] and [`hop_by_hop_names`] of one message.
+pub struct Scan {
+    pub framing: Result<(), &'static str>,
+    pub hop_by_hop: Vec<HeaderName>,
+}
+
+/// Both checks in one pass over the headers (an upstream response needs both, on every
+/// request): the framing headers are looked at as they come instead of looked up. Without
+/// `FRAMING` (a request, whose framing [`check_request_head`] checked) `framing` is `Ok`.
+pub fn scan<const FRAMING: bool>(
+    headers: &HeaderMap,
+    upgrading: bool,
+    keep_connection: bool,
+) -> Scan {
     let mut names: Vec<HeaderName> = Vec::new();
-    let mut has_connection = false;
-    for name in headers.keys() {
-        let hop = if name == CONNECTION {
-            has_connection = true;
+    // Content-Length: how many, and whether the first is valid; Transfer-Encoding: how
+    // many, and whether the first is `chunked`. Judged after the pass, in the order the
+    // checks were always made (the same verdict, the same message).
+    let (mut lengths, mut length_ok) = (0usize, false);
+    let (mut encodings, mut encoding_ok) = (0usize, false);
+    // The `Connection` value, when there is exactly one (the usual case); more than one
+    // are read again below.
+    let (mut connections, mut connection) = (0usize, None);
+    if !FRAMING {
+        // A request: its names once each, `Connection`'s values looked up if present.
+        for name in headers.keys() {
+            let hop = if name == CONNECTION {
+                connections += 1;
+                !keep_connection
+            } else {
+                is_hop_by_hop(name, upgrading)
+            };
+            if hop {
+                names.push(name.clone());
+            }
+        }
+    }
+    // `iter` yields a name once per value, its values one after another.
+    let mut last: Option<&HeaderName> = None;
+    for (name, value) in headers.iter().filter(|_| FRAMING) {
+        let repeat = last == Some(name);
+        last = Some(name);
+        let hop = if FRAMING && name == CONTENT_LENGTH {
+            lengths += 1;
+            if lengths == 1 {
+                length_ok = valid_length(value.as_bytes().trim_ascii());
+            }
+            false
+        } else if FRAMING && name == TRANSFER_ENCODING {
+            encodings += 1;
+            if encodings == 1 {
+                encoding_ok = value
+                    .as_bytes()
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"chunked");
+            }
+            false
+        } else if name == CONNECTION {
+            connections += 1;
+            connection = Some(value);
             !keep_connection
         } else {
-            name == TE
-                || (name == UPGRADE && !upgrading)
-                || name.as_str() == "keep-alive"
-                || name.as_str().starts_with("proxy-")
+            is_hop_by_hop(name, upgrading)
         };
-        if hop {
+        if hop && !repeat {
             names.push(name.clone());
         }
     }
-    if !has_connection {
-        return names;
-    }
-    for v in headers.get_all(CONNECTION) {
-        for token in v.as_bytes().split(|b| *b == b',') {
-            let token = token.trim_ascii();
-            if upgrading && token.eq_ignore_ascii_case(b"upgrade") {
-                continue;
-            }
-            // Looked up first (no allocation): the usual tokens (`keep-alive`, `close`)
-            // name no header the message carries.
-            let present = std::str::from_utf8(token).is_ok_and(|t| headers.contains_key(t));
-            if !present {
-                continue;
-            }
-            let Ok(h) = HeaderName::from_bytes(token) else {
-                continue;
-            };
-            // Never let `Connection` remove what frames the message or routes it.
-            if h == TRANSFER_ENCODING || h == CONTENT_LENGTH || h == http::header::HOST {
-                continue;
-            }
-            if !names.contains(&h) {
-                names.push(h);
+    let framing = if lengths > 1 {
+        Err("upstream sent more than one Content-Length")
+    } else if lengths == 1 && !length_ok {
+        Err("upstream sent an invalid Content-Length")
+    } else if encodings > 1 || (encodings == 1 && !encoding_ok) {
+        Err("upstream sent a Transfer-Encoding other than a single chunked")
+    } else {
+        Ok(())
+    };
+    match (connections, connection) {
+        (0, _) => {}
+        (1, Some(v)) => connection_tokens(headers, v, upgrading, &mut names),
+        _ => {
+            for v in headers.get_all(CONNECTION) {
+                connection_tokens(headers, v, upgrading, &mut names);
             }
         }
     }
-    names
+    Scan {
+        framing,
+        hop_by_hop: names,
+    }
+}
+
+/// A name that is hop-by-hop by itself (`Connection` and the names it lists aside).
+fn is_hop_by_hop(name: &HeaderName, upgrading: bool) -> bool {
+    name == TE
+        || (name == UPGRADE && !upgrading)
+        || name.as_str() == "keep-alive"
+        || name.as_str().starts_with("proxy-")
+}
+
+/// Adds the headers named by one `Connection` value to `names`.
+fn connection_tokens(
+    headers: &HeaderMap,
+    value: &http::HeaderValue,
+    upgrading: bool,
+    names: &mut Vec<HeaderName>,
+) {
+    for token in value.as_bytes().split(|b| *b == b',') {
+        let token = token.trim_ascii();
+        if upgrading && token.eq_ignore_ascii_case(b"upgrade") {
+            continue;
+        }
+        // `Keep-Alive` is hop-by-hop anyway: already in `names` when present. (The usual
+        // token; skipping it saves the lookup below.)
+        if token.eq_ignore_ascii_case(b"keep-alive") {
+            continue;
+        }
+        // Looked up first (no allocation): the usual tokens (`close`) name no header the
+        // message carries.
+        let present = std::str::from_utf8(token).is_ok_and(|t| headers.contains_key(t));
+        if !present {
+            continue;
+        }
+        let Ok(h) = HeaderName::from_bytes(token) else {
+            continue;
+        };
+        // Never let `Connection` remove what frames the message or routes it.
+        if h == TRANSFER_ENCODING || h == CONTENT_LENGTH || h == http::header::HOST {
+            continue;
+        }
+        if !names.contains(&h) {
+            names.push(h);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -337,6 +481,56 @@ mod tests {
 
     fn check(raw: &str) -> Result<(), Reject> {
         check_request_head(raw.as_bytes(), &HeaderLimits::default())
+    }
+
+    #[test]
+    fn the_one_pass_check_agrees_with_the_full_one() {
+        let limits = HeaderLimits {
+            max_bytes: 200,
+            max_count: 3,
+        };
+        let heads = [
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length:  7 \r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "GET / HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n\n",
+            "GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n",
+            "GET /\r HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHo st: a\r\n\r\n",
+            "GET / HTTP/1.1\r\n: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n",
+            "GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\nGET",
+            "GET / HTTP/1.1\r\nHost: a\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r",
+            "GET / HTTP/1.1",
+            "",
+            "\r\n",
+        ];
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(200));
+        for head in heads.iter().copied().chain([long.as_str()]) {
+            let raw = head.as_bytes();
+            let full = check_request_head_in_full(raw, &limits);
+            if plain_head(raw, &limits) {
+                assert_eq!(full, Ok(()), "{head:?}");
+            }
+            assert_eq!(check_request_head(raw, &limits), full, "{head:?}");
+        }
+        // The common heads take the one pass.
+        assert!(plain_head(heads[0].as_bytes(), &limits));
+        assert!(plain_head(heads[2].as_bytes(), &limits));
+        assert!(plain_head(heads[3].as_bytes(), &limits));
     }
 
     #[test]
@@ -473,5 +667,27 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(TRANSFER_ENCODING, "gzip".parse().unwrap());
         assert!(check_response_framing(&h).is_err());
+        // One pass, the checks' old order: the lengths are judged first.
+        h.append(CONTENT_LENGTH, "x".parse().unwrap());
+        assert_eq!(
+            check_response_framing(&h),
+            Err("upstream sent an invalid Content-Length")
+        );
+        // A hop-by-hop name with several values is listed once; `Connection` twice is read
+        // in full.
+        let mut h = HeaderMap::new();
+        h.append("proxy-x", "1".parse().unwrap());
+        h.append("proxy-x", "2".parse().unwrap());
+        h.append("x-a", "1".parse().unwrap());
+        h.append("x-b", "1".parse().unwrap());
+        h.append(CONNECTION, "x-a".parse().unwrap());
+        h.append(CONNECTION, "keep-alive, x-b".parse().unwrap());
+        let scan = scan::<true>(&h, false, true);
+        assert_eq!(scan.framing, Ok(()));
+        assert_eq!(scan.hop_by_hop, ["proxy-x", "x-a", "x-b"]);
+        assert_eq!(
+            hop_by_hop_names(&h, false, false),
+            ["proxy-x", "connection", "x-a", "x-b"]
+        );
     }
 }

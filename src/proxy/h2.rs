@@ -51,8 +51,11 @@ pub fn grpc_code(name: &str) -> Option<u32> {
 /// Does this header block (response headers of a Trailers-Only answer, or trailers) carry
 /// a `grpc-status` whose bit is set in `codes`?
 pub fn grpc_failed(headers: &http::HeaderMap, codes: u32) -> bool {
+    // Looked up by a prebuilt name: a `&str` key is parsed (lower-cased, matched against
+    // the standard names) on every lookup, and this runs on every response.
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
     headers
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         .and_then(|v| v.trim().parse::<u32>().ok())
         .is_some_and(|n| n < 32 && codes & (1 << n) != 0)
@@ -74,11 +77,15 @@ pub fn forward_te_trailers(
     upstream: &mut pingora::http::RequestHeader,
     h2c: bool,
 ) -> pingora::Result<()> {
+    // Only an h2c pool needs it: no lookup for the others.
+    if !h2c {
+        return Ok(());
+    }
     let wants = client
         .get_all(http::header::TE)
         .iter()
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if h2c && wants {
+    if wants {
         upstream.insert_header(http::header::TE, "trailers")?;
     }
     Ok(())

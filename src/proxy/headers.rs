@@ -15,13 +15,16 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 
 use crate::config::{EdgeSettings, Route};
-use crate::proxy::edge::{check_request_head, check_response_framing, hop_by_hop_names, Reject};
+use crate::proxy::edge::{check_request_head, hop_by_hop_names, Reject};
 
 /// Checks a request head just read and applies the per-connection settings. `Some` means
 /// refuse: the caller answers `reject.status()` and closes the connection.
 pub fn admit(session: &mut Session, edge: &EdgeSettings) -> Option<Reject> {
     let downstream = session.as_downstream_mut();
-    crate::proxy::conn_guard::request_started(downstream);
+    // The guard also bounds the idle wait before the next request (`edge.idle_timeout`), so
+    // Pingora's keep-alive stays as the client asked (on, without a timeout of its own; or
+    // off for `Connection: close`).
+    crate::proxy::conn_guard::request_started(downstream, edge.idle_timeout_secs);
     // HTTP/1 only: an HTTP/2 head has no raw bytes, and h2 framing is not length-ambiguous.
     let raw = downstream.as_http1().map(|h1| h1.get_headers_raw_bytes());
     if let Some(raw) = raw {
@@ -31,10 +34,6 @@ pub fn admit(session: &mut Session, edge: &EdgeSettings) -> Option<Reject> {
         }
     }
     downstream.set_read_timeout(Some(edge.body_timeout));
-    // Keep the client's `Connection: close` (None); otherwise our idle timeout.
-    if downstream.get_keepalive().is_some() {
-        downstream.set_keepalive(Some(edge.idle_timeout_secs));
-    }
     None
 }
 
@@ -51,6 +50,10 @@ pub fn peer_ip(session: &Session) -> Option<IpAddr> {
 /// trusted proxy (entries further left are the client's own claims and are ignored).
 pub fn client_ip(session: &Session, trusted: &[IpNet]) -> Option<IpAddr> {
     let peer = peer_ip(session)?;
+    // Most peers are not trusted proxies (none are by default): no header lookup for them.
+    if !trusted.iter().any(|n| n.contains(&peer)) {
+        return Some(peer);
+    }
     Some(forwarded_client(
         peer,
         session.req_header().headers.get_all(&XFF_NAME).iter(),
@@ -221,10 +224,11 @@ fn forwarded_scheme(value: &[u8]) -> Option<&'static str> {
 /// Checks and cleans an upstream response head. `Err` means the framing is ambiguous:
 /// the caller turns it into a 502.
 pub fn clean_upstream_response(resp: &mut ResponseHeader) -> Result<(), &'static str> {
-    check_response_framing(&resp.headers)?;
     let upgrading = resp.status.as_u16() == 101;
     // Pingora writes its own `Connection` for the client connection.
-    for name in hop_by_hop_names(&resp.headers, upgrading, true) {
+    let scan = crate::proxy::edge::scan::<true>(&resp.headers, upgrading, true);
+    scan.framing?;
+    for name in scan.hop_by_hop {
         resp.remove_header(&name);
     }
     Ok(())

@@ -213,7 +213,8 @@ fn watch_canary_attempt(
 /// Generates request ids: a random per-process prefix and a counter, so ids are unique
 /// across restarts and instances without a syscall or a lock per request.
 struct RequestIds {
-    prefix: u64,
+    /// The prefix in hex, encoded once.
+    prefix: [u8; 16],
     counter: AtomicU64,
 }
 
@@ -224,17 +225,21 @@ impl RequestIds {
         let prefix = std::collections::hash_map::RandomState::new()
             .build_hasher()
             .finish();
+        let mut hex = [0u8; 16];
+        crate::split::issued::hex_into(&prefix.to_be_bytes(), &mut hex);
         RequestIds {
-            prefix,
+            prefix: hex,
             counter: AtomicU64::new(0),
         }
     }
 
     fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        // Hex on the stack: one allocation (the header value) per request, no formatting.
-        let id = (u128::from(self.prefix) << 64) | u128::from(n);
-        let hex = crate::split::issued::hex32(id.to_be_bytes());
+        // Hex on the stack: one allocation (the header value) per request, no formatting;
+        // the counter's half only (the prefix's was encoded once).
+        let mut hex = [0u8; 32];
+        hex[..16].copy_from_slice(&self.prefix);
+        crate::split::issued::hex_into(&n.to_be_bytes(), &mut hex[16..]);
         // Hex digits are always a valid header value.
         HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("0"))
     }
@@ -308,28 +313,33 @@ fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
 
 #[async_trait]
 impl ProxyHttp for KanariaProxy {
-    type CTX = Ctx;
+    /// Boxed: Pingora keeps the context inside the request's future, which it moves into a
+    /// box of its own per request (a `memcpy` of the whole future); with a pointer there
+    /// instead, the future is ~830 bytes smaller, which saves more than the allocation costs.
+    type CTX = Box<Ctx>;
 
-    fn new_ctx(&self) -> Ctx {
-        Ctx {
-            start: Instant::now(),
+    fn new_ctx(&self) -> Box<Ctx> {
+        // One clock read for both (the attempt's start is set again when it begins).
+        let now = Instant::now();
+        Box::new(Ctx {
+            start: now,
             live: None,
             route: None,
             version: None,
             generated_request_id: None,
             upstream_status: None,
             retried: false,
-            attempt_start: Instant::now(),
+            attempt_start: now,
             awaiting_head: false,
             in_flight: None,
             attempt_latency: None,
             watcher: None,
             rollback_generation: 0,
             edge: edge_ctx::EdgeCtx::default(),
-        }
+        })
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Box<Ctx>) -> Result<bool> {
         let live = self.shared.load();
         let snap = &live.snapshot;
         if let Some(reject) = crate::proxy::headers::admit(session, &snap.edge) {
@@ -410,7 +420,11 @@ impl ProxyHttp for KanariaProxy {
         Ok(false)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Box<Ctx>,
+    ) -> Result<Box<HttpPeer>> {
         // A retry starts a new attempt: the previous one is over.
         ctx.attempt_over();
         let (Some(route), Some(version)) = (ctx.route().cloned(), ctx.version) else {
@@ -466,7 +480,7 @@ impl ProxyHttp for KanariaProxy {
         _peer: &HttpPeer,
         fd: std::os::fd::RawFd,
         _digest: Option<&pingora::protocols::Digest>,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         // Only attempts that can go to stable are worth abandoning.
         if ctx.awaiting_head && ctx.may_retry_on_stable() && replayable(session) {
@@ -488,7 +502,7 @@ impl ProxyHttp for KanariaProxy {
         _session: &mut Session,
         _body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         if end_of_stream && ctx.awaiting_head && ctx.in_flight.is_none() {
             let now = Instant::now();
@@ -506,7 +520,7 @@ impl ProxyHttp for KanariaProxy {
         &self,
         session: &mut Session,
         _peer: &HttpPeer,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing reached the upstream: any method may go to stable, if its body (if any)
@@ -529,7 +543,7 @@ impl ProxyHttp for KanariaProxy {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
@@ -578,7 +592,7 @@ impl ProxyHttp for KanariaProxy {
     fn suppress_proxy_warn_log(
         &self,
         _session: &Session,
-        ctx: &Ctx,
+        ctx: &Box<Ctx>,
         error: &Error,
         _context: ProxyWarnLogContext,
     ) -> bool {
@@ -592,7 +606,7 @@ impl ProxyHttp for KanariaProxy {
         &self,
         session: &mut Session,
         upstream_request: &mut RequestHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         let upgrading = session.is_upgrade_req();
         crate::proxy::headers::clean_upstream_request(
@@ -625,7 +639,7 @@ impl ProxyHttp for KanariaProxy {
         &self,
         session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         if let Err(why) = crate::proxy::headers::clean_upstream_response(upstream_response) {
             self.shared
@@ -659,7 +673,7 @@ impl ProxyHttp for KanariaProxy {
         &self,
         _session: &mut Session,
         upstream_trailers: &mut http::HeaderMap,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         ctx.edge.grpc_failed |= h2::grpc_failed(upstream_trailers, ctx.grpc_codes());
         Ok(())
@@ -669,12 +683,17 @@ impl ProxyHttp for KanariaProxy {
         &self,
         _session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         decorate_response(upstream_response, ctx)
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Box<Ctx>,
+    ) -> FailToProxy {
         use ErrorType::*;
         let (code, body) = match e.etype() {
             HTTPStatus(code) => (*code, "kanaria: request failed\n"),
@@ -711,12 +730,15 @@ impl ProxyHttp for KanariaProxy {
     }
 
     /// Records the outcome of every request that matched a route.
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Box<Ctx>) {
         crate::proxy::conn_guard::request_finished(session.as_downstream());
         if let Some(log) = &self.access_log {
             log.log(session, ctx);
         }
-        let waited = ctx.attempt_start.elapsed().as_secs_f64();
+        let now = Instant::now();
+        let waited = now
+            .saturating_duration_since(ctx.attempt_start)
+            .as_secs_f64();
         ctx.attempt_over();
         let Some(version) = ctx.version else {
             return;
@@ -728,7 +750,10 @@ impl ProxyHttp for KanariaProxy {
             .as_downstream()
             .response_written()
             .map(|r| r.status.as_u16());
-        m.record(status, ctx.start.elapsed().as_secs_f64());
+        m.record(
+            status,
+            now.saturating_duration_since(ctx.start).as_secs_f64(),
+        );
         let upstream_failed = e.is_some_and(|e| e.esource() == &ErrorSource::Upstream);
         if let Some(kind) = e.and_then(upstream_error_kind) {
             m.upstream_error(kind);

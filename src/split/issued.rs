@@ -95,13 +95,18 @@ impl IssuedIds {
 
 /// 16 bytes as 32 lower-case hex digits, on the stack (issued ids and request ids).
 pub(crate) fn hex32(bytes: [u8; 16]) -> [u8; 32] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
-    for (i, byte) in bytes.into_iter().enumerate() {
-        out[2 * i] = HEX[usize::from(byte >> 4)];
-        out[2 * i + 1] = HEX[usize::from(byte & 0xf)];
-    }
+    hex_into(&bytes, &mut out);
     out
+}
+
+/// Lower-case hex of `bytes` into the first `2 * bytes.len()` bytes of `out`.
+pub(crate) fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (byte, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
+    }
 }
 
 #[cfg(test)]

@@ -240,6 +240,15 @@ impl SplitRule {
     /// Whether a request needs a freshly issued key: the route issues keys and no source
     /// up to the issued cookie (included) is present. Sources after it are never reached.
     pub fn needs_issued_key(&self, headers: &HeaderMap) -> bool {
+        // Only a rule with an issued cookie issues keys: every other rule answers `false`
+        // below, after looking its sources up (which `decide` does again).
+        if !self
+            .sticky
+            .iter()
+            .any(|s| matches!(s, StickySource::IssuedCookie(_)))
+        {
+            return false;
+        }
         for src in &self.sticky {
             match src {
                 StickySource::Header(h) => {
