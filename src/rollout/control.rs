@@ -294,10 +294,7 @@ impl Shared {
             .with_label_values(&[&event.route, &event.kind])
             .inc();
         if event.kind == "rollback" {
-            self.metrics
-                .rollbacks
-                .with_label_values(&[&event.route, &event.reason])
-                .inc();
+            self.metrics.rollback(&event.route, &event.reason);
             // Canary attempts still waiting for an answer go to stable now.
             if let Some(m) = self.metrics.known_route(&event.route) {
                 m.canary_rollbacks.rolled_back();
