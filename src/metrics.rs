@@ -8,21 +8,20 @@
 //! The series of each route that do not change with its config (`kanaria_requests_total`,
 //! `kanaria_request_duration_seconds`, `kanaria_upstream_errors_total`,
 //! `kanaria_overrides_total`, `kanaria_retries_total`, `kanaria_rollbacks_total`) are plain
-//! atomics in [`RouteSeries`], turned into metric families only when scraped (by
-//! [`RouteCollector`]): the `prometheus` crate's labelled children cost ~450 bytes each
+//! atomics in [`RouteSeries`], written straight into the text exposition when scraped
+//! ([`Metrics::render`]): the `prometheus` crate's labelled children cost ~450 bytes each
 //! (their own copy of the name, help and labels), 33 of them ~15 KB a route, where these
-//! atomics take ~550 bytes. The exposition is the same.
+//! atomics take ~550 bytes; and its scrape built a record per sample before the text
+//! (~30 MB at once for 1,000 routes). The exposition is the same.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
-use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::rollout::analysis::{InFlight, Window, STATUS_SPAN};
 use crate::split::Track;
@@ -85,13 +84,9 @@ struct AllSeries {
 pub struct Metrics {
     pub registry: Registry,
     series: Arc<Mutex<AllSeries>>,
-    pub canary_weight: prometheus::GaugeVec,
-    pub rollout_state: IntGaugeVec,
     pub events: IntCounterVec,
     pub reloads: IntCounterVec,
     pub generation: IntGauge,
-    pub endpoint_healthy: IntGaugeVec,
-    pub pool_info: IntGaugeVec,
     /// `[fleet]` only (no series without it): 1 while the fleet store answers.
     pub fleet_connected: IntGaugeVec,
     /// `[fleet]` only: replicas seen alive in the fleet (this one included).
@@ -159,7 +154,7 @@ pub struct TrackSeries {
 }
 
 /// The per-request series of a route: created with the route, kept across reloads (also
-/// when its windows are made anew), scraped by [`RouteCollector`].
+/// when its windows are made anew), written by [`Metrics::render`].
 #[derive(Default)]
 pub struct RouteSeries {
     stable: TrackSeries,
@@ -343,27 +338,6 @@ impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
         let r = Registry::new();
         let series = Arc::new(Mutex::new(AllSeries::default()));
-        r.register(Box::new(RouteCollector::new(series.clone())?))?;
-        let canary_weight = build(
-            &r,
-            prometheus::GaugeVec::new(
-                Opts::new(
-                    "kanaria_canary_weight_percent",
-                    "Effective canary weight in percent.",
-                ),
-                &["route"],
-            ),
-        )?;
-        let rollout_state = build(
-            &r,
-            IntGaugeVec::new(
-                Opts::new(
-                    "kanaria_rollout_state",
-                    "1 for the route's current rollout state.",
-                ),
-                &["route", "state"],
-            ),
-        )?;
         let events = build(
             &r,
             IntCounterVec::new(
@@ -388,28 +362,6 @@ impl Metrics {
                 "Generation of the config in use.",
             ),
         )?;
-        let endpoint_healthy = build(
-            &r,
-            IntGaugeVec::new(
-                Opts::new(
-                    "kanaria_endpoint_healthy",
-                    "1 when the endpoint is in rotation.",
-                ),
-                &["route", "version", "endpoint"],
-            ),
-        )?;
-        let pool_info = build(
-            &r,
-            IntGaugeVec::new(
-                Opts::new(
-                    "kanaria_pool_info",
-                    "The release label each version of a route runs.",
-                ),
-                &["route", "version", "release"],
-            ),
-        )?;
-        // Labelled by the fleet's name: a process without [fleet] exports no series, so
-        // alerts on them never fire for a single node.
         let fleet_connected = build(
             &r,
             IntGaugeVec::new(
@@ -461,16 +413,12 @@ impl Metrics {
         Ok(Metrics {
             registry: r,
             series,
-            canary_weight,
-            rollout_state,
             events,
             reloads,
             fleet_connected,
             fleet_members,
             fleet_generation,
             generation,
-            endpoint_healthy,
-            pool_info,
             edge,
             routes: Mutex::new(HashMap::new()),
         })
@@ -540,195 +488,308 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text exposition of everything.
+    /// Prometheus text exposition of everything: the registry's families and the routes'
+    /// series, merged in name order as one registry would have sorted them.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
-            log::error!("encoding metrics: {e}");
+        self.render_with(&[])
+    }
+
+    /// [`Self::render`] with more families written by the caller (`(name, writer)`; the
+    /// writer uses [`family_head`] and [`sample`]): the control module's gauges, read from
+    /// the live config when scraped rather than kept as series.
+    pub fn render_with(&self, extra: &[(&str, &WriteText<'_>)]) -> String {
+        enum Family<'a> {
+            Registry(&'a prometheus::proto::MetricFamily),
+            Route(WriteFamily),
+            Extra(&'a WriteText<'a>),
         }
-        String::from_utf8(buf).unwrap_or_default()
+        let families = self.registry.gather();
+        let routes = RouteSnapshot::take(&self.series);
+        let mut all: Vec<(&str, Family)> = families
+            .iter()
+            .map(|mf| (mf.name(), Family::Registry(mf)))
+            .chain(ROUTE_FAMILIES.iter().map(|(n, w)| (*n, Family::Route(*w))))
+            .chain(extra.iter().map(|(n, w)| (*n, Family::Extra(*w))))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        // ~5.4 KB of text a route (measured): one allocation for the whole answer.
+        let mut out = String::with_capacity(8192 + routes.routes.len() * 6000);
+        let encoder = TextEncoder::new();
+        for (name, family) in all {
+            match family {
+                Family::Registry(mf) => {
+                    if let Err(e) = encoder.encode_utf8(std::slice::from_ref(mf), &mut out) {
+                        log::error!("encoding metrics: {e}");
+                    }
+                }
+                Family::Route(write) => write(&routes, name, &mut out),
+                Family::Extra(write) => write(&mut out),
+            }
+        }
+        out
     }
 }
 
-/// Scrapes the per-request series of every route ([`RouteSeries`]) as the metric families
-/// the `prometheus` crate's vectors made of them before: same names, help, types, labels
-/// (sorted by name) and order.
-struct RouteCollector {
-    series: Arc<Mutex<AllSeries>>,
-    descs: Vec<Desc>,
+/// The routes' series at a scrape: the handles, taken under the lock and read without it.
+struct RouteSnapshot {
+    routes: Vec<(String, Arc<RouteSeries>)>,
+    /// (reason, route, count) of every rollback series, sorted.
+    rollbacks: Vec<(String, String, u64)>,
 }
 
-const REQUESTS: (&str, &str) = (
-    "kanaria_requests_total",
-    "Requests answered, by route, version and status class.",
-);
-const DURATION: (&str, &str) = (
-    "kanaria_request_duration_seconds",
-    "Time from request start to the end of the answer.",
-);
-const UPSTREAM_ERRORS: (&str, &str) = (
-    "kanaria_upstream_errors_total",
-    "Upstream failures: connect, timeout, reset, 5xx.",
-);
-const OVERRIDES: (&str, &str) = (
-    "kanaria_overrides_total",
-    "Requests whose version was forced by an honoured override.",
-);
-const ROLLBACKS: (&str, &str) = (
-    "kanaria_rollbacks_total",
-    "Rollbacks of the canary, by reason.",
-);
-const RETRIES: (&str, &str) = (
-    "kanaria_retries_total",
-    "Requests retried on another version.",
-);
+impl RouteSnapshot {
+    fn take(series: &Mutex<AllSeries>) -> Self {
+        let all = series.lock().unwrap_or_else(|p| p.into_inner());
+        let routes: Vec<(String, Arc<RouteSeries>)> = all
+            .routes
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        let mut rollbacks: Vec<(String, String, u64)> = all
+            .other_rollbacks
+            .iter()
+            .map(|((route, reason), n)| (reason.clone(), route.clone(), *n))
+            .collect();
+        drop(all);
+        for (route, s) in &routes {
+            for (reason, c) in ROLLBACK_REASONS.iter().zip(&s.rollbacks) {
+                rollbacks.push((reason.to_string(), route.clone(), c.get()));
+            }
+        }
+        rollbacks.sort();
+        RouteSnapshot { routes, rollbacks }
+    }
 
-fn label(name: &str, value: &str) -> LabelPair {
-    let mut l = LabelPair::default();
-    l.set_name(name.to_string());
-    l.set_value(value.to_string());
-    l
-}
-
-/// A metric with these labels, sorted by name as the `prometheus` crate sorts them.
-fn metric(mut labels: Vec<LabelPair>) -> proto::Metric {
-    labels.sort_by(|a, b| a.name().cmp(b.name()));
-    proto::Metric::from_label(labels)
-}
-
-fn counter(labels: Vec<LabelPair>, value: u64) -> proto::Metric {
-    let mut m = metric(labels);
-    let mut c = proto::Counter::default();
-    c.set_value(value as f64);
-    m.set_counter(c);
-    m
-}
-
-fn family(
-    (name, help): (&str, &str),
-    kind: MetricType,
-    metrics: Vec<proto::Metric>,
-) -> MetricFamily {
-    let mut f = MetricFamily::default();
-    f.set_name(name.to_string());
-    f.set_help(help.to_string());
-    f.set_field_type(kind);
-    f.set_metric(metrics);
-    f
-}
-
-impl RouteCollector {
-    fn new(series: Arc<Mutex<AllSeries>>) -> prometheus::Result<Self> {
-        let desc = |(name, help): (&str, &str), labels: &[&str]| {
-            Desc::new(
-                name.to_string(),
-                help.to_string(),
-                labels.iter().map(|l| l.to_string()).collect(),
-                HashMap::new(),
-            )
-        };
-        Ok(RouteCollector {
-            series,
-            descs: vec![
-                desc(REQUESTS, &["route", "version", "code_class"])?,
-                desc(DURATION, &["route", "version"])?,
-                desc(UPSTREAM_ERRORS, &["route", "version", "kind"])?,
-                desc(OVERRIDES, &["route", "version"])?,
-                desc(RETRIES, &["route", "from", "to"])?,
-                desc(ROLLBACKS, &["route", "reason"])?,
-            ],
+    /// Each route's two tracks, in the order of their labels' values.
+    fn tracks(&self) -> impl Iterator<Item = (&str, &'static str, &TrackSeries)> {
+        self.routes.iter().flat_map(|(route, s)| {
+            [("canary", &s.canary), ("stable", &s.stable)]
+                .into_iter()
+                .map(move |(version, t)| (route.as_str(), version, t))
         })
     }
 }
 
-impl Collector for RouteCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
+type WriteFamily = fn(&RouteSnapshot, &str, &mut String);
 
-    fn collect(&self) -> Vec<MetricFamily> {
-        // A snapshot of the handles: the scrape reads the atomics without the lock.
-        let (routes, other_rollbacks): (Vec<(String, Arc<RouteSeries>)>, Vec<_>) = {
-            let all = self.series.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                all.routes
-                    .iter()
-                    .map(|(n, s)| (n.clone(), s.clone()))
-                    .collect(),
-                all.other_rollbacks
-                    .iter()
-                    .map(|(k, n)| (k.clone(), *n))
-                    .collect(),
-            )
-        };
-        let (mut requests, mut duration, mut errors, mut overrides, mut retries) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut rollbacks = Vec::new();
-        for ((route, reason), n) in other_rollbacks {
-            rollbacks.push(counter(
-                vec![label("route", &route), label("reason", &reason)],
-                n,
-            ));
+/// Writes one family of samples into the exposition (see [`Metrics::render_with`]).
+pub type WriteText<'a> = dyn Fn(&mut String) + 'a;
+
+/// The routes' families, by name, each written as the `prometheus` crate's text encoder
+/// writes a family whose samples are sorted by their labels' values (labels by name).
+const ROUTE_FAMILIES: [(&str, WriteFamily); 6] = [
+    ("kanaria_overrides_total", write_overrides),
+    ("kanaria_request_duration_seconds", write_duration),
+    ("kanaria_requests_total", write_requests),
+    ("kanaria_retries_total", write_retries),
+    ("kanaria_rollbacks_total", write_rollbacks),
+    ("kanaria_upstream_errors_total", write_upstream_errors),
+];
+
+/// `# HELP` and `# TYPE` of a family, as the `prometheus` crate's text encoder writes them.
+pub fn family_head(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// The head, unless there is no sample (the registry drops empty families).
+fn head(out: &mut String, name: &str, help: &str, kind: &str, empty: bool) -> bool {
+    if !empty {
+        family_head(out, name, help, kind);
+    }
+    !empty
+}
+
+/// A label value as the text format escapes it.
+fn escaped(v: &str) -> Cow<'_, str> {
+    if v.contains(['\\', '\n', '"']) {
+        Cow::Owned(
+            v.replace('\\', "\\\\")
+                .replace('\n', "\\n")
+                .replace('"', "\\\""),
+        )
+    } else {
+        Cow::Borrowed(v)
+    }
+}
+
+/// One sample line: `name{labels} value`, labels already sorted by name; values as the
+/// encoder prints them (as f64).
+pub fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: f64) {
+    out.push_str(name);
+    let mut sep = '{';
+    for (k, v) in labels {
+        let _ = write!(out, "{sep}{k}=\"{}\"", escaped(v));
+        sep = ',';
+    }
+    if !labels.is_empty() {
+        out.push('}');
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+fn write_overrides(r: &RouteSnapshot, name: &str, out: &mut String) {
+    if head(
+        out,
+        name,
+        "Requests whose version was forced by an honoured override.",
+        "counter",
+        r.routes.is_empty(),
+    ) {
+        for (route, version, t) in r.tracks() {
+            sample(
+                out,
+                name,
+                &[("route", route), ("version", version)],
+                t.overrides.get() as f64,
+            );
         }
-        for (route, s) in &routes {
-            for (version, t) in [("stable", &s.stable), ("canary", &s.canary)] {
-                let base = || vec![label("route", route), label("version", version)];
-                for (class, c) in CODE_CLASSES.iter().zip(&t.requests) {
-                    let mut l = base();
-                    l.push(label("code_class", class));
-                    requests.push(counter(l, c.get()));
-                }
-                for (kind, c) in UpstreamErrorKind::ALL.iter().zip(&t.upstream_errors) {
-                    let mut l = base();
-                    l.push(label("kind", kind.as_str()));
-                    errors.push(counter(l, c.get()));
-                }
-                overrides.push(counter(base(), t.overrides.get()));
-                let mut h = proto::Histogram::default();
-                let mut cumulative = 0;
-                h.set_bucket(
-                    DURATION_BUCKETS
-                        .iter()
-                        .zip(&t.duration.buckets)
-                        .map(|(bound, n)| {
-                            cumulative += n.load(Relaxed);
-                            let mut b = proto::Bucket::default();
-                            b.set_cumulative_count(cumulative);
-                            b.set_upper_bound(*bound);
-                            b
-                        })
-                        .collect(),
+    }
+}
+
+fn write_duration(r: &RouteSnapshot, name: &str, out: &mut String) {
+    if !head(
+        out,
+        name,
+        "Time from request start to the end of the answer.",
+        "histogram",
+        r.routes.is_empty(),
+    ) {
+        return;
+    }
+    let (bucket, sum, count) = (
+        format!("{name}_bucket"),
+        format!("{name}_sum"),
+        format!("{name}_count"),
+    );
+    for (route, version, t) in r.tracks() {
+        let h = &t.duration;
+        let mut cumulative = 0;
+        for (bound, n) in DURATION_BUCKETS.iter().zip(&h.buckets) {
+            cumulative += n.load(Relaxed);
+            let le = bound.to_string();
+            sample(
+                out,
+                &bucket,
+                &[("route", route), ("version", version), ("le", le.as_str())],
+                cumulative as f64,
+            );
+        }
+        // Read after the buckets: the count is never below their sum.
+        let total = h.count.load(Relaxed).max(cumulative);
+        sample(
+            out,
+            &bucket,
+            &[("route", route), ("version", version), ("le", "+Inf")],
+            total as f64,
+        );
+        sample(
+            out,
+            &sum,
+            &[("route", route), ("version", version)],
+            f64::from_bits(h.sum.load(Relaxed)),
+        );
+        sample(
+            out,
+            &count,
+            &[("route", route), ("version", version)],
+            total as f64,
+        );
+    }
+}
+
+fn write_requests(r: &RouteSnapshot, name: &str, out: &mut String) {
+    if head(
+        out,
+        name,
+        "Requests answered, by route, version and status class.",
+        "counter",
+        r.routes.is_empty(),
+    ) {
+        for (i, class) in CODE_CLASSES.iter().enumerate() {
+            for (route, version, t) in r.tracks() {
+                sample(
+                    out,
+                    name,
+                    &[
+                        ("code_class", *class),
+                        ("route", route),
+                        ("version", version),
+                    ],
+                    t.requests[i].get() as f64,
                 );
-                // Read after the buckets: the count is never below their sum.
-                h.set_sample_count(t.duration.count.load(Relaxed).max(cumulative));
-                h.set_sample_sum(f64::from_bits(t.duration.sum.load(Relaxed)));
-                let mut m = metric(base());
-                m.set_histogram(h);
-                duration.push(m);
-            }
-            retries.push(counter(
-                vec![
-                    label("route", route),
-                    label("from", "canary"),
-                    label("to", "stable"),
-                ],
-                s.retried_on_stable.get(),
-            ));
-            for (reason, c) in ROLLBACK_REASONS.iter().zip(&s.rollbacks) {
-                rollbacks.push(counter(
-                    vec![label("route", route), label("reason", reason)],
-                    c.get(),
-                ));
             }
         }
-        vec![
-            family(REQUESTS, MetricType::COUNTER, requests),
-            family(DURATION, MetricType::HISTOGRAM, duration),
-            family(UPSTREAM_ERRORS, MetricType::COUNTER, errors),
-            family(OVERRIDES, MetricType::COUNTER, overrides),
-            family(RETRIES, MetricType::COUNTER, retries),
-            family(ROLLBACKS, MetricType::COUNTER, rollbacks),
-        ]
+    }
+}
+
+fn write_retries(r: &RouteSnapshot, name: &str, out: &mut String) {
+    if head(
+        out,
+        name,
+        "Requests retried on another version.",
+        "counter",
+        r.routes.is_empty(),
+    ) {
+        for (route, s) in &r.routes {
+            sample(
+                out,
+                name,
+                &[
+                    ("from", "canary"),
+                    ("route", route.as_str()),
+                    ("to", "stable"),
+                ],
+                s.retried_on_stable.get() as f64,
+            );
+        }
+    }
+}
+
+fn write_rollbacks(r: &RouteSnapshot, name: &str, out: &mut String) {
+    if head(
+        out,
+        name,
+        "Rollbacks of the canary, by reason.",
+        "counter",
+        r.rollbacks.is_empty(),
+    ) {
+        for (reason, route, n) in &r.rollbacks {
+            sample(
+                out,
+                name,
+                &[("reason", reason.as_str()), ("route", route.as_str())],
+                *n as f64,
+            );
+        }
+    }
+}
+
+fn write_upstream_errors(r: &RouteSnapshot, name: &str, out: &mut String) {
+    if !head(
+        out,
+        name,
+        "Upstream failures: connect, timeout, reset, 5xx.",
+        "counter",
+        r.routes.is_empty(),
+    ) {
+        return;
+    }
+    // Kinds in the order of their names.
+    let mut kinds = UpstreamErrorKind::ALL;
+    kinds.sort_by_key(|k| k.as_str());
+    for kind in kinds {
+        for (route, version, t) in r.tracks() {
+            sample(
+                out,
+                name,
+                &[
+                    ("kind", kind.as_str()),
+                    ("route", route),
+                    ("version", version),
+                ],
+                t.upstream_errors[kind as usize].get() as f64,
+            );
+        }
     }
 }
 
@@ -782,6 +843,16 @@ mod tests {
         assert_eq!(a.version(Track::Stable).totals(), (3, 1));
         assert_eq!(a.retried_on_stable.get(), 1);
         let text = m.render();
+        // Families in name order, the routes' among the registry's, as one registry sorts.
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+        assert!(names.len() > ROUTE_FAMILIES.len(), "{names:?}");
         let family = |name: &str| -> Vec<&str> {
             text.lines()
                 .filter(|l| {
