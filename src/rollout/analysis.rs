@@ -16,9 +16,9 @@
 //! histogram whose counts add up to the requests. The histogram is logarithmic: 8 buckets
 //! per power of two of microseconds, each 2^(1/8) ≈ 1.09 times as wide as the previous one,
 //! so a quantile, reported as its bucket's geometric midpoint, is within 4.5% of the true
-//! value (from 32 µs to ~2 minutes), in 182 buckets of 4 bytes (728 bytes a slot; the
-//! previous 16 linear sub-buckets per power of two took 1.6 KB for a 3.2% bound). Recording
-//! is a few relaxed atomic adds in each ring.
+//! value (from 32 µs to ~2 minutes), in 182 buckets of 4 bytes (744 bytes a slot with its
+//! stamp and error count; the previous 16 linear sub-buckets per power of two took 1.6 KB
+//! for a 3.2% bound). Recording is a few relaxed atomic adds in each ring.
 //!
 //! A slot is reused for a newer period by whichever writer first sees it stale, with a
 //! seqlock-like protocol: the writer claims the slot by swapping its stamp to `RESETTING`
