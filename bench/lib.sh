@@ -218,6 +218,7 @@ debounce = "20ms"
 name = "app"
 sticky_by = ["header:x-user-id"]
 canary_weight = $pct
+${BENCH_KANARIA_ROUTE_KEYS:-}
 $BENCH_KANARIA_ROUTE_EXTRA
 
 [routes.stable]
@@ -228,7 +229,8 @@ endpoints = ["127.0.0.1:$s"]
 version = "v2"
 endpoints = ["127.0.0.1:$c"]
 EOF
-  # BENCH_ROUTES > 1: more routes of the same shape on their own path prefixes (memory.sh).
+  # BENCH_ROUTES > 1: more routes of the same shape (the same analysis settings) on their own
+  # path prefixes (memory.sh). BENCH_KANARIA_ROUTE_KEYS: more keys for every route.
   local i
   for ((i = 1; i < ${BENCH_ROUTES:-1}; i++)); do
     cat <<EOF
@@ -238,6 +240,7 @@ name = "r$i"
 path_prefix = "/r$i"
 sticky_by = ["header:x-user-id"]
 canary_weight = $pct
+${BENCH_KANARIA_ROUTE_KEYS:-}
 
 [routes.stable]
 version = "v1"

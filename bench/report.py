@@ -233,16 +233,22 @@ def instructions(path):
 
 def memory(path):
     rows = parse(path)
-    print("| routes | RSS ready MiB | RSS after load MiB | peak RSS MiB | requests/s |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+    # Runs from before the all-routes load have no both_tracks / all_requests columns.
+    full = all("both_tracks" in r for r in rows)
+    extra_head = " routes with both versions | requests to all routes | /metrics KB |" if full else ""
+    print(f"| routes | RSS ready MiB | RSS after load MiB | peak RSS MiB | requests/s |{extra_head}")
+    print("| ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if full else ""))
     for r in rows:
+        extra_cols = (f" {int(r['both_tracks'])} | {int(r['all_requests'])} | {r.get('scrape_bytes', 0) / 1000:.0f} |"
+                      if full else "")
         print(f"| {int(r['routes'])} | {r['ready_kb'] / 1024:.1f} | {r['loaded_kb'] / 1024:.1f} | {r['peak_kb'] / 1024:.1f} | "
-              f"{r['requests'] / (r['duration_us'] / 1e6):.0f} |")
+              f"{r['requests'] / (r['duration_us'] / 1e6):.0f} |{extra_cols}")
     if len(rows) >= 2 and rows[-1]["routes"] > rows[0]["routes"]:
         a, b = rows[0], rows[-1]
         extra = b["routes"] - a["routes"]
         print()
         print(f"Per extra route: {(b['ready_kb'] - a['ready_kb']) / extra:.1f} KiB once ready, "
+              f"{(b['loaded_kb'] - a['loaded_kb']) / extra:.1f} KiB after load, "
               f"{(b['peak_kb'] - a['peak_kb']) / extra:.1f} KiB at peak.")
 
 

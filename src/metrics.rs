@@ -4,15 +4,24 @@
 //! `canary`, `code_class` and `kind` are fixed sets. The request path never looks a label
 //! up: each route gets a [`RouteMetrics`] with its counters and histograms resolved once
 //! (when a config is published), so recording is a few atomic adds, no lock, no hashing.
+//!
+//! The series of each route that do not change with its config (`kanaria_requests_total`,
+//! `kanaria_request_duration_seconds`, `kanaria_upstream_errors_total`,
+//! `kanaria_overrides_total`, `kanaria_retries_total`, `kanaria_rollbacks_total`) are plain
+//! atomics in [`RouteSeries`], written straight into the text exposition when scraped
+//! ([`Metrics::render`]): the `prometheus` crate's labelled children cost ~450 bytes each
+//! (their own copy of the name, help and labels), 33 of them ~15 KB a route, where these
+//! atomics take ~550 bytes; and its scrape built a record per sample before the text
+//! (~30 MB at once for 1,000 routes). The exposition is the same.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::rollout::analysis::{InFlight, Window, STATUS_SPAN};
 use crate::split::Track;
@@ -26,7 +35,7 @@ pub const DURATION_BUCKETS: &[f64] = &[
 /// (the client went away, or the connection broke mid-answer).
 pub const CODE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
 
-/// Reasons of `kanaria_rollbacks_total`, created at 0 for every route (see [`Metrics::route`]).
+/// Reasons of `kanaria_rollbacks_total`, at 0 for every route from the start ([`RouteSeries`]).
 pub const ROLLBACK_REASONS: [&str; 6] = [
     "manual",
     "health_check",
@@ -63,28 +72,27 @@ impl UpstreamErrorKind {
     }
 }
 
+/// The series of every route, by name (kept across reloads), and rollbacks for reasons
+/// outside [`ROLLBACK_REASONS`] (none today; counted all the same), by (route, reason).
+#[derive(Default)]
+struct AllSeries {
+    routes: BTreeMap<String, Arc<RouteSeries>>,
+    other_rollbacks: BTreeMap<(String, String), u64>,
+}
+
 /// Every metric of the process.
 pub struct Metrics {
     pub registry: Registry,
-    requests: IntCounterVec,
-    duration: HistogramVec,
-    upstream_errors: IntCounterVec,
-    pub canary_weight: prometheus::GaugeVec,
-    pub rollout_state: IntGaugeVec,
-    pub rollbacks: IntCounterVec,
+    series: Arc<Mutex<AllSeries>>,
     pub events: IntCounterVec,
-    pub retries: IntCounterVec,
     pub reloads: IntCounterVec,
     pub generation: IntGauge,
-    pub endpoint_healthy: IntGaugeVec,
-    pub pool_info: IntGaugeVec,
     /// `[fleet]` only (no series without it): 1 while the fleet store answers.
     pub fleet_connected: IntGaugeVec,
     /// `[fleet]` only: replicas seen alive in the fleet (this one included).
     pub fleet_members: IntGaugeVec,
     /// `[fleet]` only: the fleet generation of each route's record applied here.
     pub fleet_generation: IntGaugeVec,
-    overrides: IntCounterVec,
     /// Edge rejections (framing, limits, deadlines), handles resolved at start.
     pub edge: EdgeMetrics,
     /// Per-route handles by name, so counters and analysis windows outlive reloads.
@@ -92,13 +100,96 @@ pub struct Metrics {
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
 }
 
+/// A counter: one atomic word (what `kanaria_*_total` series of a route hold).
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// `kanaria_request_duration_seconds` of one route and version: counts per bucket (not
+/// cumulative; the scrape adds them up), the count and the sum (f64 bits).
+#[derive(Default)]
+struct DurationHistogram {
+    buckets: [AtomicU64; DURATION_BUCKETS.len()],
+    count: AtomicU64,
+    sum: AtomicU64,
+}
+
+impl DurationHistogram {
+    #[inline]
+    fn observe(&self, seconds: f64) {
+        // `le` is inclusive, as in the `prometheus` crate; past the last bound only +Inf.
+        if let Some(i) = DURATION_BUCKETS.iter().position(|b| seconds <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        let mut old = self.sum.load(Relaxed);
+        loop {
+            let new = (f64::from_bits(old) + seconds).to_bits();
+            match self.sum.compare_exchange_weak(old, new, Relaxed, Relaxed) {
+                Ok(_) => break,
+                Err(v) => old = v,
+            }
+        }
+    }
+}
+
+/// The per-request series of one version of a route.
+#[derive(Default)]
+pub struct TrackSeries {
+    requests: [Counter; 6],
+    duration: DurationHistogram,
+    upstream_errors: [Counter; 4],
+    /// Honoured overrides that chose this version.
+    pub overrides: Counter,
+}
+
+/// The per-request series of a route: created with the route, kept across reloads (also
+/// when its windows are made anew), written by [`Metrics::render`].
+#[derive(Default)]
+pub struct RouteSeries {
+    stable: TrackSeries,
+    canary: TrackSeries,
+    /// `kanaria_retries_total{from="canary",to="stable"}`.
+    retried_on_stable: Counter,
+    /// `kanaria_rollbacks_total` by [`ROLLBACK_REASONS`]: they exist at 0 from the start (a
+    /// series born at 1 shows no `increase()`, so dashboards and alerts would miss each
+    /// route's first rollback).
+    rollbacks: [Counter; ROLLBACK_REASONS.len()],
+}
+
+/// A handle on one counter of a route's series (for the rarer ones: an override, a retry).
+pub struct CounterHandle {
+    series: Arc<RouteSeries>,
+    pick: fn(&RouteSeries) -> &Counter,
+}
+
+impl CounterHandle {
+    #[inline]
+    pub fn inc(&self) {
+        (self.pick)(&self.series).inc();
+    }
+
+    pub fn get(&self) -> u64 {
+        (self.pick)(&self.series).get()
+    }
+}
+
 /// One version's handles within a route.
 pub struct TrackMetrics {
-    requests: [IntCounter; 6],
-    duration: Histogram,
-    upstream_errors: [IntCounter; 4],
-    /// Honoured overrides that chose this version.
-    pub overrides: IntCounter,
+    series: Arc<RouteSeries>,
+    track: Track,
+    /// `kanaria_overrides_total`: honoured overrides that chose this version.
+    pub overrides: CounterHandle,
     /// Recent outcomes of upstream attempts, for the status API and the canary analysis.
     pub window: Window,
     /// Upstream attempts waiting for their answer's head, for the analysis.
@@ -110,7 +201,7 @@ pub struct RouteMetrics {
     stable: TrackMetrics,
     canary: TrackMetrics,
     /// `kanaria_retries_total{from="canary",to="stable"}`.
-    pub retried_on_stable: IntCounter,
+    pub retried_on_stable: CounterHandle,
     /// Wakes the canary attempts still waiting for an answer when the canary is rolled back.
     pub canary_rollbacks: RollbackSignal,
 }
@@ -161,6 +252,14 @@ impl RouteMetrics {
 }
 
 impl TrackMetrics {
+    #[inline]
+    fn series(&self) -> &TrackSeries {
+        match self.track {
+            Track::Stable => &self.series.stable,
+            Track::Canary => &self.series.canary,
+        }
+    }
+
     /// Records a finished request in the Prometheus series: its status (or `None` when
     /// none was sent) and its whole duration.
     #[inline]
@@ -169,8 +268,9 @@ impl TrackMetrics {
             Some(s @ 100..=599) => usize::from(s / 100) - 1,
             _ => 5,
         };
-        self.requests[class].inc();
-        self.duration.observe(seconds);
+        let series = self.series();
+        series.requests[class].inc();
+        series.duration.observe(seconds);
     }
 
     /// Records the outcome of the upstream attempt that answered (or failed) a request, for
@@ -183,8 +283,9 @@ impl TrackMetrics {
 
     /// Answers counted so far: (all, errors = 5xx or no answer).
     pub fn totals(&self) -> (u64, u64) {
-        let all = self.requests.iter().map(|c| c.get()).sum();
-        let errors = self.requests[4].get() + self.requests[5].get();
+        let requests = &self.series().requests;
+        let all = requests.iter().map(|c| c.get()).sum();
+        let errors = requests[4].get() + requests[5].get();
         (all, errors)
     }
 
@@ -207,7 +308,7 @@ impl TrackMetrics {
 
     #[inline]
     pub fn upstream_error(&self, kind: UpstreamErrorKind) {
-        self.upstream_errors[kind as usize].inc();
+        self.series().upstream_errors[kind as usize].inc();
     }
 }
 
@@ -236,67 +337,7 @@ impl Metrics {
     /// Fails only on a bad metric definition (a bug caught by the unit test below).
     pub fn new() -> prometheus::Result<Self> {
         let r = Registry::new();
-        let requests = build(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "kanaria_requests_total",
-                    "Requests answered, by route, version and status class.",
-                ),
-                &["route", "version", "code_class"],
-            ),
-        )?;
-        let duration = build(
-            &r,
-            HistogramVec::new(
-                HistogramOpts::new(
-                    "kanaria_request_duration_seconds",
-                    "Time from request start to the end of the answer.",
-                )
-                .buckets(DURATION_BUCKETS.to_vec()),
-                &["route", "version"],
-            ),
-        )?;
-        let upstream_errors = build(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "kanaria_upstream_errors_total",
-                    "Upstream failures: connect, timeout, reset, 5xx.",
-                ),
-                &["route", "version", "kind"],
-            ),
-        )?;
-        let canary_weight = build(
-            &r,
-            prometheus::GaugeVec::new(
-                Opts::new(
-                    "kanaria_canary_weight_percent",
-                    "Effective canary weight in percent.",
-                ),
-                &["route"],
-            ),
-        )?;
-        let rollout_state = build(
-            &r,
-            IntGaugeVec::new(
-                Opts::new(
-                    "kanaria_rollout_state",
-                    "1 for the route's current rollout state.",
-                ),
-                &["route", "state"],
-            ),
-        )?;
-        let rollbacks = build(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "kanaria_rollbacks_total",
-                    "Rollbacks of the canary, by reason.",
-                ),
-                &["route", "reason"],
-            ),
-        )?;
+        let series = Arc::new(Mutex::new(AllSeries::default()));
         let events = build(
             &r,
             IntCounterVec::new(
@@ -305,16 +346,6 @@ impl Metrics {
                     "Rollout transitions, by kind.",
                 ),
                 &["route", "kind"],
-            ),
-        )?;
-        let retries = build(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "kanaria_retries_total",
-                    "Requests retried on another version.",
-                ),
-                &["route", "from", "to"],
             ),
         )?;
         let reloads = build(
@@ -331,28 +362,6 @@ impl Metrics {
                 "Generation of the config in use.",
             ),
         )?;
-        let endpoint_healthy = build(
-            &r,
-            IntGaugeVec::new(
-                Opts::new(
-                    "kanaria_endpoint_healthy",
-                    "1 when the endpoint is in rotation.",
-                ),
-                &["route", "version", "endpoint"],
-            ),
-        )?;
-        let pool_info = build(
-            &r,
-            IntGaugeVec::new(
-                Opts::new(
-                    "kanaria_pool_info",
-                    "The release label each version of a route runs.",
-                ),
-                &["route", "version", "release"],
-            ),
-        )?;
-        // Labelled by the fleet's name: a process without [fleet] exports no series, so
-        // alerts on them never fire for a single node.
         let fleet_connected = build(
             &r,
             IntGaugeVec::new(
@@ -383,16 +392,6 @@ impl Metrics {
                 &["cluster", "route"],
             ),
         )?;
-        let overrides = build(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "kanaria_overrides_total",
-                    "Requests whose version was forced by an honoured override.",
-                ),
-                &["route", "version"],
-            ),
-        )?;
         let rejected = build(
             &r,
             IntCounterVec::new(
@@ -413,22 +412,13 @@ impl Metrics {
         }
         Ok(Metrics {
             registry: r,
-            requests,
-            duration,
-            upstream_errors,
-            canary_weight,
-            rollout_state,
-            rollbacks,
+            series,
             events,
-            retries,
             reloads,
             fleet_connected,
             fleet_members,
             fleet_generation,
             generation,
-            endpoint_healthy,
-            pool_info,
-            overrides,
             edge,
             routes: Mutex::new(HashMap::new()),
         })
@@ -451,39 +441,355 @@ impl Metrics {
                 return m.clone();
             }
         }
-        let version = |v: &str| TrackMetrics {
-            requests: CODE_CLASSES.map(|c| self.requests.with_label_values(&[route, v, c])),
-            duration: self.duration.with_label_values(&[route, v]),
-            upstream_errors: UpstreamErrorKind::ALL.map(|k| {
-                self.upstream_errors
-                    .with_label_values(&[route, v, k.as_str()])
-            }),
-            overrides: self.overrides.with_label_values(&[route, v]),
+        let series = self
+            .series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .routes
+            .entry(route.to_string())
+            .or_default()
+            .clone();
+        let version = |track: Track| TrackMetrics {
+            series: series.clone(),
+            track,
+            overrides: CounterHandle {
+                series: series.clone(),
+                pick: match track {
+                    Track::Stable => |s| &s.stable.overrides,
+                    Track::Canary => |s| &s.canary.overrides,
+                },
+            },
             window: Window::with_span(span),
             in_flight: InFlight::new(),
         };
         let m = Arc::new(RouteMetrics {
-            stable: version("stable"),
-            canary: version("canary"),
-            retried_on_stable: self.retries.with_label_values(&[route, "canary", "stable"]),
+            stable: version(Track::Stable),
+            canary: version(Track::Canary),
+            retried_on_stable: CounterHandle {
+                series: series.clone(),
+                pick: |s| &s.retried_on_stable,
+            },
             canary_rollbacks: RollbackSignal::default(),
         });
-        // Rollback counters exist at 0 from the start: a series born at 1 shows no
-        // `increase()`, so dashboards and alerts would miss each route's first rollback.
-        for reason in ROLLBACK_REASONS {
-            self.rollbacks.with_label_values(&[route, reason]);
-        }
         cache.insert(route.to_string(), m.clone());
         m
     }
 
-    /// Prometheus text exposition of everything.
-    pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
-            log::error!("encoding metrics: {e}");
+    /// Counts a rollback of `route` for `reason` in `kanaria_rollbacks_total`.
+    pub fn rollback(&self, route: &str, reason: &str) {
+        let mut all = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        match ROLLBACK_REASONS.iter().position(|r| *r == reason) {
+            Some(i) => all.routes.entry(route.to_string()).or_default().rollbacks[i].inc(),
+            None => {
+                *all.other_rollbacks
+                    .entry((route.to_string(), reason.to_string()))
+                    .or_default() += 1
+            }
         }
-        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Prometheus text exposition of everything: the registry's families and the routes'
+    /// series, merged in name order as one registry would have sorted them.
+    pub fn render(&self) -> String {
+        self.render_with(&[])
+    }
+
+    /// [`Self::render`] with more families written by the caller (`(name, writer)`; the
+    /// writer uses [`family_head`] and [`sample`]): the control module's gauges, read from
+    /// the live config when scraped rather than kept as series.
+    pub fn render_with(&self, extra: &[(&str, &WriteText<'_>)]) -> String {
+        enum Family<'a> {
+            Registry(&'a prometheus::proto::MetricFamily),
+            Route(WriteFamily),
+            Extra(&'a WriteText<'a>),
+        }
+        let families = self.registry.gather();
+        let routes = RouteSnapshot::take(&self.series);
+        let mut all: Vec<(&str, Family)> = families
+            .iter()
+            .map(|mf| (mf.name(), Family::Registry(mf)))
+            .chain(ROUTE_FAMILIES.iter().map(|(n, w)| (*n, Family::Route(*w))))
+            .chain(extra.iter().map(|(n, w)| (*n, Family::Extra(*w))))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        // ~5.4 KB of text a route (measured): one allocation for the whole answer.
+        let mut out = String::with_capacity(8192 + routes.routes.len() * 6000);
+        let encoder = TextEncoder::new();
+        for (name, family) in all {
+            match family {
+                Family::Registry(mf) => {
+                    if let Err(e) = encoder.encode_utf8(std::slice::from_ref(mf), &mut out) {
+                        log::error!("encoding metrics: {e}");
+                    }
+                }
+                Family::Route(write) => write(&routes, name, &mut out),
+                Family::Extra(write) => write(&mut out),
+            }
+        }
+        out
+    }
+}
+
+/// The routes' series at a scrape: the handles, taken under the lock and read without it.
+struct RouteSnapshot {
+    routes: Vec<(String, Arc<RouteSeries>)>,
+    /// (reason, route, count) of every rollback series, sorted.
+    rollbacks: Vec<(String, String, u64)>,
+}
+
+impl RouteSnapshot {
+    fn take(series: &Mutex<AllSeries>) -> Self {
+        let all = series.lock().unwrap_or_else(|p| p.into_inner());
+        let routes: Vec<(String, Arc<RouteSeries>)> = all
+            .routes
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        let mut rollbacks: Vec<(String, String, u64)> = all
+            .other_rollbacks
+            .iter()
+            .map(|((route, reason), n)| (reason.clone(), route.clone(), *n))
+            .collect();
+        drop(all);
+        for (route, s) in &routes {
+            for (reason, c) in ROLLBACK_REASONS.iter().zip(&s.rollbacks) {
+                rollbacks.push((reason.to_string(), route.clone(), c.get()));
+            }
+        }
+        rollbacks.sort();
+        RouteSnapshot { routes, rollbacks }
+    }
+
+    /// Each route's two tracks, in the order of their labels' values.
+    fn tracks(&self) -> impl Iterator<Item = (&str, &'static str, &TrackSeries)> {
+        self.routes.iter().flat_map(|(route, s)| {
+            [("canary", &s.canary), ("stable", &s.stable)]
+                .into_iter()
+                .map(move |(version, t)| (route.as_str(), version, t))
+        })
+    }
+}
+
+type WriteFamily = fn(&RouteSnapshot, &str, &mut String);
+
+/// Writes one family of samples into the exposition (see [`Metrics::render_with`]).
+pub type WriteText<'a> = dyn Fn(&mut String) + 'a;
+
+/// The routes' families, by name, each written as the `prometheus` crate's text encoder
+/// writes a family whose samples are sorted by their labels' values (labels by name).
+const ROUTE_FAMILIES: [(&str, WriteFamily); 6] = [
+    ("kanaria_overrides_total", write_overrides),
+    ("kanaria_request_duration_seconds", write_duration),
+    ("kanaria_requests_total", write_requests),
+    ("kanaria_retries_total", write_retries),
+    ("kanaria_rollbacks_total", write_rollbacks),
+    ("kanaria_upstream_errors_total", write_upstream_errors),
+];
+
+/// `# HELP` and `# TYPE` of a family, as the `prometheus` crate's text encoder writes them.
+pub fn family_head(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// The head, unless there is no sample (the registry drops empty families).
+fn head(out: &mut String, name: &str, help: &str, kind: &str, empty: bool) -> bool {
+    if !empty {
+        family_head(out, name, help, kind);
+    }
+    !empty
+}
+
+/// A label value as the text format escapes it.
+fn escaped(v: &str) -> Cow<'_, str> {
+    if v.contains(['\\', '\n', '"']) {
+        Cow::Owned(
+            v.replace('\\', "\\\\")
+                .replace('\n', "\\n")
+                .replace('"', "\\\""),
+        )
+    } else {
+        Cow::Borrowed(v)
+    }
+}
+
+/// One sample line: `name{labels} value`, labels already sorted by name; values as the
+/// encoder prints them (as f64).
+pub fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: f64) {
+    out.push_str(name);
+    let mut sep = '{';
+    for (k, v) in labels {
+        let _ = write!(out, "{sep}{k}=\"{}\"", escaped(v));
+        sep = ',';
+    }
+    if !labels.is_empty() {
+        out.push('}');
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+fn write_overrides(r: &RouteSnapshot, name: &str, out: &mut String) {
+    if head(
+        out,
+        name,
+        "Requests whose version was forced by an honoured override.",
+        "counter",
+        r.routes.is_empty(),
+    ) {
+        for (route, version, t) in r.tracks() {
+            sample(
+                out,
+                name,
+                &[("route", route), ("version", version)],
+                t.overrides.get() as f64,
+            );
+        }
+    }
+}
+
+fn write_duration(r: &RouteSnapshot, name: &str, out: &mut String) {
+    if !head(
+        out,
+        name,
+        "Time from request start to the end of the answer.",
+        "histogram",
+        r.routes.is_empty(),
+    ) {
+        return;
+    }
+    let (bucket, sum, count) = (
+        format!("{name}_bucket"),
+        format!("{name}_sum"),
+        format!("{name}_count"),
+    );
+    for (route, version, t) in r.tracks() {
+        let h = &t.duration;
+        let mut cumulative = 0;
+        for (bound, n) in DURATION_BUCKETS.iter().zip(&h.buckets) {
+            cumulative += n.load(Relaxed);
+            let le = bound.to_string();
+            sample(
+                out,
+                &bucket,
+                &[("route", route), ("version", version), ("le", le.as_str())],
+                cumulative as f64,
+            );
+        }
+        // Read after the buckets: the count is never below their sum.
+        let total = h.count.load(Relaxed).max(cumulative);
+        sample(
+            out,
+            &bucket,
+            &[("route", route), ("version", version), ("le", "+Inf")],
+            total as f64,
+        );
+        sample(
+            out,
+            &sum,
+            &[("route", route), ("version", version)],
+            f64::from_bits(h.sum.load(Relaxed)),
+        );
+        sample(
+            out,
+            &count,
+            &[("route", route), ("version", version)],
+            total as f64,
+        );
+    }
+}
+
+fn write_requests(r: &RouteSnapshot, name: &str, out: &mut String) {
+    if head(
+        out,
+        name,
+        "Requests answered, by route, version and status class.",
+        "counter",
+        r.routes.is_empty(),
+    ) {
+        for (i, class) in CODE_CLASSES.iter().enumerate() {
+            for (route, version, t) in r.tracks() {
+                sample(
+                    out,
+                    name,
+                    &[
+                        ("code_class", *class),
+                        ("route", route),
+                        ("version", version),
+                    ],
+                    t.requests[i].get() as f64,
+                );
+            }
+        }
+    }
+}
+
+fn write_retries(r: &RouteSnapshot, name: &str, out: &mut String) {
+    if head(
+        out,
+        name,
+        "Requests retried on another version.",
+        "counter",
+        r.routes.is_empty(),
+    ) {
+        for (route, s) in &r.routes {
+            sample(
+                out,
+                name,
+                &[
+                    ("from", "canary"),
+                    ("route", route.as_str()),
+                    ("to", "stable"),
+                ],
+                s.retried_on_stable.get() as f64,
+            );
+        }
+    }
+}
+
+fn write_rollbacks(r: &RouteSnapshot, name: &str, out: &mut String) {
+    if head(
+        out,
+        name,
+        "Rollbacks of the canary, by reason.",
+        "counter",
+        r.rollbacks.is_empty(),
+    ) {
+        for (reason, route, n) in &r.rollbacks {
+            sample(
+                out,
+                name,
+                &[("reason", reason.as_str()), ("route", route.as_str())],
+                *n as f64,
+            );
+        }
+    }
+}
+
+fn write_upstream_errors(r: &RouteSnapshot, name: &str, out: &mut String) {
+    if !head(
+        out,
+        name,
+        "Upstream failures: connect, timeout, reset, 5xx.",
+        "counter",
+        r.routes.is_empty(),
+    ) {
+        return;
+    }
+    // Kinds in the order of their names.
+    let mut kinds = UpstreamErrorKind::ALL;
+    kinds.sort_by_key(|k| k.as_str());
+    for kind in kinds {
+        for (route, version, t) in r.tracks() {
+            sample(
+                out,
+                name,
+                &[
+                    ("kind", kind.as_str()),
+                    ("route", route),
+                    ("version", version),
+                ],
+                t.upstream_errors[kind as usize].get() as f64,
+            );
+        }
     }
 }
 
@@ -511,5 +817,178 @@ mod tests {
         ));
         assert!(text.contains("kanaria_request_duration_seconds_bucket{route=\"app\",version=\"canary\",le=\"0.0025\"} 1"));
         assert!(text.contains("kanaria_config_reloads_total{result=\"error\"} 0"));
+    }
+
+    /// The per-request series are scraped from plain atomics exactly as the `prometheus`
+    /// crate's vectors rendered them: help, type, sorted labels, series order, cumulative
+    /// buckets with `+Inf`, sum and count; and they outlive a route's windows.
+    #[test]
+    fn route_series_render_as_the_crate_did() {
+        let m = Metrics::new().unwrap();
+        let b = m.route("b", Duration::from_secs(30));
+        let a = m.route("a", Duration::from_secs(30));
+        let s = a.version(Track::Stable);
+        s.record(Some(200), 0.001);
+        s.record(Some(204), 0.003);
+        s.record(Some(503), 20.0);
+        s.overrides.inc();
+        a.version(Track::Canary)
+            .upstream_error(UpstreamErrorKind::Reset);
+        a.retried_on_stable.inc();
+        b.version(Track::Canary).record(Some(100), 0.5);
+        m.rollback("a", "latency");
+        m.rollback("a", "something_new");
+        // New windows for a new span keep the series.
+        let a = m.route("a", Duration::from_secs(60));
+        assert_eq!(a.version(Track::Stable).totals(), (3, 1));
+        assert_eq!(a.retried_on_stable.get(), 1);
+        let text = m.render();
+        // Families in name order, the routes' among the registry's, as one registry sorts.
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+        assert!(names.len() > ROUTE_FAMILIES.len(), "{names:?}");
+        let family = |name: &str| -> Vec<&str> {
+            text.lines()
+                .filter(|l| {
+                    l.starts_with(name)
+                        || l.starts_with(&format!("# HELP {name} "))
+                        || l.starts_with(&format!("# TYPE {name} "))
+                })
+                .collect()
+        };
+        let stable = "route=\"a\",version=\"stable\"";
+        let mut want = vec![
+            "# HELP kanaria_request_duration_seconds Time from request start to the end of the answer.".to_string(),
+            "# TYPE kanaria_request_duration_seconds histogram".to_string(),
+        ];
+        let cumulative = [1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2];
+        let les = [
+            "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5",
+            "5", "10",
+        ];
+        let canary_a = "route=\"a\",version=\"canary\"";
+        for le in les {
+            want.push(format!(
+                "kanaria_request_duration_seconds_bucket{{{canary_a},le=\"{le}\"}} 0"
+            ));
+        }
+        want.push(format!(
+            "kanaria_request_duration_seconds_bucket{{{canary_a},le=\"+Inf\"}} 0"
+        ));
+        want.push(format!(
+            "kanaria_request_duration_seconds_sum{{{canary_a}}} 0"
+        ));
+        want.push(format!(
+            "kanaria_request_duration_seconds_count{{{canary_a}}} 0"
+        ));
+        for (le, n) in les.iter().zip(cumulative) {
+            want.push(format!(
+                "kanaria_request_duration_seconds_bucket{{{stable},le=\"{le}\"}} {n}"
+            ));
+        }
+        want.push(format!(
+            "kanaria_request_duration_seconds_bucket{{{stable},le=\"+Inf\"}} 3"
+        ));
+        want.push(format!(
+            "kanaria_request_duration_seconds_sum{{{stable}}} 20.004"
+        ));
+        want.push(format!(
+            "kanaria_request_duration_seconds_count{{{stable}}} 3"
+        ));
+        let got = family("kanaria_request_duration_seconds");
+        assert_eq!(
+            &got[..want.len()],
+            want.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .as_slice()
+        );
+        // Then route b's, canary before stable.
+        assert_eq!(got.len(), 2 + 4 * 16);
+        assert!(
+            got[2 + 2 * 16].contains("route=\"b\",version=\"canary\",le=\"0.001\""),
+            "{}",
+            got[34]
+        );
+
+        let requests = family("kanaria_requests_total");
+        assert_eq!(
+            requests[0],
+            "# HELP kanaria_requests_total Requests answered, by route, version and status class."
+        );
+        assert_eq!(requests[1], "# TYPE kanaria_requests_total counter");
+        assert_eq!(requests.len(), 2 + 24);
+        assert_eq!(
+            requests[2],
+            "kanaria_requests_total{code_class=\"1xx\",route=\"a\",version=\"canary\"} 0"
+        );
+        assert_eq!(
+            requests[3],
+            "kanaria_requests_total{code_class=\"1xx\",route=\"a\",version=\"stable\"} 0"
+        );
+        assert_eq!(
+            requests[4],
+            "kanaria_requests_total{code_class=\"1xx\",route=\"b\",version=\"canary\"} 1"
+        );
+        assert!(requests.contains(
+            &"kanaria_requests_total{code_class=\"2xx\",route=\"a\",version=\"stable\"} 2"
+        ));
+        assert!(requests.contains(
+            &"kanaria_requests_total{code_class=\"5xx\",route=\"a\",version=\"stable\"} 1"
+        ));
+        assert_eq!(
+            family("kanaria_upstream_errors_total")[2..6],
+            [
+                "kanaria_upstream_errors_total{kind=\"5xx\",route=\"a\",version=\"canary\"} 0",
+                "kanaria_upstream_errors_total{kind=\"5xx\",route=\"a\",version=\"stable\"} 0",
+                "kanaria_upstream_errors_total{kind=\"5xx\",route=\"b\",version=\"canary\"} 0",
+                "kanaria_upstream_errors_total{kind=\"5xx\",route=\"b\",version=\"stable\"} 0",
+            ]
+        );
+        assert!(text.contains(
+            "kanaria_upstream_errors_total{kind=\"reset\",route=\"a\",version=\"canary\"} 1"
+        ));
+        assert_eq!(
+            family("kanaria_overrides_total"),
+            [
+                "# HELP kanaria_overrides_total Requests whose version was forced by an honoured override.",
+                "# TYPE kanaria_overrides_total counter",
+                "kanaria_overrides_total{route=\"a\",version=\"canary\"} 0",
+                "kanaria_overrides_total{route=\"a\",version=\"stable\"} 1",
+                "kanaria_overrides_total{route=\"b\",version=\"canary\"} 0",
+                "kanaria_overrides_total{route=\"b\",version=\"stable\"} 0",
+            ]
+        );
+        assert_eq!(
+            family("kanaria_retries_total"),
+            [
+                "# HELP kanaria_retries_total Requests retried on another version.",
+                "# TYPE kanaria_retries_total counter",
+                "kanaria_retries_total{from=\"canary\",route=\"a\",to=\"stable\"} 1",
+                "kanaria_retries_total{from=\"canary\",route=\"b\",to=\"stable\"} 0",
+            ]
+        );
+        let rollbacks = family("kanaria_rollbacks_total");
+        assert_eq!(rollbacks.len(), 2 + 2 * ROLLBACK_REASONS.len() + 1);
+        assert_eq!(
+            rollbacks[0],
+            "# HELP kanaria_rollbacks_total Rollbacks of the canary, by reason."
+        );
+        assert_eq!(rollbacks[1], "# TYPE kanaria_rollbacks_total counter");
+        assert_eq!(
+            rollbacks[2],
+            "kanaria_rollbacks_total{reason=\"error_rate\",route=\"a\"} 0"
+        );
+        assert!(rollbacks.contains(&"kanaria_rollbacks_total{reason=\"latency\",route=\"a\"} 1"));
+        assert!(rollbacks.contains(&"kanaria_rollbacks_total{reason=\"manual\",route=\"b\"} 0"));
+        assert!(
+            rollbacks.contains(&"kanaria_rollbacks_total{reason=\"something_new\",route=\"a\"} 1")
+        );
     }
 }

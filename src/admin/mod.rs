@@ -429,7 +429,7 @@ impl ServeHttp for AdminApp {
             (["metrics"], &Method::GET) => text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                self.shared.metrics.render(),
+                self.shared.render_metrics(),
             ),
             (["healthz"], &Method::GET) => text(StatusCode::OK, "text/plain", "ok\n".into()),
             (["readyz"], &Method::GET) => {

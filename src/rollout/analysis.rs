@@ -1,22 +1,34 @@
 //! Sliding windows of request outcomes per route and track, and the requests still in
 //! flight, recorded without a lock.
 //!
-//! A window is a ring of one-second slots. Each slot holds atomic counters: requests,
-//! errors (5xx, or no answer at all) and a latency histogram. The histogram is log-linear
-//! (HDR-like): 16 linear sub-buckets per power of two of microseconds, so a bucket is at
-//! most 1/16 of its lower bound wide and a quantile, reported as its bucket's midpoint, is
-//! within 3.2% of the true value (from 32 µs to ~2 minutes), in 400 buckets of 4 bytes.
-//! Recording is a handful of relaxed atomic adds.
+//! A window keeps its counts at two resolutions, so that its memory does not grow with its
+//! span: a *fine* ring of three one-second slots for the short span the analysis judges
+//! beside the window (the last 2 s), and a *coarse* ring of slots of `G` seconds for the
+//! window itself, where `G` is a fifth of the ring's span (the longer of the route's
+//! `window` and the status API's 30 s), rounded up: 6 s for windows up to 30 s, 24 s for
+//! 120 s. A span longer than 2 s is answered from the coarse ring, by whole slots: it
+//! reaches back at least the span asked and less than one slot more (30 to 36 s for the
+//! default 30 s window; a span that is not a multiple of `G` rounds up to one), and what
+//! began before a new phase is left out by whole slots (the window starts judging a new
+//! phase at the first slot boundary after it began; the 2 s span, by the second).
 //!
-//! A slot is reused for a newer second by whichever writer first sees it stale, with a
+//! Each slot holds atomic counters: errors (5xx, or no answer at all) and a latency
+//! histogram whose counts add up to the requests. The histogram is logarithmic: 8 buckets
+//! per power of two of microseconds, each 2^(1/8) ≈ 1.09 times as wide as the previous one,
+//! so a quantile, reported as its bucket's geometric midpoint, is within 4.5% of the true
+//! value (from 32 µs to ~2 minutes), in 182 buckets of 4 bytes (744 bytes a slot with its
+//! stamp and error count; the previous 16 linear sub-buckets per power of two took 1.6 KB
+//! for a 3.2% bound). Recording is a few relaxed atomic adds in each ring.
+//!
+//! A slot is reused for a newer period by whichever writer first sees it stale, with a
 //! seqlock-like protocol: the writer claims the slot by swapping its stamp to `RESETTING`
 //! (a compare-and-swap, so one writer wins), zeroes the counters, then publishes the new
 //! stamp with `Release`. A reader loads the stamp with `Acquire`, reads the counters, and
 //! after an `Acquire` fence loads the stamp again: a slot whose stamp changed (or was being
-//! reset) is read again or skipped, so a new stamp is never paired with an old second's
+//! reset) is read again or skipped, so a new stamp is never paired with an old period's
 //! counts. A record racing with a reset may be lost, which costs a sample, never a verdict.
 //!
-//! [`InFlight`] counts the upstream attempts waiting for an answer, by the 100 ms tick they
+//! [`InFlight`] counts the upstream attempts waiting for an answer, by the 200 ms tick they
 //! started in, so the analysis sees a canary that hangs: an attempt unanswered past the
 //! latency limit counts as a slow request, past the read timeout as a failed one, at the
 //! next evaluation, long before it finishes (or never does).
@@ -42,53 +54,80 @@ use crate::config::AnalysisRules;
 pub const MAX_WINDOW_SECS: u64 = 120;
 /// The span the status API shows (`window` in `/api/v1/status`): every ring holds at least it.
 pub const STATUS_SPAN: Duration = Duration::from_secs(30);
+/// Spans up to this many seconds are answered by the second, from the fine ring.
+pub const FINE_SECS: u64 = 2;
+/// Coarse slots a ring's span is divided into.
+const COARSE_PER_SPAN: u64 = 5;
 
-/// Latency histogram: values in microseconds; below `2 × SUB` each microsecond has its own
-/// bucket, above it each power of two is split into `SUB` equal buckets.
-const SUB_BITS: u32 = 4;
-const SUB: u64 = 1 << SUB_BITS;
-/// Highest power of two kept apart: 2^27 µs ≈ 134 s; longer latencies share the last bucket.
-const MAX_MSB: u32 = 27;
-const LAT_BUCKETS: usize = (2 * SUB + (MAX_MSB - SUB_BITS) as u64 * SUB) as usize;
+/// Latency histogram: values in microseconds. Below 2^`LOW_MSB` µs one bucket per power of
+/// two (0, 1, 2–3, 4–7, 8–15, 16–31 µs); from there to 2^(`MAX_MSB` + 1) µs ≈ 134 s,
+/// `PER_OCTAVE` geometric buckets per power of two; longer latencies share the last bucket.
+const LOW_MSB: u32 = 5;
+const MAX_MSB: u32 = 26;
+const PER_OCTAVE: usize = 8;
+const LOW_BUCKETS: usize = LOW_MSB as usize + 1;
+const LAT_BUCKETS: usize = LOW_BUCKETS + (MAX_MSB - LOW_MSB + 1) as usize * PER_OCTAVE;
+/// Where each geometric bucket starts within a power of two, as an f64 mantissa:
+/// round((2^(k/8) − 1) · 2^52) (checked against `powf` by a test); the last is 2^52, which
+/// no mantissa reaches.
+const SUB_START: [u64; PER_OCTAVE + 1] = [
+    0,
+    407_610_591_105_403,
+    852_113_092_622_101,
+    1_336_846_507_715_111,
+    1_865_452_045_155_277,
+    2_441_900_471_263_451,
+    3_070_521_937_417_133,
+    3_756_038_507_177_095,
+    1 << 52,
+];
 
 /// The bucket of a latency in seconds.
+#[inline]
 fn lat_index(seconds: f64) -> usize {
-    // `as` saturates: negative and NaN become 0, huge values u64::MAX.
-    let us = (seconds * 1e6) as u64;
-    if us < 2 * SUB {
-        return us as usize;
+    let us = seconds * 1e6;
+    // `as` saturates: negative and NaN become 0.
+    if us.is_nan() || us < (1u64 << LOW_MSB) as f64 {
+        return (64 - (us as u64).leading_zeros()) as usize;
     }
-    let msb = 63 - us.leading_zeros();
+    // The exponent of an f64 is the power of two, its mantissa the place within it.
+    let bits = us.to_bits();
+    let msb = ((bits >> 52) as u32).wrapping_sub(1023);
     if msb > MAX_MSB {
         return LAT_BUCKETS - 1;
     }
-    let shift = msb - SUB_BITS;
-    let sub = (us >> shift) - SUB;
-    (2 * SUB + u64::from(shift - 1) * SUB + sub) as usize
+    let mantissa = bits & ((1 << 52) - 1);
+    // Branch-free: the number of bucket starts at or below the mantissa.
+    let sub: usize = SUB_START[1..PER_OCTAVE]
+        .iter()
+        .map(|&s| usize::from(mantissa >= s))
+        .sum();
+    LOW_BUCKETS + (msb - LOW_MSB) as usize * PER_OCTAVE + sub
 }
 
-/// The value a bucket stands for, in seconds: the midpoint of its range.
+/// The value a bucket stands for, in seconds: the geometric midpoint of its range.
 fn lat_value(i: usize) -> f64 {
-    let i = i as u64;
-    if i < 2 * SUB {
-        return (i as f64 + 0.5) / 1e6;
+    if i == 0 {
+        return 0.5e-6;
     }
-    let shift = (i - 2 * SUB) / SUB + 1;
-    let sub = (i - 2 * SUB) % SUB;
-    let low = (SUB + sub) << shift;
-    (low as f64 + (1u64 << shift) as f64 / 2.0) / 1e6
+    if i < LOW_BUCKETS {
+        return 2f64.powf(i as f64 - 0.5) / 1e6;
+    }
+    let octave = (i - LOW_BUCKETS) / PER_OCTAVE;
+    let sub = (i - LOW_BUCKETS) % PER_OCTAVE;
+    2f64.powf((LOW_MSB as usize + octave) as f64 + (sub as f64 + 0.5) / PER_OCTAVE as f64) / 1e6
 }
 
-/// Stamp of a slot being zeroed for a new second.
+/// Stamp of a slot being zeroed for a new period.
 const RESETTING: u64 = u64::MAX;
 
 struct Slot {
-    /// The second (since the window's epoch) this slot counts, plus one; 0 = never used;
+    /// The period (since the window's epoch) this slot counts, plus one; 0 = never used;
     /// `RESETTING` while a writer zeroes it.
     stamp: AtomicU64,
-    requests: AtomicU64,
     errors: AtomicU64,
-    /// Per-second counts: u32 is plenty and halves the ring's memory.
+    /// Counts per bucket; their sum is the slot's requests (u32: ~4 billion a bucket in a
+    /// slot of at most 12 s is plenty, and halves the slot's memory).
     latency: [AtomicU32; LAT_BUCKETS],
 }
 
@@ -96,14 +135,47 @@ impl Slot {
     fn new() -> Self {
         Slot {
             stamp: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency: std::array::from_fn(|_| AtomicU32::new(0)),
         }
     }
 
-    /// Adds this slot's counts to `t` if it holds a second in `oldest..=current` and no
-    /// writer reset it while it was read.
+    /// Counts a request of latency bucket `bucket` in period `period`.
+    #[inline]
+    fn record(&self, period: u64, is_error: bool, bucket: usize) {
+        let stamp = period + 1;
+        let seen = self.stamp.load(Acquire);
+        if seen != stamp && seen != RESETTING {
+            if seen > stamp {
+                // The slot already counts a later period: this sample is a ring too old.
+                return;
+            }
+            if self
+                .stamp
+                .compare_exchange(seen, RESETTING, Acquire, Relaxed)
+                .is_ok()
+            {
+                // Readers that see any of the zeroes below also see RESETTING (or later).
+                fence(Release);
+                self.errors.store(0, Relaxed);
+                for b in &self.latency {
+                    b.store(0, Relaxed);
+                }
+                self.stamp.store(stamp, Release);
+            }
+            // Lost the claim: another writer is zeroing this slot for the same period;
+            // this sample may be zeroed with it.
+        }
+        if is_error {
+            self.errors.fetch_add(1, Relaxed);
+        }
+        if let Some(b) = self.latency.get(bucket) {
+            b.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Adds this slot's counts to `t` if it holds a period whose stamp is in
+    /// `oldest..=current` and no writer reset it while it was read.
     fn read_into(&self, oldest: u64, current: u64, t: &mut Totals) {
         let mut lat = [0u32; LAT_BUCKETS];
         // A reset takes a few hundred nanoseconds: a couple of tries see it through.
@@ -116,7 +188,6 @@ impl Slot {
             if before == 0 || before < oldest || before > current {
                 return;
             }
-            let requests = self.requests.load(Relaxed);
             let errors = self.errors.load(Relaxed);
             for (acc, b) in lat.iter_mut().zip(&self.latency) {
                 *acc = b.load(Relaxed);
@@ -127,10 +198,10 @@ impl Slot {
             if self.stamp.load(Relaxed) != before {
                 continue;
             }
-            t.requests += requests;
             t.errors += errors;
             for (acc, n) in t.latency.iter_mut().zip(lat) {
                 *acc += u64::from(n);
+                t.requests += u64::from(n);
             }
             return;
         }
@@ -167,17 +238,89 @@ impl WindowStats {
 
 /// Raw totals over a span: counts and the merged histogram, before quantiles. They add
 /// up: a fleet's replicas exchange them and the verdict is taken on the sum.
+///
+/// On the wire the histogram is `latency_g8` (this layout, 8 buckets per power of two). A
+/// replica of an older build sends `latency` (16 linear sub-buckets per power of two): its
+/// counts are moved to the buckets of this layout that hold their values. An older build
+/// cannot read `latency_g8`, and leaves a newer replica's counts out of its sums until it
+/// is upgraded too.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "TotalsWire", into = "TotalsWire")]
 pub struct Totals {
     pub requests: u64,
     pub errors: u64,
-    #[serde(default)]
     pub in_flight_slow: u64,
-    #[serde(default)]
     pub in_flight_failed: u64,
-    /// Counts per latency bucket (`LAT_BUCKETS` of them; a shorter list from another
-    /// build is padded, a longer one cut).
+    /// Counts per latency bucket (`LAT_BUCKETS` of them).
     latency: Vec<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TotalsWire {
+    requests: u64,
+    errors: u64,
+    #[serde(default)]
+    in_flight_slow: u64,
+    #[serde(default)]
+    in_flight_failed: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    latency_g8: Option<Vec<u64>>,
+    /// The layout of builds before `latency_g8`; read, never written.
+    #[serde(default, skip_serializing)]
+    latency: Option<Vec<u64>>,
+}
+
+/// The value a bucket of the older layout (16 linear sub-buckets per power of two from
+/// 32 µs, one bucket per microsecond below) stands for, in seconds.
+fn legacy_lat_value(i: usize) -> f64 {
+    const SUB: u64 = 16;
+    let i = i as u64;
+    if i < 2 * SUB {
+        return (i as f64 + 0.5) / 1e6;
+    }
+    let shift = ((i - 2 * SUB) / SUB + 1).min(40);
+    let sub = (i - 2 * SUB) % SUB;
+    let low = (SUB + sub) << shift;
+    (low as f64 + (1u64 << shift) as f64 / 2.0) / 1e6
+}
+
+impl From<TotalsWire> for Totals {
+    fn from(w: TotalsWire) -> Self {
+        let mut latency = vec![0; LAT_BUCKETS];
+        match (w.latency_g8, w.latency) {
+            (Some(l), _) => {
+                for (a, b) in latency.iter_mut().zip(&l) {
+                    *a = *b;
+                }
+            }
+            (None, Some(old)) => {
+                for (i, n) in old.iter().enumerate().filter(|(_, n)| **n > 0) {
+                    latency[lat_index(legacy_lat_value(i))] += n;
+                }
+            }
+            (None, None) => {}
+        }
+        Totals {
+            requests: w.requests,
+            errors: w.errors,
+            in_flight_slow: w.in_flight_slow,
+            in_flight_failed: w.in_flight_failed,
+            latency,
+        }
+    }
+}
+
+impl From<Totals> for TotalsWire {
+    fn from(t: Totals) -> Self {
+        TotalsWire {
+            requests: t.requests,
+            errors: t.errors,
+            in_flight_slow: t.in_flight_slow,
+            in_flight_failed: t.in_flight_failed,
+            latency_g8: Some(t.latency),
+            latency: None,
+        }
+    }
 }
 
 impl Default for Totals {
@@ -244,12 +387,42 @@ impl Totals {
     }
 }
 
-/// One track's sliding window: a ring of one-second slots, as many as the longest span
-/// asked of it (a slot holds a 1.6 KB latency histogram, so the ring is sized from the
-/// route's configured window rather than the longest possible one).
+/// A ring of slots of `secs` seconds each.
+struct Ring {
+    secs: u64,
+    slots: Box<[Slot]>,
+}
+
+impl Ring {
+    fn new(secs: u64, slots: u64) -> Self {
+        Ring {
+            secs,
+            slots: (0..slots).map(|_| Slot::new()).collect(),
+        }
+    }
+
+    #[inline]
+    fn record(&self, second: u64, is_error: bool, bucket: usize) {
+        let period = second / self.secs;
+        self.slots[(period % self.slots.len() as u64) as usize].record(period, is_error, bucket);
+    }
+
+    /// Adds the periods with stamps in `oldest..=current` to `t`.
+    fn read_into(&self, oldest: u64, current: u64, t: &mut Totals) {
+        for slot in self.slots.iter() {
+            slot.read_into(oldest, current, t);
+        }
+    }
+}
+
+/// One track's sliding window: a fine ring of one-second slots for the short span and a
+/// coarse ring sized from the longest span asked of it (see the module docs).
 pub struct Window {
     epoch: Instant,
-    slots: Box<[Slot]>,
+    /// The longest span answered, in seconds.
+    span: u64,
+    fine: Ring,
+    coarse: Ring,
 }
 
 impl Default for Window {
@@ -267,12 +440,15 @@ impl Window {
     /// A window that can answer for spans up to `span` (whole seconds, 1 to
     /// [`MAX_WINDOW_SECS`]); longer questions get the longest span it holds.
     pub fn with_span(span: Duration) -> Self {
-        // One slot more than the span: the slot being reused for the next second is never
-        // one a reader of the full span still counts.
-        let slots = Self::span_secs_for(span) + 1;
+        let span = Self::span_secs_for(span);
+        let g = span.div_ceil(COARSE_PER_SPAN);
+        // The current slot, the whole slots of the span, and one more: the slot being
+        // reused for the next period is never one a reader of the full span still counts.
         Window {
             epoch: Instant::now(),
-            slots: (0..slots).map(|_| Slot::new()).collect(),
+            span,
+            fine: Ring::new(1, FINE_SECS + 1),
+            coarse: Ring::new(g, span.div_ceil(g) + 2),
         }
     }
 
@@ -283,7 +459,13 @@ impl Window {
 
     /// The longest span this window answers for, in seconds.
     pub fn span_secs(&self) -> u64 {
-        self.slots.len() as u64 - 1
+        self.span
+    }
+
+    /// The length of a coarse slot, in seconds: spans longer than [`FINE_SECS`] are
+    /// answered by whole slots of this length.
+    pub fn slot_secs(&self) -> u64 {
+        self.coarse.secs
     }
 
     fn second(&self, now: Instant) -> u64 {
@@ -294,36 +476,9 @@ impl Window {
     #[inline]
     pub fn record(&self, now: Instant, is_error: bool, seconds: f64) {
         let sec = self.second(now);
-        let slot = &self.slots[(sec % self.slots.len() as u64) as usize];
-        let stamp = sec + 1;
-        let seen = slot.stamp.load(Acquire);
-        if seen != stamp && seen != RESETTING {
-            if seen > stamp {
-                // The slot already counts a later second: this sample is a ring too old.
-                return;
-            }
-            if slot
-                .stamp
-                .compare_exchange(seen, RESETTING, Acquire, Relaxed)
-                .is_ok()
-            {
-                // Readers that see any of the zeroes below also see RESETTING (or later).
-                fence(Release);
-                slot.requests.store(0, Relaxed);
-                slot.errors.store(0, Relaxed);
-                for b in &slot.latency {
-                    b.store(0, Relaxed);
-                }
-                slot.stamp.store(stamp, Release);
-            }
-            // Lost the claim: another writer is zeroing this slot for the same second;
-            // this sample may be zeroed with it.
-        }
-        slot.requests.fetch_add(1, Relaxed);
-        if is_error {
-            slot.errors.fetch_add(1, Relaxed);
-        }
-        slot.latency[lat_index(seconds)].fetch_add(1, Relaxed);
+        let bucket = lat_index(seconds);
+        self.fine.record(sec, is_error, bucket);
+        self.coarse.record(sec, is_error, bucket);
     }
 
     /// Totals over the last `window` (whole seconds, the current one included).
@@ -331,29 +486,43 @@ impl Window {
         self.totals_since(now, window, None).stats()
     }
 
-    /// The raw totals over the last `window`, leaving out every second that began before
+    /// The raw totals over the last `window`, leaving out every period that began before
     /// `since` (the moment a new phase or version started: what came before must not judge
-    /// it); requests in flight are merged into them before the verdict.
+    /// it); requests in flight are merged into them before the verdict. Up to
+    /// [`FINE_SECS`] by the second; longer spans by whole coarse slots, reaching back at
+    /// least `window` and less than one slot more.
     pub fn totals_since(&self, now: Instant, window: Duration, since: Option<Instant>) -> Totals {
-        let secs = window.as_secs().clamp(1, self.span_secs());
-        let current = self.second(now) + 1;
-        let mut oldest = current.saturating_sub(secs - 1);
+        let secs = window.as_secs().clamp(1, self.span);
+        let ring = if secs <= FINE_SECS {
+            &self.fine
+        } else {
+            &self.coarse
+        };
+        // Stamps are period + 1.
+        let current = self.second(now) / ring.secs + 1;
+        let mut oldest = current.saturating_sub(secs.div_ceil(ring.secs));
+        if secs <= FINE_SECS {
+            // By the second: the current one and the `secs - 1` before it.
+            oldest = current.saturating_sub(secs - 1);
+        }
         if let Some(since) = since {
-            // Stamps are second + 1: the second `since` falls in is left out as well.
-            oldest = oldest.max(self.second(since) + 2);
+            // The period `since` falls in is left out as well.
+            oldest = oldest.max(self.second(since) / ring.secs + 2);
         }
         let mut t = Totals::default();
-        for slot in self.slots.iter() {
-            slot.read_into(oldest, current, &mut t);
-        }
+        ring.read_into(oldest, current, &mut t);
         t
     }
 }
 
-/// Granularity of [`InFlight`]: an attempt's age is known to within one tick.
-const TICK_MS: u64 = 100;
-/// Ticks told apart (102.4 s); attempts older than that share one overflow count.
-const TICKS: u64 = 1024;
+/// Granularity of [`InFlight`]: an attempt's age is known to within one tick (so a hanging
+/// attempt counts as slow at most one tick after the latency limit).
+const TICK_MS: u64 = 200;
+/// Ticks told apart (25.6 s); attempts older than that share one overflow count, known to
+/// be at least that old (slow; failed when the read timeout is shorter, and otherwise
+/// failed soon anyway: an attempt waiting for its answer's head ends at the read timeout).
+/// 1 KB a track (1,024 ticks of 100 ms took 8 KB).
+const TICKS: u64 = 128;
 const COUNT_BITS: u32 = 24;
 const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 
@@ -361,8 +530,8 @@ const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 ///
 /// Each cell packs (tick + 1, count) into one atomic word, so starting, finishing and
 /// moving a cell's count along are single compare-and-swaps and never mix up two ticks.
-/// A cell is taken over by a newer tick (1024 ticks later) only when an attempt starts in
-/// it; the attempts still counted there move to `overflow` (known to be at least 102.4 s
+/// A cell is taken over by a newer tick (`TICKS` ticks later) only when an attempt starts
+/// in it; the attempts still counted there move to `overflow` (known to be at least 25.6 s
 /// old), and their tickets then finish against `overflow`.
 pub struct InFlight {
     epoch: Instant,
@@ -756,7 +925,8 @@ mod tests {
 
     #[test]
     fn counts_errors_and_quantiles_within_the_window() {
-        let w = Window::new();
+        let w = Window::with_span(Duration::from_secs(30));
+        assert_eq!((w.span_secs(), w.slot_secs()), (30, 6));
         let t0 = w.epoch;
         for i in 0..100 {
             let lat = if i < 90 { 0.010 } else { 0.500 };
@@ -766,27 +936,91 @@ mod tests {
         assert_eq!(st.requests, 100);
         assert_eq!(st.errors, 10);
         assert!((st.error_rate() - 0.1).abs() < 1e-9);
-        // Log-linear buckets: within 5% of the true value.
+        // Logarithmic buckets: within 5% of the true value.
         assert!((st.p50 / 0.010 - 1.0).abs() < 0.05, "{}", st.p50);
         assert!((st.p99 / 0.5 - 1.0).abs() < 0.05, "{}", st.p99);
+        // The short span sees them too, by the second.
+        assert_eq!(w.stats(t0, Duration::from_secs(2)).requests, 100);
+        assert_eq!(
+            w.stats(t0 + Duration::from_secs(1), Duration::from_secs(2))
+                .requests,
+            100
+        );
+        assert_eq!(
+            w.stats(t0 + Duration::from_secs(2), Duration::from_secs(2))
+                .requests,
+            0
+        );
+        // By whole 6 s slots, a 30 s window reaches back at least 30 s and less than 36 s.
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(w.stats(at(35), Duration::from_secs(30)).requests, 100);
+        assert_eq!(w.stats(at(36), Duration::from_secs(30)).requests, 0);
+        // A span that is not a multiple of the slot rounds up to one: 10 s reaches 12–18 s.
+        assert_eq!(w.stats(at(17), Duration::from_secs(10)).requests, 100);
+        assert_eq!(w.stats(at(18), Duration::from_secs(10)).requests, 0);
 
         // 40 s later the old second is outside a 30 s window, and its slot is reusable.
-        let later = t0 + Duration::from_secs(40);
+        let later = at(40);
         assert_eq!(w.stats(later, Duration::from_secs(30)).requests, 0);
         w.record(later, false, 0.001);
         assert_eq!(w.stats(later, Duration::from_secs(30)).requests, 1);
         // A slot reused a full ring later forgets what it held.
-        let ring = t0 + Duration::from_secs(MAX_WINDOW_SECS);
+        let ring = at(MAX_WINDOW_SECS);
         w.record(ring, false, 0.001);
         assert_eq!(w.stats(ring, Duration::from_secs(1)).requests, 1);
-        // A sample a full ring older than the slot's second is dropped, not miscounted.
+        // A sample a full ring older than the slot's period is dropped, not miscounted.
         w.record(t0, true, 0.001);
         assert_eq!(w.stats(ring, Duration::from_secs(1)).errors, 0);
+    }
+
+    /// What began before `since` is left out: by the second in the short span, by the
+    /// whole coarse slot in the window.
+    #[test]
+    fn since_leaves_out_the_period_it_falls_in() {
+        let w = Window::with_span(Duration::from_secs(30));
+        let at = |ms: u64| w.epoch + Duration::from_millis(ms);
+        w.record(at(6_500), true, 0.001); // second 6, slot 1 (6–11 s)
+        w.record(at(7_500), false, 0.001); // second 7, slot 1
+        w.record(at(12_500), false, 0.001); // second 12, slot 2 (12–17 s)
+        let since = Some(at(7_200));
+        let fast = w.totals_since(at(9_900), Duration::from_secs(2), since);
+        assert_eq!((fast.requests, fast.errors), (0, 0));
+        let fast = w.totals_since(at(8_100), Duration::from_secs(2), since);
+        assert_eq!((fast.requests, fast.errors), (0, 0));
+        let fast = w.totals_since(at(8_100), Duration::from_secs(2), None);
+        assert_eq!((fast.requests, fast.errors), (1, 0));
+        w.record(at(8_500), false, 0.001); // second 8, slot 1
+        let fast = w.totals_since(at(9_100), Duration::from_secs(2), since);
+        assert_eq!((fast.requests, fast.errors), (1, 0));
+        let full = w.totals_since(at(12_900), Duration::from_secs(30), since);
+        assert_eq!((full.requests, full.errors), (1, 0));
+        let full = w.totals_since(at(12_900), Duration::from_secs(30), None);
+        assert_eq!((full.requests, full.errors), (4, 1));
+    }
+
+    /// Rings are sized from the span: memory does not grow with the window.
+    #[test]
+    fn rings_are_sized_from_the_span() {
+        for (span, g, coarse) in [(1, 1, 3), (30, 6, 7), (45, 9, 7), (50, 10, 7), (120, 24, 7)] {
+            let w = Window::with_span(Duration::from_secs(span));
+            assert_eq!(w.fine.slots.len() as u64, FINE_SECS + 1);
+            assert_eq!((w.coarse.secs, w.coarse.slots.len()), (g, coarse), "{span}");
+        }
+        assert_eq!(LAT_BUCKETS, 182);
+        assert!(
+            std::mem::size_of::<Slot>() <= 744,
+            "{}",
+            std::mem::size_of::<Slot>()
+        );
     }
 
     /// Every bucket index maps back into itself, and bucket values grow with the index.
     #[test]
     fn latency_buckets_are_consistent() {
+        for (k, start) in SUB_START.iter().enumerate() {
+            let want = (2f64.powf(k as f64 / PER_OCTAVE as f64) - 1.0) * (1u64 << 52) as f64;
+            assert_eq!(*start, want.round() as u64, "bucket start {k}");
+        }
         let mut prev = 0.0;
         for i in 0..LAT_BUCKETS {
             let v = lat_value(i);
@@ -797,7 +1031,61 @@ mod tests {
         assert_eq!(lat_index(0.0), 0);
         assert_eq!(lat_index(-1.0), 0);
         assert_eq!(lat_index(f64::NAN), 0);
+        assert_eq!(lat_index(f64::INFINITY), LAT_BUCKETS - 1);
         assert_eq!(lat_index(1e9), LAT_BUCKETS - 1);
+        // Bucket starts: exactly at 2^(k/8) times a power of two.
+        assert_eq!(lat_index(32e-6), LOW_BUCKETS);
+        assert_eq!(lat_index(31.9e-6), LOW_BUCKETS - 1);
+        assert_eq!(
+            lat_index(2f64.powf(13.0 + 3.0 / 8.0) * 1.000_001 / 1e6),
+            LOW_BUCKETS + 8 * 8 + 3
+        );
+        assert_eq!(
+            lat_index(2f64.powf(13.0 + 3.0 / 8.0) * 0.999_999 / 1e6),
+            LOW_BUCKETS + 8 * 8 + 2
+        );
+    }
+
+    /// Every latency from 32 µs to 2^27 µs reads back within 4.5% (the geometric midpoint
+    /// of a bucket 2^(1/8) wide is within 2^(1/16) − 1 ≈ 4.43% of anything in it).
+    #[test]
+    fn bucket_values_are_within_four_and_a_half_percent() {
+        let mut x = 32e-6;
+        let mut worst: f64 = 0.0;
+        while x < 2f64.powi(27) / 1e6 {
+            let err = (lat_value(lat_index(x)) / x - 1.0).abs();
+            worst = worst.max(err);
+            x *= 1.000_7;
+        }
+        assert!(worst < 0.045, "{worst}");
+        assert!(worst > 0.04, "the sweep missed the bucket edges: {worst}");
+    }
+
+    /// Totals from a replica of an older build (16 linear sub-buckets per power of two,
+    /// sent as `latency`) are moved to this layout; this build sends `latency_g8`.
+    #[test]
+    fn totals_read_the_older_layout() {
+        // Old layout: 300 ms is msb 18, shift 14, sub (300000 >> 14) - 16 = 2.
+        let mut old = vec![0u64; 400];
+        old[32 + 13 * 16 + 2] = 7;
+        old[5] = 1; // 5 µs
+        let text = json!({"requests": 8, "errors": 1, "latency": old}).to_string();
+        let t: Totals = serde_json::from_str(&text).unwrap();
+        assert_eq!((t.requests, t.errors), (8, 1));
+        assert_eq!(t.latency.iter().sum::<u64>(), 8);
+        assert!(
+            (t.quantile(0.99) / 0.3 - 1.0).abs() < 0.08,
+            "{}",
+            t.quantile(0.99)
+        );
+        let back: Value = serde_json::to_value(&t).unwrap();
+        assert!(back.get("latency").is_none(), "{back}");
+        assert_eq!(
+            back["latency_g8"].as_array().map(|a| a.len()),
+            Some(LAT_BUCKETS)
+        );
+        let again: Totals = serde_json::from_value(back).unwrap();
+        assert_eq!(again, t);
     }
 
     /// The exact quantile of a sorted sample by the same rank rule (⌈q·n⌉).
@@ -863,9 +1151,9 @@ mod tests {
         }
     }
 
-    /// A writer keeps reusing one slot for newer seconds while readers read it: a reader
-    /// that sees a second's stamp must see only that second's counts, never the previous
-    /// second's. Even seconds record fast successes, odd seconds slow errors, so any count
+    /// A writer keeps reusing one slot of each ring for newer periods while readers read
+    /// them: a reader that sees a period's stamp must see only that period's counts, never
+    /// the previous one's. Even seconds record fast successes, odd seconds slow errors, so any count
     /// carried over from the previous second shows as an error or a slow p99.
     #[test]
     fn readers_never_pair_a_new_stamp_with_old_counts() {
@@ -876,10 +1164,14 @@ mod tests {
         // Bounds the writer should the readers stall.
         const MAX_GENERATIONS: u64 = 50_000_000;
         let w = Arc::new(Window::new());
+        // A step of whole turns of both rings: each generation reuses the same fine slot
+        // and the same coarse slot.
+        let turn = w.coarse.secs * w.coarse.slots.len() as u64;
+        assert_eq!(turn % w.fine.slots.len() as u64, 0);
+        let ring = Duration::from_secs(turn);
         let generation = Arc::new(AtomicU64::new(0));
         let finished = Arc::new(AtomicUsize::new(0));
         let start = Arc::new(Barrier::new(READERS + 1));
-        let ring = Duration::from_secs(MAX_WINDOW_SECS);
         let writer = {
             let (w, generation, finished, start) = (
                 w.clone(),
@@ -924,7 +1216,9 @@ mod tests {
                         }
                         reads += 1;
                         let now = w.epoch + ring * g as u32;
-                        let st = w.stats(now, Duration::from_secs(1));
+                        // The fine ring and the coarse one, in turn.
+                        let span = if reads % 2 == 0 { 1 } else { MAX_WINDOW_SECS };
+                        let st = w.stats(now, Duration::from_secs(span));
                         if st.requests > 0 {
                             checked += 1;
                             assert_eq!(st.errors, 0, "generation {g}: {st:?}");
@@ -959,8 +1253,8 @@ mod tests {
         };
         // 400 ms in: nothing is surely past the limit yet.
         assert_eq!(pending(t0 + Duration::from_millis(400), None).requests, 0);
-        // 700 ms in: a and b (tick 0, ended at 100 ms) are 600 ms old at least.
-        let t = pending(t0 + Duration::from_millis(700), None);
+        // 800 ms in: a and b (tick 0, ended at 200 ms) are 600 ms old at least.
+        let t = pending(t0 + Duration::from_millis(800), None);
         assert_eq!((t.requests, t.in_flight_slow, t.errors), (2, 2, 0));
         let st = t.stats();
         assert!((st.p99 - 0.6).abs() < 0.6 * 0.05, "{st:?}");
@@ -991,11 +1285,11 @@ mod tests {
         f.add_pending(
             t0 + ring + Duration::from_secs(1),
             Duration::from_millis(500),
-            Duration::from_secs(30),
+            Duration::from_secs(20),
             None,
             &mut t,
         );
-        // The new attempt is 900 ms old, the old one at least a ring old and past 30 s.
+        // The new attempt is 800 ms old, the old one at least a ring old and past 20 s.
         assert_eq!((t.in_flight_slow, t.in_flight_failed), (2, 1));
         f.finish(old);
         f.finish(new);

@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use serde_json::Value;
 
 use crate::config::{self, ConfigErrors, Route, Snapshot};
-use crate::metrics::{Metrics, RouteMetrics};
+use crate::metrics::{family_head, sample, Metrics, RouteMetrics};
 use crate::rollout::fleet::{Answer, Fleet, Reply};
 use crate::rollout::machine::{
     self, Effect, Event, FleetRecord, Input, Refusal, RouteRollout, ShareMode, Spec,
@@ -38,6 +38,9 @@ pub struct Live {
     pub snapshot: Arc<Snapshot>,
     /// Parallel to `snapshot.routes`.
     pub route_metrics: Vec<Arc<RouteMetrics>>,
+    /// Each route's `rollout_state` when published (parallel to `snapshot.routes`), for
+    /// `kanaria_rollout_state`.
+    pub states: Vec<&'static str>,
 }
 
 /// The result of the last reload attempt, for the status API.
@@ -159,6 +162,7 @@ impl Shared {
             live: ArcSwap::from_pointee(Live {
                 snapshot: file.clone(),
                 route_metrics: Vec::new(),
+                states: Vec::new(),
             }),
             metrics,
             config_path,
@@ -294,10 +298,7 @@ impl Shared {
             .with_label_values(&[&event.route, &event.kind])
             .inc();
         if event.kind == "rollback" {
-            self.metrics
-                .rollbacks
-                .with_label_values(&[&event.route, &event.reason])
-                .inc();
+            self.metrics.rollback(&event.route, &event.reason);
             // Canary attempts still waiting for an answer go to stable now.
             if let Some(m) = self.metrics.known_route(&event.route) {
                 m.canary_rollbacks.rolled_back();
@@ -393,72 +394,154 @@ impl Shared {
             .iter()
             .map(|r| self.metrics.route(&r.name, r.analysis.window))
             .collect();
-        self.update_gauges(&old.snapshot, &snap, ctl);
+        let states = snap
+            .routes
+            .iter()
+            .map(|r| rollout_state(r, ctl.routes.get(&r.name).map(|c| &c.phase)))
+            .collect();
+        self.metrics.generation.set(snap.generation as i64);
         self.live.store(Arc::new(Live {
             snapshot: Arc::new(snap),
             route_metrics,
+            states,
         }));
     }
 
-    fn update_gauges(&self, old: &Snapshot, new: &Snapshot, ctl: &Control) {
-        let m = &self.metrics;
-        // Series of routes, pools and endpoints that went away must not linger.
-        for r in &old.routes {
-            let _ = m.canary_weight.remove_label_values(&[&r.name]);
-            for st in STATES {
-                let _ = m.rollout_state.remove_label_values(&[&r.name, st]);
+    /// The Prometheus exposition: the metrics' own series and the gauges of the live
+    /// config, read from it now (each would otherwise be a series of the `prometheus` crate,
+    /// ~450 bytes apiece: ~11 per route): `kanaria_canary_weight_percent`,
+    /// `kanaria_rollout_state` (as of the last publish, which every change of phase makes),
+    /// `kanaria_pool_info` and `kanaria_endpoint_healthy` (the load balancers' health now).
+    /// Routes, pools and endpoints that went away have no series.
+    pub fn render_metrics(&self) -> String {
+        let live = self.load();
+        let mut routes: Vec<(&Route, &'static str)> = live
+            .snapshot
+            .routes
+            .iter()
+            .map(|r| &**r)
+            .zip(live.states.iter().copied())
+            .collect();
+        routes.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        let pools = |r: &'_ Route| {
+            [
+                ("stable", Some(r.stable.clone())),
+                ("canary", r.canary.clone()),
+            ]
+            .into_iter()
+            .filter_map(|(role, p)| p.map(|p| (role, p)))
+            .collect::<Vec<_>>()
+        };
+        let weight = |out: &mut String| {
+            let name = "kanaria_canary_weight_percent";
+            if routes.is_empty() {
+                return;
             }
-            for (role, pool) in [("stable", Some(&r.stable)), ("canary", r.canary.as_ref())] {
-                if let Some(p) = pool {
-                    let _ = m
-                        .pool_info
-                        .remove_label_values(&[&r.name, role, &p.version]);
-                    for e in &p.endpoints {
-                        let _ = m.endpoint_healthy.remove_label_values(&[
-                            &r.name,
-                            role,
-                            &e.to_string(),
-                        ]);
-                    }
+            family_head(out, name, "Effective canary weight in percent.", "gauge");
+            for (r, _) in &routes {
+                sample(
+                    out,
+                    name,
+                    &[("route", r.name.as_str())],
+                    buckets_to_percent(r.split.canary_buckets),
+                );
+            }
+        };
+        let state = |out: &mut String| {
+            let name = "kanaria_rollout_state";
+            if routes.is_empty() {
+                return;
+            }
+            family_head(
+                out,
+                name,
+                "1 for the route's current rollout state.",
+                "gauge",
+            );
+            let mut names = STATES;
+            names.sort();
+            for (r, current) in &routes {
+                for st in names {
+                    sample(
+                        out,
+                        name,
+                        &[("route", r.name.as_str()), ("state", st)],
+                        f64::from(u8::from(st == *current)),
+                    );
                 }
             }
-        }
-        for r in &new.routes {
-            m.canary_weight
-                .with_label_values(&[&r.name])
-                .set(buckets_to_percent(r.split.canary_buckets));
-            let state = rollout_state(r, ctl.routes.get(&r.name).map(|c| &c.phase));
-            for st in STATES {
-                m.rollout_state
-                    .with_label_values(&[&r.name, st])
-                    .set(i64::from(st == state));
+        };
+        let info = |out: &mut String| {
+            let name = "kanaria_pool_info";
+            // Sorted by label values, labels by name: release, route, version.
+            let mut rows: Vec<(String, &str, &str)> = routes
+                .iter()
+                .flat_map(|(r, _)| {
+                    pools(r)
+                        .into_iter()
+                        .map(move |(role, p)| (p.version.clone(), r.name.as_str(), role))
+                })
+                .collect();
+            if rows.is_empty() {
+                return;
             }
-            for (role, pool) in [("stable", Some(&r.stable)), ("canary", r.canary.as_ref())] {
-                if let Some(p) = pool {
-                    m.pool_info
-                        .with_label_values(&[&r.name, role, &p.version])
-                        .set(1);
-                }
+            rows.sort();
+            family_head(
+                out,
+                name,
+                "The release label each version of a route runs.",
+                "gauge",
+            );
+            for (release, route, role) in &rows {
+                sample(
+                    out,
+                    name,
+                    &[
+                        ("release", release.as_str()),
+                        ("route", route),
+                        ("version", role),
+                    ],
+                    1.0,
+                );
             }
-        }
-        self.update_health_gauges(new);
-        m.generation.set(new.generation as i64);
-    }
-
-    /// `kanaria_endpoint_healthy` from the load balancers' current health.
-    pub fn update_health_gauges(&self, snap: &Snapshot) {
-        for r in &snap.routes {
-            for (role, pool) in [("stable", Some(&r.stable)), ("canary", r.canary.as_ref())] {
-                if let Some(p) = pool {
-                    for (addr, healthy) in p.health() {
-                        self.metrics
-                            .endpoint_healthy
-                            .with_label_values(&[&r.name, role, &addr.to_string()])
-                            .set(i64::from(healthy));
-                    }
-                }
+        };
+        let healthy = |out: &mut String| {
+            let name = "kanaria_endpoint_healthy";
+            // Labels by name: endpoint, route, version.
+            let mut rows: Vec<(String, &str, &str, bool)> = routes
+                .iter()
+                .flat_map(|(r, _)| {
+                    pools(r).into_iter().flat_map(move |(role, p)| {
+                        p.health()
+                            .into_iter()
+                            .map(move |(addr, up)| (addr.to_string(), r.name.as_str(), role, up))
+                    })
+                })
+                .collect();
+            if rows.is_empty() {
+                return;
             }
-        }
+            rows.sort();
+            family_head(out, name, "1 when the endpoint is in rotation.", "gauge");
+            for (endpoint, route, role, up) in &rows {
+                sample(
+                    out,
+                    name,
+                    &[
+                        ("endpoint", endpoint.as_str()),
+                        ("route", route),
+                        ("version", role),
+                    ],
+                    f64::from(u8::from(*up)),
+                );
+            }
+        };
+        self.metrics.render_with(&[
+            ("kanaria_canary_weight_percent", &weight),
+            ("kanaria_endpoint_healthy", &healthy),
+            ("kanaria_pool_info", &info),
+            ("kanaria_rollout_state", &state),
+        ])
     }
 
     /// Re-reads the config file. On success the new config is live before this returns;

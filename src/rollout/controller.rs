@@ -6,7 +6,8 @@
 //! task, so a hanging endpoint delays nothing else); rolls back at once when the canary
 //! pool has no healthy endpoint; and, when `analysis.interval` is due, judges the canary
 //! against stable over the window and over the last two seconds (a sudden failure shows in
-//! the short span long before it moves a 30-second average), counting the attempts still
+//! the short span long before it moves a 30-second average; the window is judged by whole
+//! slots of a fifth of it, the short span by the second), counting the attempts still
 //! waiting for an answer past the latency limit as slow (a hanging canary is seen while it
 //! hangs, not when its requests finally time out), then hands the verdict to
 //! the route's state machine with the epoch its data was read at: if anything changed the
@@ -28,7 +29,7 @@ use serde_json::json;
 
 use crate::config::{Pool, Route, WeightSource};
 use crate::metrics::RouteMetrics;
-use crate::rollout::analysis::{evaluate, Totals, Verdict};
+use crate::rollout::analysis::{evaluate, Totals, Verdict, FINE_SECS};
 use crate::rollout::control::Shared;
 use crate::rollout::fleet::{Contribution, Fleet, Spans};
 use crate::rollout::machine::{self, Input};
@@ -36,8 +37,9 @@ use crate::rollout::phase::now_ms;
 use crate::split::Track;
 
 const TICK: Duration = Duration::from_millis(100);
-/// The short span judged beside the window.
-const FAST_SPAN: Duration = Duration::from_secs(2);
+/// The short span judged beside the window: the one the windows keep by the second (the
+/// window itself is judged by whole coarse slots, see `analysis`).
+const FAST_SPAN: Duration = Duration::from_secs(FINE_SECS);
 
 /// The background service.
 pub struct Controller {
@@ -260,7 +262,6 @@ impl Controller {
                 .record_verdict(&route.name, control.epoch, verdict);
         }
         probes.retain(&pools_seen);
-        self.shared.update_health_gauges(&live.snapshot);
     }
 }
 
