@@ -261,7 +261,7 @@ impl TransportConnector {
                         // test_reusable_stream: we assume server would never actively send data
                         // first on an idle stream.
                         #[cfg(unix)]
-                        if peer.matches_fd(stream.id())
+                        if pooled_stream_matches(peer, &stream)
                             && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
                         {
                             Some(stream)
@@ -472,6 +472,38 @@ use futures::future::FutureExt;
 use tokio::io::AsyncReadExt;
 
 /// Test whether a stream is already closed or not reusable (server sent unexpected data)
+/// Whether an idle pooled `stream` is connected to `peer`, as [`Peer::matches_fd`] checks,
+/// without a `getpeername` system call on every reuse: a TCP socket's peer address does not
+/// change, and the stream's socket digest caches it (asked once per connection). Proxied
+/// peers and sockets without a cached address are checked by [`Peer::matches_fd`].
+/// A broken connection is still caught by [`test_reusable_stream`] (a read of a reset
+/// socket fails).
+#[cfg(unix)]
+fn pooled_stream_matches<P: Peer>(peer: &P, stream: &Stream) -> bool {
+    use crate::protocols::l4::socket::SocketAddr as PeerAddr;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    if peer.get_proxy().is_none() {
+        if let PeerAddr::Inet(want) = peer.address() {
+            let cached = stream
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().cloned());
+            if let Some(PeerAddr::Inet(got)) = cached {
+                // As `check_fd_match`: a 0.0.0.0 destination may be mapped to 127.0.0.1.
+                if *want == got || want.ip() == IpAddr::V4(Ipv4Addr::UNSPECIFIED) {
+                    return true;
+                }
+                error!(
+                    "Crit: FD mismatch: fd: {:?}, addr: {want}, peer: {got}",
+                    stream.id()
+                );
+                return false;
+            }
+        }
+    }
+    peer.matches_fd(stream.id())
+}
+
 fn test_reusable_stream(stream: &mut Stream, unexpected_data_conn_count: &AtomicU64) -> bool {
     let mut buf = [0; 1];
     // tokio::task::unconstrained because now_or_never may yield None when the future is ready
