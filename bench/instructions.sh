@@ -82,6 +82,11 @@ for which in $PROXIES; do
   # The dump after the measured requests is the newest file: its totals line is Ir.
   dump="$(ls -t "$dir"/callgrind.out* | head -1)"
   ir="$(awk '/^totals:/ {print $2}' "$dump")"
+  # BENCH_IR_KEEP=DIR keeps each measured dump for `callgrind_annotate --inclusive=yes`.
+  if [ -n "${BENCH_IR_KEEP:-}" ]; then
+    mkdir -p "$BENCH_IR_KEEP"
+    cp "$dump" "$BENCH_IR_KEEP/callgrind-${which//[:\/]/_}-$round.out"
+  fi
   stop_started "$pid"
   reqs_ir="${res_ir#requests=}"
   echo "proxy=$which round=$round requests=$reqs syscalls=$sys task_clock_ms=$clock ir_requests=$reqs_ir ir=$ir" >>"$RAW"

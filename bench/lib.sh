@@ -415,6 +415,8 @@ start_proxy() {
     # kanaria:PATH runs another build, for before/after comparisons in one run.
     kanaria:*) KANARIA_ACCESS_LOG=off KANARIA_BIN="${which#kanaria:}" start_kanaria "$port" "$dir" "$s" "$c" ;;
     bare) start_bare "$port" "$dir" "$s" "$c" ;;
+    # bare=PATH runs another build of the floor (before/after a Pingora patch).
+    bare=*) BARE_BIN="${which#bare=}" start_bare "$port" "$dir" "$s" "$c" ;;
     # bare:FLAG,FLAG runs the floor with flags of examples/bare_pingora.rs (A/B of one
     # Pingora setting), e.g. bare:--work-stealing=true or bare:--pingora-defaults.
     bare:*) IFS=, read -r -a flags <<<"${which#bare:}"; start_bare "$port" "$dir" "$s" "$c" "${flags[@]}" ;;

@@ -33,22 +33,21 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
-/// A header Kanaria adds to messages: its name for lookups, and the bytes Pingora writes on
-/// the wire, prepared once. Pingora's case-preserving `insert_header` copies a `HeaderName`
-/// into a new buffer on every call (to title-case it); bytes made here are only shared.
+/// A header Kanaria adds to messages: its name for lookups, and the name Pingora inserts,
+/// parsed once with its wire case (the vendored Pingora's `PreparedHeaderName`: an insert
+/// then neither parses the name nor allocates; see vendor/patches/0001).
 #[derive(Debug, Clone)]
 pub struct AddedHeader {
     pub name: http::HeaderName,
-    pub wire: bytes::Bytes,
+    pub prepared: pingora::http::PreparedHeaderName,
 }
 
 impl AddedHeader {
     pub fn new(name: http::HeaderName) -> Self {
-        use pingora::http::IntoCaseHeaderName as _;
-        // Exactly what Pingora would make of the name per call (title case for the names
-        // it knows, as written otherwise).
-        let wire = bytes::Bytes::copy_from_slice((&name).into_case_header_name().as_slice());
-        AddedHeader { name, wire }
+        // The case Pingora would give the name per call (title case for the names it
+        // knows, as written otherwise).
+        let prepared = pingora::http::PreparedHeaderName::new(name.clone());
+        AddedHeader { name, prepared }
     }
 }
 

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use http::header::{HeaderName, COOKIE};
 use http::HeaderValue;
 use ipnet::IpNet;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::{PreparedHeaderName, RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 
 use crate::config::{EdgeSettings, Route};
@@ -146,12 +146,12 @@ pub fn without_cookie(headers: &http::HeaderMap, name: &str) -> Option<String> {
     })
 }
 
-// Looked up as pre-parsed names (no parse per request); inserted as `&'static str`, which
-// Pingora's case map takes without copying (a `HeaderName` it would copy to title-case).
-const X_FORWARDED_FOR: &str = "x-forwarded-for";
-const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
-const XFF_NAME: HeaderName = HeaderName::from_static(X_FORWARDED_FOR);
-const XFP_NAME: HeaderName = HeaderName::from_static(X_FORWARDED_PROTO);
+// Parsed once, with their wire case: looked up by the name, inserted with no parse and no
+// allocation per request (the vendored Pingora's `PreparedHeaderName`, vendor/patches/0001).
+const X_FORWARDED_FOR: PreparedHeaderName = PreparedHeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: PreparedHeaderName = PreparedHeaderName::from_static("x-forwarded-proto");
+const XFF_NAME: HeaderName = HeaderName::from_static("x-forwarded-for");
+const XFP_NAME: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Appends `ip` as text. IPv4 (the common case) octet by octet through `itoa`: `write!`
 /// through the formatting machinery costs more than the rest of a header (or of an access
@@ -267,8 +267,8 @@ mod tests {
                 req.insert_header(X_FORWARDED_PROTO, v).unwrap();
             }
             set_forwarding(&mut req, peer.parse().ok(), &trusted, "http").unwrap();
-            let proto = req.headers.get(X_FORWARDED_PROTO).unwrap();
-            let xff = req.headers.get(X_FORWARDED_FOR).unwrap();
+            let proto = req.headers.get(XFP_NAME).unwrap();
+            let xff = req.headers.get(XFF_NAME).unwrap();
             (
                 proto.to_str().unwrap().to_string(),
                 xff.to_str().unwrap().to_string(),

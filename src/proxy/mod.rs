@@ -303,10 +303,10 @@ fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
     };
     let snap = &live.snapshot;
     if let (Some(header), Some(v)) = (&snap.proxy.version_header, ctx.version) {
-        resp.insert_header(header.wire.clone(), HeaderValue::from_static(v.as_str()))?;
+        resp.insert_header(&header.prepared, HeaderValue::from_static(v.as_str()))?;
     }
     if let Some(id) = &ctx.generated_request_id {
-        resp.insert_header(snap.proxy.request_id_header.wire.clone(), id.clone())?;
+        resp.insert_header(&snap.proxy.request_id_header.prepared, id.clone())?;
     }
     ctx.edge.decorate(resp, ctx.route().map(|r| r.as_ref()))
 }
@@ -626,10 +626,8 @@ impl ProxyHttp for KanariaProxy {
             ctx.edge.scheme(),
         )?;
         if let (Some(id), Some(live)) = (&ctx.generated_request_id, &ctx.live) {
-            upstream_request.insert_header(
-                live.snapshot.proxy.request_id_header.wire.clone(),
-                id.clone(),
-            )?;
+            upstream_request
+                .insert_header(&live.snapshot.proxy.request_id_header.prepared, id.clone())?;
         }
         let h2c = matches!((ctx.route(), ctx.version), (Some(r), Some(v)) if r.pool(v).h2c);
         h2::forward_te_trailers(&session.req_header().headers, upstream_request, h2c)
