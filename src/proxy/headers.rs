@@ -205,7 +205,9 @@ pub fn set_forwarding(
         .get(&XFP_NAME)
         .filter(|_| from_trusted)
         .and_then(|v| forwarded_scheme(v.as_bytes()));
-    upstream_request.insert_header(X_FORWARDED_PROTO, proto.unwrap_or(listener_scheme))?;
+    // A static value: no copy, no allocation (a `&str` value is copied into a new buffer).
+    let proto = HeaderValue::from_static(proto.unwrap_or(listener_scheme));
+    upstream_request.insert_header(X_FORWARDED_PROTO, proto)?;
     Ok(())
 }
 
