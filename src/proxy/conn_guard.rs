@@ -77,8 +77,9 @@ pub struct GuardedStream {
     /// `edge.idle_timeout` in seconds, as of the last request (a reload applies to the
     /// next wait).
     idle_secs: AtomicU64,
-    /// `deadline` is set to the end of the current idle wait.
-    idle_armed: bool,
+    /// The end of the current idle wait, once it began. `deadline` fires by then, maybe
+    /// earlier (a previous wait's end): it is moved on when it fires early.
+    idle_deadline: Option<Instant>,
     timeouts: IntCounter,
     /// Holds the listener's connection count; released when the connection closes.
     _slot: Option<Slot>,
@@ -109,7 +110,7 @@ impl GuardedStream {
             deadline: Box::pin(tokio::time::sleep(header_timeout)),
             header_deadline: None,
             idle_secs: AtomicU64::new(idle_secs),
-            idle_armed: false,
+            idle_deadline: None,
             timeouts,
             _slot: None,
         }
@@ -162,15 +163,26 @@ impl AsyncRead for GuardedStream {
         if phase == PHASE_IDLE && res.is_pending() {
             // Waiting for the next request: bounded by the idle timeout, from the first
             // wait after the last request.
-            if !this.idle_armed {
-                this.idle_armed = true;
+            if this.idle_deadline.is_none() {
                 let idle = Duration::from_secs(this.idle_secs.load(Ordering::Relaxed));
-                this.deadline.as_mut().reset(Instant::now() + idle);
+                let at = Instant::now() + idle;
+                this.idle_deadline = Some(at);
+                // The timer only has to fire by `at`. One still pending for earlier (the
+                // previous wait's end, when requests follow each other) is kept and moved
+                // on when it fires: a timer wheel update per request costs more than the
+                // comparison.
+                if this.deadline.is_elapsed() || this.deadline.deadline() > at {
+                    this.deadline.as_mut().reset(at);
+                }
             }
-            if this.deadline.as_mut().poll(cx).is_ready() {
-                // Nothing read: the end of the stream, which Pingora takes as a client
-                // that closed its idle connection (what its keep-alive timeout did).
-                return Poll::Ready(Ok(()));
+            while this.deadline.as_mut().poll(cx).is_ready() {
+                match this.idle_deadline {
+                    // Fired for an earlier wait's end: on to this one's.
+                    Some(at) if this.deadline.deadline() < at => this.deadline.as_mut().reset(at),
+                    // Nothing read: the end of the stream, which Pingora takes as a client
+                    // that closed its idle connection (what its keep-alive timeout did).
+                    _ => return Poll::Ready(Ok(())),
+                }
             }
         }
         if usize::from(this.preface) < H2_PREFACE_START.len() && matches!(res, Poll::Ready(Ok(())))
@@ -191,7 +203,7 @@ impl AsyncRead for GuardedStream {
         {
             // First byte of the next request on a kept-alive connection.
             this.phase.store(PHASE_HEADER, Ordering::Relaxed);
-            this.idle_armed = false;
+            this.idle_deadline = None;
             this.header_deadline = Some(Instant::now() + this.header_timeout);
         }
         res

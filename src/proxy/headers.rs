@@ -200,12 +200,14 @@ pub fn set_forwarding(
         upstream_request.insert_header(X_FORWARDED_FOR, xff)?;
     }
     let from_trusted = peer.is_some_and(|ip| trusted.iter().any(|n| n.contains(&ip)));
-    let proto = upstream_request
-        .headers
-        .get(&XFP_NAME)
-        .filter(|_| from_trusted)
+    // Looked up only when it would be believed (no peer is trusted by default).
+    let proto = from_trusted
+        .then(|| upstream_request.headers.get(&XFP_NAME))
+        .flatten()
         .and_then(|v| forwarded_scheme(v.as_bytes()));
-    upstream_request.insert_header(X_FORWARDED_PROTO, proto.unwrap_or(listener_scheme))?;
+    // A static value: no copy, no allocation (a `&str` value is copied into a new buffer).
+    let proto = HeaderValue::from_static(proto.unwrap_or(listener_scheme));
+    upstream_request.insert_header(X_FORWARDED_PROTO, proto)?;
     Ok(())
 }
 

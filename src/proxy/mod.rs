@@ -235,13 +235,17 @@ impl RequestIds {
 
     fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        // Hex on the stack: one allocation (the header value) per request, no formatting;
-        // the counter's half only (the prefix's was encoded once).
+        // Hex on the stack, no formatting; the counter's half only (the prefix's was
+        // encoded once).
         let mut hex = [0u8; 32];
         hex[..16].copy_from_slice(&self.prefix);
         crate::split::issued::hex_into(&n.to_be_bytes(), &mut hex[16..]);
+        // The array is the `Bytes` owner: one allocation per request, and the two clones
+        // (upstream request, response) only count references. A `Vec`-backed value
+        // allocates again on its first clone (`bytes` promotes it to a shared buffer).
         // Hex digits are always a valid header value.
-        HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("0"))
+        HeaderValue::from_maybe_shared(Bytes::from_owner(hex))
+            .unwrap_or(HeaderValue::from_static("0"))
     }
 }
 
