@@ -683,10 +683,11 @@ impl Shared {
 
     /// The fleet store became reachable or unreachable.
     pub fn fleet_link(&self, up: bool) {
+        let settle_ms = self.fleet.as_ref().map_or(0, |f| f.settle_ms());
         let mut ctl = self.lock();
         let names: Vec<String> = ctl.routes.keys().cloned().collect();
         for name in names {
-            let _ = self.step(&mut ctl, &name, Input::FleetLink(up));
+            let _ = self.step(&mut ctl, &name, Input::FleetLink { up, settle_ms });
         }
     }
 

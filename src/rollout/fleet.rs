@@ -21,6 +21,8 @@
 //! Redis down: the replica keeps serving what it knows; its machines are told the link is
 //! down (nothing advances, only rollbacks apply); the writes that failed are kept, the
 //! newest per record, and written when Redis answers again (a rollback still wins then).
+//! Steps wait [`Fleet::settle_ms`] after the link is back, so such a rollback reaches the
+//! other replicas before any of them moves on.
 //! The command connection is the `redis` crate's `ConnectionManager` (it reconnects); the
 //! subscription is a dedicated connection re-made whenever it ends.
 
@@ -254,6 +256,13 @@ impl Fleet {
     /// The records' time to live in the store, in ms (at least 1).
     fn record_ttl_ms(&self) -> u64 {
         (self.settings.record_ttl.as_millis() as u64).max(1)
+    }
+
+    /// How long steps wait after the store comes back (ms): long enough for a replica that
+    /// decided a rollback during the outage to reconnect (it retries every 250 ms while the
+    /// store is down) and write it, so the others adopt it before they move on.
+    pub fn settle_ms(&self) -> u64 {
+        (3 * self.settings.poll_interval.as_millis() as u64).max(2_000)
     }
 
     /// How old another replica's counts may be and still count.

@@ -101,6 +101,10 @@ pub struct RouteRollout {
     pub fleet_generation: u64,
     /// The fleet store is unreachable: nothing advances, only rollbacks apply.
     pub fleet_down: bool,
+    /// After the store came back, no step or promotion before this instant (ms since the
+    /// Unix epoch): a rollback another replica decided during the outage is written when
+    /// that replica reconnects, and must reach this one before it moves on.
+    pub fleet_settle_until_ms: u64,
     /// A rollback decided here that the fleet has not accepted yet: no older view of the
     /// fleet may undo it.
     pub unshared_rollback: bool,
@@ -160,8 +164,12 @@ pub enum Input {
         record: FleetRecord,
         own: bool,
     },
-    /// The fleet store became reachable (`true`) or unreachable (`false`).
-    FleetLink(bool),
+    /// The fleet store became reachable (`up`) or unreachable. When it comes back, steps
+    /// wait `settle_ms` (see [`RouteRollout::fleet_settle_until_ms`]).
+    FleetLink {
+        up: bool,
+        settle_ms: u64,
+    },
 }
 
 /// How a shared record is written to the fleet store.
@@ -301,6 +309,7 @@ pub fn fresh(spec: &Spec, now_ms: u64) -> RouteRollout {
         last_verdict: "none",
         fleet_generation: 0,
         fleet_down: false,
+        fleet_settle_until_ms: 0,
         unshared_rollback: false,
     }
 }
@@ -332,7 +341,12 @@ pub fn step(
             })
         }
         Input::Adopt { record, own } => t.adopt(record, own),
-        Input::FleetLink(up) => t.next.fleet_down = !up,
+        Input::FleetLink { up, settle_ms } => {
+            if up && t.next.fleet_down {
+                t.next.fleet_settle_until_ms = now_ms.saturating_add(settle_ms);
+            }
+            t.next.fleet_down = !up;
+        }
     }
     Ok(Outcome {
         next: Some(t.next),
@@ -663,8 +677,9 @@ impl Step<'_> {
         let Phase::Progressing { step, since_ms } = s.phase else {
             return;
         };
-        // Without the fleet, no replica may advance on what it alone sees.
-        if s.fleet_down {
+        // Without the fleet, no replica may advance on what it alone sees; just after it
+        // is back, what the others decided meanwhile arrives first.
+        if s.fleet_down || self.now_ms < s.fleet_settle_until_ms {
             return;
         }
         if s.canary_version.is_none() {
@@ -850,6 +865,56 @@ mod tests {
         assert!(out.effects.contains(&Effect::Forget));
     }
 
+    #[test]
+    fn after_the_fleet_is_back_a_rollback_decided_elsewhere_arrives_before_a_step() {
+        // A step whose hold (1 s, no analysis) elapses while the store is down.
+        let mut sp = spec(Some("v2"), &[(500, 1_000), (5_000, 1_000)]);
+        sp.analysis_enabled = false;
+        let s = started(&sp);
+        assert_eq!(s.phase.step(), Some(0));
+        let s = apply(
+            &s,
+            Input::FleetLink {
+                up: false,
+                settle_ms: 2_000,
+            },
+            100,
+        );
+        let s = apply(&s, Input::Tick, 5_000);
+        assert_eq!(s.phase.step(), Some(0), "stepped with the store down");
+        // Back at 6 s: the hold elapsed long ago, but nothing moves for 2 s...
+        let s = apply(
+            &s,
+            Input::FleetLink {
+                up: true,
+                settle_ms: 2_000,
+            },
+            6_000,
+        );
+        let held = apply(&s, Input::Tick, 7_999);
+        assert_eq!(held.phase.step(), Some(0), "stepped within the settle");
+        // ...in which the rollback another replica decided during the outage arrives.
+        let rec = record(
+            "v2",
+            Phase::RolledBack {
+                reason: "manual".into(),
+            },
+            s.fleet_generation + 1,
+        );
+        let rolled = apply(
+            &held,
+            Input::Adopt {
+                record: rec,
+                own: false,
+            },
+            6_300,
+        );
+        assert!(matches!(rolled.phase, Phase::RolledBack { .. }));
+        // Without one, the step is taken once the settle is over.
+        let stepped = apply(&held, Input::Tick, 8_000);
+        assert_eq!(stepped.phase.step(), Some(1));
+    }
+
     /// A fleet record of route `app`.
     fn record(version: &str, phase: Phase, generation: u64) -> FleetRecord {
         FleetRecord {
@@ -926,7 +991,7 @@ mod tests {
             // Generations are offsets from the current one, resolved in the test.
             3 => (prop_oneof![Just("v2"), Just("v3")], phase.clone(), 0u64..5, any::<bool>())
                 .prop_map(|(v, phase, g, own)| Input::Adopt { record: record(v, phase, g), own }),
-            2 => any::<bool>().prop_map(Input::FleetLink),
+            2 => (any::<bool>(), 0u64..3_000).prop_map(|(up, settle_ms)| Input::FleetLink { up, settle_ms }),
         ];
         (0u64..2_000, input)
     }
@@ -984,6 +1049,7 @@ mod tests {
                 let stale = matches!(&input, Input::Verdict { epoch, .. } if *epoch != s.epoch);
                 let version_changes = matches!(&input, Input::Config(sp) if sp.canary_version != s.canary_version);
                 let resume = input == Input::Operator(Action::Resume);
+                let tick = input == Input::Tick;
                 let removed = input == Input::Removed;
                 let restore = matches!(input, Input::Restore(_));
                 let out = match step("app", &s, input, now) {
@@ -1018,6 +1084,10 @@ mod tests {
                         let kept = matches!(next.phase, Phase::RolledBack { .. });
                         prop_assert!(kept, "a local rollback undone by {:?}", rec);
                     }
+                }
+                // Just after the fleet is back, a hold elapsing moves nothing.
+                if tick && now < s.fleet_settle_until_ms {
+                    prop_assert_eq!(stage(&next.phase), stage(&s.phase), "stepped within the settle after the fleet came back");
                 }
                 // With the fleet unreachable, nothing advances: only a rollback applies.
                 if s.fleet_down && advancing {
