@@ -213,35 +213,29 @@ listen = "127.0.0.1:$admin"
 
 [reload]
 debounce = "20ms"
-
-[[routes]]
-name = "app"
-sticky_by = ["header:x-user-id"]
-canary_weight = $pct
-${BENCH_KANARIA_ROUTE_KEYS:-}
-$BENCH_KANARIA_ROUTE_EXTRA
-
-[routes.stable]
-version = "v1"
-endpoints = ["127.0.0.1:$s"]
-
-[routes.canary]
-version = "v2"
-endpoints = ["127.0.0.1:$c"]
 EOF
+  kanaria_route app "" "$BENCH_KANARIA_ROUTE_EXTRA"$'\n' "$pct" "$s" "$c"
   # BENCH_ROUTES > 1: more routes of the same shape (the same analysis settings) on their own
   # path prefixes (memory.sh). BENCH_KANARIA_ROUTE_KEYS: more keys for every route.
   local i
   for ((i = 1; i < ${BENCH_ROUTES:-1}; i++)); do
-    cat <<EOF
+    kanaria_route "r$i" "/r$i" "" "$pct" "$s" "$c"
+  done
+}
 
-[[routes]]
-name = "r$i"
-path_prefix = "/r$i"
+# One `[[routes]]` of Kanaria's bench config: NAME, PATH_PREFIX (empty: none), EXTRA lines
+# after the route's keys, canary percent, stable and canary ports.
+kanaria_route() {
+  local name="$1" prefix="$2" extra="$3" pct="$4" s="$5" c="$6"
+  printf '\n[[routes]]\nname = "%s"\n' "$name"
+  if [ -n "$prefix" ]; then
+    printf 'path_prefix = "%s"\n' "$prefix"
+  fi
+  cat <<EOF
 sticky_by = ["header:x-user-id"]
 canary_weight = $pct
 ${BENCH_KANARIA_ROUTE_KEYS:-}
-
+$extra
 [routes.stable]
 version = "v1"
 endpoints = ["127.0.0.1:$s"]
@@ -250,7 +244,6 @@ endpoints = ["127.0.0.1:$s"]
 version = "v2"
 endpoints = ["127.0.0.1:$c"]
 EOF
-  done
 }
 
 # Split, metrics and analysis are always on in Kanaria (metrics and windows are recorded
