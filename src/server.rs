@@ -19,7 +19,7 @@ use pingora::services::listening::Service;
 use crate::admin::AdminApp;
 use crate::config::reload::Reloader;
 use crate::config::{self, Snapshot};
-use crate::proxy::drain::{self, Draining};
+use crate::proxy::drain;
 use crate::proxy::KanariaProxy;
 use crate::rollout::control::Shared;
 use crate::rollout::controller::Controller;
@@ -189,10 +189,8 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
     tuning.apply_proxy(&mut http);
     // The proxy app behind the connection guard (header deadline, connection caps), which
     // lets idle connections linger on shutdown so clients reusing them are not reset.
-    let app = Draining::new(
-        crate::proxy::conn_guard::GuardedApp::new(http, shared.clone(), &all_listeners),
-        linger,
-    );
+    let app =
+        crate::proxy::conn_guard::GuardedApp::new(http, shared.clone(), &all_listeners, linger);
     let mut proxy = Service::new("kanaria proxy".to_string(), app);
     for addr in &listen {
         proxy.add_listener(tuning.listener(&addr.to_string()));

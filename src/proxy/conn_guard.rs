@@ -330,11 +330,14 @@ pub struct GuardedApp<A> {
     listeners: Vec<ListenerCount>,
     /// Connections accepted on an address no listener entry matches (not expected).
     other: Arc<AtomicUsize>,
+    /// How long idle connections stay open once shutdown began (see [`crate::proxy::drain`]).
+    linger: Duration,
 }
 
 impl<A> GuardedApp<A> {
-    /// `listen` are the proxy's listener addresses (fixed until restart).
-    pub fn new(inner: A, shared: Arc<Shared>, listen: &[SocketAddr]) -> Self {
+    /// `listen` are the proxy's listener addresses (fixed until restart); `linger`, how long
+    /// idle client connections stay open after shutdown began ([`crate::proxy::drain`]).
+    pub fn new(inner: A, shared: Arc<Shared>, listen: &[SocketAddr], linger: Duration) -> Self {
         GuardedApp {
             inner: Arc::new(inner),
             shared,
@@ -346,6 +349,7 @@ impl<A> GuardedApp<A> {
                 })
                 .collect(),
             other: Arc::new(AtomicUsize::new(0)),
+            linger,
         }
     }
 
@@ -401,7 +405,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
         self.inner.process_new(Box::new(guarded), shutdown).await
     }
 
+    /// Called once the listeners stopped. The proxy's own cleanup is what wakes the idle
+    /// connections to close them; it runs after the linger ([`crate::proxy::drain`]).
     async fn cleanup(&self) {
+        crate::proxy::drain::linger(self.linger).await;
         self.inner.cleanup().await
     }
 }
