@@ -433,10 +433,16 @@ pub fn scan<const FRAMING: bool>(
 
 /// A name that is hop-by-hop by itself (`Connection` and the names it lists aside).
 fn is_hop_by_hop(name: &HeaderName, upgrading: bool) -> bool {
-    name == TE
-        || (name == UPGRADE && !upgrading)
-        || name.as_str() == "keep-alive"
-        || name.as_str().starts_with("proxy-")
+    // Every header of every message comes through here: the first letter settles most
+    // names (names are lower case) with one comparison.
+    let text = name.as_str();
+    match text.as_bytes().first() {
+        Some(b't') => name == TE,
+        Some(b'u') => name == UPGRADE && !upgrading,
+        Some(b'k') => text == "keep-alive",
+        Some(b'p') => text.starts_with("proxy-"),
+        _ => false,
+    }
 }
 
 /// Adds the headers named by one `Connection` value to `names`.
@@ -446,6 +452,11 @@ fn connection_tokens(
     upgrading: bool,
     names: &mut Vec<HeaderName>,
 ) {
+    // The values nearly every message carries name no header: nothing to split or look up.
+    let whole = value.as_bytes().trim_ascii();
+    if whole.eq_ignore_ascii_case(b"keep-alive") || whole.eq_ignore_ascii_case(b"close") {
+        return;
+    }
     for token in value.as_bytes().split(|b| *b == b',') {
         let token = token.trim_ascii();
         if upgrading && token.eq_ignore_ascii_case(b"upgrade") {

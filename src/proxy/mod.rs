@@ -666,7 +666,11 @@ impl ProxyHttp for KanariaProxy {
             return Err(e);
         }
         ctx.upstream_status = Some(status);
-        ctx.edge.grpc_failed = h2::grpc_failed(&upstream_response.headers, ctx.grpc_codes());
+        // gRPC runs over HTTP/2 only: an HTTP/1 answer (every pool but an h2c one) has no
+        // `grpc-status` to look up.
+        if upstream_response.version == http::Version::HTTP_2 {
+            ctx.edge.grpc_failed = h2::grpc_failed(&upstream_response.headers, ctx.grpc_codes());
+        }
         Ok(())
     }
 
