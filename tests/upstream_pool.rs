@@ -128,8 +128,10 @@ async fn connection_the_upstream_closed_is_never_handed_out_and_is_closed() {
     connector.release_stream(stream, key, None);
     server.shutdown().await.expect("half-close");
     let took = closed_within(&mut server, Duration::from_secs(3)).await;
+    // Nothing but a sweep closes it (no reuse was asked for); the bound leaves room for a
+    // loaded machine.
     assert!(
-        took <= Duration::from_millis(1_500),
+        took <= Duration::from_millis(2_500),
         "closed by a sweep: {took:?}"
     );
     let (_fresh, reused) = connector.get_stream(&peer).await.expect("connect");
