@@ -13,7 +13,8 @@
 #                              `vendor.sh diff CRATE`, and rerun.
 #   vendor/vendor.sh diff CRATE  what vendor/CRATE changes beyond the registry's pristine CRATE
 #                              plus its existing patches: the body of a new .patch file
-#                              (`patch -p1` in the crate directory; timestamps dropped)
+#                              (`patch -p1` in the crate directory; timestamps dropped, a file
+#                              added or removed named /dev/null on its missing side)
 #
 # A patch names its crate in a `Crate: NAME` line of its header (the text before the diff,
 # which `patch` skips). pristine.sha256 lines are `HASH NAME VERSION`; the hash is of the file
@@ -122,7 +123,12 @@ case "${1:-check}" in
         die "$(basename "$p") does not apply to $name $version"
     done
     cp -a "$VENDOR/$name" "$tmp/b"
-    (cd "$tmp" && diff -ruN a b | sed -E 's/^(---|\+\+\+) ([^\t]*)\t.*/\1 \2/') || true
+    # A file the change adds or removes is named /dev/null on its missing side (diff -N dates
+    # it 1970-01-01), so that `patch -R` in `check` deletes an added file instead of leaving
+    # it empty.
+    (cd "$tmp" && diff -ruN a b |
+      sed -E -e 's/^(---|\+\+\+) [^\t]*\t1970-01-01 .*/\1 \/dev\/null/' \
+        -e 's/^(---|\+\+\+) ([^\t]*)\t.*/\1 \2/') || true
     rm -rf "$tmp"
     ;;
   *) die "usage: vendor.sh [check|refresh|diff CRATE]" ;;

@@ -33,14 +33,13 @@ use l4::{connect as l4_connect, BindTo};
 use log::{debug, error, warn};
 use parking_lot::RwLock;
 use pingora_error::{Error, ErrorType::*, OrErr, Result};
-use pingora_pool::{ConnectionMeta, ConnectionPool};
+use pingora_pool::{ConnectionMeta, StreamPool};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tls::TlsConnector;
-use tokio::sync::Mutex;
 
 #[derive(Clone, Debug)]
 pub(crate) struct IdleConnection {
@@ -170,7 +169,9 @@ impl ConnectorOptions {
 /// [TransportConnector] provides APIs to connect to servers via TCP or TLS with connection reuse
 pub struct TransportConnector {
     tls_ctx: tls::Connector,
-    connection_pool: Arc<ConnectionPool<Arc<Mutex<Stream>>>>,
+    // Idle streams held in place (no task, lock or channel per connection); one sweeper task
+    // closes the expired and broken ones.
+    connection_pool: Arc<StreamPool<Stream>>,
     offload: Option<OffloadRuntime>,
     bind_to_v4: Vec<SocketAddr>,
     bind_to_v6: Vec<SocketAddr>,
@@ -203,7 +204,7 @@ impl TransportConnector {
             .and_then(|o| o.keepalive_pool_callback.clone());
         TransportConnector {
             tls_ctx: tls::Connector::new(options),
-            connection_pool: Arc::new(ConnectionPool::new(pool_size)),
+            connection_pool: Arc::new(StreamPool::new(pool_size)),
             offload: offload.map(|v| OffloadRuntime::new("upstream connect offload", v.0, v.1)),
             bind_to_v4,
             bind_to_v6,
@@ -249,57 +250,34 @@ impl TransportConnector {
 
     /// Try to find a reusable connection to the given server [Peer]
     pub async fn reused_stream<P: Peer + Send + Sync>(&self, peer: &P) -> Option<Stream> {
-        match self.connection_pool.get(&peer.reuse_hash()) {
-            Some(s) => {
-                debug!("find reusable stream, trying to acquire it");
-                {
-                    let _ = s.lock().await;
-                } // wait for the idle poll to release it
-                match Arc::try_unwrap(s) {
-                    Ok(l) => {
-                        let mut stream = l.into_inner();
-                        // test_reusable_stream: we assume server would never actively send data
-                        // first on an idle stream.
-                        #[cfg(unix)]
-                        if pooled_stream_matches(peer, &stream)
-                            && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
-                        {
-                            Some(stream)
-                        } else {
-                            None
-                        }
-                        #[cfg(windows)]
-                        {
-                            use std::os::windows::io::{AsRawSocket, RawSocket};
-                            struct WrappedRawSocket(RawSocket);
-                            impl AsRawSocket for WrappedRawSocket {
-                                fn as_raw_socket(&self) -> RawSocket {
-                                    self.0
-                                }
-                            }
-                            if peer.matches_sock(WrappedRawSocket(stream.id() as RawSocket))
-                                && test_reusable_stream(
-                                    &mut stream,
-                                    &self.unexpected_data_conn_count,
-                                )
-                            {
-                                Some(stream)
-                            } else {
-                                None
-                            }
-                        }
-                    }
-                    Err(_) => {
-                        error!("failed to acquire reusable stream");
-                        None
+        // Ready at once: the pool is a push and a pop under a lock held for nothing else (no
+        // idle task to wait for), and the checks below run on the stream in hand. A stream
+        // past its idle timeout or failing a check is dropped and the next one tried.
+        let counter = &self.unexpected_data_conn_count;
+        let stream = self.connection_pool.get(&peer.reuse_hash(), |stream| {
+            // test_reusable_stream: we assume server would never actively send data
+            // first on an idle stream.
+            #[cfg(unix)]
+            {
+                pooled_stream_matches(peer, stream) && test_reusable_stream(stream, counter)
+            }
+            #[cfg(windows)]
+            {
+                use std::os::windows::io::{AsRawSocket, RawSocket};
+                struct WrappedRawSocket(RawSocket);
+                impl AsRawSocket for WrappedRawSocket {
+                    fn as_raw_socket(&self) -> RawSocket {
+                        self.0
                     }
                 }
+                peer.matches_sock(WrappedRawSocket(stream.id() as RawSocket))
+                    && test_reusable_stream(stream, counter)
             }
-            None => {
-                debug!("No reusable connection found for {peer}");
-                None
-            }
+        });
+        if stream.is_none() {
+            debug!("No reusable connection found for {peer}");
         }
+        stream
     }
 
     /// Return the [Stream] to the [TransportConnector] for connection reuse.
@@ -309,6 +287,11 @@ impl TransportConnector {
     /// to be reused.
     ///
     /// If a [Stream] is dropped instead of being returned via this function. it will be closed.
+    ///
+    /// The stream is kept for `idle_timeout` at most (`None`: until it is reused, evicted to keep
+    /// the pool within its size, or found closed by the upstream). The pool's sweeper closes
+    /// an expired stream, or one the upstream closed, within [`pingora_pool::SWEEP_INTERVAL`];
+    /// neither is ever handed out meanwhile.
     pub fn release_stream(
         &self,
         mut stream: Stream,
@@ -318,32 +301,21 @@ impl TransportConnector {
         if !test_reusable_stream(&mut stream, &self.unexpected_data_conn_count) {
             return;
         }
-        let id = stream.id();
-        let meta = ConnectionMeta::new(key, id);
         debug!("Try to keepalive client session");
-        let stream = Arc::new(Mutex::new(stream));
-        let locked_stream = stream.clone().try_lock_owned().unwrap(); // safe as we just created it
-        let (notify_close, watch_use) = self.connection_pool.put(&meta, stream);
-        let idle_meta = IdleConnection::new(meta);
-        let pool = self.connection_pool.clone(); //clone the arc
-        let keepalive_pool_callback = self.keepalive_pool_callback.clone();
-        let rt = pingora_runtime::current_handle();
-        rt.spawn(async move {
-            if pool
-                .idle_poll(
-                    locked_stream,
-                    &idle_meta.connection,
-                    idle_timeout,
-                    notify_close,
-                    watch_use,
-                )
-                .await
-            {
-                if let Some(callback) = keepalive_pool_callback {
-                    callback(idle_meta.elapsed());
+        let callback = self.keepalive_pool_callback.as_ref();
+        self.connection_pool
+            .put(key, stream, idle_timeout, |evicted, idle_since| {
+                // Dropping the least recently released stream closes it; as before, only an
+                // eviction reports its idle time.
+                drop(evicted);
+                if let Some(callback) = callback {
+                    callback(idle_since.elapsed());
                 }
-            }
-        });
+            });
+        if self.connection_pool.start_sweeper() {
+            let sweeper = StreamPool::sweeper(&self.connection_pool, idle_stream_open);
+            pingora_runtime::current_handle().spawn(sweeper);
+        }
     }
 
     /// Get a stream to the given server [Peer]
@@ -502,6 +474,28 @@ fn pooled_stream_matches<P: Peer>(peer: &P, stream: &Stream) -> bool {
         }
     }
     peer.matches_fd(stream.id())
+}
+
+/// The sweeper's check of an idle stream, as the per-connection idle watch did: closed,
+/// broken, or sent data (logged, not counted as unexpected data: that count is of the checks
+/// at release and reuse). Polled once without a waker, so it never blocks.
+fn idle_stream_open(stream: &mut Stream) -> bool {
+    let mut buf = [0; 1];
+    match tokio::task::unconstrained(stream.read(&mut buf[..])).now_or_never() {
+        None => true,
+        Some(Ok(0)) => {
+            debug!("Peer closed the idle connection");
+            false
+        }
+        Some(Ok(_)) => {
+            warn!("Data received on idle client connection, close it");
+            false
+        }
+        Some(Err(e)) => {
+            debug!("error with the idle connection, close it {e:?}");
+            false
+        }
+    }
 }
 
 fn test_reusable_stream(stream: &mut Stream, unexpected_data_conn_count: &AtomicU64) -> bool {
