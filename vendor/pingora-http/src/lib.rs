@@ -45,7 +45,10 @@ use case_header_name::CaseHeaderName;
 #[macro_use]
 mod wire_header;
 pub use case_header_name::{IntoCaseHeaderName, PreparedHeaderName};
-use wire_header::{append_wire_headers_to_map, wire_slice, WireHeader, WireList};
+use wire_header::{
+    append_wire_headers_to_map, clone_wire_list, remove_wire_named, wire_slice,
+    write_wire_headers_h1, WireHeader, WireList,
+};
 
 pub mod prelude {
     pub use crate::RequestHeader;
@@ -445,7 +448,7 @@ impl Clone for RequestHeader {
             header_name_map: self.header_name_map.clone(),
             raw_target: self.raw_target.clone(),
             send_end_stream: self.send_end_stream,
-            wire_headers: self.wire_headers.clone(),
+            wire_headers: clone_wire_list(&self.wire_headers),
         }
     }
 }
@@ -521,7 +524,7 @@ impl Clone for ResponseHeader {
             base: clone_resp_parts(&self.base),
             header_name_map: self.header_name_map.clone(),
             reason_phrase: self.reason_phrase.clone(),
-            wire_headers: self.wire_headers.clone(),
+            wire_headers: clone_wire_list(&self.wire_headers),
         }
     }
 }
@@ -959,7 +962,7 @@ fn insert_header_value<T>(
     let (header_name, case_header_name) = name.into_header_names()?;
     // `None` unless the caller wrote wire headers: one branch for everyone else.
     if let Some(wire) = wire {
-        wire.retain(|h| h.name != header_name);
+        remove_wire_named(wire, &header_name);
     }
     if let Some(name_map) = name_map {
         // store the original case in the map
@@ -1112,11 +1115,8 @@ fn header_to_h1_wire(
             buf.put_slice(CRLF);
         }
     }
-    for h in wire {
-        buf.put_slice(h.case.as_slice());
-        buf.put_slice(HEADER_KV_DELIMITER);
-        buf.put_slice(h.value.as_ref());
-        buf.put_slice(CRLF);
+    if !wire.is_empty() {
+        write_wire_headers_h1(wire, buf);
     }
 }
 

@@ -88,6 +88,43 @@ pub(crate) fn wire_vec(list: &mut WireList) -> &mut Vec<WireHeader> {
     list.get_or_insert_with(|| Box::new(Vec::with_capacity(4)))
 }
 
+// The functions below run only for heads that have wire headers: kept out of line (and
+// `cold`), so the paths of heads without any (a branch on an empty list) stay as they were.
+
+/// A copy of the list (`Clone` of the heads).
+#[inline]
+pub(crate) fn clone_wire_list(list: &WireList) -> WireList {
+    match list {
+        None => None,
+        Some(v) => Some(clone_wire_vec(v)),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn clone_wire_vec(v: &[WireHeader]) -> Box<Vec<WireHeader>> {
+    Box::new(v.to_vec())
+}
+
+/// Removes the wire headers of `name` (a map insert of the name replaces them).
+#[cold]
+#[inline(never)]
+pub(crate) fn remove_wire_named(list: &mut Vec<WireHeader>, name: &HeaderName) {
+    list.retain(|h| h.name != *name);
+}
+
+/// Writes the wire headers in HTTP/1 form, after the maps' headers.
+#[cold]
+#[inline(never)]
+pub(crate) fn write_wire_headers_h1(wire: &[WireHeader], buf: &mut impl bytes::BufMut) {
+    for h in wire {
+        buf.put_slice(h.case.as_slice());
+        buf.put_slice(b": ");
+        buf.put_slice(h.value.as_ref());
+        buf.put_slice(b"\r\n");
+    }
+}
+
 /// Appends the wire headers to a header map (the `http` conversions).
 pub(crate) fn append_wire_headers_to_map(map: &mut http::HeaderMap, wire: &[WireHeader]) {
     for h in wire {
