@@ -56,9 +56,10 @@ check() {
     [ -d "$VENDOR/$name" ] || { echo "MISSING vendor/$name"; bad=1; continue; }
     rm -rf "${tmp:?}/$name"
     cp -a "$VENDOR/$name" "$tmp/$name"
-    # Reverse, newest first.
+    # Reverse, newest first. `-E`: a file a patch creates (its hunk starts at `-0,0`) is
+    # empty once reversed, and removed.
     for p in $(patches_of "$name" | sort -r); do
-      if ! patch -s -R -p1 -d "$tmp/$name" --no-backup-if-mismatch -r - <"$p" >/dev/null; then
+      if ! patch -s -R -E -p1 -d "$tmp/$name" --no-backup-if-mismatch -r - <"$p" >/dev/null; then
         echo "FAIL $name: $(basename "$p") does not reverse-apply to vendor/$name"
         bad=1
         continue 2

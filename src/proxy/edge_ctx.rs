@@ -64,8 +64,10 @@ impl EdgeCtx {
         else {
             return Ok(());
         };
+        // Beside the upstream's own cookies, written after them (a wire header,
+        // vendor/patches/0012: not inserted into the response's maps).
         if let Some(v) = cookie.set_cookie(id, self.tls) {
-            resp.append_header(http::header::SET_COOKIE, v)?;
+            resp.append_wire_header(http::header::SET_COOKIE, v)?;
         }
         Ok(())
     }

@@ -179,6 +179,10 @@ pub(crate) fn push_ip(out: &mut String, ip: IpAddr) {
 /// trusted proxy sent (it terminated the client's connection and knows its scheme) and is
 /// otherwise the scheme of the listener the request came in on: a client cannot claim
 /// `https` on a plain connection.
+///
+/// Both are wire headers (the vendored Pingora's `insert_wire_header`, vendor/patches/0012):
+/// written after the request's other headers when it is sent, not inserted into its header
+/// maps; `headers.get` does not see them (`forwarded_headers` in the tests does).
 pub fn set_forwarding(
     upstream_request: &mut RequestHeader,
     peer: Option<IpAddr>,
@@ -186,18 +190,38 @@ pub fn set_forwarding(
     listener_scheme: &'static str,
 ) -> pingora::Result<()> {
     if let Some(ip) = peer {
-        // Several XFF headers fold into one list, built in one buffer sized up front.
         let earlier = upstream_request.headers.get_all(&XFF_NAME);
-        let mut xff =
-            String::with_capacity(earlier.iter().map(|v| v.len() + 2).sum::<usize>() + 39);
-        for v in earlier {
-            if let Ok(text) = v.to_str() {
-                xff.push_str(text);
-                xff.push_str(", ");
+        if earlier.iter().next().is_none() {
+            // The common case: no earlier proxy. The lookup just made shows the name is
+            // absent, so the header is appended without a second one, and an IPv4 address
+            // is written on the stack and copied once into the value (a `String` turned
+            // into a value is two allocations: the text and the shared buffer's header).
+            match ip {
+                IpAddr::V4(v4) => {
+                    let mut buf = [0u8; 15];
+                    let len = ipv4_text(v4, &mut buf);
+                    upstream_request.append_wire_header(X_FORWARDED_FOR, &buf[..len])?;
+                }
+                IpAddr::V6(_) => {
+                    let mut xff = String::with_capacity(39);
+                    push_ip(&mut xff, ip);
+                    upstream_request.append_wire_header(X_FORWARDED_FOR, xff)?;
+                }
             }
+        } else {
+            // Several XFF headers fold into one list, built in one buffer sized up front,
+            // which replaces them.
+            let mut xff =
+                String::with_capacity(earlier.iter().map(|v| v.len() + 2).sum::<usize>() + 39);
+            for v in earlier {
+                if let Ok(text) = v.to_str() {
+                    xff.push_str(text);
+                    xff.push_str(", ");
+                }
+            }
+            push_ip(&mut xff, ip);
+            upstream_request.insert_wire_header(X_FORWARDED_FOR, xff)?;
         }
-        push_ip(&mut xff, ip);
-        upstream_request.insert_header(X_FORWARDED_FOR, xff)?;
     }
     let from_trusted = peer.is_some_and(|ip| trusted.iter().any(|n| n.contains(&ip)));
     // Looked up only when it would be believed (no peer is trusted by default).
@@ -207,8 +231,34 @@ pub fn set_forwarding(
         .and_then(|v| forwarded_scheme(v.as_bytes()));
     // A static value: no copy, no allocation (a `&str` value is copied into a new buffer).
     let proto = HeaderValue::from_static(proto.unwrap_or(listener_scheme));
-    upstream_request.insert_header(X_FORWARDED_PROTO, proto)?;
+    // Inserted: a client's own `X-Forwarded-Proto` is replaced.
+    upstream_request.insert_wire_header(X_FORWARDED_PROTO, proto)?;
     Ok(())
+}
+
+/// Writes `ip` as dotted-quad text into `buf`; returns its length. 15 bytes always suffice
+/// (four octets of at most three digits, three dots), so the indexing cannot go out of
+/// bounds.
+fn ipv4_text(ip: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> usize {
+    let mut len = 0;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        // At most three digits, without leading zeros.
+        if octet >= 100 {
+            buf[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            buf[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        buf[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    len
 }
 
 /// The scheme a trusted proxy forwarded: only `http` or `https` (the first of a list).
@@ -269,12 +319,8 @@ mod tests {
                 req.insert_header(X_FORWARDED_PROTO, v).unwrap();
             }
             set_forwarding(&mut req, peer.parse().ok(), &trusted, "http").unwrap();
-            let proto = req.headers.get(XFP_NAME).unwrap();
-            let xff = req.headers.get(XFF_NAME).unwrap();
-            (
-                proto.to_str().unwrap().to_string(),
-                xff.to_str().unwrap().to_string(),
-            )
+            let wire = forwarded_headers(&req);
+            (wire[&XFP_NAME].clone(), wire[&XFF_NAME].clone())
         };
         assert_eq!(forwarded("10.0.0.1", Some("https")).0, "https");
         assert_eq!(forwarded("10.0.0.1", Some("HTTPS, http")).0, "https");
@@ -283,6 +329,62 @@ mod tests {
         // A client cannot claim https on a plain connection.
         assert_eq!(forwarded("192.0.2.9", Some("https")).0, "http");
         assert_eq!(forwarded("192.0.2.9", None).1, "192.0.2.9");
+    }
+
+    /// The headers as the upstream receives them (the request serialized and its names
+    /// and values read back), one value per name.
+    fn forwarded_headers(req: &RequestHeader) -> std::collections::HashMap<HeaderName, String> {
+        let mut wire = Vec::new();
+        req.header_to_h1_wire(&mut wire);
+        let text = String::from_utf8(wire).unwrap();
+        let mut seen = std::collections::HashMap::new();
+        for line in text.split_terminator("\r\n") {
+            let (name, value) = line.split_once(": ").unwrap();
+            let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            assert!(seen.insert(name, value.to_string()).is_none(), "{text}");
+        }
+        seen
+    }
+
+    #[test]
+    fn forwarded_for_appends_to_earlier_proxies_and_replaces_their_headers() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("x-forwarded-for", "203.0.113.9").unwrap();
+        req.append_header("X-Forwarded-For", "198.51.100.1, 10.0.0.2")
+            .unwrap();
+        req.append_header("x-forwarded-proto", "https").unwrap();
+        set_forwarding(&mut req, "192.0.2.77".parse().ok(), &[], "http").unwrap();
+        let wire = forwarded_headers(&req);
+        assert_eq!(
+            wire[&XFF_NAME],
+            "203.0.113.9, 198.51.100.1, 10.0.0.2, 192.0.2.77"
+        );
+        assert_eq!(wire[&XFP_NAME], "http");
+        assert_eq!(wire.len(), 2);
+        // IPv6 peers, with and without earlier proxies.
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        set_forwarding(&mut req, "2001:db8::1".parse().ok(), &[], "https").unwrap();
+        assert_eq!(forwarded_headers(&req)[&XFF_NAME], "2001:db8::1");
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("x-forwarded-for", "192.0.2.1").unwrap();
+        set_forwarding(&mut req, "::1".parse().ok(), &[], "https").unwrap();
+        assert_eq!(forwarded_headers(&req)[&XFF_NAME], "192.0.2.1, ::1");
+    }
+
+    #[test]
+    fn ipv4_text_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "127.0.0.1",
+            "255.255.255.255",
+            "1.20.201.5",
+        ] {
+            let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+            let mut buf = [0u8; 15];
+            let len = ipv4_text(ip, &mut buf);
+            assert_eq!(std::str::from_utf8(&buf[..len]).unwrap(), ip.to_string());
+        }
     }
 
     #[test]

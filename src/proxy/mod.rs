@@ -300,17 +300,19 @@ async fn respond_text(session: &mut Session, ctx: &Ctx, code: u16, body: &str) -
         .await
 }
 
-/// Adds the version and request id headers to a response.
+/// Adds the version and request id headers to a response, replacing an upstream's. Wire
+/// headers (vendor/patches/0012): written after the response's other headers, not inserted
+/// into its maps; nothing reads them before they are sent.
 fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
     let Some(live) = &ctx.live else {
         return Ok(());
     };
     let snap = &live.snapshot;
     if let (Some(header), Some(v)) = (&snap.proxy.version_header, ctx.version) {
-        resp.insert_header(&header.prepared, HeaderValue::from_static(v.as_str()))?;
+        resp.insert_wire_header(&header.prepared, HeaderValue::from_static(v.as_str()))?;
     }
     if let Some(id) = &ctx.generated_request_id {
-        resp.insert_header(&snap.proxy.request_id_header.prepared, id.clone())?;
+        resp.insert_wire_header(&snap.proxy.request_id_header.prepared, id.clone())?;
     }
     ctx.edge.decorate(resp, ctx.route().map(|r| r.as_ref()))
 }
@@ -629,9 +631,11 @@ impl ProxyHttp for KanariaProxy {
             trusted,
             ctx.edge.scheme(),
         )?;
+        // Generated only when the client sent none, so the upstream copy has none either:
+        // appended without a lookup, as a wire header (vendor/patches/0012).
         if let (Some(id), Some(live)) = (&ctx.generated_request_id, &ctx.live) {
             upstream_request
-                .insert_header(&live.snapshot.proxy.request_id_header.prepared, id.clone())?;
+                .append_wire_header(&live.snapshot.proxy.request_id_header.prepared, id.clone())?;
         }
         let h2c = matches!((ctx.route(), ctx.version), (Some(r), Some(v)) if r.pool(v).h2c);
         h2::forward_te_trailers(&session.req_header().headers, upstream_request, h2c)

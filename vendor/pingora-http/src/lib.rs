@@ -41,7 +41,14 @@ use authority::{raw_target_authority, RawTargetAuthority};
 
 mod case_header_name;
 use case_header_name::CaseHeaderName;
+
+#[macro_use]
+mod wire_header;
 pub use case_header_name::{IntoCaseHeaderName, PreparedHeaderName};
+use wire_header::{
+    append_wire_headers_to_map, clone_wire_list, remove_wire_named, wire_slice,
+    write_wire_headers_h1, WireHeader, WireList,
+};
 
 pub mod prelude {
     pub use crate::RequestHeader;
@@ -86,6 +93,8 @@ pub struct RequestHeader {
     raw_target: RawTarget,
     // whether we send END_STREAM with HEADERS for h2 requests
     send_end_stream: bool,
+    // headers written after the maps' own, see `insert_wire_header`
+    wire_headers: WireList,
 }
 
 /// How a request-target is stored, and how [`RequestHeader::raw_path`] recovers it.
@@ -155,6 +164,7 @@ impl RequestHeader {
             header_name_map: None,
             raw_target: RawTarget::FromUri,
             send_end_stream: true,
+            wire_headers: None,
         }
     }
 
@@ -214,7 +224,7 @@ impl RequestHeader {
     /// Insert the header name and value to `self`.
     ///
     /// Different from [Self::append_header()], this method will replace all other existing headers
-    /// under the same name (case-insensitive).
+    /// under the same name (case-insensitive), wire headers of the name included.
     pub fn insert_header(
         &mut self,
         name: impl IntoCaseHeaderName,
@@ -226,12 +236,16 @@ impl RequestHeader {
         insert_header_value(
             self.header_name_map.as_mut(),
             &mut self.base.headers,
+            &mut self.wire_headers,
             name,
             header_value,
         )
     }
 
-    /// Remove all headers under the name
+    /// Remove all headers under the name from the header maps.
+    ///
+    /// Wire headers (see [Self::insert_wire_header()]) are not looked at: remove those with
+    /// [Self::remove_wire_header()].
     pub fn remove_header<'a, N: ?Sized>(&mut self, name: &'a N) -> Option<HeaderValue>
     where
         &'a N: 'a + AsHeaderName,
@@ -241,17 +255,31 @@ impl RequestHeader {
 
     /// Write the header to the `buf` in HTTP/1.1 wire format.
     ///
-    /// The header case will be preserved.
+    /// The header case will be preserved. The wire headers (see [Self::insert_wire_header()]) follow the maps' headers.
     pub fn header_to_h1_wire(&self, buf: &mut impl BufMut) {
-        header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf)
+        header_to_h1_wire(
+            self.header_name_map.as_ref(),
+            &self.base.headers,
+            wire_slice(&self.wire_headers),
+            buf,
+        )
     }
 
     /// If case sensitivity is enabled, returns an iterator to iterate over case-sensitive header names and values.
     /// Otherwise returns an empty iterator.
     ///
     /// Headers of the same name are visited in insertion order.
+    ///
+    /// The wire headers (see [Self::insert_wire_header()]) follow, in the case they were
+    /// given, when case sensitivity is enabled.
     pub fn case_header_iter(&self) -> impl Iterator<Item = (&CaseHeaderName, &HeaderValue)> + '_ {
-        case_header_iter(self.header_name_map.as_ref(), &self.base.headers)
+        case_header_iter(self.header_name_map.as_ref(), &self.base.headers).chain(
+            self.header_name_map
+                .as_ref()
+                .map_or(&[][..], |_| wire_slice(&self.wire_headers))
+                .iter()
+                .map(|h| (&h.case, &h.value)),
+        )
     }
 
     /// Returns true if the request has case-sensitive headers.
@@ -281,6 +309,9 @@ impl RequestHeader {
                     case_header_name::titled_header_name_str(header).unwrap_or(header.as_str());
                 f(HeaderNameVariant::Titled(titled_header), value)?;
             }
+        }
+        for wire in wire_slice(&self.wire_headers) {
+            f(HeaderNameVariant::Case(&wire.case), &wire.value)?;
         }
 
         Ok(())
@@ -397,18 +428,27 @@ impl RequestHeader {
     /// URI, so an absolute-form or CONNECT target does not survive the conversion:
     /// rebuilding a [RequestHeader] from the result serializes the URI's origin-form path
     /// instead of the original bytes. [Clone] keeps it; [Self::set_raw_path()] restores it.
+    ///
+    /// The wire headers (see [Self::insert_wire_header()]) are appended to the parts' header
+    /// map, after its own: this is how they reach an HTTP/2 peer.
     pub fn as_owned_parts(&self) -> ReqParts {
-        clone_req_parts(&self.base)
+        let mut parts = clone_req_parts(&self.base);
+        append_wire_headers_to_map(&mut parts.headers, wire_slice(&self.wire_headers));
+        parts
     }
+
+    wire_header_methods!();
 }
 
 impl Clone for RequestHeader {
     fn clone(&self) -> Self {
         Self {
-            base: self.as_owned_parts(),
+            // The base alone: the wire headers stay a list in the copy.
+            base: clone_req_parts(&self.base),
             header_name_map: self.header_name_map.clone(),
             raw_target: self.raw_target.clone(),
             send_end_stream: self.send_end_stream,
+            wire_headers: clone_wire_list(&self.wire_headers),
         }
     }
 }
@@ -425,13 +465,18 @@ impl From<ReqParts> for RequestHeader {
             // The Uri is the only target available here, so it is the one that serializes.
             raw_target: RawTarget::FromUri,
             send_end_stream: true,
+            wire_headers: None,
         }
     }
 }
 
+/// The wire headers (see [RequestHeader::insert_wire_header()]) are appended to the parts'
+/// header map, after its own.
 impl From<RequestHeader> for ReqParts {
-    fn from(resp: RequestHeader) -> ReqParts {
-        resp.base
+    fn from(req: RequestHeader) -> ReqParts {
+        let mut base = req.base;
+        append_wire_headers_to_map(&mut base.headers, wire_slice(&req.wire_headers));
+        base
     }
 }
 
@@ -455,6 +500,8 @@ pub struct ResponseHeader {
     header_name_map: Option<CaseMap>,
     // the reason phrase of the response, if unset, a default one will be used
     reason_phrase: Option<String>,
+    // headers written after the maps' own, see `insert_wire_header`
+    wire_headers: WireList,
 }
 
 impl AsRef<RespParts> for ResponseHeader {
@@ -474,9 +521,10 @@ impl Deref for ResponseHeader {
 impl Clone for ResponseHeader {
     fn clone(&self) -> Self {
         Self {
-            base: self.as_owned_parts(),
+            base: clone_resp_parts(&self.base),
             header_name_map: self.header_name_map.clone(),
             reason_phrase: self.reason_phrase.clone(),
+            wire_headers: clone_wire_list(&self.wire_headers),
         }
     }
 }
@@ -488,19 +536,26 @@ impl From<RespParts> for ResponseHeader {
             base: parts,
             header_name_map: None,
             reason_phrase: None,
+            wire_headers: None,
         }
     }
 }
 
+/// The wire headers (see [ResponseHeader::insert_wire_header()]) are appended to the parts'
+/// header map, after its own.
 impl From<ResponseHeader> for RespParts {
     fn from(resp: ResponseHeader) -> RespParts {
-        resp.base
+        let mut base = resp.base;
+        append_wire_headers_to_map(&mut base.headers, wire_slice(&resp.wire_headers));
+        base
     }
 }
 
+/// As `From<ResponseHeader>`: the wire headers are appended to the header map.
 impl From<Box<ResponseHeader>> for Box<RespParts> {
     fn from(resp: Box<ResponseHeader>) -> Box<RespParts> {
-        Box::new(resp.base)
+        let resp = *resp;
+        Box::new(resp.into())
     }
 }
 
@@ -521,6 +576,7 @@ impl ResponseHeader {
             base,
             header_name_map: None,
             reason_phrase: None,
+            wire_headers: None,
         }
     }
 
@@ -569,7 +625,7 @@ impl ResponseHeader {
     /// Insert the header name and value to `self`.
     ///
     /// Different from [Self::append_header()], this method will replace all other existing headers
-    /// under the same name (case insensitive).
+    /// under the same name (case insensitive), wire headers of the name included.
     pub fn insert_header(
         &mut self,
         name: impl IntoCaseHeaderName,
@@ -581,12 +637,16 @@ impl ResponseHeader {
         insert_header_value(
             self.header_name_map.as_mut(),
             &mut self.base.headers,
+            &mut self.wire_headers,
             name,
             header_value,
         )
     }
 
-    /// Remove all headers under the name
+    /// Remove all headers under the name from the header maps.
+    ///
+    /// Wire headers (see [Self::insert_wire_header()]) are not looked at: remove those with
+    /// [Self::remove_wire_header()].
     pub fn remove_header<'a, N: ?Sized>(&mut self, name: &'a N) -> Option<HeaderValue>
     where
         &'a N: 'a + AsHeaderName,
@@ -596,17 +656,31 @@ impl ResponseHeader {
 
     /// Write the header to the `buf` in HTTP/1.1 wire format.
     ///
-    /// The header case will be preserved.
+    /// The header case will be preserved. The wire headers (see [Self::insert_wire_header()]) follow the maps' headers.
     pub fn header_to_h1_wire(&self, buf: &mut impl BufMut) {
-        header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf)
+        header_to_h1_wire(
+            self.header_name_map.as_ref(),
+            &self.base.headers,
+            wire_slice(&self.wire_headers),
+            buf,
+        )
     }
 
     /// If case sensitivity is enabled, returns an iterator to iterate over case-sensitive header names and values.
     /// Otherwise returns an empty iterator.
     ///
     /// Headers of the same name are visited in insertion order.
+    ///
+    /// The wire headers (see [Self::insert_wire_header()]) follow, in the case they were
+    /// given, when case sensitivity is enabled.
     pub fn case_header_iter(&self) -> impl Iterator<Item = (&CaseHeaderName, &HeaderValue)> + '_ {
-        case_header_iter(self.header_name_map.as_ref(), &self.base.headers)
+        case_header_iter(self.header_name_map.as_ref(), &self.base.headers).chain(
+            self.header_name_map
+                .as_ref()
+                .map_or(&[][..], |_| wire_slice(&self.wire_headers))
+                .iter()
+                .map(|h| (&h.case, &h.value)),
+        )
     }
 
     /// Returns true if the response has case-sensitive headers.
@@ -636,6 +710,9 @@ impl ResponseHeader {
                     case_header_name::titled_header_name_str(header).unwrap_or(header.as_str());
                 f(HeaderNameVariant::Titled(titled_header), value)?;
             }
+        }
+        for wire in wire_slice(&self.wire_headers) {
+            f(HeaderNameVariant::Case(&wire.case), &wire.value)?;
         }
 
         Ok(())
@@ -681,9 +758,16 @@ impl ResponseHeader {
     }
 
     /// Clone `self` into [http::response::Parts].
+    ///
+    /// The wire headers (see [Self::insert_wire_header()]) are appended to the parts' header
+    /// map, after its own: this is how they reach an HTTP/2 peer.
     pub fn as_owned_parts(&self) -> RespParts {
-        clone_resp_parts(&self.base)
+        let mut parts = clone_resp_parts(&self.base);
+        append_wire_headers_to_map(&mut parts.headers, wire_slice(&self.wire_headers));
+        parts
     }
+
+    wire_header_methods!();
 
     /// Helper function to set the HTTP content length on the response header.
     pub fn set_content_length(&mut self, len: usize) -> Result<()> {
@@ -871,10 +955,15 @@ fn append_header_value<T>(
 fn insert_header_value<T>(
     name_map: Option<&mut CaseMap>,
     value_map: &mut HMap<T>,
+    wire: &mut WireList,
     name: impl IntoCaseHeaderName,
     value: T,
 ) -> Result<()> {
     let (header_name, case_header_name) = name.into_header_names()?;
+    // `None` unless the caller wrote wire headers: one branch for everyone else.
+    if let Some(wire) = wire {
+        remove_wire_named(wire, &header_name);
+    }
     if let Some(name_map) = name_map {
         // store the original case in the map
         name_map.insert(header_name.clone(), case_header_name);
@@ -1000,7 +1089,12 @@ fn normalize_field_value(raw: bytes::Bytes) -> bytes::Bytes {
 }
 
 #[inline]
-fn header_to_h1_wire(key_map: Option<&CaseMap>, value_map: &HMap, buf: &mut impl BufMut) {
+fn header_to_h1_wire(
+    key_map: Option<&CaseMap>,
+    value_map: &HMap,
+    wire: &[WireHeader],
+    buf: &mut impl BufMut,
+) {
     const CRLF: &[u8; 2] = b"\r\n";
     const HEADER_KV_DELIMITER: &[u8; 2] = b": ";
 
@@ -1020,6 +1114,9 @@ fn header_to_h1_wire(key_map: Option<&CaseMap>, value_map: &HMap, buf: &mut impl
             buf.put_slice(value.as_ref());
             buf.put_slice(CRLF);
         }
+    }
+    if !wire.is_empty() {
+        write_wire_headers_h1(wire, buf);
     }
 }
 
@@ -1088,6 +1185,139 @@ mod tests {
                 _ => panic!("too many headers"),
             }
         });
+    }
+
+    #[test]
+    fn wire_headers_follow_the_maps_and_replace_by_name() {
+        const XFF: PreparedHeaderName = PreparedHeaderName::from_static("x-forwarded-for");
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("Host", "a").unwrap();
+        req.insert_header("X-Forwarded-For", "1.1.1.1").unwrap();
+        req.insert_header("x-request-id", "client").unwrap();
+        // Replaces the map's header (both maps) and writes after the maps' headers.
+        req.insert_wire_header(&XFF, "1.1.1.1, 2.2.2.2").unwrap();
+        assert!(req.headers.get("x-forwarded-for").is_none());
+        // Appended: the map's header of the name stays and is written first.
+        req.append_wire_header("X-Request-Id", "proxy").unwrap();
+        let mut buf = vec![];
+        req.header_to_h1_wire(&mut buf);
+        assert_eq!(
+            std::str::from_utf8(&buf).unwrap(),
+            "Host: a\r\nx-request-id: client\r\nx-forwarded-for: 1.1.1.1, 2.2.2.2\r\nX-Request-Id: proxy\r\n"
+        );
+        // A second insert of the name replaces the wire header too.
+        req.insert_wire_header(&XFF, "3.3.3.3").unwrap();
+        let wire: Vec<_> = req
+            .wire_headers()
+            .map(|(n, v)| (n.as_str(), v.clone()))
+            .collect();
+        assert_eq!(
+            wire,
+            [
+                ("x-request-id", "proxy".parse::<HeaderValue>().unwrap()),
+                ("x-forwarded-for", "3.3.3.3".parse().unwrap())
+            ]
+        );
+        // A map insert of the name replaces the wire header; remove_wire_header removes.
+        req.insert_header("x-forwarded-for", "4.4.4.4").unwrap();
+        assert_eq!(req.wire_headers().count(), 1);
+        assert!(req.remove_wire_header(&HeaderName::from_static("x-request-id")));
+        assert!(!req.remove_wire_header(&HeaderName::from_static("x-request-id")));
+        assert_eq!(req.wire_headers().count(), 0);
+    }
+
+    #[test]
+    fn wire_headers_reach_every_conversion() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("Server", "s").unwrap();
+        resp.insert_header("x-version", "upstream").unwrap();
+        resp.insert_wire_header("X-Version", "stable").unwrap();
+        resp.append_wire_header("set-cookie", "a=1").unwrap();
+        resp.append_wire_header("set-cookie", "b=2").unwrap();
+
+        // HTTP/1.
+        let mut buf = vec![];
+        resp.header_to_h1_wire(&mut buf);
+        assert_eq!(
+            std::str::from_utf8(&buf).unwrap(),
+            "Server: s\r\nX-Version: stable\r\nset-cookie: a=1\r\nset-cookie: b=2\r\n"
+        );
+        // A copy keeps them as wire headers.
+        let copy = resp.clone();
+        assert!(copy.headers.get("x-version").is_none());
+        let mut copied = vec![];
+        copy.header_to_h1_wire(&mut copied);
+        assert_eq!(buf, copied);
+        // The http conversions (HTTP/2) see them in the map.
+        let check = |h: &http::HeaderMap| {
+            assert_eq!(h["x-version"], "stable");
+            let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+            assert_eq!(cookies, ["a=1", "b=2"]);
+            assert_eq!(h.len(), 4);
+        };
+        check(&resp.as_owned_parts().headers);
+        check(&RespParts::from(resp.clone()).headers);
+        let boxed: Box<RespParts> = Box::new(resp.clone()).into();
+        check(&boxed.headers);
+        // The iterators over names and values.
+        let mut seen = vec![];
+        resp.map(|name, v| {
+            let name = match name {
+                HeaderNameVariant::Case(c) => String::from_utf8_lossy(c.as_slice()).into_owned(),
+                HeaderNameVariant::Titled(t) => t.to_string(),
+            };
+            seen.push(format!("{name}: {}", v.to_str().unwrap()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [
+                "Server: s",
+                "X-Version: stable",
+                "set-cookie: a=1",
+                "set-cookie: b=2"
+            ]
+        );
+        assert_eq!(resp.case_header_iter().count(), 4);
+
+        let mut req = RequestHeader::build_no_case("GET", b"/", None).unwrap();
+        req.append_wire_header("x-forwarded-proto", "https")
+            .unwrap();
+        let mut buf = vec![];
+        req.header_to_h1_wire(&mut buf);
+        assert_eq!(buf, b"x-forwarded-proto: https\r\n");
+        assert_eq!(req.as_owned_parts().headers["x-forwarded-proto"], "https");
+        assert_eq!(
+            ReqParts::from(req.clone()).headers["x-forwarded-proto"],
+            "https"
+        );
+        assert_eq!(req.clone().wire_headers().count(), 1);
+    }
+
+    #[test]
+    fn wire_headers_refuse_names_pingora_reads() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for name in [
+            "content-length",
+            "Transfer-Encoding",
+            "connection",
+            "upgrade",
+            "te",
+            "host",
+            "keep-alive",
+            "proxy-connection",
+            "content-type",
+            "content-encoding",
+        ] {
+            assert!(req.insert_wire_header(name, "1").is_err(), "{name}");
+            assert!(req.append_wire_header(name, "1").is_err(), "{name}");
+        }
+        assert_eq!(req.wire_headers().count(), 0);
+        // An invalid value is refused before anything changes.
+        req.insert_header("x-a", "1").unwrap();
+        assert!(req.insert_wire_header("x-a", "a\nb").is_err());
+        assert_eq!(req.headers["x-a"], "1");
     }
 
     #[test]
