@@ -54,16 +54,18 @@ pub fn clean_upstream_request(req: &mut RequestHeader) {
     crate::proxy::headers::clean_upstream_request(req, false, None);
 }
 
-/// `X-Forwarded-For` and `X-Forwarded-Proto` on a request about to be forwarded.
+/// `X-Forwarded-For` and `X-Forwarded-Proto` on a request about to be forwarded, after
+/// its cleanup (which finds the forwarding headers it carries), as the proxy does.
 pub fn set_forwarding(
     req: &mut RequestHeader,
     peer: Option<IpAddr>,
     trusted: &[IpNet],
 ) -> pingora::Result<()> {
-    crate::proxy::headers::set_forwarding(req, peer, trusted, "http")
+    let carried = crate::proxy::headers::clean_upstream_request(req, false, None);
+    crate::proxy::headers::set_forwarding(req, peer, trusted, "http", carried)
 }
 
 /// Framing check and hop-by-hop cleanup of an upstream response.
 pub fn clean_upstream_response(resp: &mut ResponseHeader) -> bool {
-    crate::proxy::headers::clean_upstream_response(resp).is_ok()
+    crate::proxy::headers::clean_upstream_response(resp, &[]).is_ok()
 }

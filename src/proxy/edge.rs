@@ -320,7 +320,7 @@ pub fn check_request_head_in_full(raw: &[u8], limits: &HeaderLimits) -> Result<(
 /// of [`scan`]; on its own for the tests.
 #[cfg(test)]
 pub fn check_response_framing(headers: &HeaderMap) -> Result<(), &'static str> {
-    scan::<true>(headers, false, true).framing
+    scan::<true>(headers, false, true, &[]).framing
 }
 
 /// The hop-by-hop header names present in a message: `Connection` and every header it
@@ -330,29 +330,46 @@ pub fn check_response_framing(headers: &HeaderMap) -> Result<(), &'static str> {
 /// Only names the message carries are returned, each once, so a message with none costs one
 /// pass over its names and no allocation (this runs on every request and response).
 /// `keep_connection` leaves `Connection` itself out (its tokens still count): for a response,
-/// where Pingora writes its own.
+/// where Pingora writes its own. The proxy runs it as part of [`scan`]; on its own for the
+/// tests.
+#[cfg(test)]
 pub fn hop_by_hop_names(
     headers: &HeaderMap,
     upgrading: bool,
     keep_connection: bool,
 ) -> Vec<HeaderName> {
-    scan::<false>(headers, upgrading, keep_connection).hop_by_hop
+    scan::<false>(headers, upgrading, keep_connection, &[]).hop_by_hop
 }
 
 /// [`check_response_framing`] and [`hop_by_hop_names`] of one message.
 pub struct Scan {
     pub framing: Result<(), &'static str>,
     pub hop_by_hop: Vec<HeaderName>,
+    /// Bit `i` set: the message carries `watch[i]` (see [`scan`]).
+    pub present: u32,
 }
 
 /// Both checks in one pass over the headers (an upstream response needs both, on every
 /// request): the framing headers are looked at as they come instead of looked up. Without
 /// `FRAMING` (a request, whose framing [`check_request_head`] checked) `framing` is `Ok`.
+///
+/// The same pass says which of the (at most 32) `watch` names the message carries
+/// ([`Scan::present`]): the headers Kanaria adds, so that it replaces one the message has
+/// and appends one it has not, without a lookup of its own for each.
 pub fn scan<const FRAMING: bool>(
     headers: &HeaderMap,
     upgrading: bool,
     keep_connection: bool,
+    watch: &[&HeaderName],
 ) -> Scan {
+    let mut present = 0u32;
+    let mut watched = |name: &HeaderName| {
+        for (i, w) in watch.iter().take(32).enumerate() {
+            if *w == name {
+                present |= 1 << i;
+            }
+        }
+    };
     let mut names: Vec<HeaderName> = Vec::new();
     // Content-Length: how many, and whether the first is valid; Transfer-Encoding: how
     // many, and whether the first is `chunked`. Judged after the pass, in the order the
@@ -365,6 +382,7 @@ pub fn scan<const FRAMING: bool>(
     if !FRAMING {
         // A request: its names once each, `Connection`'s values looked up if present.
         for name in headers.keys() {
+            watched(name);
             let hop = if name == CONNECTION {
                 connections += 1;
                 !keep_connection
@@ -381,6 +399,9 @@ pub fn scan<const FRAMING: bool>(
     for (name, value) in headers.iter().filter(|_| FRAMING) {
         let repeat = last == Some(name);
         last = Some(name);
+        if !repeat {
+            watched(name);
+        }
         let hop = if FRAMING && name == CONTENT_LENGTH {
             lengths += 1;
             if lengths == 1 {
@@ -428,6 +449,7 @@ pub fn scan<const FRAMING: bool>(
     Scan {
         framing,
         hop_by_hop: names,
+        present,
     }
 }
 
@@ -669,6 +691,29 @@ mod tests {
     }
 
     #[test]
+    fn scan_finds_the_watched_names() {
+        let (a, b) = (
+            HeaderName::from_static("x-kanaria-version"),
+            HeaderName::from_static("x-request-id"),
+        );
+        let mut h = HeaderMap::new();
+        h.append(CONTENT_LENGTH, "1".parse().unwrap());
+        h.append("x-request-id", "1".parse().unwrap());
+        h.append("x-request-id", "2".parse().unwrap());
+        for framing in [true, false] {
+            let present = if framing {
+                scan::<true>(&h, false, true, &[&a, &b]).present
+            } else {
+                scan::<false>(&h, false, true, &[&a, &b]).present
+            };
+            assert_eq!(present, 0b10);
+        }
+        h.append("X-Kanaria-Version", "v1".parse().unwrap());
+        assert_eq!(scan::<true>(&h, false, true, &[&a, &b]).present, 0b11);
+        assert_eq!(scan::<true>(&h, false, true, &[]).present, 0);
+    }
+
+    #[test]
     fn response_framing() {
         let mut h = HeaderMap::new();
         h.append(CONTENT_LENGTH, "3".parse().unwrap());
@@ -693,7 +738,7 @@ mod tests {
         h.append("x-b", "1".parse().unwrap());
         h.append(CONNECTION, "x-a".parse().unwrap());
         h.append(CONNECTION, "keep-alive, x-b".parse().unwrap());
-        let scan = scan::<true>(&h, false, true);
+        let scan = scan::<true>(&h, false, true, &[]);
         assert_eq!(scan.framing, Ok(()));
         assert_eq!(scan.hop_by_hop, ["proxy-x", "x-a", "x-b"]);
         assert_eq!(

@@ -15,7 +15,7 @@ use pingora::http::{PreparedHeaderName, RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 
 use crate::config::{EdgeSettings, Route};
-use crate::proxy::edge::{check_request_head, hop_by_hop_names, Reject};
+use crate::proxy::edge::{check_request_head, Reject};
 
 /// Checks a request head just read and applies the per-connection settings. `Some` means
 /// refuse: the caller answers `reject.status()` and closes the connection.
@@ -90,14 +90,36 @@ pub fn forwarded_client<'a>(
     client
 }
 
+/// Which forwarding headers a request about to go upstream carried from the client (or an
+/// earlier proxy): [`set_forwarding`] replaces those and appends the others, without a
+/// lookup of its own. `true` may also mean "carried, and removed since" (a hop-by-hop
+/// name): then the header is replaced where it could have been appended, which is right
+/// too. It is never `false` for a header the request has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub x_forwarded_for: bool,
+    pub x_forwarded_proto: bool,
+}
+
 /// Removes hop-by-hop headers and the route's override header and cookie from a request
 /// about to be forwarded. The override is Kanaria's business: the app never sees a token.
+/// The same pass over the names finds the forwarding headers the request carries.
 pub fn clean_upstream_request(
     upstream_request: &mut RequestHeader,
     upgrading: bool,
     route: Option<&Route>,
-) {
-    for name in hop_by_hop_names(&upstream_request.headers, upgrading, false) {
+) -> Carried {
+    let scan = crate::proxy::edge::scan::<false>(
+        &upstream_request.headers,
+        upgrading,
+        false,
+        &[&XFF_NAME, &XFP_NAME],
+    );
+    let carried = Carried {
+        x_forwarded_for: scan.present & 1 != 0,
+        x_forwarded_proto: scan.present & 2 != 0,
+    };
+    for name in scan.hop_by_hop {
         upstream_request.remove_header(&name);
     }
     if upgrading {
@@ -105,7 +127,7 @@ pub fn clean_upstream_request(
         let _ = upstream_request.insert_header(http::header::CONNECTION, "upgrade");
     }
     let Some(rule) = route.map(|r| &r.split.overrides) else {
-        return;
+        return carried;
     };
     if let Some(h) = &rule.header {
         upstream_request.remove_header(h);
@@ -118,6 +140,7 @@ pub fn clean_upstream_request(
             }
         }
     }
+    carried
 }
 
 /// The `Cookie` header without cookie `name`, or `None` when it is not there.
@@ -178,7 +201,8 @@ pub(crate) fn push_ip(out: &mut String, ip: IpAddr) {
 /// the socket peer appended to what earlier proxies wrote. `X-Forwarded-Proto` keeps what a
 /// trusted proxy sent (it terminated the client's connection and knows its scheme) and is
 /// otherwise the scheme of the listener the request came in on: a client cannot claim
-/// `https` on a plain connection.
+/// `https` on a plain connection. `carried` (from [`clean_upstream_request`]) says which of
+/// the two the request already has: those are replaced, the others appended.
 ///
 /// Both are wire headers (the vendored Pingora's `insert_wire_header`, vendor/patches/0012):
 /// written after the request's other headers when it is sent, not inserted into its header
@@ -188,29 +212,17 @@ pub fn set_forwarding(
     peer: Option<IpAddr>,
     trusted: &[IpNet],
     listener_scheme: &'static str,
+    carried: Carried,
 ) -> pingora::Result<()> {
     if let Some(ip) = peer {
-        let earlier = upstream_request.headers.get_all(&XFF_NAME);
-        if earlier.iter().next().is_none() {
-            // The common case: no earlier proxy. The lookup just made shows the name is
-            // absent, so the header is appended without a second one, and an IPv4 address
-            // is written on the stack and copied once into the value (a `String` turned
-            // into a value is two allocations: the text and the shared buffer's header).
-            match ip {
-                IpAddr::V4(v4) => {
-                    let mut buf = [0u8; 15];
-                    let len = ipv4_text(v4, &mut buf);
-                    upstream_request.append_wire_header(X_FORWARDED_FOR, &buf[..len])?;
-                }
-                IpAddr::V6(_) => {
-                    let mut xff = String::with_capacity(39);
-                    push_ip(&mut xff, ip);
-                    upstream_request.append_wire_header(X_FORWARDED_FOR, xff)?;
-                }
-            }
+        if !carried.x_forwarded_for {
+            // The common case: no earlier proxy, so the value is the peer's address alone,
+            // appended without a lookup.
+            upstream_request.append_wire_header(X_FORWARDED_FOR, peer_value(ip))?;
         } else {
             // Several XFF headers fold into one list, built in one buffer sized up front,
             // which replaces them.
+            let earlier = upstream_request.headers.get_all(&XFF_NAME);
             let mut xff =
                 String::with_capacity(earlier.iter().map(|v| v.len() + 2).sum::<usize>() + 39);
             for v in earlier {
@@ -225,15 +237,77 @@ pub fn set_forwarding(
     }
     let from_trusted = peer.is_some_and(|ip| trusted.iter().any(|n| n.contains(&ip)));
     // Looked up only when it would be believed (no peer is trusted by default).
-    let proto = from_trusted
+    let proto = (from_trusted && carried.x_forwarded_proto)
         .then(|| upstream_request.headers.get(&XFP_NAME))
         .flatten()
         .and_then(|v| forwarded_scheme(v.as_bytes()));
     // A static value: no copy, no allocation (a `&str` value is copied into a new buffer).
     let proto = HeaderValue::from_static(proto.unwrap_or(listener_scheme));
-    // Inserted: a client's own `X-Forwarded-Proto` is replaced.
-    upstream_request.insert_wire_header(X_FORWARDED_PROTO, proto)?;
+    if carried.x_forwarded_proto {
+        // A client's own `X-Forwarded-Proto` is replaced.
+        upstream_request.insert_wire_header(X_FORWARDED_PROTO, proto)?;
+    } else {
+        upstream_request.append_wire_header(X_FORWARDED_PROTO, proto)?;
+    }
     Ok(())
+}
+
+/// The peer's address as text in a shared buffer: a clone counts a reference.
+struct IpText {
+    buf: [u8; 39],
+    len: usize,
+}
+
+impl AsRef<[u8]> for IpText {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or_default()
+    }
+}
+
+thread_local! {
+    /// The last peer address a worker thread wrote an `X-Forwarded-For` for, and the value:
+    /// the requests of a kept-alive connection (and, behind a load balancer, of its few
+    /// addresses) repeat it, and the text is then neither written nor allocated again.
+    static PEER_VALUE: std::cell::Cell<Option<(IpAddr, HeaderValue)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// The `X-Forwarded-For` value of a request without an earlier proxy: `ip` as text.
+fn peer_value(ip: IpAddr) -> HeaderValue {
+    PEER_VALUE.with(|last| {
+        let value = match last.take() {
+            Some((seen, value)) if seen == ip => value,
+            _ => {
+                let mut text = IpText {
+                    buf: [0; 39],
+                    len: 0,
+                };
+                match ip {
+                    IpAddr::V4(v4) => {
+                        let mut buf = [0u8; 15];
+                        let len = ipv4_text(v4, &mut buf);
+                        text.buf[..15].copy_from_slice(&buf);
+                        text.len = len;
+                    }
+                    IpAddr::V6(_) => {
+                        let mut s = String::with_capacity(39);
+                        push_ip(&mut s, ip);
+                        // An IPv6 address is at most 39 characters (eight groups of four
+                        // and seven colons); `get_mut` keeps a longer one from panicking.
+                        if let Some(dst) = text.buf.get_mut(..s.len()) {
+                            dst.copy_from_slice(s.as_bytes());
+                            text.len = s.len();
+                        }
+                    }
+                }
+                // An address's text is always a valid header value.
+                HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text))
+                    .unwrap_or(HeaderValue::from_static("unknown"))
+            }
+        };
+        last.set(Some((ip, value.clone())));
+        value
+    })
 }
 
 /// Writes `ip` as dotted-quad text into `buf`; returns its length. 15 bytes always suffice
@@ -274,16 +348,20 @@ fn forwarded_scheme(value: &[u8]) -> Option<&'static str> {
 }
 
 /// Checks and cleans an upstream response head. `Err` means the framing is ambiguous:
-/// the caller turns it into a 502.
-pub fn clean_upstream_response(resp: &mut ResponseHeader) -> Result<(), &'static str> {
+/// the caller turns it into a 502. `Ok` has bit `i` set when the response carries
+/// `watch[i]` (the headers Kanaria adds to it: replaced when there, appended otherwise).
+pub fn clean_upstream_response(
+    resp: &mut ResponseHeader,
+    watch: &[&HeaderName],
+) -> Result<u32, &'static str> {
     let upgrading = resp.status.as_u16() == 101;
     // Pingora writes its own `Connection` for the client connection.
-    let scan = crate::proxy::edge::scan::<true>(&resp.headers, upgrading, true);
+    let scan = crate::proxy::edge::scan::<true>(&resp.headers, upgrading, true, watch);
     scan.framing?;
     for name in scan.hop_by_hop {
         resp.remove_header(&name);
     }
-    Ok(())
+    Ok(scan.present)
 }
 
 #[cfg(test)]
@@ -318,7 +396,7 @@ mod tests {
             if let Some(v) = sent {
                 req.insert_header(X_FORWARDED_PROTO, v).unwrap();
             }
-            set_forwarding(&mut req, peer.parse().ok(), &trusted, "http").unwrap();
+            forward(&mut req, peer.parse().ok(), &trusted, "http").unwrap();
             let wire = forwarded_headers(&req);
             (wire[&XFP_NAME].clone(), wire[&XFF_NAME].clone())
         };
@@ -329,6 +407,57 @@ mod tests {
         // A client cannot claim https on a plain connection.
         assert_eq!(forwarded("192.0.2.9", Some("https")).0, "http");
         assert_eq!(forwarded("192.0.2.9", None).1, "192.0.2.9");
+    }
+
+    /// As the proxy does: the request cleaned, then its forwarding headers set.
+    fn forward(
+        req: &mut RequestHeader,
+        peer: Option<IpAddr>,
+        trusted: &[IpNet],
+        scheme: &'static str,
+    ) -> pingora::Result<()> {
+        let carried = clean_upstream_request(req, false, None);
+        set_forwarding(req, peer, trusted, scheme, carried)
+    }
+
+    #[test]
+    fn forwarded_for_of_each_peer_on_one_thread() {
+        // The per-thread value of the last peer: reused for the same peer, rebuilt for
+        // another, and never the wrong one.
+        for peer in [
+            "192.0.2.1",
+            "192.0.2.1",
+            "198.51.100.20",
+            "2001:db8::7",
+            "192.0.2.1",
+        ] {
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            forward(&mut req, peer.parse().ok(), &[], "http").unwrap();
+            assert_eq!(forwarded_headers(&req)[&XFF_NAME], peer);
+        }
+    }
+
+    #[test]
+    fn carried_headers_are_found_and_replaced_once() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("X-Forwarded-Proto", "https").unwrap();
+        let carried = clean_upstream_request(&mut req, false, None);
+        assert_eq!(
+            carried,
+            Carried {
+                x_forwarded_for: false,
+                x_forwarded_proto: true
+            }
+        );
+        // A client's `Connection` naming its `X-Forwarded-For` removes it: "carried" then
+        // means replaced by the peer alone, sent once.
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("x-forwarded-for", "203.0.113.9").unwrap();
+        req.append_header("connection", "x-forwarded-for").unwrap();
+        forward(&mut req, "192.0.2.5".parse().ok(), &[], "http").unwrap();
+        let wire = forwarded_headers(&req);
+        assert_eq!(wire[&XFF_NAME], "192.0.2.5");
+        assert_eq!(wire[&XFP_NAME], "http");
     }
 
     /// The headers as the upstream receives them (the request serialized and its names
@@ -353,7 +482,7 @@ mod tests {
         req.append_header("X-Forwarded-For", "198.51.100.1, 10.0.0.2")
             .unwrap();
         req.append_header("x-forwarded-proto", "https").unwrap();
-        set_forwarding(&mut req, "192.0.2.77".parse().ok(), &[], "http").unwrap();
+        forward(&mut req, "192.0.2.77".parse().ok(), &[], "http").unwrap();
         let wire = forwarded_headers(&req);
         assert_eq!(
             wire[&XFF_NAME],
@@ -363,11 +492,11 @@ mod tests {
         assert_eq!(wire.len(), 2);
         // IPv6 peers, with and without earlier proxies.
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        set_forwarding(&mut req, "2001:db8::1".parse().ok(), &[], "https").unwrap();
+        forward(&mut req, "2001:db8::1".parse().ok(), &[], "https").unwrap();
         assert_eq!(forwarded_headers(&req)[&XFF_NAME], "2001:db8::1");
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         req.append_header("x-forwarded-for", "192.0.2.1").unwrap();
-        set_forwarding(&mut req, "::1".parse().ok(), &[], "https").unwrap();
+        forward(&mut req, "::1".parse().ok(), &[], "https").unwrap();
         assert_eq!(forwarded_headers(&req)[&XFF_NAME], "192.0.2.1, ::1");
     }
 

@@ -81,6 +81,9 @@ pub struct Ctx {
     rollback_generation: u64,
     /// TLS, the issued key, the upstream's address (see [`edge_ctx`]).
     edge: edge_ctx::EdgeCtx,
+    /// Which of the headers [`decorate_response`] adds the upstream's answer carries, from
+    /// the scan in `upstream_response_filter` (`None`: not scanned).
+    response_carries: Option<u32>,
 }
 
 impl Drop for Ctx {
@@ -293,7 +296,8 @@ async fn respond_text(session: &mut Session, ctx: &Ctx, code: u16, body: &str) -
     let mut resp = ResponseHeader::build(code, Some(4))?;
     resp.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;
     resp.insert_header(CONTENT_LENGTH, body.len())?;
-    decorate_response(&mut resp, ctx)?;
+    // Built here: neither header is in it yet.
+    decorate_response(&mut resp, ctx, Some(0))?;
     session.write_response_header(Box::new(resp), false).await?;
     session
         .write_response_body(Some(Bytes::copy_from_slice(body.as_bytes())), true)
@@ -302,19 +306,39 @@ async fn respond_text(session: &mut Session, ctx: &Ctx, code: u16, body: &str) -
 
 /// Adds the version and request id headers to a response, replacing an upstream's. Wire
 /// headers (vendor/patches/0012): written after the response's other headers, not inserted
-/// into its maps; nothing reads them before they are sent.
-fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
+/// into its maps. `carried` says which of the two the response has (bit 0 the version
+/// header, bit 1 the request id, from [`response_watch`]'s scan); `None`, not known: each
+/// replaces (a lookup) rather than appends.
+fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx, carried: Option<u32>) -> Result<()> {
     let Some(live) = &ctx.live else {
         return Ok(());
     };
     let snap = &live.snapshot;
+    let carried = carried.unwrap_or(u32::MAX);
     if let (Some(header), Some(v)) = (&snap.proxy.version_header, ctx.version) {
-        resp.insert_wire_header(&header.prepared, HeaderValue::from_static(v.as_str()))?;
+        let value = HeaderValue::from_static(v.as_str());
+        if carried & 1 != 0 {
+            resp.insert_wire_header(&header.prepared, value)?;
+        } else {
+            resp.append_wire_header(&header.prepared, value)?;
+        }
     }
     if let Some(id) = &ctx.generated_request_id {
-        resp.insert_wire_header(&snap.proxy.request_id_header.prepared, id.clone())?;
+        let name = &snap.proxy.request_id_header.prepared;
+        if carried & 2 != 0 {
+            resp.insert_wire_header(name, id.clone())?;
+        } else {
+            resp.append_wire_header(name, id.clone())?;
+        }
     }
     ctx.edge.decorate(resp, ctx.route().map(|r| r.as_ref()))
+}
+
+/// The names [`decorate_response`] adds, for the upstream response's scan to look for: the
+/// version header (the request id's name again when there is none) and the request id.
+fn response_watch(proxy: &crate::config::ProxySettings) -> [&http::HeaderName; 2] {
+    let id = &proxy.request_id_header.name;
+    [proxy.version_header.as_ref().map_or(id, |h| &h.name), id]
 }
 
 #[async_trait]
@@ -342,6 +366,7 @@ impl ProxyHttp for KanariaProxy {
             watcher: None,
             rollback_generation: 0,
             edge: edge_ctx::EdgeCtx::default(),
+            response_carries: None,
         })
     }
 
@@ -476,6 +501,8 @@ impl ProxyHttp for KanariaProxy {
         ctx.attempt_start = Instant::now();
         ctx.awaiting_head = true;
         ctx.attempt_latency = None;
+        // Scanned again with this attempt's answer.
+        ctx.response_carries = None;
         Ok(Box::new(peer))
     }
 
@@ -615,7 +642,7 @@ impl ProxyHttp for KanariaProxy {
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         let upgrading = session.is_upgrade_req();
-        crate::proxy::headers::clean_upstream_request(
+        let carried = crate::proxy::headers::clean_upstream_request(
             upstream_request,
             upgrading,
             ctx.route().map(|r| r.as_ref()),
@@ -630,6 +657,7 @@ impl ProxyHttp for KanariaProxy {
             headers::peer_ip(session),
             trusted,
             ctx.edge.scheme(),
+            carried,
         )?;
         // Generated only when the client sent none, so the upstream copy has none either:
         // appended without a lookup, as a wire header (vendor/patches/0012).
@@ -647,7 +675,13 @@ impl ProxyHttp for KanariaProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
-        if let Err(why) = crate::proxy::headers::clean_upstream_response(upstream_response) {
+        let watch = ctx.live.as_ref().map(|l| response_watch(&l.snapshot.proxy));
+        let cleaned = crate::proxy::headers::clean_upstream_response(
+            upstream_response,
+            watch.as_ref().map_or(&[][..], |w| &w[..]),
+        );
+        ctx.response_carries = cleaned.ok().filter(|_| watch.is_some());
+        if let Err(why) = cleaned {
             self.shared
                 .metrics
                 .edge
@@ -695,7 +729,7 @@ impl ProxyHttp for KanariaProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
-        decorate_response(upstream_response, ctx)
+        decorate_response(upstream_response, ctx, ctx.response_carries)
     }
 
     async fn fail_to_proxy(
