@@ -67,5 +67,5 @@ pub fn set_forwarding(
 
 /// Framing check and hop-by-hop cleanup of an upstream response.
 pub fn clean_upstream_response(resp: &mut ResponseHeader) -> bool {
-    crate::proxy::headers::clean_upstream_response(resp, &[]).is_ok()
+    crate::proxy::headers::clean_upstream_response(resp, []).is_ok()
 }

@@ -320,7 +320,7 @@ pub fn check_request_head_in_full(raw: &[u8], limits: &HeaderLimits) -> Result<(
 /// of [`scan`]; on its own for the tests.
 #[cfg(test)]
 pub fn check_response_framing(headers: &HeaderMap) -> Result<(), &'static str> {
-    scan::<true>(headers, false, true, &[]).framing
+    scan::<true, 0>(headers, false, true, []).framing
 }
 
 /// The hop-by-hop header names present in a message: `Connection` and every header it
@@ -338,7 +338,7 @@ pub fn hop_by_hop_names(
     upgrading: bool,
     keep_connection: bool,
 ) -> Vec<HeaderName> {
-    scan::<false>(headers, upgrading, keep_connection, &[]).hop_by_hop
+    scan::<false, 0>(headers, upgrading, keep_connection, []).hop_by_hop
 }
 
 /// [`check_response_framing`] and [`hop_by_hop_names`] of one message.
@@ -353,19 +353,21 @@ pub struct Scan {
 /// request): the framing headers are looked at as they come instead of looked up. Without
 /// `FRAMING` (a request, whose framing [`check_request_head`] checked) `framing` is `Ok`.
 ///
-/// The same pass says which of the (at most 32) `watch` names the message carries
+/// The same pass says which of the `watch` names (at most 32) the message carries
 /// ([`Scan::present`]): the headers Kanaria adds, so that it replaces one the message has
-/// and appends one it has not, without a lookup of its own for each.
-pub fn scan<const FRAMING: bool>(
+/// and appends one it has not, without a lookup of its own for each. An array, so the
+/// comparisons are unrolled: a loop over a slice cost more per header than the lookups
+/// it saves.
+pub fn scan<const FRAMING: bool, const W: usize>(
     headers: &HeaderMap,
     upgrading: bool,
     keep_connection: bool,
-    watch: &[&HeaderName],
+    watch: [&HeaderName; W],
 ) -> Scan {
     let mut present = 0u32;
     let mut watched = |name: &HeaderName| {
-        for (i, w) in watch.iter().take(32).enumerate() {
-            if *w == name {
+        for (i, w) in watch.iter().enumerate() {
+            if *w == name && i < 32 {
                 present |= 1 << i;
             }
         }
@@ -702,15 +704,15 @@ mod tests {
         h.append("x-request-id", "2".parse().unwrap());
         for framing in [true, false] {
             let present = if framing {
-                scan::<true>(&h, false, true, &[&a, &b]).present
+                scan::<true, 2>(&h, false, true, [&a, &b]).present
             } else {
-                scan::<false>(&h, false, true, &[&a, &b]).present
+                scan::<false, 2>(&h, false, true, [&a, &b]).present
             };
             assert_eq!(present, 0b10);
         }
         h.append("X-Kanaria-Version", "v1".parse().unwrap());
-        assert_eq!(scan::<true>(&h, false, true, &[&a, &b]).present, 0b11);
-        assert_eq!(scan::<true>(&h, false, true, &[]).present, 0);
+        assert_eq!(scan::<true, 2>(&h, false, true, [&a, &b]).present, 0b11);
+        assert_eq!(scan::<true, 0>(&h, false, true, []).present, 0);
     }
 
     #[test]
@@ -738,7 +740,7 @@ mod tests {
         h.append("x-b", "1".parse().unwrap());
         h.append(CONNECTION, "x-a".parse().unwrap());
         h.append(CONNECTION, "keep-alive, x-b".parse().unwrap());
-        let scan = scan::<true>(&h, false, true, &[]);
+        let scan = scan::<true, 0>(&h, false, true, []);
         assert_eq!(scan.framing, Ok(()));
         assert_eq!(scan.hop_by_hop, ["proxy-x", "x-a", "x-b"]);
         assert_eq!(

@@ -109,11 +109,11 @@ pub fn clean_upstream_request(
     upgrading: bool,
     route: Option<&Route>,
 ) -> Carried {
-    let scan = crate::proxy::edge::scan::<false>(
+    let scan = crate::proxy::edge::scan::<false, 2>(
         &upstream_request.headers,
         upgrading,
         false,
-        &[&XFF_NAME, &XFP_NAME],
+        [&XFF_NAME, &XFP_NAME],
     );
     let carried = Carried {
         x_forwarded_for: scan.present & 1 != 0,
@@ -350,13 +350,13 @@ fn forwarded_scheme(value: &[u8]) -> Option<&'static str> {
 /// Checks and cleans an upstream response head. `Err` means the framing is ambiguous:
 /// the caller turns it into a 502. `Ok` has bit `i` set when the response carries
 /// `watch[i]` (the headers Kanaria adds to it: replaced when there, appended otherwise).
-pub fn clean_upstream_response(
+pub fn clean_upstream_response<const W: usize>(
     resp: &mut ResponseHeader,
-    watch: &[&HeaderName],
+    watch: [&HeaderName; W],
 ) -> Result<u32, &'static str> {
     let upgrading = resp.status.as_u16() == 101;
     // Pingora writes its own `Connection` for the client connection.
-    let scan = crate::proxy::edge::scan::<true>(&resp.headers, upgrading, true, watch);
+    let scan = crate::proxy::edge::scan::<true, W>(&resp.headers, upgrading, true, watch);
     scan.framing?;
     for name in scan.hop_by_hop {
         resp.remove_header(&name);

@@ -675,12 +675,17 @@ impl ProxyHttp for KanariaProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
-        let watch = ctx.live.as_ref().map(|l| response_watch(&l.snapshot.proxy));
-        let cleaned = crate::proxy::headers::clean_upstream_response(
-            upstream_response,
-            watch.as_ref().map_or(&[][..], |w| &w[..]),
-        );
-        ctx.response_carries = cleaned.ok().filter(|_| watch.is_some());
+        let cleaned = match ctx.live.as_ref() {
+            Some(live) => crate::proxy::headers::clean_upstream_response(
+                upstream_response,
+                response_watch(&live.snapshot.proxy),
+            )
+            .map(Some),
+            None => {
+                crate::proxy::headers::clean_upstream_response(upstream_response, []).map(|_| None)
+            }
+        };
+        ctx.response_carries = cleaned.ok().flatten();
         if let Err(why) = cleaned {
             self.shared
                 .metrics
