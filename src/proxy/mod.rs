@@ -383,12 +383,18 @@ impl ProxyHttp for KanariaProxy {
         let client = crate::proxy::headers::client_ip(session, &snap.edge.trusted_proxies);
         ctx.edge.client = client;
         let req = session.req_header();
-        // HTTP/1.1 carries the host in `Host`; absolute-form and HTTP/2 in the URI.
-        let host = req
-            .headers
-            .get(HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| req.uri.host());
+        // HTTP/1.1 carries the host in `Host`; absolute-form and HTTP/2 in the URI. Looked
+        // up only when a route lists hosts.
+        let host = snap
+            .router
+            .matches_hosts()
+            .then(|| {
+                req.headers
+                    .get(HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .or_else(|| req.uri.host())
+            })
+            .flatten();
         // Matched on the normalized path (as nginx's `location`); forwarded as sent.
         let Some(path) = crate::split::router::normalize_path(req.uri.path()) else {
             ctx.live = Some(live);
