@@ -791,9 +791,6 @@ impl ProxyHttp for KanariaProxy {
             log.log(session, ctx);
         }
         let now = Instant::now();
-        let waited = now
-            .saturating_duration_since(ctx.attempt_start)
-            .as_secs_f64();
         ctx.attempt_over();
         let Some(version) = ctx.version else {
             return;
@@ -826,7 +823,12 @@ impl ProxyHttp for KanariaProxy {
             // The client hung up before any answer: not the version's failure.
             None if e.is_some_and(|e| e.esource() == &ErrorSource::Downstream) => {}
             // No answer: refused, reset, timed out, no endpoint, or an internal error.
-            None => m.observe(status.is_none_or(|s| s >= 500), waited),
+            None => {
+                let waited = now
+                    .saturating_duration_since(ctx.attempt_start)
+                    .as_secs_f64();
+                m.observe(status.is_none_or(|s| s >= 500), waited)
+            }
         }
     }
 }
