@@ -206,3 +206,129 @@ async fn added_headers_replace_or_append_over_http1_and_http2() {
         }
     }
 }
+
+/// An HTTP/1.1 upstream that answers `/none`, `/one` and `/two` with no, one (lowercase) or
+/// two `Date` headers of its own, and `Connection: keep-alive` except to `/none` (so Pingora's
+/// headers are added there, replaced elsewhere); keeps the connection alive; bodyless GETs.
+async fn date_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let dates = if head.contains(" /two ") {
+                        "Date: Mon, 01 Jan 2001 00:00:00 GMT\r\nDate: Tue, 02 Jan 2001 00:00:00 GMT\r\n"
+                    } else if head.contains(" /one ") {
+                        "date: Mon, 01 Jan 2001 00:00:00 GMT\r\n"
+                    } else {
+                        ""
+                    };
+                    let connection = if head.contains(" /none ") {
+                        ""
+                    } else {
+                        "Connection: keep-alive\r\n"
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\n{dates}{connection}Content-Length: 2\r\n\r\nok"
+                    );
+                    if stream.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Pingora's own `Date` and `Connection` on every HTTP/1 response head (set without map
+/// inserts since vendor/patches/0015-0016): exactly one of each, Pingora's values, whether
+/// the upstream sent none, one or two `Date` headers (and its own `Connection` or none), on
+/// a kept-alive connection and on requests that close theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn date_and_connection_are_written_once() {
+    use tokio::io::AsyncWriteExt;
+    let (up, _t) = date_upstream().await;
+    let routes = format!(
+        "[[routes]]\nname = \"d\"\npath_prefix = \"/\"\n\
+         [routes.stable]\nversion = \"v1\"\nendpoints = [\"{up}\"]\n"
+    );
+    let proxy = Proxy::start_with(&routes, "").await;
+    // One kept-alive connection for the first three, one each for the two that close it.
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .expect("connect");
+    for (path, close) in [
+        ("/none", false),
+        ("/one", false),
+        ("/two", false),
+        ("/none", true),
+        ("/two", true),
+    ] {
+        if close {
+            conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+                .await
+                .expect("connect");
+        }
+        let close_header = if close { "Connection: close\r\n" } else { "" };
+        let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\n{close_header}\r\n");
+        conn.write_all(req.as_bytes()).await.expect("send");
+        let head = read_head_and_two_bytes(&mut conn).await;
+        let lines: Vec<(String, String)> = head
+            .split("\r\n")
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let all = |name: &str| -> Vec<String> {
+            lines
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .collect()
+        };
+        let dates = all("date");
+        assert_eq!(dates.len(), 1, "{path}: {head}");
+        assert!(!dates[0].contains("2001"), "{path}: {head}");
+        assert!(dates[0].ends_with(" GMT"), "{path}: {head}");
+        let expected = if close { "close" } else { "keep-alive" };
+        assert_eq!(all("connection"), [expected], "{path}: {head}");
+    }
+}
+
+/// Reads one response head and its 2-byte body from `conn`.
+async fn read_head_and_two_bytes(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            if out.len() >= end + 4 + 2 {
+                return String::from_utf8_lossy(&out[..end]).into_owned();
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, conn.read(&mut b))
+            .await
+            .expect("a response within 10 s")
+            .expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&out));
+        out.push(b[0]);
+    }
+}

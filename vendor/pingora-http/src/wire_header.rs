@@ -220,3 +220,103 @@ macro_rules! wire_header_methods {
         }
     };
 }
+
+impl crate::ResponseHeader {
+    /// Pingora-internal, not part of the public API (hidden from the docs; it skips the name
+    /// check of `insert_wire_header` on purpose): sets a header Pingora's own HTTP/1 server
+    /// writes into every response head (`Date`, `Connection`, in
+    /// `HttpSession::write_response_header`) with as few header-map operations as possible,
+    /// where `insert_header` costs an insert into each of the two maps:
+    /// - the maps hold exactly one header of the name (a peer's `Date`): its value is replaced
+    ///   in place (one lookup; the case map is untouched, so the peer's case is kept);
+    /// - they hold none: the header becomes a wire header (one lookup and a push), written
+    ///   after the maps' headers, which `headers.get()` does not see;
+    /// - they hold several: replaced as `insert_header` does.
+    ///
+    /// Wire headers of the name are dropped first, as `insert_header` drops them.
+    ///
+    /// The caller's contract: nothing reads the header from `headers` after this call (the
+    /// server serializes the head right after, and keeps it only for `response_written()`,
+    /// whose readers in Pingora look at the status).
+    #[doc(hidden)]
+    pub fn insert_serialized_header(
+        &mut self,
+        name: &crate::PreparedHeaderName,
+        value: HeaderValue,
+    ) -> Result<()> {
+        use crate::IntoCaseHeaderName;
+        use http::header::Entry;
+        if let Some(list) = self.wire_headers.as_mut() {
+            remove_wire_named(list, name.name());
+        }
+        match self.base.headers.entry(name.name()) {
+            Entry::Occupied(mut e) => {
+                if e.iter().nth(1).is_none() {
+                    // One value: the case map holds one entry for it, which stays right.
+                    e.insert(value);
+                    return Ok(());
+                }
+            }
+            Entry::Vacant(_) => {
+                let (name, case) = name.into_header_names()?;
+                wire_vec(&mut self.wire_headers).push(WireHeader { name, case, value });
+                return Ok(());
+            }
+        }
+        // Several values: both maps must drop all of them, as `insert_header` does.
+        self.insert_header(name, value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{PreparedHeaderName, ResponseHeader};
+    use http::header::{self, HeaderValue};
+
+    fn wire(resp: &ResponseHeader) -> String {
+        let mut buf = Vec::new();
+        resp.header_to_h1_wire(&mut buf);
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn serialized_header_absent_one_several() {
+        let date = PreparedHeaderName::new(header::DATE);
+        let v = || HeaderValue::from_static("now");
+
+        // Absent: a wire header, after the maps' headers, in title case.
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("x-a", "1").unwrap();
+        resp.insert_serialized_header(&date, v()).unwrap();
+        assert!(resp.headers.get(header::DATE).is_none());
+        assert_eq!(wire(&resp), "x-a: 1\r\nDate: now\r\n");
+
+        // One: replaced in place, the peer's case kept.
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("date", "old").unwrap();
+        resp.insert_header("x-a", "1").unwrap();
+        resp.insert_serialized_header(&date, v()).unwrap();
+        assert_eq!(wire(&resp), "date: now\r\nx-a: 1\r\n");
+
+        // Several: both maps drop them all.
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.append_header("date", "old1").unwrap();
+        resp.append_header("Date", "old2").unwrap();
+        resp.insert_serialized_header(&date, v()).unwrap();
+        assert_eq!(wire(&resp), "Date: now\r\n");
+
+        // A wire header of the name is replaced too.
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.append_wire_header("date", "old").unwrap();
+        resp.insert_serialized_header(&date, v()).unwrap();
+        assert_eq!(wire(&resp), "Date: now\r\n");
+
+        // The name check is skipped: `Connection` is refused by the public methods only.
+        let conn = PreparedHeaderName::new(header::CONNECTION);
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        assert!(resp.insert_wire_header(&conn, "close").is_err());
+        resp.insert_serialized_header(&conn, HeaderValue::from_static("close"))
+            .unwrap();
+        assert_eq!(wire(&resp), "Connection: close\r\n");
+    }
+}

@@ -24,7 +24,7 @@ use log::{debug, trace, warn};
 use once_cell::sync::Lazy;
 use percent_encoding::{percent_encode, AsciiSet, CONTROLS};
 use pingora_error::{Error, ErrorType::*, OrErr, Result};
-use pingora_http::{IntoCaseHeaderName, RequestHeader, ResponseHeader};
+use pingora_http::{IntoCaseHeaderName, PreparedHeaderName, RequestHeader, ResponseHeader};
 use pingora_timeout::timeout;
 use regex::bytes::Regex;
 use std::any::Any;
@@ -42,6 +42,11 @@ use crate::protocols::http::{
 };
 use crate::protocols::{Digest, SocketAddr, Stream};
 use crate::utils::{BufRef, KVRef};
+
+// The headers the server adds to every response head, parsed once, written in title case.
+static DATE_NAME: Lazy<PreparedHeaderName> = Lazy::new(|| PreparedHeaderName::new(header::DATE));
+static CONNECTION_NAME: Lazy<PreparedHeaderName> =
+    Lazy::new(|| PreparedHeaderName::new(header::CONNECTION));
 
 /// Tracks which writer is currently processing a task.
 ///
@@ -850,15 +855,18 @@ impl HttpSession {
         // no need to add these headers to 1xx responses
         if !header.status.is_informational() && self.update_resp_headers {
             /* update headers */
-            header.insert_header(header::DATE, date::get_cached_date())?;
+            // Set without inserting into both header maps when it can be (a wire header
+            // when absent, the value replaced in place when the peer sent one): nothing
+            // below reads either from `header.headers` (the body writer reads the framing
+            // headers, keep-alive is `self`'s state), see `insert_serialized_header`.
+            header.insert_serialized_header(&DATE_NAME, date::get_cached_date())?;
 
-            // TODO: make these lazy static
             let connection_value = if self.will_keepalive() {
-                "keep-alive"
+                HeaderValue::from_static("keep-alive")
             } else {
-                "close"
+                HeaderValue::from_static("close")
             };
-            header.insert_header(header::CONNECTION, connection_value)?;
+            header.insert_serialized_header(&CONNECTION_NAME, connection_value)?;
         }
 
         if header.status == 101 {
