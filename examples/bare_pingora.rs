@@ -14,12 +14,18 @@
 //! The `--work-stealing`, `--compression-module`, `--l4-read-buffer`, `--pool-size`,
 //! `--tokio-timers` and `--peer-timeouts` flags change one Pingora setting each, for A/B runs of that setting
 //! (`--pingora-defaults` starts from Pingora's own defaults instead of Kanaria's).
+//! `--nginx-headers` adds what the benchmark's nginx adds besides the split (the client's
+//! address appended to `X-Forwarded-For`, the pool's name in an `x-version` response
+//! header), written the cheapest way the vendored Pingora offers (wire headers): the floor
+//! with nginx's features, to show how much of Kanaria's cost above the floor those are.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use clap::Parser;
+use http::HeaderValue;
+use pingora::http::{PreparedHeaderName, RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::configuration::{Opt, ServerConf};
@@ -72,6 +78,9 @@ struct Args {
     /// 30s, idle 60s), as Kanaria does. `false` arms no upstream timer.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     peer_timeouts: bool,
+    /// Add nginx's `X-Forwarded-For` and `x-version` headers (see the module docs).
+    #[arg(long)]
+    nginx_headers: bool,
 }
 
 struct Bare {
@@ -80,18 +89,64 @@ struct Bare {
     seed: u64,
     canary_buckets: u32,
     peer_timeouts: bool,
+    nginx_headers: bool,
 }
+
+const XFF: PreparedHeaderName = PreparedHeaderName::from_static("x-forwarded-for");
+const VERSION: PreparedHeaderName = PreparedHeaderName::from_static("x-version");
 
 #[async_trait]
 impl ProxyHttp for Bare {
-    type CTX = ();
+    /// Whether the request went to the canary (for `--nginx-headers`).
+    type CTX = bool;
 
-    fn new_ctx(&self) {}
+    fn new_ctx(&self) -> bool {
+        false
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        _ctx: &mut bool,
+    ) -> pingora::Result<()> {
+        if !self.nginx_headers {
+            return Ok(());
+        }
+        let Some(ip) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        else {
+            return Ok(());
+        };
+        // nginx's `$proxy_add_x_forwarded_for`: the client's header, then its address.
+        match upstream_request.headers.get("x-forwarded-for") {
+            Some(earlier) => {
+                let value = format!("{}, {ip}", String::from_utf8_lossy(earlier.as_bytes()));
+                upstream_request.insert_wire_header(XFF, value)
+            }
+            None => upstream_request.append_wire_header(XFF, ip.to_string()),
+        }
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        canary: &mut bool,
+    ) -> pingora::Result<()> {
+        if !self.nginx_headers {
+            return Ok(());
+        }
+        let pool = if *canary { "canary" } else { "stable" };
+        upstream_response.insert_wire_header(VERSION, HeaderValue::from_static(pool))
+    }
 
     async fn upstream_peer(
         &self,
         session: &mut Session,
-        _ctx: &mut (),
+        canary: &mut bool,
     ) -> pingora::Result<Box<HttpPeer>> {
         // The same hash and bucket as Kanaria's `header:x-user-id` split.
         let key = session
@@ -99,11 +154,8 @@ impl ProxyHttp for Bare {
             .headers
             .get("x-user-id")
             .map_or(&b""[..], |v| v.as_bytes());
-        let addr = if bucket(self.seed, key) < self.canary_buckets {
-            self.canary
-        } else {
-            self.stable
-        };
+        *canary = bucket(self.seed, key) < self.canary_buckets;
+        let addr = if *canary { self.canary } else { self.stable };
         let mut peer = HttpPeer::new(addr, false, String::new());
         if self.peer_timeouts {
             peer.options.connection_timeout = Some(Duration::from_secs(2));
@@ -155,6 +207,7 @@ fn main() {
             seed: seed_for("app"),
             canary_buckets: (args.percent / 100.0 * f64::from(BUCKETS)).round() as u32,
             peer_timeouts: args.peer_timeouts,
+            nginx_headers: args.nginx_headers,
         },
     );
     tuning.apply_proxy(&mut http);
