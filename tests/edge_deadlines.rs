@@ -75,6 +75,45 @@ async fn a_trickled_header_is_cut_off_at_the_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_header_after_a_kept_alive_request_is_cut_off() {
+    // The deadline of a later header on a kept-alive connection is taken only when its
+    // first read did not complete it (the guard's cheap path): it must still cut off a
+    // trickle.
+    let up = Upstream::start("v1").await;
+    let proxy = Proxy::launch(&routes("header_timeout = \"1s\"", &up), "", "", "", &[]).await;
+    let port = proxy.port;
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut s = connect(port);
+        s.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+            .expect("first");
+        let first = read_response(&mut s).expect("first response");
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        // Idle past the first header's deadline (not the idle timeout), so that only the
+        // second header's own deadline can end what follows.
+        std::thread::sleep(Duration::from_millis(1500));
+        s.write_all(b"GET /2 HTTP/1.1\r\nHost: a\r\n")
+            .expect("start of the second");
+        for i in 0..40 {
+            std::thread::sleep(Duration::from_millis(200));
+            if s.write_all(format!("X-Trickle-{i}: a\r\n").as_bytes())
+                .is_err()
+                || server_closed(&mut s)
+            {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+    .expect("trickle");
+    assert!(
+        outcome.is_some(),
+        "the proxy kept a trickling kept-alive client for 8 s with header_timeout = 1s"
+    );
+    assert_eq!(up.requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_is_closed_and_idle_keepalive_is_not_a_header() {
     let up = Upstream::start("v1").await;
     let proxy = Proxy::launch(

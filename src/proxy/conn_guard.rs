@@ -16,6 +16,14 @@
 //! timeout would do the same with a new timer for every request; this one timer per
 //! connection is moved instead.) Everything is atomics: no lock per connection or read.
 //!
+//! The guard is on every read and write, so it is kept cheap: a read that completes at once
+//! only looks whether the timer has fired; the timer is polled (to be woken by it) only when
+//! a read has to wait and it does not hold this task's waker yet. A kept-alive header's
+//! deadline is taken (a clock read) only when its first read did not complete it, at the
+//! next read, which Pingora makes at once after parsing those first bytes. Plain TCP is
+//! held by its concrete type (see [`Inner`]), so that the guard's reads and writes do not
+//! pass through a second `dyn IO`.
+//!
 //! The header deadline is HTTP/1-specific: an HTTP/2 connection (its first bytes are the
 //! client preface, on h2c or after TLS with ALPN `h2`) interleaves the frames of many
 //! requests, so the deadline is disarmed for it; `[edge] h2_max_concurrent_streams` and
@@ -28,16 +36,17 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::protocols::l4::stream::Stream as TcpStream;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::TlsRef;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
-    UniqueIDType, ALPN,
+    UniqueIDType, ALPN, IO,
 };
 use pingora::protocols::{SocketDigest, TimingDigest};
 use pingora::server::ShutdownWatch;
@@ -58,22 +67,69 @@ const PHASE_H2: u8 = 3;
 const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 const NOT_H2: u8 = u8::MAX;
 
+/// The accepted stream under the guard. Plain TCP is held by its concrete type, so that the
+/// guard's reads and writes call it directly: Pingora calls the guard through its
+/// `Box<dyn IO>`, and a `Box<dyn IO>` inside would be a second dynamic dispatch on every
+/// read, write and flush. Any other stream (TLS) stays as Pingora handed it.
+#[derive(Debug)]
+enum Inner {
+    Tcp(Box<TcpStream>),
+    Boxed(Stream),
+}
+
+/// `$e` with `$s` bound to the inner stream of either kind (each arm a static call).
+macro_rules! on_inner {
+    ($inner:expr, $s:ident => $e:expr) => {
+        match $inner {
+            Inner::Tcp($s) => $e,
+            Inner::Boxed($s) => $e,
+        }
+    };
+}
+
+impl Inner {
+    /// Takes a plain TCP stream out of `dyn IO`; `None` only if the downcast fails although
+    /// the type check before it passed (not expected: the connection is then closed).
+    fn new(stream: Stream) -> Option<Inner> {
+        if !stream.as_any().is::<TcpStream>() {
+            return Some(Inner::Boxed(stream));
+        }
+        stream
+            .into_any()
+            .downcast::<TcpStream>()
+            .ok()
+            .map(Inner::Tcp)
+    }
+
+    /// For the calls made once per connection (set a digest, shutdown, peek): one dispatch.
+    fn io_mut(&mut self) -> &mut dyn IO {
+        match self {
+            Inner::Tcp(s) => &mut **s,
+            Inner::Boxed(s) => &mut **s,
+        }
+    }
+}
+
 /// A client connection whose request headers must arrive within a deadline.
 pub struct GuardedStream {
-    inner: Stream,
+    inner: Inner,
     /// `PHASE_*`: reading a header (deadline armed), in a request, or idle between requests.
     phase: AtomicU8,
     header_timeout: Duration,
     /// Bytes of the HTTP/2 preface matched by the first bytes read so far; `NOT_H2` once
     /// they differ. Decided only on the whole start, so a slow "P" does not disarm anything.
     preface: u8,
-    /// Fires at the header deadline. On a kept-alive connection the next request's
-    /// deadline is only written to `header_deadline`; the timer is moved there (a timer
-    /// wheel update) the first time a read of that header has to wait, which a header
-    /// arriving in one read (the common case) never does.
+    /// Fires at the header deadline. On a kept-alive connection the timer is moved to the
+    /// next request's deadline only when a read of that header has to go on after its
+    /// first bytes, which a header arriving in one read (the common case) never does.
     deadline: Pin<Box<Sleep>>,
-    /// The current header's deadline, when `deadline` still points at an earlier one.
-    header_deadline: Option<Instant>,
+    /// The task waker `deadline` was last polled with, while it has not fired since: the
+    /// timer will wake the task, so a read that waits need not poll it again (a poll costs
+    /// more than the comparison). Cleared when the timer is moved.
+    armed: Option<Waker>,
+    /// The first bytes of a kept-alive connection's next header were read: its deadline
+    /// starts with the next read of that header, if it needs one (see `poll_read`).
+    header_next: bool,
     /// `edge.idle_timeout` in seconds, as of the last request (a reload applies to the
     /// next wait).
     idle_secs: AtomicU64,
@@ -95,25 +151,27 @@ impl fmt::Debug for GuardedStream {
 }
 
 impl GuardedStream {
-    /// Wraps a freshly accepted stream: the first header's deadline starts now.
-    pub fn new(
+    /// Wraps a freshly accepted stream: the first header's deadline starts now. `None` as
+    /// [`Inner::new`].
+    fn new(
         inner: Stream,
         header_timeout: Duration,
         idle_secs: u64,
         timeouts: IntCounter,
-    ) -> Self {
-        GuardedStream {
-            inner,
+    ) -> Option<Self> {
+        Some(GuardedStream {
+            inner: Inner::new(inner)?,
             phase: AtomicU8::new(PHASE_HEADER),
             header_timeout,
             preface: 0,
             deadline: Box::pin(tokio::time::sleep(header_timeout)),
-            header_deadline: None,
+            armed: None,
+            header_next: false,
             idle_secs: AtomicU64::new(idle_secs),
             idle_deadline: None,
             timeouts,
             _slot: None,
-        }
+        })
     }
 }
 
@@ -137,7 +195,45 @@ pub fn request_finished(session: &pingora::protocols::http::ServerSession) {
     }
 }
 
+impl GuardedStream {
+    /// Moves the timer to `at`; the next wait polls it again.
+    fn set_timer(&mut self, at: Instant) {
+        self.deadline.as_mut().reset(at);
+        self.armed = None;
+    }
+
+    /// A read is about to return `Pending`: makes sure the timer wakes this task when it
+    /// fires. `Ready` when it has fired.
+    fn wait_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.deadline.is_elapsed() {
+            return Poll::Ready(());
+        }
+        if self.armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        // Without budget left the poll returns `Pending` without registering the waker
+        // (and the task is woken at once): only a poll with budget arms the timer.
+        let registers = tokio::task::coop::has_budget_remaining();
+        let res = self.deadline.as_mut().poll(cx);
+        if res.is_pending() && registers {
+            self.armed = Some(cx.waker().clone());
+        }
+        res
+    }
+
+    fn header_timed_out(&self) -> Poll<io::Result<()>> {
+        // Counted once: Pingora does not read again after an error.
+        self.timeouts.inc();
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "request header deadline (edge.header_timeout) passed",
+        )))
+    }
+}
+
 impl AsyncRead for GuardedStream {
+    /// The timer is only compared on reads that complete at once; it is polled (so that it
+    /// wakes the task) only when a read waits and it is not armed yet.
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -146,44 +242,30 @@ impl AsyncRead for GuardedStream {
         let this = self.get_mut();
         let phase = this.phase.load(Ordering::Relaxed);
         if phase == PHASE_HEADER {
-            if let Some(at) = this.header_deadline.take() {
-                this.deadline.as_mut().reset(at);
+            if this.header_next {
+                // The kept-alive header's first read did not complete it: its deadline
+                // runs from now, which is within that read's parsing of its first bytes
+                // (Pingora reads on at once), and the timer is moved there.
+                this.header_next = false;
+                let at = Instant::now() + this.header_timeout;
+                this.set_timer(at);
             }
-        }
-        if phase == PHASE_HEADER && this.deadline.as_mut().poll(cx).is_ready() {
-            // Counted once: Pingora does not read again after an error.
-            this.timeouts.inc();
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "request header deadline (edge.header_timeout) passed",
-            )));
+            // A fired timer is the deadline passed (as a poll would say, without the poll).
+            if this.deadline.is_elapsed() {
+                return this.header_timed_out();
+            }
         }
         let before = buf.filled().len();
-        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if phase == PHASE_IDLE && res.is_pending() {
-            // Waiting for the next request: bounded by the idle timeout, from the first
-            // wait after the last request.
-            if this.idle_deadline.is_none() {
-                let idle = Duration::from_secs(this.idle_secs.load(Ordering::Relaxed));
-                let at = Instant::now() + idle;
-                this.idle_deadline = Some(at);
-                // The timer only has to fire by `at`. One still pending for earlier (the
-                // previous wait's end, when requests follow each other) is kept and moved
-                // on when it fires: a timer wheel update per request costs more than the
-                // comparison.
-                if this.deadline.is_elapsed() || this.deadline.deadline() > at {
-                    this.deadline.as_mut().reset(at);
+        let res = on_inner!(&mut this.inner, s => Pin::new(s).poll_read(cx, buf));
+        if res.is_pending() {
+            if phase == PHASE_HEADER {
+                if this.wait_timer(cx).is_ready() {
+                    return this.header_timed_out();
                 }
+            } else if phase == PHASE_IDLE {
+                return this.idle_wait(cx);
             }
-            while this.deadline.as_mut().poll(cx).is_ready() {
-                match this.idle_deadline {
-                    // Fired for an earlier wait's end: on to this one's.
-                    Some(at) if this.deadline.deadline() < at => this.deadline.as_mut().reset(at),
-                    // Nothing read: the end of the stream, which Pingora takes as a client
-                    // that closed its idle connection (what its keep-alive timeout did).
-                    _ => return Poll::Ready(Ok(())),
-                }
-            }
+            return res;
         }
         if usize::from(this.preface) < H2_PREFACE_START.len() && matches!(res, Poll::Ready(Ok(())))
         {
@@ -201,12 +283,42 @@ impl AsyncRead for GuardedStream {
         }
         if phase == PHASE_IDLE && matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before
         {
-            // First byte of the next request on a kept-alive connection.
+            // First bytes of the next request on a kept-alive connection. No clock read
+            // here: most headers arrive whole in this read.
             this.phase.store(PHASE_HEADER, Ordering::Relaxed);
             this.idle_deadline = None;
-            this.header_deadline = Some(Instant::now() + this.header_timeout);
+            this.header_next = true;
         }
         res
+    }
+}
+
+impl GuardedStream {
+    /// Waiting for the next request, nothing read: bounded by the idle timeout, from the
+    /// first wait after the last request. `Ready(Ok)` (end of stream) once it passed.
+    fn idle_wait(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.idle_deadline.is_none() {
+            let idle = Duration::from_secs(self.idle_secs.load(Ordering::Relaxed));
+            let at = Instant::now() + idle;
+            self.idle_deadline = Some(at);
+            // The timer only has to fire by `at`. One still pending for earlier (the
+            // previous wait's end, when requests follow each other) is kept and moved
+            // on when it fires: a timer wheel update per request costs more than the
+            // comparison.
+            if self.deadline.is_elapsed() || self.deadline.deadline() > at {
+                self.set_timer(at);
+            }
+        }
+        while self.wait_timer(cx).is_ready() {
+            match self.idle_deadline {
+                // Fired for an earlier wait's end: on to this one's.
+                Some(at) if self.deadline.deadline() < at => self.set_timer(at),
+                // Nothing read: the end of the stream, which Pingora takes as a client
+                // that closed its idle connection (what its keep-alive timeout did).
+                _ => return Poll::Ready(Ok(())),
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -216,15 +328,15 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        on_inner!(&mut self.get_mut().inner, s => Pin::new(s).poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        on_inner!(&mut self.get_mut().inner, s => Pin::new(s).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        on_inner!(&mut self.get_mut().inner, s => Pin::new(s).poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
@@ -232,79 +344,79 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        on_inner!(&mut self.get_mut().inner, s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        on_inner!(&self.inner, s => s.is_write_vectored())
     }
 }
 
 #[async_trait]
 impl Shutdown for GuardedStream {
     async fn shutdown(&mut self) {
-        self.inner.shutdown().await
+        self.inner.io_mut().shutdown().await
     }
 }
 
 impl UniqueID for GuardedStream {
     fn id(&self) -> UniqueIDType {
-        self.inner.id()
+        on_inner!(&self.inner, s => s.id())
     }
 }
 
 impl Ssl for GuardedStream {
     fn get_ssl(&self) -> Option<&TlsRef> {
-        self.inner.get_ssl()
+        on_inner!(&self.inner, s => s.get_ssl())
     }
 
     fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
-        self.inner.get_ssl_digest()
+        on_inner!(&self.inner, s => s.get_ssl_digest())
     }
 
     fn selected_alpn_proto(&self) -> Option<ALPN> {
-        self.inner.selected_alpn_proto()
+        on_inner!(&self.inner, s => s.selected_alpn_proto())
     }
 }
 
 impl GetTimingDigest for GuardedStream {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
+        on_inner!(&self.inner, s => s.get_timing_digest())
     }
 
     fn get_read_pending_time(&self) -> Duration {
-        self.inner.get_read_pending_time()
+        on_inner!(&self.inner, s => s.get_read_pending_time())
     }
 
     fn get_write_pending_time(&self) -> Duration {
-        self.inner.get_write_pending_time()
+        on_inner!(&self.inner, s => s.get_write_pending_time())
     }
 }
 
 impl GetProxyDigest for GuardedStream {
     fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.inner.get_proxy_digest()
+        on_inner!(&self.inner, s => s.get_proxy_digest())
     }
 
     fn set_proxy_digest(&mut self, digest: ProxyDigest) {
-        self.inner.set_proxy_digest(digest)
+        self.inner.io_mut().set_proxy_digest(digest)
     }
 }
 
 impl GetSocketDigest for GuardedStream {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.inner.get_socket_digest()
+        on_inner!(&self.inner, s => s.get_socket_digest())
     }
 
     fn set_socket_digest(&mut self, digest: SocketDigest) {
-        self.inner.set_socket_digest(digest)
+        self.inner.io_mut().set_socket_digest(digest)
     }
 }
 
 #[async_trait]
 impl Peek for GuardedStream {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        self.inner.try_peek(buf).await
+        self.inner.io_mut().try_peek(buf).await
     }
 }
 
@@ -374,11 +486,19 @@ impl<A> GuardedApp<A> {
 
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
-    async fn process_new(
-        self: &Arc<Self>,
+    /// Not an `async fn`: the checks run at once and the inner app's future is returned as
+    /// it is, so that every poll of the connection's task does not pass through a future of
+    /// the guard first.
+    fn process_new<'life0, 'life1, 'async_trait>(
+        self: &'life0 Arc<Self>,
         stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
+        shutdown: &'life1 ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<Stream>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
         let snap = self.shared.snapshot();
         let edge = &snap.edge;
         let counter = self.counter(&stream).clone();
@@ -393,16 +513,19 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
                 edge.max_connections
             );
             drop(slot);
-            return None;
+            return Box::pin(std::future::ready(None));
         }
-        let mut guarded = GuardedStream::new(
+        let Some(mut guarded) = GuardedStream::new(
             stream,
             edge.header_timeout,
             edge.idle_timeout_secs,
             metrics.rejected(RejectReason::HeaderTimeout).clone(),
-        );
+        ) else {
+            log::warn!("connection closed: its stream could not be unboxed");
+            return Box::pin(std::future::ready(None));
+        };
         guarded._slot = Some(slot);
-        self.inner.process_new(Box::new(guarded), shutdown).await
+        self.inner.process_new(Box::new(guarded), shutdown)
     }
 
     /// Called once the listeners stopped. The proxy's own cleanup is what wakes the idle
