@@ -36,6 +36,22 @@ fn server_closed(s: &mut TcpStream) -> bool {
     closed
 }
 
+/// Sends one header line every 200 ms: each read is quick, so only a deadline on the
+/// whole header can end this. The line at which the proxy closed the connection, or `None`
+/// after 40 lines (8 s): the caller's test fails.
+fn trickle_header_lines(s: &mut TcpStream) -> Option<usize> {
+    for i in 0..40 {
+        std::thread::sleep(Duration::from_millis(200));
+        if s.write_all(format!("X-Trickle-{i}: a\r\n").as_bytes())
+            .is_err()
+            || server_closed(s)
+        {
+            return Some(i);
+        }
+    }
+    None
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_header_is_cut_off_at_the_deadline() {
     let up = Upstream::start("v1").await;
@@ -45,18 +61,7 @@ async fn a_trickled_header_is_cut_off_at_the_deadline() {
         let mut s = connect(port);
         s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
             .expect("start");
-        // One header line every 200 ms: each read is quick, so only a deadline on the
-        // whole header can end this. Give up (test fails) after 40 lines (8 s).
-        for i in 0..40 {
-            std::thread::sleep(Duration::from_millis(200));
-            if s.write_all(format!("X-Trickle-{i}: a\r\n").as_bytes())
-                .is_err()
-                || server_closed(&mut s)
-            {
-                return Some(i);
-            }
-        }
-        None
+        trickle_header_lines(&mut s)
     })
     .await
     .expect("trickle");
@@ -93,16 +98,7 @@ async fn a_trickled_header_after_a_kept_alive_request_is_cut_off() {
         std::thread::sleep(Duration::from_millis(1500));
         s.write_all(b"GET /2 HTTP/1.1\r\nHost: a\r\n")
             .expect("start of the second");
-        for i in 0..40 {
-            std::thread::sleep(Duration::from_millis(200));
-            if s.write_all(format!("X-Trickle-{i}: a\r\n").as_bytes())
-                .is_err()
-                || server_closed(&mut s)
-            {
-                return Some(i);
-            }
-        }
-        None
+        trickle_header_lines(&mut s)
     })
     .await
     .expect("trickle");
