@@ -176,19 +176,16 @@ const X_FORWARDED_PROTO: PreparedHeaderName = PreparedHeaderName::from_static("x
 const XFF_NAME: HeaderName = HeaderName::from_static("x-forwarded-for");
 const XFP_NAME: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// Appends `ip` as text. IPv4 (the common case) octet by octet through `itoa`: `write!`
-/// through the formatting machinery costs more than the rest of a header (or of an access
-/// log line's other fields). Used by both.
+/// Appends `ip` as text. IPv4 (the common case) by [`ipv4_text`]: `write!` through the
+/// formatting machinery costs more than the rest of a header (or of an access log line's
+/// other fields). Used by both.
 pub(crate) fn push_ip(out: &mut String, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
-            let mut digits = itoa::Buffer::new();
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                out.push_str(digits.format(octet));
-            }
+            let mut buf = [0u8; 15];
+            let len = ipv4_text(v4, &mut buf);
+            // Digits and dots: always UTF-8.
+            out.push_str(std::str::from_utf8(&buf[..len]).unwrap_or_default());
         }
         // Writing to a String cannot fail.
         IpAddr::V6(_) => {
@@ -284,10 +281,10 @@ fn peer_value(ip: IpAddr) -> HeaderValue {
                 };
                 match ip {
                     IpAddr::V4(v4) => {
-                        let mut buf = [0u8; 15];
-                        let len = ipv4_text(v4, &mut buf);
-                        text.buf[..15].copy_from_slice(&buf);
-                        text.len = len;
+                        // Written in place: the first 15 bytes of the buffer.
+                        if let Some((first, _)) = text.buf.split_first_chunk_mut::<15>() {
+                            text.len = ipv4_text(v4, first);
+                        }
                     }
                     IpAddr::V6(_) => {
                         let mut s = String::with_capacity(39);
