@@ -52,8 +52,8 @@ demo: build
 
 test: test-deps
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) test
+	$(CARGO) clippy --all-targets --all-features -- -D warnings
+	$(CARGO) test --all-features
 
 # Fuzzing: cargo-fuzz on nightly, FUZZ_SECONDS per target (CI runs a short one). New
 # inputs go to target/fuzz-corpus, seeded from the committed fuzz/corpus. Without nightly
@@ -71,7 +71,7 @@ fuzz:
 	  done; \
 	else \
 	  echo "make fuzz: needs a nightly toolchain and cargo-fuzz (cargo install cargo-fuzz); replaying the committed corpus on stable instead"; \
-	  $(CARGO) test --test fuzz_corpus; \
+	  $(CARGO) test --features internals --test fuzz_corpus; \
 	fi
 
 # Benchmarks (never part of `make test`): criterion micro-benchmarks of the hot path, then
@@ -84,12 +84,12 @@ bench-build: build
 	$(CARGO) build --release --example bare_pingora
 
 bench: bench-build
-	$(CARGO) bench --bench hot_path
+	$(CARGO) bench --features internals --bench hot_path
 	python3 bench/criterion_table.py
 	./bench/run.sh
 
 bench-quick: bench-build
-	$(CARGO) bench --bench hot_path -- --warm-up-time 1 --measurement-time 2
+	$(CARGO) bench --features internals --bench hot_path -- --warm-up-time 1 --measurement-time 2
 	python3 bench/criterion_table.py
 	BENCH_DURATION=3 BENCH_WARMUP=1 BENCH_ROUNDS=1 BENCH_CANARY_DURATION=6 BENCH_RELOAD_DURATION=8 BENCH_RELOADS=20 BENCH_MEM_DURATION=1 BENCH_MEM_ALL_DURATION=4 ./bench/run.sh
 

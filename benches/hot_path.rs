@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the per-request work Kanaria adds on top of proxying: the split
 //! decision (user key, hash, bucket), the route match, recording an outcome (counters,
-//! histogram, analysis window), and, through `kanaria::bench_api`, what the hooks do with a
+//! histogram, analysis window), and, through `kanaria::internals::bench`, what the hooks do with a
 //! request: the request filter's decision on a real config (path normalization, route,
 //! split), the request-head check, and the forwarding headers (hop-by-hop cleanup,
 //! `X-Forwarded-For`/`-Proto`, the response cleanup). Target: under 200 ns each for the
@@ -15,12 +15,12 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use pingora::http::{RequestHeader, ResponseHeader};
 
-use kanaria::bench_api;
+use kanaria::internals::bench as bench_api;
 
 use kanaria::metrics::{Metrics, UpstreamErrorKind};
-use kanaria::rollout::analysis::Window;
 use kanaria::split::router::Router;
 use kanaria::split::{bucket, seed_for, OverrideRule, SplitRule, StickySource, Track};
+use kanaria::stats::window::Window;
 
 /// Headers of a typical browser request, the user id among them.
 fn request_headers() -> HeaderMap {

@@ -1,29 +1,38 @@
 //! Kanaria: a canary-release reverse proxy on Pingora.
 //!
-//! The crate is grouped by subsystem, following a request and then the control loop:
-//! - [`config`]: the file model, its validation (no network I/O) and the build step that
-//!   turns it into one immutable runtime snapshot; the file watcher that hot-reloads it.
-//! - [`proxy`]: Pingora's hooks (the request path), the edge checks, the connection guard,
-//!   draining, and the forwarding headers.
-//! - [`split`]: routing by host and path, the sticky split of users between the stable and
-//!   canary *tracks*, and signed override tokens.
-//! - [`rollout`]: the pure rollout state machine and everything that drives it: the
-//!   controller, the analysis windows, persistence, events and the webhook.
-//! - [`admin`]: the admin API, the dashboard, and the CLI's client of that API.
-//! - [`metrics`]: Prometheus metrics.
-//! - [`demo`]: `kanaria demo`, the built-in story.
-//! - [`server`]: wires all of it into one Pingora server.
+//! Layers, bottom to top; a module imports only from its own layer or those below
+//! (`tests/layers.rs` keeps it so):
+//! 1. [`split`] (routing and the sticky split of users between the stable and canary
+//!    *tracks*), [`stats`] (outcome windows, requests in flight, the Fisher test) and
+//!    [`clock`]: pure data and maths.
+//! 2. [`config`]: the file model, its validation and its errors: settings only, no I/O
+//!    beyond the admin token file.
+//! 3. [`runtime`] (the live snapshot built from settings, and the handle the data plane
+//!    reads), [`metrics`] and [`rollout`] (the pure rollout state machine).
+//! 4. [`proxy`] (the data plane: Pingora's hooks, the edge checks, the connection guard,
+//!    TLS listeners) beside [`control`] (the control plane: rollout state, the analysis
+//!    loop, the fleet, reload, persistence, notifications).
+//! 5. [`admin`], [`server`], [`demo`] and the binary: wiring.
 //!
-//! `bench_api` (hidden) exposes request-path internals to the criterion benchmarks only.
+//! With the `internals` feature, `internals` exposes request-path code to the criterion
+//! benchmarks and the fuzz targets; it is not part of the API.
+
+pub mod clock;
+pub mod split;
+pub mod stats;
+
+pub mod config;
+
+pub mod metrics;
+pub mod rollout;
+pub mod runtime;
+
+pub mod control;
+pub(crate) mod proxy;
 
 pub mod admin;
-#[doc(hidden)]
-pub mod bench_api;
-pub(crate) mod config;
 pub mod demo;
-pub mod fuzz_targets;
-pub mod metrics;
-pub(crate) mod proxy;
-pub mod rollout;
 pub mod server;
-pub mod split;
+
+#[cfg(feature = "internals")]
+pub mod internals;

@@ -23,8 +23,42 @@ use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::rollout::analysis::{InFlight, Window, STATUS_SPAN};
 use crate::split::Track;
+use crate::stats::in_flight::InFlight;
+use crate::stats::window::{Window, STATUS_SPAN};
+
+/// Reasons of `kanaria_rejected_requests_total`: a fixed set, so the label stays bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    Framing = 0,
+    HeaderTooLarge = 1,
+    TooManyHeaders = 2,
+    HeaderTimeout = 3,
+    ConnectionLimit = 4,
+    UpstreamFraming = 5,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 6] = [
+        RejectReason::Framing,
+        RejectReason::HeaderTooLarge,
+        RejectReason::TooManyHeaders,
+        RejectReason::HeaderTimeout,
+        RejectReason::ConnectionLimit,
+        RejectReason::UpstreamFraming,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Framing => "framing",
+            RejectReason::HeaderTooLarge => "header_too_large",
+            RejectReason::TooManyHeaders => "too_many_headers",
+            RejectReason::HeaderTimeout => "header_timeout",
+            RejectReason::ConnectionLimit => "connection_limit",
+            RejectReason::UpstreamFraming => "upstream_framing",
+        }
+    }
+}
 
 /// Request duration buckets, 1 ms to 10 s.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -319,7 +353,7 @@ pub struct EdgeMetrics {
 
 impl EdgeMetrics {
     #[inline]
-    pub fn rejected(&self, reason: crate::proxy::edge::RejectReason) -> &IntCounter {
+    pub fn rejected(&self, reason: RejectReason) -> &IntCounter {
         &self.rejected[reason as usize]
     }
 }
@@ -403,8 +437,7 @@ impl Metrics {
             ),
         )?;
         let edge = EdgeMetrics {
-            rejected: crate::proxy::edge::RejectReason::ALL
-                .map(|r| rejected.with_label_values(&[r.as_str()])),
+            rejected: RejectReason::ALL.map(|r| rejected.with_label_values(&[r.as_str()])),
         };
         // Make both results visible from the start, so rate() works on the first reload.
         for result in ["success", "error"] {

@@ -1,5 +1,6 @@
-//! Process wiring: builds the Pingora server (threads, graceful shutdown, upgrade socket)
-//! around one shared config snapshot, adds the proxy listeners and runs until a signal.
+//! Process wiring: builds the Pingora server (threads, graceful shutdown, upgrade socket),
+//! the control plane and the data plane around one live handle, adds the listeners and
+//! runs until a signal.
 //!
 //! Pingora owns the signals: SIGTERM drains gracefully (listeners close, in-flight requests
 //! get `shutdown_grace`), SIGINT exits at once, SIGQUIT hands the listeners to a new binary
@@ -17,12 +18,13 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
-use crate::config::reload::Reloader;
-use crate::config::{self, Snapshot};
+use crate::config::{self, Config};
+use crate::control::analysis_loop::AnalysisLoop;
+use crate::control::reload::Reloader;
+use crate::control::Control;
 use crate::proxy::drain;
 use crate::proxy::KanariaProxy;
-use crate::rollout::control::Shared;
-use crate::rollout::controller::Controller;
+use crate::runtime::build;
 
 /// The Pingora settings Kanaria chooses for its proxy service, where they differ from
 /// Pingora's defaults. Shared with the benchmark's bare-Pingora floor
@@ -111,8 +113,9 @@ impl PingoraTuning {
 }
 
 /// Pingora's server configuration derived from ours.
-fn server_conf(snap: &Snapshot) -> ServerConf {
-    let threads = snap.proxy.threads.unwrap_or_else(|| {
+fn server_conf(config: &Config) -> ServerConf {
+    let restart = &config.restart;
+    let threads = restart.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
@@ -120,91 +123,87 @@ fn server_conf(snap: &Snapshot) -> ServerConf {
     let mut conf = ServerConf {
         threads,
         // Round up: a grace of 500ms must not become 0.
-        grace_period_seconds: Some(snap.proxy.shutdown_grace.as_millis().div_ceil(1000) as u64),
+        grace_period_seconds: Some(restart.shutdown_grace.as_millis().div_ceil(1000) as u64),
         graceful_shutdown_timeout_seconds: Some(5),
-        upgrade_sock: snap.proxy.upgrade_sock.clone(),
+        upgrade_sock: restart.upgrade_sock.clone(),
         ..ServerConf::default()
     };
-    tuning(snap, threads).apply_conf(&mut conf);
+    tuning(config, threads).apply_conf(&mut conf);
     conf
 }
 
 /// Kanaria's Pingora settings for this config: [`PingoraTuning::KANARIA`], the upstream pool
 /// sized for `edge.max_connections` on every proxy listener.
-fn tuning(snap: &Snapshot, threads: usize) -> PingoraTuning {
-    let clients = snap
+fn tuning(config: &Config, threads: usize) -> PingoraTuning {
+    let clients = config
         .edge
         .max_connections
-        .saturating_mul(snap.proxy.listen.len().max(1));
+        .saturating_mul(config.restart.listen.len().max(1));
     PingoraTuning::KANARIA.with_pool_for(clients, threads)
 }
 
 /// A Kanaria server ready to run: Pingora's server with the proxy, admin, reload and
-/// controller services added, and the shared state (the demo adds its own services).
+/// analysis services added, and the control plane (the demo adds its own services).
 pub struct Built {
     pub server: Server,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<Control>,
 }
 
 /// Loads the config and builds every service. Config errors are returned, all of them,
 /// before anything listens.
 pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
-    let snapshot = config::load_file(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let conf = server_conf(&snapshot);
-    let tuning = tuning(&snapshot, conf.threads);
-    let listen = snapshot.proxy.listen.clone();
+    let config = build::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let conf = server_conf(&config);
+    let tuning = tuning(&config, conf.threads);
+    let restart = config.restart.clone();
+    let tls = config.proxy.tls.clone();
+    let listen = restart.listen.clone();
     let opt = Opt {
         upgrade,
         ..Opt::default()
     };
     if !upgrade {
-        check_free(config_path, &snapshot)?;
+        check_free(config_path, &restart)?;
     }
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let admin_listen = snapshot.admin.listen;
-    let linger = drain::linger_for(snapshot.proxy.shutdown_grace);
-    let log_settings = snapshot.log.clone();
-    let shared = Shared::new(snapshot, config_path.to_path_buf())?;
+    let admin_listen = restart.admin_listen;
+    let linger = drain::linger_for(restart.shutdown_grace);
+    let shared = Control::new(config, config_path.to_path_buf())?;
+    let live = shared.live.clone();
     let access_log =
-        crate::proxy::access_log::AccessLog::start(&log_settings, &shared.metrics.registry)?;
-    let tls = shared.snapshot().proxy.tls.clone();
-    let h2c = shared.snapshot().proxy.h2c;
-    let edge = shared.snapshot().edge.clone();
+        crate::proxy::access_log::AccessLog::start(&restart.log, &live.metrics.registry)?;
     let mut all_listeners = listen.clone();
-    if let Some(t) = &tls {
-        all_listeners.extend(t.listen.iter().copied());
-    }
+    all_listeners.extend(restart.tls_listen.iter().copied());
     let mut http = pingora::proxy::http_proxy(
         &server.configuration,
-        KanariaProxy::new(shared.clone()).with_access_log(access_log),
+        KanariaProxy::new(live.clone()).with_access_log(access_log),
     );
     http.server_options = Some({
         let mut o = pingora::apps::HttpServerOptions::default();
-        o.h2c = h2c;
+        o.h2c = restart.h2c;
         o
     });
-    http.h2_options = Some(crate::proxy::h2::options(&edge));
+    http.h2_options = Some(crate::proxy::h2::options(&restart));
     tuning.apply_proxy(&mut http);
     // The proxy app behind the connection guard (header deadline, connection caps), which
     // lets idle connections linger on shutdown so clients reusing them are not reset.
-    let app =
-        crate::proxy::conn_guard::GuardedApp::new(http, shared.clone(), &all_listeners, linger);
+    let app = crate::proxy::conn_guard::GuardedApp::new(http, live.clone(), &all_listeners, linger);
     let mut proxy = Service::new("kanaria proxy".to_string(), app);
     for addr in &listen {
         proxy.add_listener(tuning.listener(&addr.to_string()));
     }
     if let Some(t) = &tls {
-        let store = crate::proxy::tls::CertStore::new(t, &shared.metrics.registry)?;
-        for addr in &t.listen {
-            let settings = crate::proxy::tls::listener_settings(&store, t.http2)
+        let store = crate::runtime::certs::CertStore::new(&t.certificates, &live.metrics.registry)?;
+        for addr in &restart.tls_listen {
+            let settings = crate::proxy::tls::listener_settings(&store, restart.tls_http2)
                 .map_err(|e| anyhow::anyhow!("proxy.tls: {e}"))?;
             proxy.add_tls_with_settings(&addr.to_string(), None, settings);
         }
         server.add_service(background_service(
             "certificate reload",
-            crate::proxy::tls::CertWatcher::new(store, shared.clone()),
+            crate::proxy::tls::CertWatcher::new(store, live.clone()),
         ));
     }
     let mut admin = Service::new("kanaria admin".to_string(), AdminApp::new(shared.clone()));
@@ -218,8 +217,8 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
         Reloader::new(shared.clone()),
     ));
     server.add_service(background_service(
-        "rollout controller",
-        Controller::new(shared.clone()),
+        "rollout analysis",
+        AnalysisLoop::new(shared.clone()),
     ));
     if let Some(fleet) = &shared.fleet {
         log::info!(
@@ -229,15 +228,18 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
         );
         server.add_service(background_service(
             "fleet",
-            crate::rollout::fleet::FleetService::new(shared.clone(), fleet.clone()),
+            crate::control::fleet::FleetService::new(shared.clone(), fleet.clone()),
         ));
     }
     log::info!(
         "kanaria {} listening on {:?}{} (admin {admin_listen}) with {}",
         env!("CARGO_PKG_VERSION"),
         listen,
-        tls.as_ref()
-            .map_or(String::new(), |t| format!(", TLS on {:?}", t.listen)),
+        if restart.tls_listen.is_empty() {
+            String::new()
+        } else {
+            format!(", TLS on {:?}", restart.tls_listen)
+        },
         config_path.display()
     );
     Ok(Built { server, shared })
@@ -246,22 +248,22 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
 /// Fails fast, naming the key, when a listen address is taken. Pingora would retry the bind
 /// for a while and then run on without that listener; an operator wants the error now.
 /// Skipped for `--upgrade`, where the old process holds the sockets on purpose.
-fn check_free(config_path: &Path, snap: &Snapshot) -> anyhow::Result<()> {
-    let keys = snap
-        .proxy
+fn check_free(config_path: &Path, restart: &config::RestartSettings) -> anyhow::Result<()> {
+    let keys = restart
         .listen
         .iter()
         .enumerate()
         .map(|(i, a)| (format!("proxy.listen[{i}]"), *a))
-        .chain(snap.proxy.tls.iter().flat_map(|t| {
-            t.listen
+        .chain(
+            restart
+                .tls_listen
                 .iter()
                 .enumerate()
-                .map(|(i, a)| (format!("proxy.tls.listen[{i}]"), *a))
-        }))
+                .map(|(i, a)| (format!("proxy.tls.listen[{i}]"), *a)),
+        )
         .chain(std::iter::once((
             "admin.listen".to_string(),
-            snap.admin.listen,
+            restart.admin_listen,
         )));
     for (key, addr) in keys {
         if let Err(e) = std::net::TcpListener::bind(addr) {
@@ -279,9 +281,10 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     build(config_path, upgrade)?.server.run_forever()
 }
 
-/// `kanaria check`: validates a file, returning a one-line summary.
+/// `kanaria check`: validates a file and checks the files it names, offline (no name is
+/// resolved), returning a one-line summary.
 pub fn check(config_path: &Path) -> Result<String, config::ConfigErrors> {
-    let snap = config::load_file(config_path)?;
+    let snap = build::load(config_path)?;
     Ok(format!(
         "{}: ok ({} route{})",
         config_path.display(),

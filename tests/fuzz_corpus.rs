@@ -23,20 +23,20 @@ fn replay(target: &str, run: fn(&[u8])) {
 
 #[test]
 fn config_corpus() {
-    replay("config", kanaria::fuzz_targets::config);
+    replay("config", kanaria::internals::fuzz::config);
 }
 
 #[test]
 fn override_token_corpus() {
-    replay("override_token", kanaria::fuzz_targets::override_token);
+    replay("override_token", kanaria::internals::fuzz::override_token);
 }
 
 #[test]
 fn route_split_corpus() {
-    replay("route_split", kanaria::fuzz_targets::route_split);
+    replay("route_split", kanaria::internals::fuzz::route_split);
 }
 
 #[test]
 fn request_head_corpus() {
-    replay("request_head", kanaria::fuzz_targets::request_head);
+    replay("request_head", kanaria::internals::fuzz::request_head);
 }

@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| kanaria::fuzz_targets::override_token(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kanaria::internals::fuzz::override_token(data));

@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| kanaria::fuzz_targets::request_head(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kanaria::internals::fuzz::request_head(data));

@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| kanaria::fuzz_targets::route_split(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kanaria::internals::fuzz::route_split(data));

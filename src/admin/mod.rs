@@ -18,14 +18,15 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
-use crate::config::Pool;
-use crate::rollout::analysis::WindowStats;
-use crate::rollout::control::{rollout_state, ControlError, OperatorAction, Shared};
+use crate::control::rollouts::rollout_state;
+use crate::control::{Control, ControlError, OperatorAction};
+use crate::runtime::Pool;
 use crate::split::buckets_to_percent;
 use crate::split::Track;
+use crate::stats::window::WindowStats;
 
 /// The window the status API reports.
-const STATUS_WINDOW: Duration = crate::rollout::analysis::STATUS_SPAN;
+const STATUS_WINDOW: Duration = crate::stats::window::STATUS_SPAN;
 /// The short window the dashboard charts (error rate and p99 "now").
 const RECENT_WINDOW: Duration = Duration::from_secs(5);
 
@@ -64,12 +65,12 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// The admin HTTP application.
 pub struct AdminApp {
-    shared: Arc<Shared>,
+    shared: Arc<Control>,
     ready: AtomicBool,
 }
 
 impl AdminApp {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Control>) -> Self {
         AdminApp {
             shared,
             ready: AtomicBool::new(false),
@@ -91,8 +92,8 @@ impl AdminApp {
         }
         let snap = self.shared.snapshot();
         let mut up = true;
-        let tls = snap.proxy.tls.iter().flat_map(|t| t.listen.iter());
-        for a in snap.proxy.listen.iter().chain(tls) {
+        let restart = &snap.config.restart;
+        for a in restart.listen.iter().chain(&restart.tls_listen) {
             // A wildcard listener is reached through loopback.
             let ip = match a.ip() {
                 IpAddr::V4(v) if v.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -153,7 +154,7 @@ fn pool_json(p: &Pool) -> Value {
 
 /// The fleet as this replica sees it: who is in it, what each applied, and whether the
 /// view is current.
-fn fleet_json(f: &crate::rollout::fleet::Fleet) -> Value {
+fn fleet_json(f: &crate::control::fleet::Fleet) -> Value {
     let view = f.view();
     let connected = f.connected.load(Ordering::Acquire);
     let synced = f.synced.load(Ordering::Acquire);
@@ -177,7 +178,7 @@ fn fleet_json(f: &crate::rollout::fleet::Fleet) -> Value {
 impl AdminApp {
     fn status(&self) -> Value {
         let controls = self.shared.controls();
-        let live = self.shared.load();
+        let live = self.shared.live.load();
         let snap = &live.snapshot;
         let reload = self.shared.last_reload();
         let now = Instant::now();
@@ -278,7 +279,7 @@ impl AdminApp {
             "routes": routes,
             "fleet": self.shared.fleet.as_ref().map(|f| fleet_json(f)),
             "events": self.shared.events(),
-            "tls": crate::proxy::tls::store().map(|s| s.status()),
+            "tls": crate::runtime::certs::store().map(|s| s.status()),
         })
     }
 
@@ -289,7 +290,7 @@ impl AdminApp {
         action: &str,
     ) -> Response<Vec<u8>> {
         let snap = self.shared.snapshot();
-        let Some(token) = snap.admin.token.as_deref() else {
+        let Some(token) = snap.config.admin.token.as_deref() else {
             return error(
                 StatusCode::FORBIDDEN,
                 "admin mutations are disabled: set admin.token_file in the config or KANARIA_ADMIN_TOKEN in the environment, then restart",
@@ -429,7 +430,7 @@ impl ServeHttp for AdminApp {
             (["metrics"], &Method::GET) => text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                self.shared.render_metrics(),
+                self.shared.live.render_metrics(),
             ),
             (["healthz"], &Method::GET) => text(StatusCode::OK, "text/plain", "ok\n".into()),
             (["readyz"], &Method::GET) => {

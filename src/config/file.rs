@@ -1,7 +1,7 @@
 //! The config file as written: serde structs that mirror the TOML one to one.
 //!
-//! Nothing here is validated beyond its TOML type; `compile` turns these into the runtime
-//! [`Snapshot`](super::Snapshot). Every struct denies unknown keys, and every default is
+//! Nothing here is validated beyond its TOML type; [`validate`](super::validate) turns these
+//! into a [`Config`](super::Config). Every struct denies unknown keys, and every default is
 //! stated here, next to the key, so the README's config reference can be checked against it.
 
 use serde::Deserialize;
@@ -83,6 +83,9 @@ pub struct ProxyFile {
     /// Accept HTTP/2 with prior knowledge (h2c) on the plain listeners, beside HTTP/1.1.
     /// Default `false`. Needs a restart.
     pub h2c: bool,
+    /// How often endpoints given by name (`HOST:PORT`) are resolved again; a pool may set
+    /// its own. Default `"10s"`.
+    pub resolve_interval: String,
     /// TLS listeners. Default: none.
     pub tls: Option<TlsFile>,
 }
@@ -133,6 +136,7 @@ impl Default for ProxyFile {
             shutdown_grace: "30s".into(),
             upgrade_sock: "/tmp/kanaria_upgrade.sock".into(),
             h2c: false,
+            resolve_interval: "10s".into(),
             tls: None,
         }
     }
@@ -520,12 +524,16 @@ pub struct RouteFile {
 pub struct PoolFile {
     /// A label naming the release this pool runs, e.g. `"v1"`. Shown in status and metrics.
     pub version: String,
-    /// `IP:PORT` or `HOST:PORT` (resolved when the config is loaded).
+    /// `IP:PORT` or `HOST:PORT`. A name is resolved when the config is loaded and again
+    /// every `resolve_interval`; every address it returns is an endpoint (health-checked).
     pub endpoints: Vec<String>,
     /// How Kanaria talks to the endpoints: `"http1"` (default) or `"h2c"` (HTTP/2 with
     /// prior knowledge, e.g. gRPC services). Health checks use the same protocol.
     #[serde(default = "default_protocol")]
     pub protocol: String,
+    /// How often the names among `endpoints` are resolved again. Default: `[proxy]
+    /// resolve_interval`.
+    pub resolve_interval: Option<String>,
 }
 
 fn default_protocol() -> String {

@@ -1,26 +1,30 @@
-//! Configuration: the TOML file, its validation, and the immutable runtime [`Snapshot`].
+//! Configuration as settings: the TOML file, its validation, and the validated [`Config`].
 //!
 //! Two layers. [`file`] holds serde structs that mirror the file (unknown keys denied,
-//! defaults documented). [`compile`] validates them, collecting *every* error with its key
-//! path, and builds a [`Snapshot`]: routes, router, pools with their load balancers, parsed
-//! durations. A snapshot never changes; a reload builds a new one and publishes it whole.
+//! defaults documented). [`validate`] checks them, collecting *every* error with its key
+//! path, and returns a [`Config`]: plain data (parsed durations, addresses, header names,
+//! endpoints as written), comparable with `==` so golden tests can pin a whole file. Nothing
+//! here opens a socket, reads a certificate, resolves a name or holds a Pingora type: the
+//! runtime layer builds the live snapshot (pools, load balancers, health checks, resolved
+//! endpoints, certificates) from a `Config`, so `kanaria check` works offline.
+//!
+//! What only a restart can change is one struct, [`RestartSettings`]: a reload that changes
+//! it is reported key by key ([`RestartSettings::changed_keys`]), never half applied.
 
-pub mod compile;
 pub mod errors;
 pub mod file;
-pub mod reload;
+pub mod validate;
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingora::lb::selection::RoundRobin;
-use pingora::lb::{Backend, LoadBalancer};
+use serde::Serialize;
 
 pub use errors::ConfigErrors;
 
+use crate::split::issued::IssuedCookie;
 use crate::split::router::Router;
 use crate::split::{SplitRule, Track};
 
@@ -33,44 +37,38 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
-/// A header Kanaria adds to messages: its name for lookups, and the name Pingora inserts,
-/// parsed once with its wire case (the vendored Pingora's `PreparedHeaderName`: an insert
-/// then neither parses the name nor allocates; see vendor/patches/0001).
-#[derive(Debug, Clone)]
-pub struct AddedHeader {
-    pub name: http::HeaderName,
-    pub prepared: pingora::http::PreparedHeaderName,
-}
-
-impl AddedHeader {
-    pub fn new(name: http::HeaderName) -> Self {
-        // The case Pingora would give the name per call (title case for the names it
-        // knows, as written otherwise).
-        let prepared = pingora::http::PreparedHeaderName::new(name.clone());
-        AddedHeader { name, prepared }
-    }
-}
-
-/// `[proxy]`, validated.
-#[derive(Debug, Clone)]
+/// `[proxy]`, validated: what a reload can change (the listeners and the rest that only a
+/// restart changes are in [`RestartSettings`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProxySettings {
-    pub listen: Vec<SocketAddr>,
-    pub threads: Option<usize>,
     pub timeouts: Timeouts,
     /// `None` when `add_version_header = false`.
-    pub version_header: Option<AddedHeader>,
-    pub request_id_header: AddedHeader,
-    pub shutdown_grace: Duration,
-    pub upgrade_sock: String,
-    /// h2c (HTTP/2 prior knowledge) on the plain listeners.
-    pub h2c: bool,
-    pub tls: Option<crate::proxy::tls::TlsSettings>,
+    pub version_header: Option<http::HeaderName>,
+    pub request_id_header: http::HeaderName,
+    /// `[proxy.tls]`: the certificates (re-read every `watch_interval`).
+    pub tls: Option<TlsCertificates>,
+    /// How often endpoints given by name are resolved again (`resolve_interval`), unless a
+    /// pool sets its own.
+    pub resolve_interval: Duration,
 }
 
-/// `[admin]`, validated.
-#[derive(Clone)]
+/// `[[proxy.tls.certificates]]`, paths resolved against the config file's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CertPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `[proxy.tls]`'s certificates, validated (read by the runtime layer, not here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsCertificates {
+    pub certificates: Vec<CertPaths>,
+    pub watch_interval: Duration,
+}
+
+/// `[admin]`, validated (its listener is in [`RestartSettings`]).
+#[derive(Clone, PartialEq, Eq)]
 pub struct AdminSettings {
-    pub listen: SocketAddr,
     /// Bearer token for mutations; `None` disables them.
     pub token: Option<String>,
 }
@@ -79,28 +77,49 @@ impl std::fmt::Debug for AdminSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the token.
         f.debug_struct("AdminSettings")
-            .field("listen", &self.listen)
             .field("token", &self.token.as_ref().map(|_| "<set>"))
             .finish()
     }
 }
 
-/// `[edge]`, validated.
-#[derive(Debug, Clone)]
+/// `[edge]`, validated (the HTTP/2 limits are in [`RestartSettings`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct EdgeSettings {
     pub header_timeout: Duration,
     /// Keep-alive idle timeout in whole seconds (Pingora's granularity), at least 1.
     pub idle_timeout_secs: u64,
     pub body_timeout: Duration,
-    pub limits: crate::proxy::edge::HeaderLimits,
+    pub limits: HeaderLimits,
     pub max_connections: usize,
     pub trusted_proxies: Vec<ipnet::IpNet>,
-    pub h2_max_concurrent_streams: u32,
-    pub h2_max_header_list_size: u32,
+}
+
+/// Pingora's own ceiling on a request header section; larger ones get its 400 (so
+/// `edge.max_header_bytes` may not exceed it).
+pub const PINGORA_MAX_HEADER_BYTES: usize = 1_048_575;
+/// Pingora's own ceiling on the number of request headers; more get its 400.
+pub const PINGORA_MAX_HEADERS: usize = 256;
+
+/// Limits on one request header section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderLimits {
+    /// Bytes of the whole header section, request line included.
+    pub max_bytes: usize,
+    /// Number of header fields.
+    pub max_count: usize,
+}
+
+impl Default for HeaderLimits {
+    fn default() -> Self {
+        HeaderLimits {
+            max_bytes: 64 * 1024,
+            max_count: 100,
+        }
+    }
 }
 
 /// `[reload]`, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ReloadSettings {
     pub watch: bool,
     pub debounce: Duration,
@@ -130,7 +149,7 @@ pub struct AnalysisRules {
     pub max_p99_latency_ratio: Option<f64>,
     pub confidence: f64,
     pub failure_limit: u32,
-    /// Bit `n` set: gRPC status `n` counts as an error (see [`crate::proxy::h2`]).
+    /// Bit `n` set: gRPC status `n` counts as an error (see [`grpc_code`]).
     pub grpc_error_codes: u32,
 }
 
@@ -150,13 +169,13 @@ pub enum StableDown {
 }
 
 /// `[state]`, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StateSettings {
     pub dir: std::path::PathBuf,
 }
 
 /// `[fleet]`, validated.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Serialize)]
 pub struct FleetSettings {
     /// The Redis URL as written (password included: never printed).
     pub url: String,
@@ -166,8 +185,8 @@ pub struct FleetSettings {
     pub startup_timeout: Duration,
     /// How long a record of a version no replica serves stays in the store.
     pub record_ttl: Duration,
-    /// `rediss://`: the PEM of the authorities to trust (`None`: the system's store).
-    pub ca_pem: Option<Vec<u8>>,
+    /// `rediss://`: the PEM file of the authorities to trust (`None`: the system's store).
+    pub ca: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for FleetSettings {
@@ -185,7 +204,7 @@ impl std::fmt::Debug for FleetSettings {
 }
 
 /// `[notify]`, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NotifySettings {
     /// The `http://` URL events are POSTed to.
     pub url: String,
@@ -219,107 +238,66 @@ impl WeightSource {
     }
 }
 
-/// One version's endpoints, with the load balancer that health-checks them.
-pub struct Pool {
+/// An upstream endpoint as written: an address, or a name the runtime resolves (again
+/// every `resolve_interval`, all the addresses it returns).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Endpoint {
+    Addr(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Addr(a) => write!(f, "{a}"),
+            Endpoint::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// `[routes.stable]` or `[routes.canary]`, validated: one release's endpoints as written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSettings {
     /// The release label, e.g. `v2`.
     pub version: String,
-    pub endpoints: Vec<SocketAddr>,
-    pub lb: Arc<LoadBalancer<RoundRobin>>,
+    /// Sorted, without duplicates.
+    pub endpoints: Vec<Endpoint>,
     /// Speak HTTP/2 with prior knowledge to the endpoints.
     pub h2c: bool,
-    /// The load balancer's backends (in its order), each with whether it was ready (healthy
-    /// and enabled) after the last health check round: what the request path picks from.
-    picks: Box<[(Backend, AtomicBool)]>,
-    /// Round-robin position.
-    next: AtomicUsize,
+    /// How often the names among `endpoints` are resolved again.
+    pub resolve_interval: Duration,
 }
 
-impl Pool {
-    pub fn new(
-        version: String,
-        endpoints: Vec<SocketAddr>,
-        lb: Arc<LoadBalancer<RoundRobin>>,
-        h2c: bool,
-    ) -> Self {
-        let backends = lb.backends();
-        let picks = backends
-            .get_backend()
-            .iter()
-            .map(|b| (b.clone(), AtomicBool::new(backends.ready(b))))
-            .collect();
-        Pool {
-            version,
-            endpoints,
-            lb,
-            h2c,
-            picks,
-            next: AtomicUsize::new(0),
-        }
-    }
+/// What a route's pools have in common, whether settings or built: the release label.
+pub trait Release {
+    fn release(&self) -> &str;
+}
 
-    /// Copies the load balancer's readiness into the request path's flags. Readiness
-    /// changes only in a health check round, so the controller calls this after each.
-    pub fn refresh_ready(&self) {
-        let backends = self.lb.backends();
-        for (b, ready) in self.picks.iter() {
-            ready.store(backends.ready(b), Ordering::Relaxed);
-        }
-    }
-
-    /// The next ready endpoint, round robin, as `LoadBalancer::select` picks it; `None`
-    /// when none is ready. One atomic add and a scan of flags: Pingora's `select` builds a
-    /// hash set and hashes every candidate on each call.
-    pub fn select(&self) -> Option<&Backend> {
-        let n = self.picks.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|k| &self.picks[start.wrapping_add(k) % n])
-            .find(|(_, ready)| ready.load(Ordering::Relaxed))
-            .map(|(b, _)| b)
-    }
-
-    /// Each endpoint with whether it is in rotation (healthy per the health checks).
-    pub fn health(&self) -> Vec<(SocketAddr, bool)> {
-        let backends = self.lb.backends();
-        let set = backends.get_backend();
-        self.endpoints
-            .iter()
-            .map(|e| {
-                let healthy = set
-                    .iter()
-                    .find(|b| b.addr.as_inet() == Some(e))
-                    .is_some_and(|b| backends.ready(b));
-                (*e, healthy)
-            })
-            .collect()
-    }
-
-    pub fn healthy_count(&self) -> usize {
-        self.health().iter().filter(|(_, h)| *h).count()
+impl Release for PoolSettings {
+    fn release(&self) -> &str {
+        &self.version
     }
 }
 
-impl std::fmt::Debug for Pool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool")
-            .field("version", &self.version)
-            .field("endpoints", &self.endpoints)
-            .finish()
+impl<T: Release + ?Sized> Release for Arc<T> {
+    fn release(&self) -> &str {
+        (**self).release()
     }
 }
 
-/// One route, validated.
-#[derive(Debug, Clone)]
-pub struct Route {
+/// One route, validated. `P` is how its pools are held: [`PoolSettings`] here, the built
+/// pools in the runtime snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route<P = PoolSettings> {
     pub name: String,
     pub hosts: Vec<String>,
     pub path_prefix: String,
     pub split: SplitRule,
     /// Set when `sticky_by` has `issued_cookie:NAME`.
-    pub issued_cookie: Option<crate::split::issued::IssuedCookie>,
+    pub issued_cookie: Option<IssuedCookie>,
     pub timeouts: Timeouts,
-    pub stable: Arc<Pool>,
-    pub canary: Option<Arc<Pool>>,
+    pub stable: P,
+    pub canary: Option<P>,
     /// Who set `split.canary_buckets`.
     pub weight_source: WeightSource,
     /// `canary_weight` as written in the file, in buckets.
@@ -335,51 +313,225 @@ pub struct Route {
     pub steps: Vec<Step>,
 }
 
-impl Route {
+impl<P> Route<P> {
     /// The pool serving `v`. A route without a canary pool serves everything from stable.
-    pub fn pool(&self, v: Track) -> &Arc<Pool> {
+    pub fn pool(&self, v: Track) -> &P {
         match (v, &self.canary) {
             (Track::Canary, Some(c)) => c,
             _ => &self.stable,
         }
     }
 
+    /// The same route with its pools mapped (settings to built pools).
+    pub fn with_pools<Q>(&self, mut f: impl FnMut(Track, &P) -> Q) -> Route<Q> {
+        Route {
+            name: self.name.clone(),
+            hosts: self.hosts.clone(),
+            path_prefix: self.path_prefix.clone(),
+            split: self.split.clone(),
+            issued_cookie: self.issued_cookie.clone(),
+            timeouts: self.timeouts,
+            stable: f(Track::Stable, &self.stable),
+            canary: self.canary.as_ref().map(|c| f(Track::Canary, c)),
+            weight_source: self.weight_source,
+            file_buckets: self.file_buckets,
+            retry_on_stable: self.retry_on_stable,
+            canary_timeout: self.canary_timeout,
+            stable_down: self.stable_down,
+            health: self.health.clone(),
+            analysis: self.analysis.clone(),
+            steps: self.steps.clone(),
+        }
+    }
+}
+
+impl<P: Release> Route<P> {
     /// (stable label, canary label) for override matching.
     pub fn labels(&self) -> (&str, Option<&str>) {
         (
-            self.stable.version.as_str(),
-            self.canary.as_deref().map(|c| c.version.as_str()),
+            self.stable.release(),
+            self.canary.as_ref().map(|c| c.release()),
         )
     }
 }
 
-/// The whole validated config. Immutable; shared by `Arc`, replaced whole on reload.
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    /// 0 until published; then 1, 2, ... per publication.
-    pub generation: u64,
-    pub proxy: ProxySettings,
-    pub admin: AdminSettings,
-    pub reload: ReloadSettings,
+/// What only a restart changes, each field named by its key in the file. A reload that
+/// changes one keeps the running value and reports the key ([`Self::changed_keys`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RestartSettings {
+    #[serde(rename = "proxy.listen")]
+    pub listen: Vec<SocketAddr>,
+    /// Worker threads; `None`: one per CPU.
+    #[serde(rename = "proxy.threads")]
+    pub threads: Option<usize>,
+    #[serde(rename = "proxy.upgrade_sock")]
+    pub upgrade_sock: String,
+    /// h2c (HTTP/2 prior knowledge) on the plain listeners.
+    #[serde(rename = "proxy.h2c")]
+    pub h2c: bool,
+    #[serde(rename = "proxy.shutdown_grace")]
+    pub shutdown_grace: Duration,
+    /// `[proxy.tls] listen` (empty without `[proxy.tls]`).
+    #[serde(rename = "proxy.tls.listen")]
+    pub tls_listen: Vec<SocketAddr>,
+    /// Offer HTTP/2 through ALPN on the TLS listeners.
+    #[serde(rename = "proxy.tls.http2")]
+    pub tls_http2: bool,
+    #[serde(rename = "edge.h2_max_concurrent_streams")]
+    pub h2_max_concurrent_streams: u32,
+    #[serde(rename = "edge.h2_max_header_list_size")]
+    pub h2_max_header_list_size: u32,
+    #[serde(rename = "admin.listen")]
+    pub admin_listen: SocketAddr,
+    pub log: LogSettings,
     pub state: Option<StateSettings>,
     pub notify: Option<NotifySettings>,
     pub fleet: Option<FleetSettings>,
+}
+
+impl RestartSettings {
+    /// The keys whose values differ between `self` (running) and `new`, sorted:
+    /// derived from the struct itself, so a new restart-only field is reported without a
+    /// list to keep.
+    pub fn changed_keys(&self, new: &RestartSettings) -> Vec<String> {
+        let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+            (serde_json::to_value(self), serde_json::to_value(new))
+        else {
+            return Vec::new();
+        };
+        a.iter()
+            .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+}
+
+/// Where the access log's lines go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum LogTarget {
+    Off,
+    Stdout,
+    /// Absolute, or resolved against the config file's directory.
+    File(PathBuf),
+}
+
+/// The access log's line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum LogFormat {
+    Json,
+    Combined,
+}
+
+/// `[log]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogSettings {
+    pub access: LogTarget,
+    pub format: LogFormat,
+    /// Lines that may wait for the writer before new ones are dropped.
+    pub queue: usize,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            access: LogTarget::Off,
+            format: LogFormat::Json,
+            queue: 16_384,
+        }
+    }
+}
+
+/// gRPC status code names (`grpc/status.proto`) and their numbers.
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The number of a gRPC status code name (case-insensitive); `OK` is not an error code.
+pub fn grpc_code(name: &str) -> Option<u32> {
+    GRPC_CODES
+        .iter()
+        .position(|c| c.eq_ignore_ascii_case(name.trim()))
+        .filter(|&n| n > 0)
+        .map(|n| n as u32)
+}
+
+/// The whole validated config: plain data, replaced whole on reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub restart: RestartSettings,
+    pub proxy: ProxySettings,
+    pub admin: AdminSettings,
+    pub reload: ReloadSettings,
     pub edge: EdgeSettings,
-    /// `[log]` (read at start only).
-    pub log: crate::proxy::access_log::LogSettings,
     pub routes: Vec<Arc<Route>>,
     pub router: Router,
 }
 
-/// Parse and validate config text. `file` is the name used in error messages.
-pub fn load_str(src: &str, file: &str) -> Result<Snapshot, ConfigErrors> {
-    compile::compile_str(src, file)
+/// Parse and validate config text. `file` is the name used in error messages; relative
+/// paths in it are resolved against `file`'s directory.
+pub fn load_str(src: &str, file: &str) -> Result<Config, ConfigErrors> {
+    validate::validate_str(src, file)
 }
 
 /// Read, parse and validate a config file.
-pub fn load_file(path: &Path) -> Result<Snapshot, ConfigErrors> {
+pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     let name = path.display().to_string();
-    let src = std::fs::read_to_string(path)
-        .map_err(|e| ConfigErrors::whole_file(&name, format!("cannot read config: {e}")))?;
+    let src = read_file(path)?;
     load_str(&src, &name)
+}
+
+/// The text of a config file, or the error that names it.
+pub fn read_file(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors::whole_file(
+            &path.display().to_string(),
+            format!("cannot read config: {e}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_codes_by_name() {
+        assert_eq!(grpc_code("UNAVAILABLE"), Some(14));
+        assert_eq!(grpc_code("internal"), Some(13));
+        assert_eq!(grpc_code("OK"), None);
+        assert_eq!(grpc_code("NOPE"), None);
+    }
+
+    /// Every field of `RestartSettings` is reported by its key when it changes: the list
+    /// follows from the struct.
+    #[test]
+    fn restart_keys_follow_from_the_struct() {
+        let text = "[[routes]]\nname = \"app\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n";
+        let a = load_str(text, "a.toml").unwrap().restart;
+        let mut b = a.clone();
+        assert!(a.changed_keys(&b).is_empty());
+        b.threads = Some(3);
+        b.tls_listen = vec!["127.0.0.1:8443".parse().unwrap()];
+        b.admin_listen = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(
+            a.changed_keys(&b),
+            ["admin.listen", "proxy.threads", "proxy.tls.listen"]
+        );
+    }
 }

@@ -26,8 +26,9 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
-use crate::rollout::control::Shared;
-use crate::rollout::phase::{now_ms, Phase};
+use crate::clock::{Clock, SystemClock};
+use crate::control::Control;
+use crate::rollout::phase::Phase;
 use crate::split::{buckets_to_percent, Track};
 
 /// How long the story may take before it is declared failed.
@@ -71,7 +72,8 @@ impl ServeHttp for DemoApp {
             return text(StatusCode::OK, "ok\n".into());
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.last_request_ms.store(now_ms(), Ordering::Relaxed);
+        self.last_request_ms
+            .store(SystemClock.now_ms(), Ordering::Relaxed);
         tokio::time::sleep(self.delay).await;
         if self.failing.load(Ordering::Relaxed) {
             return text(
@@ -163,8 +165,8 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let Some(route) = snap.routes.first() else {
         bail!("the demo config has no route");
     };
-    let proxy_addr = snap.proxy.listen[0];
-    let admin_addr = snap.admin.listen;
+    let proxy_addr = snap.config.restart.listen[0];
+    let admin_addr = snap.config.restart.admin_listen;
 
     let mut canary = None;
     for (version, port, delay, pool) in [
@@ -273,7 +275,7 @@ fn start_load(url: String, seen: Arc<Seen>, stop: Arc<AtomicBool>) {
 
 /// The scripted story.
 struct Story {
-    shared: Arc<Shared>,
+    shared: Arc<Control>,
     route: String,
     proxy_url: String,
     admin_url: String,
@@ -352,7 +354,7 @@ impl Story {
         // snapshot loaded after it is at least as new (the line never pairs a new step with
         // the old weight).
         let control = self.shared.route_control(&self.route);
-        let live = self.shared.load();
+        let live = self.shared.live.load();
         let Some((i, r)) = live
             .snapshot
             .routes
@@ -456,7 +458,7 @@ impl Story {
                     || start.elapsed() > Duration::from_secs(40))
             {
                 self.canary.failing.store(true, Ordering::Relaxed);
-                failed_at = Some((Instant::now(), now_ms()));
+                failed_at = Some((Instant::now(), SystemClock.now_ms()));
                 say(
                     &display,
                     format!(
@@ -491,7 +493,7 @@ impl Story {
             .into_iter()
             .rev()
             .find(|e| e.route == self.route && e.kind == "rollback");
-        let live = self.shared.load();
+        let live = self.shared.live.load();
         let retries = live
             .snapshot
             .routes

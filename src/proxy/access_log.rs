@@ -14,7 +14,6 @@
 use std::fmt::Write as _;
 use std::io::Write;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
@@ -26,40 +25,7 @@ use prometheus::IntCounter;
 use super::Ctx;
 use crate::proxy::headers::push_ip;
 
-/// Where the lines go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    Off,
-    Stdout,
-    /// Absolute, or resolved against the config file's directory.
-    File(PathBuf),
-}
-
-/// The line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Json,
-    Combined,
-}
-
-/// `[log]`, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogSettings {
-    pub access: Target,
-    pub format: Format,
-    /// Lines that may wait for the writer before new ones are dropped.
-    pub queue: usize,
-}
-
-impl Default for LogSettings {
-    fn default() -> Self {
-        LogSettings {
-            access: Target::Off,
-            format: Format::Json,
-            queue: 16_384,
-        }
-    }
-}
+pub use crate::config::{LogFormat as Format, LogSettings, LogTarget as Target};
 
 /// Set by SIGUSR1; the writer reopens the file when it sees it.
 static REOPEN: AtomicBool = AtomicBool::new(false);
@@ -199,7 +165,7 @@ fn facts<'a>(session: &'a Session, ctx: &Ctx) -> Facts<'a> {
     let trusted = ctx
         .live
         .as_ref()
-        .map_or(&[][..], |l| &l.snapshot.edge.trusted_proxies[..]);
+        .map_or(&[][..], |l| &l.snapshot.config.edge.trusted_proxies[..]);
     Facts {
         // As the split saw it; computed here only for requests refused before that.
         client: ctx
@@ -313,7 +279,7 @@ fn request_id<'a>(session: &'a Session, ctx: &'a Ctx) -> Option<&'a str> {
     session
         .req_header()
         .headers
-        .get(&live.snapshot.proxy.request_id_header.name)?
+        .get(&live.snapshot.headers.request_id.name)?
         .to_str()
         .ok()
 }

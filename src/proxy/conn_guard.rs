@@ -54,8 +54,8 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::proxy::edge::RejectReason;
-use crate::rollout::control::Shared;
+use crate::metrics::RejectReason;
+use crate::runtime::LiveHandle;
 
 const PHASE_HEADER: u8 = 0;
 const PHASE_REQUEST: u8 = 1;
@@ -438,7 +438,7 @@ struct ListenerCount {
 /// Wraps the proxy app: connection caps and header deadlines (see the module docs).
 pub struct GuardedApp<A> {
     inner: Arc<A>,
-    shared: Arc<Shared>,
+    shared: Arc<LiveHandle>,
     listeners: Vec<ListenerCount>,
     /// Connections accepted on an address no listener entry matches (not expected).
     other: Arc<AtomicUsize>,
@@ -449,7 +449,7 @@ pub struct GuardedApp<A> {
 impl<A> GuardedApp<A> {
     /// `listen` are the proxy's listener addresses (fixed until restart); `linger`, how long
     /// idle client connections stay open after shutdown began ([`crate::proxy::drain`]).
-    pub fn new(inner: A, shared: Arc<Shared>, listen: &[SocketAddr], linger: Duration) -> Self {
+    pub fn new(inner: A, shared: Arc<LiveHandle>, listen: &[SocketAddr], linger: Duration) -> Self {
         GuardedApp {
             inner: Arc::new(inner),
             shared,
@@ -500,7 +500,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
         Self: 'async_trait,
     {
         let snap = self.shared.snapshot();
-        let edge = &snap.edge;
+        let edge = &snap.config.edge;
         let counter = self.counter(&stream).clone();
         let open = counter.fetch_add(1, Ordering::Relaxed) + 1;
         let slot = Slot(counter);

@@ -18,28 +18,8 @@
 use http::header::{HeaderName, CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODING, UPGRADE};
 use http::HeaderMap;
 
-/// Pingora's own ceiling on a request header (bytes); larger ones get its 400.
-pub const PINGORA_MAX_HEADER_BYTES: usize = 1_048_575;
-/// Pingora's own ceiling on the number of request headers; more get its 400.
-pub const PINGORA_MAX_HEADERS: usize = 256;
-
-/// Limits on one request header section.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeaderLimits {
-    /// Bytes of the whole header section, request line included.
-    pub max_bytes: usize,
-    /// Number of header fields.
-    pub max_count: usize,
-}
-
-impl Default for HeaderLimits {
-    fn default() -> Self {
-        HeaderLimits {
-            max_bytes: 64 * 1024,
-            max_count: 100,
-        }
-    }
-}
+pub use crate::config::HeaderLimits;
+use crate::metrics::RejectReason;
 
 /// Why a request was refused before routing. Each maps to a status and a metric reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,39 +54,6 @@ impl Reject {
             Reject::Framing(m) => m,
             Reject::HeaderTooLarge => "request header too large",
             Reject::TooManyHeaders => "too many request header fields",
-        }
-    }
-}
-
-/// Reasons of `kanaria_rejected_requests_total`: a fixed set, so the label stays bounded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
-    Framing = 0,
-    HeaderTooLarge = 1,
-    TooManyHeaders = 2,
-    HeaderTimeout = 3,
-    ConnectionLimit = 4,
-    UpstreamFraming = 5,
-}
-
-impl RejectReason {
-    pub const ALL: [RejectReason; 6] = [
-        RejectReason::Framing,
-        RejectReason::HeaderTooLarge,
-        RejectReason::TooManyHeaders,
-        RejectReason::HeaderTimeout,
-        RejectReason::ConnectionLimit,
-        RejectReason::UpstreamFraming,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::Framing => "framing",
-            RejectReason::HeaderTooLarge => "header_too_large",
-            RejectReason::TooManyHeaders => "too_many_headers",
-            RejectReason::HeaderTimeout => "header_timeout",
-            RejectReason::ConnectionLimit => "connection_limit",
-            RejectReason::UpstreamFraming => "upstream_framing",
         }
     }
 }

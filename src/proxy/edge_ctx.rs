@@ -10,7 +10,7 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
-use crate::config::Route;
+use crate::runtime::Route;
 use crate::split::issued::{IssuedId, IssuedIds};
 
 /// See the module docs.

@@ -8,44 +8,15 @@
 
 use pingora::protocols::http::v2::server::H2Options;
 
-use crate::config::EdgeSettings;
+use crate::config::RestartSettings;
+use crate::runtime::Pool;
 
 /// The HTTP/2 server settings: concurrent streams and decoded header list size.
-pub fn options(edge: &EdgeSettings) -> H2Options {
+pub fn options(restart: &RestartSettings) -> H2Options {
     let mut o = pingora::protocols::http::v2::server::default_h2_options();
-    o.max_concurrent_streams(edge.h2_max_concurrent_streams);
-    o.max_header_list_size(edge.h2_max_header_list_size);
+    o.max_concurrent_streams(restart.h2_max_concurrent_streams);
+    o.max_header_list_size(restart.h2_max_header_list_size);
     o
-}
-
-/// gRPC status code names (`grpc/status.proto`) and their numbers.
-const GRPC_CODES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
-/// The number of a gRPC status code name (case-insensitive); `OK` is not an error code.
-pub fn grpc_code(name: &str) -> Option<u32> {
-    GRPC_CODES
-        .iter()
-        .position(|c| c.eq_ignore_ascii_case(name.trim()))
-        .filter(|&n| n > 0)
-        .map(|n| n as u32)
 }
 
 /// Does this header block (response headers of a Trailers-Only answer, or trailers) carry
@@ -63,7 +34,7 @@ pub fn grpc_failed(headers: &http::HeaderMap, codes: u32) -> bool {
 
 /// An upstream peer of an h2c pool speaks HTTP/2 with prior knowledge, many streams on
 /// one connection.
-pub fn upstream_peer(peer: &mut pingora::prelude::HttpPeer, pool: &crate::config::Pool) {
+pub fn upstream_peer(peer: &mut pingora::prelude::HttpPeer, pool: &Pool) {
     if pool.h2c {
         peer.options.set_http_version(2, 2);
         peer.options.max_h2_streams = 100;
@@ -96,11 +67,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grpc_codes_by_name_and_status_headers() {
-        assert_eq!(grpc_code("UNAVAILABLE"), Some(14));
-        assert_eq!(grpc_code("internal"), Some(13));
-        assert_eq!(grpc_code("OK"), None);
-        assert_eq!(grpc_code("NOPE"), None);
+    fn grpc_status_headers() {
         let mask = (1 << 14) | (1 << 13);
         let mut h = http::HeaderMap::new();
         assert!(!grpc_failed(&h, mask));

@@ -14,8 +14,9 @@ use ipnet::IpNet;
 use pingora::http::{PreparedHeaderName, RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 
-use crate::config::{EdgeSettings, Route};
+use crate::config::EdgeSettings;
 use crate::proxy::edge::{check_request_head, Reject};
+use crate::runtime::Route;
 
 /// Checks a request head just read and applies the per-connection settings. `Some` means
 /// refuse: the caller answers `reject.status()` and closes the connection.

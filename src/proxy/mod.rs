@@ -42,11 +42,11 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::config::{Route, StableDown};
+use crate::config::StableDown;
 use crate::metrics::{RouteMetrics, TrackMetrics, UpstreamErrorKind};
-use crate::rollout::analysis::Ticket;
-use crate::rollout::control::{Live, Shared};
+use crate::runtime::{AddedHeaders, Live, LiveHandle, Route};
 use crate::split::Track;
+use crate::stats::in_flight::Ticket;
 
 /// Error type for "the chosen pool has no endpoint to send to" (all down or unhealthy).
 pub const NO_HEALTHY_ENDPOINT: &str = "NoHealthyEndpoint";
@@ -254,14 +254,14 @@ impl RequestIds {
 
 /// The Kanaria proxy service.
 pub struct KanariaProxy {
-    shared: Arc<Shared>,
+    shared: Arc<LiveHandle>,
     ids: RequestIds,
     issued_ids: crate::split::issued::IssuedIds,
     access_log: Option<Arc<access_log::AccessLog>>,
 }
 
 impl KanariaProxy {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<LiveHandle>) -> Self {
         KanariaProxy {
             shared,
             ids: RequestIds::new(),
@@ -315,7 +315,7 @@ fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx, carried: Option<u32>)
     };
     let snap = &live.snapshot;
     let carried = carried.unwrap_or(u32::MAX);
-    if let (Some(header), Some(v)) = (&snap.proxy.version_header, ctx.version) {
+    if let (Some(header), Some(v)) = (&snap.headers.version, ctx.version) {
         let value = HeaderValue::from_static(v.as_str());
         if carried & 1 != 0 {
             resp.insert_wire_header(&header.prepared, value)?;
@@ -324,7 +324,7 @@ fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx, carried: Option<u32>)
         }
     }
     if let Some(id) = &ctx.generated_request_id {
-        let name = &snap.proxy.request_id_header.prepared;
+        let name = &snap.headers.request_id.prepared;
         if carried & 2 != 0 {
             resp.insert_wire_header(name, id.clone())?;
         } else {
@@ -336,9 +336,9 @@ fn decorate_response(resp: &mut ResponseHeader, ctx: &Ctx, carried: Option<u32>)
 
 /// The names [`decorate_response`] adds, for the upstream response's scan to look for: the
 /// version header (the request id's name again when there is none) and the request id.
-fn response_watch(proxy: &crate::config::ProxySettings) -> [&http::HeaderName; 2] {
-    let id = &proxy.request_id_header.name;
-    [proxy.version_header.as_ref().map_or(id, |h| &h.name), id]
+fn response_watch(headers: &AddedHeaders) -> [&http::HeaderName; 2] {
+    let id = &headers.request_id.name;
+    [headers.version.as_ref().map_or(id, |h| &h.name), id]
 }
 
 #[async_trait]
@@ -373,19 +373,20 @@ impl ProxyHttp for KanariaProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Box<Ctx>) -> Result<bool> {
         let live = self.shared.load();
         let snap = &live.snapshot;
-        if let Some(reject) = crate::proxy::headers::admit(session, &snap.edge) {
+        if let Some(reject) = crate::proxy::headers::admit(session, &snap.config.edge) {
             self.shared.metrics.edge.rejected(reject.reason()).inc();
             log::debug!("refused a request head: {}", reject.message());
             let body = format!("kanaria: {}\n", reject.message());
             respond_text(session, ctx, reject.status(), &body).await?;
             return Ok(true);
         }
-        let client = crate::proxy::headers::client_ip(session, &snap.edge.trusted_proxies);
+        let client = crate::proxy::headers::client_ip(session, &snap.config.edge.trusted_proxies);
         ctx.edge.client = client;
         let req = session.req_header();
         // HTTP/1.1 carries the host in `Host`; absolute-form and HTTP/2 in the URI. Looked
         // up only when a route lists hosts.
         let host = snap
+            .config
             .router
             .matches_hosts()
             .then(|| {
@@ -407,16 +408,12 @@ impl ProxyHttp for KanariaProxy {
             .await?;
             return Ok(true);
         };
-        let route = snap.router.find(host, &path);
+        let route = snap.config.router.find(host, &path);
         drop(path);
         let r = route.and_then(|i| snap.routes.get(i));
         ctx.edge
             .begin(session, r.map(|r| r.as_ref()), &self.issued_ids);
-        if req
-            .headers
-            .get(&snap.proxy.request_id_header.name)
-            .is_none()
-        {
+        if req.headers.get(&snap.headers.request_id.name).is_none() {
             ctx.generated_request_id = Some(self.ids.next());
         }
         let decision = r.map(|r| {
@@ -657,7 +654,7 @@ impl ProxyHttp for KanariaProxy {
         let trusted = ctx
             .live
             .as_ref()
-            .map_or(&[][..], |l| &l.snapshot.edge.trusted_proxies[..]);
+            .map_or(&[][..], |l| &l.snapshot.config.edge.trusted_proxies[..]);
         crate::proxy::headers::set_forwarding(
             upstream_request,
             headers::peer_ip(session),
@@ -669,7 +666,7 @@ impl ProxyHttp for KanariaProxy {
         // appended without a lookup, as a wire header (vendor/patches/0012).
         if let (Some(id), Some(live)) = (&ctx.generated_request_id, &ctx.live) {
             upstream_request
-                .append_wire_header(&live.snapshot.proxy.request_id_header.prepared, id.clone())?;
+                .append_wire_header(&live.snapshot.headers.request_id.prepared, id.clone())?;
         }
         let h2c = matches!((ctx.route(), ctx.version), (Some(r), Some(v)) if r.pool(v).h2c);
         h2::forward_te_trailers(&session.req_header().headers, upstream_request, h2c)
@@ -684,7 +681,7 @@ impl ProxyHttp for KanariaProxy {
         let cleaned = match ctx.live.as_ref() {
             Some(live) => crate::proxy::headers::clean_upstream_response(
                 upstream_response,
-                response_watch(&live.snapshot.proxy),
+                response_watch(&live.snapshot.headers),
             )
             .map(Some),
             None => {
@@ -696,7 +693,7 @@ impl ProxyHttp for KanariaProxy {
             self.shared
                 .metrics
                 .edge
-                .rejected(crate::proxy::edge::RejectReason::UpstreamFraming)
+                .rejected(crate::metrics::RejectReason::UpstreamFraming)
                 .inc();
             return Err(Error::explain(ErrorType::InvalidHTTPHeader, why).into_up());
         }

@@ -1,16 +1,13 @@
-//! Rollouts: where each route's canary stands and everything that moves it.
+//! Rollouts, decided: where each route's canary stands and what moves it, as pure
+//! functions with no I/O, clock or lock (the control plane carries out their effects).
 //!
-//! The pure state machine decides; the rest drives it: the controller runs health checks
-//! and the analysis on their schedules, the analysis windows count outcomes per track,
-//! the control module serializes changes and publishes the resulting snapshot, the store
-//! persists phases across restarts, the fleet shares them with the other replicas through
-//! Redis (`[fleet]`), and the webhook sends events out.
+//! - [`spec`]: what the machine knows of a route's config.
+//! - [`phase`]: the phases a route can be in, the weight each means, the record persisted.
+//! - [`machine`]: the state machine: an input (a reload, an operator's action, a verdict, a
+//!   tick, the fleet's record) and the time in, the next state and its effects out.
+//! - [`verdict`]: the analysis' judgement of a canary window against stable's.
 
-pub mod analysis;
-pub(crate) mod control;
-pub(crate) mod controller;
-pub(crate) mod fleet;
-pub(crate) mod machine;
-pub(crate) mod phase;
-pub(crate) mod store;
-pub(crate) mod webhook;
+pub mod machine;
+pub mod phase;
+pub mod spec;
+pub mod verdict;

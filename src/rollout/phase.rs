@@ -6,21 +6,11 @@
 //! user on the canary) or `rolled_back` (every user on stable). The transitions between
 //! them are decided by [`crate::rollout::machine`].
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use serde::{Deserialize, Serialize};
 
 use crate::config::WeightSource;
-use crate::rollout::machine::Spec;
+use crate::rollout::spec::Spec;
 use crate::split::BUCKETS;
-
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// Where a route's rollout is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -143,7 +143,7 @@ pub enum Reason {
 }
 
 /// Override settings of one route.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OverrideRule {
     pub header: Option<http::HeaderName>,
     pub cookie: Option<String>,
@@ -208,7 +208,7 @@ impl OverrideRule {
 }
 
 /// Everything the split needs to know about one route.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SplitRule {
     pub sticky: Vec<StickySource>,
     pub seed: u64,

@@ -43,7 +43,17 @@ pub enum TokenError {
 pub struct OverrideKey {
     mac: HmacSha256,
     route: String,
+    /// Tells two keys apart without keeping the secret: the MAC of a fixed label.
+    fingerprint: [u8; 32],
 }
+
+impl PartialEq for OverrideKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.route == other.route && self.fingerprint == other.fingerprint
+    }
+}
+
+impl Eq for OverrideKey {}
 
 impl std::fmt::Debug for OverrideKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -59,7 +69,10 @@ impl OverrideKey {
     /// rather than a panic: this runs during reloads).
     pub fn new(secret: &[u8], route: &str) -> Option<Self> {
         let mac = <HmacSha256 as Mac>::new_from_slice(secret).ok()?;
+        let mut label = mac.clone();
+        label.update(b"kanaria-override-key-fingerprint");
         Some(OverrideKey {
+            fingerprint: label.finalize().into_bytes().into(),
             mac,
             route: route.to_string(),
         })

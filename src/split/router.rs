@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// Index of routes for matching. Built once per config snapshot.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Router {
     /// Lower-cased host → (prefix, route index), longest prefix first.
     by_host: HashMap<String, Vec<(String, usize)>>,

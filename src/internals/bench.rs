@@ -11,16 +11,17 @@ use http::HeaderMap;
 use ipnet::IpNet;
 use pingora::http::{RequestHeader, ResponseHeader};
 
-use crate::config::Snapshot;
-use crate::proxy::edge::{check_request_head, HeaderLimits};
+use crate::config::HeaderLimits;
+use crate::proxy::edge::check_request_head;
 use crate::split::router::normalize_path;
 use crate::split::Track;
 
-/// A config snapshot built from TOML text, as the proxy loads it.
-pub struct Config(Snapshot);
+/// A validated config from TOML text (its routes' split rules and router are what the
+/// request filter decides from).
+pub struct Config(crate::config::Config);
 
 impl Config {
-    /// Parses and validates `toml` (no name resolution: endpoints must be IP addresses).
+    /// Parses and validates `toml`.
     pub fn parse(toml: &str) -> Result<Config, String> {
         crate::config::load_str(toml, "bench.toml")
             .map(Config)

@@ -3,8 +3,8 @@
 //! The *directory* is watched, not the file, so every way a file gets replaced is seen: an
 //! in-place write, an editor's write-to-temp-and-rename, and a Kubernetes ConfigMap update
 //! (the `..data` symlink swapped to a new timestamped directory). Events are debounced, then
-//! the file is parsed and validated off the request path (a blocking task: endpoint names
-//! may need DNS) and published whole by [`Shared::reload_from_file`]. A bad file leaves the
+//! the file is parsed, validated and built off the request path (a blocking task: a new
+//! endpoint name is resolved) and published whole by [`Control::reload_from_file`]. A bad file leaves the
 //! old config serving; a deleted file changes nothing.
 
 use std::path::{Path, PathBuf};
@@ -16,15 +16,15 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::sync::mpsc;
 
-use crate::rollout::control::Shared;
+use super::Control;
 
 /// The background service that reloads the config.
 pub struct Reloader {
-    shared: Arc<Shared>,
+    shared: Arc<Control>,
 }
 
 impl Reloader {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Control>) -> Self {
         Reloader { shared }
     }
 }
@@ -83,7 +83,7 @@ impl Reloader {
 #[async_trait]
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let settings = self.shared.snapshot().reload.clone();
+        let settings = self.shared.snapshot().config.reload.clone();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let _watcher = if settings.watch {
             match watch(&self.shared.config_path, tx) {

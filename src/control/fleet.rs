@@ -39,11 +39,11 @@ use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 
+use crate::clock::Clock;
 use crate::config::FleetSettings;
-use crate::rollout::analysis::Totals;
-use crate::rollout::control::Shared;
+use crate::metrics::Metrics;
 use crate::rollout::machine::{FleetRecord, ShareMode};
-use crate::rollout::phase::now_ms;
+use crate::stats::window::Totals;
 
 /// Compare-and-set of one record, then publication. KEYS[1]: the record; ARGV: the new
 /// record (JSON), the generation it was decided on, `cas` or `seed`, the channel, the
@@ -70,25 +70,6 @@ redis.call('SET', KEYS[1], out, 'PX', ARGV[5])
 redis.call('PUBLISH', ARGV[4], out)
 return {1, out}
 "#;
-
-/// What the write script decides, in Rust (the tests' model of the store): `(true,
-/// written)` or `(false, current)`.
-#[cfg(test)]
-pub fn decide(current: Option<&FleetRecord>, new: &FleetRecord) -> (bool, FleetRecord) {
-    let mut gen = 0;
-    if let Some(c) = current {
-        gen = c.generation;
-        if new.mode == ShareMode::Seed {
-            return (false, c.clone());
-        }
-        if gen != new.generation && (!new.rolled_back || c.rolled_back) {
-            return (false, c.clone());
-        }
-    }
-    let mut out = new.clone();
-    out.generation = gen.max(new.generation) + 1;
-    (true, out)
-}
 
 /// A replica as the fleet sees it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,6 +123,9 @@ struct Job {
 /// the background service (which talks to Redis).
 pub struct Fleet {
     pub settings: FleetSettings,
+    /// `fleet.ca`, read at start.
+    ca_pem: Option<Vec<u8>>,
+    pub clock: Arc<dyn Clock>,
     /// Tells this process's own records: instance, pid and start time.
     pub writer_id: String,
     tx: mpsc::UnboundedSender<Job>,
@@ -174,22 +158,37 @@ pub enum Answer {
 pub type Reply = std::sync::mpsc::SyncSender<Answer>;
 
 impl Fleet {
-    pub fn new(settings: FleetSettings) -> Arc<Fleet> {
+    /// The link for `settings` (`fleet.ca` is read now), on `clock`.
+    pub fn new(settings: FleetSettings, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<Fleet>> {
+        let ca_pem = match &settings.ca {
+            Some(path) => Some(
+                crate::runtime::certs::read_ca(path)
+                    .map_err(|e| anyhow::anyhow!("fleet.ca: {e}"))?,
+            ),
+            None => None,
+        };
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer_id = format!("{}/{}/{}", settings.instance, std::process::id(), now_ms());
-        Arc::new(Fleet {
+        let writer_id = format!(
+            "{}/{}/{}",
+            settings.instance,
+            std::process::id(),
+            clock.now_ms()
+        );
+        Ok(Arc::new(Fleet {
+            started: clock.now(),
             settings,
+            ca_pem,
+            clock,
             writer_id,
             tx,
             rx: Mutex::new(Some(rx)),
             connected: AtomicBool::new(false),
             synced: AtomicBool::new(false),
-            started: Instant::now(),
             view: Mutex::new(View::default()),
             mine: Mutex::new(HashMap::new()),
             others: Mutex::new(HashMap::new()),
             poke: Notify::new(),
-        })
+        }))
     }
 
     fn prefix(&self) -> String {
@@ -219,7 +218,7 @@ impl Fleet {
     /// The other replicas' recent counts of a route and canary version: (instance, counts).
     pub fn others(&self, route: &str, version: &str) -> Vec<(String, Contribution)> {
         let fresh = self.fresh_ms();
-        let now = now_ms();
+        let now = self.clock.now_ms();
         self.others
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -295,30 +294,46 @@ impl Fleet {
     /// timeout passed (then the replica serves its local state, and status says so).
     pub fn ready(&self) -> bool {
         self.synced.load(Ordering::Acquire)
-            || self.started.elapsed() >= self.settings.startup_timeout
+            || self.clock.now().saturating_duration_since(self.started)
+                >= self.settings.startup_timeout
     }
 
     /// The fleet view is stale when the store has not answered for three polls.
     pub fn stale(&self) -> bool {
         let last = self.view().last_sync_ms;
         let limit = 3 * self.settings.poll_interval.as_millis() as u64;
-        last == 0 || now_ms().saturating_sub(last) > limit.max(1_000)
+        last == 0 || self.clock.now_ms().saturating_sub(last) > limit.max(1_000)
     }
+}
+
+/// What the fleet service needs of this replica's control plane, and no more.
+pub trait Replica: Send + Sync {
+    /// The fleet's record for a route: applied when newer than what this replica applied.
+    fn adopt(&self, record: FleetRecord);
+    /// The store became reachable (`up`) or unreachable.
+    fn fleet_link(&self, up: bool);
+    /// Every route with a canary: (route, canary version, the record to seed the store
+    /// with when it has none).
+    fn fleet_routes(&self) -> Vec<(String, String, Option<FleetRecord>)>;
+    /// The fleet generation applied per route.
+    fn fleet_generations(&self) -> HashMap<String, u64>;
+    fn metrics(&self) -> &Metrics;
 }
 
 /// The background service talking to Redis.
 pub struct FleetService {
-    shared: Arc<Shared>,
+    shared: Arc<dyn Replica>,
     fleet: Arc<Fleet>,
 }
 
 impl FleetService {
-    pub fn new(shared: Arc<Shared>, fleet: Arc<Fleet>) -> Self {
+    pub fn new(shared: Arc<dyn Replica>, fleet: Arc<Fleet>) -> Self {
         FleetService { shared, fleet }
     }
 }
 
-fn client(settings: &FleetSettings) -> redis::RedisResult<redis::Client> {
+fn client(fleet: &Fleet) -> redis::RedisResult<redis::Client> {
+    let settings = &fleet.settings;
     let mut info = redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())?;
     if info.redis_settings().password().is_none() {
         if let Ok(pw) = std::env::var("KANARIA_FLEET_PASSWORD") {
@@ -326,7 +341,7 @@ fn client(settings: &FleetSettings) -> redis::RedisResult<redis::Client> {
             info = info.set_redis_settings(redis_settings);
         }
     }
-    match &settings.ca_pem {
+    match &fleet.ca_pem {
         // rediss:// trusting the configured authorities only.
         Some(pem) => redis::Client::build_with_tls(
             info,
@@ -351,7 +366,7 @@ impl FleetService {
     fn link(&self, up: bool) {
         let was = self.fleet.connected.swap(up, Ordering::AcqRel);
         self.shared
-            .metrics
+            .metrics()
             .fleet_connected
             .with_label_values(&[&self.fleet.settings.cluster])
             .set(i64::from(up));
@@ -508,7 +523,7 @@ impl FleetService {
             }
         }
         self.exchange_counts(conn).await?;
-        let now = now_ms();
+        let now = self.fleet.clock.now_ms();
         let me = Member {
             instance: self.fleet.settings.instance.clone(),
             last_seen_ms: now,
@@ -542,7 +557,7 @@ impl FleetService {
         }
         members.sort_by(|a, b| a.instance.cmp(&b.instance));
         self.shared
-            .metrics
+            .metrics()
             .fleet_members
             .with_label_values(&[&self.fleet.settings.cluster])
             .set(members.len() as i64);
@@ -679,7 +694,7 @@ impl BackgroundService for FleetService {
         else {
             return;
         };
-        let client = match client(&self.fleet.settings) {
+        let client = match client(&self.fleet) {
             Ok(c) => c,
             Err(e) => {
                 log::error!("fleet: {e}: this replica runs alone");
@@ -704,7 +719,7 @@ impl BackgroundService for FleetService {
         self.shared.fleet_link(false);
         let pending = Arc::new(tokio::sync::Mutex::new(HashMap::new()));
         self.shared
-            .metrics
+            .metrics()
             .fleet_connected
             .with_label_values(&[&self.fleet.settings.cluster])
             .set(0);
@@ -720,6 +735,7 @@ impl BackgroundService for FleetService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rollout::machine::decide;
     use crate::rollout::phase::Phase;
 
     fn rec(generation: u64, phase: Phase, mode: ShareMode) -> FleetRecord {

@@ -1,4 +1,4 @@
-//! The rollout controller: runs the active health checks and the canary analysis on their
+//! The analysis loop: runs the active health checks and the canary analysis on their
 //! schedules, and turns what they find into rollbacks and rollout steps.
 //!
 //! It ticks every 100 ms, off the request path, on Pingora's background runtime. For each
@@ -27,14 +27,15 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde_json::json;
 
-use crate::config::{Pool, Route, WeightSource};
+use super::fleet::{Contribution, Fleet, Spans};
+use super::Control;
+use crate::config::WeightSource;
 use crate::metrics::RouteMetrics;
-use crate::rollout::analysis::{evaluate, Totals, Verdict, FINE_SECS};
-use crate::rollout::control::Shared;
-use crate::rollout::fleet::{Contribution, Fleet, Spans};
 use crate::rollout::machine::{self, Input};
-use crate::rollout::phase::now_ms;
+use crate::rollout::verdict::{evaluate, Verdict};
+use crate::runtime::{Pool, Route};
 use crate::split::Track;
+use crate::stats::window::{Totals, FINE_SECS};
 
 const TICK: Duration = Duration::from_millis(100);
 /// The short span judged beside the window: the one the windows keep by the second (the
@@ -42,13 +43,13 @@ const TICK: Duration = Duration::from_millis(100);
 const FAST_SPAN: Duration = Duration::from_secs(FINE_SECS);
 
 /// The background service.
-pub struct Controller {
-    shared: Arc<Shared>,
+pub struct AnalysisLoop {
+    shared: Arc<Control>,
 }
 
-impl Controller {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Controller { shared }
+impl AnalysisLoop {
+    pub fn new(shared: Arc<Control>) -> Self {
+        AnalysisLoop { shared }
     }
 }
 
@@ -106,28 +107,32 @@ fn totals(
 }
 
 /// This replica's numbers for a route: over the analysis window and the short span.
-fn own_counts(
-    route: &Route,
-    m: &RouteMetrics,
-    since: Instant,
-    now: Instant,
-    version: &str,
-) -> Contribution {
+fn own_counts(route: &Route, m: &RouteMetrics, at: At, version: &str) -> Contribution {
+    let At { since, now, now_ms } = at;
     let span = FAST_SPAN.min(route.analysis.window);
     let spans = |d: Duration| Spans {
         canary: totals(route, m, Track::Canary, d, since, now),
         stable: totals(route, m, Track::Stable, d, since, now),
     };
     Contribution {
-        at_ms: now_ms(),
+        at_ms: now_ms,
         canary_version: version.to_string(),
         window: spans(route.analysis.window),
         fast: spans(span),
     }
 }
 
-fn judge(route: &Route, m: &RouteMetrics, since: Instant, now: Instant) -> Verdict {
-    verdict_of(route, &own_counts(route, m, since, now, ""))
+/// When an evaluation reads: outcomes since `since` up to `now` (monotonic), at `now_ms`
+/// (wall clock, stamped on the counts shared with the fleet).
+#[derive(Debug, Clone, Copy)]
+struct At {
+    since: Instant,
+    now: Instant,
+    now_ms: u64,
+}
+
+fn judge(route: &Route, m: &RouteMetrics, at: At) -> Verdict {
+    verdict_of(route, &own_counts(route, m, at, ""))
 }
 
 /// A verdict on one replica's counts or the fleet's sum: the window and the short span.
@@ -162,15 +167,8 @@ fn scoped(v: Verdict, scope: serde_json::Value) -> Verdict {
 /// every replica's recent counts. A replica that sees the canary fail on its own traffic
 /// still rolls the fleet back (always safe); without the fleet's data (the store down or
 /// the view stale) nothing passes, so nothing is promoted on one replica's data.
-fn judge_fleet(
-    route: &Route,
-    m: &RouteMetrics,
-    since: Instant,
-    now: Instant,
-    fleet: &Fleet,
-    version: &str,
-) -> Verdict {
-    let mine = own_counts(route, m, since, now, version);
+fn judge_fleet(route: &Route, m: &RouteMetrics, at: At, fleet: &Fleet, version: &str) -> Verdict {
+    let mine = own_counts(route, m, at, version);
     fleet.contribute(&route.name, mine.clone());
     let me = fleet.settings.instance.clone();
     let local = verdict_of(route, &mine);
@@ -195,10 +193,11 @@ fn judge_fleet(
     )
 }
 
-impl Controller {
+impl AnalysisLoop {
     fn tick(&self, probes: &mut Probes, last_eval: &mut HashMap<String, Instant>) {
-        let now = Instant::now();
-        let live = self.shared.load();
+        let now = self.shared.clock.now();
+        let now_ms = self.shared.clock.now_ms();
+        let live = self.shared.live.load();
         let mut pools_seen = Vec::new();
         for (i, route) in live.snapshot.routes.iter().enumerate() {
             if let Some(h) = &route.health {
@@ -242,13 +241,15 @@ impl Controller {
                 continue;
             };
             // Outcomes since the current phase began, as an instant of this clock.
-            let since =
-                now - Duration::from_millis(now_ms().saturating_sub(control.judged_since_ms));
+            let since = now
+                .checked_sub(Duration::from_millis(
+                    now_ms.saturating_sub(control.judged_since_ms),
+                ))
+                .unwrap_or(now);
+            let at = At { since, now, now_ms };
             let judged = match (&self.shared.fleet, &route.canary) {
-                (Some(fleet), Some(canary)) => {
-                    judge_fleet(route, m, since, now, fleet, &canary.version)
-                }
-                _ => judge(route, m, since, now),
+                (Some(fleet), Some(canary)) => judge_fleet(route, m, at, fleet, &canary.version),
+                _ => judge(route, m, at),
             };
             let verdict = match judged {
                 Verdict::Fail { reason, numbers } => machine::Verdict::Fail {
@@ -266,7 +267,7 @@ impl Controller {
 }
 
 #[async_trait]
-impl BackgroundService for Controller {
+impl BackgroundService for AnalysisLoop {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut probes = Probes::default();
         let mut last_eval = HashMap::new();

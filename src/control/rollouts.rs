@@ -1,10 +1,10 @@
-//! The process's shared state: the published config snapshot and everything that changes it.
+//! The control plane's state: each route's rollout, and every change to what is served.
 //!
 //! Two inputs shape what requests see: the config file (loaded at start and on reload) and
 //! each route's rollout state, moved only by the pure [`machine`](crate::rollout::machine).
 //! Every change is applied under one mutex that the request path never touches: the
 //! machine's step and its in-memory effects (a new [`Snapshot`] made live with a single
-//! `ArcSwap::store`, the event kept, logged, counted and queued for the webhook) happen
+//! [`LiveHandle::store`], the event kept, logged, counted and queued for the webhook) happen
 //! inside it, so no two changes interleave; the state file is written after it, on the
 //! persister's thread, in the same order. Requests load the snapshot once and never see
 //! half a change.
@@ -17,31 +17,24 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use serde_json::Value;
 
-use crate::config::{self, ConfigErrors, Route, Snapshot};
-use crate::metrics::{family_head, sample, Metrics, RouteMetrics};
-use crate::rollout::fleet::{Answer, Fleet, Reply};
+use super::fleet::{Answer, Fleet, Replica, Reply};
+use super::notify::Notifier;
+use super::persist::{Persister, Store, Write};
+use crate::clock::Clock;
+use crate::config::{Config, ConfigErrors};
+use crate::metrics::Metrics;
 use crate::rollout::machine::{
     self, Effect, Event, FleetRecord, Input, Refusal, RouteRollout, ShareMode, Spec,
 };
-use crate::rollout::phase::{now_ms, Phase, STATES};
-use crate::rollout::store::{Persister, Store, Write};
-use crate::rollout::webhook::Notifier;
-use crate::split::{buckets_to_percent, weight_to_buckets};
+use crate::rollout::phase::Phase;
+use crate::runtime::build::{self, Resolve, SystemResolver};
+use crate::runtime::{Live, LiveHandle, Route, Snapshot};
+use crate::split::weight_to_buckets;
 
 pub use crate::rollout::machine::{Action, Verdict};
 
 /// Events kept for the status API.
 const EVENTS_KEPT: usize = 200;
-
-/// The published config plus per-route metric handles, swapped as one.
-pub struct Live {
-    pub snapshot: Arc<Snapshot>,
-    /// Parallel to `snapshot.routes`.
-    pub route_metrics: Vec<Arc<RouteMetrics>>,
-    /// Each route's `rollout_state` when published (parallel to `snapshot.routes`), for
-    /// `kanaria_rollout_state`.
-    pub states: Vec<&'static str>,
-}
 
 /// The result of the last reload attempt, for the status API.
 #[derive(Debug, Clone)]
@@ -56,8 +49,8 @@ pub struct ReloadStatus {
 }
 
 /// What publication needs under its lock.
-struct Control {
-    /// The last config compiled from the file, before rollout phases.
+struct Ledger {
+    /// The last config built from the file, before rollout phases.
     file: Arc<Snapshot>,
     routes: HashMap<String, RouteRollout>,
     generation: u64,
@@ -77,96 +70,61 @@ pub enum ControlError {
     Refused(#[from] Refusal),
 }
 
-/// Shared by the proxy, the admin API, the reloader and the rollout controller.
-pub struct Shared {
-    live: ArcSwap<Live>,
-    pub metrics: Metrics,
+/// The control plane: the only writer of the [`LiveHandle`]. Shared by the admin API, the
+/// reloader, the analysis loop and the fleet service.
+pub struct Control {
+    /// What the data plane reads.
+    pub live: Arc<LiveHandle>,
     pub config_path: PathBuf,
-    control: Mutex<Control>,
+    ledger: Mutex<Ledger>,
     last_reload: ArcSwap<ReloadStatus>,
     persister: Option<Persister>,
     notifier: Option<Notifier>,
     /// `[fleet]`: the link to the other replicas (`None`: this process decides alone).
     pub fleet: Option<Arc<Fleet>>,
+    /// Where every decision takes its time from.
+    pub clock: Arc<dyn Clock>,
+    resolver: Box<dyn Resolve>,
 }
 
-/// Restart-only settings that differ between two configs, by key.
-fn restart_keys(running: &Snapshot, new: &Snapshot) -> Vec<String> {
-    let mut keys = Vec::new();
-    if running.proxy.listen != new.proxy.listen {
-        keys.push("proxy.listen".to_string());
+impl Control {
+    /// State for a config loaded at startup (generation 1), on the real clock and the
+    /// system's resolver. Persisted phases are restored.
+    pub fn new(config: Config, config_path: PathBuf) -> anyhow::Result<Arc<Self>> {
+        Self::with(
+            config,
+            config_path,
+            Arc::new(crate::clock::SystemClock),
+            Box::new(SystemResolver),
+        )
     }
-    if running.proxy.threads != new.proxy.threads {
-        keys.push("proxy.threads".to_string());
-    }
-    if running.proxy.upgrade_sock != new.proxy.upgrade_sock {
-        keys.push("proxy.upgrade_sock".to_string());
-    }
-    let tls_listen = |s: &Snapshot| s.proxy.tls.as_ref().map(|t| t.listen.clone());
-    if tls_listen(running) != tls_listen(new) {
-        keys.push("proxy.tls.listen".to_string());
-    }
-    if running.proxy.tls.as_ref().map(|t| t.http2) != new.proxy.tls.as_ref().map(|t| t.http2) {
-        keys.push("proxy.tls.http2".to_string());
-    }
-    if running.proxy.h2c != new.proxy.h2c {
-        keys.push("proxy.h2c".to_string());
-    }
-    if (
-        running.edge.h2_max_concurrent_streams,
-        running.edge.h2_max_header_list_size,
-    ) != (
-        new.edge.h2_max_concurrent_streams,
-        new.edge.h2_max_header_list_size,
-    ) {
-        keys.push("edge.h2_max_concurrent_streams/h2_max_header_list_size".to_string());
-    }
-    if running.log != new.log {
-        keys.push("log".to_string());
-    }
-    if running.admin.listen != new.admin.listen {
-        keys.push("admin.listen".to_string());
-    }
-    if running.state.as_ref().map(|s| &s.dir) != new.state.as_ref().map(|s| &s.dir) {
-        keys.push("state.dir".to_string());
-    }
-    let fleet = |s: &Snapshot| {
-        s.fleet.as_ref().map(|f| {
-            (
-                f.url.clone(),
-                f.cluster.clone(),
-                f.instance.clone(),
-                f.poll_interval,
-                f.startup_timeout,
-            )
-        })
-    };
-    if fleet(running) != fleet(new) {
-        keys.push("fleet".to_string());
-    }
-    keys
-}
 
-impl Shared {
-    /// State for a config loaded at startup (generation 1). Persisted phases are restored.
-    pub fn new(snapshot: Snapshot, config_path: PathBuf) -> anyhow::Result<Arc<Self>> {
+    /// [`Control::new`] with the clock and the resolver given (tests drive time by hand).
+    pub fn with(
+        config: Config,
+        config_path: PathBuf,
+        clock: Arc<dyn Clock>,
+        resolver: Box<dyn Resolve>,
+    ) -> anyhow::Result<Arc<Self>> {
         let metrics = Metrics::new()?;
-        let persister = match &snapshot.state {
+        let started = clock.system_time();
+        let restart = &config.restart;
+        let persister = match &restart.state {
             Some(st) => Some(Persister::start(Store::new(&st.dir)?)?),
             None => None,
         };
-        let notifier = snapshot.notify.clone().map(Notifier::start);
-        let fleet = snapshot.fleet.clone().map(Fleet::new);
-        let file = Arc::new(snapshot);
-        let shared = Arc::new(Shared {
-            live: ArcSwap::from_pointee(Live {
-                snapshot: file.clone(),
-                route_metrics: Vec::new(),
-                states: Vec::new(),
-            }),
-            metrics,
+        let notifier = restart.notify.clone().map(Notifier::start);
+        let fleet = match &restart.fleet {
+            Some(f) => Some(Fleet::new(f.clone(), clock.clone())?),
+            None => None,
+        };
+        let file = Arc::new(build::build(Arc::new(config), None, resolver.as_ref()));
+        let shared = Arc::new(Control {
+            live: Arc::new(LiveHandle::new(file.clone(), metrics)),
             config_path,
-            control: Mutex::new(Control {
+            clock,
+            resolver,
+            ledger: Mutex::new(Ledger {
                 file: file.clone(),
                 routes: HashMap::new(),
                 generation: 0,
@@ -174,7 +132,7 @@ impl Shared {
                 reply: None,
             }),
             last_reload: ArcSwap::from_pointee(ReloadStatus {
-                at: SystemTime::now(),
+                at: started,
                 trigger: "startup",
                 ok: true,
                 errors: Vec::new(),
@@ -190,19 +148,21 @@ impl Shared {
             shared.publish(&mut ctl);
         }
         shared.flush_state();
-        shared.metrics.reloads.with_label_values(&["success"]).inc();
+        shared
+            .metrics()
+            .reloads
+            .with_label_values(&["success"])
+            .inc();
         Ok(shared)
     }
 
-    /// What a request decides from. One atomic load; no lock.
-    #[inline]
-    pub fn load(&self) -> Arc<Live> {
-        self.live.load_full()
+    pub fn metrics(&self) -> &Metrics {
+        &self.live.metrics
     }
 
     /// The current snapshot (for status and tests).
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.live.load().snapshot.clone()
+        self.live.snapshot()
     }
 
     pub fn last_reload(&self) -> Arc<ReloadStatus> {
@@ -226,17 +186,17 @@ impl Shared {
         self.lock().routes.get(route).cloned()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Control> {
-        // Every field of Control is replaced whole, so a panic elsewhere while the lock
+    fn lock(&self) -> MutexGuard<'_, Ledger> {
+        // Every field of Ledger is replaced whole, so a panic elsewhere while the lock
         // was held cannot leave it torn: a poisoned lock is still usable.
-        self.control.lock().unwrap_or_else(|p| p.into_inner())
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Steps one route's machine under the lock and carries out the effects that belong
     /// inside it (publication, events); state files are queued for the persister. Returns
     /// whether the weights may have changed (the caller publishes once for all routes).
-    fn step(&self, ctl: &mut Control, route: &str, input: Input) -> Result<bool, Refusal> {
-        let now = now_ms();
+    fn step(&self, ctl: &mut Ledger, route: &str, input: Input) -> Result<bool, Refusal> {
+        let now = self.clock.now_ms();
         let state = match ctl.routes.get(route) {
             Some(s) => s.clone(),
             None => match ctl.file.routes.iter().find(|r| r.name == route) {
@@ -290,17 +250,18 @@ impl Shared {
         }
     }
 
-    fn emit(&self, ctl: &mut Control, event: Event) {
+    fn emit(&self, ctl: &mut Ledger, event: Event) {
         let line = serde_json::to_string(&event).unwrap_or_default();
         log::info!(target: "kanaria::event", "{line}");
-        self.metrics
+        let metrics = self.metrics();
+        metrics
             .events
             .with_label_values(&[&event.route, &event.kind])
             .inc();
         if event.kind == "rollback" {
-            self.metrics.rollback(&event.route, &event.reason);
+            metrics.rollback(&event.route, &event.reason);
             // Canary attempts still waiting for an answer go to stable now.
-            if let Some(m) = self.metrics.known_route(&event.route) {
+            if let Some(m) = metrics.known_route(&event.route) {
                 m.canary_rollbacks.rolled_back();
             }
         }
@@ -316,7 +277,7 @@ impl Shared {
     /// Brings the routes' rollout states in line with the file config: routes that left
     /// are forgotten (with their state files), new ones restore what was saved for them,
     /// and every other one gets the reloaded config.
-    fn sync_routes(&self, ctl: &mut Control) {
+    fn sync_routes(&self, ctl: &mut Ledger) {
         let file = ctl.file.clone();
         let gone: Vec<String> = ctl
             .routes
@@ -352,9 +313,8 @@ impl Shared {
         })
     }
 
-    /// Builds the snapshot to serve from the file config and the phases, and stores it.
-    fn publish(&self, ctl: &mut Control) {
-        let old = self.live.load();
+    /// Builds the snapshot to serve from the file's and the phases, and stores it.
+    fn publish(&self, ctl: &mut Ledger) {
         let mut snap = (*ctl.file).clone();
         ctl.generation += 1;
         snap.generation = ctl.generation;
@@ -362,212 +322,68 @@ impl Shared {
             .file
             .routes
             .iter()
-            .map(|r| {
-                let mut route = (**r).clone();
-                // Unchanged pools keep their load balancer (and so their endpoint health).
-                if let Some(prev) = old.snapshot.routes.iter().find(|o| o.name == r.name) {
-                    if prev.stable.version == route.stable.version
-                        && prev.stable.endpoints == route.stable.endpoints
-                        && prev.health == route.health
-                    {
-                        route.stable = prev.stable.clone();
-                    }
-                    if let (Some(p), Some(n)) = (&prev.canary, &route.canary) {
-                        if p.version == n.version
-                            && p.endpoints == n.endpoints
-                            && prev.health == route.health
-                        {
-                            route.canary = Some(p.clone());
-                        }
-                    }
-                }
-                if let Some(rc) = ctl.routes.get(&r.name) {
+            .map(|r| match ctl.routes.get(&r.name) {
+                Some(rc) => {
+                    let mut route = (**r).clone();
                     let (buckets, source) = rc.weight();
                     route.split.canary_buckets = if route.canary.is_some() { buckets } else { 0 };
                     route.weight_source = source;
+                    Arc::new(route)
                 }
-                Arc::new(route)
+                None => r.clone(),
             })
             .collect();
+        let metrics = self.metrics();
         let route_metrics = snap
             .routes
             .iter()
-            .map(|r| self.metrics.route(&r.name, r.analysis.window))
+            .map(|r| metrics.route(&r.name, r.analysis.window))
             .collect();
         let states = snap
             .routes
             .iter()
             .map(|r| rollout_state(r, ctl.routes.get(&r.name).map(|c| &c.phase)))
             .collect();
-        self.metrics.generation.set(snap.generation as i64);
-        self.live.store(Arc::new(Live {
+        self.live.store(Live {
             snapshot: Arc::new(snap),
             route_metrics,
             states,
-        }));
-    }
-
-    /// The Prometheus exposition: the metrics' own series and the gauges of the live
-    /// config, read from it now (each would otherwise be a series of the `prometheus` crate,
-    /// ~450 bytes apiece: ~11 per route): `kanaria_canary_weight_percent`,
-    /// `kanaria_rollout_state` (as of the last publish, which every change of phase makes),
-    /// `kanaria_pool_info` and `kanaria_endpoint_healthy` (the load balancers' health now).
-    /// Routes, pools and endpoints that went away have no series.
-    pub fn render_metrics(&self) -> String {
-        let live = self.load();
-        let mut routes: Vec<(&Route, &'static str)> = live
-            .snapshot
-            .routes
-            .iter()
-            .map(|r| &**r)
-            .zip(live.states.iter().copied())
-            .collect();
-        routes.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-        let pools = |r: &'_ Route| {
-            [
-                ("stable", Some(r.stable.clone())),
-                ("canary", r.canary.clone()),
-            ]
-            .into_iter()
-            .filter_map(|(role, p)| p.map(|p| (role, p)))
-            .collect::<Vec<_>>()
-        };
-        let weight = |out: &mut String| {
-            let name = "kanaria_canary_weight_percent";
-            if routes.is_empty() {
-                return;
-            }
-            family_head(out, name, "Effective canary weight in percent.", "gauge");
-            for (r, _) in &routes {
-                sample(
-                    out,
-                    name,
-                    &[("route", r.name.as_str())],
-                    buckets_to_percent(r.split.canary_buckets),
-                );
-            }
-        };
-        let state = |out: &mut String| {
-            let name = "kanaria_rollout_state";
-            if routes.is_empty() {
-                return;
-            }
-            family_head(
-                out,
-                name,
-                "1 for the route's current rollout state.",
-                "gauge",
-            );
-            let mut names = STATES;
-            names.sort();
-            for (r, current) in &routes {
-                for st in names {
-                    sample(
-                        out,
-                        name,
-                        &[("route", r.name.as_str()), ("state", st)],
-                        f64::from(u8::from(st == *current)),
-                    );
-                }
-            }
-        };
-        let info = |out: &mut String| {
-            let name = "kanaria_pool_info";
-            // Sorted by label values, labels by name: release, route, version.
-            let mut rows: Vec<(String, &str, &str)> = routes
-                .iter()
-                .flat_map(|(r, _)| {
-                    pools(r)
-                        .into_iter()
-                        .map(move |(role, p)| (p.version.clone(), r.name.as_str(), role))
-                })
-                .collect();
-            if rows.is_empty() {
-                return;
-            }
-            rows.sort();
-            family_head(
-                out,
-                name,
-                "The release label each version of a route runs.",
-                "gauge",
-            );
-            for (release, route, role) in &rows {
-                sample(
-                    out,
-                    name,
-                    &[
-                        ("release", release.as_str()),
-                        ("route", route),
-                        ("version", role),
-                    ],
-                    1.0,
-                );
-            }
-        };
-        let healthy = |out: &mut String| {
-            let name = "kanaria_endpoint_healthy";
-            // Labels by name: endpoint, route, version.
-            let mut rows: Vec<(String, &str, &str, bool)> = routes
-                .iter()
-                .flat_map(|(r, _)| {
-                    pools(r).into_iter().flat_map(move |(role, p)| {
-                        p.health()
-                            .into_iter()
-                            .map(move |(addr, up)| (addr.to_string(), r.name.as_str(), role, up))
-                    })
-                })
-                .collect();
-            if rows.is_empty() {
-                return;
-            }
-            rows.sort();
-            family_head(out, name, "1 when the endpoint is in rotation.", "gauge");
-            for (endpoint, route, role, up) in &rows {
-                sample(
-                    out,
-                    name,
-                    &[
-                        ("endpoint", endpoint.as_str()),
-                        ("route", route),
-                        ("version", role),
-                    ],
-                    f64::from(u8::from(*up)),
-                );
-            }
-        };
-        self.metrics.render_with(&[
-            ("kanaria_canary_weight_percent", &weight),
-            ("kanaria_endpoint_healthy", &healthy),
-            ("kanaria_pool_info", &info),
-            ("kanaria_rollout_state", &state),
-        ])
+        });
     }
 
     /// Re-reads the config file. On success the new config is live before this returns;
     /// on error the old one keeps serving and every error is logged and kept for status.
     pub fn reload_from_file(&self, trigger: &'static str) -> Result<u64, ConfigErrors> {
-        // Parsed and built before the lock is taken: nothing waits on the file.
-        let result = config::load_file(&self.config_path);
+        // Parsed and built before the lock is taken: nothing waits on the file or a name.
+        let result = build::load(&self.config_path).map(|config| {
+            let prev = self.live.snapshot();
+            build::build(Arc::new(config), Some(&prev), self.resolver.as_ref())
+        });
         let mut ctl = self.lock();
         match result {
-            Ok(new) => {
-                let restart_required = restart_keys(&ctl.file, &new);
+            Ok(mut new) => {
+                let restart_required = ctl.file.config.restart.changed_keys(&new.config.restart);
                 for key in &restart_required {
                     log::warn!(
                         "config reload ({trigger}): {key} changed; it takes effect after a restart, the running value stays"
                     );
                 }
+                // The running restart-only settings stay (what was reported above).
+                if !restart_required.is_empty() {
+                    let mut config = (*new.config).clone();
+                    config.restart = ctl.file.config.restart.clone();
+                    new.config = Arc::new(config);
+                }
                 ctl.file = Arc::new(new);
                 // Before publishing: whoever sees the new generation sees this result too.
                 self.last_reload.store(Arc::new(ReloadStatus {
-                    at: SystemTime::now(),
+                    at: self.clock.system_time(),
                     trigger,
                     ok: true,
                     errors: Vec::new(),
                     restart_required,
                 }));
-                self.metrics.reloads.with_label_values(&["success"]).inc();
+                self.metrics().reloads.with_label_values(&["success"]).inc();
                 self.sync_routes(&mut ctl);
                 self.publish(&mut ctl);
                 let generation = ctl.generation;
@@ -580,14 +396,14 @@ impl Shared {
             }
             Err(errors) => {
                 drop(ctl);
-                self.metrics.reloads.with_label_values(&["error"]).inc();
+                self.metrics().reloads.with_label_values(&["error"]).inc();
                 for e in &errors.0 {
                     log::error!(
                         "config reload ({trigger}) rejected, old config keeps serving: {e}"
                     );
                 }
                 self.last_reload.store(Arc::new(ReloadStatus {
-                    at: SystemTime::now(),
+                    at: self.clock.system_time(),
                     trigger,
                     ok: false,
                     errors: errors.0.iter().map(|e| e.to_string()).collect(),
@@ -655,9 +471,30 @@ impl Shared {
         Ok(self.snapshot().generation.max(generation))
     }
 
+    /// Feeds one input from the controller (a verdict, a health change, a tick) to a
+    /// route's machine. A verdict for an epoch that is no longer current is dropped there.
+    pub fn observe(&self, route: &str, input: Input) {
+        let mut ctl = self.lock();
+        if matches!(self.step(&mut ctl, route, input), Ok(true)) {
+            self.publish(&mut ctl);
+        }
+    }
+
+    /// The controller's rollback when the canary pool has no healthy endpoint.
+    pub fn canary_unhealthy(&self, route: &str, numbers: Value) {
+        self.observe(route, Input::CanaryUnhealthy { numbers });
+    }
+
+    /// An evaluation's verdict, judged on data read at `epoch`.
+    pub fn record_verdict(&self, route: &str, epoch: u64, verdict: Verdict) {
+        self.observe(route, Input::Verdict { epoch, verdict });
+    }
+}
+
+impl Replica for Control {
     /// The fleet's record for a route: applied when it is newer than what this replica
     /// applied (the machine decides).
-    pub fn adopt(&self, record: FleetRecord) {
+    fn adopt(&self, record: FleetRecord) {
         let own = self
             .fleet
             .as_ref()
@@ -674,7 +511,7 @@ impl Shared {
             self.publish(&mut ctl);
         }
         if let (Some(rc), Some(f)) = (ctl.routes.get(&route), &self.fleet) {
-            self.metrics
+            self.metrics()
                 .fleet_generation
                 .with_label_values(&[&f.settings.cluster, &route])
                 .set(rc.fleet_generation as i64);
@@ -682,7 +519,7 @@ impl Shared {
     }
 
     /// The fleet store became reachable or unreachable.
-    pub fn fleet_link(&self, up: bool) {
+    fn fleet_link(&self, up: bool) {
         let settle_ms = self.fleet.as_ref().map_or(0, |f| f.settle_ms());
         let mut ctl = self.lock();
         let names: Vec<String> = ctl.routes.keys().cloned().collect();
@@ -693,8 +530,8 @@ impl Shared {
 
     /// Every route with a canary: (route, canary version, the record to seed the store
     /// with when it has none).
-    pub fn fleet_routes(&self) -> Vec<(String, String, Option<FleetRecord>)> {
-        let now = now_ms();
+    fn fleet_routes(&self) -> Vec<(String, String, Option<FleetRecord>)> {
+        let now = self.clock.now_ms();
         self.lock()
             .routes
             .iter()
@@ -714,7 +551,7 @@ impl Shared {
     }
 
     /// The fleet generation applied per route (for the members' view and the gauge).
-    pub fn fleet_generations(&self) -> HashMap<String, u64> {
+    fn fleet_generations(&self) -> HashMap<String, u64> {
         let gens: HashMap<String, u64> = self
             .lock()
             .routes
@@ -724,7 +561,7 @@ impl Shared {
             .collect();
         if let Some(f) = &self.fleet {
             for (route, g) in &gens {
-                self.metrics
+                self.metrics()
                     .fleet_generation
                     .with_label_values(&[&f.settings.cluster, route])
                     .set(*g as i64);
@@ -733,23 +570,8 @@ impl Shared {
         gens
     }
 
-    /// Feeds one input from the controller (a verdict, a health change, a tick) to a
-    /// route's machine. A verdict for an epoch that is no longer current is dropped there.
-    pub fn observe(&self, route: &str, input: Input) {
-        let mut ctl = self.lock();
-        if matches!(self.step(&mut ctl, route, input), Ok(true)) {
-            self.publish(&mut ctl);
-        }
-    }
-
-    /// The controller's rollback when the canary pool has no healthy endpoint.
-    pub fn canary_unhealthy(&self, route: &str, numbers: Value) {
-        self.observe(route, Input::CanaryUnhealthy { numbers });
-    }
-
-    /// An evaluation's verdict, judged on data read at `epoch`.
-    pub fn record_verdict(&self, route: &str, epoch: u64, verdict: Verdict) {
-        self.observe(route, Input::Verdict { epoch, verdict });
+    fn metrics(&self) -> &Metrics {
+        &self.live.metrics
     }
 }
 
@@ -800,9 +622,9 @@ steps = [{ weight = 10, hold = "1h" }, { weight = 50, hold = "1h" }]
         path
     }
 
-    fn start(dir: &std::path::Path) -> Arc<Shared> {
+    fn start(dir: &std::path::Path) -> Arc<Control> {
         let path = write(dir, "v2");
-        Shared::new(config::load_file(&path).unwrap(), path).unwrap()
+        Control::new(build::load(&path).unwrap(), path).unwrap()
     }
 
     fn fail() -> Verdict {
@@ -812,7 +634,7 @@ steps = [{ weight = 10, hold = "1h" }, { weight = 50, hold = "1h" }]
         }
     }
 
-    fn phase(shared: &Shared) -> &'static str {
+    fn phase(shared: &Control) -> &'static str {
         shared.route_control("app").unwrap().phase.name()
     }
 

@@ -1,4 +1,6 @@
-//! Validation: config text → [`Snapshot`], or every error found, each with its place.
+//! Validation: config text → [`Config`], or every error found, each with its place. No I/O
+//! beyond reading `admin.token_file` (and `KANARIA_ADMIN_TOKEN`): endpoints are checked for
+//! their shape, not resolved; certificate files are read by the runtime layer's build.
 //!
 //! Structural errors (TOML syntax, wrong types, unknown keys) come from serde. To report
 //! all of them at once rather than only the first, the offending entry is removed from the
@@ -7,12 +9,11 @@
 //! structs. Positions come from the original tree, so they point into the file as written.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use pingora::lb::LoadBalancer;
 use serde::Deserialize;
 use toml::de::DeTable;
 
@@ -21,10 +22,12 @@ use super::file::{
     AnalysisFile, EdgeFile, FileConfig, HealthFile, PoolFile, ProxyFile, RolloutFile, RouteFile,
 };
 use super::{
-    AdminSettings, AnalysisRules, EdgeSettings, FleetSettings, HealthSettings, NotifySettings,
-    Pool, ProxySettings, ReloadSettings, Route, Snapshot, StableDown, StateSettings, Step,
-    Timeouts, WeightSource,
+    grpc_code, AdminSettings, AnalysisRules, CertPaths, Config, EdgeSettings, Endpoint,
+    FleetSettings, HeaderLimits, HealthSettings, LogFormat, LogSettings, LogTarget, NotifySettings,
+    PoolSettings, ProxySettings, ReloadSettings, RestartSettings, Route, StableDown, StateSettings,
+    Step, Timeouts, TlsCertificates, WeightSource, PINGORA_MAX_HEADERS, PINGORA_MAX_HEADER_BYTES,
 };
+use crate::split::issued::IssuedCookie;
 use crate::split::router::Router;
 use crate::split::{seed_for, weight_to_buckets, OverrideRule, SplitRule, StickySource};
 
@@ -32,7 +35,7 @@ use crate::split::{seed_for, weight_to_buckets, OverrideRule, SplitRule, StickyS
 const MAX_STRUCTURAL_ERRORS: usize = 50;
 
 /// Parse and validate. See the module docs.
-pub fn compile_str(src: &str, file: &str) -> Result<Snapshot, ConfigErrors> {
+pub fn validate_str(src: &str, file: &str) -> Result<Config, ConfigErrors> {
     let at = |span: Option<std::ops::Range<usize>>, path: KeyPath, message: String| ConfigError {
         file: file.to_string(),
         position: span.map(|s| Position::of_offset(src, s.start)),
@@ -84,7 +87,7 @@ pub fn compile_str(src: &str, file: &str) -> Result<Snapshot, ConfigErrors> {
             .map(std::path::Path::to_path_buf)
             .unwrap_or_default();
         match validate(&cfg, routes_in_file, &base) {
-            Ok(snapshot) if errors.is_empty() => return Ok(snapshot),
+            Ok(config) if errors.is_empty() => return Ok(config),
             Ok(_) => {}
             Err(semantic) => {
                 for (path, message) in semantic {
@@ -152,35 +155,29 @@ impl Check {
     }
 }
 
-/// When set, host names in endpoints are refused instead of resolved: the fuzz targets
-/// compile arbitrary configs and must never send a DNS query.
-pub static NO_NAME_RESOLUTION: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-/// `IP:PORT`, or `HOST:PORT` resolved now (all addresses it resolves to).
-pub fn resolve_endpoint(s: &str) -> Result<Vec<SocketAddr>, String> {
+/// `IP:PORT` or `HOST:PORT`, by its shape only: a name is resolved by the runtime layer
+/// (at start and every `resolve_interval`), never here, so validation works offline.
+pub fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(vec![a]);
-    }
-    if NO_NAME_RESOLUTION.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(format!("{s:?}: name resolution is off"));
+        return Ok(Endpoint::Addr(a));
     }
     let shape_err = || format!("{s:?} is not HOST:PORT (e.g. \"10.0.0.1:8080\", \"app.svc:8080\")");
     let (host, port) = s.rsplit_once(':').ok_or_else(shape_err)?;
     let port: u16 = port.parse().map_err(|_| shape_err())?;
-    if host.is_empty() || host.contains(['/', ' ', '[', ']']) || port == 0 {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() || name.len() > 253 || port == 0 || !name.split('.').all(label_ok) {
         return Err(shape_err());
     }
-    let mut addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("{s:?} does not resolve: {e}"))?
-        .collect();
-    addrs.sort();
-    addrs.dedup();
-    if addrs.is_empty() {
-        return Err(format!("{s:?} resolves to no address"));
-    }
-    Ok(addrs)
+    Ok(Endpoint::Name {
+        host: host.to_ascii_lowercase(),
+        port,
+    })
 }
 
 fn valid_name(s: &str) -> bool {
@@ -204,8 +201,9 @@ fn log_settings(
     c: &mut Check,
     l: &super::file::LogFile,
     base: &std::path::Path,
-) -> Option<crate::proxy::access_log::LogSettings> {
-    use crate::proxy::access_log::{Format, LogSettings, Target};
+) -> Option<LogSettings> {
+    use LogFormat as Format;
+    use LogTarget as Target;
     let path = KeyPath::root().key("log");
     let mut ok = true;
     let access = match l.access.trim() {
@@ -290,7 +288,7 @@ fn fleet_settings(
             false
         }
     };
-    let ca_pem = match &f.ca {
+    let ca = match &f.ca {
         None => None,
         Some(_) if !tls => {
             c.err(
@@ -300,32 +298,8 @@ fn fleet_settings(
             ok = false;
             None
         }
-        Some(ca) => {
-            let file = relative_to(base, ca);
-            match std::fs::read(&file) {
-                Ok(pem) => {
-                    let certs = rustls_pemfile::certs(&mut pem.as_slice())
-                        .collect::<Result<Vec<_>, _>>()
-                        .unwrap_or_default();
-                    if certs.is_empty() {
-                        c.err(
-                            path.key("ca"),
-                            format!("{}: no PEM certificate in it", file.display()),
-                        );
-                        ok = false;
-                    }
-                    Some(pem)
-                }
-                Err(e) => {
-                    c.err(
-                        path.key("ca"),
-                        format!("cannot read {}: {e}", file.display()),
-                    );
-                    ok = false;
-                    None
-                }
-            }
-        }
+        // Read (and its certificates checked) by the runtime layer's build.
+        Some(ca) => Some(relative_to(base, ca)),
     };
     if !valid_name(&f.cluster) {
         c.err(
@@ -372,7 +346,7 @@ fn fleet_settings(
         poll_interval: poll?,
         startup_timeout: startup?,
         record_ttl: record_ttl?,
-        ca_pem,
+        ca,
     })
 }
 
@@ -380,7 +354,7 @@ fn validate(
     cfg: &FileConfig,
     routes_in_file: bool,
     base: &std::path::Path,
-) -> Result<Snapshot, Vec<(KeyPath, String)>> {
+) -> Result<Config, Vec<(KeyPath, String)>> {
     let mut c = Check::default();
     let log = log_settings(&mut c, &cfg.log, base);
     let proxy = proxy_settings(&mut c, &cfg.proxy, base);
@@ -483,13 +457,13 @@ fn validate(
                 );
             }
         }
-        if let Some(route) = route(&mut c, &path, r, proxy.as_ref()) {
+        if let Some(route) = route(&mut c, &path, r, proxy.as_ref().map(|p| &p.settings)) {
             routes.push(Arc::new(route));
         }
     }
 
     match (proxy, admin_listen, debounce, edge, log) {
-        (Some(proxy), Some(listen), Some(debounce), Some(edge), Some(log))
+        (Some(proxy), Some(admin_listen), Some(debounce), Some((edge, h2)), Some(log))
             if c.errors.is_empty() =>
         {
             let router = Router::new(
@@ -497,19 +471,30 @@ fn validate(
                     .iter()
                     .map(|r| (r.hosts.as_slice(), r.path_prefix.as_str())),
             );
-            Ok(Snapshot {
-                generation: 0,
-                proxy,
-                admin: AdminSettings { listen, token },
+            Ok(Config {
+                restart: RestartSettings {
+                    listen: proxy.listen,
+                    threads: proxy.threads,
+                    upgrade_sock: proxy.upgrade_sock,
+                    h2c: proxy.h2c,
+                    shutdown_grace: proxy.shutdown_grace,
+                    tls_listen: proxy.tls_listen,
+                    tls_http2: proxy.tls_http2,
+                    h2_max_concurrent_streams: h2.0,
+                    h2_max_header_list_size: h2.1,
+                    admin_listen,
+                    log,
+                    state,
+                    notify,
+                    fleet,
+                },
+                proxy: proxy.settings,
+                admin: AdminSettings { token },
                 reload: ReloadSettings {
                     watch: cfg.reload.watch,
                     debounce,
                 },
-                state,
-                notify,
-                fleet,
                 edge,
-                log,
                 routes,
                 router,
             })
@@ -525,8 +510,8 @@ fn ip_net(s: &str) -> Option<IpNet> {
         .ok()
 }
 
-fn edge_settings(c: &mut Check, e: &EdgeFile) -> Option<EdgeSettings> {
-    use crate::proxy::edge::{HeaderLimits, PINGORA_MAX_HEADERS, PINGORA_MAX_HEADER_BYTES};
+/// `[edge]`, and its HTTP/2 limits (concurrent streams, header list size: restart-only).
+fn edge_settings(c: &mut Check, e: &EdgeFile) -> Option<(EdgeSettings, (u32, u32))> {
     let path = KeyPath::root().key("edge");
     let header_timeout = c.duration(path.key("header_timeout"), &e.header_timeout);
     let idle = c.duration(path.key("idle_timeout"), &e.idle_timeout);
@@ -589,19 +574,20 @@ fn edge_settings(c: &mut Check, e: &EdgeFile) -> Option<EdgeSettings> {
     if !ok {
         return None;
     }
-    Some(EdgeSettings {
-        header_timeout: header_timeout?,
-        idle_timeout_secs: idle?.as_millis().div_ceil(1000).max(1) as u64,
-        body_timeout: body_timeout?,
-        limits: HeaderLimits {
-            max_bytes: e.max_header_bytes,
-            max_count: e.max_headers,
+    Some((
+        EdgeSettings {
+            header_timeout: header_timeout?,
+            idle_timeout_secs: idle?.as_millis().div_ceil(1000).max(1) as u64,
+            body_timeout: body_timeout?,
+            limits: HeaderLimits {
+                max_bytes: e.max_header_bytes,
+                max_count: e.max_headers,
+            },
+            max_connections: e.max_connections,
+            trusted_proxies,
         },
-        max_connections: e.max_connections,
-        trusted_proxies,
-        h2_max_concurrent_streams: e.h2_max_concurrent_streams,
-        h2_max_header_list_size: e.h2_max_header_list_size,
-    })
+        (e.h2_max_concurrent_streams, e.h2_max_header_list_size),
+    ))
 }
 
 /// The admin token: from `token_file` when set, else `KANARIA_ADMIN_TOKEN`, else none.
@@ -629,12 +615,13 @@ fn admin_token(c: &mut Check, token_file: Option<&str>) -> Option<String> {
     Some(token)
 }
 
+/// `[proxy.tls]`: its listeners, whether it offers HTTP/2, and its certificates (their
+/// files are read by the runtime layer's build, which names the key of a bad one).
 fn tls_settings(
     c: &mut Check,
     t: &super::file::TlsFile,
     base: &std::path::Path,
-) -> Option<crate::proxy::tls::TlsSettings> {
-    use crate::proxy::tls::{load, unix_now, CertPaths};
+) -> Option<(Vec<SocketAddr>, bool, TlsCertificates)> {
     let path = KeyPath::root().key("proxy").key("tls");
     let mut ok = true;
     let listen_strs = t.listen.to_vec();
@@ -658,33 +645,40 @@ fn tls_settings(
         );
         ok = false;
     }
-    let now = unix_now();
-    let mut certificates = Vec::new();
-    for (i, f) in t.certificates.iter().enumerate() {
-        let p = CertPaths {
+    let certificates = t
+        .certificates
+        .iter()
+        .map(|f| CertPaths {
             cert: relative_to(base, &f.cert),
             key: relative_to(base, &f.key),
-        };
-        // Read now, so `kanaria check` and a reload refuse what would not serve.
-        if let Err(e) = load(&p, now) {
-            let key = if e.on_key { "key" } else { "cert" };
-            c.err(path.key("certificates").index(i).key(key), e.message);
-            ok = false;
-        }
-        certificates.push(p);
-    }
+        })
+        .collect();
     if !ok {
         return None;
     }
-    Some(crate::proxy::tls::TlsSettings {
-        listen: listen.into_iter().collect::<Option<Vec<_>>>()?,
-        certificates,
-        http2: t.http2,
-        watch_interval: watch?,
-    })
+    Some((
+        listen.into_iter().collect::<Option<Vec<_>>>()?,
+        t.http2,
+        TlsCertificates {
+            certificates,
+            watch_interval: watch?,
+        },
+    ))
 }
 
-fn proxy_settings(c: &mut Check, p: &ProxyFile, base: &std::path::Path) -> Option<ProxySettings> {
+/// `[proxy]`: the reloadable settings and the restart-only ones.
+struct ProxyParts {
+    settings: ProxySettings,
+    listen: Vec<SocketAddr>,
+    threads: Option<usize>,
+    upgrade_sock: String,
+    h2c: bool,
+    shutdown_grace: Duration,
+    tls_listen: Vec<SocketAddr>,
+    tls_http2: bool,
+}
+
+fn proxy_settings(c: &mut Check, p: &ProxyFile, base: &std::path::Path) -> Option<ProxyParts> {
     let path = KeyPath::root().key("proxy");
     let listen_strs = p.listen.to_vec();
     if listen_strs.is_empty() {
@@ -709,11 +703,12 @@ fn proxy_settings(c: &mut Check, p: &ProxyFile, base: &std::path::Path) -> Optio
     let write = c.duration(path.key("write_timeout"), &p.write_timeout);
     let idle = c.duration(path.key("idle_timeout"), &p.idle_timeout);
     let grace = c.duration(path.key("shutdown_grace"), &p.shutdown_grace);
+    let resolve_interval = c.duration(path.key("resolve_interval"), &p.resolve_interval);
     let version_header = c.header_name(path.key("version_header"), &p.version_header);
     let request_id_header = c.header_name(path.key("request_id_header"), &p.request_id_header);
     let tls = p.tls.as_ref().map(|t| tls_settings(c, t, base));
-    if let Some(Some(t)) = &tls {
-        for (i, a) in t.listen.iter().enumerate() {
+    if let Some(Some((tls_listen, _, _))) = &tls {
+        for (i, a) in tls_listen.iter().enumerate() {
             if listen.contains(&Some(*a)) {
                 c.err(
                     path.key("tls").key("listen").index(i),
@@ -722,28 +717,37 @@ fn proxy_settings(c: &mut Check, p: &ProxyFile, base: &std::path::Path) -> Optio
             }
         }
     }
-    Some(ProxySettings {
+    let (tls_listen, tls_http2, certificates) = match tls {
+        Some(t) => {
+            let (listen, http2, certs) = t?;
+            (listen, http2, Some(certs))
+        }
+        None => (Vec::new(), false, None),
+    };
+    Some(ProxyParts {
+        settings: ProxySettings {
+            timeouts: Timeouts {
+                connect: connect?,
+                read: read?,
+                write: write?,
+                idle: idle?,
+            },
+            version_header: if p.add_version_header {
+                Some(version_header?)
+            } else {
+                None
+            },
+            request_id_header: request_id_header?,
+            tls: certificates,
+            resolve_interval: resolve_interval?,
+        },
         listen: listen.into_iter().collect::<Option<Vec<_>>>()?,
         threads: p.threads,
-        timeouts: Timeouts {
-            connect: connect?,
-            read: read?,
-            write: write?,
-            idle: idle?,
-        },
-        version_header: if p.add_version_header {
-            Some(super::AddedHeader::new(version_header?))
-        } else {
-            None
-        },
-        request_id_header: super::AddedHeader::new(request_id_header?),
-        shutdown_grace: grace?,
         upgrade_sock: p.upgrade_sock.clone(),
         h2c: p.h2c,
-        tls: match tls {
-            Some(t) => Some(t?),
-            None => None,
-        },
+        shutdown_grace: grace?,
+        tls_listen,
+        tls_http2,
     })
 }
 
@@ -929,11 +933,12 @@ fn route(
         Some(None) => return None,
         None => None,
     };
-    let stable = pool(c, &path.key("stable"), &r.stable, health.as_ref());
+    let resolve_default = proxy.map(|p| p.resolve_interval);
+    let stable = pool(c, &path.key("stable"), &r.stable, resolve_default);
     let canary = r
         .canary
         .as_ref()
-        .map(|p| pool(c, &path.key("canary"), p, health.as_ref()));
+        .map(|p| pool(c, &path.key("canary"), p, resolve_default));
     if let Some(cp) = &r.canary {
         if cp.version == r.stable.version && !cp.version.is_empty() {
             c.err(
@@ -980,7 +985,7 @@ fn route(
             StickySource::IssuedCookie(name) => Some(name.clone()),
             _ => None,
         }) {
-            Some(name) => Some(crate::split::issued::IssuedCookie {
+            Some(name) => Some(IssuedCookie {
                 name,
                 max_age: issued_max_age?,
             }),
@@ -1011,8 +1016,8 @@ fn pool(
     c: &mut Check,
     path: &KeyPath,
     p: &PoolFile,
-    health: Option<&HealthSettings>,
-) -> Option<Arc<Pool>> {
+    resolve_default: Option<Duration>,
+) -> Option<PoolSettings> {
     let mut ok = true;
     if !valid_name(&p.version) {
         c.err(
@@ -1043,10 +1048,14 @@ fn pool(
             false
         }
     };
+    let resolve_interval = match &p.resolve_interval {
+        Some(s) => c.duration(path.key("resolve_interval"), s),
+        None => resolve_default,
+    };
     let mut endpoints = Vec::new();
     for (i, e) in p.endpoints.iter().enumerate() {
-        match resolve_endpoint(e) {
-            Ok(addrs) => endpoints.extend(addrs),
+        match parse_endpoint(e) {
+            Ok(endpoint) => endpoints.push(endpoint),
             Err(msg) => {
                 c.err(path.key("endpoints").index(i), msg);
                 ok = false;
@@ -1058,63 +1067,12 @@ fn pool(
     }
     endpoints.sort();
     endpoints.dedup();
-    match LoadBalancer::try_from_iter(endpoints.iter().copied()) {
-        Ok(mut lb) => {
-            if let Some(h) = health {
-                match health_check(h, h2c) {
-                    Ok(hc) => lb.set_health_check(Box::new(hc)),
-                    Err(e) => {
-                        c.err(
-                            path.key("endpoints"),
-                            format!("cannot set up health checks: {e}"),
-                        );
-                        return None;
-                    }
-                }
-            }
-            Some(Arc::new(Pool::new(
-                p.version.clone(),
-                endpoints,
-                Arc::new(lb),
-                h2c,
-            )))
-        }
-        Err(e) => {
-            c.err(path.key("endpoints"), format!("cannot build the pool: {e}"));
-            None
-        }
-    }
-}
-
-/// Pingora's HTTP health check for `[routes.health]`.
-fn health_check(
-    h: &HealthSettings,
-    h2c: bool,
-) -> pingora::Result<pingora::lb::health_check::HttpHealthCheck> {
-    use pingora::lb::health_check::HttpHealthCheck;
-    let mut hc = HttpHealthCheck::new("kanaria-health-check", false);
-    hc.req = pingora::http::RequestHeader::build("GET", h.path.as_bytes(), None)?;
-    hc.req.insert_header("Host", "kanaria-health-check")?;
-    hc.req.insert_header("User-Agent", "kanaria-health-check")?;
-    hc.consecutive_success = h.healthy_threshold;
-    hc.consecutive_failure = h.unhealthy_threshold;
-    hc.peer_template.options.connection_timeout = Some(h.timeout);
-    hc.peer_template.options.read_timeout = Some(h.timeout);
-    if h2c {
-        hc.peer_template.options.set_http_version(2, 2);
-    }
-    let expected = h.expected_status;
-    hc.validator = Some(Box::new(move |resp: &pingora::http::ResponseHeader| {
-        if resp.status.as_u16() == expected {
-            Ok(())
-        } else {
-            pingora::Error::e_explain(
-                pingora::ErrorType::Custom("UnexpectedHealthStatus"),
-                format!("status {} (expected {expected})", resp.status.as_u16()),
-            )
-        }
-    }));
-    Ok(hc)
+    Some(PoolSettings {
+        version: p.version.clone(),
+        endpoints,
+        h2c,
+        resolve_interval: resolve_interval?,
+    })
 }
 
 fn health(c: &mut Check, path: &KeyPath, h: &HealthFile) -> Option<HealthSettings> {
@@ -1162,7 +1120,7 @@ fn analysis(c: &mut Check, path: &KeyPath, a: &AnalysisFile) -> Option<AnalysisR
     let interval = c.duration(path.key("interval"), &a.interval);
     let window = c.duration(path.key("window"), &a.window);
     if let Some(w) = window {
-        if w.as_secs() > crate::rollout::analysis::MAX_WINDOW_SECS
+        if w.as_secs() > crate::stats::window::MAX_WINDOW_SECS
             || w < std::time::Duration::from_secs(1)
         {
             c.err(
@@ -1170,7 +1128,7 @@ fn analysis(c: &mut Check, path: &KeyPath, a: &AnalysisFile) -> Option<AnalysisR
                 format!(
                     "{:?} must be between 1s and {}s",
                     a.window,
-                    crate::rollout::analysis::MAX_WINDOW_SECS
+                    crate::stats::window::MAX_WINDOW_SECS
                 ),
             );
             ok = false;
@@ -1213,7 +1171,7 @@ fn analysis(c: &mut Check, path: &KeyPath, a: &AnalysisFile) -> Option<AnalysisR
     }
     let mut grpc_error_codes = 0u32;
     for (i, name) in a.grpc_error_codes.iter().enumerate() {
-        match crate::proxy::h2::grpc_code(name) {
+        match grpc_code(name) {
             Some(code) => grpc_error_codes |= 1 << code,
             None => {
                 c.err(
@@ -1306,4 +1264,61 @@ fn webhook_url(url: &str) -> Result<String, String> {
         return Err(format!("{url:?} has no host"));
     }
     Ok(parsed.to_string())
+}
+
+/// Errors found after validation (by the runtime layer's checks of the files the config
+/// names), each placed in the text as written.
+pub fn locate(src: &str, file: &str, found: Vec<(KeyPath, String)>) -> ConfigErrors {
+    let (doc, _) = DeTable::parse_recoverable(src);
+    let root = doc.get_ref();
+    ConfigErrors(
+        found
+            .into_iter()
+            .map(|(path, message)| ConfigError {
+                file: file.to_string(),
+                position: span_of(root, &path).map(|s| Position::of_offset(src, s.start)),
+                path,
+                message,
+            })
+            .collect(),
+    )
+}
+
+/// The files a config names that the runtime layer reads: the TLS certificate pairs and
+/// the fleet's CA, taken from the file as written (so they are checked, and their errors
+/// reported, beside the validation errors of a file that does not validate).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct NamedFiles {
+    pub certificates: Vec<CertPaths>,
+    /// `fleet.ca` of a `rediss://` fleet.
+    pub fleet_ca: Option<std::path::PathBuf>,
+}
+
+/// [`NamedFiles`] of config text (none when it does not parse).
+pub fn named_files(src: &str, file: &str) -> NamedFiles {
+    let Ok(cfg) = toml::from_str::<FileConfig>(src) else {
+        return NamedFiles::default();
+    };
+    let base = std::path::Path::new(file)
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    NamedFiles {
+        certificates: cfg
+            .proxy
+            .tls
+            .iter()
+            .flat_map(|t| &t.certificates)
+            .map(|f| CertPaths {
+                cert: relative_to(&base, &f.cert),
+                key: relative_to(&base, &f.key),
+            })
+            .collect(),
+        fleet_ca: cfg
+            .fleet
+            .as_ref()
+            .filter(|f| f.url.starts_with("rediss://"))
+            .and_then(|f| f.ca.as_deref())
+            .map(|ca| relative_to(&base, ca)),
+    }
 }

@@ -1,0 +1,24 @@
+//! The control plane: everything that changes what the data plane serves, and the only
+//! writer of the [`LiveHandle`](crate::runtime::LiveHandle).
+//!
+//! - [`rollouts`]: [`Control`], each route's rollout state under one lock, the config as
+//!   built from the file, and publication (one `ArcSwap::store` per change).
+//! - [`analysis_loop`]: runs the health checks and the canary analysis on their schedules
+//!   and feeds verdicts to the rollout machine.
+//! - [`fleet`]: shares rollout state and analysis counts with the other replicas (Redis),
+//!   through a narrow [`fleet::Replica`] interface to this replica's control.
+//! - [`reload`]: the config file watcher (and SIGHUP).
+//! - [`persist`]: the state files that keep rollouts across restarts.
+//! - [`notify`]: the webhook that sends events out.
+//!
+//! Time comes from one [`Clock`](crate::clock::Clock): none of these modules reads the
+//! machine's clock itself.
+
+pub mod analysis_loop;
+pub mod fleet;
+pub mod notify;
+pub mod persist;
+pub mod reload;
+pub mod rollouts;
+
+pub use rollouts::{Control, ControlError, OperatorAction, ReloadStatus};

@@ -1,0 +1,148 @@
+//! The Prometheus exposition of a live process: the metrics' own series, and the gauges
+//! of the live config read from it at scrape time (each would otherwise be a series of the
+//! `prometheus` crate, ~450 bytes apiece: ~11 per route).
+
+use crate::metrics::{family_head, sample};
+use crate::rollout::phase::STATES;
+use crate::split::buckets_to_percent;
+
+use super::{LiveHandle, Route};
+
+impl LiveHandle {
+    /// The Prometheus exposition: the metrics' own series and the gauges of the live
+    /// config, read from it now (each would otherwise be a series of the `prometheus` crate,
+    /// ~450 bytes apiece: ~11 per route): `kanaria_canary_weight_percent`,
+    /// `kanaria_rollout_state` (as of the last publish, which every change of phase makes),
+    /// `kanaria_pool_info` and `kanaria_endpoint_healthy` (the load balancers' health now).
+    /// Routes, pools and endpoints that went away have no series.
+    pub fn render_metrics(&self) -> String {
+        let live = self.load();
+        let mut routes: Vec<(&Route, &'static str)> = live
+            .snapshot
+            .routes
+            .iter()
+            .map(|r| &**r)
+            .zip(live.states.iter().copied())
+            .collect();
+        routes.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        let pools = |r: &'_ Route| {
+            [
+                ("stable", Some(r.stable.clone())),
+                ("canary", r.canary.clone()),
+            ]
+            .into_iter()
+            .filter_map(|(role, p)| p.map(|p| (role, p)))
+            .collect::<Vec<_>>()
+        };
+        let weight = |out: &mut String| {
+            let name = "kanaria_canary_weight_percent";
+            if routes.is_empty() {
+                return;
+            }
+            family_head(out, name, "Effective canary weight in percent.", "gauge");
+            for (r, _) in &routes {
+                sample(
+                    out,
+                    name,
+                    &[("route", r.name.as_str())],
+                    buckets_to_percent(r.split.canary_buckets),
+                );
+            }
+        };
+        let state = |out: &mut String| {
+            let name = "kanaria_rollout_state";
+            if routes.is_empty() {
+                return;
+            }
+            family_head(
+                out,
+                name,
+                "1 for the route's current rollout state.",
+                "gauge",
+            );
+            let mut names = STATES;
+            names.sort();
+            for (r, current) in &routes {
+                for st in names {
+                    sample(
+                        out,
+                        name,
+                        &[("route", r.name.as_str()), ("state", st)],
+                        f64::from(u8::from(st == *current)),
+                    );
+                }
+            }
+        };
+        let info = |out: &mut String| {
+            let name = "kanaria_pool_info";
+            // Sorted by label values, labels by name: release, route, version.
+            let mut rows: Vec<(String, &str, &str)> = routes
+                .iter()
+                .flat_map(|(r, _)| {
+                    pools(r)
+                        .into_iter()
+                        .map(move |(role, p)| (p.version.clone(), r.name.as_str(), role))
+                })
+                .collect();
+            if rows.is_empty() {
+                return;
+            }
+            rows.sort();
+            family_head(
+                out,
+                name,
+                "The release label each version of a route runs.",
+                "gauge",
+            );
+            for (release, route, role) in &rows {
+                sample(
+                    out,
+                    name,
+                    &[
+                        ("release", release.as_str()),
+                        ("route", route),
+                        ("version", role),
+                    ],
+                    1.0,
+                );
+            }
+        };
+        let healthy = |out: &mut String| {
+            let name = "kanaria_endpoint_healthy";
+            // Labels by name: endpoint, route, version.
+            let mut rows: Vec<(String, &str, &str, bool)> = routes
+                .iter()
+                .flat_map(|(r, _)| {
+                    pools(r).into_iter().flat_map(move |(role, p)| {
+                        p.health()
+                            .into_iter()
+                            .map(move |(addr, up)| (addr.to_string(), r.name.as_str(), role, up))
+                    })
+                })
+                .collect();
+            if rows.is_empty() {
+                return;
+            }
+            rows.sort();
+            family_head(out, name, "1 when the endpoint is in rotation.", "gauge");
+            for (endpoint, route, role, up) in &rows {
+                sample(
+                    out,
+                    name,
+                    &[
+                        ("endpoint", endpoint.as_str()),
+                        ("route", route),
+                        ("version", role),
+                    ],
+                    f64::from(u8::from(*up)),
+                );
+            }
+        };
+        self.metrics.render_with(&[
+            ("kanaria_canary_weight_percent", &weight),
+            ("kanaria_endpoint_healthy", &healthy),
+            ("kanaria_pool_info", &info),
+            ("kanaria_rollout_state", &state),
+        ])
+    }
+}
