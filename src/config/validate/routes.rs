@@ -1,0 +1,512 @@
+//! Validation of `[[routes]]`: each route's hosts and prefix, its split (sticky sources,
+//! weight, overrides), timeouts, pools and their endpoints, health checks, analysis rules
+//! and rollout steps.
+
+use std::time::Duration;
+
+use super::check::{ip_net, parse_endpoint, valid_name, Check};
+use crate::config::errors::KeyPath;
+use crate::config::file::{AnalysisFile, HealthFile, PoolFile, RolloutFile, RouteFile};
+use crate::config::{
+    grpc_code, AnalysisRules, HealthSettings, PoolSettings, ProxySettings, Route, StableDown, Step,
+    Timeouts, WeightSource,
+};
+use crate::split::issued::IssuedCookie;
+use crate::split::{seed_for, weight_to_buckets, OverrideRule, SplitRule, StickySource};
+
+pub(super) fn route(
+    c: &mut Check,
+    path: &KeyPath,
+    r: &RouteFile,
+    proxy: Option<&ProxySettings>,
+) -> Option<Route> {
+    let mut ok = true;
+    for (i, h) in r.hosts.iter().enumerate() {
+        if h.is_empty() || h.contains(['/', ' ', ':']) {
+            c.err(
+                path.key("hosts").index(i),
+                format!("{h:?} is not a host name (no scheme, port or path)"),
+            );
+            ok = false;
+        }
+    }
+    if !r.path_prefix.starts_with('/') {
+        c.err(
+            path.key("path_prefix"),
+            format!("{:?} must start with \"/\"", r.path_prefix),
+        );
+        ok = false;
+    }
+    let mut sticky = Vec::new();
+    for (i, s) in r.sticky_by.iter().enumerate() {
+        match StickySource::parse(s) {
+            Ok(src) => {
+                // Issuing gives every request a key: what follows is never reached, and an
+                // issued cookie after client_ip would never be issued.
+                let blocked = if sticky
+                    .iter()
+                    .any(|p| matches!(p, StickySource::IssuedCookie(_)))
+                {
+                    Some("an issued_cookie (every request has a key from it)")
+                } else if matches!(src, StickySource::IssuedCookie(_))
+                    && sticky.contains(&StickySource::ClientIp)
+                {
+                    Some("client_ip (every request has a client address)")
+                } else {
+                    None
+                };
+                if let Some(prev) = blocked {
+                    c.err(
+                        path.key("sticky_by").index(i),
+                        format!("{s:?} is never reached: it comes after {prev}"),
+                    );
+                    ok = false;
+                }
+                sticky.push(src)
+            }
+            Err(e) => {
+                c.err(path.key("sticky_by").index(i), e);
+                ok = false;
+            }
+        }
+    }
+    let issued_max_age = c.duration(path.key("issued_cookie_max_age"), &r.issued_cookie_max_age);
+    let weight = match weight_to_buckets(r.canary_weight) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            c.err(path.key("canary_weight"), e);
+            None
+        }
+    };
+    if r.canary_weight > 0.0 && r.canary.is_none() {
+        c.err(
+            path.key("canary_weight"),
+            format!("{} needs a [routes.canary] pool", r.canary_weight),
+        );
+        ok = false;
+    }
+    let header = r
+        .override_header
+        .as_deref()
+        .map(|h| c.header_name(path.key("override_header"), h));
+    if let Some(cookie) = &r.override_cookie {
+        if !valid_name(cookie) {
+            c.err(
+                path.key("override_cookie"),
+                format!("{cookie:?} is not a valid cookie name"),
+            );
+            ok = false;
+        }
+    }
+    let mut trusted = Vec::new();
+    for (i, s) in r.override_trusted_cidrs.iter().enumerate() {
+        match ip_net(s) {
+            Some(n) => trusted.push(n),
+            None => {
+                c.err(
+                    path.key("override_trusted_cidrs").index(i),
+                    format!("{s:?} is not a CIDR (e.g. \"10.0.0.0/8\") or IP address"),
+                );
+                ok = false;
+            }
+        }
+    }
+    let mut key = None;
+    if let Some(secret) = &r.override_secret {
+        let secret = secret.trim();
+        if secret.len() < crate::split::override_token::MIN_SECRET_LEN {
+            c.err(
+                path.key("override_secret"),
+                format!(
+                    "{} bytes is too short: use at least {} random bytes (e.g. `openssl rand -hex 32`)",
+                    secret.len(),
+                    crate::split::override_token::MIN_SECRET_LEN
+                ),
+            );
+            ok = false;
+        } else if r.override_header.is_none() && r.override_cookie.is_none() {
+            c.err(
+                path.key("override_secret"),
+                "set override_header or override_cookie too: the secret signs their values",
+            );
+            ok = false;
+        } else {
+            key = crate::split::override_token::OverrideKey::new(secret.as_bytes(), &r.name);
+        }
+    }
+    let defaults = proxy.map(|p| p.timeouts);
+    let connect = r
+        .connect_timeout
+        .as_deref()
+        .map(|s| c.duration(path.key("connect_timeout"), s));
+    let read = r
+        .read_timeout
+        .as_deref()
+        .map(|s| c.duration(path.key("read_timeout"), s));
+    let canary_timeout = r
+        .canary_timeout
+        .as_deref()
+        .map(|s| c.duration(path.key("canary_timeout"), s));
+
+    let stable_down = match r.stable_down.as_str() {
+        "keep_stable" => StableDown::KeepStable,
+        "serve_canary" => StableDown::ServeCanary,
+        other => {
+            c.err(
+                path.key("stable_down"),
+                format!("{other:?} is not \"keep_stable\" or \"serve_canary\""),
+            );
+            ok = false;
+            StableDown::KeepStable
+        }
+    };
+    let health = r.health.as_ref().map(|h| health(c, &path.key("health"), h));
+    let default_analysis = AnalysisFile::default();
+    let analysis = analysis(
+        c,
+        &path.key("analysis"),
+        r.analysis.as_ref().unwrap_or(&default_analysis),
+    );
+    let steps = match &r.rollout {
+        Some(ro) => {
+            if r.canary.is_none() {
+                c.err(
+                    path.key("rollout"),
+                    "a rollout needs a [routes.canary] pool",
+                );
+                ok = false;
+            }
+            if r.canary_weight > 0.0 {
+                c.err(
+                    path.key("canary_weight"),
+                    "set either canary_weight or [routes.rollout], not both: the rollout's steps set the weight",
+                );
+                ok = false;
+            }
+            rollout(c, &path.key("rollout"), ro)
+        }
+        None => Some(Vec::new()),
+    };
+
+    let health = match health {
+        Some(Some(h)) => Some(h),
+        Some(None) => return None,
+        None => None,
+    };
+    let resolve_default = proxy.map(|p| p.resolve_interval);
+    let stable = pool(c, &path.key("stable"), &r.stable, resolve_default);
+    let canary = r
+        .canary
+        .as_ref()
+        .map(|p| pool(c, &path.key("canary"), p, resolve_default));
+    if let Some(cp) = &r.canary {
+        if cp.version == r.stable.version && !cp.version.is_empty() {
+            c.err(
+                path.key("canary").key("version"),
+                format!(
+                    "{:?} is also the stable version; the canary must be another release",
+                    cp.version
+                ),
+            );
+            ok = false;
+        }
+    }
+
+    let defaults = defaults?;
+    let timeouts = Timeouts {
+        connect: connect.unwrap_or(Some(defaults.connect))?,
+        read: read.unwrap_or(Some(defaults.read))?,
+        ..defaults
+    };
+    let analysis = analysis?;
+    // A canary twice as slow as its latency limit is not worth waiting for: stable answers.
+    let canary_timeout = match canary_timeout {
+        Some(d) => d?,
+        None => analysis
+            .max_p99_latency
+            .map_or(timeouts.read, |l| (2 * l).min(timeouts.read)),
+    };
+    let header = header.unwrap_or(None);
+    if !ok || (r.override_header.is_some() && header.is_none()) {
+        return None;
+    }
+    Some(Route {
+        name: r.name.clone(),
+        hosts: r.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        path_prefix: r.path_prefix.clone(),
+        file_buckets: weight?,
+        retry_on_stable: r.retry_on_stable,
+        canary_timeout,
+        stable_down,
+        health,
+        analysis,
+        steps: steps?,
+        issued_cookie: match sticky.iter().find_map(|s| match s {
+            StickySource::IssuedCookie(name) => Some(name.clone()),
+            _ => None,
+        }) {
+            Some(name) => Some(IssuedCookie {
+                name,
+                max_age: issued_max_age?,
+            }),
+            None => None,
+        },
+        split: SplitRule {
+            sticky,
+            seed: seed_for(r.hash_salt.as_deref().unwrap_or(&r.name)),
+            canary_buckets: weight?,
+            overrides: OverrideRule {
+                header,
+                cookie: r.override_cookie.clone(),
+                trusted,
+                key,
+            },
+        },
+        timeouts,
+        stable: stable?,
+        canary: match canary {
+            Some(p) => Some(p?),
+            None => None,
+        },
+        weight_source: WeightSource::File,
+    })
+}
+
+fn pool(
+    c: &mut Check,
+    path: &KeyPath,
+    p: &PoolFile,
+    resolve_default: Option<Duration>,
+) -> Option<PoolSettings> {
+    let mut ok = true;
+    if !valid_name(&p.version) {
+        c.err(
+            path.key("version"),
+            format!(
+                "{:?} is not a valid version label (1 to 64 of A-Z a-z 0-9 - _ .)",
+                p.version
+            ),
+        );
+        ok = false;
+    }
+    if p.endpoints.is_empty() {
+        c.err(
+            path.key("endpoints"),
+            "no endpoints: a pool needs at least one HOST:PORT",
+        );
+        ok = false;
+    }
+    let h2c = match p.protocol.as_str() {
+        "http1" => false,
+        "h2c" => true,
+        other => {
+            c.err(
+                path.key("protocol"),
+                format!("{other:?} is not \"http1\" or \"h2c\""),
+            );
+            ok = false;
+            false
+        }
+    };
+    let resolve_interval = match &p.resolve_interval {
+        Some(s) => c.duration(path.key("resolve_interval"), s),
+        None => resolve_default,
+    };
+    let mut endpoints = Vec::new();
+    for (i, e) in p.endpoints.iter().enumerate() {
+        match parse_endpoint(e) {
+            Ok(endpoint) => endpoints.push(endpoint),
+            Err(msg) => {
+                c.err(path.key("endpoints").index(i), msg);
+                ok = false;
+            }
+        }
+    }
+    if !ok {
+        return None;
+    }
+    endpoints.sort();
+    endpoints.dedup();
+    Some(PoolSettings {
+        version: p.version.clone(),
+        endpoints,
+        h2c,
+        resolve_interval: resolve_interval?,
+    })
+}
+
+fn health(c: &mut Check, path: &KeyPath, h: &HealthFile) -> Option<HealthSettings> {
+    let mut ok = true;
+    if !h.path.starts_with('/') {
+        c.err(
+            path.key("path"),
+            format!("{:?} must start with \"/\"", h.path),
+        );
+        ok = false;
+    }
+    for (key, v) in [
+        ("healthy_threshold", h.healthy_threshold),
+        ("unhealthy_threshold", h.unhealthy_threshold),
+    ] {
+        if v == 0 {
+            c.err(path.key(key), "must be at least 1");
+            ok = false;
+        }
+    }
+    if !(100..=599).contains(&h.expected_status) {
+        c.err(
+            path.key("expected_status"),
+            format!("{} is not an HTTP status", h.expected_status),
+        );
+        ok = false;
+    }
+    let interval = c.duration(path.key("interval"), &h.interval);
+    let timeout = c.duration(path.key("timeout"), &h.timeout);
+    if !ok {
+        return None;
+    }
+    Some(HealthSettings {
+        path: h.path.clone(),
+        interval: interval?,
+        timeout: timeout?,
+        healthy_threshold: h.healthy_threshold,
+        unhealthy_threshold: h.unhealthy_threshold,
+        expected_status: h.expected_status,
+    })
+}
+
+fn analysis(c: &mut Check, path: &KeyPath, a: &AnalysisFile) -> Option<AnalysisRules> {
+    let mut ok = true;
+    let interval = c.duration(path.key("interval"), &a.interval);
+    let window = c.duration(path.key("window"), &a.window);
+    if let Some(w) = window {
+        if w.as_secs() > crate::stats::window::MAX_WINDOW_SECS
+            || w < std::time::Duration::from_secs(1)
+        {
+            c.err(
+                path.key("window"),
+                format!(
+                    "{:?} must be between 1s and {}s",
+                    a.window,
+                    crate::stats::window::MAX_WINDOW_SECS
+                ),
+            );
+            ok = false;
+        }
+    }
+    let max_p99 = a
+        .max_p99_latency
+        .as_deref()
+        .map(|s| c.duration(path.key("max_p99_latency"), s));
+    if let Some(r) = a.max_error_rate {
+        if !(0.0..=1.0).contains(&r) {
+            c.err(
+                path.key("max_error_rate"),
+                format!("{r} is not a rate in 0..=1"),
+            );
+            ok = false;
+        }
+    }
+    for (key, v) in [
+        ("max_error_rate_ratio", a.max_error_rate_ratio),
+        ("max_p99_latency_ratio", a.max_p99_latency_ratio),
+    ] {
+        if let Some(v) = v {
+            if !(v.is_finite() && v >= 1.0) {
+                c.err(path.key(key), format!("{v} must be at least 1.0"));
+                ok = false;
+            }
+        }
+    }
+    if !(a.confidence > 0.5 && a.confidence < 1.0) {
+        c.err(
+            path.key("confidence"),
+            format!("{} must be between 0.5 and 1 (e.g. 0.99)", a.confidence),
+        );
+        ok = false;
+    }
+    if a.failure_limit == 0 {
+        c.err(path.key("failure_limit"), "must be at least 1");
+        ok = false;
+    }
+    let mut grpc_error_codes = 0u32;
+    for (i, name) in a.grpc_error_codes.iter().enumerate() {
+        match grpc_code(name) {
+            Some(code) => grpc_error_codes |= 1 << code,
+            None => {
+                c.err(
+                    path.key("grpc_error_codes").index(i),
+                    format!(
+                        "{name:?} is not a gRPC status code name (e.g. \"UNAVAILABLE\", \"INTERNAL\")"
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    if !ok {
+        return None;
+    }
+    Some(AnalysisRules {
+        enabled: a.enabled,
+        interval: interval?,
+        window: window?,
+        min_requests: a.min_requests,
+        max_error_rate: a.max_error_rate,
+        max_p99_latency: match max_p99 {
+            Some(d) => Some(d?),
+            None => None,
+        },
+        max_error_rate_ratio: a.max_error_rate_ratio,
+        max_p99_latency_ratio: a.max_p99_latency_ratio,
+        confidence: a.confidence,
+        failure_limit: a.failure_limit,
+        grpc_error_codes,
+    })
+}
+
+fn rollout(c: &mut Check, path: &KeyPath, r: &RolloutFile) -> Option<Vec<Step>> {
+    if r.steps.is_empty() {
+        c.err(path.key("steps"), "at least one step is required");
+        return None;
+    }
+    let mut steps = Vec::new();
+    let mut ok = true;
+    let mut last = 0;
+    for (i, st) in r.steps.iter().enumerate() {
+        let p = path.key("steps").index(i);
+        let buckets = match weight_to_buckets(st.weight) {
+            Ok(0) => {
+                c.err(p.key("weight"), "a step's weight must be above 0");
+                None
+            }
+            Ok(b) if b < last => {
+                c.err(
+                    p.key("weight"),
+                    format!("{} is below the previous step's", st.weight),
+                );
+                None
+            }
+            Ok(b) => Some(b),
+            Err(e) => {
+                c.err(p.key("weight"), e);
+                None
+            }
+        };
+        let hold = match &st.hold {
+            Some(h) => c.duration(p.key("hold"), h),
+            None => Some(std::time::Duration::ZERO),
+        };
+        match (buckets, hold) {
+            (Some(b), Some(h)) => {
+                last = b;
+                steps.push(Step {
+                    buckets: b,
+                    hold: h,
+                });
+            }
+            _ => ok = false,
+        }
+    }
+    ok.then_some(steps)
+}
