@@ -51,6 +51,42 @@ fn the_shipped_configs_are_valid() {
     assert!(stdout.contains("ok (1 route)"), "{stdout}");
 }
 
+/// `kanaria check` works offline: a pool endpoint named by a cluster-internal name (which
+/// resolves nowhere here) is not an error of the file; the runtime resolves it when running.
+#[test]
+fn a_cluster_internal_name_checks_ok_offline() {
+    let (code, stdout, stderr) = check(
+        r#"
+[[routes]]
+name = "lessons"
+[routes.stable]
+version = "v1"
+endpoints = ["lessons-v1.prod.svc.cluster.local:8080"]
+[routes.canary]
+version = "v2"
+endpoints = ["lessons-v2.prod.svc.cluster.local:8080", "10.0.0.7:8080"]
+resolve_interval = "5s"
+"#,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.trim().ends_with(": ok (1 route)"), "{stdout}");
+    // A malformed endpoint is still an error of the file, with its place.
+    let (code, _, stderr) = check(
+        "[[routes]]\nname = \"app\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"lessons v1:8080\", \"app.svc:http\"]\n",
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(
+            "FILE:5:14: routes[app].stable.endpoints[0]: \"lessons v1:8080\" is not HOST:PORT"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("routes[app].stable.endpoints[1]: \"app.svc:http\" is not HOST:PORT"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn version_flag() {
     let out = Command::new(common::kanaria_bin())
