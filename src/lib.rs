@@ -5,8 +5,9 @@
 //! 1. [`split`] (routing and the sticky split of users between the stable and canary
 //!    *tracks*), [`stats`] (outcome windows, requests in flight, the Fisher test) and
 //!    [`clock`]: pure data and maths.
-//! 2. [`config`]: the file model, its validation and its errors: settings only, no I/O
-//!    beyond the admin token file.
+//! 2. [`config`]: the file model, its validation and its errors: settings only; it reads
+//!    the config file and the admin token file, and nothing else (no socket, no name
+//!    resolution).
 //! 3. [`runtime`] (the live snapshot built from settings, and the handle the data plane
 //!    reads), [`metrics`] and [`rollout`] (the pure rollout state machine).
 //! 4. [`proxy`] (the data plane: Pingora's hooks, the edge checks, the connection guard,

@@ -181,6 +181,8 @@ fn guarded(session: &pingora::protocols::http::ServerSession) -> Option<&Guarded
 
 /// The request header on this connection is complete: stop its deadline. `idle_secs`
 /// (`edge.idle_timeout` of the config the request runs with) bounds the wait after it.
+/// Called by the proxy's `request_filter` (through `headers::admit`), the first hook with
+/// the request's head.
 pub fn request_started(session: &pingora::protocols::http::ServerSession, idle_secs: u64) {
     if let Some(g) = guarded(session) {
         g.phase.store(PHASE_REQUEST, Ordering::Relaxed);
@@ -189,6 +191,8 @@ pub fn request_started(session: &pingora::protocols::http::ServerSession, idle_s
 }
 
 /// The request is over: the next byte on this connection starts the next header deadline.
+/// Called by the proxy's `logging` hook, which Pingora runs once at the end of every
+/// request.
 pub fn request_finished(session: &pingora::protocols::http::ServerSession) {
     if let Some(g) = guarded(session) {
         g.phase.store(PHASE_IDLE, Ordering::Relaxed);
@@ -486,6 +490,22 @@ impl<A> GuardedApp<A> {
 
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
+    /// Guards one accepted client connection of a proxy listener, then hands it to the proxy.
+    ///
+    /// - **When**: Pingora calls it once per accepted connection, before any byte of a
+    ///   request is read; on a TLS listener after the handshake (which Pingora bounds by
+    ///   60 s of its own), so the cap and the header deadline start there.
+    /// - **Returns**: the proxy app's future over a [`GuardedStream`]: Pingora's HTTP/1
+    ///   keep-alive loop, or the HTTP/2 connection, runs inside it, request after request,
+    ///   and ends with `None` (the connection is closed, never handed back). A ready `None`
+    ///   closes the connection at once, before anything is read: its listener already holds
+    ///   `edge.max_connections`, or the stream could not be unboxed.
+    /// - **Reads**: the live snapshot's `[edge]` (`max_connections`, `header_timeout`,
+    ///   `idle_timeout`), loaded per connection: a reload applies to new connections.
+    /// - **Writes**: the listener's open-connection count (released when the stream is
+    ///   dropped); `kanaria_rejected_requests_total{reason="connection_limit"}` for a refused
+    ///   connection (the stream counts `reason="header_timeout"` itself).
+    ///
     /// Not an `async fn`: the checks run at once and the inner app's future is returned as
     /// it is, so that every poll of the connection's task does not pass through a future of
     /// the guard first.
@@ -530,6 +550,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
 
     /// Called once the listeners stopped. The proxy's own cleanup is what wakes the idle
     /// connections to close them; it runs after the linger ([`crate::proxy::drain`]).
+    ///
+    /// - **When**: once per service, after Pingora stopped accepting on its listeners
+    ///   (SIGTERM, or SIGQUIT once the listeners were handed to a new process).
+    /// - **Returns**: once the linger has passed and the proxy app's cleanup returned.
+    /// - **Reads**: the linger (half of `proxy.shutdown_grace`, fixed at start).
+    /// - **Writes**: nothing of Kanaria's; Pingora's cleanup marks the proxy as shutting
+    ///   down and wakes the connections waiting idle for a next request, which then close.
     async fn cleanup(&self) {
         crate::proxy::drain::linger(self.linger).await;
         self.inner.cleanup().await

@@ -348,6 +348,14 @@ impl ProxyHttp for KanariaProxy {
     /// instead, the future is ~830 bytes smaller, which saves more than the allocation costs.
     type CTX = Box<Ctx>;
 
+    /// A fresh context for one request.
+    ///
+    /// - **When**: once per request (per stream on an HTTP/2 connection), right after Pingora
+    ///   has read the request head and before any other hook.
+    /// - **Returns**: the context every later hook of this request is handed.
+    /// - **Writes**: every [`Ctx`] field empty; `start` (the request's duration in
+    ///   `kanaria_request_duration_seconds` runs from here, the head's reading excluded) and
+    ///   `attempt_start` to now.
     fn new_ctx(&self) -> Box<Ctx> {
         // One clock read for both (the attempt's start is set again when it begins).
         let now = Instant::now();
@@ -370,6 +378,29 @@ impl ProxyHttp for KanariaProxy {
         })
     }
 
+    /// Admits the request head, then decides everything the request will use: the config
+    /// snapshot, the route and the version (sticky split or override).
+    ///
+    /// - **When**: after `new_ctx`, before any upstream is chosen (Pingora's
+    ///   `early_request_filter` and downstream modules run before it; Kanaria uses neither).
+    /// - **Returns**: `Ok(true)` when Kanaria answered itself: Pingora skips the upstream and
+    ///   calls `logging` (with no error). That is 400 or 431 for a refused head (keep-alive
+    ///   was turned off, so the connection closes), 400 for a path that climbs above the
+    ///   root, 404 when no route matches. `Ok(false)`: a route and a version are decided and
+    ///   Pingora goes on to `upstream_peer`. `Err` only when writing Kanaria's own answer
+    ///   failed: Pingora calls `fail_to_proxy`, then `logging`.
+    /// - **Reads**: the live handle, loaded once here ([`LiveHandle::load`]): every later
+    ///   hook reads that same snapshot through `ctx.live`, so a reload mid-request never mixes
+    ///   two configs. Its `[edge]` settings, router and the route's split rule; the request's
+    ///   head and client address.
+    /// - **Writes**: `ctx.live`, `route`, `version`, `edge` (client address, TLS, HTTP/2, a
+    ///   key issued for an `issued_cookie:` route), `generated_request_id` (when the client
+    ///   sent none), `rollback_generation` (the route's canary rollback generation now, which
+    ///   the canary watcher compares against). Metrics:
+    ///   `kanaria_rejected_requests_total{reason}` for a refused head,
+    ///   `kanaria_overrides_total` for an honoured override. Through `headers::admit`: the
+    ///   connection guard's header deadline stops ([`conn_guard::request_started`]) and
+    ///   reads of the request body time out after `edge.body_timeout`.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Box<Ctx>) -> Result<bool> {
         let live = self.shared.load();
         let snap = &live.snapshot;
@@ -454,6 +485,25 @@ impl ProxyHttp for KanariaProxy {
         Ok(false)
     }
 
+    /// Picks this attempt's endpoint from the decided version's pool, and starts the attempt.
+    ///
+    /// - **When**: after `request_filter` returned `Ok(false)`, and again before every retry
+    ///   (an error that `fail_to_connect` or `error_while_proxy` left retryable), up to
+    ///   Pingora's `max_retries`. Kanaria itself marks at most one retry, canary to stable;
+    ///   Pingora's default policy may retry a failure on a reused upstream connection.
+    /// - **Returns**: the peer, with the route's connect, read, write and idle timeouts (and
+    ///   HTTP/2 with prior knowledge for an h2c pool): Pingora connects to it or reuses an idle
+    ///   connection to it. `Err(NoHealthyEndpoint)` when the pool has no endpoint in rotation;
+    ///   not retryable, so Pingora calls `fail_to_proxy` (502) and `logging`. A canary request
+    ///   in that state is not sent to stable from here.
+    /// - **Reads**: `ctx.route()` and `version`; the pool's readiness flags
+    ///   ([`Pool::select`](crate::runtime::Pool::select), round robin); the route's
+    ///   `stable_down`.
+    /// - **Writes**: ends the previous attempt, if any (`attempt_over`: it leaves the in-flight
+    ///   registry and its canary watcher stops); `ctx.edge.upstream_addr`, `attempt_start`,
+    ///   `awaiting_head = true`, `attempt_latency = None`, `response_carries = None`. With
+    ///   `stable_down = "serve_canary"` and no stable endpoint in rotation: `version = Canary`
+    ///   and `retried = true`, so the request is never sent back to the dead stable pool.
     async fn upstream_peer(
         &self,
         _session: &mut Session,
@@ -509,6 +559,21 @@ impl ProxyHttp for KanariaProxy {
         Ok(Box::new(peer))
     }
 
+    /// Starts the canary watcher ([`watch_canary_attempt`]) for an attempt that could still go
+    /// to stable.
+    ///
+    /// - **When**: once per attempt, as soon as Pingora holds the upstream connection (new, or
+    ///   reused from its pool), before the request head is written to it. Not called when
+    ///   connecting failed (`fail_to_connect` is).
+    /// - **Returns**: always `Ok(())` (an `Err` would fail the attempt through
+    ///   `error_while_proxy`).
+    /// - **Reads**: `ctx.awaiting_head`, `version`, `retried` and the route's `retry_on_stable`
+    ///   (only a canary attempt that may be retried is watched), the request's method and body
+    ///   (only a replayable request: idempotent, no body), the route's `canary_timeout`,
+    ///   `ctx.rollback_generation` and the route's `canary_rollbacks` signal; `fd`, the
+    ///   upstream connection's socket.
+    /// - **Writes**: `ctx.watcher`, the watcher's stop handle (dropping it when the attempt is
+    ///   over ends the watcher).
     async fn connected_to_upstream(
         &self,
         session: &mut Session,
@@ -533,6 +598,18 @@ impl ProxyHttp for KanariaProxy {
     }
 
     /// The whole request was handed to the upstream: from now on, the wait is the app's.
+    ///
+    /// - **When**: in every attempt, for each piece of the request body Pingora sends to the
+    ///   upstream: the client's body as it arrives, the buffered body replayed on a retry, and
+    ///   once with no data and `end_of_stream` for a request without a body. After
+    ///   `upstream_request_filter` and the request head were written.
+    /// - **Returns**: always `Ok(())`, the body untouched (an `Err` would fail the attempt).
+    /// - **Reads**: `end_of_stream`, `ctx.awaiting_head`, `in_flight`, `version`.
+    /// - **Writes**: at the end of the body of an attempt still waiting for its answer and not
+    ///   yet counted: `ctx.attempt_start` (the attempt's latency runs from here, so a slow
+    ///   upload is not the app's latency) and `ctx.in_flight` (the attempt enters its track's
+    ///   in-flight registry, [`InFlight`](crate::stats::in_flight::InFlight), which the
+    ///   analysis reads to see a canary that hangs while it hangs).
     async fn request_body_filter(
         &self,
         _session: &mut Session,
@@ -552,6 +629,24 @@ impl ProxyHttp for KanariaProxy {
         Ok(())
     }
 
+    /// Decides whether a canary attempt that could not connect goes to stable.
+    ///
+    /// - **When**: when Pingora could not get a connection to the peer `upstream_peer` chose
+    ///   (refused, unreachable, connect timeout): nothing was sent. Neither
+    ///   `connected_to_upstream` nor `error_while_proxy` runs for this attempt.
+    /// - **Returns**: the error, made retryable when it is a canary attempt that may go to
+    ///   stable (the route's `retry_on_stable`, not yet retried; any method, as long as its
+    ///   body, if any, is still whole in the retry buffer): Pingora calls `upstream_peer`
+    ///   again, which now picks from stable. Otherwise the error as Pingora made it, not
+    ///   retryable: Pingora calls `fail_to_proxy` (504 for a connect timeout, else 502) and
+    ///   `logging`.
+    /// - **Reads**: `ctx.version`, `retried`, the route's `retry_on_stable`, `attempt_start`;
+    ///   the error's type; the session's retry buffer.
+    /// - **Writes**: ends the attempt (`attempt_over`). On a switch to stable
+    ///   (`Ctx::switch_to_stable`): `version = Stable`, `retried = true`,
+    ///   `upstream_status = None`; the canary's failed attempt is counted in
+    ///   `kanaria_upstream_errors_total{kind="connect"|"timeout"}` and as an error in the
+    ///   canary's analysis window, and the switch in `kanaria_retries_total`.
     fn fail_to_connect(
         &self,
         session: &mut Session,
@@ -574,6 +669,32 @@ impl ProxyHttp for KanariaProxy {
         e
     }
 
+    /// Decides whether an attempt that failed after its connection was made goes to stable.
+    ///
+    /// - **When**: when an attempt fails once Pingora had its upstream connection: writing the
+    ///   request, waiting for or reading the answer (a reset, Pingora's `read_timeout`, the
+    ///   canary watcher's shutdown of the socket), an `Err` from `upstream_request_filter`,
+    ///   `upstream_response_filter` (a canary 5xx, an answer's ambiguous framing) or
+    ///   `response_filter`, or the client going away meanwhile.
+    /// - **Returns**: the error, with the peer added to its context. It is made retryable
+    ///   (Pingora calls `upstream_peer` again) when a canary attempt may go to stable: the
+    ///   route's `retry_on_stable`, not yet retried, nothing sent to the client, the client
+    ///   still there, and a replayable request (idempotent, no body). A canary 5xx that
+    ///   `upstream_response_filter` already switched to stable passes through, still
+    ///   retryable. Otherwise Pingora's default policy applies (no retry for a
+    ///   non-idempotent method or a truncated retry buffer; an error Pingora marks as
+    ///   retryable on a reused connection only is retried if this one was reused), and
+    ///   without a retry Pingora calls `fail_to_proxy` and `logging`.
+    /// - **Reads**: `ctx.watcher` (read before the attempt ends: was it watched?),
+    ///   `attempt_start` (how long it waited), the route's `canary_timeout`, the route's canary
+    ///   rollback generation against `ctx.rollback_generation`, `version`, `retried`; the
+    ///   error's type and source; whether a response head was written to the client.
+    /// - **Writes**: ends the attempt (`attempt_over`). On a switch to stable: as in
+    ///   `fail_to_connect`, counted as `kind="timeout"`, `"connect"` or `"reset"` from the
+    ///   error, except an attempt the watcher abandoned (its `canary_timeout` passed or the
+    ///   canary was rolled back, and the error is not Pingora's own read timeout): a
+    ///   `timeout` in `kanaria_upstream_errors_total`, and in the analysis a slow request of
+    ///   the time it waited, not an error.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
@@ -625,6 +746,15 @@ impl ProxyHttp for KanariaProxy {
     /// A canary failure retried on stable is expected behaviour, counted in
     /// `kanaria_retries_total` and the analysis: one warning per retried request would
     /// flood the log exactly when a canary dies. It stays visible at debug level.
+    ///
+    /// - **When**: when an attempt failed with a retryable error, before Pingora logs its
+    ///   warning for it (Pingora also asks for downstream errors ignored while filling its
+    ///   cache, which Kanaria does not use).
+    /// - **Returns**: `true` (no warning) once `ctx.retried` is set: the request was switched
+    ///   from canary to stable, which also covers a later retryable failure of its stable
+    ///   attempt (or it is a stable request served by the canary under
+    ///   `stable_down = "serve_canary"`). `false` otherwise: Pingora warns.
+    /// - **Reads**: `ctx.retried`. **Writes**: nothing (a debug line).
     fn suppress_proxy_warn_log(
         &self,
         _session: &Session,
@@ -638,6 +768,20 @@ impl ProxyHttp for KanariaProxy {
         ctx.retried
     }
 
+    /// Cleans the request head sent upstream and adds the forwarding headers.
+    ///
+    /// - **When**: in every attempt, after `connected_to_upstream`, on Pingora's copy of the
+    ///   client's request head, just before it is written to the upstream.
+    /// - **Returns**: `Ok(())` to send it; `Err` (a header that cannot be written) fails the
+    ///   attempt through `error_while_proxy`.
+    /// - **Reads**: `ctx.route()` (the override header and cookie to remove), `ctx.live`
+    ///   (`edge.trusted_proxies`, the request id header's name), `ctx.edge` (the listener's
+    ///   scheme), `generated_request_id`, `version` (is the pool h2c?); the client's address
+    ///   and headers.
+    /// - **Writes**: the upstream request only: hop-by-hop headers and the route's override
+    ///   header and cookie removed; `X-Forwarded-For`, `X-Forwarded-Proto`, the request id when
+    ///   Kanaria generated it, and `te: trailers` for an h2c pool when the client sent it. No
+    ///   `Ctx` field, no metric.
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
@@ -672,6 +816,25 @@ impl ProxyHttp for KanariaProxy {
         h2::forward_te_trailers(&session.req_header().headers, upstream_request, h2c)
     }
 
+    /// Checks the head of the upstream's answer and ends the attempt's wait; a canary's 5xx can
+    /// still go to stable from here.
+    ///
+    /// - **When**: when an upstream answer's head arrives, before `response_filter`. Never for
+    ///   Kanaria's own answers.
+    /// - **Returns**: `Ok(())` to pass the answer on. `Err(InvalidHTTPHeader)`, an upstream
+    ///   error, for ambiguous framing: the attempt fails through `error_while_proxy` (a
+    ///   replayable canary attempt then goes to stable; otherwise 502). For a canary's 5xx
+    ///   when the request may go to stable, `Err(Canary5xxRetriedOnStable)`, retryable: the
+    ///   answer is dropped before the client sees any of it, `error_while_proxy` passes the
+    ///   error through, and Pingora calls `upstream_peer` again.
+    /// - **Reads**: `ctx.live` (the names of the headers Kanaria adds), `awaiting_head`,
+    ///   `attempt_start`, `version`, `retried`, the route's `retry_on_stable` and
+    ///   `grpc_error_codes`; the request's method and body.
+    /// - **Writes**: the answer head (hop-by-hop headers removed); `ctx.response_carries`;
+    ///   `attempt_latency` (the app's latency, from the end of the upload to this head) and
+    ///   the end of the attempt (`attempt_over`); `upstream_status`; `edge.grpc_failed` for an
+    ///   HTTP/2 answer. Metrics: `kanaria_rejected_requests_total{reason="upstream_framing"}`;
+    ///   for a canary 5xx sent to stable, as in `fail_to_connect` with `kind="5xx"`.
     async fn upstream_response_filter(
         &self,
         session: &mut Session,
@@ -721,6 +884,14 @@ impl ProxyHttp for KanariaProxy {
     }
 
     /// gRPC sends its status in trailers after the body.
+    ///
+    /// - **When**: when an upstream answer ends with trailers, after its body. Only HTTP/2
+    ///   answers (h2c pools) carry them: Pingora's HTTP/1 client does not pass trailers on.
+    /// - **Returns**: always `Ok(())`, the trailers untouched.
+    /// - **Reads**: the trailers' `grpc-status`, the route's `grpc_error_codes`.
+    /// - **Writes**: `ctx.edge.grpc_failed`, or-ed with what the head said, which `logging`
+    ///   counts as an error of the version in the analysis (the answer itself stays a 2xx in
+    ///   `kanaria_requests_total`).
     fn upstream_response_trailer_filter(
         &self,
         _session: &mut Session,
@@ -731,6 +902,18 @@ impl ProxyHttp for KanariaProxy {
         Ok(())
     }
 
+    /// Adds Kanaria's headers to the upstream's answer.
+    ///
+    /// - **When**: after `upstream_response_filter` accepted the head, just before it is
+    ///   written to the client. Kanaria's own answers do not pass here: `respond_text` adds
+    ///   the same headers to them.
+    /// - **Returns**: `Ok(())` to send the head; `Err` (a header that cannot be added) fails
+    ///   the attempt through `error_while_proxy`.
+    /// - **Reads**: `ctx.live` (header names), `version`, `generated_request_id`,
+    ///   `response_carries` (which of the headers the answer already has), `edge.issued` and
+    ///   the route's issued cookie settings.
+    /// - **Writes**: the answer head: the version header, the request id when Kanaria
+    ///   generated it, `Set-Cookie` for an issued key. No `Ctx` field, no metric.
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -740,6 +923,21 @@ impl ProxyHttp for KanariaProxy {
         decorate_response(upstream_response, ctx, ctx.response_carries)
     }
 
+    /// Answers a request that ended in an error, if nothing was sent to the client yet.
+    ///
+    /// - **When**: at most once per request, before `logging`: after an `Err` from
+    ///   `request_filter`, or when the last attempt's error will not be retried (from
+    ///   `upstream_peer`, `fail_to_connect` or `error_while_proxy`).
+    /// - **Returns**: `error_code`, the status for Pingora's error log line (0 when the client
+    ///   is gone), and `can_reuse_downstream: false`: the client connection is closed. The
+    ///   status: 502 for no healthy endpoint, an upstream failure or ambiguous upstream
+    ///   framing; 504 for an upstream connect, read or write timeout; 400 for a client error;
+    ///   500 for an internal one; an `HTTPStatus` error's own code.
+    /// - **Reads**: the error's type and source; whether a response head went out already
+    ///   (then nothing is written: a second answer would corrupt the stream).
+    /// - **Writes**: Kanaria's plain-text answer through `respond_text` (version header,
+    ///   request id, issued cookie), with keep-alive off so it says `Connection: close`. No
+    ///   `Ctx` field, no metric: `logging` counts the request.
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -782,6 +980,25 @@ impl ProxyHttp for KanariaProxy {
     }
 
     /// Records the outcome of every request that matched a route.
+    ///
+    /// - **When**: last, once for every request Pingora made a context for, whatever
+    ///   happened: after the answer was sent, after `fail_to_proxy`, or right after a
+    ///   `request_filter` that answered itself (`e` is `None` then, as for a success). A
+    ///   head Pingora's own parser refused reaches no hook at all.
+    /// - **Returns**: nothing.
+    /// - **Reads**: the status written to the client, `e` (its source and type), `ctx.start`,
+    ///   `version`, `upstream_status`, `attempt_latency`, `attempt_start`, `edge.grpc_failed`;
+    ///   the access log reads most of [`Ctx`].
+    /// - **Writes**: the connection guard's idle phase ([`conn_guard::request_finished`]: the
+    ///   next byte on the connection starts the next header deadline); one access log line
+    ///   (with `[log]`; `kanaria_access_log_dropped_total` when its queue is full); the end of
+    ///   the attempt (`attempt_over`). For a request with a version (the one that answered,
+    ///   stable after a switch): `kanaria_requests_total{code_class}` and
+    ///   `kanaria_request_duration_seconds` (from `new_ctx`), `kanaria_upstream_errors_total`
+    ///   for an upstream failure or a 5xx, and one outcome in that version's analysis window:
+    ///   the last attempt's latency to its answer head, an error for a 5xx, an upstream failure
+    ///   or a failing gRPC status. Without an answer head: the time the last attempt waited, an
+    ///   error unless a status below 500 was sent; nothing when the client hung up.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Box<Ctx>) {
         crate::proxy::conn_guard::request_finished(session.as_downstream());
         if let Some(log) = &self.access_log {

@@ -68,7 +68,7 @@ impl Pool {
     }
 
     /// Copies the load balancer's readiness into the request path's flags. Readiness
-    /// changes only in a health check round, so the controller calls this after each.
+    /// changes only in a health check round, so the analysis loop calls this after each.
     pub fn refresh_ready(&self) {
         let backends = self.lb.backends();
         for (b, ready) in self.picks.iter() {
