@@ -10,7 +10,7 @@
 //!    resolution).
 //! 3. [`runtime`] (the live snapshot built from settings, and the handle the data plane
 //!    reads), [`metrics`] and [`rollout`] (the pure rollout state machine).
-//! 4. [`proxy`] (the data plane: Pingora's hooks, the edge checks, the connection guard,
+//! 4. `proxy` (the data plane: Pingora's hooks, the edge checks, the connection guard,
 //!    TLS listeners) beside [`control`] (the control plane: rollout state, the analysis
 //!    loop, the fleet, reload, persistence, notifications).
 //! 5. [`admin`], [`server`], [`demo`] and the binary: wiring.

@@ -54,6 +54,10 @@ fn defaults(listen: &str, threads: Option<usize>, upgrade_sock: &str) -> Config 
             state: None,
             notify: None,
             fleet: None,
+            reload: ReloadSettings {
+                watch: true,
+                debounce: Duration::from_millis(200),
+            },
         },
         proxy: ProxySettings {
             timeouts: Timeouts {
@@ -68,10 +72,6 @@ fn defaults(listen: &str, threads: Option<usize>, upgrade_sock: &str) -> Config 
             resolve_interval: secs(10),
         },
         admin: AdminSettings { token: None },
-        reload: ReloadSettings {
-            watch: true,
-            debounce: Duration::from_millis(200),
-        },
         edge: EdgeSettings {
             header_timeout: secs(10),
             idle_timeout_secs: 60,

@@ -1,5 +1,5 @@
 //! Replays the committed fuzz corpus (`fuzz/corpus/TARGET/*`) through the fuzz target
-//! bodies on stable, so every `cargo test` checks the regression inputs even where
+//! bodies on stable, so `make test` (`cargo test --all-features`: this test needs the `internals` feature) checks the regression inputs even where
 //! `cargo fuzz` (nightly) is not available.
 
 use std::path::Path;

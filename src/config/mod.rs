@@ -1,6 +1,6 @@
 //! Configuration as settings: the TOML file, its validation, and the validated [`Config`].
 //!
-//! Two layers. [`file`] holds serde structs that mirror the file (unknown keys denied,
+//! Two layers. [`file`](mod@file) holds serde structs that mirror the file (unknown keys denied,
 //! defaults documented). [`validate`] checks them, collecting *every* error with its key
 //! path, and returns a [`Config`]: plain data (parsed durations, addresses, header names,
 //! endpoints as written), comparable with `==` so golden tests can pin a whole file. Nothing
@@ -118,8 +118,8 @@ impl Default for HeaderLimits {
     }
 }
 
-/// `[reload]`, validated.
-#[derive(Debug, Clone, PartialEq)]
+/// `[reload]`, validated (read once at start: restart-only).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReloadSettings {
     pub watch: bool,
     pub debounce: Duration,
@@ -387,6 +387,8 @@ pub struct RestartSettings {
     pub state: Option<StateSettings>,
     pub notify: Option<NotifySettings>,
     pub fleet: Option<FleetSettings>,
+    /// The file watcher is set up once, at start.
+    pub reload: ReloadSettings,
 }
 
 impl RestartSettings {
@@ -477,7 +479,6 @@ pub struct Config {
     pub restart: RestartSettings,
     pub proxy: ProxySettings,
     pub admin: AdminSettings,
-    pub reload: ReloadSettings,
     pub edge: EdgeSettings,
     pub routes: Vec<Arc<Route>>,
     pub router: Router,

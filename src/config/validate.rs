@@ -239,13 +239,13 @@ fn validate(
                     state,
                     notify,
                     fleet,
+                    reload: ReloadSettings {
+                        watch: cfg.reload.watch,
+                        debounce,
+                    },
                 },
                 proxy: proxy.settings,
                 admin: AdminSettings { token },
-                reload: ReloadSettings {
-                    watch: cfg.reload.watch,
-                    debounce,
-                },
                 edge,
                 routes,
                 router,

@@ -6,13 +6,13 @@
 //! [`Effect::Share`](crate::rollout::machine::Effect::Share); this module writes it with
 //! one Lua script that compares and sets the generation (a rollback is written whatever
 //! the generation: it always wins) and publishes the new record on the fleet's channel.
-//! Every replica applies the records it receives ([`Input::Adopt`]) when they are newer
+//! Every replica applies the records it receives ([`Input::Adopt`](crate::rollout::machine::Input::Adopt)) when they are newer
 //! than what it applied. Pub/sub is at-most-once, so each replica also re-reads the
 //! records every `poll_interval`, and says there that it is alive (`members` hash).
 //! Records expire after `record_ttl`; each poll renews those of the versions the replica
 //! serves, so only the records of releases no replica serves any more go.
 //!
-//! Analysis is fleet-wide: each replica's controller hands its raw counts (requests,
+//! Analysis is fleet-wide: each replica's analysis loop hands its raw counts (requests,
 //! errors, latency histogram, per track, over the analysis window and the short span) to
 //! [`Fleet::contribute`]; the poll writes them to a hash per route and canary version
 //! (`counts:<route>:<version>`, a field per replica) and reads the others'. The verdict

@@ -83,7 +83,7 @@ impl Reloader {
 #[async_trait]
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let settings = self.shared.snapshot().config.reload.clone();
+        let settings = self.shared.snapshot().config.restart.reload.clone();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let _watcher = if settings.watch {
             match watch(&self.shared.config_path, tx) {

@@ -1,7 +1,7 @@
 //! The control plane's state: each route's rollout, and every change to what is served.
 //!
 //! Two inputs shape what requests see: the config file (loaded at start and on reload) and
-//! each route's rollout state, moved only by the pure [`machine`](crate::rollout::machine).
+//! each route's rollout state, moved only by the pure [`machine`].
 //! Every change is applied under one mutex that the request path never touches: the
 //! machine's step and its in-memory effects (a new [`Snapshot`] made live with a single
 //! [`LiveHandle::store`], the event kept, logged, counted and queued for the webhook) happen
@@ -181,7 +181,7 @@ impl Control {
         self.lock().routes.clone()
     }
 
-    /// A route's rollout state (for status and the controller).
+    /// A route's rollout state (for status and the analysis loop).
     pub fn route_control(&self, route: &str) -> Option<RouteRollout> {
         self.lock().routes.get(route).cloned()
     }
@@ -471,7 +471,7 @@ impl Control {
         Ok(self.snapshot().generation.max(generation))
     }
 
-    /// Feeds one input from the controller (a verdict, a health change, a tick) to a
+    /// Feeds one input from the analysis loop (a verdict, a health change, a tick) to a
     /// route's machine. A verdict for an epoch that is no longer current is dropped there.
     pub fn observe(&self, route: &str, input: Input) {
         let mut ctl = self.lock();
@@ -480,7 +480,7 @@ impl Control {
         }
     }
 
-    /// The controller's rollback when the canary pool has no healthy endpoint.
+    /// The analysis loop's rollback when the canary pool has no healthy endpoint.
     pub fn canary_unhealthy(&self, route: &str, numbers: Value) {
         self.observe(route, Input::CanaryUnhealthy { numbers });
     }
@@ -638,7 +638,7 @@ steps = [{ weight = 10, hold = "1h" }, { weight = 50, hold = "1h" }]
         shared.route_control("app").unwrap().phase.name()
     }
 
-    /// The controller reads a route's data and judges it outside the lock; an operator's
+    /// The analysis loop reads a route's data and judges it outside the lock; an operator's
     /// pause and resume land in between. The old failure must not roll back the resumed
     /// rollout (before epochs, it did).
     #[test]

@@ -10,7 +10,7 @@
 //!
 //! Pingora asks [`CertStore`] for a certificate in each handshake; the store holds the
 //! certificates in one `ArcSwap`, so a rotation replaces them for new handshakes while open
-//! connections keep theirs: nothing is dropped. [`CertWatcher`] (a background service)
+//! connections keep theirs: nothing is dropped. `proxy::tls::CertWatcher` (a background service)
 //! re-reads the files every `watch_interval` and swaps in what changed; cert-manager and
 //! certbot write in place or swap a symlink, and both change what a read returns. A new
 //! pair that fails to load keeps the old one serving; the reason is logged, shown under

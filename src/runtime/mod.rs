@@ -1,7 +1,7 @@
 //! The runtime: what the data plane serves from, built from settings.
 //!
 //! A [`Snapshot`] is one immutable view of the config as served: the validated
-//! [`Config`](crate::config::Config), each route with its pools built (resolved endpoints,
+//! [`Config`], each route with its pools built (resolved endpoints,
 //! Pingora's load balancers and health checks), and the header names the proxy adds,
 //! prepared once. [`Live`] pairs a snapshot with the metric handles of its routes and their
 //! rollout states; [`LiveHandle`] holds the current `Live` in one `ArcSwap` and the metrics:
