@@ -1,6 +1,7 @@
 //! Replays the committed fuzz corpus (`fuzz/corpus/TARGET/*`) through the fuzz target
-//! bodies on stable, so `make test` (`cargo test --all-features`: this test needs the `internals` feature) checks the regression inputs even where
-//! `cargo fuzz` (nightly) is not available.
+//! bodies on stable, so `make test` (`cargo test --all-features`: this test needs the
+//! `internals` feature) checks the regression inputs even where `cargo fuzz` (nightly) is
+//! not available.
 
 use std::path::Path;
 

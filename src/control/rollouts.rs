@@ -57,6 +57,10 @@ struct Ledger {
     events: VecDeque<Event>,
     /// Who waits for the store's answer to the next shared change (an operator).
     reply: Option<Reply>,
+    /// Routes rolled back since the last publication: their waiting canary attempts are
+    /// told once the snapshot without the canary is live (not before, or a request that
+    /// loads the old snapshot in between would go to the canary unwatched).
+    rolled_back: Vec<String>,
 }
 
 /// Errors of operator actions, each mapped to an HTTP status by the admin API.
@@ -130,6 +134,7 @@ impl Control {
                 generation: 0,
                 events: VecDeque::new(),
                 reply: None,
+                rolled_back: Vec::new(),
             }),
             last_reload: ArcSwap::from_pointee(ReloadStatus {
                 at: started,
@@ -260,10 +265,8 @@ impl Control {
             .inc();
         if event.kind == "rollback" {
             metrics.rollback(&event.route, &event.reason);
-            // Canary attempts still waiting for an answer go to stable now.
-            if let Some(m) = metrics.known_route(&event.route) {
-                m.canary_rollbacks.rolled_back();
-            }
+            // Canary attempts still waiting for an answer go to stable once it is published.
+            ctl.rolled_back.push(event.route.clone());
         }
         if let Some(n) = &self.notifier {
             n.send(line);
@@ -349,6 +352,13 @@ impl Control {
             route_metrics,
             states,
         });
+        // After the store: a request that read the generation before this saw the canary in
+        // the old snapshot and is watched; one that reads it after loads the new snapshot.
+        for route in ctl.rolled_back.drain(..) {
+            if let Some(m) = metrics.known_route(&route) {
+                m.canary_rollbacks.rolled_back();
+            }
+        }
     }
 
     /// Re-reads the config file. On success the new config is live before this returns;
