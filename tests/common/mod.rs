@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 pub mod certs;
 pub mod grpc;
 pub mod h2load;
+pub mod ports;
 pub mod raw;
 
 /// What an upstream does with the next requests.
@@ -201,6 +202,61 @@ pub fn free_port() -> u16 {
 /// An address where nothing listens: connections are refused.
 pub fn dead_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Polls `check` every 20 ms until its future gives `Ok`, and returns that value; panics
+/// after `timeout` with `what` and the last `Err`, which says what the check saw. The check
+/// runs at least once, and once more at the deadline.
+///
+/// A check is a closure returning a future: `|| std::future::ready(..)` for a check without
+/// I/O; `move || async move { .. }` over references, copies and clones for one with I/O.
+/// (Not an async closure: the future of a wait that borrows from an async closure cannot
+/// be proven `Send`, so it could not be spawned.)
+pub async fn eventually<T, S, F>(what: &str, timeout: Duration, check: impl FnMut() -> F) -> T
+where
+    S: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, S>>,
+{
+    eventually_every(what, timeout, Duration::from_millis(20), check).await
+}
+
+/// [`eventually`], polling every `every` (for a check whose cost or whose timing matters).
+pub async fn eventually_every<T, S, F>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> F,
+) -> T
+where
+    S: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, S>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = match check().await {
+            Ok(t) => return t,
+            Err(seen) => seen,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; last seen: {seen}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// What a check saw, shown with a process's log when the wait fails (the log file is read
+/// only then).
+pub struct SeenWithLog {
+    pub seen: String,
+    pub log: PathBuf,
+}
+
+impl std::fmt::Display for SeenWithLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        write!(f, "{}\nlog:\n{log}", self.seen)
+    }
 }
 
 pub fn kanaria_bin() -> PathBuf {
