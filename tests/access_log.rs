@@ -50,7 +50,10 @@ async fn send(proxy: &Proxy, host: &str, user: &str, id: Option<&str>) -> u16 {
 async fn json_lines_for_real_requests_and_reopen_on_sigusr1() {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
-    let proxy = Proxy::start(&config(&stable, &canary, "access = \"access.log\"")).await;
+    let proxy = Proxy::builder()
+        .routes(&config(&stable, &canary, "access = \"access.log\""))
+        .start()
+        .await;
     let path = proxy.dir.path().join("access.log");
 
     for i in 0..20 {
@@ -166,12 +169,14 @@ async fn json_lines_for_real_requests_and_reopen_on_sigusr1() {
 async fn combined_format() {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
-    let proxy = Proxy::start(&config(
-        &stable,
-        &canary,
-        "access = \"combined.log\"\nformat = \"combined\"",
-    ))
-    .await;
+    let proxy = Proxy::builder()
+        .routes(&config(
+            &stable,
+            &canary,
+            "access = \"combined.log\"\nformat = \"combined\"",
+        ))
+        .start()
+        .await;
     let resp = client()
         .get(proxy.url("/a/b"))
         .header("host", "app.test")
@@ -210,12 +215,14 @@ async fn a_stuck_writer_drops_lines_and_never_blocks_requests() {
         .custom_flags(libc::O_NONBLOCK)
         .open(&fifo)
         .unwrap();
-    let proxy = Proxy::start(&config(
-        &stable,
-        &canary,
-        &format!("access = \"{}\"\nqueue = 8", fifo.display()),
-    ))
-    .await;
+    let proxy = Proxy::builder()
+        .routes(&config(
+            &stable,
+            &canary,
+            &format!("access = \"{}\"\nqueue = 8", fifo.display()),
+        ))
+        .start()
+        .await;
     // ~450 bytes a line: the 64 KiB pipe holds ~150 lines, the queue 8 more.
     let c = client();
     for i in 0..600 {

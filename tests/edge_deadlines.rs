@@ -55,7 +55,10 @@ fn trickle_header_lines(s: &mut TcpStream) -> Option<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_header_is_cut_off_at_the_deadline() {
     let up = Upstream::start("v1").await;
-    let proxy = Proxy::launch(&routes("header_timeout = \"1s\"", &up), "", "", "", &[]).await;
+    let proxy = Proxy::builder()
+        .routes(&routes("header_timeout = \"1s\"", &up))
+        .start()
+        .await;
     let port = proxy.port;
     let outcome = tokio::task::spawn_blocking(move || {
         let mut s = connect(port);
@@ -85,7 +88,10 @@ async fn a_trickled_header_after_a_kept_alive_request_is_cut_off() {
     // first read did not complete it (the guard's cheap path): it must still cut off a
     // trickle.
     let up = Upstream::start("v1").await;
-    let proxy = Proxy::launch(&routes("header_timeout = \"1s\"", &up), "", "", "", &[]).await;
+    let proxy = Proxy::builder()
+        .routes(&routes("header_timeout = \"1s\"", &up))
+        .start()
+        .await;
     let port = proxy.port;
     let outcome = tokio::task::spawn_blocking(move || {
         let mut s = connect(port);
@@ -112,14 +118,13 @@ async fn a_trickled_header_after_a_kept_alive_request_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_is_closed_and_idle_keepalive_is_not_a_header() {
     let up = Upstream::start("v1").await;
-    let proxy = Proxy::launch(
-        &routes("header_timeout = \"1s\"\nidle_timeout = \"3s\"", &up),
-        "",
-        "",
-        "",
-        &[],
-    )
-    .await;
+    let proxy = Proxy::builder()
+        .routes(&routes(
+            "header_timeout = \"1s\"\nidle_timeout = \"3s\"",
+            &up,
+        ))
+        .start()
+        .await;
     let port = proxy.port;
     tokio::task::spawn_blocking(move || {
         // Connect and say nothing: the first header's deadline runs from accept.
@@ -153,7 +158,10 @@ async fn a_silent_connection_is_closed_and_idle_keepalive_is_not_a_header() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_body_is_timed_out() {
     let up = Upstream::start("v1").await;
-    let proxy = Proxy::launch(&routes("body_timeout = \"1s\"", &up), "", "", "", &[]).await;
+    let proxy = Proxy::builder()
+        .routes(&routes("body_timeout = \"1s\"", &up))
+        .start()
+        .await;
     let port = proxy.port;
     let ex = tokio::task::spawn_blocking(move || {
         let mut s = connect(port);
@@ -169,7 +177,10 @@ async fn a_stalled_body_is_timed_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_above_the_listener_cap_are_closed() {
     let up = Upstream::start("v1").await;
-    let proxy = Proxy::launch(&routes("max_connections = 3", &up), "", "", "", &[]).await;
+    let proxy = Proxy::builder()
+        .routes(&routes("max_connections = 3", &up))
+        .start()
+        .await;
     let port = proxy.port;
     tokio::task::spawn_blocking(move || {
         // Three kept-alive connections, each proven registered by a full exchange.

@@ -145,7 +145,7 @@ async fn hanging_upstream_is_504_counted_as_timeout_and_others_keep_being_served
         stable_route("slow", "/slow", hang.addr, "read_timeout = \"400ms\""),
         stable_route("fine", "/", ok.addr, ""),
     );
-    let proxy = Proxy::start(&cfg).await;
+    let proxy = Proxy::builder().routes(&cfg).start().await;
     let c = client();
     // Three requests hang at once; the other route answers meanwhile.
     let hung: Vec<_> = (0..3)
@@ -207,7 +207,7 @@ async fn upstream_closing_mid_body_breaks_that_answer_only_and_counts_a_reset() 
         stable_route("cut", "/cut", cut.addr, ""),
         stable_route("fine", "/", ok.addr, ""),
     );
-    let proxy = Proxy::start(&cfg).await;
+    let proxy = Proxy::builder().routes(&cfg).start().await;
     let c = client();
     for _ in 0..3 {
         let r = c.get(proxy.url("/cut")).send().await.unwrap();
@@ -246,11 +246,11 @@ async fn upstream_closing_mid_body_breaks_that_answer_only_and_counts_a_reset() 
 async fn sigterm_lets_every_request_in_flight_finish() {
     let (open, gate) = watch::channel(false);
     let up = RawUpstream::start(Behaviour::Gate(gate)).await;
-    let mut proxy = Proxy::start_with(
-        &stable_route("app", "/", up.addr, ""),
-        "shutdown_grace = \"3s\"",
-    )
-    .await;
+    let mut proxy = Proxy::builder()
+        .routes(&stable_route("app", "/", up.addr, ""))
+        .proxy("shutdown_grace = \"3s\"")
+        .start()
+        .await;
     let c = client();
     const IN_FLIGHT: u64 = 8;
     let requests: Vec<_> = (0..IN_FLIGHT)
@@ -325,11 +325,11 @@ async fn raw_get(stream: &mut TcpStream, path: &str) -> (String, Vec<u8>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_serves_the_next_request_on_an_idle_connection_then_closes_it() {
     let up = Upstream::start("app").await;
-    let mut proxy = Proxy::start_with(
-        &stable_route("app", "/", up.addr, ""),
-        "shutdown_grace = \"4s\"",
-    )
-    .await;
+    let mut proxy = Proxy::builder()
+        .routes(&stable_route("app", "/", up.addr, ""))
+        .proxy("shutdown_grace = \"4s\"")
+        .start()
+        .await;
     let mut conn = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
     let (head, _) = raw_get(&mut conn, "/first").await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
@@ -383,7 +383,11 @@ async fn binary_upgrade_under_load_fails_no_request() {
         pool("routes.stable", "v1", &[s.addr]),
         pool("routes.canary", "v2", &[cn.addr]),
     );
-    let mut old = Proxy::start_with(&routes, "shutdown_grace = \"2s\"").await;
+    let mut old = Proxy::builder()
+        .routes(&routes)
+        .proxy("shutdown_grace = \"2s\"")
+        .start()
+        .await;
     let old = &mut old;
 
     let stop = Arc::new(AtomicBool::new(false));

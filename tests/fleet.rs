@@ -67,8 +67,13 @@ impl Fleet {
                 pool("routes.stable", "stable", &[stable.addr]),
                 pool("routes.canary", "canary", &[canary.addr]),
             );
-            replicas
-                .push(Proxy::launch(&routes, "", "", "", &[("KANARIA_ADMIN_TOKEN", TOKEN)]).await);
+            replicas.push(
+                Proxy::builder()
+                    .routes(&routes)
+                    .env("KANARIA_ADMIN_TOKEN", TOKEN)
+                    .start()
+                    .await,
+            );
         }
         let fleet = Fleet {
             replicas,
@@ -734,7 +739,7 @@ async fn records_of_versions_no_replica_serves_expire_and_served_ones_are_renewe
             pool("routes.canary", version, &[canary.addr]),
         )
     };
-    let proxy = Proxy::launch(&routes("v1"), "", "", "", &[]).await;
+    let proxy = Proxy::builder().routes(&routes("v1")).start().await;
     let mut conn = redis.conn().await;
     let v1 = "kanaria:test:rollout:app:v1";
     let v2 = "kanaria:test:rollout:app:v2";
@@ -749,7 +754,7 @@ async fn records_of_versions_no_replica_serves_expire_and_served_ones_are_renewe
     // The release moves on to v2: v1's record is no longer renewed and goes; v2's stays.
     let generation = proxy.generation().await;
     proxy
-        .write_config_and_wait(&proxy.config_text(&routes("v2"), "", "", ""), generation)
+        .write_config_and_wait(&proxy.config_text(&routes("v2")), generation)
         .await;
     wait_pttl(&mut conn, v2, "written with a TTL", |t| t > 0).await;
     wait_pttl(&mut conn, v1, "expired", |t| t == -2).await;

@@ -77,7 +77,7 @@ async fn legitimate_traffic_succeeds_during_a_slowloris() {
         "[edge]\nheader_timeout = \"4s\"\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\n{}",
         pool("routes.stable", "v1", &[up.addr])
     );
-    let proxy = Proxy::launch(&routes, "", "", "", &[]).await;
+    let proxy = Proxy::builder().routes(&routes).start().await;
 
     let connected = Arc::new(AtomicU64::new(0));
     let attack: Vec<_> = (0..ATTACKERS)
