@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
-use common::{client, pool, Load, Proxy, Upstream, Webhook};
+use common::{client, eventually, pool, Load, Proxy, Upstream, Webhook};
 use serde_json::Value;
 
 const FAST_ANALYSIS: &str =
@@ -607,22 +607,26 @@ async fn operator_pause_resume_promote_and_webhook_events() {
     assert_eq!(app(&st)["rollout"]["step"], 1);
     assert_eq!(proxy.act("rollback", "t").await, 200);
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let kinds: Vec<String> = hook
-            .events()
-            .iter()
-            .map(|e| e["kind"].as_str().unwrap_or("").to_string())
-            .collect();
-        if kinds.contains(&"rollback".to_string()) {
-            assert!(kinds.contains(&"paused".to_string()), "{kinds:?}");
-            assert!(kinds.contains(&"resumed".to_string()), "{kinds:?}");
-            assert!(kinds.contains(&"step".to_string()), "{kinds:?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "webhook got {kinds:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let kinds = eventually(
+        "the rollback at the webhook",
+        Duration::from_secs(20),
+        || {
+            let kinds: Vec<String> = hook
+                .events()
+                .iter()
+                .map(|e| e["kind"].as_str().unwrap_or("").to_string())
+                .collect();
+            std::future::ready(if kinds.contains(&"rollback".to_string()) {
+                Ok(kinds)
+            } else {
+                Err(format!("webhook got {kinds:?}"))
+            })
+        },
+    )
+    .await;
+    assert!(kinds.contains(&"paused".to_string()), "{kinds:?}");
+    assert!(kinds.contains(&"resumed".to_string()), "{kinds:?}");
+    assert!(kinds.contains(&"step".to_string()), "{kinds:?}");
     let rb = hook
         .events()
         .into_iter()
