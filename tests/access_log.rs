@@ -4,9 +4,9 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{client, pool, Proxy, Upstream};
+use common::{client, eventually, pool, Proxy, Upstream};
 
 fn config(stable: &Upstream, canary: &Upstream, log: &str) -> String {
     format!(
@@ -18,21 +18,17 @@ fn config(stable: &Upstream, canary: &Upstream, log: &str) -> String {
 
 /// The file's lines once it has at least `n` (polled; fails after 20 s).
 async fn lines(path: &Path, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let what = format!("{n} lines in {}", path.display());
+    eventually(&what, Duration::from_secs(20), || {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: {} of {n} lines:\n{text}",
-            path.display(),
-            lines.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        std::future::ready(if lines.len() >= n {
+            Ok(lines)
+        } else {
+            Err(format!("{} of {n} lines:\n{text}", lines.len()))
+        })
+    })
+    .await
 }
 
 async fn send(proxy: &Proxy, host: &str, user: &str, id: Option<&str>) -> u16 {
@@ -50,7 +46,10 @@ async fn send(proxy: &Proxy, host: &str, user: &str, id: Option<&str>) -> u16 {
 async fn json_lines_for_real_requests_and_reopen_on_sigusr1() {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
-    let proxy = Proxy::start(&config(&stable, &canary, "access = \"access.log\"")).await;
+    let proxy = Proxy::builder()
+        .routes(&config(&stable, &canary, "access = \"access.log\""))
+        .start()
+        .await;
     let path = proxy.dir.path().join("access.log");
 
     for i in 0..20 {
@@ -128,30 +127,39 @@ async fn json_lines_for_real_requests_and_reopen_on_sigusr1() {
     assert_eq!(unsafe { libc::kill(proxy.pid() as i32, libc::SIGUSR1) }, 0);
     // The writer reopens on its next wake-up; requests keep flowing meanwhile and must
     // land in one file or the other, none lost.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut sent = 0;
-    while !path.exists() {
-        assert_eq!(send(&proxy, "app.test", "late", None).await, 200);
-        sent += 1;
-        assert!(Instant::now() < deadline, "no new file after SIGUSR1");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let sent = std::cell::Cell::new(0);
+    let (p, file, count) = (&proxy, &path, &sent);
+    eventually(
+        "a new file after SIGUSR1",
+        Duration::from_secs(20),
+        move || async move {
+            if file.exists() {
+                return Ok(());
+            }
+            assert_eq!(send(p, "app.test", "late", None).await, 200);
+            count.set(count.get() + 1);
+            Err(format!("no new file after {} requests", count.get()))
+        },
+    )
+    .await;
+    let sent = sent.get();
     assert_eq!(send(&proxy, "app.test", "after", None).await, 200);
     let new = lines(&path, 1).await;
     let old = std::fs::read_to_string(&rotated).unwrap().lines().count();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let total = old + std::fs::read_to_string(&path).unwrap().lines().count();
-        if total == 22 + sent + 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{total} lines, expected {}",
-            22 + sent + 1
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let expected = 22 + sent + 1;
+    eventually(
+        "every line in one file or the other",
+        Duration::from_secs(20),
+        || {
+            let total = old + std::fs::read_to_string(&path).unwrap().lines().count();
+            std::future::ready(if total == expected {
+                Ok(())
+            } else {
+                Err(format!("{total} lines, expected {expected}"))
+            })
+        },
+    )
+    .await;
     assert!(new[0].starts_with('{'));
     assert!(
         proxy.log().contains("access log reopened"),
@@ -166,12 +174,14 @@ async fn json_lines_for_real_requests_and_reopen_on_sigusr1() {
 async fn combined_format() {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
-    let proxy = Proxy::start(&config(
-        &stable,
-        &canary,
-        "access = \"combined.log\"\nformat = \"combined\"",
-    ))
-    .await;
+    let proxy = Proxy::builder()
+        .routes(&config(
+            &stable,
+            &canary,
+            "access = \"combined.log\"\nformat = \"combined\"",
+        ))
+        .start()
+        .await;
     let resp = client()
         .get(proxy.url("/a/b"))
         .header("host", "app.test")
@@ -210,12 +220,14 @@ async fn a_stuck_writer_drops_lines_and_never_blocks_requests() {
         .custom_flags(libc::O_NONBLOCK)
         .open(&fifo)
         .unwrap();
-    let proxy = Proxy::start(&config(
-        &stable,
-        &canary,
-        &format!("access = \"{}\"\nqueue = 8", fifo.display()),
-    ))
-    .await;
+    let proxy = Proxy::builder()
+        .routes(&config(
+            &stable,
+            &canary,
+            &format!("access = \"{}\"\nqueue = 8", fifo.display()),
+        ))
+        .start()
+        .await;
     // ~450 bytes a line: the 64 KiB pipe holds ~150 lines, the queue 8 more.
     let c = client();
     for i in 0..600 {

@@ -143,7 +143,11 @@ async fn added_headers_replace_or_append_over_http1_and_http2() {
          [[routes]]\nname = \"h2\"\npath_prefix = \"/h2\"\nsticky_by = [\"issued_cookie:uid\"]\n\
          [routes.stable]\nversion = \"v1\"\nprotocol = \"h2c\"\nendpoints = [\"{h2_up}\"]\n"
     );
-    let proxy = Proxy::start_with(&routes, "h2c = true").await;
+    let proxy = Proxy::builder()
+        .routes(&routes)
+        .proxy("h2c = true")
+        .start()
+        .await;
 
     for client_h2 in [false, true] {
         for upstream in ["h1", "h2"] {
@@ -269,7 +273,7 @@ async fn date_and_connection_are_written_once() {
         "[[routes]]\nname = \"d\"\npath_prefix = \"/\"\n\
          [routes.stable]\nversion = \"v1\"\nendpoints = [\"{up}\"]\n"
     );
-    let proxy = Proxy::start_with(&routes, "").await;
+    let proxy = Proxy::builder().routes(&routes).start().await;
     // One kept-alive connection for the first three, one each for the two that close it.
     let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
         .await

@@ -35,7 +35,7 @@ async fn status_and_metrics_match_the_traffic() {
         "canary_weight = 50",
         "canary_weight = 50\nretry_on_stable = false\n[routes.analysis]\nenabled = false",
     );
-    let proxy = Proxy::start(&cfg).await;
+    let proxy = Proxy::builder().routes(&cfg).start().await;
     let to_canary = send_users(&proxy, 200, "u").await;
     assert!(to_canary > 50 && to_canary < 150, "{to_canary}");
 
@@ -140,7 +140,10 @@ async fn status_and_metrics_match_the_traffic() {
 async fn mutations_are_refused_without_a_configured_token() {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
-    let proxy = Proxy::start(&route(10.0, &stable, &canary)).await;
+    let proxy = Proxy::builder()
+        .routes(&route(10.0, &stable, &canary))
+        .start()
+        .await;
     let r = client()
         .post(proxy.admin_url("/api/v1/routes/app/rollback"))
         .header("authorization", "Bearer anything")
@@ -167,7 +170,11 @@ async fn token_guarded_weight_rollback_and_promote_move_users() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "s3cret-token\n").unwrap();
     let admin_extra = format!("token_file = \"{}\"", token_file.display());
-    let proxy = Proxy::launch(&route(10.0, &stable, &canary), "", &admin_extra, "", &[]).await;
+    let proxy = Proxy::builder()
+        .routes(&route(10.0, &stable, &canary))
+        .admin(&admin_extra)
+        .start()
+        .await;
     let c = client();
     let post = |path: &str, token: Option<&str>, body: Option<&str>| {
         // Every mutation is JSON (the CSRF rule), with or without a body.
@@ -282,7 +289,7 @@ async fn token_guarded_weight_rollback_and_promote_move_users() {
     // A rollback holds across reloads, even one that edits the weight: only a new canary
     // version or an operator's resume ends it.
     let gen = proxy.generation().await;
-    let changed = proxy.config_text(&route(20.0, &stable, &canary), "", &admin_extra, "");
+    let changed = proxy.config_text(&route(20.0, &stable, &canary));
     let s = proxy.write_config_and_wait(&changed, gen).await;
     assert_eq!(s["routes"][0]["rollout_state"], "rolled_back");
     assert_eq!(s["routes"][0]["effective_weight_percent"], 0.0);
@@ -305,18 +312,18 @@ async fn token_guarded_weight_rollback_and_promote_move_users() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let gen = proxy.generation().await;
-    let same = proxy.config_text(
-        &route(20.0, &stable, &canary),
-        "# touched",
-        &admin_extra,
-        "",
+    let same = proxy.config_text_of(
+        &proxy
+            .spec()
+            .routes(&route(20.0, &stable, &canary))
+            .proxy("# touched"),
     );
     let s = proxy.write_config_and_wait(&same, gen).await;
     assert_eq!(s["routes"][0]["weight_source"], "admin");
     assert_eq!(s["routes"][0]["effective_weight_percent"], 50.0);
     // ... and ends when the file changes the route.
     let gen = s["config_generation"].as_u64().unwrap();
-    let changed = proxy.config_text(&route(30.0, &stable, &canary), "", &admin_extra, "");
+    let changed = proxy.config_text(&route(30.0, &stable, &canary));
     let s = proxy.write_config_and_wait(&changed, gen).await;
     assert_eq!(s["routes"][0]["weight_source"], "file");
     assert_eq!(s["routes"][0]["effective_weight_percent"], 30.0);
@@ -335,14 +342,11 @@ async fn token_guarded_weight_rollback_and_promote_move_users() {
 async fn cli_status_weight_and_rollback() {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
-    let proxy = Proxy::launch(
-        &route(10.0, &stable, &canary),
-        "",
-        "",
-        "",
-        &[("KANARIA_ADMIN_TOKEN", "tok")],
-    )
-    .await;
+    let proxy = Proxy::builder()
+        .routes(&route(10.0, &stable, &canary))
+        .env("KANARIA_ADMIN_TOKEN", "tok")
+        .start()
+        .await;
     let admin = format!("127.0.0.1:{}", proxy.admin_port);
     let run = |args: &[&str], token: Option<&str>| {
         let mut cmd = Command::new(common::kanaria_bin());

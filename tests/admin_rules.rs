@@ -16,7 +16,11 @@ async fn proxy() -> (Proxy, Upstream, Upstream) {
         pool("routes.stable", "v1", &[stable.addr]),
         pool("routes.canary", "v2", &[canary.addr])
     );
-    let proxy = Proxy::launch(&routes, "", "", "", &[("KANARIA_ADMIN_TOKEN", TOKEN)]).await;
+    let proxy = Proxy::builder()
+        .routes(&routes)
+        .env("KANARIA_ADMIN_TOKEN", TOKEN)
+        .start()
+        .await;
     (proxy, stable, canary)
 }
 

@@ -8,10 +8,10 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
-use common::{client, free_port, pool, Load, Proxy, Redis, Upstream};
+use common::{client, eventually_every, pool, ports, Load, Proxy, Redis, Upstream};
 use serde_json::{json, Value};
 
 /// chromedriver on a loopback port, killed when dropped.
@@ -35,29 +35,43 @@ impl Driver {
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
             .expect("chromedriver not found: install Debian's chromium and chromium-driver (make deps does)");
-        let port = free_port();
         let child = Command::new(bin)
-            .arg(format!("--port={port}"))
+            .arg("--port=0")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start chromedriver");
         let mut d = Driver {
             child,
-            url: format!("http://127.0.0.1:{port}"),
+            url: String::new(),
             http: client(),
             session: None,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = d.http.get(format!("{}/status", d.url)).send().await {
-                if r.status().is_success() {
-                    break;
+        // The port the OS gave it (on 127.0.0.1 and ::1), read back from /proc.
+        d.url = eventually_every(
+            "chromedriver to start",
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || {
+                if let Ok(Some(status)) = d.child.try_wait() {
+                    panic!("chromedriver exited with {status}");
                 }
-            }
-            assert!(Instant::now() < deadline, "chromedriver did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                let port = match ports::listening_ports(d.child.id())[..] {
+                    [port] => Ok(port),
+                    ref ports => Err(format!("listening on {ports:?}, waiting for one port")),
+                };
+                let http = d.http.clone();
+                async move {
+                    let url = format!("http://127.0.0.1:{}", port?);
+                    match http.get(format!("{url}/status")).send().await {
+                        Ok(r) if r.status().is_success() => Ok(url),
+                        Ok(r) => Err(format!("/status answers {}", r.status())),
+                        Err(e) => Err(format!("/status: {e}")),
+                    }
+                }
+            },
+        )
+        .await;
         let profile = tempfile::tempdir().unwrap().keep();
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
@@ -136,14 +150,18 @@ impl Driver {
 
     /// Polls a script until it returns true.
     async fn wait_for(&self, what: &str, js: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.script(js).await == Value::Bool(true) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually_every(
+            what,
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || async {
+                match self.script(js).await {
+                    Value::Bool(true) => Ok(()),
+                    v => Err(format!("the script returned {v}")),
+                }
+            },
+        )
+        .await;
     }
 }
 
@@ -158,7 +176,11 @@ async fn dashboard_shows_live_traffic_and_rolls_back() {
         pool("routes.stable", "v1", &[stable.addr]),
         pool("routes.canary", "v2", &[canary.addr]),
     );
-    let proxy = Proxy::launch(&cfg, "", "", "", &[("KANARIA_ADMIN_TOKEN", "dash-token")]).await;
+    let proxy = Proxy::builder()
+        .routes(&cfg)
+        .env("KANARIA_ADMIN_TOKEN", "dash-token")
+        .start()
+        .await;
     let page = client().get(proxy.admin_url("/")).send().await.unwrap();
     assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
     assert!(page.headers()["content-security-policy"]
@@ -269,8 +291,13 @@ async fn the_fleet_card_lists_the_replicas_and_its_rollback_reaches_them_all() {
             pool("routes.stable", "v1", &[stable.addr]),
             pool("routes.canary", "v2", &[canary.addr]),
         );
-        replicas
-            .push(Proxy::launch(&cfg, "", "", "", &[("KANARIA_ADMIN_TOKEN", "dash-token")]).await);
+        replicas.push(
+            Proxy::builder()
+                .routes(&cfg)
+                .env("KANARIA_ADMIN_TOKEN", "dash-token")
+                .start()
+                .await,
+        );
     }
     let driver = Driver::start().await;
     driver

@@ -7,7 +7,13 @@ use std::process::Command;
 
 #[test]
 fn demo_story_ends_in_a_rollback_that_users_do_not_see() {
-    let (port, admin) = (common::free_port(), common::free_port());
+    // Ports held for the demo, which binds them itself. Not port 0: the demo's simulated
+    // users connect to the configured proxy address, and the dashboard URL is checked.
+    let reserved = (
+        common::ports::ReservedPort::new(),
+        common::ports::ReservedPort::new(),
+    );
+    let (port, admin) = (reserved.0.port(), reserved.1.port());
     let out = Command::new(common::kanaria_bin())
         .args(["demo", "--exit-after-scenario"])
         .arg("--listen")

@@ -730,7 +730,11 @@ async fn dashboard_and_rules_query_only_metrics_kanaria_exports() {
         pool("routes.stable", "v1", &[stable.addr]),
         pool("routes.canary", "v2", &[canary.addr]),
     );
-    let proxy = Proxy::launch(&routes, "", "", "", &[("KANARIA_ADMIN_TOKEN", "tok")]).await;
+    let proxy = Proxy::builder()
+        .routes(&routes)
+        .env("KANARIA_ADMIN_TOKEN", "tok")
+        .start()
+        .await;
     proxy
         .wait_status("the fleet's members", |s| {
             s["fleet"]["members"].as_array().map(Vec::len) == Some(1)

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::raw::{read_all, read_response};
-use common::{metric, pool, Proxy, Upstream};
+use common::{eventually, metric, pool, Proxy, Upstream};
 
 fn routes(edge: &str, up: &Upstream) -> String {
     format!(
@@ -55,7 +55,10 @@ fn trickle_header_lines(s: &mut TcpStream) -> Option<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_header_is_cut_off_at_the_deadline() {
     let up = Upstream::start("v1").await;
-    let proxy = Proxy::launch(&routes("header_timeout = \"1s\"", &up), "", "", "", &[]).await;
+    let proxy = Proxy::builder()
+        .routes(&routes("header_timeout = \"1s\"", &up))
+        .start()
+        .await;
     let port = proxy.port;
     let outcome = tokio::task::spawn_blocking(move || {
         let mut s = connect(port);
@@ -85,7 +88,10 @@ async fn a_trickled_header_after_a_kept_alive_request_is_cut_off() {
     // first read did not complete it (the guard's cheap path): it must still cut off a
     // trickle.
     let up = Upstream::start("v1").await;
-    let proxy = Proxy::launch(&routes("header_timeout = \"1s\"", &up), "", "", "", &[]).await;
+    let proxy = Proxy::builder()
+        .routes(&routes("header_timeout = \"1s\"", &up))
+        .start()
+        .await;
     let port = proxy.port;
     let outcome = tokio::task::spawn_blocking(move || {
         let mut s = connect(port);
@@ -112,14 +118,13 @@ async fn a_trickled_header_after_a_kept_alive_request_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_is_closed_and_idle_keepalive_is_not_a_header() {
     let up = Upstream::start("v1").await;
-    let proxy = Proxy::launch(
-        &routes("header_timeout = \"1s\"\nidle_timeout = \"3s\"", &up),
-        "",
-        "",
-        "",
-        &[],
-    )
-    .await;
+    let proxy = Proxy::builder()
+        .routes(&routes(
+            "header_timeout = \"1s\"\nidle_timeout = \"3s\"",
+            &up,
+        ))
+        .start()
+        .await;
     let port = proxy.port;
     tokio::task::spawn_blocking(move || {
         // Connect and say nothing: the first header's deadline runs from accept.
@@ -153,7 +158,10 @@ async fn a_silent_connection_is_closed_and_idle_keepalive_is_not_a_header() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_body_is_timed_out() {
     let up = Upstream::start("v1").await;
-    let proxy = Proxy::launch(&routes("body_timeout = \"1s\"", &up), "", "", "", &[]).await;
+    let proxy = Proxy::builder()
+        .routes(&routes("body_timeout = \"1s\"", &up))
+        .start()
+        .await;
     let port = proxy.port;
     let ex = tokio::task::spawn_blocking(move || {
         let mut s = connect(port);
@@ -169,11 +177,14 @@ async fn a_stalled_body_is_timed_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_above_the_listener_cap_are_closed() {
     let up = Upstream::start("v1").await;
-    let proxy = Proxy::launch(&routes("max_connections = 3", &up), "", "", "", &[]).await;
+    let proxy = Proxy::builder()
+        .routes(&routes("max_connections = 3", &up))
+        .start()
+        .await;
     let port = proxy.port;
-    tokio::task::spawn_blocking(move || {
+    let mut held = tokio::task::spawn_blocking(move || {
         // Three kept-alive connections, each proven registered by a full exchange.
-        let mut held: Vec<TcpStream> = (0..3)
+        let held: Vec<TcpStream> = (0..3)
             .map(|i| {
                 let mut s = connect(port);
                 s.write_all(format!("GET /{i} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
@@ -190,23 +201,31 @@ async fn connections_above_the_listener_cap_are_closed() {
             ex.closed && ex.status().is_none(),
             "a 4th connection was served with max_connections = 3: {ex:?}"
         );
-        // Freeing one makes room again.
-        drop(held.pop());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut s = connect(port);
-            let _ = s.write_all(b"GET /5 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
-            if read_all(&mut s).status() == Some(200) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no room after a connection closed"
-            );
-        }
+        held
     })
     .await
     .expect("cap checks");
+    // Freeing one makes room again.
+    drop(held.pop());
+    eventually(
+        "room after a connection closed",
+        Duration::from_secs(10),
+        || async move {
+            let ex = tokio::task::spawn_blocking(move || {
+                let mut s = connect(port);
+                let _ = s.write_all(b"GET /5 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+                read_all(&mut s)
+            })
+            .await
+            .expect("a fifth connection");
+            match ex.status() {
+                Some(200) => Ok(()),
+                _ => Err(format!("{ex:?}")),
+            }
+        },
+    )
+    .await;
+    drop(held);
     let m = proxy.metrics().await;
     assert!(
         metric(

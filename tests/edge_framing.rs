@@ -137,7 +137,7 @@ const REFUSED: &[(&str, &[u8])] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_requests_get_400_close_and_never_reach_the_upstream() {
     let up = Upstream::start("v1").await;
-    let proxy = Proxy::start(&route(&up)).await;
+    let proxy = Proxy::builder().routes(&route(&up)).start().await;
 
     // Control: a well-framed chunked POST on the same proxy does reach the upstream.
     let ok = send(
@@ -192,7 +192,7 @@ async fn hop_by_hop_headers_and_override_are_not_forwarded() {
         "[[routes]]\nname = \"app\"\noverride_header = \"x-kanaria-version\"\noverride_cookie = \"kv\"\n{}",
         pool("routes.stable", "v1", &[up.addr])
     );
-    let proxy = Proxy::start(&routes).await;
+    let proxy = Proxy::builder().routes(&routes).start().await;
     let ex = send(
         proxy.port,
         b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: h2c\r\nProxy-Authorization: Basic eDp5\r\nProxy-Connection: keep-alive\r\nX-Kanaria-Version: stable\r\nCookie: a=1; kv=stable; b=2\r\nX-End-To-End: kept\r\n\r\n",
@@ -228,17 +228,13 @@ async fn hop_by_hop_headers_and_override_are_not_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_size_and_count_limits_answer_431() {
     let up = Upstream::start("v1").await;
-    let proxy = Proxy::launch(
-        &format!(
+    let proxy = Proxy::builder()
+        .routes(&format!(
             "[edge]\nmax_header_bytes = 2048\nmax_headers = 10\n\n{}",
             route(&up)
-        ),
-        "",
-        "",
-        "",
-        &[],
-    )
-    .await;
+        ))
+        .start()
+        .await;
     let headers = |n: usize| -> &'static [u8] {
         let mut s = String::from("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n");
         for i in 0..n - 2 {
@@ -288,7 +284,7 @@ async fn header_size_and_count_limits_answer_431() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_header_count_limit_is_100() {
     let up = Upstream::start("v1").await;
-    let proxy = Proxy::start(&route(&up)).await;
+    let proxy = Proxy::builder().routes(&route(&up)).start().await;
     let mut s = String::from("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n");
     for i in 0..99 {
         s.push_str(&format!("X-H{i}: v\r\n"));
@@ -349,7 +345,7 @@ async fn ambiguous_upstream_responses_become_502() {
             "[[routes]]\nname = \"app\"\n{}",
             pool("routes.stable", "v1", &[addr])
         );
-        let proxy = Proxy::start(&routes).await;
+        let proxy = Proxy::builder().routes(&routes).start().await;
         let ex = send(
             proxy.port,
             b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",

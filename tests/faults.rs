@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use common::{client, kanaria_bin, pool, Mode, Proxy, Upstream};
+use common::{client, eventually, kanaria_bin, pool, Mode, Proxy, Upstream};
 
 /// How a [`RawUpstream`] answers.
 #[derive(Clone)]
@@ -111,12 +111,13 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok.success(), "kill {sig} {pid}");
 }
 
-/// Polls `cond` every 20 ms; panics with `what` after `secs` seconds.
-async fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// `Ok` once the proxy's log has `line`; the log so far otherwise.
+fn in_log(proxy: &Proxy, line: &str) -> Result<(), String> {
+    let log = proxy.log();
+    if log.contains(line) {
+        Ok(())
+    } else {
+        Err(format!("log:\n{log}"))
     }
 }
 
@@ -145,7 +146,7 @@ async fn hanging_upstream_is_504_counted_as_timeout_and_others_keep_being_served
         stable_route("slow", "/slow", hang.addr, "read_timeout = \"400ms\""),
         stable_route("fine", "/", ok.addr, ""),
     );
-    let proxy = Proxy::start(&cfg).await;
+    let proxy = Proxy::builder().routes(&cfg).start().await;
     let c = client();
     // Three requests hang at once; the other route answers meanwhile.
     let hung: Vec<_> = (0..3)
@@ -154,9 +155,16 @@ async fn hanging_upstream_is_504_counted_as_timeout_and_others_keep_being_served
             tokio::spawn(async move { c.get(url).send().await })
         })
         .collect();
-    wait_until("the hanging upstream to hold 3 requests", 20, || {
-        hang.requests.load(Ordering::SeqCst) >= 3
-    })
+    eventually(
+        "the hanging upstream to hold 3 requests",
+        Duration::from_secs(20),
+        || {
+            std::future::ready(match hang.requests.load(Ordering::SeqCst) {
+                n if n >= 3 => Ok(()),
+                n => Err(format!("{n} requests")),
+            })
+        },
+    )
     .await;
     let r = c.get(proxy.url("/fine")).send().await.unwrap();
     assert_eq!(r.status(), 200, "a hanging upstream blocks nobody else");
@@ -172,14 +180,15 @@ async fn hanging_upstream_is_504_counted_as_timeout_and_others_keep_being_served
     // can read it first.
     let timeouts =
         "kanaria_upstream_errors_total{kind=\"timeout\",route=\"slow\",version=\"stable\"}";
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let m = loop {
+    let m = eventually("3 timeouts counted", Duration::from_secs(20), || async {
         let m = proxy.metrics().await;
-        if series(&m, timeouts) >= 3 || Instant::now() > deadline {
-            break m;
+        if series(&m, timeouts) >= 3 {
+            Ok(m)
+        } else {
+            Err(m)
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    })
+    .await;
     assert_eq!(series(&m, timeouts), 3, "{m}");
     assert_eq!(
         series(
@@ -207,7 +216,7 @@ async fn upstream_closing_mid_body_breaks_that_answer_only_and_counts_a_reset() 
         stable_route("cut", "/cut", cut.addr, ""),
         stable_route("fine", "/", ok.addr, ""),
     );
-    let proxy = Proxy::start(&cfg).await;
+    let proxy = Proxy::builder().routes(&cfg).start().await;
     let c = client();
     for _ in 0..3 {
         let r = c.get(proxy.url("/cut")).send().await.unwrap();
@@ -246,11 +255,11 @@ async fn upstream_closing_mid_body_breaks_that_answer_only_and_counts_a_reset() 
 async fn sigterm_lets_every_request_in_flight_finish() {
     let (open, gate) = watch::channel(false);
     let up = RawUpstream::start(Behaviour::Gate(gate)).await;
-    let mut proxy = Proxy::start_with(
-        &stable_route("app", "/", up.addr, ""),
-        "shutdown_grace = \"3s\"",
-    )
-    .await;
+    let mut proxy = Proxy::builder()
+        .routes(&stable_route("app", "/", up.addr, ""))
+        .proxy("shutdown_grace = \"3s\"")
+        .start()
+        .await;
     let c = client();
     const IN_FLIGHT: u64 = 8;
     let requests: Vec<_> = (0..IN_FLIGHT)
@@ -263,16 +272,23 @@ async fn sigterm_lets_every_request_in_flight_finish() {
             })
         })
         .collect();
-    wait_until("all requests to reach the upstream", 20, || {
-        up.requests.load(Ordering::SeqCst) >= IN_FLIGHT
-    })
+    eventually(
+        "all requests to reach the upstream",
+        Duration::from_secs(20),
+        || {
+            std::future::ready(match up.requests.load(Ordering::SeqCst) {
+                n if n >= IN_FLIGHT => Ok(()),
+                n => Err(format!("{n} requests")),
+            })
+        },
+    )
     .await;
 
     signal(proxy.pid(), "-TERM");
     // The proxy stops listening (Pingora logs it per endpoint) while the requests still wait.
     let stopped = format!("Shutting down 127.0.0.1:{}", proxy.port);
-    wait_until("the listener to shut down", 20, || {
-        proxy.log().contains(&stopped)
+    eventually("the listener to shut down", Duration::from_secs(20), || {
+        std::future::ready(in_log(&proxy, &stopped))
     })
     .await;
     assert!(proxy.try_wait().is_none(), "exited with requests in flight");
@@ -282,13 +298,11 @@ async fn sigterm_lets_every_request_in_flight_finish() {
         let (status, len) = r.await.unwrap().expect("the in-flight request finished");
         assert_eq!((status.as_u16(), len), (200, GATED_BODY_LEN));
     }
-    let mut exit = None;
-    wait_until("the process to exit", 30, || {
-        exit = proxy.try_wait();
-        exit.is_some()
+    let exit = eventually("the process to exit", Duration::from_secs(30), || {
+        std::future::ready(proxy.try_wait().ok_or("running"))
     })
     .await;
-    assert!(exit.is_some_and(|s| s.success()), "exit {exit:?}");
+    assert!(exit.success(), "exit {exit:?}");
 }
 
 /// Sends one GET on a raw connection and reads the whole answer: (head, body).
@@ -325,11 +339,11 @@ async fn raw_get(stream: &mut TcpStream, path: &str) -> (String, Vec<u8>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_serves_the_next_request_on_an_idle_connection_then_closes_it() {
     let up = Upstream::start("app").await;
-    let mut proxy = Proxy::start_with(
-        &stable_route("app", "/", up.addr, ""),
-        "shutdown_grace = \"4s\"",
-    )
-    .await;
+    let mut proxy = Proxy::builder()
+        .routes(&stable_route("app", "/", up.addr, ""))
+        .proxy("shutdown_grace = \"4s\"")
+        .start()
+        .await;
     let mut conn = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
     let (head, _) = raw_get(&mut conn, "/first").await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
@@ -338,10 +352,8 @@ async fn shutdown_serves_the_next_request_on_an_idle_connection_then_closes_it()
     // The connection is now idle between two requests. Shut down, and wait until Pingora
     // has stopped listening and the cleanup that used to drop idle connections began.
     signal(proxy.pid(), "-TERM");
-    wait_until("the drain to start", 20, || {
-        proxy
-            .log()
-            .contains("draining: idle client connections close in")
+    eventually("the drain to start", Duration::from_secs(20), || {
+        std::future::ready(in_log(&proxy, "draining: idle client connections close in"))
     })
     .await;
     assert!(
@@ -356,10 +368,8 @@ async fn shutdown_serves_the_next_request_on_an_idle_connection_then_closes_it()
     assert!(String::from_utf8_lossy(&body).contains("/second"));
     let mut rest = [0u8; 16];
     assert_eq!(conn.read(&mut rest).await.unwrap_or(0), 0, "then it closes");
-    let mut exit = None;
-    wait_until("the process to exit", 30, || {
-        exit = proxy.try_wait();
-        exit.is_some()
+    eventually("the process to exit", Duration::from_secs(30), || {
+        std::future::ready(proxy.try_wait().ok_or("running"))
     })
     .await;
 }
@@ -383,7 +393,11 @@ async fn binary_upgrade_under_load_fails_no_request() {
         pool("routes.stable", "v1", &[s.addr]),
         pool("routes.canary", "v2", &[cn.addr]),
     );
-    let mut old = Proxy::start_with(&routes, "shutdown_grace = \"2s\"").await;
+    let mut old = Proxy::builder()
+        .routes(&routes)
+        .proxy("shutdown_grace = \"2s\"")
+        .start()
+        .await;
     let old = &mut old;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -421,9 +435,16 @@ async fn binary_upgrade_under_load_fails_no_request() {
             }
         }));
     }
-    wait_until("load through the old process", 30, || {
-        ok.load(Ordering::SeqCst) >= 200
-    })
+    eventually(
+        "load through the old process",
+        Duration::from_secs(30),
+        || {
+            std::future::ready(match ok.load(Ordering::SeqCst) {
+                n if n >= 200 => Ok(()),
+                n => Err(format!("{n} ok")),
+            })
+        },
+    )
     .await;
 
     // The new binary waits on the upgrade socket; SIGQUIT makes the old one hand over its
@@ -440,11 +461,21 @@ async fn binary_upgrade_under_load_fails_no_request() {
             .expect("spawn the new kanaria"),
     );
     signal(old.pid(), "-QUIT");
-    wait_until("the old process to exit", 40, || old.try_wait().is_some()).await;
-    let after = ok.load(Ordering::SeqCst);
-    wait_until("load through the new process", 30, || {
-        ok.load(Ordering::SeqCst) >= after + 200
+    eventually("the old process to exit", Duration::from_secs(40), || {
+        std::future::ready(old.try_wait().ok_or("running"))
     })
+    .await;
+    let after = ok.load(Ordering::SeqCst);
+    eventually(
+        "load through the new process",
+        Duration::from_secs(30),
+        || {
+            std::future::ready(match ok.load(Ordering::SeqCst) {
+                n if n >= after + 200 => Ok(()),
+                n => Err(format!("{n} ok, {after} before the upgrade")),
+            })
+        },
+    )
     .await;
     stop.store(true, Ordering::SeqCst);
     for l in load {

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, pool, Load, Proxy, Redis, Upstream};
+use common::{client, eventually, eventually_every, pool, Load, Proxy, Redis, Upstream};
 use serde_json::Value;
 
 const TOKEN: &str = "fleet-secret";
@@ -67,8 +67,13 @@ impl Fleet {
                 pool("routes.stable", "stable", &[stable.addr]),
                 pool("routes.canary", "canary", &[canary.addr]),
             );
-            replicas
-                .push(Proxy::launch(&routes, "", "", "", &[("KANARIA_ADMIN_TOKEN", TOKEN)]).await);
+            replicas.push(
+                Proxy::builder()
+                    .routes(&routes)
+                    .env("KANARIA_ADMIN_TOKEN", TOKEN)
+                    .start()
+                    .await,
+            );
         }
         let fleet = Fleet {
             replicas,
@@ -275,20 +280,29 @@ async fn an_action_on_one_replica_applies_to_all_and_users_map_identically() {
     );
 }
 
-/// Polls a replica's status until its route is rolled back; returns when it saw it.
+/// Polls a replica's status every millisecond until its route is rolled back; returns when
+/// it saw it (the propagation lag the test measures).
 async fn until_rolled_back(c: reqwest::Client, url: String, started: Instant) -> Duration {
-    let deadline = started + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = c.get(&url).send().await {
-            if let Ok(s) = r.json::<Value>().await {
-                if state_of(&s) == "rolled_back" && weight_of(&s) == 0.0 {
-                    return started.elapsed();
-                }
+    let what = format!("a rollback at {url}");
+    // 20 s from `started`, as the lag is.
+    let timeout = Duration::from_secs(20).saturating_sub(started.elapsed());
+    eventually_every(&what, timeout, Duration::from_millis(1), || {
+        let request = c.get(&url).send();
+        async move {
+            let s = request
+                .await
+                .map_err(|e| e.to_string())?
+                .json::<Value>()
+                .await
+                .map_err(|e| e.to_string())?;
+            if state_of(&s) == "rolled_back" && weight_of(&s) == 0.0 {
+                Ok(started.elapsed())
+            } else {
+                Err(format!("status {s:#}"))
             }
         }
-        assert!(Instant::now() < deadline, "no rollback seen at {url}");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -376,20 +390,24 @@ async fn a_rollback_wins_every_race_against_a_raise_or_a_promote() {
 
 /// Waits until `n` clients subscribe to the fleet's channel.
 async fn wait_subscribers(conn: &mut redis::aio::MultiplexedConnection, n: i64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, count): (String, i64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg("kanaria:test:changes")
-            .query_async(conn)
-            .await
-            .expect("PUBSUB NUMSUB");
-        if count == n {
-            return;
+    let what = format!("{n} subscribers");
+    eventually(&what, Duration::from_secs(20), || {
+        let mut conn = conn.clone();
+        async move {
+            let (_, count): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("kanaria:test:changes")
+                .query_async(&mut conn)
+                .await
+                .expect("PUBSUB NUMSUB");
+            if count == n {
+                Ok(())
+            } else {
+                Err(format!("{count} subscribers, not {n}"))
+            }
         }
-        assert!(Instant::now() < deadline, "{count} subscribers, not {n}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -710,15 +728,24 @@ async fn wait_pttl(
     what: &str,
     pred: impl Fn(i64) -> bool,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let t = pttl(conn, key).await;
-        if pred(t) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{key}: {what} (PTTL {t})");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let what = format!("{key}: {what}");
+    eventually_every(
+        &what,
+        Duration::from_secs(10),
+        Duration::from_millis(25),
+        || {
+            let (mut conn, pred) = (conn.clone(), &pred);
+            async move {
+                let t = pttl(&mut conn, key).await;
+                if pred(t) {
+                    Ok(())
+                } else {
+                    Err(format!("PTTL {t}"))
+                }
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -734,7 +761,7 @@ async fn records_of_versions_no_replica_serves_expire_and_served_ones_are_renewe
             pool("routes.canary", version, &[canary.addr]),
         )
     };
-    let proxy = Proxy::launch(&routes("v1"), "", "", "", &[]).await;
+    let proxy = Proxy::builder().routes(&routes("v1")).start().await;
     let mut conn = redis.conn().await;
     let v1 = "kanaria:test:rollout:app:v1";
     let v2 = "kanaria:test:rollout:app:v2";
@@ -749,7 +776,7 @@ async fn records_of_versions_no_replica_serves_expire_and_served_ones_are_renewe
     // The release moves on to v2: v1's record is no longer renewed and goes; v2's stays.
     let generation = proxy.generation().await;
     proxy
-        .write_config_and_wait(&proxy.config_text(&routes("v2"), "", "", ""), generation)
+        .write_config_and_wait(&proxy.config_text(&routes("v2")), generation)
         .await;
     wait_pttl(&mut conn, v2, "written with a TTL", |t| t > 0).await;
     wait_pttl(&mut conn, v1, "expired", |t| t == -2).await;

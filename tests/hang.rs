@@ -111,7 +111,10 @@ async fn hang_story(extra_keys: &str) -> (Duration, Value, Vec<Seen>, Value) {
         Upstream::start("canary").await,
     );
     let keys = format!("canary_weight = 30\n{extra_keys}");
-    let proxy = Proxy::start(&route(&keys, ANALYSIS, &stable, &canary)).await;
+    let proxy = Proxy::builder()
+        .routes(&route(&keys, ANALYSIS, &stable, &canary))
+        .start()
+        .await;
     let users = Users::start(proxy.url("/"), Duration::from_millis(10), 3000);
     proxy
         .wait_status("canary traffic", |s| {
@@ -226,7 +229,10 @@ async fn clients_hanging_up_are_not_errors_of_the_version() {
         Upstream::start("canary").await,
     );
     let tables = "[routes.analysis]\ninterval = \"200ms\"\nwindow = \"10s\"\nmin_requests = 5\nmax_error_rate = 0.01\n";
-    let proxy = Proxy::start(&route("canary_weight = 100", tables, &stable, &canary)).await;
+    let proxy = Proxy::builder()
+        .routes(&route("canary_weight = 100", tables, &stable, &canary))
+        .start()
+        .await;
     canary.set_mode(Mode::Hang);
     const USERS: usize = 10;
     let impatient = reqwest::Client::builder()
@@ -283,11 +289,13 @@ async fn clients_hanging_up_are_not_errors_of_the_version() {
 async fn a_slow_upload_is_not_the_apps_latency() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (stable, _server) = body_reading_upstream().await;
-    let proxy = Proxy::start(&format!(
-        "[[routes]]\nname = \"app\"\n{}",
-        pool("routes.stable", "v1", &[stable])
-    ))
-    .await;
+    let proxy = Proxy::builder()
+        .routes(&format!(
+            "[[routes]]\nname = \"app\"\n{}",
+            pool("routes.stable", "v1", &[stable])
+        ))
+        .start()
+        .await;
     let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
         .await
         .expect("connect to the proxy");

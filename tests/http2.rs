@@ -9,7 +9,7 @@ use std::path::Path;
 
 use common::certs::{write_pair, TestCa};
 use common::grpc::{frame, GrpcUpstream};
-use common::{client, free_port, pool, version_for, Proxy, Upstream};
+use common::{client, pool, version_for, Proxy, Upstream};
 
 /// `curl` with `args`; returns (the `%{http_version} %{http_code}` line, response headers).
 fn curl(args: &[&str]) -> (String, String) {
@@ -55,9 +55,8 @@ async fn http2_over_tls_and_h2c_splits_like_http1() {
     let ca = TestCa::new("CA");
     let ca_path = ca.write(certs.path(), "ca.pem");
     let (cert, key) = write_pair(certs.path(), "site", &ca.leaf(&["app.test"]));
-    let tls_port = free_port();
-    let proxy_extra = format!(
-        "h2c = true\n\n[proxy.tls]\nlisten = [\"127.0.0.1:{tls_port}\"]\n[[proxy.tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
+    let tls = format!(
+        "[[proxy.tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
         cert.display(),
         key.display()
     );
@@ -66,7 +65,13 @@ async fn http2_over_tls_and_h2c_splits_like_http1() {
         pool("routes.stable", "v1", &[stable.addr]),
         pool("routes.canary", "v2", &[canary.addr]),
     );
-    let proxy = Proxy::start_with(&routes, &proxy_extra).await;
+    let proxy = Proxy::builder()
+        .routes(&routes)
+        .proxy("h2c = true")
+        .tls(&tls)
+        .start()
+        .await;
+    let tls_port = proxy.tls_port();
     let plain = proxy.url("/");
     let tls_url = format!("https://app.test:{tls_port}/");
     let resolve = format!("app.test:{tls_port}:127.0.0.1");
@@ -181,7 +186,11 @@ async fn grpc_canary_answering_unavailable_is_rolled_back() {
         eps(&stable),
         eps(&canary),
     );
-    let proxy = Proxy::start_with(&routes, "h2c = true").await;
+    let proxy = Proxy::builder()
+        .routes(&routes)
+        .proxy("h2c = true")
+        .start()
+        .await;
     let body = proxy.dir.path().join("call.bin");
     std::fs::write(&body, frame(b"hello")).unwrap();
     let url = proxy.url("/school.Lessons/Get");
@@ -256,7 +265,11 @@ async fn http2_connections_outlive_the_http1_header_deadline() {
         "[edge]\nheader_timeout = \"1s\"\n\n[[routes]]\nname = \"app\"\n{}",
         pool("routes.stable", "v1", &[stable.addr]),
     );
-    let proxy = Proxy::start_with(&routes, "h2c = true").await;
+    let proxy = Proxy::builder()
+        .routes(&routes)
+        .proxy("h2c = true")
+        .start()
+        .await;
     let url = proxy.url("/");
     // One connection, a request every 100 ms for 3 s.
     let out = tokio::task::spawn_blocking(move || {
@@ -278,12 +291,17 @@ async fn http2_connections_outlive_the_http1_header_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_limits_are_announced_and_retries_on_stable_work() {
     let stable = Upstream::start("stable").await;
+    let dead = common::ports::DeadAddr::new();
     let routes = format!(
         "[edge]\nh2_max_concurrent_streams = 7\nh2_max_header_list_size = 4096\n\n[[routes]]\nname = \"app\"\ncanary_weight = 100\n{}\n{}",
         pool("routes.stable", "v1", &[stable.addr]),
-        pool("routes.canary", "v2", &[common::dead_addr()]),
+        pool("routes.canary", "v2", &[dead.addr]),
     );
-    let proxy = Proxy::start_with(&routes, "h2c = true").await;
+    let proxy = Proxy::builder()
+        .routes(&routes)
+        .proxy("h2c = true")
+        .start()
+        .await;
     let url = proxy.url("/");
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("nghttp")

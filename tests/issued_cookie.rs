@@ -53,9 +53,9 @@ async fn anonymous_clients_from_one_address_spread_and_stay() {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
     let text = route(&stable, &canary, 10.0);
-    let a = Arc::new(Proxy::start(&text).await);
+    let a = Arc::new(Proxy::builder().routes(&text).start().await);
     // A second replica with the same config: the key lives in the cookie, not the process.
-    let b = Arc::new(Proxy::start(&text).await);
+    let b = Arc::new(Proxy::builder().routes(&text).start().await);
 
     const CLIENTS: usize = 2000;
     let sem = Arc::new(tokio::sync::Semaphore::new(32));
@@ -107,7 +107,10 @@ async fn anonymous_clients_from_one_address_spread_and_stay() {
 async fn a_user_id_wins_and_gets_no_cookie() {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
-    let proxy = Proxy::start(&route(&stable, &canary, 50.0)).await;
+    let proxy = Proxy::builder()
+        .routes(&route(&stable, &canary, 50.0))
+        .start()
+        .await;
     let c = browser();
     for i in 0..20 {
         let r = c

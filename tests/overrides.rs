@@ -45,7 +45,7 @@ async fn only_signed_unexpired_tokens_for_this_route_are_honoured() {
         pool("routes.stable", "v1", &[stable.addr]),
         pool("routes.canary", "v2", &[canary.addr])
     );
-    let proxy = Proxy::start(&routes).await;
+    let proxy = Proxy::builder().routes(&routes).start().await;
 
     // The CLI signs with the route's secret from the config.
     let out = Command::new(kanaria_bin())
@@ -171,7 +171,7 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
         pool("routes.canary", "v2", &[canary.addr])
     );
     // Untrusted peer: the claimed addresses are ignored, everyone is 127.0.0.1.
-    let proxy = Proxy::start(&route).await;
+    let proxy = Proxy::builder().routes(&route).start().await;
     let seen: HashSet<String> = versions_by_xff(&proxy).await.into_iter().collect();
     assert_eq!(
         seen.len(),
@@ -181,14 +181,12 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
     drop(proxy);
 
     // Loopback trusted: each forwarded address is its own sticky user.
-    let proxy = Proxy::launch(
-        &format!("[edge]\ntrusted_proxies = [\"127.0.0.1\"]\n\n{route}"),
-        "",
-        "",
-        "",
-        &[],
-    )
-    .await;
+    let proxy = Proxy::builder()
+        .routes(&format!(
+            "[edge]\ntrusted_proxies = [\"127.0.0.1\"]\n\n{route}"
+        ))
+        .start()
+        .await;
     let first = versions_by_xff(&proxy).await;
     let seen: HashSet<&String> = first.iter().collect();
     assert_eq!(

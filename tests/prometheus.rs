@@ -8,9 +8,9 @@ mod tools;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{client, free_port, pool, Proxy, Upstream};
+use common::{client, eventually_every, pool, ports, Proxy, SeenWithLog, Upstream};
 use serde_json::Value;
 use tools::{deploy_dir, tool};
 
@@ -29,8 +29,9 @@ impl Drop for Prometheus {
 }
 
 impl Prometheus {
-    /// Starts Prometheus scraping `target` every second, evaluating `rules` every second.
-    fn start(target: &str, rules: &Path) -> Prometheus {
+    /// Starts Prometheus scraping `target` every second, evaluating `rules` every second,
+    /// on a port the OS picks (read back from `/proc`), and waits until it serves queries.
+    async fn start(target: &str, rules: &Path) -> Prometheus {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
@@ -41,20 +42,25 @@ impl Prometheus {
         let config_path = dir.path().join("prometheus.yml");
         std::fs::write(&config_path, config).expect("write prometheus.yml");
         let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log file");
-        let port = free_port();
         let child = Command::new(tool("prometheus"))
             .arg(format!("--config.file={}", config_path.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
                 dir.path().join("data").display()
             ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--web.listen-address=127.0.0.1:0")
             .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn prometheus");
-        Prometheus { child, port, dir }
+        let mut prom = Prometheus {
+            child,
+            port: 0,
+            dir,
+        };
+        prom.wait_ready().await;
+        prom
     }
 
     fn url(&self, path: &str) -> String {
@@ -65,53 +71,83 @@ impl Prometheus {
         std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
     }
 
-    /// GETs a JSON API path until `pred` finds what it wants in the answer (60 s at most;
-    /// the answer is stale by at most one scrape or evaluation, i.e. one second).
-    async fn poll<T>(&mut self, what: &str, path: &str, pred: impl Fn(&Value) -> Option<T>) -> T {
-        let c = client();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut last = Value::Null;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("prometheus exited with {status}:\n{}", self.log());
-            }
-            if let Ok(r) = c.get(self.url(path)).send().await {
-                if let Ok(v) = r.json::<Value>().await {
-                    if let Some(t) = pred(&v) {
-                        return t;
-                    }
-                    last = v;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; last answer {last:#}\nprometheus log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    /// Makes what a check saw into a message with Prometheus' log.
+    fn seen_with(&self) -> impl Fn(String) -> SeenWithLog {
+        let log = self.dir.path().join("prometheus.log");
+        move |seen| SeenWithLog {
+            seen,
+            log: log.clone(),
         }
     }
 
-    /// Polls `/-/ready` until Prometheus serves queries.
+    /// Panics with the log if Prometheus has exited.
+    fn check_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("prometheus exited with {status}:\n{}", self.log());
+        }
+    }
+
+    /// GETs a JSON API path until `pred` finds what it wants in the answer (60 s at most;
+    /// the answer is stale by at most one scrape or evaluation, i.e. one second).
+    async fn poll<T>(&mut self, what: &str, path: &str, pred: impl Fn(&Value) -> Option<T>) -> T {
+        let (c, pred) = (client(), &pred);
+        // The last answer, kept through requests that fail.
+        let last = std::cell::RefCell::new(Value::Null);
+        let last = &last;
+        eventually_every(
+            what,
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            || {
+                self.check_running();
+                let (request, seen) = (c.get(self.url(path)).send(), self.seen_with());
+                async move {
+                    if let Ok(r) = request.await {
+                        if let Ok(v) = r.json::<Value>().await {
+                            if let Some(t) = pred(&v) {
+                                return Ok(t);
+                            }
+                            *last.borrow_mut() = v;
+                        }
+                    }
+                    Err(seen(format!("last answer {:#}", last.borrow())))
+                }
+            },
+        )
+        .await
+    }
+
+    /// Reads back the port Prometheus listens on, then polls `/-/ready` until it serves
+    /// queries.
     async fn wait_ready(&mut self) {
         let c = client();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("prometheus exited with {status}:\n{}", self.log());
-            }
-            if let Ok(r) = c.get(self.url("/-/ready")).send().await {
-                if r.status() == 200 {
-                    return;
+        eventually_every(
+            "prometheus to be ready",
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            || {
+                self.check_running();
+                let seen = self.seen_with();
+                let listening = match ports::listening_ports(self.child.id())[..] {
+                    _ if self.port != 0 => Ok(()),
+                    [port] => {
+                        self.port = port;
+                        Ok(())
+                    }
+                    ref ports => Err(format!("listening on {ports:?}, waiting for one port")),
+                };
+                let request = c.get(self.url("/-/ready")).send();
+                async move {
+                    listening.map_err(&seen)?;
+                    match request.await {
+                        Ok(r) if r.status() == 200 => Ok(()),
+                        Ok(r) => Err(seen(format!("/-/ready answers {}", r.status()))),
+                        Err(e) => Err(seen(format!("/-/ready: {e}"))),
+                    }
                 }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "prometheus not ready after 60s:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            },
+        )
+        .await;
     }
 }
 
@@ -133,14 +169,17 @@ async fn prometheus_scrapes_kanaria_and_sees_a_rollback() {
         pool("routes.stable", "v1", &[stable.addr]),
         pool("routes.canary", "v2", &[canary.addr]),
     );
-    let proxy = Proxy::launch(&routes, "", "", "", &[("KANARIA_ADMIN_TOKEN", "tok")]).await;
+    let proxy = Proxy::builder()
+        .routes(&routes)
+        .env("KANARIA_ADMIN_TOKEN", "tok")
+        .start()
+        .await;
     for (status, _) in common::send_users(&proxy, 20, "user").await {
         assert_eq!(status, 200);
     }
 
     let rules = deploy_dir().join("prometheus/rules.yml");
-    let mut prom = Prometheus::start(&format!("127.0.0.1:{}", proxy.admin_port), &rules);
-    prom.wait_ready().await;
+    let mut prom = Prometheus::start(&format!("127.0.0.1:{}", proxy.admin_port), &rules).await;
 
     // The rules file loads into a real Prometheus, and the target is scraped.
     prom.poll("the target to be up", "/api/v1/targets", |v| {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{client, dead_addr, pool, Mode, Proxy, Upstream};
+use common::{client, pool, Mode, Proxy, Upstream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_host_then_longest_prefix() {
@@ -21,7 +21,7 @@ async fn routes_by_host_then_longest_prefix() {
         pool("routes.stable", "v1", &[lessons.addr]),
         pool("routes.stable", "v1", &[video.addr]),
     );
-    let proxy = Proxy::start(&cfg).await;
+    let proxy = Proxy::builder().routes(&cfg).start().await;
     let c = client();
     let cases = [
         (None, "/", "web"),
@@ -57,7 +57,7 @@ async fn no_route_is_404_with_a_body() {
         "[[routes]]\nname = \"api\"\nhosts = [\"api.example.com\"]\n{}",
         pool("routes.stable", "v1", &[api.addr])
     );
-    let proxy = Proxy::start(&cfg).await;
+    let proxy = Proxy::builder().routes(&cfg).start().await;
     let r = client()
         .get(proxy.url("/"))
         .header("host", "www.example.com")
@@ -78,7 +78,7 @@ async fn forwarded_headers_and_request_id() {
         "[[routes]]\nname = \"app\"\n{}",
         pool("routes.stable", "v1", &[app.addr])
     );
-    let proxy = Proxy::start(&cfg).await;
+    let proxy = Proxy::builder().routes(&cfg).start().await;
     let c = client();
 
     let r = c.get(proxy.url("/a")).send().await.unwrap();
@@ -132,7 +132,7 @@ async fn a_trusted_proxy_keeps_its_forwarded_proto() {
         "[edge]\ntrusted_proxies = [\"127.0.0.1/32\"]\n[[routes]]\nname = \"app\"\n{}",
         pool("routes.stable", "v1", &[app.addr])
     );
-    let proxy = Proxy::start(&cfg).await;
+    let proxy = Proxy::builder().routes(&cfg).start().await;
     let r = client()
         .get(proxy.url("/a"))
         .header("x-forwarded-proto", "https")
@@ -178,7 +178,7 @@ async fn routing_matches_the_normalized_path_like_nginx() {
         pool("routes.stable", "v1", &[web.addr]),
         pool("routes.stable", "v1", &[api.addr]),
     );
-    let proxy = Proxy::start(&cfg).await;
+    let proxy = Proxy::builder().routes(&cfg).start().await;
     let port = proxy.port;
     let cases = tokio::task::spawn_blocking(move || {
         [
@@ -217,13 +217,21 @@ async fn version_header_can_be_renamed_or_turned_off() {
         "[[routes]]\nname = \"app\"\n{}",
         pool("routes.stable", "v1", &[app.addr])
     );
-    let proxy = Proxy::start_with(&cfg, "version_header = \"x-served-by\"").await;
+    let proxy = Proxy::builder()
+        .routes(&cfg)
+        .proxy("version_header = \"x-served-by\"")
+        .start()
+        .await;
     let r = client().get(proxy.url("/")).send().await.unwrap();
     assert_eq!(r.headers()["x-served-by"], "stable");
     assert!(!r.headers().contains_key("x-kanaria-version"));
     drop(proxy);
 
-    let proxy = Proxy::start_with(&cfg, "add_version_header = false").await;
+    let proxy = Proxy::builder()
+        .routes(&cfg)
+        .proxy("add_version_header = false")
+        .start()
+        .await;
     let r = client().get(proxy.url("/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(!r.headers().contains_key("x-kanaria-version"));
@@ -238,7 +246,7 @@ async fn round_robin_over_kept_alive_connections() {
         pool("routes.stable", "v1", &[a.addr, b.addr])
     );
     // One worker thread: one connection pool, so reuse is observable.
-    let proxy = Proxy::start_with(&cfg, "").await;
+    let proxy = Proxy::builder().routes(&cfg).start().await;
     let c = client();
     use std::sync::atomic::Ordering::SeqCst;
     // The readiness probe already sent one request.
@@ -261,13 +269,14 @@ async fn round_robin_over_kept_alive_connections() {
 async fn dead_pool_is_502_and_timeout_is_504() {
     let hang = Upstream::start("hang").await;
     hang.set_mode(Mode::Hang);
+    let dead = common::ports::DeadAddr::new();
     let cfg = format!(
         "[[routes]]\nname = \"dead\"\npath_prefix = \"/dead\"\n{}\n\
          [[routes]]\nname = \"slow\"\npath_prefix = \"/slow\"\nread_timeout = \"300ms\"\n{}",
-        pool("routes.stable", "v1", &[dead_addr()]),
+        pool("routes.stable", "v1", &[dead.addr]),
         pool("routes.stable", "v1", &[hang.addr]),
     );
-    let proxy = Proxy::start(&cfg).await;
+    let proxy = Proxy::builder().routes(&cfg).start().await;
     let c = client();
 
     let r = c.get(proxy.url("/dead")).send().await.unwrap();
@@ -293,7 +302,7 @@ async fn upstream_errors_pass_through_unchanged() {
         "[[routes]]\nname = \"app\"\n{}",
         pool("routes.stable", "v1", &[app.addr])
     );
-    let proxy = Proxy::start(&cfg).await;
+    let proxy = Proxy::builder().routes(&cfg).start().await;
     let r = client().get(proxy.url("/")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.text().await.unwrap(), "app says 503\n");

@@ -29,17 +29,20 @@ async fn in_place_write_and_editor_rename() {
         Upstream::start("stable").await,
         Upstream::start("canary").await,
     );
-    let proxy = Proxy::start(&route(0.0, &[&s], &c)).await;
+    let proxy = Proxy::builder()
+        .routes(&route(0.0, &[&s], &c))
+        .start()
+        .await;
     assert_eq!(served_by(&proxy, "u1").await, "stable");
 
-    let text = proxy.config_text(&route(100.0, &[&s], &c), "", "", "");
+    let text = proxy.config_text(&route(100.0, &[&s], &c));
     proxy.write_config_and_wait(&text, 1).await;
     assert_eq!(served_by(&proxy, "u1").await, "canary");
 
     // An editor writes a temp file and renames it over the config.
     let gen = proxy.generation().await;
     let tmp = proxy.dir.path().join(".kanaria.toml.swp");
-    std::fs::write(&tmp, proxy.config_text(&route(0.0, &[&s], &c), "", "", "")).unwrap();
+    std::fs::write(&tmp, proxy.config_text(&route(0.0, &[&s], &c))).unwrap();
     std::fs::rename(&tmp, &proxy.config_path).unwrap();
     proxy
         .wait_status("rename reload", |st| {
@@ -60,7 +63,10 @@ async fn configmap_symlink_swap() {
         Upstream::start("stable").await,
         Upstream::start("canary").await,
     );
-    let proxy = Proxy::start(&route(0.0, &[&s], &c)).await;
+    let proxy = Proxy::builder()
+        .routes(&route(0.0, &[&s], &c))
+        .start()
+        .await;
     let dir = proxy.dir.path();
     // Lay the file out as a ConfigMap volume: kanaria.toml -> ..data/kanaria.toml,
     // ..data -> ..2026_11_25_a (a timestamped directory).
@@ -83,7 +89,7 @@ async fn configmap_symlink_swap() {
     std::fs::create_dir(&second).unwrap();
     std::fs::write(
         second.join("kanaria.toml"),
-        proxy.config_text(&route(100.0, &[&s], &c), "", "", ""),
+        proxy.config_text(&route(100.0, &[&s], &c)),
     )
     .unwrap();
     std::os::unix::fs::symlink("..2026_11_25_b", dir.join("..data_tmp")).unwrap();
@@ -104,10 +110,14 @@ async fn sighup_reloads_when_watching_is_off() {
         Upstream::start("stable").await,
         Upstream::start("canary").await,
     );
-    let proxy = Proxy::launch(&route(0.0, &[&s], &c), "", "", "watch = false", &[]).await;
+    let proxy = Proxy::builder()
+        .routes(&route(0.0, &[&s], &c))
+        .reload("watch = false")
+        .start()
+        .await;
     std::fs::write(
         &proxy.config_path,
-        proxy.config_text(&route(100.0, &[&s], &c), "", "", "watch = false"),
+        proxy.config_text(&route(100.0, &[&s], &c)),
     )
     .unwrap();
     let ok = Command::new("kill")
@@ -128,10 +138,18 @@ async fn broken_file_keeps_old_routing_then_next_good_edit_applies() {
         Upstream::start("stable").await,
         Upstream::start("canary").await,
     );
-    let proxy = Proxy::start(&route(100.0, &[&s], &c)).await;
+    let proxy = Proxy::builder()
+        .routes(&route(100.0, &[&s], &c))
+        .start()
+        .await;
     std::fs::write(
         &proxy.config_path,
-        proxy.config_text(&route(130.0, &[&s], &c), "bogus = 1", "", ""),
+        proxy.config_text_of(
+            &proxy
+                .spec()
+                .routes(&route(130.0, &[&s], &c))
+                .proxy("bogus = 1"),
+        ),
     )
     .unwrap();
     let st = proxy
@@ -163,7 +181,7 @@ async fn broken_file_keeps_old_routing_then_next_good_edit_applies() {
         "{m}"
     );
 
-    let text = proxy.config_text(&route(0.0, &[&s], &c), "", "", "");
+    let text = proxy.config_text(&route(0.0, &[&s], &c));
     let st = proxy.write_config_and_wait(&text, 1).await;
     assert_eq!(st["last_reload"]["ok"], true);
     assert_eq!(served_by(&proxy, "u1").await, "stable");
@@ -175,18 +193,21 @@ async fn deleted_file_changes_nothing_and_restart_keys_are_reported() {
         Upstream::start("stable").await,
         Upstream::start("canary").await,
     );
-    let proxy = Proxy::start(&route(100.0, &[&s], &c)).await;
+    let proxy = Proxy::builder()
+        .routes(&route(100.0, &[&s], &c))
+        .start()
+        .await;
     std::fs::remove_file(&proxy.config_path).unwrap();
     assert_eq!(served_by(&proxy, "u1").await, "canary");
 
-    // Next edit: a new listen port (restart-only) and weight 0.
-    let new_port = common::free_port();
-    let text = proxy
-        .config_text(&route(0.0, &[&s], &c), "", "", "")
-        .replace(
-            &format!("127.0.0.1:{}\"", proxy.port),
-            &format!("127.0.0.1:{new_port}\""),
-        );
+    // Next edit: a new listen port (restart-only) and weight 0. Nothing binds it (the
+    // change is not applied); held so that it is no one else's port either.
+    let reserved = common::ports::ReservedPort::new();
+    let new_port = reserved.port();
+    let text = proxy.config_text(&route(0.0, &[&s], &c)).replace(
+        &format!("127.0.0.1:{}\"", proxy.port),
+        &format!("127.0.0.1:{new_port}\""),
+    );
     let st = proxy.write_config_and_wait(&text, 1).await;
     assert_eq!(
         st["config_generation"], 2,
@@ -209,7 +230,12 @@ async fn hundred_rewrites_under_load_fail_no_request() {
     let a = Upstream::start("stable-a").await;
     let b = Upstream::start("stable-b").await;
     let c = Upstream::start("canary").await;
-    let proxy = Arc::new(Proxy::start(&route(10.0, &[&a], &c)).await);
+    let proxy = Arc::new(
+        Proxy::builder()
+            .routes(&route(10.0, &[&a], &c))
+            .start()
+            .await,
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut load = Vec::new();
@@ -241,7 +267,7 @@ async fn hundred_rewrites_under_load_fail_no_request() {
             1 => vec![&a, &b],
             _ => vec![&b],
         };
-        let text = proxy.config_text(&route(weight, &stable, &c), "", "", "");
+        let text = proxy.config_text(&route(weight, &stable, &c));
         gen = proxy.write_config_and_wait(&text, gen).await["config_generation"]
             .as_u64()
             .unwrap();

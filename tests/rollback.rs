@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
-use common::{client, dead_addr, pool, Load, Proxy, Upstream, Webhook};
+use common::{client, eventually, pool, Load, Proxy, Upstream, Webhook};
 use serde_json::Value;
 
 const FAST_ANALYSIS: &str =
@@ -51,7 +51,10 @@ async fn error_rate_rollback_hides_errors_and_stops_canary_traffic() {
         Upstream::start("canary").await,
     );
     let tables = format!("{FAST_ANALYSIS}max_error_rate = 0.1\n");
-    let proxy = Proxy::start(&route("canary_weight = 50", &tables, &stable, &canary)).await;
+    let proxy = Proxy::builder()
+        .routes(&route("canary_weight = 50", &tables, &stable, &canary))
+        .start()
+        .await;
     let load = Load::start(proxy.url("/"), 4, 400);
     wait_canary_traffic(&proxy, 50).await;
 
@@ -118,7 +121,10 @@ async fn latency_rollback() {
         Upstream::start("canary").await,
     );
     let tables = format!("{FAST_ANALYSIS}max_p99_latency = \"100ms\"\n");
-    let proxy = Proxy::start(&route("canary_weight = 50", &tables, &stable, &canary)).await;
+    let proxy = Proxy::builder()
+        .routes(&route("canary_weight = 50", &tables, &stable, &canary))
+        .start()
+        .await;
     let load = Load::start(proxy.url("/"), 8, 400);
     wait_canary_traffic(&proxy, 30).await;
     canary.set_delay(300);
@@ -141,7 +147,10 @@ async fn relative_error_rollback_without_retries_shows_the_errors() {
         Upstream::start("canary").await,
     );
     let keys = "canary_weight = 50\nretry_on_stable = false";
-    let proxy = Proxy::start(&route(keys, FAST_ANALYSIS, &stable, &canary)).await;
+    let proxy = Proxy::builder()
+        .routes(&route(keys, FAST_ANALYSIS, &stable, &canary))
+        .start()
+        .await;
     let load = Load::start(proxy.url("/"), 4, 400);
     wait_canary_traffic(&proxy, 30).await;
     canary.set_status(503);
@@ -167,7 +176,10 @@ async fn no_rollback_when_both_fail_alike_or_below_min_requests() {
     stable.set_status(500);
     canary.set_status(500);
     let tables = format!("{FAST_ANALYSIS}max_error_rate = 0.05\n");
-    let proxy = Proxy::start(&route("canary_weight = 50", &tables, &stable, &canary)).await;
+    let proxy = Proxy::builder()
+        .routes(&route("canary_weight = 50", &tables, &stable, &canary))
+        .start()
+        .await;
     let load = Load::start(proxy.url("/"), 4, 400);
     wait_canary_traffic(&proxy, 100).await;
     let evals = app(&proxy.status().await)["evaluations"].as_u64().unwrap();
@@ -184,7 +196,10 @@ async fn no_rollback_when_both_fail_alike_or_below_min_requests() {
     // A dead canary, but fewer canary requests than min_requests: no verdict.
     stable.set_mode(common::Mode::Ok);
     let tables = FAST_ANALYSIS.replace("min_requests = 20", "min_requests = 100000");
-    let proxy = Proxy::start(&route("canary_weight = 50", &tables, &stable, &canary)).await;
+    let proxy = Proxy::builder()
+        .routes(&route("canary_weight = 50", &tables, &stable, &canary))
+        .start()
+        .await;
     let c = client();
     for i in 0..100 {
         c.get(proxy.url("/"))
@@ -207,12 +222,13 @@ async fn no_rollback_when_both_fail_alike_or_below_min_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_hide_a_dead_or_resetting_canary() {
     let stable = Upstream::start("stable").await;
+    let dead = common::ports::DeadAddr::new();
     let cfg = format!(
         "[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\ncanary_weight = 50\n[routes.analysis]\nenabled = false\n{}\n{}",
         pool("routes.stable", "v1", &[stable.addr]),
-        pool("routes.canary", "v2", &[dead_addr()]),
+        pool("routes.canary", "v2", &[dead.addr]),
     );
-    let proxy = Proxy::start(&cfg).await;
+    let proxy = Proxy::builder().routes(&cfg).start().await;
     let c = client();
     for i in 0..200 {
         let r = c
@@ -246,13 +262,15 @@ async fn retries_hide_a_dead_or_resetting_canary() {
     let canary = Upstream::start("canary").await;
     canary.set_mode(common::Mode::Reset);
     let keys = "canary_weight = 100\n";
-    let proxy = Proxy::start(&route(
-        keys,
-        "[routes.analysis]\nenabled = false\n",
-        &stable,
-        &canary,
-    ))
-    .await;
+    let proxy = Proxy::builder()
+        .routes(&route(
+            keys,
+            "[routes.analysis]\nenabled = false\n",
+            &stable,
+            &canary,
+        ))
+        .start()
+        .await;
     for i in 0..50 {
         let r = c
             .get(proxy.url("/"))
@@ -280,7 +298,10 @@ async fn health_checks_roll_back_a_dead_canary_and_guard_stable() {
     );
     let health = "[routes.health]\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 1\n";
     let tables = format!("{health}[routes.analysis]\nenabled = false\n");
-    let proxy = Proxy::start(&route("canary_weight = 50", &tables, &stable, &canary)).await;
+    let proxy = Proxy::builder()
+        .routes(&route("canary_weight = 50", &tables, &stable, &canary))
+        .start()
+        .await;
     let st = proxy.status().await;
     assert_eq!(app(&st)["canary"]["endpoints"][0]["healthy"], true);
     canary.set_status(503);
@@ -304,7 +325,10 @@ async fn health_checks_roll_back_a_dead_canary_and_guard_stable() {
     // Stable down: by default its users get 502, never the canary ...
     canary.set_mode(common::Mode::Ok);
     stable.set_status(503);
-    let proxy = Proxy::start(&route("canary_weight = 1", &tables, &stable, &canary)).await;
+    let proxy = Proxy::builder()
+        .routes(&route("canary_weight = 1", &tables, &stable, &canary))
+        .start()
+        .await;
     proxy
         .wait_status("stable to be unhealthy", |s| {
             app(s)["stable"]["endpoints"][0]["healthy"] == false
@@ -334,7 +358,10 @@ async fn health_checks_roll_back_a_dead_canary_and_guard_stable() {
 
     // ... unless configured to serve them from the canary.
     let keys = "canary_weight = 1\nstable_down = \"serve_canary\"";
-    let proxy = Proxy::start(&route(keys, &tables, &stable, &canary)).await;
+    let proxy = Proxy::builder()
+        .routes(&route(keys, &tables, &stable, &canary))
+        .start()
+        .await;
     proxy
         .wait_status("stable to be unhealthy", |s| {
             app(s)["stable"]["endpoints"][0]["healthy"] == false
@@ -360,7 +387,10 @@ async fn rollout_steps_advance_on_healthy_analysis_and_stop_on_failure() {
     );
     let steps = "[routes.rollout]\nsteps = [{ weight = 10, hold = \"1s\" }, { weight = 50, hold = \"1s\" }, { weight = 100 }]\n";
     let tables = format!("{FAST_ANALYSIS}{steps}");
-    let proxy = Proxy::start(&route("", &tables, &stable, &canary)).await;
+    let proxy = Proxy::builder()
+        .routes(&route("", &tables, &stable, &canary))
+        .start()
+        .await;
     let st = proxy.status().await;
     assert_eq!(app(&st)["rollout_state"], "progressing");
     assert_eq!(app(&st)["effective_weight_percent"], 10.0);
@@ -382,7 +412,10 @@ async fn rollout_steps_advance_on_healthy_analysis_and_stop_on_failure() {
     // A failing canary stops the rollout at its step and rolls back.
     let steps = "[routes.rollout]\nsteps = [{ weight = 20, hold = \"1h\" }, { weight = 100 }]\n";
     let tables = format!("{FAST_ANALYSIS}{steps}");
-    let proxy = Proxy::start(&route("", &tables, &stable, &canary)).await;
+    let proxy = Proxy::builder()
+        .routes(&route("", &tables, &stable, &canary))
+        .start()
+        .await;
     let load = Load::start(proxy.url("/"), 4, 400);
     wait_canary_traffic(&proxy, 30).await;
     canary.set_status(500);
@@ -403,7 +436,10 @@ async fn blue_green_cut_over_and_switch_back() {
     );
     let steps = "[routes.rollout]\nsteps = [{ weight = 100 }]\n";
     let tables = format!("{FAST_ANALYSIS}max_error_rate = 0.05\n{steps}");
-    let proxy = Proxy::start(&route("", &tables, &blue, &green)).await;
+    let proxy = Proxy::builder()
+        .routes(&route("", &tables, &blue, &green))
+        .start()
+        .await;
     proxy
         .wait_status("the cut-over", |s| app(s)["rollout_state"] == "promoted")
         .await;
@@ -458,9 +494,12 @@ async fn state_survives_kill_9_and_new_versions_start_afresh() {
                 .replace("version = \"v2\"", &format!("version = \"{version}\""))
         )
     };
-    let token = [("KANARIA_ADMIN_TOKEN", "t")];
 
-    let proxy = Proxy::launch(&cfg("v2"), "", "", "", &token).await;
+    let proxy = Proxy::builder()
+        .routes(&cfg("v2"))
+        .env("KANARIA_ADMIN_TOKEN", "t")
+        .start()
+        .await;
     assert_eq!(proxy.act("promote", "t").await, 200);
     let st = proxy.status().await;
     assert_eq!(app(&st)["rollout"]["step"], 1);
@@ -472,7 +511,11 @@ async fn state_survives_kill_9_and_new_versions_start_afresh() {
     assert_eq!(saved["phase"]["state"], "progressing");
     drop(proxy); // SIGKILL
 
-    let proxy = Proxy::launch(&cfg("v2"), "", "", "", &token).await;
+    let proxy = Proxy::builder()
+        .routes(&cfg("v2"))
+        .env("KANARIA_ADMIN_TOKEN", "t")
+        .start()
+        .await;
     let st = proxy.status().await;
     assert_eq!(
         app(&st)["rollout_state"],
@@ -485,7 +528,11 @@ async fn state_survives_kill_9_and_new_versions_start_afresh() {
     assert_eq!(proxy.act("rollback", "t").await, 200);
     drop(proxy);
 
-    let proxy = Proxy::launch(&cfg("v2"), "", "", "", &token).await;
+    let proxy = Proxy::builder()
+        .routes(&cfg("v2"))
+        .env("KANARIA_ADMIN_TOKEN", "t")
+        .start()
+        .await;
     let st = proxy.status().await;
     assert_eq!(
         app(&st)["rollout_state"],
@@ -495,7 +542,11 @@ async fn state_survives_kill_9_and_new_versions_start_afresh() {
     assert_eq!(app(&st)["effective_weight_percent"], 0.0);
     drop(proxy);
 
-    let proxy = Proxy::launch(&cfg("v3"), "", "", "", &token).await;
+    let proxy = Proxy::builder()
+        .routes(&cfg("v3"))
+        .env("KANARIA_ADMIN_TOKEN", "t")
+        .start()
+        .await;
     let st = proxy.status().await;
     assert_eq!(
         app(&st)["rollout_state"],
@@ -508,7 +559,11 @@ async fn state_survives_kill_9_and_new_versions_start_afresh() {
 
     // A corrupt state file: a clear error, the safe side, no crash; an operator resumes.
     std::fs::write(state.path().join("app.json"), "{ torn").unwrap();
-    let proxy = Proxy::launch(&cfg("v3"), "", "", "", &token).await;
+    let proxy = Proxy::builder()
+        .routes(&cfg("v3"))
+        .env("KANARIA_ADMIN_TOKEN", "t")
+        .start()
+        .await;
     let st = proxy.status().await;
     assert_eq!(app(&st)["rollout_state"], "rolled_back");
     assert_eq!(app(&st)["phase"]["reason"], "state_unreadable");
@@ -536,7 +591,11 @@ async fn operator_pause_resume_promote_and_webhook_events() {
         hook.addr,
         route("", &format!("{FAST_ANALYSIS}{steps}"), &stable, &canary)
     );
-    let proxy = Proxy::launch(&cfg, "", "", "", &[("KANARIA_ADMIN_TOKEN", "t")]).await;
+    let proxy = Proxy::builder()
+        .routes(&cfg)
+        .env("KANARIA_ADMIN_TOKEN", "t")
+        .start()
+        .await;
     assert_eq!(proxy.act("resume", "t").await, 409, "nothing to resume");
     assert_eq!(proxy.act("pause", "t").await, 200);
     assert_eq!(app(&proxy.status().await)["rollout_state"], "paused");
@@ -548,22 +607,26 @@ async fn operator_pause_resume_promote_and_webhook_events() {
     assert_eq!(app(&st)["rollout"]["step"], 1);
     assert_eq!(proxy.act("rollback", "t").await, 200);
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let kinds: Vec<String> = hook
-            .events()
-            .iter()
-            .map(|e| e["kind"].as_str().unwrap_or("").to_string())
-            .collect();
-        if kinds.contains(&"rollback".to_string()) {
-            assert!(kinds.contains(&"paused".to_string()), "{kinds:?}");
-            assert!(kinds.contains(&"resumed".to_string()), "{kinds:?}");
-            assert!(kinds.contains(&"step".to_string()), "{kinds:?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "webhook got {kinds:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let kinds = eventually(
+        "the rollback at the webhook",
+        Duration::from_secs(20),
+        || {
+            let kinds: Vec<String> = hook
+                .events()
+                .iter()
+                .map(|e| e["kind"].as_str().unwrap_or("").to_string())
+                .collect();
+            std::future::ready(if kinds.contains(&"rollback".to_string()) {
+                Ok(kinds)
+            } else {
+                Err(format!("webhook got {kinds:?}"))
+            })
+        },
+    )
+    .await;
+    assert!(kinds.contains(&"paused".to_string()), "{kinds:?}");
+    assert!(kinds.contains(&"resumed".to_string()), "{kinds:?}");
+    assert!(kinds.contains(&"step".to_string()), "{kinds:?}");
     let rb = hook
         .events()
         .into_iter()

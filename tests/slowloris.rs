@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::{client, pool, Proxy, Upstream};
+use common::{client, eventually, pool, Proxy, Upstream};
 
 const ATTACKERS: usize = 2000;
 /// Each attacker gives up (and the test fails) after this long without being closed.
@@ -77,21 +77,24 @@ async fn legitimate_traffic_succeeds_during_a_slowloris() {
         "[edge]\nheader_timeout = \"4s\"\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\n{}",
         pool("routes.stable", "v1", &[up.addr])
     );
-    let proxy = Proxy::launch(&routes, "", "", "", &[]).await;
+    let proxy = Proxy::builder().routes(&routes).start().await;
 
     let connected = Arc::new(AtomicU64::new(0));
     let attack: Vec<_> = (0..ATTACKERS)
         .map(|_| tokio::spawn(attacker(proxy.port, connected.clone())))
         .collect();
     // Legitimate traffic starts once the attack is fully in place.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while connected.load(Ordering::SeqCst) < ATTACKERS as u64 {
-        assert!(
-            Instant::now() < deadline,
-            "attack connections did not connect"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the attack connections to connect",
+        Duration::from_secs(30),
+        || {
+            std::future::ready(match connected.load(Ordering::SeqCst) {
+                n if n >= ATTACKERS as u64 => Ok(()),
+                n => Err(format!("{n} of {ATTACKERS} connected")),
+            })
+        },
+    )
+    .await;
 
     // Four clients, 100 requests each, while the attackers are still trickling.
     let started = Instant::now();

@@ -55,7 +55,10 @@ async fn share_stickiness_and_monotone_raise() {
     let canary = Upstream::start("canary").await;
     let users = || (0..3000).map(|i| format!("student-{i}"));
 
-    let proxy = Proxy::start(&route(10.0, &stable, &canary, "")).await;
+    let proxy = Proxy::builder()
+        .routes(&route(10.0, &stable, &canary, ""))
+        .start()
+        .await;
     let first = assign(&proxy, users()).await;
     let on_canary = first.values().filter(|v| *v == "canary").count();
     let share = on_canary as f64 / 3000.0 * 100.0;
@@ -70,13 +73,19 @@ async fn share_stickiness_and_monotone_raise() {
 
     // Restart (a new process, same config): same assignment.
     drop(proxy);
-    let proxy = Proxy::start(&route(10.0, &stable, &canary, "")).await;
+    let proxy = Proxy::builder()
+        .routes(&route(10.0, &stable, &canary, ""))
+        .start()
+        .await;
     let restarted = assign(&proxy, users()).await;
     assert_eq!(first, restarted, "a user changed version across a restart");
 
     // Raise 10 -> 30: no canary user goes back to stable, and the share grows.
     drop(proxy);
-    let proxy = Proxy::start(&route(30.0, &stable, &canary, "")).await;
+    let proxy = Proxy::builder()
+        .routes(&route(30.0, &stable, &canary, ""))
+        .start()
+        .await;
     let raised = assign(&proxy, users()).await;
     for (user, v) in &first {
         if v == "canary" {
@@ -111,7 +120,10 @@ async fn share_stickiness_and_monotone_raise() {
 async fn cookie_key_and_client_ip_fallback_are_sticky() {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
-    let proxy = Proxy::start(&route(50.0, &stable, &canary, "")).await;
+    let proxy = Proxy::builder()
+        .routes(&route(50.0, &stable, &canary, ""))
+        .start()
+        .await;
     let c = client();
     let mut seen = std::collections::HashSet::new();
     for i in 0..40 {
@@ -159,7 +171,10 @@ async fn override_header_and_cookie() {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
     let extra = "override_header = \"x-kanaria-version\"\noverride_cookie = \"kv\"";
-    let proxy = Proxy::start(&route(0.0, &stable, &canary, extra)).await;
+    let proxy = Proxy::builder()
+        .routes(&route(0.0, &stable, &canary, extra))
+        .start()
+        .await;
     let c = client();
     for (header, want) in [
         ("canary", "canary"),
@@ -187,7 +202,10 @@ async fn override_header_and_cookie() {
 
     // At 100%, "stable" still forces stable.
     drop(proxy);
-    let proxy = Proxy::start(&route(100.0, &stable, &canary, extra)).await;
+    let proxy = Proxy::builder()
+        .routes(&route(100.0, &stable, &canary, extra))
+        .start()
+        .await;
     let r = c
         .get(proxy.url("/"))
         .header("x-kanaria-version", "stable")
@@ -210,19 +228,28 @@ async fn override_ignored_when_disabled_or_untrusted() {
     }
 
     // No override_header configured: the header is just a header.
-    let proxy = Proxy::start(&route(0.0, &stable, &canary, "")).await;
+    let proxy = Proxy::builder()
+        .routes(&route(0.0, &stable, &canary, ""))
+        .start()
+        .await;
     assert_eq!(forced(&proxy).await, "stable");
     drop(proxy);
 
     // Only 10.0.0.0/8 may override; the test client is 127.0.0.1.
     let extra =
         "override_header = \"x-kanaria-version\"\noverride_trusted_cidrs = [\"10.0.0.0/8\"]";
-    let proxy = Proxy::start(&route(0.0, &stable, &canary, extra)).await;
+    let proxy = Proxy::builder()
+        .routes(&route(0.0, &stable, &canary, extra))
+        .start()
+        .await;
     assert_eq!(forced(&proxy).await, "stable");
     drop(proxy);
 
     // Loopback trusted: honoured.
     let extra = "override_header = \"x-kanaria-version\"\noverride_trusted_cidrs = [\"127.0.0.0/8\", \"::1\"]";
-    let proxy = Proxy::start(&route(0.0, &stable, &canary, extra)).await;
+    let proxy = Proxy::builder()
+        .routes(&route(0.0, &stable, &canary, extra))
+        .start()
+        .await;
     assert_eq!(forced(&proxy).await, "canary");
 }

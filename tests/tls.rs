@@ -6,10 +6,10 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::certs::{curl, write_pair, TestCa};
-use common::{free_port, pool, Proxy, Upstream};
+use common::{eventually_every, pool, Proxy, Upstream};
 
 fn routes(stable: &Upstream) -> String {
     format!(
@@ -18,10 +18,9 @@ fn routes(stable: &Upstream) -> String {
     )
 }
 
-fn tls_section(port: u16, pairs: &[(&Path, &Path)], extra: &str) -> String {
-    let mut s = format!(
-        "\n[proxy.tls]\nlisten = [\"127.0.0.1:{port}\"]\nwatch_interval = \"100ms\"\n{extra}\n"
-    );
+/// The `[proxy.tls]` keys and certificates (the harness adds `listen`).
+fn tls_section(pairs: &[(&Path, &Path)], extra: &str) -> String {
+    let mut s = format!("watch_interval = \"100ms\"\n{extra}\n");
     for (cert, key) in pairs {
         s.push_str(&format!(
             "[[proxy.tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
@@ -33,19 +32,29 @@ fn tls_section(port: u16, pairs: &[(&Path, &Path)], extra: &str) -> String {
 }
 
 /// curl until the TLS listener answers 200 (it may accept a moment after the plain one).
-fn curl_ok(ca: &Path, host: &str, port: u16) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (code, out, err) = curl(ca, host, port, "/", &[]);
-        if code == 0 && out.starts_with("HTTP/") && out.contains(" 200") {
-            return out;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "curl {host}: exit {code}: {err}\n{out}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+async fn curl_ok(ca: &Path, host: &str, port: u16) -> String {
+    let what = format!("curl {host} to get a 200");
+    eventually_every(
+        &what,
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || {
+            let (ca, host) = (ca.to_path_buf(), host.to_string());
+            async move {
+                let h = host.clone();
+                let (code, out, err) =
+                    tokio::task::spawn_blocking(move || curl(&ca, &h, port, "/", &[]))
+                        .await
+                        .expect("curl");
+                if code == 0 && out.starts_with("HTTP/") && out.contains(" 200") {
+                    Ok(out)
+                } else {
+                    Err(format!("curl {host}: exit {code}: {err}\n{out}"))
+                }
+            }
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,20 +65,15 @@ async fn sni_picks_the_certificate_and_the_scheme_is_https() {
     let ca_path = ca.write(certs.path(), "ca.pem");
     let a = write_pair(certs.path(), "a", &ca.leaf(&["a.test"]));
     let b = write_pair(certs.path(), "b", &ca.leaf(&["b.test", "*.b.test"]));
-    let port = free_port();
-    let proxy = Proxy::start_with(
-        &routes(&stable),
-        &tls_section(port, &[(&a.0, &a.1), (&b.0, &b.1)], ""),
-    )
-    .await;
+    let proxy = Proxy::builder()
+        .routes(&routes(&stable))
+        .tls(&tls_section(&[(&a.0, &a.1), (&b.0, &b.1)], ""))
+        .start()
+        .await;
+    let port = proxy.tls_port();
 
     // curl verifies the name: each succeeds only with the certificate for its SNI.
-    let out = tokio::task::spawn_blocking({
-        let ca_path = ca_path.clone();
-        move || curl_ok(&ca_path, "a.test", port)
-    })
-    .await
-    .unwrap();
+    let out = curl_ok(&ca_path, "a.test", port).await;
     assert!(out.contains("\"x-forwarded-proto\":\"https\""), "{out}");
     let cookie = out
         .lines()
@@ -152,22 +156,20 @@ async fn rotation_under_load_and_a_bad_new_certificate() {
     let live = dir.join("live");
     std::os::unix::fs::symlink(dir.join("v1"), &live).unwrap();
 
-    let port = free_port();
     let (cert, key) = (live.join("site.pem"), live.join("site.key"));
-    let proxy = Proxy::start_with(&routes(&stable), &tls_section(port, &[(&cert, &key)], "")).await;
-    let c1 = ca1_path.clone();
-    tokio::task::spawn_blocking(move || curl_ok(&c1, "a.test", port))
-        .await
-        .unwrap();
+    let proxy = Proxy::builder()
+        .routes(&routes(&stable))
+        .tls(&tls_section(&[(&cert, &key)], ""))
+        .start()
+        .await;
+    let port = proxy.tls_port();
+    curl_ok(&ca1_path, "a.test", port).await;
 
     // Load over kept-alive TLS connections while the certificate is swapped.
     let load = std::thread::spawn(move || h2load(port, 4, &["--h1"]));
     tokio::time::sleep(Duration::from_millis(500)).await;
     swap_symlink(&live, &dir.join("v2"));
-    let c2 = ca2_path.clone();
-    tokio::task::spawn_blocking(move || curl_ok(&c2, "a.test", port))
-        .await
-        .unwrap();
+    curl_ok(&ca2_path, "a.test", port).await;
     let out = load.join().unwrap();
     let (ok, failed, errored) = common::h2load::counts(&out);
     assert!(ok > 0, "{out}");

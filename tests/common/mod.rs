@@ -1,11 +1,12 @@
 //! Test harness: real HTTP upstreams on OS-picked loopback ports, the real `kanaria` binary
-//! as a child process, and a real HTTP client. Readiness is polled, never slept for.
+//! as a child process ([`Proxy::builder`]), and a real HTTP client. Readiness is polled
+//! ([`eventually`]), never slept for; the ports children listen on are read back or held
+//! for them ([`ports`]), never freed for them to bind.
 
 #![allow(dead_code)]
 
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -22,7 +23,10 @@ use tokio::net::TcpListener;
 pub mod certs;
 pub mod grpc;
 pub mod h2load;
+pub mod ports;
 pub mod raw;
+
+use ports::ReservedPort;
 
 /// What an upstream does with the next requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,31 +194,183 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A loopback port that was free a moment ago (the OS picks it; we release it for the proxy).
-pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// Polls `check` every 20 ms until its future gives `Ok`, and returns that value; panics
+/// after `timeout` with `what` and the last `Err`, which says what the check saw. The check
+/// runs at least once, and once more at the deadline.
+///
+/// A check is a closure returning a future: `|| std::future::ready(..)` for a check without
+/// I/O; `move || async move { .. }` over references, copies and clones for one with I/O.
+/// (Not an async closure: the future of a wait that borrows from an async closure cannot
+/// be proven `Send`, so it could not be spawned.)
+pub async fn eventually<T, S, F>(what: &str, timeout: Duration, check: impl FnMut() -> F) -> T
+where
+    S: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, S>>,
+{
+    eventually_every(what, timeout, Duration::from_millis(20), check).await
 }
 
-/// An address where nothing listens: connections are refused.
-pub fn dead_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
+/// [`eventually`], polling every `every` (for a check whose cost or whose timing matters).
+pub async fn eventually_every<T, S, F>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> F,
+) -> T
+where
+    S: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, S>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = match check().await {
+            Ok(t) => return t,
+            Err(seen) => seen,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; last seen: {seen}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// What a check saw, shown with a process's log when the wait fails (the log file is read
+/// only then).
+pub struct SeenWithLog {
+    pub seen: String,
+    pub log: PathBuf,
+}
+
+impl std::fmt::Display for SeenWithLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        write!(f, "{}\nlog:\n{log}", self.seen)
+    }
 }
 
 pub fn kanaria_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kanaria"))
 }
 
+/// The sections of a test config and the environment of the process: what
+/// [`Proxy::builder`] starts, and what [`Proxy::config_text_of`] renders on a running
+/// proxy's ports. Each setter replaces what it sets.
+#[derive(Clone, Default)]
+pub struct ProxyBuilder {
+    routes: String,
+    proxy: String,
+    tls: Option<String>,
+    admin: String,
+    reload: String,
+    env: Vec<(String, String)>,
+}
+
+impl ProxyBuilder {
+    /// The `[[routes]]`, and any other top-level sections (`[edge]`, `[fleet]`, `[state]`,
+    /// `[notify]`, ...): everything after `[proxy]`, `[admin]` and `[reload]`.
+    pub fn routes(mut self, toml: &str) -> Self {
+        self.routes = toml.to_string();
+        self
+    }
+
+    /// Extra `[proxy]` keys (`listen`, `threads` and `upgrade_sock` are the harness's).
+    pub fn proxy(mut self, keys: &str) -> Self {
+        self.proxy = keys.to_string();
+        self
+    }
+
+    /// A TLS listener: `[proxy.tls]` with `listen` on a port of the harness
+    /// ([`Proxy::tls_port`]), then `toml` (its keys and `[[proxy.tls.certificates]]`).
+    pub fn tls(mut self, toml: &str) -> Self {
+        self.tls = Some(toml.to_string());
+        self
+    }
+
+    /// Extra `[admin]` keys (`listen` is the harness's).
+    pub fn admin(mut self, keys: &str) -> Self {
+        self.admin = keys.to_string();
+        self
+    }
+
+    /// Extra `[reload]` keys (`debounce = "50ms"` comes first).
+    pub fn reload(mut self, keys: &str) -> Self {
+        self.reload = keys.to_string();
+        self
+    }
+
+    /// An environment variable of the process (the harness sets `RUST_LOG=info` and
+    /// removes `KANARIA_ADMIN_TOKEN` before these).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Starts `kanaria run` on this config and waits until it is ready.
+    pub async fn start(self) -> Proxy {
+        Proxy::start(self).await
+    }
+}
+
+/// The ports a config is rendered with.
+#[derive(Clone, Copy)]
+struct Ports {
+    proxy: u16,
+    tls: Option<u16>,
+    /// 0 (the OS picks) until a respawn pins the port the first process got.
+    admin: u16,
+}
+
+/// The text of a test config: `[proxy]` (and `[proxy.tls]`), `[admin]`, `[reload]`, then
+/// the routes.
+fn render(spec: &ProxyBuilder, ports: Ports, dir: &Path) -> String {
+    let mut text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{}\"\nthreads = 2\nupgrade_sock = \"{}\"\n{}\n",
+        ports.proxy,
+        dir.join("upgrade.sock").display(),
+        spec.proxy
+    );
+    if let (Some(port), Some(tls)) = (ports.tls, &spec.tls) {
+        text.push_str(&format!(
+            "\n[proxy.tls]\nlisten = [\"127.0.0.1:{port}\"]\n{tls}\n"
+        ));
+    }
+    text.push_str(&format!(
+        "\n{}{}\n\n[reload]\ndebounce = \"50ms\"\n{}\n\n{}\n",
+        admin_listen(ports.admin),
+        spec.admin,
+        spec.reload,
+        spec.routes
+    ));
+    text
+}
+
+/// The head of the `[admin]` section for a port.
+fn admin_listen(port: u16) -> String {
+    format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n")
+}
+
 /// The `kanaria` binary running a config, killed when dropped.
+///
+/// Its ports: the admin listener is configured on port 0, and the harness reads back the
+/// port the process bound. The proxy listeners (plain, TLS) cannot be: Kanaria accepts
+/// `127.0.0.1:0` there, but `/readyz` probes the configured port (0, so never ready), the
+/// per-listener connection cap matches connections to listeners by configured port, and
+/// `admin.listen` equal to a proxy listener is refused even when both say port 0. So they
+/// are [`ReservedPort`]s the harness holds for the proxy's whole life (over respawns too),
+/// and the harness checks, from `/proc`, that the process does listen on them.
 pub struct Proxy {
     pub port: u16,
     pub admin_port: u16,
+    tls_port: Option<u16>,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     child: Child,
-    env: Vec<(String, String)>,
+    spec: ProxyBuilder,
+    /// The admin port the config file says: 0, or `admin_port` once a respawn pinned it.
+    admin_listen: u16,
+    /// The proxy listeners' ports, and the admin port once pinned.
+    _reserved: Vec<ReservedPort>,
 }
 
 impl Drop for Proxy {
@@ -225,87 +381,104 @@ impl Drop for Proxy {
 }
 
 impl Proxy {
-    /// `routes` is the TOML of the `[[routes]]` (and anything after `[admin]`); `[proxy]`
-    /// and `[admin]` with fresh ports are prepended.
-    pub async fn start(routes: &str) -> Proxy {
-        Self::start_with(routes, "").await
+    /// A config to start: `Proxy::builder().routes(..).proxy(..).env(..).start().await`.
+    pub fn builder() -> ProxyBuilder {
+        ProxyBuilder::default()
     }
 
-    /// Like `start`, with extra `[proxy]` keys.
-    pub async fn start_with(routes: &str, proxy_extra: &str) -> Proxy {
-        Self::launch(routes, proxy_extra, "", "", &[]).await
-    }
-
-    /// The config text for given ports: `[proxy]`, `[admin]`, `[reload]`, then `routes`.
-    pub fn config_text(
-        &self,
-        routes: &str,
-        proxy_extra: &str,
-        admin_extra: &str,
-        reload_extra: &str,
-    ) -> String {
-        config_text(
-            self.port,
-            self.admin_port,
-            self.dir.path(),
-            routes,
-            proxy_extra,
-            admin_extra,
-            reload_extra,
-        )
-    }
-
-    /// Full control: extra `[proxy]` and `[admin]` keys, environment of the process.
-    pub async fn launch(
-        routes: &str,
-        proxy_extra: &str,
-        admin_extra: &str,
-        reload_extra: &str,
-        env: &[(&str, &str)],
-    ) -> Proxy {
+    async fn start(spec: ProxyBuilder) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let admin_port = free_port();
-        let config = config_text(
-            port,
-            admin_port,
-            dir.path(),
-            routes,
-            proxy_extra,
-            admin_extra,
-            reload_extra,
-        );
+        let proxy_port = ReservedPort::new();
+        let tls_port = spec.tls.as_ref().map(|_| ReservedPort::new());
+        let ports = Ports {
+            proxy: proxy_port.port(),
+            tls: tls_port.as_ref().map(ReservedPort::port),
+            admin: 0,
+        };
         let config_path = dir.path().join("kanaria.toml");
-        std::fs::File::create(&config_path)
-            .and_then(|mut f| f.write_all(config.as_bytes()))
-            .expect("write config");
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let child = spawn(&config_path, dir.path(), &env);
+        std::fs::write(&config_path, render(&spec, ports, dir.path())).expect("write config");
+        let child = spawn(&config_path, dir.path(), &spec.env);
         let mut proxy = Proxy {
-            port,
-            admin_port,
+            port: ports.proxy,
+            admin_port: 0,
+            tls_port: ports.tls,
             dir,
             config_path,
             child,
-            env,
+            spec,
+            admin_listen: 0,
+            _reserved: std::iter::once(proxy_port).chain(tls_port).collect(),
         };
         proxy.wait_ready().await;
         proxy
     }
 
-    /// Kills the process (SIGKILL) and reaps it.
+    fn ports(&self) -> Ports {
+        Ports {
+            proxy: self.port,
+            tls: self.tls_port,
+            admin: self.admin_listen,
+        }
+    }
+
+    /// The config this proxy started with, but with `routes`: same ports and sections.
+    pub fn config_text(&self, routes: &str) -> String {
+        self.config_text_of(&self.spec().routes(routes))
+    }
+
+    /// `spec` rendered on this proxy's ports (start from [`Self::spec`]). Its environment
+    /// is not part of the text.
+    pub fn config_text_of(&self, spec: &ProxyBuilder) -> String {
+        render(spec, self.ports(), self.dir.path())
+    }
+
+    /// What this proxy was started with, to change a section for [`Self::config_text_of`].
+    pub fn spec(&self) -> ProxyBuilder {
+        self.spec.clone()
+    }
+
+    /// The TLS listener's port (the proxy must have been built with `.tls(..)`).
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port.expect("a proxy started with .tls(..)")
+    }
+
+    /// Kills the process (SIGKILL) and reaps it. The admin port it had is held from now on,
+    /// for [`Self::respawn`].
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.admin_listen == 0 && !self._reserved.iter().any(|r| r.port() == self.admin_port) {
+            let held = ReservedPort::on(self.admin_port).unwrap_or_else(|e| {
+                panic!(
+                    "the admin port {} was taken as soon as kanaria died: {e}",
+                    self.admin_port
+                )
+            });
+            self._reserved.push(held);
+        }
     }
 
     /// Starts the process again with the same config, ports and environment (after
-    /// [`Self::kill`]), without waiting for it to be ready.
+    /// [`Self::kill`]), without waiting for it to be ready. The first respawn pins the
+    /// admin port in the config file (`[admin] listen` on port 0 becomes the port the first
+    /// process got); nothing runs to reload it meanwhile.
     pub fn respawn(&mut self) {
-        self.child = spawn(&self.config_path, self.dir.path(), &self.env);
+        assert!(
+            self._reserved.iter().any(|r| r.port() == self.admin_port),
+            "respawn after kill"
+        );
+        if self.admin_listen == 0 {
+            let text = std::fs::read_to_string(&self.config_path).expect("read config");
+            let (any, pinned) = (admin_listen(0), admin_listen(self.admin_port));
+            assert!(
+                text.contains(&any),
+                "respawn: no {any:?} in the config file to pin:\n{text}"
+            );
+            std::fs::write(&self.config_path, text.replacen(&any, &pinned, 1))
+                .expect("pin the admin port");
+            self.admin_listen = self.admin_port;
+        }
+        self.child = spawn(&self.config_path, self.dir.path(), &self.spec.env);
     }
 
     /// Whether `/readyz` answers 200 right now.
@@ -383,19 +556,22 @@ impl Proxy {
         what: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let s = self.status().await;
-            if pred(&s) {
-                return s;
+        let (proxy, pred, log) = (self, &pred, self.log_path());
+        eventually(what, Duration::from_secs(20), move || {
+            let log = log.clone();
+            async move {
+                let s = proxy.status().await;
+                if pred(&s) {
+                    Ok(s)
+                } else {
+                    Err(SeenWithLog {
+                        seen: format!("status {s:#}"),
+                        log,
+                    })
+                }
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; last status {s:#}\nlog:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     /// Writes the config file in place and waits for a reload newer than `after`.
@@ -408,31 +584,72 @@ impl Proxy {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("kanaria.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// Polls `/readyz` until the proxy listeners accept; fails fast if the process died.
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("kanaria.log")
+    }
+
+    /// Reads back the admin port (the first time), checks that the process listens on the
+    /// proxy's ports and the admin port and nothing else, then polls `/readyz` until the
+    /// proxy listeners accept; fails fast if the process died.
     async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
         let client = client();
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "kanaria exited with {status} before it was ready:\n{}",
-                    self.log()
-                );
-            }
-            if let Ok(r) = client.get(self.admin_url("/readyz")).send().await {
-                if r.status() == 200 {
-                    return;
+        let log = self.log_path();
+        eventually("kanaria to be ready", Duration::from_secs(30), || {
+            let listening = self.check_listeners();
+            let (client, log) = (client.clone(), log.clone());
+            async move {
+                let seen = |seen: String| SeenWithLog {
+                    seen,
+                    log: log.clone(),
+                };
+                let url = listening.map_err(&seen)?;
+                match client.get(url).send().await {
+                    Ok(r) if r.status() == 200 => Ok(()),
+                    Ok(r) => Err(seen(format!("/readyz answers {}", r.status()))),
+                    Err(e) => Err(seen(format!("/readyz: {e}"))),
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "kanaria not ready after 30s:\n{}",
+        })
+        .await;
+    }
+
+    /// Panics if the process exited. Reads back the admin port the first time; checks,
+    /// from `/proc`, that the process listens on the proxy's ports and one admin port, and
+    /// returns the `/readyz` URL, or what it listens on.
+    fn check_listeners(&mut self) -> Result<String, String> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "kanaria exited with {status} before it was ready:\n{}",
                 self.log()
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let proxy_ports: Vec<u16> = std::iter::once(self.port).chain(self.tls_port).collect();
+        let ports = ports::listening_ports(self.pid());
+        let others: Vec<u16> = ports
+            .iter()
+            .copied()
+            .filter(|p| !proxy_ports.contains(p))
+            .collect();
+        match others[..] {
+            [admin] if proxy_ports.iter().all(|p| ports.contains(p)) => {
+                if self.admin_port == 0 {
+                    self.admin_port = admin;
+                }
+                if admin == self.admin_port {
+                    Ok(self.admin_url("/readyz"))
+                } else {
+                    Err(format!(
+                        "the admin listener on {admin}, not {}",
+                        self.admin_port
+                    ))
+                }
+            }
+            _ => Err(format!(
+                "listening on {ports:?}; expecting the proxy listeners {proxy_ports:?} and one admin listener"
+            )),
         }
     }
 
@@ -442,7 +659,7 @@ impl Proxy {
 }
 
 /// Starts `kanaria run -c CONFIG`, its log appended to `DIR/kanaria.log`.
-fn spawn(config_path: &std::path::Path, dir: &std::path::Path, env: &[(String, String)]) -> Child {
+fn spawn(config_path: &Path, dir: &Path, env: &[(String, String)]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -463,12 +680,17 @@ fn spawn(config_path: &std::path::Path, dir: &std::path::Path, env: &[(String, S
 
 /// A real `redis-server` (Debian's) on a loopback port, no persistence, killed when
 /// dropped. `restart` starts a fresh one (empty) on the same port.
+///
+/// `redis-server --port 0` does not pick a port, it turns TCP off, so the ports are
+/// [`ReservedPort`]s held for the value's life: no one takes them while Redis is down
+/// between a `stop` and a `restart`.
 pub struct Redis {
     pub port: u16,
     /// With TLS: the port serving TLS (the plain `port` stays, for the test's own commands).
     pub tls_port: Option<u16>,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    _reserved: Vec<ReservedPort>,
 }
 
 impl Drop for Redis {
@@ -479,12 +701,7 @@ impl Drop for Redis {
 
 impl Redis {
     pub async fn start() -> Redis {
-        let mut r = Redis {
-            port: free_port(),
-            tls_port: None,
-            child: None,
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
+        let mut r = Redis::new(false);
         r.restart().await;
         r
     }
@@ -492,17 +709,24 @@ impl Redis {
     /// A server that also serves TLS with a certificate for 127.0.0.1 signed by a test CA;
     /// returns it and the CA's PEM file (what clients must trust).
     pub async fn start_tls() -> (Redis, PathBuf) {
-        let mut r = Redis {
-            port: free_port(),
-            tls_port: Some(free_port()),
-            child: None,
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
+        let mut r = Redis::new(true);
         let ca = certs::TestCa::new("kanaria test redis CA");
         let ca_path = ca.write(r.dir.path(), "ca.pem");
         certs::write_pair(r.dir.path(), "redis", &ca.leaf(&["127.0.0.1", "localhost"]));
         r.restart().await;
         (r, ca_path)
+    }
+
+    fn new(tls: bool) -> Redis {
+        let port = ReservedPort::new();
+        let tls_port = tls.then(ReservedPort::new);
+        Redis {
+            port: port.port(),
+            tls_port: tls_port.as_ref().map(ReservedPort::port),
+            child: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+            _reserved: std::iter::once(port).chain(tls_port).collect(),
+        }
     }
 
     /// The URL replicas use: `rediss://` on the TLS port when there is one.
@@ -525,66 +749,70 @@ impl Redis {
         }
     }
 
-    /// Starts a server on the port (stopping one that runs) and waits until it answers.
-    pub async fn restart(&mut self) {
-        self.stop();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut cmd = Command::new("redis-server");
-            cmd.args(["--port", &self.port.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(self.dir.path());
-            if let Some(tls) = self.tls_port {
-                let file = |n: &str| self.dir.path().join(n);
-                cmd.args(["--tls-port", &tls.to_string()])
-                    .arg("--tls-cert-file")
-                    .arg(file("redis.pem"))
-                    .arg("--tls-key-file")
-                    .arg(file("redis.key"))
-                    .arg("--tls-ca-cert-file")
-                    .arg(file("ca.pem"))
-                    .args(["--tls-auth-clients", "no"]);
-            }
-            let child = cmd
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server (Debian's redis-server package) must be installed");
-            self.child = Some(child);
-            loop {
-                if self.ping().await {
-                    return;
-                }
-                if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
-                    // The port was taken meanwhile (a killed server's socket): try again.
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "redis-server did not answer PING"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            self.child = None;
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
     }
 
-    async fn ping(&self) -> bool {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
-            return false;
-        };
-        if s.write_all(b"PING\r\n").await.is_err() {
-            return false;
+    /// Starts a server on the ports (stopping one that runs) and waits until it listens on
+    /// them (read back from `/proc`) and answers PING.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path());
+        if let Some(tls) = self.tls_port {
+            let file = |n: &str| self.dir.path().join(n);
+            cmd.args(["--tls-port", &tls.to_string()])
+                .arg("--tls-cert-file")
+                .arg(file("redis.pem"))
+                .arg("--tls-key-file")
+                .arg(file("redis.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(file("ca.pem"))
+                .args(["--tls-auth-clients", "no"]);
         }
-        let mut buf = [0u8; 16];
-        matches!(
-            tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await,
-            Ok(Ok(n)) if buf[..n].starts_with(b"+PONG")
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("redis log file");
+        let child = cmd
+            .stdout(log)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's redis-server package) must be installed");
+        self.child = Some(child);
+        let want: Vec<u16> = std::iter::once(self.port).chain(self.tls_port).collect();
+        let (log, port) = (self.log_path(), self.port);
+        let child = self.child.as_mut().expect("started");
+        eventually(
+            "redis-server to answer PING",
+            Duration::from_secs(20),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "redis-server exited with {status}:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                let ports = ports::listening_ports(child.id());
+                let listening = want.iter().all(|p| ports.contains(p));
+                let (log, want) = (log.clone(), want.clone());
+                async move {
+                    let seen = if !listening {
+                        format!("listening on {ports:?}, not yet {want:?}")
+                    } else if ping(port).await {
+                        return Ok(());
+                    } else {
+                        "no +PONG".to_string()
+                    };
+                    Err(SeenWithLog { seen, log })
+                }
+            },
         )
+        .await;
     }
 
     /// A connection for the test's own commands.
@@ -597,19 +825,19 @@ impl Redis {
     }
 }
 
-/// The text of a test config.
-pub fn config_text(
-    port: u16,
-    admin_port: u16,
-    dir: &std::path::Path,
-    routes: &str,
-    proxy_extra: &str,
-    admin_extra: &str,
-    reload_extra: &str,
-) -> String {
-    format!(
-        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nthreads = 2\nupgrade_sock = \"{}\"\n{proxy_extra}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{admin_extra}\n\n[reload]\ndebounce = \"50ms\"\n{reload_extra}\n\n{routes}\n",
-        dir.join("upgrade.sock").display()
+/// Whether a server on `port` answers `PING` with `+PONG` (within a second).
+async fn ping(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    if s.write_all(b"PING\r\n").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await,
+        Ok(Ok(n)) if buf[..n].starts_with(b"+PONG")
     )
 }
 
