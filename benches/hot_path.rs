@@ -5,6 +5,7 @@
 //! split), the request-head check, and the forwarding headers (hop-by-hop cleanup,
 //! `X-Forwarded-For`/`-Proto`, the response cleanup). Target: under 200 ns each for the
 //! decisions. Run with `cargo bench` or `make bench`; never part of the test suite.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // A benchmark stops where its setup fails.
 
 use std::hint::black_box;
 use std::net::IpAddr;

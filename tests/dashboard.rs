@@ -4,6 +4,7 @@
 //! as a test artifact (`target/test-artifacts/dashboard.png`). With `[fleet]`, the Fleet
 //! card lists the replicas from a real `redis-server`, a rollback clicked on one replica's
 //! page reaches the other, and the card says when Redis is gone.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // A test stops where it fails.
 
 mod common;
 

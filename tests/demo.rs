@@ -1,5 +1,6 @@
 //! `kanaria demo --exit-after-scenario`: the whole story (steps, failure, automatic
 //! rollback) in one process, as a newcomer runs it, ending with exit code 0.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // A test stops where it fails.
 
 mod common;
 

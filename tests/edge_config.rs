@@ -1,4 +1,5 @@
 //! `[edge]` and `override_secret` validation: every bad value is reported with its key path.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // A test stops where it fails.
 
 mod common;
 

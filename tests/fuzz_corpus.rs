@@ -2,6 +2,7 @@
 //! bodies on stable, so `make test` (`cargo test --all-features`: this test needs the
 //! `internals` feature) checks the regression inputs even where `cargo fuzz` (nightly) is
 //! not available.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // A test stops where it fails.
 
 use std::path::Path;
 

@@ -2,6 +2,7 @@
 //! on a plain listener with `h2c = true`, `h2load` as a load client with 0 errors, the split
 //! and overrides deciding alike on HTTP/2 and HTTP/1.1; and gRPC: h2c upstreams answering
 //! with `grpc-status` trailers, whose canary starts answering UNAVAILABLE and is rolled back.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // A test stops where it fails.
 
 mod common;
 
