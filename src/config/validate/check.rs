@@ -48,6 +48,29 @@ impl Check {
         }
     }
 
+    /// A list of CIDRs or single addresses (each as a /32 or /128); `None` when one is
+    /// neither (each such entry reported at its index).
+    pub fn ip_nets(&mut self, path: KeyPath, list: &[String]) -> Option<Vec<IpNet>> {
+        let mut nets = Vec::with_capacity(list.len());
+        let mut ok = true;
+        for (i, s) in list.iter().enumerate() {
+            let parsed = s
+                .parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(n) => nets.push(n),
+                Err(_) => {
+                    self.err(
+                        path.index(i),
+                        format!("{s:?} is not a CIDR (e.g. \"10.0.0.0/8\") or IP address"),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(nets)
+    }
+
     pub fn socket_addr(&mut self, path: KeyPath, s: &str) -> Option<SocketAddr> {
         match s.parse() {
             Ok(a) => Some(a),
@@ -104,11 +127,4 @@ pub fn relative_to(base: &std::path::Path, p: &str) -> std::path::PathBuf {
     } else {
         base.join(p)
     }
-}
-
-/// Parses an IP network or a single address (as a /32 or /128).
-pub fn ip_net(s: &str) -> Option<IpNet> {
-    s.parse::<IpNet>()
-        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-        .ok()
 }

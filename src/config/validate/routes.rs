@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::check::{ip_net, parse_endpoint, valid_name, Check};
+use super::check::{parse_endpoint, valid_name, Check};
 use crate::config::errors::KeyPath;
 use crate::config::file::{AnalysisFile, HealthFile, PoolFile, RolloutFile, RouteFile};
 use crate::config::{
@@ -98,19 +98,15 @@ pub(super) fn route(
             ok = false;
         }
     }
-    let mut trusted = Vec::new();
-    for (i, s) in r.override_trusted_cidrs.iter().enumerate() {
-        match ip_net(s) {
-            Some(n) => trusted.push(n),
-            None => {
-                c.err(
-                    path.key("override_trusted_cidrs").index(i),
-                    format!("{s:?} is not a CIDR (e.g. \"10.0.0.0/8\") or IP address"),
-                );
-                ok = false;
-            }
-        }
-    }
+    let trusted = c
+        .ip_nets(
+            path.key("override_trusted_cidrs"),
+            &r.override_trusted_cidrs,
+        )
+        .unwrap_or_else(|| {
+            ok = false;
+            Vec::new()
+        });
     let mut key = None;
     if let Some(secret) = &r.override_secret {
         let secret = secret.trim();

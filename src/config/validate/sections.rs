@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::check::{ip_net, relative_to, valid_name, Check};
+use super::check::{relative_to, valid_name, Check};
 use crate::config::errors::KeyPath;
 use crate::config::file::{EdgeFile, ProxyFile};
 use crate::config::{
@@ -213,19 +213,12 @@ pub(super) fn edge_settings(c: &mut Check, e: &EdgeFile) -> Option<(EdgeSettings
         );
         ok = false;
     }
-    let mut trusted_proxies = Vec::new();
-    for (i, s) in e.trusted_proxies.iter().enumerate() {
-        match ip_net(s) {
-            Some(n) => trusted_proxies.push(n),
-            None => {
-                c.err(
-                    path.key("trusted_proxies").index(i),
-                    format!("{s:?} is not a CIDR (e.g. \"10.0.0.0/8\") or IP address"),
-                );
-                ok = false;
-            }
-        }
-    }
+    let trusted_proxies = c
+        .ip_nets(path.key("trusted_proxies"), &e.trusted_proxies)
+        .unwrap_or_else(|| {
+            ok = false;
+            Vec::new()
+        });
     if !ok {
         return None;
     }
