@@ -110,7 +110,8 @@ impl Control {
         clock: Arc<dyn Clock>,
         resolver: Box<dyn Resolve>,
     ) -> anyhow::Result<Arc<Self>> {
-        let metrics = Metrics::new()?;
+        // The windows count from this clock's now: the analysis reads them at its readings.
+        let metrics = Metrics::new(clock.now())?;
         let started = clock.system_time();
         let restart = &config.restart;
         let persister = match &restart.state {
