@@ -248,9 +248,10 @@ impl Control {
         Ok(publish)
     }
 
-    /// Waits until the state files of every change so far are on disk. Called outside
-    /// the lock.
-    fn flush_state(&self) {
+    /// Waits until the state files of every change so far are on disk (an operator's
+    /// action does before it answers; a test does before it restarts from them). Takes no
+    /// lock.
+    pub fn flush_state(&self) {
         if let Some(p) = &self.persister {
             p.flush();
         }
