@@ -131,7 +131,7 @@ fn route(c: &mut Criterion) {
 }
 
 fn record(c: &mut Criterion) {
-    let metrics = Metrics::new().expect("metrics");
+    let metrics = Metrics::new(Instant::now()).expect("metrics");
     let route = metrics.route("app", std::time::Duration::from_secs(30));
     let mut g = c.benchmark_group("record");
     g.bench_function("record: 200 in 1.3 ms", |b| {
@@ -145,7 +145,7 @@ fn record(c: &mut Criterion) {
             m.upstream_error(UpstreamErrorKind::Reset);
         })
     });
-    let window = Window::new();
+    let window = Window::new(Instant::now());
     g.bench_function("window only", |b| {
         b.iter(|| window.record(Instant::now(), black_box(false), black_box(0.0013)))
     });

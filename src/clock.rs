@@ -2,7 +2,8 @@
 //! rollout control, the analysis loop, the fleet), so that tests can run a rollout whose
 //! steps hold for an hour in milliseconds ([`ManualClock`]). The real clock is
 //! [`SystemClock`]; `clippy.toml` keeps `Instant::now` and `SystemTime::now` out of the
-//! modules that take a clock.
+//! library, but for the request path, which records with the machine's clock where it
+//! says so (the control plane judges at this clock's readings: in production, the same).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -17,6 +17,13 @@
 //!
 //! With the `internals` feature, `internals` exposes request-path code to the criterion
 //! benchmarks and the fuzz targets; it is not part of the API.
+//!
+//! Time: whatever decides by time (the [`control`] plane) reads it from one
+//! [`clock::Clock`], never from the machine (`clippy.toml`, turned on below). The request
+//! path records with the real clock and says so where it reads it.
+
+// `Instant::now` and `SystemTime::now` are refused (clippy.toml), except where allowed.
+#![deny(clippy::disallowed_methods)]
 
 pub mod clock;
 pub mod split;

@@ -1,5 +1,8 @@
 //! The `kanaria` binary: command-line parsing and wiring only.
 
+// `Instant::now` and `SystemTime::now` are refused here too (clippy.toml).
+#![deny(clippy::disallowed_methods)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -132,6 +132,20 @@ pub struct Metrics {
     /// Per-route handles by name, so counters and analysis windows outlive reloads.
     /// Locked only when a config is published.
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
+    /// Where every route's windows and in-flight counts start counting: a reading of the
+    /// clock that judges them (the control plane's), so its later readings fall in them.
+    epoch: Instant,
+}
+
+/// The request path's now, for the outcomes it records: the machine's clock, read once per
+/// outcome where it happens. The control plane judges the windows at its own
+/// [`Clock`](crate::clock::Clock)'s readings; in production that is the same clock, and a
+/// test that drives time by hand records at its clock's readings itself
+/// ([`Window::record`]).
+#[allow(clippy::disallowed_methods)]
+#[inline]
+fn request_now() -> Instant {
+    Instant::now()
 }
 
 /// A counter: one atomic word (what `kanaria_*_total` series of a route hold).
@@ -312,7 +326,7 @@ impl TrackMetrics {
     /// covers 5xx, no answer and a gRPC error status.
     #[inline]
     pub fn observe(&self, is_error: bool, seconds: f64) {
-        self.window.record(Instant::now(), is_error, seconds);
+        self.window.record(request_now(), is_error, seconds);
     }
 
     /// Answers counted so far: (all, errors = 5xx or no answer).
@@ -328,7 +342,7 @@ impl TrackMetrics {
     #[inline]
     pub fn failed_attempt(&self, kind: UpstreamErrorKind, seconds: f64) {
         self.upstream_error(kind);
-        self.window.record(Instant::now(), true, seconds);
+        self.window.record(request_now(), true, seconds);
     }
 
     /// An attempt Kanaria gave up on (the canary timeout, or a rollback) and retried
@@ -337,7 +351,7 @@ impl TrackMetrics {
     #[inline]
     pub fn abandoned_attempt(&self, seconds: f64) {
         self.upstream_error(UpstreamErrorKind::Timeout);
-        self.window.record(Instant::now(), false, seconds);
+        self.window.record(request_now(), false, seconds);
     }
 
     #[inline]
@@ -368,8 +382,10 @@ fn build<T: prometheus::core::Collector + Clone + 'static>(
 }
 
 impl Metrics {
-    /// Fails only on a bad metric definition (a bug caught by the unit test below).
-    pub fn new() -> prometheus::Result<Self> {
+    /// The registry, with route windows counting from `epoch` (a reading of the control
+    /// plane's clock). Fails only on a bad metric definition (a bug caught by the unit test
+    /// below).
+    pub fn new(epoch: Instant) -> prometheus::Result<Self> {
         let r = Registry::new();
         let series = Arc::new(Mutex::new(AllSeries::default()));
         let events = build(
@@ -454,6 +470,7 @@ impl Metrics {
             generation,
             edge,
             routes: Mutex::new(HashMap::new()),
+            epoch,
         })
     }
 
@@ -492,8 +509,8 @@ impl Metrics {
                     Track::Canary => |s| &s.canary.overrides,
                 },
             },
-            window: Window::with_span(span),
-            in_flight: InFlight::new(),
+            window: Window::with_span(span, self.epoch),
+            in_flight: InFlight::new(self.epoch),
         };
         let m = Arc::new(RouteMetrics {
             stable: version(Track::Stable),
@@ -832,7 +849,7 @@ mod tests {
 
     #[test]
     fn all_metrics_register_and_render() {
-        let m = Metrics::new().unwrap();
+        let m = Metrics::new(request_now()).unwrap();
         let r = m.route("app", std::time::Duration::from_secs(30));
         r.version(Track::Canary).record(Some(503), 0.002);
         r.version(Track::Canary)
@@ -857,7 +874,7 @@ mod tests {
     /// buckets with `+Inf`, sum and count; and they outlive a route's windows.
     #[test]
     fn route_series_render_as_the_crate_did() {
-        let m = Metrics::new().unwrap();
+        let m = Metrics::new(request_now()).unwrap();
         let b = m.route("b", Duration::from_secs(30));
         let a = m.route("a", Duration::from_secs(30));
         let s = a.version(Track::Stable);

@@ -118,10 +118,8 @@ pub fn status_table(v: &Value) -> String {
             "  {:<24} {:>14} GENERATIONS\n",
             "MEMBER", "LAST SEEN (s)"
         ));
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        // The CLI runs apart from any control plane: "last seen" is by the operator's clock.
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
         for m in fleet["members"].as_array().into_iter().flatten() {
             let seen = m["last_seen_unix_ms"].as_u64().unwrap_or(0);
             out.push_str(&format!(

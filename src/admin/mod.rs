@@ -10,7 +10,7 @@ pub mod cli;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -181,7 +181,8 @@ impl AdminApp {
         let live = self.shared.live.load();
         let snap = &live.snapshot;
         let reload = self.shared.last_reload();
-        let now = Instant::now();
+        // The windows' clock (the control plane's): the machine's in production.
+        let now = self.shared.clock.now();
         let routes: Vec<Value> = snap
             .routes
             .iter()

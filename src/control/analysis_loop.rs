@@ -16,10 +16,15 @@
 //!
 //! With `[fleet]`, the counts judged are the sum of every replica's (exchanged through the
 //! fleet module); this replica's own counts alone may only fail the canary, never pass it.
+//!
+//! Every pass reads the time from the control's [`Clock`](crate::clock::Clock), and one
+//! pass is [`AnalysisLoop::tick`]: a test with a
+//! [`ManualClock`](crate::clock::ManualClock) advances the clock and ticks, so a rollout
+//! whose steps hold for an hour runs in milliseconds.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -45,11 +50,37 @@ const FAST_SPAN: Duration = Duration::from_secs(FINE_SECS);
 /// The background service.
 pub struct AnalysisLoop {
     shared: Arc<Control>,
+    /// When each pool was probed and each route judged last. Locked by one pass at a time
+    /// (the service's ticker, or a test's call), never across I/O.
+    schedule: Mutex<Schedule>,
+}
+
+#[derive(Default)]
+struct Schedule {
+    probes: Probes,
+    /// Each route's last evaluation, by name.
+    last_eval: HashMap<String, Instant>,
 }
 
 impl AnalysisLoop {
     pub fn new(shared: Arc<Control>) -> Self {
-        AnalysisLoop { shared }
+        AnalysisLoop {
+            shared,
+            schedule: Mutex::new(Schedule::default()),
+        }
+    }
+
+    /// One pass at the control clock's now: the probes that are due, the rollback of a
+    /// canary without a healthy endpoint, the rollout holds that elapsed, and the
+    /// evaluations that are due, each verdict handed to its route's machine. The service
+    /// runs it every 100 ms; a test drives it by hand. Probes run on the current Tokio
+    /// runtime (without one, none is started).
+    pub fn tick(&self) {
+        // A pass that panicked left nothing half-done that matters: at worst a schedule
+        // entry, which only moves the next probe or evaluation.
+        let mut schedule = self.schedule.lock().unwrap_or_else(|p| p.into_inner());
+        let Schedule { probes, last_eval } = &mut *schedule;
+        self.pass(probes, last_eval);
     }
 }
 
@@ -62,6 +93,10 @@ struct Probes {
 
 impl Probes {
     fn run_if_due(&mut self, pool: &Arc<Pool>, interval: Duration, now: Instant) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            log::warn!("health checks need a Tokio runtime: no probe started");
+            return;
+        };
         let key = Arc::as_ptr(pool) as usize;
         let entry = self
             .pools
@@ -73,7 +108,7 @@ impl Probes {
         entry.0 = now;
         entry.1.store(true, Ordering::Release);
         let (pool, running) = (pool.clone(), entry.1.clone());
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             pool.lb.backends().run_health_check(true).await;
             pool.refresh_ready();
             running.store(false, Ordering::Release);
@@ -194,7 +229,7 @@ fn judge_fleet(route: &Route, m: &RouteMetrics, at: At, fleet: &Fleet, version: 
 }
 
 impl AnalysisLoop {
-    fn tick(&self, probes: &mut Probes, last_eval: &mut HashMap<String, Instant>) {
+    fn pass(&self, probes: &mut Probes, last_eval: &mut HashMap<String, Instant>) {
         let now = self.shared.clock.now();
         let now_ms = self.shared.clock.now_ms();
         let live = self.shared.live.load();
@@ -269,14 +304,12 @@ impl AnalysisLoop {
 #[async_trait]
 impl BackgroundService for AnalysisLoop {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut probes = Probes::default();
-        let mut last_eval = HashMap::new();
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = ticker.tick() => self.tick(&mut probes, &mut last_eval),
+                _ = ticker.tick() => self.tick(),
             }
         }
     }

@@ -12,7 +12,8 @@
 //! - [`notify`]: the webhook that sends events out.
 //!
 //! Time comes from one [`Clock`](crate::clock::Clock): none of these modules reads the
-//! machine's clock itself.
+//! machine's clock itself (`clippy.toml`), so a test drives them on a
+//! [`ManualClock`](crate::clock::ManualClock) (`tests/control_plane.rs`).
 
 pub mod analysis_loop;
 pub mod fleet;

@@ -110,7 +110,8 @@ impl Control {
         clock: Arc<dyn Clock>,
         resolver: Box<dyn Resolve>,
     ) -> anyhow::Result<Arc<Self>> {
-        let metrics = Metrics::new()?;
+        // The windows count from this clock's now: the analysis reads them at its readings.
+        let metrics = Metrics::new(clock.now())?;
         let started = clock.system_time();
         let restart = &config.restart;
         let persister = match &restart.state {
@@ -247,9 +248,10 @@ impl Control {
         Ok(publish)
     }
 
-    /// Waits until the state files of every change so far are on disk. Called outside
-    /// the lock.
-    fn flush_state(&self) {
+    /// Waits until the state files of every change so far are on disk (an operator's
+    /// action does before it answers; a test does before it restarts from them). Takes no
+    /// lock.
+    pub fn flush_state(&self) {
         if let Some(p) = &self.persister {
             p.flush();
         }

@@ -8,6 +8,10 @@
 //! ends the story. The dashboard stays up until Ctrl-C, or the process exits
 //! (`--exit-after-scenario`) with 0 only if the story ended in a rollback.
 
+// The demo is a story told in real time (its pacing, its display, the time to rollback it
+// reports): the machine's clock is the one it means.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::net::TcpListener;

@@ -20,6 +20,11 @@
 //! client that hangs up before an answer is not the version's failure and is not counted.
 //! Nothing here may panic or block: errors are values, the hot path takes no lock.
 
+// The data plane times requests, attempts, connection deadlines and log lines with the
+// machine's clock, where they happen; the control plane judges what it recorded with its
+// own `Clock` (the machine's too in production). So this module and its children may read it.
+#![allow(clippy::disallowed_methods)]
+
 pub mod access_log;
 pub mod conn_guard;
 pub mod drain;

@@ -136,6 +136,9 @@ impl OverrideKey {
 }
 
 /// Now, in Unix seconds (0 if the clock is before 1970).
+// A token's expiry is checked on the request path, and signed by `kanaria sign-override`,
+// against the machine's clock: the time QA and every replica share.
+#[allow(clippy::disallowed_methods)]
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

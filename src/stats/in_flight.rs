@@ -42,20 +42,16 @@ pub struct Ticket {
     tick: u64,
 }
 
-impl Default for InFlight {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 fn unpack(v: u64) -> (u64, u64) {
     (v >> COUNT_BITS, v & COUNT_MASK)
 }
 
 impl InFlight {
-    pub fn new() -> Self {
+    /// Counting ticks from `epoch`: every instant passed in later is of the same clock, no
+    /// earlier than it (it reads no clock itself).
+    pub fn new(epoch: Instant) -> Self {
         InFlight {
-            epoch: Instant::now(),
+            epoch,
             cells: (0..TICKS).map(|_| AtomicU64::new(0)).collect(),
             overflow: AtomicI64::new(0),
         }
@@ -168,13 +164,15 @@ impl InFlight {
     }
 }
 
+// The tests start their counts at an arbitrary instant: the machine's now.
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 
     #[test]
     fn requests_in_flight_count_as_slow_then_failed() {
-        let f = InFlight::new();
+        let f = InFlight::new(Instant::now());
         let t0 = f.epoch;
         let a = f.start(t0);
         let b = f.start(t0 + Duration::from_millis(50));
@@ -210,7 +208,7 @@ mod tests {
 
     #[test]
     fn in_flight_cells_reused_a_ring_later_keep_old_attempts_as_overflow() {
-        let f = InFlight::new();
+        let f = InFlight::new(Instant::now());
         let t0 = f.epoch;
         let old = f.start(t0);
         let ring = Duration::from_millis(TICKS * TICK_MS);

@@ -403,6 +403,9 @@ impl Ring {
 
 /// One track's sliding window: a fine ring of one-second slots for the short span and a
 /// coarse ring sized from the longest span asked of it (see the module docs).
+///
+/// Its seconds count from an `epoch` given at creation: whoever records and reads it passes
+/// instants of the same clock, no earlier than the epoch (the window reads no clock itself).
 pub struct Window {
     epoch: Instant,
     /// The longest span answered, in seconds.
@@ -411,27 +414,23 @@ pub struct Window {
     coarse: Ring,
 }
 
-impl Default for Window {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Window {
-    /// A window that can answer for any span up to [`MAX_WINDOW_SECS`].
-    pub fn new() -> Self {
-        Self::with_span(Duration::from_secs(MAX_WINDOW_SECS))
+    /// A window that can answer for any span up to [`MAX_WINDOW_SECS`], counting from
+    /// `epoch`.
+    pub fn new(epoch: Instant) -> Self {
+        Self::with_span(Duration::from_secs(MAX_WINDOW_SECS), epoch)
     }
 
     /// A window that can answer for spans up to `span` (whole seconds, 1 to
-    /// [`MAX_WINDOW_SECS`]); longer questions get the longest span it holds.
-    pub fn with_span(span: Duration) -> Self {
+    /// [`MAX_WINDOW_SECS`]), counting from `epoch`; longer questions get the longest span
+    /// it holds.
+    pub fn with_span(span: Duration, epoch: Instant) -> Self {
         let span = Self::span_secs_for(span);
         let g = span.div_ceil(COARSE_PER_SPAN);
         // The current slot, the whole slots of the span, and one more: the slot being
         // reused for the next period is never one a reader of the full span still counts.
         Window {
-            epoch: Instant::now(),
+            epoch,
             span,
             fine: Ring::new(1, FINE_SECS + 1),
             coarse: Ring::new(g, span.div_ceil(g) + 2),
@@ -501,14 +500,16 @@ impl Window {
     }
 }
 
+// The tests start their windows at an arbitrary instant: the machine's now.
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use serde_json::{json, Value};
 
     #[test]
     fn counts_errors_and_quantiles_within_the_window() {
-        let w = Window::with_span(Duration::from_secs(30));
+        let w = Window::with_span(Duration::from_secs(30), Instant::now());
         assert_eq!((w.span_secs(), w.slot_secs()), (30, 6));
         let t0 = w.epoch;
         for i in 0..100 {
@@ -560,7 +561,7 @@ mod tests {
     /// whole coarse slot in the window.
     #[test]
     fn since_leaves_out_the_period_it_falls_in() {
-        let w = Window::with_span(Duration::from_secs(30));
+        let w = Window::with_span(Duration::from_secs(30), Instant::now());
         let at = |ms: u64| w.epoch + Duration::from_millis(ms);
         w.record(at(6_500), true, 0.001); // second 6, slot 1 (6–11 s)
         w.record(at(7_500), false, 0.001); // second 7, slot 1
@@ -585,7 +586,7 @@ mod tests {
     #[test]
     fn rings_are_sized_from_the_span() {
         for (span, g, coarse) in [(1, 1, 3), (30, 6, 7), (45, 9, 7), (50, 10, 7), (120, 24, 7)] {
-            let w = Window::with_span(Duration::from_secs(span));
+            let w = Window::with_span(Duration::from_secs(span), Instant::now());
             assert_eq!(w.fine.slots.len() as u64, FINE_SECS + 1);
             assert_eq!((w.coarse.secs, w.coarse.slots.len()), (g, coarse), "{span}");
         }
@@ -719,7 +720,7 @@ mod tests {
         ];
         let t0 = Instant::now();
         for (name, mut sample) in dists {
-            let w = Window::new();
+            let w = Window::new(t0);
             for &v in &sample {
                 w.record(t0, false, v);
             }
@@ -746,7 +747,7 @@ mod tests {
         const READS: u64 = 3000;
         // Bounds the writer should the readers stall.
         const MAX_GENERATIONS: u64 = 50_000_000;
-        let w = Arc::new(Window::new());
+        let w = Arc::new(Window::new(Instant::now()));
         // A step of whole turns of both rings: each generation reuses the same fine slot
         // and the same coarse slot.
         let turn = w.coarse.secs * w.coarse.slots.len() as u64;
