@@ -32,6 +32,9 @@ pub struct FileConfig {
     /// The access log. Optional: off by default.
     #[serde(default)]
     pub log: LogFile,
+    /// The nameservers endpoint names are asked of. Optional: without it, the system's
+    /// resolver (`/etc/hosts`, then the nameservers of `/etc/resolv.conf`).
+    pub resolver: Option<ResolverFile>,
     /// At least one route is required (checked in `compile`, so the message names the key).
     #[serde(default)]
     pub routes: Vec<RouteFile>,
@@ -140,6 +143,23 @@ impl Default for ProxyFile {
             tls: None,
         }
     }
+}
+
+/// `[resolver]`: where endpoint names (`HOST:PORT`) are looked up, like nginx's
+/// `resolver`. Needs a restart to change.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolverFile {
+    /// `IP` or `IP:PORT` (port 53 when left out), asked over UDP (TCP when an answer is
+    /// truncated or UDP fails). At least one.
+    pub nameservers: Vec<String>,
+    /// How long one lookup of a name may take, all its queries included. Default `"2s"`.
+    #[serde(default = "default_resolver_timeout")]
+    pub timeout: String,
+}
+
+fn default_resolver_timeout() -> String {
+    "2s".into()
 }
 
 /// `[admin]`

@@ -389,6 +389,17 @@ pub struct RestartSettings {
     pub fleet: Option<FleetSettings>,
     /// The file watcher is set up once, at start.
     pub reload: ReloadSettings,
+    /// `[resolver]` (`None`: the system's resolver).
+    pub resolver: Option<ResolverSettings>,
+}
+
+/// `[resolver]`, validated: the nameservers endpoint names are asked of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResolverSettings {
+    /// In the order written, without duplicates.
+    pub nameservers: Vec<SocketAddr>,
+    /// The longest one lookup of a name may take.
+    pub timeout: Duration,
 }
 
 impl RestartSettings {
@@ -534,5 +545,90 @@ mod tests {
             a.changed_keys(&b),
             ["admin.listen", "proxy.threads", "proxy.tls.listen"]
         );
+    }
+
+    const ROUTE: &str = "[[routes]]\nname = \"app\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"app.test:8080\"]\n";
+
+    /// `[resolver]`: an IP gets port 53, an IP:PORT keeps its own, IPv6 works; without the
+    /// section the system's resolver is used. Nothing is asked of any nameserver here.
+    #[test]
+    fn resolver_nameservers_are_parsed() {
+        let text = format!(
+            "[resolver]\nnameservers = [\"10.0.0.2\", \"127.0.0.1:5353\", \"[::1]:53\"]\ntimeout = \"500ms\"\n{ROUTE}"
+        );
+        let r = load_str(&text, "a.toml").unwrap().restart.resolver.unwrap();
+        assert_eq!(
+            r.nameservers,
+            [
+                "10.0.0.2:53".parse::<SocketAddr>().unwrap(),
+                "127.0.0.1:5353".parse().unwrap(),
+                "[::1]:53".parse().unwrap(),
+            ]
+        );
+        assert_eq!(r.timeout, Duration::from_millis(500));
+        let defaults = format!("[resolver]\nnameservers = [\"10.0.0.2\"]\n{ROUTE}");
+        let r = load_str(&defaults, "a.toml")
+            .unwrap()
+            .restart
+            .resolver
+            .unwrap();
+        assert_eq!(r.timeout, Duration::from_secs(2));
+        assert_eq!(load_str(ROUTE, "a.toml").unwrap().restart.resolver, None);
+    }
+
+    /// Every bad `[resolver]` key is reported, each by its key path.
+    #[test]
+    fn resolver_errors_name_their_keys() {
+        let text = format!(
+            "[resolver]\nnameservers = [\"10.0.0.2\", \"dns.example:53\", \"10.0.0.2:53\", \"1.2.3.4:0\"]\ntimeout = \"soon\"\n{ROUTE}"
+        );
+        let errors = load_str(&text, "a.toml").unwrap_err().to_string();
+        for key in [
+            "resolver.nameservers[1]: \"dns.example:53\" is not an IP or IP:PORT",
+            "resolver.nameservers[2]: 10.0.0.2:53 is listed twice",
+            "resolver.nameservers[3]: \"1.2.3.4:0\": port 0",
+            "resolver.timeout: \"soon\" is not a duration",
+        ] {
+            assert!(errors.contains(key), "{key:?} not in:\n{errors}");
+        }
+        let empty = format!("[resolver]\nnameservers = []\n{ROUTE}");
+        let errors = load_str(&empty, "a.toml").unwrap_err().to_string();
+        assert!(
+            errors.contains("resolver.nameservers: at least one nameserver"),
+            "{errors}"
+        );
+        let unknown = format!("[resolver]\nnameservers = [\"10.0.0.2\"]\nport = 53\n{ROUTE}");
+        let errors = load_str(&unknown, "a.toml").unwrap_err().to_string();
+        assert!(errors.contains("unknown field `port`"), "{errors}");
+    }
+
+    /// `resolve_interval`: `[proxy]`'s default, a pool's own, and a bad one named by its key.
+    #[test]
+    fn resolve_intervals() {
+        let c = load_str(ROUTE, "a.toml").unwrap();
+        assert_eq!(c.routes[0].stable.resolve_interval, Duration::from_secs(10));
+        let text = format!(
+            "[proxy]\nresolve_interval = \"3s\"\n{ROUTE}[routes.canary]\nversion = \"v2\"\nendpoints = [\"app.test:8081\"]\nresolve_interval = \"200ms\"\n"
+        );
+        let c = load_str(&text, "a.toml").unwrap();
+        assert_eq!(c.routes[0].stable.resolve_interval, Duration::from_secs(3));
+        let canary = c.routes[0].canary.as_ref().unwrap();
+        assert_eq!(canary.resolve_interval, Duration::from_millis(200));
+        let bad = format!("{ROUTE}resolve_interval = \"0s\"\n");
+        let errors = load_str(&bad, "a.toml").unwrap_err().to_string();
+        assert!(
+            errors
+                .contains("routes[app].stable.resolve_interval: \"0s\" must be greater than zero"),
+            "{errors}"
+        );
+    }
+
+    /// The resolver is read at start: a reload that changes it is reported by its key.
+    #[test]
+    fn the_resolver_needs_a_restart() {
+        let a = load_str(ROUTE, "a.toml").unwrap().restart;
+        let text = format!("[resolver]\nnameservers = [\"10.0.0.2\"]\n{ROUTE}");
+        let b = load_str(&text, "a.toml").unwrap().restart;
+        assert_eq!(a.changed_keys(&b), ["resolver"]);
     }
 }

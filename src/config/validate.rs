@@ -30,7 +30,8 @@ use crate::split::router::Router;
 use check::{valid_name, Check};
 use routes::route;
 use sections::{
-    admin_token, edge_settings, fleet_settings, log_settings, proxy_settings, webhook_url,
+    admin_token, edge_settings, fleet_settings, log_settings, proxy_settings, resolver_settings,
+    webhook_url,
 };
 
 /// How many structural errors are reported before giving up on finding more.
@@ -160,6 +161,10 @@ fn validate(
         .as_ref()
         .and_then(|f| fleet_settings(&mut c, f, base));
     let edge = edge_settings(&mut c, &cfg.edge);
+    let resolver = cfg
+        .resolver
+        .as_ref()
+        .and_then(|r| resolver_settings(&mut c, r));
 
     let routes_path = KeyPath::root().key("routes");
     if cfg.routes.is_empty() && !routes_in_file {
@@ -243,6 +248,7 @@ fn validate(
                         watch: cfg.reload.watch,
                         debounce,
                     },
+                    resolver,
                 },
                 proxy: proxy.settings,
                 admin: AdminSettings { token },

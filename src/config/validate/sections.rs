@@ -1,5 +1,5 @@
 //! Validation of the process-wide sections: `[proxy]` (with `[proxy.tls]`), `[admin]`,
-//! `[edge]`, `[log]`, `[fleet]` and `[notify]`'s URL.
+//! `[edge]`, `[log]`, `[fleet]`, `[resolver]` and `[notify]`'s URL.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,7 +9,8 @@ use crate::config::errors::KeyPath;
 use crate::config::file::{EdgeFile, ProxyFile};
 use crate::config::{
     CertPaths, EdgeSettings, FleetSettings, HeaderLimits, LogFormat, LogSettings, LogTarget,
-    ProxySettings, Timeouts, TlsCertificates, PINGORA_MAX_HEADERS, PINGORA_MAX_HEADER_BYTES,
+    ProxySettings, ResolverSettings, Timeouts, TlsCertificates, PINGORA_MAX_HEADERS,
+    PINGORA_MAX_HEADER_BYTES,
 };
 
 pub(super) fn log_settings(
@@ -162,6 +163,65 @@ pub(super) fn fleet_settings(
         startup_timeout: startup?,
         record_ttl: record_ttl?,
         ca,
+    })
+}
+
+/// `[resolver]`: each nameserver an `IP` or `IP:PORT` (53 by default), parsed here, never
+/// asked anything (validation works offline).
+pub(super) fn resolver_settings(
+    c: &mut Check,
+    r: &crate::config::file::ResolverFile,
+) -> Option<ResolverSettings> {
+    let path = KeyPath::root().key("resolver");
+    let mut ok = true;
+    if r.nameservers.is_empty() {
+        c.err(
+            path.key("nameservers"),
+            "at least one nameserver is required (e.g. [\"10.0.0.2\", \"127.0.0.1:5353\"]); leave [resolver] out to use the system's resolver",
+        );
+        ok = false;
+    }
+    let mut nameservers: Vec<SocketAddr> = Vec::new();
+    for (i, s) in r.nameservers.iter().enumerate() {
+        let parsed = s.trim().parse::<SocketAddr>().or_else(|_| {
+            s.trim()
+                .parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        });
+        match parsed {
+            Ok(a) if a.port() == 0 => {
+                c.err(
+                    path.key("nameservers").index(i),
+                    format!("{s:?}: port 0 is not a nameserver's port"),
+                );
+                ok = false;
+            }
+            Ok(a) if nameservers.contains(&a) => {
+                c.err(
+                    path.key("nameservers").index(i),
+                    format!("{a} is listed twice"),
+                );
+                ok = false;
+            }
+            Ok(a) => nameservers.push(a),
+            Err(_) => {
+                c.err(
+                    path.key("nameservers").index(i),
+                    format!(
+                        "{s:?} is not an IP or IP:PORT (e.g. \"10.0.0.2\", \"127.0.0.1:5353\", \"[::1]:53\"); a nameserver is given by address, not by name"
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    let timeout = c.duration(path.key("timeout"), &r.timeout);
+    if !ok {
+        return None;
+    }
+    Some(ResolverSettings {
+        nameservers,
+        timeout: timeout?,
     })
 }
 
