@@ -84,8 +84,9 @@ impl AnalysisLoop {
     }
 }
 
-/// Per-pool probe schedule, keyed by the pool's address (pools live as long as a config
-/// that uses them; a reload that keeps a pool keeps its schedule).
+/// Per-pool probe schedule, keyed by the pool's health registry (a reload that keeps a
+/// pool keeps its schedule, and so does a pool whose names resolved to new addresses: the
+/// pool that follows shares the registry, so its endpoints are not probed twice as often).
 #[derive(Default)]
 struct Probes {
     pools: HashMap<usize, (Instant, Arc<AtomicBool>)>,
@@ -97,7 +98,7 @@ impl Probes {
             log::warn!("health checks need a Tokio runtime: no probe started");
             return;
         };
-        let key = Arc::as_ptr(pool) as usize;
+        let key = Arc::as_ptr(&pool.registry) as usize;
         let entry = self
             .pools
             .entry(key)
@@ -240,7 +241,7 @@ impl AnalysisLoop {
                     .into_iter()
                     .flatten()
                 {
-                    pools_seen.push(Arc::as_ptr(pool) as usize);
+                    pools_seen.push(Arc::as_ptr(&pool.registry) as usize);
                     probes.run_if_due(pool, h.interval, now);
                 }
                 if let Some(canary) = &route.canary {

@@ -27,9 +27,10 @@ use crate::rollout::machine::{
     self, Effect, Event, FleetRecord, Input, Refusal, RouteRollout, ShareMode, Spec,
 };
 use crate::rollout::phase::Phase;
-use crate::runtime::build::{self, Resolve, SystemResolver};
+use crate::runtime::build;
+use crate::runtime::resolve::{self, Names, Resolve};
 use crate::runtime::{Live, LiveHandle, Route, Snapshot};
-use crate::split::weight_to_buckets;
+use crate::split::{weight_to_buckets, Track};
 
 pub use crate::rollout::machine::{Action, Verdict};
 
@@ -88,18 +89,23 @@ pub struct Control {
     pub fleet: Option<Arc<Fleet>>,
     /// Where every decision takes its time from.
     pub clock: Arc<dyn Clock>,
-    resolver: Box<dyn Resolve>,
+    /// The endpoint names of the pools and their answers (the background lookups in
+    /// [`resolve`](super::resolve) keep them current).
+    pub names: Arc<Names>,
 }
 
 impl Control {
     /// State for a config loaded at startup (generation 1), on the real clock and the
-    /// system's resolver. Persisted phases are restored.
+    /// resolver the config names (`[resolver]`, else the system's). Persisted phases are
+    /// restored.
     pub fn new(config: Config, config_path: PathBuf) -> anyhow::Result<Arc<Self>> {
+        let resolver =
+            resolve::resolver_for(config.restart.resolver.as_ref()).map_err(anyhow::Error::msg)?;
         Self::with(
             config,
             config_path,
             Arc::new(crate::clock::SystemClock),
-            Box::new(SystemResolver),
+            resolver,
         )
     }
 
@@ -123,12 +129,13 @@ impl Control {
             Some(f) => Some(Fleet::new(f.clone(), clock.clone())?),
             None => None,
         };
-        let file = Arc::new(build::build(Arc::new(config), None, resolver.as_ref()));
+        let names = Arc::new(Names::new(resolver));
+        let file = Arc::new(build::build(Arc::new(config), None, &names, clock.now_ms()));
         let shared = Arc::new(Control {
             live: Arc::new(LiveHandle::new(file.clone(), metrics)),
             config_path,
             clock,
-            resolver,
+            names,
             ledger: Mutex::new(Ledger {
                 file: file.clone(),
                 routes: HashMap::new(),
@@ -366,10 +373,16 @@ impl Control {
     /// Re-reads the config file. On success the new config is live before this returns;
     /// on error the old one keeps serving and every error is logged and kept for status.
     pub fn reload_from_file(&self, trigger: &'static str) -> Result<u64, ConfigErrors> {
-        // Parsed and built before the lock is taken: nothing waits on the file or a name.
+        // Parsed and built before the lock is taken: nothing waits on the file or a name
+        // (only names new to this config are looked up; known ones keep their answers).
         let result = build::load(&self.config_path).map(|config| {
             let prev = self.live.snapshot();
-            build::build(Arc::new(config), Some(&prev), self.resolver.as_ref())
+            build::build(
+                Arc::new(config),
+                Some(&prev),
+                &self.names,
+                self.clock.now_ms(),
+            )
         });
         let mut ctl = self.lock();
         match result {
@@ -424,6 +437,66 @@ impl Control {
                 Err(errors)
             }
         }
+    }
+
+    /// Serves every pool over its names' current answers: a pool whose names now resolve to
+    /// other addresses is replaced by one over the new addresses (sharing its endpoints'
+    /// health), and the snapshot is published once. The new pools are made outside the
+    /// lock; one whose pool was replaced meanwhile (a reload) is dropped, the next call
+    /// looks again. Requests in flight keep the pools they picked from. Returns how many
+    /// pools changed.
+    pub fn refresh_endpoints(&self) -> usize {
+        let file = self.lock().file.clone();
+        let mut fresh = Vec::new();
+        for route in &file.routes {
+            for (track, pool) in [
+                (Track::Stable, Some(&route.stable)),
+                (Track::Canary, route.canary.as_ref()),
+            ] {
+                if let Some(new) = pool.and_then(|p| build::reresolved(p)) {
+                    if let Some(p) = pool {
+                        fresh.push((route.name.clone(), track, p.clone(), Arc::new(new)));
+                    }
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return 0;
+        }
+        let mut ctl = self.lock();
+        let mut snap = (*ctl.file).clone();
+        let mut changed = 0;
+        for (name, track, old, new) in fresh {
+            let Some(route) = snap.routes.iter_mut().find(|r| r.name == name) else {
+                continue;
+            };
+            let slot = match track {
+                Track::Stable => Some(&route.stable),
+                Track::Canary => route.canary.as_ref(),
+            };
+            if !slot.is_some_and(|p| Arc::ptr_eq(p, &old)) {
+                continue;
+            }
+            log::info!(
+                "route {name}: {} pool {} now serves {:?} (was {:?})",
+                track.as_str(),
+                new.version,
+                new.endpoints,
+                old.endpoints
+            );
+            let mut r = (**route).clone();
+            match track {
+                Track::Stable => r.stable = new,
+                Track::Canary => r.canary = Some(new),
+            }
+            *route = Arc::new(r);
+            changed += 1;
+        }
+        if changed > 0 {
+            ctl.file = Arc::new(snap);
+            self.publish(&mut ctl);
+        }
+        changed
     }
 
     /// An operator's action (a weight in percent). Returns the new generation once the

@@ -1,45 +1,28 @@
 //! Settings to runtime: the files a config names are checked ([`check_files`], no network
 //! I/O, so `kanaria check` works offline), and a validated [`Config`] is built into a
-//! [`Snapshot`] ([`build`]): each pool's names resolved, its load balancer and health check
-//! created. A pool whose settings did not change keeps the one built before (and so the
-//! health its endpoints earned).
+//! [`Snapshot`] ([`build`]): each pool's names answered from [`Names`] (looked up there
+//! when new), its load balancer and health check created. A pool whose settings did not
+//! change keeps the one built before (and so the health its endpoints earned), or, when its
+//! names' answers changed since, a pool over the new addresses that shares its health
+//! ([`reresolved`]).
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use pingora::lb::LoadBalancer;
+use futures::FutureExt;
+use pingora::lb::{discovery, Backend, Backends, HealthRegistry, LoadBalancer};
 
 use super::certs;
 use super::pool::Pool;
+use super::resolve::{NameEntry, Names};
 use super::{AddedHeaders, Route, Snapshot};
 use crate::config::errors::KeyPath;
 use crate::config::validate::NamedFiles;
 use crate::config::{self, Config, ConfigErrors, Endpoint, HealthSettings, PoolSettings};
 
-/// Looks up a name's addresses (the system resolver in production).
-pub trait Resolve: Send + Sync {
-    /// Every address of `host`, with `port`; `Err` says why there is none.
-    fn lookup(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, String>;
-}
-
-/// The system's resolver (`getaddrinfo`: `/etc/hosts`, then DNS per `/etc/resolv.conf`).
-pub struct SystemResolver;
-
-impl Resolve for SystemResolver {
-    fn lookup(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
-        let mut addrs: Vec<SocketAddr> = (host, port)
-            .to_socket_addrs()
-            .map_err(|e| format!("{host}:{port} does not resolve: {e}"))?
-            .collect();
-        addrs.sort();
-        addrs.dedup();
-        if addrs.is_empty() {
-            return Err(format!("{host}:{port} resolves to no address"));
-        }
-        Ok(addrs)
-    }
-}
+pub use super::resolve::{Resolve, SystemResolver};
 
 /// Reads and validates a config file, and checks the files it names (certificates, the
 /// fleet's CA). No name is resolved: this is what `kanaria check`, start and reload run.
@@ -89,8 +72,9 @@ pub fn check_files(named: &NamedFiles) -> Vec<(KeyPath, String)> {
 }
 
 /// Builds the snapshot to serve from `config` (generation 0, the file's weights). Pools
-/// equal to one in `prev` are reused.
-pub fn build(config: Arc<Config>, prev: Option<&Snapshot>, resolver: &dyn Resolve) -> Snapshot {
+/// equal to one in `prev` are reused (over their names' current answers); names never
+/// looked up are looked up now (blocking), stamped `now_ms`.
+pub fn build(config: Arc<Config>, prev: Option<&Snapshot>, names: &Names, now_ms: u64) -> Snapshot {
     let routes = config
         .routes
         .iter()
@@ -101,8 +85,8 @@ pub fn build(config: Arc<Config>, prev: Option<&Snapshot>, resolver: &dyn Resolv
                     .map(|b| b.pool(track))
                     .filter(|p| p.settings == *settings && p.health_settings == r.health);
                 match old {
-                    Some(p) => p.clone(),
-                    None => Arc::new(pool(settings, r.health.as_ref(), resolver)),
+                    Some(p) => reresolved(p).map_or_else(|| p.clone(), Arc::new),
+                    None => Arc::new(pool(settings, r.health.as_ref(), names, now_ms)),
                 }
             }))
         })
@@ -115,59 +99,122 @@ pub fn build(config: Arc<Config>, prev: Option<&Snapshot>, resolver: &dyn Resolv
     }
 }
 
-/// One pool: its names resolved (a name that does not resolve adds no endpoint and is
-/// kept in `unresolved` with why), a load balancer over the addresses, its health check.
+/// A new pool: its names' entries (each looked up now if it never was), a health registry
+/// with `[routes.health]`'s check, a load balancer over the addresses.
 pub fn pool(
     settings: &PoolSettings,
     health: Option<&HealthSettings>,
-    resolver: &dyn Resolve,
+    names: &Names,
+    now_ms: u64,
 ) -> Pool {
-    let mut endpoints = Vec::new();
-    let mut unresolved = Vec::new();
-    for e in &settings.endpoints {
-        match e {
-            Endpoint::Addr(a) => endpoints.push(*a),
-            Endpoint::Name { host, port } => match resolver.lookup(host, *port) {
-                Ok(addrs) => endpoints.extend(addrs),
-                Err(why) => unresolved.push((e.to_string(), why)),
-            },
+    let entries = settings
+        .endpoints
+        .iter()
+        .filter_map(|e| match e {
+            Endpoint::Addr(_) => None,
+            Endpoint::Name { host, port } => Some(names.entry(host, *port, now_ms)),
+        })
+        .collect();
+    let registry = Arc::new(HealthRegistry::new());
+    if let Some(h) = health {
+        match health_check(h, settings.h2c) {
+            Ok(hc) => registry.set_health_check(Box::new(hc)),
+            Err(e) => log::error!("pool {:?}: health checks off: {e}", settings.version),
         }
     }
-    pool_of(settings, health, endpoints, unresolved)
+    view(settings, health, entries, registry)
 }
 
-/// A pool over given addresses.
-pub fn pool_of(
+/// `p` over its names' current answers, when they differ from the addresses it serves:
+/// a new pool whose load balancer is another view of `p`'s health registry, so the
+/// endpoints that stay keep their health (new ones are in rotation until their probes say
+/// otherwise, as in a new config). `None`: `p` is current.
+pub fn reresolved(p: &Pool) -> Option<Pool> {
+    let (endpoints, _) = addresses(&p.settings, &p.names);
+    if endpoints == p.endpoints {
+        return None;
+    }
+    Some(view(
+        &p.settings,
+        p.health_settings.as_ref(),
+        p.names.clone(),
+        p.registry.clone(),
+    ))
+}
+
+/// The addresses a pool serves (its IP endpoints and its names' last good answers, sorted)
+/// and the names without any address, with why.
+fn addresses(
     settings: &PoolSettings,
-    health: Option<&HealthSettings>,
-    mut endpoints: Vec<SocketAddr>,
-    unresolved: Vec<(String, String)>,
-) -> Pool {
+    entries: &[Arc<NameEntry>],
+) -> (Vec<SocketAddr>, Vec<(String, String)>) {
+    let mut endpoints: Vec<SocketAddr> = settings
+        .endpoints
+        .iter()
+        .filter_map(|e| match e {
+            Endpoint::Addr(a) => Some(*a),
+            Endpoint::Name { .. } => None,
+        })
+        .collect();
+    let mut unresolved = Vec::new();
+    for entry in entries {
+        let state = entry.state();
+        if state.addrs.is_empty() {
+            let why = state
+                .last_error
+                .unwrap_or_else(|| "not looked up yet".to_string());
+            unresolved.push((entry.name(), why));
+        }
+        endpoints.extend(state.addrs);
+    }
     endpoints.sort();
     endpoints.dedup();
+    (endpoints, unresolved)
+}
+
+/// A pool over its names' current answers, its load balancer a view of `registry`.
+fn view(
+    settings: &PoolSettings,
+    health: Option<&HealthSettings>,
+    entries: Vec<Arc<NameEntry>>,
+    registry: Arc<HealthRegistry>,
+) -> Pool {
+    let (endpoints, unresolved) = addresses(settings, &entries);
     for (name, why) in &unresolved {
         log::warn!(
             "pool {:?}: endpoint {name} has no address ({why}); the pool serves without it",
             settings.version
         );
     }
-    // Building from socket addresses cannot fail (only a bad address text could).
-    let mut lb = LoadBalancer::try_from_iter(endpoints.iter().copied()).unwrap_or_else(|_| {
-        LoadBalancer::from_backends(pingora::lb::Backends::new(
-            pingora::lb::discovery::Static::new(Default::default()),
-        ))
-    });
-    if let Some(h) = health {
-        match health_check(h, settings.h2c) {
-            Ok(hc) => lb.set_health_check(Box::new(hc)),
-            Err(e) => log::error!("pool {:?}: health checks off: {e}", settings.version),
-        }
+    let backends: BTreeSet<Backend> = endpoints
+        .iter()
+        .map(|a| Backend {
+            addr: pingora::protocols::l4::socket::SocketAddr::Inet(*a),
+            weight: 1,
+            ext: http::Extensions::new(),
+        })
+        .collect();
+    let lb = LoadBalancer::from_backends(Backends::new_with_health_registry(
+        discovery::Static::new(backends),
+        registry.clone(),
+    ));
+    // A static discovery answers at once: the update completes on its first poll (as in
+    // Pingora's own `LoadBalancer::try_from_iter`).
+    match lb.update().now_or_never() {
+        Some(Ok(())) => {}
+        Some(Err(e)) => log::error!("pool {:?}: {e}", settings.version),
+        None => log::error!(
+            "pool {:?}: its load balancer did not take the endpoints",
+            settings.version
+        ),
     }
     Pool::new(
         settings.clone(),
         health.cloned(),
         endpoints,
         unresolved,
+        entries,
+        registry,
         Arc::new(lb),
     )
 }

@@ -13,7 +13,9 @@ impl LiveHandle {
     /// config, read from it now (each would otherwise be a series of the `prometheus` crate,
     /// ~450 bytes apiece: ~11 per route): `kanaria_canary_weight_percent`,
     /// `kanaria_rollout_state` (as of the last publish, which every change of phase makes),
-    /// `kanaria_pool_info` and `kanaria_endpoint_healthy` (the load balancers' health now).
+    /// `kanaria_pool_info`, `kanaria_endpoint_healthy` (the load balancers' health now) and
+    /// `kanaria_dns_failures_total` (each endpoint name's failed lookups, kept with the
+    /// name's answers while a pool lists it).
     /// Routes, pools and endpoints that went away have no series.
     pub fn render_metrics(&self) -> String {
         let live = self.load();
@@ -138,8 +140,46 @@ impl LiveHandle {
                 );
             }
         };
+        let dns_failures = |out: &mut String| {
+            let name = "kanaria_dns_failures_total";
+            // Labels by name: name, route, version.
+            let mut rows: Vec<(String, &str, &str, u64)> = routes
+                .iter()
+                .flat_map(|(r, _)| {
+                    pools(r).into_iter().flat_map(move |(role, p)| {
+                        p.names
+                            .iter()
+                            .map(move |e| (e.name(), r.name.as_str(), role, e.state().failures))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            if rows.is_empty() {
+                return;
+            }
+            rows.sort();
+            family_head(
+                out,
+                name,
+                "Failed lookups of an endpoint name (its last good addresses stay), by the route and version that list it.",
+                "counter",
+            );
+            for (endpoint, route, role, n) in &rows {
+                sample(
+                    out,
+                    name,
+                    &[
+                        ("name", endpoint.as_str()),
+                        ("route", route),
+                        ("version", role),
+                    ],
+                    *n as f64,
+                );
+            }
+        };
         self.metrics.render_with(&[
             ("kanaria_canary_weight_percent", &weight),
+            ("kanaria_dns_failures_total", &dns_failures),
             ("kanaria_endpoint_healthy", &healthy),
             ("kanaria_pool_info", &info),
             ("kanaria_rollout_state", &state),

@@ -6,13 +6,14 @@
 //! prepared once. [`Live`] pairs a snapshot with the metric handles of its routes and their
 //! rollout states; [`LiveHandle`] holds the current `Live` in one `ArcSwap` and the metrics:
 //! the data plane loads it once per request (no lock) and the control plane stores a new one
-//! whole. Building ([`build`]) and certificates ([`certs`]) live here too; nothing here
-//! decides a rollout.
+//! whole. Building ([`build`]), endpoint names and their answers ([`resolve`]) and
+//! certificates ([`certs`]) live here too; nothing here decides a rollout.
 
 pub mod build;
 pub mod certs;
 pub mod exposition;
 pub mod pool;
+pub mod resolve;
 
 use std::sync::Arc;
 

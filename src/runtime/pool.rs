@@ -1,14 +1,20 @@
 //! One release's endpoints as the request path uses them: resolved addresses, Pingora's
 //! load balancer with its health checks, and the readiness flags the request path picks
 //! from.
+//!
+//! A pool is immutable. When its names resolve to other addresses, the control plane makes
+//! a new pool over the new addresses whose load balancer is another view of the same
+//! [`HealthRegistry`] (Pingora's shared health state): endpoints that stay keep the health
+//! they earned, requests in flight keep the pool they picked from.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use pingora::lb::selection::RoundRobin;
-use pingora::lb::{Backend, LoadBalancer};
+use pingora::lb::{Backend, HealthRegistry, LoadBalancer};
 
+use super::resolve::NameEntry;
 use crate::config::{HealthSettings, PoolSettings, Release};
 
 /// One version's endpoints, with the load balancer that health-checks them.
@@ -24,9 +30,13 @@ pub struct Pool {
     /// its endpoints' health).
     pub settings: PoolSettings,
     pub health_settings: Option<HealthSettings>,
-    /// Names whose last lookup failed, with why (their last good addresses, if any, are
-    /// still in `endpoints`).
+    /// Names without any address when the pool was made (never resolved), with why.
     pub unresolved: Vec<(String, String)>,
+    /// The pool's endpoint names and their answers (shared with every pool listing them).
+    pub names: Vec<Arc<NameEntry>>,
+    /// The health of the endpoints, shared by the pools that follow this one when its
+    /// names resolve to other addresses.
+    pub registry: Arc<HealthRegistry>,
     /// The load balancer's backends (in its order), each with whether it was ready (healthy
     /// and enabled) after the last health check round: what the request path picks from.
     picks: Box<[(Backend, AtomicBool)]>,
@@ -46,6 +56,8 @@ impl Pool {
         health_settings: Option<HealthSettings>,
         endpoints: Vec<SocketAddr>,
         unresolved: Vec<(String, String)>,
+        names: Vec<Arc<NameEntry>>,
+        registry: Arc<HealthRegistry>,
         lb: Arc<LoadBalancer<RoundRobin>>,
     ) -> Self {
         let backends = lb.backends();
@@ -61,6 +73,8 @@ impl Pool {
             health_settings,
             endpoints,
             unresolved,
+            names,
+            registry,
             lb,
             picks,
             next: AtomicUsize::new(0),
@@ -106,6 +120,19 @@ impl Pool {
 
     pub fn healthy_count(&self) -> usize {
         self.health().iter().filter(|(_, h)| *h).count()
+    }
+
+    /// Why the pool has no endpoint at all, when that is because its names never resolved.
+    pub fn unresolved_reason(&self) -> Option<String> {
+        if !self.endpoints.is_empty() || self.unresolved.is_empty() {
+            return None;
+        }
+        let whys: Vec<String> = self
+            .unresolved
+            .iter()
+            .map(|(name, why)| format!("{name}: {why}"))
+            .collect();
+        Some(format!("no endpoint: {}", whys.join("; ")))
     }
 }
 
