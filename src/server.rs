@@ -21,6 +21,7 @@ use crate::admin::AdminApp;
 use crate::config::{self, Config};
 use crate::control::analysis_loop::AnalysisLoop;
 use crate::control::reload::Reloader;
+use crate::control::resolve::EndpointResolver;
 use crate::control::Control;
 use crate::proxy::drain;
 use crate::proxy::KanariaProxy;
@@ -219,6 +220,10 @@ pub fn build(config_path: &Path, upgrade: bool) -> anyhow::Result<Built> {
     server.add_service(background_service(
         "rollout analysis",
         AnalysisLoop::new(shared.clone()),
+    ));
+    server.add_service(background_service(
+        "endpoint names",
+        EndpointResolver::new(shared.clone()),
     ));
     if let Some(fleet) = &shared.fleet {
         log::info!(

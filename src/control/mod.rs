@@ -7,6 +7,8 @@
 //!   and feeds verdicts to the rollout machine.
 //! - [`fleet`]: shares rollout state and analysis counts with the other replicas (Redis),
 //!   through a narrow [`fleet::Replica`] interface to this replica's control.
+//! - [`resolve`]: looks the pools' endpoint names up again every `resolve_interval` and
+//!   serves the pools over their new addresses.
 //! - [`reload`]: the config file watcher (and SIGHUP).
 //! - [`persist`]: the state files that keep rollouts across restarts.
 //! - [`notify`]: the webhook that sends events out.
@@ -20,6 +22,7 @@ pub mod fleet;
 pub mod notify;
 pub mod persist;
 pub mod reload;
+pub mod resolve;
 pub mod rollouts;
 
 pub use rollouts::{Control, ControlError, OperatorAction, ReloadStatus};
