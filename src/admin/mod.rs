@@ -149,7 +149,30 @@ fn pool_json(p: &Pool) -> Value {
         .into_iter()
         .map(|(e, healthy)| json!({ "address": e.to_string(), "healthy": healthy }))
         .collect();
-    json!({ "version": p.version, "endpoints": endpoints })
+    // Each endpoint name as its lookups left it (the pool serves its last good addresses).
+    let names: Vec<Value> = p
+        .names
+        .iter()
+        .map(|e| {
+            let st = e.state();
+            json!({
+                "name": e.name(),
+                "addresses": st.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "resolved": st.resolved(),
+                "last_error": st.last_error,
+                "last_success_unix_ms": st.last_success_ms,
+                "last_lookup_unix_ms": st.last_lookup_ms,
+                "failures": st.failures,
+            })
+        })
+        .collect();
+    json!({
+        "version": p.version,
+        "endpoints": endpoints,
+        "names": names,
+        "resolve_interval_seconds": (!p.names.is_empty()).then_some(p.settings.resolve_interval.as_secs_f64()),
+        "empty_reason": p.unresolved_reason(),
+    })
 }
 
 /// The fleet as this replica sees it: who is in it, what each applied, and whether the

@@ -55,6 +55,8 @@ use crate::stats::in_flight::Ticket;
 
 /// Error type for "the chosen pool has no endpoint to send to" (all down or unhealthy).
 pub const NO_HEALTHY_ENDPOINT: &str = "NoHealthyEndpoint";
+/// Error type for "the chosen pool has no endpoint at all": its names never resolved.
+pub const NO_RESOLVED_ENDPOINT: &str = "NoResolvedEndpoint";
 /// Error type that abandons a canary's 5xx answer to retry on stable.
 const CANARY_5XX_RETRY: &str = "Canary5xxRetriedOnStable";
 
@@ -538,6 +540,18 @@ impl ProxyHttp for KanariaProxy {
             }
         }
         let Some(backend) = backend else {
+            // The status API says the same of the pool (`empty_reason`).
+            if let Some(why) = pool.unresolved_reason() {
+                return Error::e_explain(
+                    ErrorType::Custom(NO_RESOLVED_ENDPOINT),
+                    format!(
+                        "route {} {} pool ({}) has {why}",
+                        route.name,
+                        version.as_str(),
+                        pool.version
+                    ),
+                );
+            }
             return Error::e_explain(
                 ErrorType::Custom(NO_HEALTHY_ENDPOINT),
                 format!(
@@ -953,6 +967,11 @@ impl ProxyHttp for KanariaProxy {
         let (code, body) = match e.etype() {
             HTTPStatus(code) => (*code, "kanaria: request failed\n"),
             Custom(NO_HEALTHY_ENDPOINT) => (502, "kanaria: no healthy upstream endpoint\n"),
+            // The name itself stays in the log and the status API, not in a public answer.
+            Custom(NO_RESOLVED_ENDPOINT) => (
+                502,
+                "kanaria: no upstream endpoint: the pool's endpoint names do not resolve\n",
+            ),
             ConnectTimedout | ReadTimedout | WriteTimedout
                 if e.esource() == &ErrorSource::Upstream =>
             {
