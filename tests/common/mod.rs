@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 pub mod certs;
+pub mod dns;
 pub mod grpc;
 pub mod h2load;
 pub mod ports;
@@ -64,9 +65,15 @@ impl Drop for Upstream {
 
 impl Upstream {
     pub async fn start(name: &str) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
-            .expect("bind upstream");
+            .expect("bind upstream")
+    }
+
+    /// [`Self::start`] on a given address (e.g. `127.0.0.2:PORT`: every 127.0.0.0/8 address
+    /// is loopback on Linux); `Err` when it cannot be bound.
+    pub async fn start_on(name: &str, addr: SocketAddr) -> std::io::Result<Upstream> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr().expect("upstream addr");
         let mode = Arc::new(AtomicU8::new(Mode::Ok as u8));
         let status = Arc::new(AtomicU16::new(200));
@@ -110,7 +117,7 @@ impl Upstream {
                 });
             }
         });
-        Upstream {
+        Ok(Upstream {
             addr,
             name: name.to_string(),
             mode,
@@ -119,7 +126,7 @@ impl Upstream {
             requests,
             connections,
             task,
-        }
+        })
     }
 
     pub fn set_mode(&self, mode: Mode) {
