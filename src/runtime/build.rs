@@ -249,3 +249,130 @@ fn health_check(
     }));
     Ok(hc)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A resolver whose answer the test sets, counting its lookups.
+    #[derive(Default)]
+    struct Fake {
+        answer: Mutex<Option<Result<Vec<SocketAddr>, String>>>,
+        lookups: Mutex<u32>,
+    }
+
+    impl Resolve for Arc<Fake> {
+        fn lookup(&self, _: &str, _: u16) -> Result<Vec<SocketAddr>, String> {
+            *self.lookups.lock().unwrap() += 1;
+            self.answer
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or(Err("unset".into()))
+        }
+    }
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn config() -> Arc<Config> {
+        let text = "[[routes]]\nname = \"app\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"app.test:1\", \"127.0.0.9:1\"]\n";
+        Arc::new(config::load_str(text, "t.toml").unwrap())
+    }
+
+    /// A new answer makes a new pool sharing the health registry; a reload (a build from
+    /// the last snapshot) serves the current answer without asking again; a failed lookup
+    /// keeps the addresses.
+    #[test]
+    fn pools_follow_their_names_answers() {
+        let fake = Arc::new(Fake::default());
+        *fake.answer.lock().unwrap() = Some(Ok(vec![a("127.0.0.2:1")]));
+        let names = Names::new(Box::new(fake.clone()));
+        let first = build(config(), None, &names, 1);
+        let pool = first.routes[0].stable.clone();
+        assert_eq!(pool.endpoints, [a("127.0.0.2:1"), a("127.0.0.9:1")]);
+        assert!(reresolved(&pool).is_none(), "nothing changed");
+
+        *fake.answer.lock().unwrap() = Some(Ok(vec![a("127.0.0.2:1"), a("127.0.0.3:1")]));
+        assert!(names.look_up(&pool.names[0], 2).changed);
+        let next = reresolved(&pool).expect("a pool over the new answer");
+        assert_eq!(
+            next.endpoints,
+            [a("127.0.0.2:1"), a("127.0.0.3:1"), a("127.0.0.9:1")]
+        );
+        assert!(Arc::ptr_eq(&next.registry, &pool.registry));
+        assert_eq!(next.lb.backends().get_backend().len(), 3);
+
+        // A reload from the snapshot that still had the old pool: the current addresses,
+        // no new lookup.
+        let lookups = *fake.lookups.lock().unwrap();
+        let reloaded = build(config(), Some(&first), &names, 3);
+        assert_eq!(reloaded.routes[0].stable.endpoints, next.endpoints);
+        assert_eq!(*fake.lookups.lock().unwrap(), lookups);
+
+        *fake.answer.lock().unwrap() = Some(Err("SERVFAIL".into()));
+        assert!(!names.look_up(&pool.names[0], 4).changed);
+        assert!(reresolved(&reloaded.routes[0].stable).is_none());
+        assert!(reloaded.routes[0].stable.unresolved_reason().is_none());
+    }
+
+    /// A name that never resolved: the pool has only its other endpoints, or none, and
+    /// says why.
+    #[test]
+    fn a_pool_of_names_that_never_resolved_is_empty_and_says_why() {
+        let fake = Arc::new(Fake::default());
+        *fake.answer.lock().unwrap() = Some(Err("NXDOMAIN".into()));
+        let names = Names::new(Box::new(fake));
+        let text = "[[routes]]\nname = \"app\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"ghost.test:1\"]\n";
+        let snap = build(
+            Arc::new(config::load_str(text, "t.toml").unwrap()),
+            None,
+            &names,
+            1,
+        );
+        let pool = &snap.routes[0].stable;
+        assert!(pool.endpoints.is_empty() && pool.select().is_none());
+        assert_eq!(
+            pool.unresolved_reason().as_deref(),
+            Some("no endpoint: ghost.test:1: NXDOMAIN")
+        );
+    }
+
+    /// Pingora's shared health registry: an endpoint that failed its probe is still out of
+    /// rotation in the pool that follows a new answer; the new endpoint starts in rotation.
+    #[tokio::test]
+    async fn an_endpoint_that_stays_keeps_its_health() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let fake = Arc::new(Fake::default());
+        *fake.answer.lock().unwrap() = Some(Ok(vec![dead]));
+        let names = Names::new(Box::new(fake.clone()));
+        let text = format!(
+            "[[routes]]\nname = \"app\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"app.test:{}\"]\n[routes.health]\nunhealthy_threshold = 1\ntimeout = \"500ms\"\n",
+            dead.port()
+        );
+        let snap = build(
+            Arc::new(config::load_str(&text, "t.toml").unwrap()),
+            None,
+            &names,
+            1,
+        );
+        let pool = snap.routes[0].stable.clone();
+        pool.lb.backends().run_health_check(false).await;
+        pool.refresh_ready();
+        assert_eq!(pool.health(), [(dead, false)]);
+        let other = SocketAddr::new("127.0.0.2".parse().unwrap(), dead.port());
+        *fake.answer.lock().unwrap() = Some(Ok(vec![dead, other]));
+        names.look_up(&pool.names[0], 2);
+        let next = reresolved(&pool).unwrap();
+        assert_eq!(next.health(), [(dead, false), (other, true)]);
+        assert_eq!(
+            next.select().map(|b| b.addr.as_inet().copied()),
+            Some(Some(other))
+        );
+    }
+}
