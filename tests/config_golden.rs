@@ -59,6 +59,7 @@ fn defaults(listen: &str, threads: Option<usize>, upgrade_sock: &str) -> Config 
                 watch: true,
                 debounce: Duration::from_millis(200),
             },
+            resolver: None,
         },
         proxy: ProxySettings {
             timeouts: Timeouts {

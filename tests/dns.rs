@@ -2,6 +2,7 @@
 //! the test runs on loopback (`[resolver]`), whose answers the test changes. Upstreams
 //! listen on 127.0.0.2 and 127.0.0.3 (all of 127.0.0.0/8 is loopback on Linux) on one port,
 //! since an A record carries no port.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // A test stops where it fails.
 
 mod common;
 
@@ -9,10 +10,10 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::dns::{Answer, DnsServer};
-use common::{client, metric, Proxy, Upstream};
+use common::{client, eventually, metric, Proxy, Upstream};
 
 fn ip(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
@@ -128,16 +129,15 @@ impl Traffic {
 
     /// Waits until `name` served at least `n` answers (fails after 20 s).
     async fn wait_served(&self, name: &str, n: u64) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.served_by(name) < n {
-            assert!(
-                Instant::now() < deadline,
-                "{name} served {} answers, not {n}; served: {:?}",
-                self.served_by(name),
-                self.served.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("{n} answers from {name}");
+        eventually(&what, Duration::from_secs(20), || {
+            std::future::ready(if self.served_by(name) >= n {
+                Ok(())
+            } else {
+                Err(format!("served: {:?}", self.served.lock().unwrap()))
+            })
+        })
+        .await
     }
 
     /// Stops the clients; returns (answers by upstream, failures).
@@ -166,7 +166,11 @@ async fn an_endpoint_set_changes_under_load_with_no_failed_request() {
         "{}[[routes]]\nname = \"app\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"app.test:{port}\"]\n[routes.health]\ninterval = \"200ms\"\n",
         resolver(&dns, "1s")
     );
-    let proxy = Proxy::launch(&routes, "resolve_interval = \"200ms\"", "", "", &[]).await;
+    let proxy = Proxy::builder()
+        .routes(&routes)
+        .proxy("resolve_interval = \"200ms\"")
+        .start()
+        .await;
     let (a, b) = (format!("127.0.0.2:{port}"), format!("127.0.0.3:{port}"));
     assert_eq!(stable_endpoints(&proxy.status().await), [a.as_str()]);
 
@@ -254,7 +258,11 @@ async fn failed_lookups_keep_the_last_addresses_and_unresolved_names_say_why() {
          [routes.canary]\nversion = \"v2\"\nendpoints = [\"canary.test:{port}\"]\n",
         resolver(&dns, "300ms")
     );
-    let proxy = Proxy::launch(&routes, "resolve_interval = \"200ms\"", "", "", &[]).await;
+    let proxy = Proxy::builder()
+        .routes(&routes)
+        .proxy("resolve_interval = \"200ms\"")
+        .start()
+        .await;
     let c = client();
     let a = format!("127.0.0.2:{port}");
 
