@@ -224,6 +224,9 @@ pub enum WeightSource {
     Promote,
     /// The current step of `[routes.rollout]`.
     Rollout,
+    /// `fleet.on_partition = "stable"`: this replica is cut off from the fleet store
+    /// (weight 0 until it answers again).
+    CutOff,
 }
 
 impl WeightSource {
@@ -234,6 +237,7 @@ impl WeightSource {
             WeightSource::Rollback => "rollback",
             WeightSource::Promote => "promote",
             WeightSource::Rollout => "rollout",
+            WeightSource::CutOff => "cut_off",
         }
     }
 }

@@ -200,6 +200,7 @@ mod tests {
                 since_ms: 42,
             },
             updated_ms: 43,
+            unshared: false,
         };
         store.save(&rec).unwrap();
         assert_eq!(store.load("app").unwrap(), Some(rec.clone()));
@@ -222,6 +223,34 @@ mod tests {
         assert!(err.contains("app.json: not a Kanaria state file"), "{err}");
     }
 
+    /// A file written before the "not yet shared" mark existed reads as shared; a
+    /// pending rollback round-trips, and a file with nothing pending looks as before.
+    #[test]
+    fn the_unshared_mark_is_optional_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path()).unwrap();
+        std::fs::write(
+            store.path("app"),
+            r#"{ "route": "app", "canary_version": "v2", "phase": { "state": "rolled_back", "reason": "manual" }, "updated_ms": 1 }"#,
+        )
+        .unwrap();
+        let old = store.load("app").unwrap().unwrap();
+        assert!(!old.unshared);
+        let pending = Record {
+            unshared: true,
+            ..old.clone()
+        };
+        store.save(&pending).unwrap();
+        assert!(std::fs::read_to_string(store.path("app"))
+            .unwrap()
+            .contains("\"unshared\": true"));
+        assert_eq!(store.load("app").unwrap(), Some(pending));
+        store.save(&old).unwrap();
+        assert!(!std::fs::read_to_string(store.path("app"))
+            .unwrap()
+            .contains("unshared"));
+    }
+
     /// Two writers of one route (an old and a new process during `--upgrade`) never share
     /// a temp file: every save succeeds and the file is always whole. With one fixed temp
     /// name, one writer's rename took the other's half-written file, or found none.
@@ -238,6 +267,7 @@ mod tests {
                             canary_version: format!("v{w}"),
                             phase: Phase::Paused { step: i },
                             updated_ms: i as u64,
+                            unshared: false,
                         };
                         store.save(&rec).unwrap();
                         // Every read in between finds a whole file.

@@ -18,7 +18,12 @@
 //! - a route removed from the config is forgotten (its state file too);
 //! - in a fleet, adopted generations only increase, a rollback always wins a race against
 //!   a raise or a promote, a local rollback not yet shared is never undone by an older
-//!   view of the fleet, and nothing but a rollback happens while the fleet is unreachable.
+//!   view of the fleet (not even after a restart: it is persisted as not yet shared), and
+//!   nothing but a rollback happens while the fleet is unreachable;
+//! - with `fleet.on_partition = "stable"`, a replica cut off from the fleet store for
+//!   longer than its timeout sends every user to stable until the store answers again, and
+//!   keeps its phase meanwhile (a rollback decided then included), so the fleet's record
+//!   applies again once it is back.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -61,12 +66,40 @@ pub struct RouteRollout {
     /// A rollback decided here that the fleet has not accepted yet: no older view of the
     /// fleet may undo it.
     pub unshared_rollback: bool,
+    /// `fleet.on_partition = "stable"`: how long the store may stay unreachable before this
+    /// replica sends every user to stable, in ms (`None`: `"hold"`, the last weight stays).
+    pub cut_off_after_ms: Option<u64>,
+    /// Since when the store has been unreachable (ms since the Unix epoch; read while
+    /// `fleet_down`).
+    pub fleet_down_since_ms: u64,
+    /// Cut off from the fleet past `cut_off_after_ms`: every user goes to stable whatever
+    /// the phase. The phase is kept (and may still roll back), so once the store answers
+    /// the weight is the phase's again, or the fleet's newer record.
+    pub cut_off: bool,
 }
 
 impl RouteRollout {
     /// The effective canary weight (buckets) and who set it.
     pub fn weight(&self) -> (u32, WeightSource) {
+        if self.cut_off {
+            return (0, WeightSource::CutOff);
+        }
         self.phase.weight(&self.spec)
+    }
+
+    /// The weight of the phase alone (buckets): what the fleet's record says, and what
+    /// this replica serves again once it is no longer cut off.
+    pub fn phase_weight(&self) -> u32 {
+        self.phase.weight(&self.spec).0
+    }
+
+    /// A route's state in a fleet, as it appears: whether the store answers now (`false`:
+    /// unreachable since `now_ms`) and `fleet.on_partition`'s timeout (`None`: `"hold"`).
+    pub fn in_fleet(mut self, connected: bool, cut_off_after_ms: Option<u64>, now_ms: u64) -> Self {
+        self.fleet_down = !connected;
+        self.fleet_down_since_ms = now_ms;
+        self.cut_off_after_ms = cut_off_after_ms;
+        self
     }
 }
 
@@ -107,7 +140,8 @@ pub enum Input {
     CanaryUnhealthy {
         numbers: Value,
     },
-    /// Time passed: a step's hold may have elapsed.
+    /// Time passed: a step's hold may have elapsed, or the fleet store been unreachable
+    /// for longer than `fleet.partition_timeout`.
     Tick,
     /// The route is gone from the config.
     Removed,
@@ -118,7 +152,8 @@ pub enum Input {
         own: bool,
     },
     /// The fleet store became reachable (`up`) or unreachable. When it comes back, steps
-    /// wait `settle_ms` (see [`RouteRollout::fleet_settle_until_ms`]).
+    /// wait `settle_ms` (see [`RouteRollout::fleet_settle_until_ms`]). Like a tick, it
+    /// also decides whether the replica is cut off ([`RouteRollout::cut_off`]).
     FleetLink {
         up: bool,
         settle_ms: u64,
@@ -224,7 +259,8 @@ pub fn share_record(
         phase: s.phase.clone(),
         generation: s.fleet_generation,
         rolled_back: matches!(s.phase, Phase::RolledBack { .. }),
-        weight_percent: buckets_to_percent(s.weight().0),
+        // The phase's: being cut off is this replica's state, not the fleet's.
+        weight_percent: buckets_to_percent(s.phase_weight()),
         step: s.phase.step(),
         paused: matches!(s.phase, Phase::Paused { .. }),
         kind: kind.to_string(),
@@ -264,6 +300,9 @@ pub fn fresh(spec: &Spec, now_ms: u64) -> RouteRollout {
         fleet_down: false,
         fleet_settle_until_ms: 0,
         unshared_rollback: false,
+        cut_off_after_ms: None,
+        fleet_down_since_ms: 0,
+        cut_off: false,
     }
 }
 
@@ -286,7 +325,10 @@ pub fn step(
         Input::Operator(action) => t.operator(action)?,
         Input::Verdict { epoch, verdict } => t.verdict(epoch, verdict),
         Input::CanaryUnhealthy { numbers } => t.rollback("health_check", numbers),
-        Input::Tick => t.hold_elapsed(),
+        Input::Tick => {
+            t.hold_elapsed();
+            t.partition();
+        }
         Input::Removed => {
             return Ok(Outcome {
                 next: None,
@@ -298,7 +340,11 @@ pub fn step(
             if up && t.next.fleet_down {
                 t.next.fleet_settle_until_ms = now_ms.saturating_add(settle_ms);
             }
+            if !up && !t.next.fleet_down {
+                t.next.fleet_down_since_ms = now_ms;
+            }
             t.next.fleet_down = !up;
+            t.partition();
         }
     }
     Ok(Outcome {
@@ -353,27 +399,79 @@ impl Step<'_> {
             numbers,
         };
         self.effects.push(Effect::Publish);
+        if s.canary_version.is_some() {
+            let rolled_back = matches!(s.phase, Phase::RolledBack { .. });
+            // A rollback decided here holds until the fleet has it, also across a restart:
+            // the state file says it is not shared yet.
+            s.unshared_rollback = rolled_back && share == Some(ShareMode::Cas);
+            self.persist();
+            if let Some(mode) = share {
+                let s = &self.next;
+                if let Some(rec) = share_record(self.route, s, kind, reason, self.now_ms, mode) {
+                    self.effects.push(Effect::Share(rec));
+                }
+            }
+        }
+        self.effects.push(Effect::Emit(event));
+    }
+
+    /// Saves the route's phase (with a canary), and whether a rollback waits to be shared.
+    fn persist(&mut self) {
+        let s = &self.next;
         if let Some(version) = &s.canary_version {
             self.effects.push(Effect::Persist(Record {
                 route: self.route.to_string(),
                 canary_version: version.clone(),
                 phase: s.phase.clone(),
                 updated_ms: self.now_ms,
+                unshared: s.unshared_rollback,
             }));
-            let rolled_back = matches!(s.phase, Phase::RolledBack { .. });
-            match share {
-                Some(mode) => {
-                    // A rollback decided here holds until the fleet has it.
-                    s.unshared_rollback = rolled_back && mode == ShareMode::Cas;
-                    if let Some(rec) = share_record(self.route, s, kind, reason, self.now_ms, mode)
-                    {
-                        self.effects.push(Effect::Share(rec));
-                    }
-                }
-                None => s.unshared_rollback = false,
-            }
         }
-        self.effects.push(Effect::Emit(event));
+    }
+
+    /// `fleet.on_partition = "stable"`: cut off once the store has been unreachable for
+    /// the timeout, and back as soon as it answers. The phase is left alone: it is the
+    /// fleet's last record (or a local rollback waiting to be shared), which applies again
+    /// when the store is back.
+    fn partition(&mut self) {
+        let s = &self.next;
+        let after = s.cut_off_after_ms;
+        let due = s.fleet_down
+            && after.is_some_and(|t| self.now_ms.saturating_sub(s.fleet_down_since_ms) >= t);
+        if due == s.cut_off {
+            return;
+        }
+        self.next.cut_off = due;
+        self.effects.push(Effect::Publish);
+        // A route without a canary sends nobody there either way: nothing to say.
+        if self.next.canary_version.is_none() {
+            return;
+        }
+        let (kind, reason) = if due {
+            (
+                "cut_off",
+                format!(
+                    "the fleet store has not answered for {}s (fleet.on_partition = \"stable\"): every user to stable until it answers",
+                    after.unwrap_or(0) as f64 / 1000.0
+                ),
+            )
+        } else {
+            (
+                "rejoined",
+                "the fleet store answers again: the fleet's record applies".to_string(),
+            )
+        };
+        let name = self.next.phase.name();
+        self.effects.push(Effect::Emit(Event {
+            at_ms: self.now_ms,
+            route: self.route.to_string(),
+            kind: kind.to_string(),
+            from: name.to_string(),
+            to: name.to_string(),
+            weight_percent: buckets_to_percent(self.next.weight().0),
+            reason,
+            numbers: json!({ "phase_weight_percent": buckets_to_percent(self.next.phase_weight()) }),
+        }));
     }
 
     /// The fleet's record: applied when it is newer than what was applied here and for
@@ -392,7 +490,10 @@ impl Step<'_> {
         }
         self.next.fleet_generation = rec.generation;
         if rolled_back && matches!(self.next.phase, Phase::RolledBack { .. }) {
-            self.next.unshared_rollback = false;
+            // The fleet has a rollback: nothing waits any more, after a restart either.
+            if std::mem::take(&mut self.next.unshared_rollback) {
+                self.persist();
+            }
         }
         let phase = clamp_steps(rec.phase.clone(), self.spec(), self.now_ms);
         if own || stage(&phase) == stage(&self.next.phase) {
@@ -418,12 +519,20 @@ impl Step<'_> {
 
     fn restore(&mut self, saved: Result<Option<Record>, String>) {
         let spec = self.spec().clone();
+        // A rollback decided before the restart and never shared: shared first, and it
+        // wins in the store like any rollback; anything else is only a proposal.
+        let mut mode = ShareMode::Seed;
         let (kind, phase, reason) = match (&spec.canary_version, saved) {
-            (Some(version), Ok(Some(rec))) if &rec.canary_version == version => (
-                "restored",
-                clamp_steps(rec.phase, &spec, self.now_ms),
-                "saved state".to_string(),
-            ),
+            (Some(version), Ok(Some(rec))) if &rec.canary_version == version => {
+                if rec.unshared && matches!(rec.phase, Phase::RolledBack { .. }) {
+                    mode = ShareMode::Cas;
+                }
+                (
+                    "restored",
+                    clamp_steps(rec.phase, &spec, self.now_ms),
+                    "saved state".to_string(),
+                )
+            }
             (Some(version), Ok(_)) => (
                 "reset",
                 initial_phase(&spec, self.now_ms),
@@ -438,8 +547,7 @@ impl Step<'_> {
             ),
             (None, _) => ("reset", initial_phase(&spec, self.now_ms), "start".into()),
         };
-        // What this process restored is only a proposal: the fleet's record wins.
-        self.transition_shared(kind, phase, &reason, json!({}), Some(ShareMode::Seed));
+        self.transition_shared(kind, phase, &reason, json!({}), Some(mode));
     }
 
     fn config(&mut self, spec: Spec) {
@@ -574,11 +682,12 @@ impl Step<'_> {
         Ok(())
     }
 
-    /// Every user to stable, unless none is on the canary already.
+    /// Every user to stable, unless none is on the canary already (by the phase: a replica
+    /// cut off from the fleet still rolls back, or the canary would return with the link).
     fn rollback(&mut self, reason: &str, numbers: Value) {
         if matches!(self.next.phase, Phase::RolledBack { .. })
             || self.next.canary_version.is_none()
-            || self.next.weight().0 == 0
+            || self.next.phase_weight() == 0
         {
             return;
         }
@@ -817,6 +926,7 @@ mod tests {
                 reason: "latency".into(),
             },
             updated_ms: 1,
+            unshared: false,
         };
         let s = apply(&fresh(&sp, 0), Input::Restore(Ok(Some(rec))), 5);
         assert_eq!(s.phase, Phase::Manual);
@@ -942,12 +1052,13 @@ mod tests {
         let saved = prop_oneof![
             Just(Ok(None)),
             Just(Err("app.json: not a Kanaria state file".to_string())),
-            (prop_oneof![Just("v2"), Just("v3")], phase.clone()).prop_map(|(v, phase)| Ok(Some(
+            (prop_oneof![Just("v2"), Just("v3")], phase.clone(), any::<bool>()).prop_map(|(v, phase, unshared)| Ok(Some(
                 Record {
                     route: "app".into(),
                     canary_version: v.into(),
                     phase,
                     updated_ms: 0,
+                    unshared,
                 }
             ))),
         ];
@@ -980,18 +1091,21 @@ mod tests {
         #[test]
         fn invariants_hold_over_long_event_sequences(
             first in prop_oneof![Just(None), Just(Some("v2"))],
+            // fleet.on_partition: "hold", or "stable" after this many ms.
+            cut_off_after in prop_oneof![Just(None), (0u64..3_000).prop_map(Some)],
             inputs in prop::collection::vec(input(), 1..200),
         ) {
             let sp = spec(first, &[(100, 500), (1_000, 0), (5_000, 1_000)]);
-            let mut state = Some(started(&sp));
+            let mut state = Some(started(&sp).in_fleet(true, cut_off_after, 0));
             let mut now = 0u64;
             for (dt, input) in inputs {
                 now += dt;
                 let s = match state.take() {
                     Some(s) => s,
-                    // Re-added after removal: starts afresh, nothing remembered.
+                    // Re-added after removal: starts afresh, nothing remembered (the
+                    // control module tells it whether the store answers).
                     None => {
-                        let s = fresh(&sp, now);
+                        let s = fresh(&sp, now).in_fleet(true, cut_off_after, now);
                         prop_assert_eq!(s.epoch, 0);
                         prop_assert_eq!(s.phase.clone(), Phase::Manual);
                         apply(&s, Input::Restore(Ok(None)), now)
@@ -1024,6 +1138,14 @@ mod tests {
                 let tick = input == Input::Tick;
                 let removed = input == Input::Removed;
                 let restore = matches!(input, Input::Restore(_));
+                let link = matches!(input, Input::FleetLink { .. });
+                // A saved rollback of this version that the fleet never got.
+                let pending = matches!(
+                    &input,
+                    Input::Restore(Ok(Some(r))) if r.unshared
+                        && matches!(r.phase, Phase::RolledBack { .. })
+                        && Some(&r.canary_version) == s.canary_version.as_ref()
+                );
                 let out = match step("app", &s, input, now) {
                     Ok(out) => out,
                     Err(_) => {
@@ -1067,6 +1189,38 @@ mod tests {
                         || matches!(next.phase, Phase::RolledBack { .. });
                     prop_assert!(held, "advanced with the fleet down: {:?} -> {:?}", s.phase, next.phase);
                 }
+                // Cut off only while the store is unreachable, past the timeout, and then
+                // nobody goes to the canary; a tick or a change of the link decides it.
+                if next.cut_off {
+                    prop_assert!(next.fleet_down && next.cut_off_after_ms.is_some());
+                    prop_assert_eq!(next.weight().0, 0);
+                }
+                if tick || link {
+                    let due = next.fleet_down
+                        && cut_off_after.is_some_and(|t| now.saturating_sub(next.fleet_down_since_ms) >= t);
+                    prop_assert_eq!(next.cut_off, due);
+                }
+                // The link never moves a phase nor shares anything: what the fleet decided
+                // (or a local rollback) applies again when it is back.
+                if link {
+                    prop_assert_eq!(&next.phase, &s.phase);
+                    prop_assert!(!out.effects.iter().any(|e| matches!(e, Effect::Share(_) | Effect::Persist(_))));
+                }
+                // A restored rollback that was never shared is shared first, by
+                // compare-and-set (so it wins), and held against older views meanwhile.
+                if pending {
+                    prop_assert!(next.unshared_rollback);
+                    let cas = out.effects.iter().any(|e| matches!(e, Effect::Share(r) if r.rolled_back && r.mode == ShareMode::Cas));
+                    prop_assert!(cas, "a pending rollback restored without a share: {:?}", out.effects);
+                }
+                // What is persisted says whether a rollback waits to be shared.
+                for e in &out.effects {
+                    if let Effect::Persist(r) = e {
+                        prop_assert_eq!(r.unshared, next.unshared_rollback);
+                        let rolled = matches!(r.phase, Phase::RolledBack { .. });
+                        prop_assert!(rolled || !r.unshared);
+                    }
+                }
                 // A stale verdict is never applied.
                 if stale {
                     prop_assert_eq!(&next, &s);
@@ -1078,11 +1232,12 @@ mod tests {
                     prop_assert!(latched, "left the latch: {:?}", next.phase);
                     prop_assert_eq!(next.weight().0, 0);
                 }
-                // The weight is the phase's, in range; a change of phase is a new epoch
-                // and is published, persisted (with a canary) and emitted.
+                // The weight is the phase's (0 while cut off), in range; a change of phase
+                // is a new epoch and is published, persisted (with a canary) and emitted.
                 let (w, _) = next.weight();
                 prop_assert!(w <= BUCKETS);
-                prop_assert_eq!(w, next.phase.weight(&next.spec).0);
+                let phase_w = if next.cut_off { 0 } else { next.phase.weight(&next.spec).0 };
+                prop_assert_eq!(w, phase_w);
                 if next.canary_version.is_none() {
                     let sends_users = matches!(next.phase, Phase::Weight { .. } | Phase::Promoted);
                     prop_assert!(!sends_users, "no canary, yet {:?}", next.phase);
@@ -1194,6 +1349,118 @@ mod tests {
             prop_assert!(matches!(b.phase, Phase::RolledBack { .. }), "b: {:?}", b.phase);
             prop_assert_eq!(a.weight().0, 0);
             prop_assert_eq!(b.weight().0, 0);
+        }
+
+        /// A rollback decided while the store was unreachable, then a crash before it was
+        /// shared: the state file says so, the restarted replica shares it first (by
+        /// compare-and-set) and holds it against whatever the fleet's records say
+        /// meanwhile, and the store takes it whatever the fleet did (or already has a
+        /// rollback). Once the fleet has it, the state file no longer says it waits.
+        #[test]
+        fn a_rollback_not_yet_shared_survives_a_restart_and_wins(
+            fleet_phase in prop_oneof![
+                Just(Phase::Manual),
+                (1u32..=BUCKETS).prop_map(|buckets| Phase::Weight { buckets }),
+                (0usize..3).prop_map(|step| Phase::Progressing { step, since_ms: 0 }),
+                Just(Phase::Promoted),
+                Just(Phase::RolledBack { reason: "latency".into() }),
+            ],
+            fleet_generation in 1u64..20,
+            // Records of the fleet that reach the restarted replica before its write lands.
+            early in prop::collection::vec((0u64..25, 0u32..=BUCKETS), 0..6),
+        ) {
+            let sp = spec(Some("v2"), &[(2_000, 0), (5_000, 0)]);
+            // Before the crash: the store unreachable, an operator's rollback.
+            let s = started(&sp).in_fleet(true, None, 0);
+            let s = apply(&s, Input::FleetLink { up: false, settle_ms: 0 }, 1);
+            let out = step("app", &s, Input::Operator(Action::Rollback), 2).unwrap();
+            let saved = out.effects.iter().rev().find_map(|e| match e {
+                Effect::Persist(r) => Some(r.clone()),
+                _ => None,
+            }).expect("persisted");
+            prop_assert!(saved.unshared);
+            // The file goes through JSON like the real one.
+            let saved: Record = serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+            // After the restart.
+            let out = step("app", &fresh(&sp, 10).in_fleet(false, None, 10), Input::Restore(Ok(Some(saved))), 10).unwrap();
+            let mut r = out.next.clone().unwrap();
+            let rolled = matches!(r.phase, Phase::RolledBack { .. });
+            prop_assert!(rolled);
+            prop_assert_eq!(r.weight().0, 0);
+            let shares: Vec<FleetRecord> = out.effects.iter().filter_map(|e| match e {
+                Effect::Share(rec) => Some(rec.clone()),
+                _ => None,
+            }).collect();
+            prop_assert_eq!(shares.len(), 1);
+            let mut share = shares[0].clone();
+            prop_assert!(share.rolled_back && share.mode == ShareMode::Cas);
+            r = apply(&r, Input::FleetLink { up: true, settle_ms: 0 }, 11);
+            for (g, buckets) in early {
+                r = apply(&r, Input::Adopt { record: record("v2", Phase::Weight { buckets }, g), own: false }, 12);
+                prop_assert!(matches!(r.phase, Phase::RolledBack { .. }), "undone by an early record: {:?}", r.phase);
+            }
+            // The store holds what the fleet did meanwhile.
+            let current = record("v2", fleet_phase, fleet_generation);
+            share.writer = "me/1/1".into();
+            let (written, answer) = decide(Some(&current), &share);
+            prop_assert!(written || current.rolled_back);
+            prop_assert!(answer.rolled_back);
+            let own = answer.writer == share.writer;
+            let out = step("app", &r, Input::Adopt { record: answer, own }, 13).unwrap();
+            let r = out.next.unwrap();
+            let rolled = matches!(r.phase, Phase::RolledBack { .. });
+            prop_assert!(rolled);
+            prop_assert!(!r.unshared_rollback);
+            let last = out.effects.iter().rev().find_map(|e| match e {
+                Effect::Persist(rec) => Some(rec.clone()),
+                _ => None,
+            });
+            prop_assert!(last.is_some_and(|rec| !rec.unshared), "the state file still says the rollback waits");
+        }
+
+        /// `fleet.on_partition = "stable"`: whatever happens while the store is unreachable
+        /// (ticks, the fleet's old records, an operator's rollback), the replica sends
+        /// nobody to the canary once the timeout has passed, keeps its phase, and when the
+        /// store answers the phase's weight applies again; a rollback decided meanwhile
+        /// stays and is shared. With `"hold"`, the weight never moves with the link.
+        #[test]
+        fn a_replica_cut_off_sends_everyone_to_stable_until_the_store_answers(
+            stable_policy in any::<bool>(),
+            timeout in 1u64..5_000,
+            ticks in prop::collection::vec(1u64..2_000, 1..20),
+            rollback_at in prop::option::of(0usize..20),
+        ) {
+            let sp = spec(Some("v2"), &[(3_000, 600_000), (5_000, 0)]);
+            let policy = stable_policy.then_some(timeout);
+            let s = started(&sp).in_fleet(true, policy, 0);
+            let before = s.weight().0;
+            let mut s = apply(&s, Input::FleetLink { up: false, settle_ms: 0 }, 100);
+            let mut now = 100;
+            let mut rolled = false;
+            for (i, dt) in ticks.iter().enumerate() {
+                now += dt;
+                if rollback_at == Some(i) {
+                    let out = step("app", &s, Input::Operator(Action::Rollback), now).unwrap();
+                    let shared = out.effects.iter().any(|e| matches!(e, Effect::Share(r) if r.rolled_back));
+                    prop_assert!(shared);
+                    s = out.next.unwrap();
+                    rolled = true;
+                }
+                s = apply(&s, Input::Tick, now);
+                let cut = stable_policy && now - 100 >= timeout;
+                prop_assert_eq!(s.cut_off, cut);
+                let expected = if cut || rolled { 0 } else { before };
+                prop_assert_eq!(s.weight().0, expected);
+                prop_assert_eq!(s.phase.name(), if rolled { "rolled_back" } else { "progressing" });
+            }
+            now += 1;
+            let out = step("app", &s, Input::FleetLink { up: true, settle_ms: 0 }, now).unwrap();
+            let back = out.next.unwrap();
+            prop_assert!(!back.cut_off);
+            prop_assert_eq!(back.weight().0, if rolled { 0 } else { before });
+            prop_assert_eq!(back.unshared_rollback, rolled);
+            let said = out.effects.iter().any(|e| matches!(e, Effect::Emit(ev) if ev.kind == "rejoined"));
+            prop_assert_eq!(said, s.cut_off);
         }
 
         /// Whatever the steps became, passing evaluations finish the rollout.

@@ -94,4 +94,9 @@ pub struct Record {
     pub canary_version: String,
     pub phase: Phase,
     pub updated_ms: u64,
+    /// A rollback decided here that the fleet has not accepted yet (`[fleet]`): after a
+    /// restart it is shared first, and no older view of the fleet undoes it. Absent
+    /// (`false`) in files written before it existed and whenever nothing waits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unshared: bool,
 }
