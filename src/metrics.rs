@@ -127,6 +127,9 @@ pub struct Metrics {
     pub fleet_members: IntGaugeVec,
     /// `[fleet]` only: the fleet generation of each route's record applied here.
     pub fleet_generation: IntGaugeVec,
+    /// `[fleet]` only: 1 while a route sends every user to stable because this replica is
+    /// cut off from the store (`fleet.on_partition = "stable"`).
+    pub fleet_cut_off: IntGaugeVec,
     /// Edge rejections (framing, limits, deadlines), handles resolved at start.
     pub edge: EdgeMetrics,
     /// Per-route handles by name, so counters and analysis windows outlive reloads.
@@ -442,6 +445,16 @@ impl Metrics {
                 &["cluster", "route"],
             ),
         )?;
+        let fleet_cut_off = build(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "kanaria_fleet_cut_off",
+                    "1 while the route sends every user to stable because this replica is cut off from the fleet store (fleet.on_partition = \"stable\"); 0 otherwise ([fleet] only).",
+                ),
+                &["cluster", "route"],
+            ),
+        )?;
         let rejected = build(
             &r,
             IntCounterVec::new(
@@ -467,6 +480,7 @@ impl Metrics {
             fleet_connected,
             fleet_members,
             fleet_generation,
+            fleet_cut_off,
             generation,
             edge,
             routes: Mutex::new(HashMap::new()),

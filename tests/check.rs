@@ -274,7 +274,7 @@ fn broken_configs_print_every_error_with_its_place() {
         ),
         (
             "bad [fleet]",
-            &format!("[fleet]\nbackend = \"etcd\"\nurl = \"http://127.0.0.1:6379\"\ncluster = \"a b\"\ninstance = \"\"\npoll_interval = \"often\"\nstartup_timeout = \"0s\"\n{GOOD_ROUTE}"),
+            &format!("[fleet]\nbackend = \"etcd\"\nurl = \"http://127.0.0.1:6379\"\ncluster = \"a b\"\ninstance = \"\"\npoll_interval = \"often\"\nstartup_timeout = \"0s\"\non_partition = \"drain\"\npartition_timeout = \"soon\"\n{GOOD_ROUTE}"),
             &[
                 "FILE:2:11: fleet.backend: \"etcd\" is not a fleet backend: the only one is \"redis\"",
                 "FILE:3:7: fleet.url: not a Redis URL",
@@ -282,6 +282,8 @@ fn broken_configs_print_every_error_with_its_place() {
                 "FILE:5:12: fleet.instance: \"\" must be 1 to 253 characters without spaces",
                 "FILE:6:17: fleet.poll_interval: \"often\" is not a duration",
                 "FILE:7:19: fleet.startup_timeout: \"0s\" must be greater than zero",
+                "FILE:8:16: fleet.on_partition: \"drain\" is not a policy: \"hold\" (keep the last weight) or \"stable\"",
+                "FILE:9:21: fleet.partition_timeout: \"soon\" is not a duration",
             ],
         ),
         (

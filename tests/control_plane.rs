@@ -19,7 +19,9 @@ use proptest::prelude::*;
 
 use kanaria::clock::{Clock, ManualClock};
 use kanaria::control::analysis_loop::AnalysisLoop;
-use kanaria::control::{Control, OperatorAction};
+use kanaria::control::fleet::Replica;
+use kanaria::control::{Control, ControlError, OperatorAction};
+use kanaria::rollout::machine::{FleetRecord, ShareMode};
 use kanaria::rollout::phase::Phase;
 use kanaria::runtime::build::SystemResolver;
 use kanaria::split::Track;
@@ -287,6 +289,159 @@ fn rollout_state_survives_a_restart() {
     assert_eq!(p.stage(), ("rolled_back", None, 0));
     p.after(HOUR, 0);
     assert_eq!(p.stage(), ("rolled_back", None, 0));
+}
+
+/// A `[fleet]` section whose store is never reached: no fleet service runs in process, so
+/// the link is down from the start until the test says otherwise ([`Replica::fleet_link`]),
+/// and the fleet's records arrive only when the test hands them over ([`Replica::adopt`]).
+fn with_fleet(src: &str, on_partition: &str) -> String {
+    format!(
+        "{src}\n[fleet]\nurl = \"redis://192.0.2.1:6379/0\"\ncluster = \"test\"\ninstance = \"a\"\non_partition = \"{on_partition}\"\npartition_timeout = \"30s\"\n"
+    )
+}
+
+/// A record of route `app` as another replica (or this one, `writer`) wrote it.
+fn fleet_record(phase: Phase, generation: u64, writer: &str) -> FleetRecord {
+    FleetRecord {
+        route: "app".into(),
+        canary_version: "v2".into(),
+        rolled_back: matches!(phase, Phase::RolledBack { .. }),
+        step: phase.step(),
+        paused: false,
+        phase,
+        generation,
+        weight_percent: 0.0,
+        kind: "test".into(),
+        reason: "test".into(),
+        by: "b".into(),
+        writer: writer.into(),
+        at_ms: 0,
+        mode: ShareMode::Cas,
+    }
+}
+
+/// (e) `fleet.on_partition = "stable"`: 30 s without the store and every user goes to
+/// stable, the phase kept; the link back, the phase's weight (or the fleet's newer record)
+/// applies again; a rollback decided while cut off stays when the link returns.
+#[test]
+fn a_replica_cut_off_from_the_fleet_sends_everyone_to_stable_after_the_timeout() {
+    let clock = Arc::new(ManualClock::new());
+    let p = Plane::start(&with_fleet(&config_in_memory(), "stable"), &clock);
+    assert_eq!(p.stage(), ("progressing", Some(0), STEPS[0]));
+    let cut_off = |p: &Plane| p.control.route_control("app").unwrap().cut_off;
+
+    p.clock.advance(Duration::from_secs(29));
+    p.analysis.tick();
+    assert_eq!(p.stage(), ("progressing", Some(0), STEPS[0]));
+    p.clock.advance(Duration::from_secs(1));
+    p.analysis.tick();
+    assert_eq!(
+        p.stage(),
+        ("progressing", Some(0), 0),
+        "still on the canary, cut off for 30 s"
+    );
+    assert!(cut_off(&p));
+    assert_eq!(
+        p.control.snapshot().routes[0].weight_source.as_str(),
+        "cut_off"
+    );
+    let event = p.control.events().pop().unwrap();
+    assert_eq!(event.kind, "cut_off");
+    assert!(event.reason.contains("30s"), "{}", event.reason);
+
+    // Back in touch: the phase's weight, then the fleet's newer record.
+    p.control.fleet_link(true);
+    assert_eq!(p.stage(), ("progressing", Some(0), STEPS[0]));
+    assert!(!cut_off(&p));
+    assert_eq!(p.control.events().pop().unwrap().kind, "rejoined");
+    p.control.fleet_link(false);
+    p.control
+        .adopt(fleet_record(Phase::Weight { buckets: 3_000 }, 4, "b/1/1"));
+    assert_eq!(p.weight(), 3_000);
+
+    // Cut off again; an operator's rollback meanwhile applies here, is not shared yet, and
+    // stays when the link returns (the fleet's older view does not undo it).
+    p.clock.advance(Duration::from_secs(30));
+    p.analysis.tick();
+    assert_eq!(p.weight(), 0);
+    let answer = p.control.act("app", OperatorAction::Rollback);
+    assert!(
+        matches!(&answer, Err(ControlError::NotShared(_))),
+        "{answer:?}"
+    );
+    assert!(answer
+        .unwrap_err()
+        .to_string()
+        .starts_with("applied locally, not yet shared"));
+    p.control.fleet_link(true);
+    p.control
+        .adopt(fleet_record(Phase::Weight { buckets: 3_000 }, 5, "b/1/1"));
+    assert_eq!(p.stage(), ("rolled_back", None, 0));
+    assert!(p.control.route_control("app").unwrap().unshared_rollback);
+}
+
+/// With `"hold"` (the default), a replica cut off for hours keeps its weight.
+#[test]
+fn a_replica_cut_off_with_hold_keeps_its_weight() {
+    let clock = Arc::new(ManualClock::new());
+    let p = Plane::start(&with_fleet(&config_in_memory(), "hold"), &clock);
+    for _ in 0..4 {
+        p.after(HOUR, 0);
+        assert_eq!(p.stage(), ("progressing", Some(0), STEPS[0]));
+    }
+    assert!(!p.control.route_control("app").unwrap().cut_off);
+}
+
+/// (f) A rollback applied while the store does not answer is in the state file as not yet
+/// shared; a restart restores it as such, the fleet's records do not undo it, and once
+/// the fleet has it the file says so (a later restart follows the fleet again).
+#[test]
+fn a_rollback_not_yet_shared_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = with_fleet(&config_with_state(dir.path()), "hold");
+    let file = dir.path().join("state/app.json");
+    let clock = Arc::new(ManualClock::new());
+
+    let p = Plane::start(&src, &clock);
+    let answer = p.control.act("app", OperatorAction::Rollback);
+    assert!(
+        matches!(&answer, Err(ControlError::NotShared(_))),
+        "{answer:?}"
+    );
+    assert_eq!(p.stage(), ("rolled_back", None, 0));
+    let saved = std::fs::read_to_string(&file).unwrap();
+    assert!(saved.contains("\"unshared\": true"), "{saved}");
+    drop(p);
+
+    // kill -9 and back: the fleet's newer, progressing record does not undo it.
+    let p = Plane::start(&src, &clock);
+    assert_eq!(p.stage(), ("rolled_back", None, 0));
+    assert!(p.control.route_control("app").unwrap().unshared_rollback);
+    p.control.fleet_link(true);
+    let progressing = Phase::Progressing {
+        step: 1,
+        since_ms: 0,
+    };
+    p.control
+        .adopt(fleet_record(progressing.clone(), 7, "b/1/1"));
+    assert_eq!(p.stage(), ("rolled_back", None, 0));
+    // The store took it (its answer is this process's own record): nothing waits.
+    let me = p.control.fleet.as_ref().unwrap().writer_id.clone();
+    let rollback = Phase::RolledBack {
+        reason: "manual".into(),
+    };
+    p.control.adopt(fleet_record(rollback, 8, &me));
+    assert!(!p.control.route_control("app").unwrap().unshared_rollback);
+    p.control.flush_state();
+    let saved = std::fs::read_to_string(&file).unwrap();
+    assert!(!saved.contains("unshared"), "{saved}");
+    drop(p);
+
+    // Shared: after a restart the fleet's record applies again (an operator resumed).
+    let p = Plane::start(&src, &clock);
+    assert_eq!(p.stage(), ("rolled_back", None, 0));
+    p.control.adopt(fleet_record(progressing, 9, "b/1/1"));
+    assert_eq!(p.stage(), ("progressing", Some(1), STEPS[1]));
 }
 
 /// What a property test does to the control plane.

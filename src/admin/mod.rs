@@ -190,6 +190,8 @@ fn fleet_json(f: &crate::control::fleet::Fleet) -> Value {
         "start": if synced { "adopted the fleet's records" } else if f.ready() { "serving local state: the fleet store did not answer within fleet.startup_timeout" } else { "adopting the fleet's records" },
         "last_sync_unix_ms": view.last_sync_ms,
         "pending_writes": view.pending,
+        "on_partition": f.settings.on_partition.as_str(),
+        "partition_timeout_seconds": f.settings.partition_timeout.as_secs_f64(),
         "members": view.members.iter().map(|m| json!({
             "instance": m.instance,
             "last_seen_unix_ms": m.last_seen_ms,
@@ -255,6 +257,8 @@ impl AdminApp {
                     "evaluations": control.map(|c| c.evaluations),
                     "last_verdict": control.map(|c| c.last_verdict),
                     "fleet_generation": control.filter(|_| self.shared.fleet.is_some()).map(|c| c.fleet_generation),
+                    // [fleet]: every user to stable because this replica is cut off from the store.
+                    "fleet_cut_off": control.filter(|_| self.shared.fleet.is_some()).map(|c| c.cut_off),
                     // [fleet]: the analysis window summed over the replicas, as last judged.
                     "fleet_window": self.shared.fleet.as_ref().zip(r.canary.as_ref()).and_then(|(f, c)| f.fleet_counts(&r.name, &c.version)).map(|(sum, replicas)| json!({
                         "replicas": replicas,
@@ -365,25 +369,43 @@ impl AdminApp {
             Ok(result) => result,
             Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
         };
-        match result {
-            Ok(generation) => {
-                let control = self.shared.route_control(route);
-                let snap = self.shared.snapshot();
-                let r = snap.routes.iter().find(|r| r.name == route);
-                json_response(
-                    StatusCode::OK,
-                    json!({
-                        "route": route,
-                        "action": action,
-                        "config_generation": generation,
-                        "effective_weight_percent": r.map(|r| buckets_to_percent(r.split.canary_buckets)),
-                        "rollout_state": r.map(|r| rollout_state(r, control.as_ref().map(|c| &c.phase))),
-                    }),
-                )
+        // What this replica serves for the route now.
+        let served = |generation: u64| {
+            let control = self.shared.route_control(route);
+            let snap = self.shared.snapshot();
+            let r = snap.routes.iter().find(|r| r.name == route);
+            json!({
+                "route": route,
+                "action": action,
+                "config_generation": generation.max(snap.generation),
+                "effective_weight_percent": r.map(|r| buckets_to_percent(r.split.canary_buckets)),
+                "rollout_state": r.map(|r| rollout_state(r, control.as_ref().map(|c| &c.phase))),
+            })
+        };
+        let with = |mut v: Value, key: &str, value: Value| {
+            if let Some(o) = v.as_object_mut() {
+                o.insert(key.to_string(), value);
             }
+            v
+        };
+        match result {
+            Ok(generation) => json_response(StatusCode::OK, served(generation)),
             Err(e @ ControlError::NoSuchRoute(_)) => error(StatusCode::NOT_FOUND, e),
             Err(e @ ControlError::BadWeight(_)) => error(StatusCode::BAD_REQUEST, e),
             Err(e @ ControlError::Refused(_)) => error(StatusCode::CONFLICT, e),
+            // Refused by the fleet's store: undone here; the fleet's record says what is.
+            Err(ControlError::FleetRefused { message, current }) => {
+                let body = with(served(0), "error", json!(message));
+                json_response(
+                    StatusCode::CONFLICT,
+                    with(body, "fleet_record", json!(current)),
+                )
+            }
+            // Applied here, not yet in the store: not the fleet's change yet.
+            Err(e @ ControlError::NotShared(_)) => json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                with(served(0), "error", json!(e.to_string())),
+            ),
         }
     }
 }

@@ -325,6 +325,15 @@ pub struct FleetFile {
     /// Default `"7d"`.
     #[serde(default = "default_fleet_record_ttl")]
     pub record_ttl: String,
+    /// What a replica cut off from the store does: `"hold"` keeps the last weight it
+    /// knows; `"stable"` sends every user to stable once the store has not answered for
+    /// `partition_timeout`, until it answers again. Default `"hold"`.
+    #[serde(default = "default_fleet_on_partition")]
+    pub on_partition: String,
+    /// With `on_partition = "stable"`: how long the store may not answer before the
+    /// replica sends every user to stable. Default `"30s"`.
+    #[serde(default = "default_fleet_partition_timeout")]
+    pub partition_timeout: String,
 }
 
 fn default_fleet_backend() -> String {
@@ -341,6 +350,14 @@ fn default_fleet_startup() -> String {
 
 fn default_fleet_record_ttl() -> String {
     "7d".into()
+}
+
+fn default_fleet_on_partition() -> String {
+    "hold".into()
+}
+
+fn default_fleet_partition_timeout() -> String {
+    "30s".into()
 }
 
 /// `[state]`

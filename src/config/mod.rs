@@ -187,6 +187,41 @@ pub struct FleetSettings {
     pub record_ttl: Duration,
     /// `rediss://`: the PEM file of the authorities to trust (`None`: the system's store).
     pub ca: Option<PathBuf>,
+    /// What a replica cut off from the store does.
+    pub on_partition: PartitionPolicy,
+    /// With [`PartitionPolicy::Stable`]: how long the store may not answer first.
+    pub partition_timeout: Duration,
+}
+
+/// `fleet.on_partition`: what a replica does while the fleet store does not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartitionPolicy {
+    /// Keep serving the last weight it knows (nothing advances; rollbacks still apply).
+    Hold,
+    /// After `fleet.partition_timeout`, every user to stable until the store answers: a
+    /// canary never runs unsupervised for longer.
+    Stable,
+}
+
+impl PartitionPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartitionPolicy::Hold => "hold",
+            PartitionPolicy::Stable => "stable",
+        }
+    }
+}
+
+impl FleetSettings {
+    /// How long the store may not answer before this replica is cut off, in ms (`None`:
+    /// `"hold"`, never).
+    pub fn cut_off_after_ms(&self) -> Option<u64> {
+        match self.on_partition {
+            PartitionPolicy::Hold => None,
+            PartitionPolicy::Stable => Some(self.partition_timeout.as_millis() as u64),
+        }
+    }
 }
 
 impl std::fmt::Debug for FleetSettings {
@@ -198,6 +233,8 @@ impl std::fmt::Debug for FleetSettings {
             .field("poll_interval", &self.poll_interval)
             .field("startup_timeout", &self.startup_timeout)
             .field("record_ttl", &self.record_ttl)
+            .field("on_partition", &self.on_partition)
+            .field("partition_timeout", &self.partition_timeout)
             .field("tls", &self.url.starts_with("rediss://"))
             .finish()
     }

@@ -235,6 +235,12 @@ impl AnalysisLoop {
         let now_ms = self.shared.clock.now_ms();
         let live = self.shared.live.load();
         let mut pools_seen = Vec::new();
+        // While the fleet store does not answer, fleet.partition_timeout may run out.
+        let fleet_down = self
+            .shared
+            .fleet
+            .as_ref()
+            .is_some_and(|f| !f.connected.load(Ordering::Acquire));
         for (i, route) in live.snapshot.routes.iter().enumerate() {
             if let Some(h) = &route.health {
                 for pool in [Some(&route.stable), route.canary.as_ref()]
@@ -256,7 +262,9 @@ impl AnalysisLoop {
                 }
             }
             // A rollout step's hold may elapse between evaluations (or without analysis).
-            if route.weight_source == WeightSource::Rollout {
+            if route.weight_source == WeightSource::Rollout
+                || (fleet_down && route.canary.is_some())
+            {
                 self.shared.observe(&route.name, Input::Tick);
             }
             if !route.analysis.enabled || route.canary.is_none() || route.split.canary_buckets == 0

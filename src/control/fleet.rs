@@ -144,12 +144,16 @@ pub struct Fleet {
 }
 
 /// The store's answer to a write an operator waits for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
     /// Written, at this generation.
     Written(u64),
-    /// Refused: the fleet's record changed meanwhile (and is adopted instead).
-    Refused(String),
+    /// Refused: the fleet's record changed meanwhile (and is adopted instead): why, and
+    /// the store's record.
+    Refused {
+        message: String,
+        current: Option<Box<FleetRecord>>,
+    },
     /// The store did not answer: applied here, written when it is back.
     Unreachable(String),
 }
@@ -440,19 +444,23 @@ impl FleetService {
                 }
                 Ok(Written::Refused(current)) => {
                     pending.lock().await.remove(&key);
-                    let msg = match &current {
+                    let message = match &current {
                         Some(c) => format!(
-                            "the fleet's record changed meanwhile (generation {}: {} by {}): nothing changed, see status",
+                            "the fleet's record changed meanwhile (generation {}: {} by {}): this change was refused and is undone here; the fleet's record applies",
                             c.generation,
                             c.phase.name(),
                             c.by
                         ),
                         None => "the fleet store refused the change".to_string(),
                     };
-                    if let Some(c) = current {
-                        self.shared.adopt(c);
+                    // Adopted before the answer goes: whoever waits sees the fleet's state.
+                    if let Some(c) = &current {
+                        self.shared.adopt(c.clone());
                     }
-                    Answer::Refused(msg)
+                    Answer::Refused {
+                        message,
+                        current: current.map(Box::new),
+                    }
                 }
                 Err(e) => {
                     if self.fleet.connected.load(Ordering::Acquire) {

@@ -37,6 +37,9 @@ pub use crate::rollout::machine::{Action, Verdict};
 /// Events kept for the status API.
 const EVENTS_KEPT: usize = 200;
 
+/// How long an operator's action waits for the fleet store's answer.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The result of the last reload attempt, for the status API.
 #[derive(Debug, Clone)]
 pub struct ReloadStatus {
@@ -73,6 +76,17 @@ pub enum ControlError {
     BadWeight(String),
     #[error(transparent)]
     Refused(#[from] Refusal),
+    /// The fleet store refused the change: the fleet's record changed meanwhile. The
+    /// change is undone here (the fleet's record, `current`, is adopted instead).
+    #[error("{message}")]
+    FleetRefused {
+        message: String,
+        current: Option<Box<FleetRecord>>,
+    },
+    /// Applied on this replica, but the fleet store did not answer in time: it is written
+    /// when the store answers (where a rollback wins; anything else may still be refused).
+    #[error("applied locally, not yet shared: {0}")]
+    NotShared(String),
 }
 
 /// The control plane: the only writer of the [`LiveHandle`]. Shared by the admin API, the
@@ -214,13 +228,17 @@ impl Control {
             Some(s) => s.clone(),
             None => match ctl.file.routes.iter().find(|r| r.name == route) {
                 Some(r) => {
-                    let mut s = machine::fresh(&Spec::of(r), now);
-                    // A route added while the fleet store is unreachable must not advance.
-                    s.fleet_down = self
-                        .fleet
-                        .as_ref()
-                        .is_some_and(|f| !f.connected.load(std::sync::atomic::Ordering::Acquire));
-                    s
+                    let s = machine::fresh(&Spec::of(r), now);
+                    // A route added while the fleet store is unreachable must not advance
+                    // (and counts towards fleet.partition_timeout from now).
+                    match &self.fleet {
+                        Some(f) => s.in_fleet(
+                            f.connected.load(std::sync::atomic::Ordering::Acquire),
+                            f.settings.cut_off_after_ms(),
+                            now,
+                        ),
+                        None => s,
+                    }
                 }
                 None => return Ok(false),
             },
@@ -346,6 +364,14 @@ impl Control {
             })
             .collect();
         let metrics = self.metrics();
+        if let Some(f) = &self.fleet {
+            for (name, rc) in &ctl.routes {
+                metrics
+                    .fleet_cut_off
+                    .with_label_values(&[&f.settings.cluster, name])
+                    .set(i64::from(rc.cut_off));
+            }
+        }
         let route_metrics = snap
             .routes
             .iter()
@@ -500,7 +526,10 @@ impl Control {
     }
 
     /// An operator's action (a weight in percent). Returns the new generation once the
-    /// change is live and its state file is on disk.
+    /// change is live and its state file is on disk, and, in a fleet, once the fleet's
+    /// store has it: [`ControlError::FleetRefused`] when the store refused it (undone here),
+    /// [`ControlError::NotShared`] when the store did not answer in time (applied here,
+    /// written when it answers).
     pub fn act(&self, route: &str, action: OperatorAction) -> Result<u64, ControlError> {
         let action = match action {
             OperatorAction::Weight(percent) => {
@@ -537,20 +566,39 @@ impl Control {
             ctl.generation
         };
         self.flush_state();
-        if let Some(answer) = answer {
-            match answer.recv_timeout(std::time::Duration::from_secs(5)) {
-                Ok(Answer::Written(_)) => {}
-                // The fleet's record changed meanwhile and was adopted instead: this action
-                // did not happen (a rollback is never refused unless the fleet already is
-                // rolled back).
-                Ok(Answer::Refused(msg)) if action != Action::Rollback => {
-                    return Err(ControlError::Refused(Refusal::Conflict(msg)))
+        if let (Some(answer), Some(fleet)) = (answer, &self.fleet) {
+            // Known to be down: nothing to wait for (the writer keeps the change and
+            // writes it when the store answers).
+            let answer = if fleet.connected.load(std::sync::atomic::Ordering::Acquire) {
+                answer.recv_timeout(ANSWER_TIMEOUT).unwrap_or_else(|_| {
+                    Answer::Unreachable(format!(
+                        "the fleet store did not answer within {}s; the change is written when it does",
+                        ANSWER_TIMEOUT.as_secs()
+                    ))
+                })
+            } else {
+                Answer::Unreachable(
+                    "the fleet store is unreachable; the change is written when it answers"
+                        .to_string(),
+                )
+            };
+            match answer {
+                Answer::Written(_) => {}
+                // A rollback is refused only when the fleet is rolled back already: the
+                // fleet has the change.
+                Answer::Refused { current, .. }
+                    if action == Action::Rollback
+                        && current.as_ref().is_some_and(|c| c.rolled_back) => {}
+                // The fleet's record changed meanwhile and was adopted instead: this
+                // action did not happen.
+                Answer::Refused { message, current } => {
+                    log::info!("fleet: {message}");
+                    return Err(ControlError::FleetRefused { message, current });
                 }
-                Ok(Answer::Refused(msg)) => log::info!("fleet: {msg}"),
-                // Applied here, written when the store is back (the store going down is
-                // noticed by this write: from now on only rollbacks apply).
-                Ok(Answer::Unreachable(msg)) => log::warn!("fleet: {msg}"),
-                Err(_) => log::warn!("fleet: no answer from the store within 5s"),
+                Answer::Unreachable(msg) => {
+                    log::warn!("fleet: {msg}");
+                    return Err(ControlError::NotShared(msg));
+                }
             }
         }
         Ok(self.snapshot().generation.max(generation))
@@ -608,8 +656,16 @@ impl Replica for Control {
         let settle_ms = self.fleet.as_ref().map_or(0, |f| f.settle_ms());
         let mut ctl = self.lock();
         let names: Vec<String> = ctl.routes.keys().cloned().collect();
+        let mut publish = false;
         for name in names {
-            let _ = self.step(&mut ctl, &name, Input::FleetLink { up, settle_ms });
+            // Back in touch, a route cut off from the fleet serves its phase's weight again.
+            publish |= matches!(
+                self.step(&mut ctl, &name, Input::FleetLink { up, settle_ms }),
+                Ok(true)
+            );
+        }
+        if publish {
+            self.publish(&mut ctl);
         }
     }
 

@@ -1052,15 +1052,18 @@ mod tests {
         let saved = prop_oneof![
             Just(Ok(None)),
             Just(Err("app.json: not a Kanaria state file".to_string())),
-            (prop_oneof![Just("v2"), Just("v3")], phase.clone(), any::<bool>()).prop_map(|(v, phase, unshared)| Ok(Some(
-                Record {
+            (
+                prop_oneof![Just("v2"), Just("v3")],
+                phase.clone(),
+                any::<bool>()
+            )
+                .prop_map(|(v, phase, unshared)| Ok(Some(Record {
                     route: "app".into(),
                     canary_version: v.into(),
                     phase,
                     updated_ms: 0,
                     unshared,
-                }
-            ))),
+                }))),
         ];
         let input = prop_oneof![
             3 => spec_s.prop_map(Input::Config),

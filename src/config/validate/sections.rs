@@ -9,8 +9,8 @@ use crate::config::errors::KeyPath;
 use crate::config::file::{EdgeFile, ProxyFile};
 use crate::config::{
     CertPaths, EdgeSettings, FleetSettings, HeaderLimits, LogFormat, LogSettings, LogTarget,
-    ProxySettings, ResolverSettings, Timeouts, TlsCertificates, PINGORA_MAX_HEADERS,
-    PINGORA_MAX_HEADER_BYTES,
+    PartitionPolicy, ProxySettings, ResolverSettings, Timeouts, TlsCertificates,
+    PINGORA_MAX_HEADERS, PINGORA_MAX_HEADER_BYTES,
 };
 
 pub(super) fn log_settings(
@@ -138,6 +138,18 @@ pub(super) fn fleet_settings(
     let poll = c.duration(path.key("poll_interval"), &f.poll_interval);
     let startup = c.duration(path.key("startup_timeout"), &f.startup_timeout);
     let record_ttl = c.duration(path.key("record_ttl"), &f.record_ttl);
+    let partition_timeout = c.duration(path.key("partition_timeout"), &f.partition_timeout);
+    let on_partition = match f.on_partition.as_str() {
+        "hold" => Some(PartitionPolicy::Hold),
+        "stable" => Some(PartitionPolicy::Stable),
+        other => {
+            c.err(
+                path.key("on_partition"),
+                format!("{other:?} is not a policy: \"hold\" (keep the last weight) or \"stable\" (every user to stable after partition_timeout)"),
+            );
+            None
+        }
+    };
     if let (Some(ttl), Some(poll)) = (record_ttl, poll) {
         // Renewed at every poll: a TTL within a few polls could lapse between two.
         if ttl < poll * 10 {
@@ -163,6 +175,8 @@ pub(super) fn fleet_settings(
         startup_timeout: startup?,
         record_ttl: record_ttl?,
         ca,
+        on_partition: on_partition?,
+        partition_timeout: partition_timeout?,
     })
 }
 
