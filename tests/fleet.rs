@@ -8,6 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::relay::Relay;
 use common::{client, eventually, eventually_every, pool, Load, Proxy, Redis, Upstream};
 use serde_json::Value;
 
@@ -16,7 +17,8 @@ const TOKEN: &str = "fleet-secret";
 /// Three replicas of one config (each its own ports and `instance`), a `[fleet]` on `redis`.
 struct Fleet {
     replicas: Vec<Proxy>,
-    _state: Vec<tempfile::TempDir>,
+    /// Each replica's `[state] dir`.
+    state: Vec<tempfile::TempDir>,
     _stable: Upstream,
     canary: Upstream,
 }
@@ -43,11 +45,23 @@ impl Fleet {
     /// `rollout` is extra TOML for the route (e.g. `[routes.rollout]`), `fleet_extra` extra
     /// `[fleet]` keys, `state`: whether each replica persists to a state dir.
     async fn start(redis: &Redis, canary_weight: f64, rollout: &str, fleet_extra: &str) -> Fleet {
+        let each = [0, 1, 2].map(|_| (redis.url(), fleet_extra.to_string()));
+        Fleet::start_each(canary_weight, rollout, each).await
+    }
+
+    /// [`Fleet::start`] with each replica's store URL (Redis, or a relay to it) and extra
+    /// `[fleet]` keys (`poll_interval` there replaces the fleet's 500 ms).
+    async fn start_each(canary_weight: f64, rollout: &str, each: [(String, String); 3]) -> Fleet {
         let stable = Upstream::start("stable").await;
         let canary = Upstream::start("canary").await;
         let mut replicas = Vec::new();
         let mut dirs = Vec::new();
-        for name in ["a", "b", "c"] {
+        for (name, (url, fleet_extra)) in ["a", "b", "c"].into_iter().zip(each) {
+            let poll = if fleet_extra.contains("poll_interval") {
+                ""
+            } else {
+                "poll_interval = \"500ms\"\n"
+            };
             let dir = tempfile::tempdir().expect("state dir");
             let state = dir.path().to_path_buf();
             dirs.push(dir);
@@ -62,9 +76,8 @@ impl Fleet {
                 String::new()
             };
             let routes = format!(
-                "[state]\ndir = \"{}\"\n\n[fleet]\nurl = \"{}\"\ncluster = \"test\"\ninstance = \"{name}\"\npoll_interval = \"500ms\"\n{fleet_extra}\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\n{weight}{}{}{rollout}\n{analysis}",
+                "[state]\ndir = \"{}\"\n\n[fleet]\nurl = \"{url}\"\ncluster = \"test\"\ninstance = \"{name}\"\n{poll}{fleet_extra}\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\n{weight}{}{}{rollout}\n{analysis}",
                 state.display(),
-                redis.url(),
                 pool("routes.stable", "stable", &[stable.addr]),
                 pool("routes.canary", "canary", &[canary.addr]),
             );
@@ -78,7 +91,7 @@ impl Fleet {
         }
         let fleet = Fleet {
             replicas,
-            _state: dirs,
+            state: dirs,
             _stable: stable,
             canary,
         };
@@ -517,11 +530,18 @@ async fn with_redis_down_replicas_serve_nothing_promotes_and_a_rollback_is_share
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Operator actions other than a rollback are refused; a rollback applies at once here.
+    // Operator actions other than a rollback are refused; a rollback applies at once here,
+    // and the answer says the fleet does not have it yet.
     let (code, _) = fleet.act(1, "promote", "{}").await;
     assert_eq!(code, 409);
     let (code, body) = fleet.act(0, "rollback", "{}").await;
-    assert_eq!(code, 200, "{body}");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("applied locally, not yet shared")),
+        "{body}"
+    );
     let a = fleet.replicas[0].status().await;
     assert_eq!(state_of(&a), "rolled_back");
     assert_eq!(a["fleet"]["connected"], false);
@@ -782,4 +802,321 @@ async fn records_of_versions_no_replica_serves_expire_and_served_ones_are_renewe
     wait_pttl(&mut conn, v2, "written with a TTL", |t| t > 0).await;
     wait_pttl(&mut conn, v1, "expired", |t| t == -2).await;
     assert!(pttl(&mut conn, v2).await > 0, "v2's record went with v1's");
+}
+
+/// The issue's measured case: an operator's rollback posted to a replica cut off from
+/// Redis, that replica killed (-9) before it could share it, the rest of the fleet moving
+/// on meanwhile, then restarted with its state dir once Redis is reachable again. The
+/// rollback was in its state file as not yet shared: the restarted replica shares it
+/// first, never serves the fleet's weight, and the whole fleet rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollback_not_yet_shared_survives_kill_9_and_the_fleet_rolls_back() {
+    let redis = Redis::start().await;
+    let relay = Relay::start(redis.port).await;
+    let each = [relay.redis_url(), redis.url(), redis.url()].map(|url| (url, String::new()));
+    let mut fleet = Fleet::start_each(20.0, "", each).await;
+    fleet
+        .converge("20% everywhere", |s| weight_of(s) == 20.0)
+        .await;
+    let load = Load::start(fleet.replicas[1].url("/"), 2, 500);
+
+    relay.cut();
+    fleet.replicas[0]
+        .wait_status("a cut off from Redis", |s| s["fleet"]["connected"] == false)
+        .await;
+    let (code, body) = fleet.act(0, "rollback", "{}").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("applied locally, not yet shared")),
+        "{body}"
+    );
+    assert_eq!(body["rollout_state"], "rolled_back", "{body}");
+    assert_eq!(body["effective_weight_percent"], 0.0, "{body}");
+    let file = fleet.state[0].path().join("app.json");
+    let saved = std::fs::read_to_string(&file).expect("a's state file");
+    assert!(saved.contains("\"unshared\": true"), "{saved}");
+    // The others know nothing of it and move on: b raises the weight.
+    let (code, body) = fleet.act(1, "weight", r#"{"percent": 30}"#).await;
+    assert_eq!(code, 200, "{body}");
+    for r in &fleet.replicas[1..] {
+        r.wait_status("30% on b and c", |s| weight_of(s) == 30.0)
+            .await;
+    }
+
+    // kill -9 before the store is back; restarted once it is.
+    fleet.replicas[0].kill();
+    relay.restore();
+    fleet.replicas[0].respawn();
+    fleet.replicas[0].wait_until_ready().await;
+    let a = fleet.replicas[0].status().await;
+    assert_eq!(
+        state_of(&a),
+        "rolled_back",
+        "ready with the fleet's 30%: {a:#}"
+    );
+    assert_eq!(weight_of(&a), 0.0, "{a:#}");
+    fleet
+        .converge("the rollback everywhere", |s| {
+            state_of(s) == "rolled_back" && weight_of(s) == 0.0
+        })
+        .await;
+    // The store has a's rollback; a's state file no longer says it waits.
+    let mut conn = redis.conn().await;
+    let rec: String = redis::cmd("GET")
+        .arg("kanaria:test:rollout:app:canary")
+        .query_async(&mut conn)
+        .await
+        .expect("the record");
+    let rec: Value = serde_json::from_str(&rec).expect("record json");
+    assert_eq!(
+        (&rec["rolled_back"], &rec["by"]),
+        (&Value::Bool(true), &Value::from("a")),
+        "{rec}"
+    );
+    eventually(
+        "a's state file to say it is shared",
+        Duration::from_secs(10),
+        || {
+            let saved = std::fs::read_to_string(&file).unwrap_or_default();
+            std::future::ready(if saved.contains("unshared") {
+                Err(saved)
+            } else {
+                Ok(())
+            })
+        },
+    )
+    .await;
+    // Nobody on the canary any more, once b's clients have the new state.
+    let canary = load.canary.clone();
+    let before = canary.load(std::sync::atomic::Ordering::SeqCst);
+    let users = common::send_users(&fleet.replicas[1], 100, "after").await;
+    assert!(
+        users.iter().all(|(code, v)| *code == 200 && v == "stable"),
+        "{users:?}"
+    );
+    let (ok, failed) = load.stop().await;
+    assert!(ok > 0 && before > 0);
+    assert_eq!(failed, 0, "proxy errors on b");
+}
+
+/// An operator's answer says what the fleet has: 200 once the store has the change, 409
+/// with the fleet's record when the store refused it (and the change is undone here), 503
+/// "applied locally, not yet shared" when the store does not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operator_answers_say_what_the_fleet_has() {
+    let redis = Redis::start().await;
+    let relay = Relay::start(redis.port).await;
+    // Polls 3 s apart: a record written behind a replica's back stays unseen between two.
+    let slow = "poll_interval = \"3s\"\n".to_string();
+    let each = [
+        (relay.redis_url(), slow.clone()),
+        (redis.url(), slow.clone()),
+        (redis.url(), slow),
+    ];
+    let fleet = Fleet::start_each(10.0, "", each).await;
+
+    // 200: the store has it, and so has every replica.
+    let (code, body) = fleet.act(1, "weight", r#"{"percent": 40}"#).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["effective_weight_percent"], 40.0, "{body}");
+    let seen = fleet.converge("40%", |s| weight_of(s) == 40.0).await;
+    let generation = route_of(&seen[0])["fleet_generation"]
+        .as_u64()
+        .expect("generation");
+
+    // 409: the fleet's record changes behind a's back (written just after a's poll, not
+    // published), so a decides on the old generation and the store refuses.
+    let mut conn = redis.conn().await;
+    let key = "kanaria:test:rollout:app:canary";
+    let last_seen = |conn: &redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let m: Option<String> = redis::cmd("HGET")
+                .arg("kanaria:test:members")
+                .arg("a")
+                .query_async(&mut conn)
+                .await
+                .expect("HGET");
+            m.and_then(|m| serde_json::from_str::<Value>(&m).ok())
+                .and_then(|m| m["last_seen_ms"].as_u64())
+                .unwrap_or(0)
+        }
+    };
+    let polled = last_seen(&conn).await;
+    eventually("a's next poll", Duration::from_secs(10), || {
+        let conn = conn.clone();
+        async move {
+            let now = last_seen(&conn).await;
+            if now > polled {
+                Ok(())
+            } else {
+                Err(format!("last seen {now}"))
+            }
+        }
+    })
+    .await;
+    let current: String = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    let mut changed: Value = serde_json::from_str(&current).expect("record json");
+    assert_eq!(
+        changed["generation"].as_u64(),
+        Some(generation),
+        "{changed}"
+    );
+    changed["generation"] = Value::from(generation + 1);
+    changed["phase"] = serde_json::json!({"state": "weight", "buckets": 2_500});
+    changed["weight_percent"] = Value::from(25.0);
+    changed["by"] = Value::from("elsewhere");
+    changed["writer"] = Value::from("elsewhere/1/1");
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(changed.to_string())
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let (code, body) = fleet.act(0, "weight", r#"{"percent": 70}"#).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refused")),
+        "{body}"
+    );
+    assert_eq!(
+        body["fleet_record"]["generation"].as_u64(),
+        Some(generation + 1),
+        "{body}"
+    );
+    assert_eq!(body["fleet_record"]["by"], "elsewhere", "{body}");
+    // Undone here: a serves the fleet's record, not its 70%.
+    assert_eq!(body["effective_weight_percent"], 25.0, "{body}");
+    assert_eq!(weight_of(&fleet.replicas[0].status().await), 25.0);
+    fleet
+        .converge("25% everywhere", |s| weight_of(s) == 25.0)
+        .await;
+
+    // 503: a cut off from the store; its rollback applies here and waits.
+    relay.cut();
+    fleet.replicas[0]
+        .wait_status("a cut off from Redis", |s| s["fleet"]["connected"] == false)
+        .await;
+    let (code, body) = fleet.act(0, "weight", r#"{"percent": 5}"#).await;
+    assert_eq!(
+        code, 409,
+        "only a rollback applies while the store is away: {body}"
+    );
+    let (code, body) = fleet.act(0, "rollback", "{}").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("applied locally, not yet shared")),
+        "{body}"
+    );
+    assert_eq!(body["rollout_state"], "rolled_back", "{body}");
+    assert_eq!(weight_of(&fleet.replicas[1].status().await), 25.0);
+    relay.restore();
+    fleet
+        .converge("a's rollback shared", |s| {
+            state_of(s) == "rolled_back" && s["fleet"]["connected"] == true
+        })
+        .await;
+}
+
+/// `fleet.on_partition`: a replica with `"stable"` cut off from the store (a relay the
+/// test cuts) sends nobody to the canary once `partition_timeout` (1 s) has passed, and
+/// says so in status, metrics and an event; one with `"hold"`, cut off as long, keeps its
+/// weight. The rest of the fleet moves on meanwhile; when the relay returns, both apply
+/// the fleet's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_cut_off_goes_to_stable_after_the_timeout_or_holds() {
+    let redis = Redis::start().await;
+    let relay = Relay::start(redis.port).await;
+    let each = [
+        (
+            relay.redis_url(),
+            "on_partition = \"stable\"\npartition_timeout = \"1s\"\n".to_string(),
+        ),
+        (relay.redis_url(), "on_partition = \"hold\"\n".to_string()),
+        (redis.url(), String::new()),
+    ];
+    let fleet = Fleet::start_each(30.0, "", each).await;
+    fleet.converge("30%", |s| weight_of(s) == 30.0).await;
+    let a = &fleet.replicas[0];
+    let load = Load::start(a.url("/"), 2, 500);
+    let before = common::send_users(a, 200, "before").await;
+    assert!(before.iter().any(|(_, v)| v == "canary"), "{before:?}");
+
+    relay.cut();
+    let cut_at = Instant::now();
+    let s = a
+        .wait_status("a to send everyone to stable", |s| {
+            weight_of(s) == 0.0 && route_of(s)["fleet_cut_off"] == true
+        })
+        .await;
+    assert!(
+        cut_at.elapsed() >= Duration::from_secs(1),
+        "cut off before the timeout"
+    );
+    assert_eq!(state_of(&s), "manual", "the phase is kept: {s:#}");
+    assert_eq!(route_of(&s)["weight_source"], "cut_off");
+    assert_eq!(s["fleet"]["on_partition"], "stable");
+    assert!(
+        s["events"]
+            .as_array()
+            .is_some_and(|ev| ev.iter().any(|e| e["kind"] == "cut_off")),
+        "{s:#}"
+    );
+    let metrics = a.metrics().await;
+    assert_eq!(
+        common::metric(
+            &metrics,
+            "kanaria_fleet_cut_off{cluster=\"test\",route=\"app\"}"
+        ),
+        1.0
+    );
+    let during = common::send_users(a, 200, "before").await;
+    assert!(
+        during.iter().all(|(code, v)| *code == 200 && v == "stable"),
+        "users on the canary of a replica cut off: {during:?}"
+    );
+    // b, cut off as long (longer: the same cut, and a is past its timeout), holds.
+    let b = fleet.replicas[1].status().await;
+    assert_eq!(b["fleet"]["connected"], false, "{b:#}");
+    assert_eq!(weight_of(&b), 30.0, "{b:#}");
+    assert_eq!(route_of(&b)["fleet_cut_off"], false);
+
+    // The fleet moves on through c; back in touch, a and b apply its record.
+    let (code, body) = fleet.act(2, "weight", r#"{"percent": 50}"#).await;
+    assert_eq!(code, 200, "{body}");
+    relay.restore();
+    let seen = fleet
+        .converge("50% everywhere", |s| {
+            weight_of(s) == 50.0 && s["fleet"]["connected"] == true
+        })
+        .await;
+    assert_eq!(route_of(&seen[0])["fleet_cut_off"], false);
+    assert!(
+        seen[0]["events"]
+            .as_array()
+            .is_some_and(|ev| ev.iter().any(|e| e["kind"] == "rejoined")),
+        "{:#}",
+        seen[0]
+    );
+    let metrics = a.metrics().await;
+    assert_eq!(
+        common::metric(
+            &metrics,
+            "kanaria_fleet_cut_off{cluster=\"test\",route=\"app\"}"
+        ),
+        0.0
+    );
+    let (ok, failed) = load.stop().await;
+    assert!(ok > 0);
+    assert_eq!(failed, 0, "proxy errors on the replica cut off");
 }

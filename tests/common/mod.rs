@@ -26,6 +26,7 @@ pub mod grpc;
 pub mod h2load;
 pub mod ports;
 pub mod raw;
+pub mod relay;
 
 use ports::ReservedPort;
 
