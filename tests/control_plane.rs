@@ -282,8 +282,13 @@ fn rollout_state_survives_a_restart() {
     p.analysis.tick();
     assert_eq!(p.stage(), ("promoted", None, STEPS[2]));
 
-    // A rollback is kept too.
+    // A rollback is kept too (alone, nothing waits to be shared).
     p.control.act("app", OperatorAction::Rollback).unwrap();
+    let saved = std::fs::read_to_string(dir.path().join("state/app.json")).unwrap();
+    assert!(
+        saved.contains("rolled_back") && !saved.contains("unshared"),
+        "{saved}"
+    );
     drop(p);
     let p = Plane::start(&src, &clock);
     assert_eq!(p.stage(), ("rolled_back", None, 0));

@@ -66,6 +66,8 @@ pub struct RouteRollout {
     /// A rollback decided here that the fleet has not accepted yet: no older view of the
     /// fleet may undo it.
     pub unshared_rollback: bool,
+    /// The route belongs to a fleet (`[fleet]`): only then does a rollback wait to be shared.
+    pub fleet: bool,
     /// `fleet.on_partition = "stable"`: how long the store may stay unreachable before this
     /// replica sends every user to stable, in ms (`None`: `"hold"`, the last weight stays).
     pub cut_off_after_ms: Option<u64>,
@@ -96,6 +98,7 @@ impl RouteRollout {
     /// A route's state in a fleet, as it appears: whether the store answers now (`false`:
     /// unreachable since `now_ms`) and `fleet.on_partition`'s timeout (`None`: `"hold"`).
     pub fn in_fleet(mut self, connected: bool, cut_off_after_ms: Option<u64>, now_ms: u64) -> Self {
+        self.fleet = true;
         self.fleet_down = !connected;
         self.fleet_down_since_ms = now_ms;
         self.cut_off_after_ms = cut_off_after_ms;
@@ -300,6 +303,7 @@ pub fn fresh(spec: &Spec, now_ms: u64) -> RouteRollout {
         fleet_down: false,
         fleet_settle_until_ms: 0,
         unshared_rollback: false,
+        fleet: false,
         cut_off_after_ms: None,
         fleet_down_since_ms: 0,
         cut_off: false,
@@ -403,7 +407,7 @@ impl Step<'_> {
             let rolled_back = matches!(s.phase, Phase::RolledBack { .. });
             // A rollback decided here holds until the fleet has it, also across a restart:
             // the state file says it is not shared yet.
-            s.unshared_rollback = rolled_back && share == Some(ShareMode::Cas);
+            s.unshared_rollback = s.fleet && rolled_back && share == Some(ShareMode::Cas);
             self.persist();
             if let Some(mode) = share {
                 let s = &self.next;
@@ -842,8 +846,9 @@ mod tests {
         }
     }
 
+    /// A route of a fleet whose store answers, after its start.
     fn started(spec: &Spec) -> RouteRollout {
-        let s = fresh(spec, 0);
+        let s = fresh(spec, 0).in_fleet(true, None, 0);
         step("app", &s, Input::Restore(Ok(None)), 0)
             .unwrap()
             .next
