@@ -219,3 +219,46 @@ async fn a_canary_closing_idle_connections_is_not_charged_with_default_analysis(
 async fn a_canary_closing_idle_connections_is_not_charged_with_strict_analysis() {
     race("[routes.analysis]\ninterval = \"200ms\"\nmin_requests = 10\nmax_error_rate = 0.001\nmax_error_rate_ratio = 1.0").await;
 }
+
+/// A body larger than Pingora's retry buffer (64 KiB) cannot be sent again: a POST whose
+/// reused connection turns out closed gets a 502 (the safe thing: nothing is replayed
+/// half), and the analysis does not count it against the canary either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_beyond_the_retry_buffer_is_not_replayed_nor_charged() {
+    let stable = Upstream::start("stable").await;
+    let canary = Closer::start().await;
+    let routes = format!(
+        "[[routes]]\nname = \"app\"\ncanary_weight = 100\n[routes.analysis]\ninterval = \"200ms\"\nmin_requests = 5\nmax_error_rate = 0.001\n{}\n{}",
+        pool("routes.stable", "v1", &[stable.addr]),
+        pool("routes.canary", "v2", &[canary.addr]),
+    );
+    let proxy = Proxy::builder().routes(&routes).start().await;
+    let c = client();
+    let len = 100 * 1024;
+    let (mut ok, mut bad_gateway) = (0, 0);
+    for _ in 0..40 {
+        let r = c
+            .post(proxy.url("/"))
+            .body(vec![b'k'; len])
+            .send()
+            .await
+            .expect("an answer");
+        match r.status().as_u16() {
+            200 => {
+                assert_eq!(r.text().await.unwrap(), format!("POST {len}"));
+                ok += 1;
+            }
+            502 => bad_gateway += 1,
+            s => panic!("status {s}"),
+        }
+    }
+    let st = proxy.status().await;
+    let app = &st["routes"][0];
+    println!("100 KiB POSTs: {ok} answered, {bad_gateway} 502 (reused connection found closed)");
+    assert!(
+        ok > 0 && bad_gateway > 0,
+        "{ok} answered, {bad_gateway} 502"
+    );
+    assert_eq!(app["window"]["canary"]["errors"], 0, "{:#}", app["window"]);
+    assert_ne!(app["rollout_state"], "rolled_back", "{st:#}");
+}
