@@ -240,7 +240,7 @@ fn lost_connection(e: &Error) -> bool {
 
 /// Is this answer a stream, judged by its head only: an upgrade (WebSocket), or a media
 /// type of the route's `stream_content_types` (parameters ignored, `+suffix` allowed)?
-fn is_stream(resp: &ResponseHeader, stream_types: &[String]) -> bool {
+pub(crate) fn is_stream(resp: &ResponseHeader, stream_types: &[String]) -> bool {
     if resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
         return true;
     }
