@@ -293,7 +293,7 @@ fn request(c: &mut Criterion) {
     g.bench_function("answer: stream check (content-type, 2 types)", |b| {
         b.iter(|| bench_api::is_stream(black_box(&resp), black_box(&types)))
     });
-    let answers = kanaria::stats::in_flight::InFlight::new();
+    let answers = kanaria::stats::in_flight::InFlight::new(Instant::now());
     g.bench_function(
         "answer: in flight from the attempt's start, then finished",
         |b| {
