@@ -283,6 +283,27 @@ fn request(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // What judging an answer whole adds per request (issue 19): the stream check of its head
+    // (a `Content-Type` lookup against the default list), and its time in the registry of
+    // answers in flight (a start from the attempt's start, a finish at its last byte).
+    let types = [
+        "text/event-stream".to_string(),
+        "application/grpc".to_string(),
+    ];
+    g.bench_function("answer: stream check (content-type, 2 types)", |b| {
+        b.iter(|| bench_api::is_stream(black_box(&resp), black_box(&types)))
+    });
+    let answers = kanaria::stats::in_flight::InFlight::new(Instant::now());
+    g.bench_function(
+        "answer: in flight from the attempt's start, then finished",
+        |b| {
+            b.iter(|| {
+                let now = Instant::now();
+                let ticket = answers.start_since(black_box(now), now);
+                answers.finish(black_box(ticket));
+            })
+        },
+    );
     g.finish();
 }
 

@@ -202,6 +202,9 @@ pub struct TrackSeries {
     upstream_errors: [Counter; 4],
     /// Honoured overrides that chose this version.
     pub overrides: Counter,
+    /// `kanaria_retries_total{from=to=version}`: attempts retried on a fresh connection to
+    /// this version after the reused one was found closed before any answer.
+    reconnects: Counter,
 }
 
 /// The per-request series of a route: created with the route, kept across reloads (also
@@ -245,6 +248,9 @@ pub struct TrackMetrics {
     pub window: Window,
     /// Upstream attempts waiting for their answer's head, for the analysis.
     pub in_flight: InFlight,
+    /// Upstream answers whose head came and whose body is still arriving (judged by the
+    /// whole answer: `[routes.analysis] latency = "answer"`), by their attempt's start.
+    pub answers_in_flight: InFlight,
 }
 
 /// A route's handles, resolved once per published config.
@@ -355,6 +361,14 @@ impl TrackMetrics {
     pub fn abandoned_attempt(&self, seconds: f64) {
         self.upstream_error(UpstreamErrorKind::Timeout);
         self.window.record(request_now(), false, seconds);
+    }
+
+    /// An attempt on a reused connection found it closed before any answer and is retried
+    /// on a fresh connection to this version: counted here only (not an error of the
+    /// version: the connection was idle, the app did not fail).
+    #[inline]
+    pub fn reconnected(&self) {
+        self.series().reconnects.inc();
     }
 
     #[inline]
@@ -525,6 +539,7 @@ impl Metrics {
             },
             window: Window::with_span(span, self.epoch),
             in_flight: InFlight::new(self.epoch),
+            answers_in_flight: InFlight::new(self.epoch),
         };
         let m = Arc::new(RouteMetrics {
             stable: version(Track::Stable),
@@ -790,20 +805,32 @@ fn write_retries(r: &RouteSnapshot, name: &str, out: &mut String) {
     if head(
         out,
         name,
-        "Requests retried on another version.",
+        "Requests retried: on stable after a canary failure, or on a fresh connection to the same version (from = to) after a reused one was found closed.",
         "counter",
         r.routes.is_empty(),
     ) {
+        // Sorted by the labels' values: from, route, to.
+        for (route, s) in &r.routes {
+            let route = route.as_str();
+            sample(
+                out,
+                name,
+                &[("from", "canary"), ("route", route), ("to", "canary")],
+                s.canary.reconnects.get() as f64,
+            );
+            sample(
+                out,
+                name,
+                &[("from", "canary"), ("route", route), ("to", "stable")],
+                s.retried_on_stable.get() as f64,
+            );
+        }
         for (route, s) in &r.routes {
             sample(
                 out,
                 name,
-                &[
-                    ("from", "canary"),
-                    ("route", route.as_str()),
-                    ("to", "stable"),
-                ],
-                s.retried_on_stable.get() as f64,
+                &[("from", "stable"), ("route", route.as_str()), ("to", "stable")],
+                s.stable.reconnects.get() as f64,
             );
         }
     }
@@ -899,6 +926,7 @@ mod tests {
         a.version(Track::Canary)
             .upstream_error(UpstreamErrorKind::Reset);
         a.retried_on_stable.inc();
+        a.version(Track::Stable).reconnected();
         b.version(Track::Canary).record(Some(100), 0.5);
         m.rollback("a", "latency");
         m.rollback("a", "something_new");
@@ -1032,10 +1060,14 @@ mod tests {
         assert_eq!(
             family("kanaria_retries_total"),
             [
-                "# HELP kanaria_retries_total Requests retried on another version.",
+                "# HELP kanaria_retries_total Requests retried: on stable after a canary failure, or on a fresh connection to the same version (from = to) after a reused one was found closed.",
                 "# TYPE kanaria_retries_total counter",
+                "kanaria_retries_total{from=\"canary\",route=\"a\",to=\"canary\"} 0",
                 "kanaria_retries_total{from=\"canary\",route=\"a\",to=\"stable\"} 1",
+                "kanaria_retries_total{from=\"canary\",route=\"b\",to=\"canary\"} 0",
                 "kanaria_retries_total{from=\"canary\",route=\"b\",to=\"stable\"} 0",
+                "kanaria_retries_total{from=\"stable\",route=\"a\",to=\"stable\"} 1",
+                "kanaria_retries_total{from=\"stable\",route=\"b\",to=\"stable\"} 0",
             ]
         );
         let rollbacks = family("kanaria_rollbacks_total");

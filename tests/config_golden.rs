@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use kanaria::config::{
     AdminSettings, AnalysisRules, Config, EdgeSettings, Endpoint, HeaderLimits, HealthSettings,
-    LogSettings, PoolSettings, ProxySettings, ReloadSettings, RestartSettings, Route, StableDown,
-    Step, Timeouts, WeightSource,
+    LatencyTo, LogSettings, PoolSettings, ProxySettings, ReloadSettings, RestartSettings, Route,
+    StableDown, Step, Timeouts, WeightSource,
 };
 use kanaria::split::router::Router;
 use kanaria::split::{seed_for, OverrideRule, SplitRule, StickySource};
@@ -113,6 +113,8 @@ fn analysis(interval: Duration, window: Duration, max_error_rate: Option<f64>) -
         failure_limit: 1,
         // UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS.
         grpc_error_codes: (1 << 2) | (1 << 4) | (1 << 13) | (1 << 14) | (1 << 15),
+        latency: LatencyTo::Answer,
+        stream_content_types: vec!["text/event-stream".into(), "application/grpc".into()],
     }
 }
 

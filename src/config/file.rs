@@ -444,6 +444,18 @@ pub struct AnalysisFile {
     /// an answer carries them in `grpc-status` (headers or trailers). Default the server
     /// faults: `UNKNOWN`, `INTERNAL`, `UNAVAILABLE`, `DATA_LOSS`, `DEADLINE_EXCEEDED`.
     pub grpc_error_codes: Vec<String>,
+    /// What a request's latency runs to: `"answer"` (default), the last byte of the
+    /// answer, so a body that crawls is as slow as a head that does; or `"head"`, the
+    /// answer's head, for routes whose answers last as long as the client wants (long
+    /// polls, large downloads). Upgrades (WebSocket) and the `stream_content_types` are
+    /// judged by their head either way.
+    pub latency: String,
+    /// Answers that are streams, judged by their head only (their duration is the
+    /// client's, not the app's latency): a `Content-Type` equal to one of these media
+    /// types, or one of them followed by `+suffix` (case-insensitive, parameters ignored).
+    /// Default `["text/event-stream", "application/grpc"]` (server-sent events; gRPC, whose
+    /// server streams cannot be told from unary calls by their head).
+    pub stream_content_types: Vec<String>,
 }
 
 impl Default for AnalysisFile {
@@ -468,6 +480,10 @@ impl Default for AnalysisFile {
             ]
             .map(String::from)
             .to_vec(),
+            latency: "answer".into(),
+            stream_content_types: ["text/event-stream", "application/grpc"]
+                .map(String::from)
+                .to_vec(),
         }
     }
 }

@@ -151,6 +151,21 @@ pub struct AnalysisRules {
     pub failure_limit: u32,
     /// Bit `n` set: gRPC status `n` counts as an error (see [`grpc_code`]).
     pub grpc_error_codes: u32,
+    /// What an answer's latency is measured to (`latency`).
+    pub latency: LatencyTo,
+    /// Media types (lowercase) whose answers are streams, judged by their head only
+    /// (`stream_content_types`): an answer whose `Content-Type` is one of them, or one of
+    /// them followed by `+` and a suffix (`application/grpc+proto`).
+    pub stream_content_types: Vec<String>,
+}
+
+/// `[routes.analysis].latency`: what a request's latency runs to, for the analysis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LatencyTo {
+    /// The answer's last byte (its head for streams: upgrades and `stream_content_types`).
+    Answer,
+    /// The answer's head, for every answer of the route (long polls, downloads, streams).
+    Head,
 }
 
 /// One rollout step, validated.

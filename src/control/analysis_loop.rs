@@ -123,7 +123,8 @@ impl Probes {
 }
 
 /// One track's numbers over `span` since `since`: the finished attempts, plus the attempts
-/// still waiting past the latency limit (slow) or the read timeout (failed). Without a
+/// still waiting past the latency limit (slow) or the read timeout (failed), and the answers
+/// judged whole whose body is still arriving past the latency limit (slow). Without a
 /// latency limit only the read timeout makes a waiting attempt count.
 fn totals(
     route: &Route,
@@ -139,6 +140,15 @@ fn totals(
     let slow_after = route.analysis.max_p99_latency.unwrap_or(read);
     tm.in_flight
         .add_pending(now, slow_after, read, Some(since), &mut totals);
+    // Answers whose body is still arriving are slow past the limit, never failed: a body
+    // that stalls is ended by the read timeout, and then counted as failed.
+    tm.answers_in_flight.add_pending(
+        now,
+        slow_after,
+        Duration::from_millis(u64::MAX),
+        Some(since),
+        &mut totals,
+    );
     totals
 }
 

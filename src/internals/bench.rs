@@ -70,3 +70,9 @@ pub fn set_forwarding(
 pub fn clean_upstream_response(resp: &mut ResponseHeader) -> bool {
     crate::proxy::headers::clean_upstream_response(resp, []).is_ok()
 }
+
+/// `upstream_response_filter`'s check of an answer's head: is it a stream, judged by its
+/// head only (a `101`, or a `Content-Type` among the route's `stream_content_types`)?
+pub fn is_stream(resp: &ResponseHeader, stream_content_types: &[String]) -> bool {
+    crate::proxy::is_stream(resp, stream_content_types)
+}

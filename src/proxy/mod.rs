@@ -14,10 +14,18 @@
 //! `canary_timeout`, or when the canary is rolled back, is abandoned (a watcher task shuts
 //! down its upstream socket, see [`watch_canary_attempt`]) and retried on stable.
 //!
+//! An attempt on a reused upstream connection that finds it closed before any byte of the
+//! answer (the upstream closed it while it sat idle: a normal race) is retried once on a
+//! fresh connection to the same version, for any method whose body is still whole in the
+//! retry buffer, and is not counted against that version.
+//!
 //! For the analysis, each upstream attempt is measured on its own: from the moment the
-//! request (body included) was handed to the upstream to the head of its answer, and it is
-//! counted as *in flight* meanwhile, so a canary that hangs is judged while it hangs. A
-//! client that hangs up before an answer is not the version's failure and is not counted.
+//! request (body included) was handed to the upstream to the last byte of its answer (to
+//! its head for streams: upgrades, the route's `stream_content_types`, or every answer of a
+//! route with `latency = "head"`), and it is counted as *in flight* meanwhile (waiting for
+//! its head, then for the rest of its body), so a canary that hangs or whose body crawls is
+//! judged while it does. A client that hangs up before an answer is not the version's
+//! failure and is not counted.
 //! Nothing here may panic or block: errors are values, the hot path takes no lock.
 
 // The data plane times requests, attempts, connection deadlines and log lines with the
@@ -47,7 +55,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::config::StableDown;
+use crate::config::{LatencyTo, StableDown};
 use crate::metrics::{RouteMetrics, TrackMetrics, UpstreamErrorKind};
 use crate::runtime::{AddedHeaders, Live, LiveHandle, Route};
 use crate::split::Track;
@@ -80,8 +88,18 @@ pub struct Ctx {
     awaiting_head: bool,
     /// The current attempt counted in its track's in-flight registry.
     in_flight: Option<(Track, Ticket)>,
-    /// Latency of the attempt whose answer's head arrived.
+    /// The answer judged whole whose body is still arriving, counted in its track's
+    /// `answers_in_flight` (from the attempt's start) until its last byte.
+    answer_in_flight: Option<(Track, Ticket)>,
+    /// Latency of the attempt whose answer's head arrived: to the head, then, for an
+    /// answer judged whole, to its last byte once that came.
     attempt_latency: Option<f64>,
+    /// A fresh upstream connection after a reused one was found closed (once a request).
+    fresh: Fresh,
+    /// The last attempt failed on a reused connection before any answer and could not be
+    /// retried (its body was no longer whole in the retry buffer): a 502 to the client,
+    /// not the version's failure in the analysis.
+    stale_connection: bool,
     /// Dropped when the attempt is over: stops its canary watcher.
     watcher: Option<tokio::sync::oneshot::Sender<()>>,
     /// The route's canary rollback generation when the request was split.
@@ -126,6 +144,23 @@ impl Ctx {
                 m.in_flight.finish(ticket);
             }
         }
+        if let Some((track, ticket)) = self.answer_in_flight.take() {
+            if let Some(m) = self.track_metrics(track) {
+                m.answers_in_flight.finish(ticket);
+            }
+        }
+    }
+
+    /// The last byte of an answer judged whole came (`at`): its latency runs to here, and it
+    /// leaves the registry of answers in flight.
+    fn answer_done(&mut self, at: Instant) {
+        if let Some((track, ticket)) = self.answer_in_flight.take() {
+            let latency = at.saturating_duration_since(self.attempt_start);
+            self.attempt_latency = Some(latency.as_secs_f64());
+            if let Some(m) = self.track_metrics(track) {
+                m.answers_in_flight.finish(ticket);
+            }
+        }
     }
 
     /// The gRPC status codes that count as errors on this request's route.
@@ -158,6 +193,75 @@ impl Ctx {
         self.retried = true;
         self.upstream_status = None;
     }
+}
+
+/// Where a request stands with fresh connections (see `error_while_proxy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fresh {
+    /// Every attempt so far used what the pool had.
+    Unused,
+    /// A reused connection was found closed: the next attempt opens a new one.
+    Next,
+    /// The request had its fresh connection.
+    Used,
+}
+
+/// The pool group of connections opened for a retry after a reused connection was found
+/// closed. Pingora's pool keys idle connections by the peer's hash, which covers
+/// `HttpPeer::group_key`, so an attempt in this group finds no idle connection of the
+/// usual group and connects anew; and since it is released with an idle timeout of zero,
+/// none of this group is ever handed out again either (the pool drops a connection past its
+/// idle deadline instead of reusing it, and its sweeper closes it).
+const FRESH_GROUP_KEY: u64 = 0x6b61_6e61_7269_6131;
+
+/// Did the upstream connection turn out closed or broken before any byte of the answer's
+/// head, the way an idle keep-alive connection the upstream closed fails? A reset, an end
+/// of stream or a write error while sending the request or waiting for the head, and
+/// HTTP/2's refusals Pingora deems safe to retry (GOAWAY without error, REFUSED_STREAM);
+/// not a timeout (the app is slow), an unparsable head, or a head cut short (some of the
+/// answer came).
+fn lost_connection(e: &Error) -> bool {
+    use pingora::RetryType;
+    if e.esource() != &ErrorSource::Upstream {
+        return false;
+    }
+    match e.etype() {
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
+            // Pingora's head read says how much of the head it had (its wording, vendored).
+            let context = e.context.as_ref().map_or("", |c| c.as_str());
+            context
+                .rsplit_once("bytes already read: ")
+                .is_none_or(|(_, n)| n == "0")
+        }
+        ErrorType::H2Error => matches!(e.retry, RetryType::Decided(true)),
+        _ => false,
+    }
+}
+
+/// Is this answer a stream, judged by its head only: an upgrade (WebSocket), or a media
+/// type of the route's `stream_content_types` (parameters ignored, `+suffix` allowed)?
+pub(crate) fn is_stream(resp: &ResponseHeader, stream_types: &[String]) -> bool {
+    if resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        return true;
+    }
+    if stream_types.is_empty() {
+        return false;
+    }
+    let Some(value) = resp.headers.get(CONTENT_TYPE) else {
+        return false;
+    };
+    let media = value.as_bytes();
+    let media = media
+        .iter()
+        .position(|&b| b == b';')
+        .map_or(media, |end| &media[..end]);
+    let media = media.trim_ascii();
+    stream_types.iter().any(|t| {
+        let t = t.as_bytes();
+        media.len() >= t.len()
+            && media[..t.len()].eq_ignore_ascii_case(t)
+            && (media.len() == t.len() || media[t.len()] == b'+')
+    })
 }
 
 /// Idempotent and without a request body: safe to send twice.
@@ -377,7 +481,10 @@ impl ProxyHttp for KanariaProxy {
             attempt_start: now,
             awaiting_head: false,
             in_flight: None,
+            answer_in_flight: None,
             attempt_latency: None,
+            fresh: Fresh::Unused,
+            stale_connection: false,
             watcher: None,
             rollback_generation: 0,
             edge: edge_ctx::EdgeCtx::default(),
@@ -496,8 +603,9 @@ impl ProxyHttp for KanariaProxy {
     ///
     /// - **When**: after `request_filter` returned `Ok(false)`, and again before every retry
     ///   (an error that `fail_to_connect` or `error_while_proxy` left retryable), up to
-    ///   Pingora's `max_retries`. Kanaria itself marks at most one retry, canary to stable;
-    ///   Pingora's default policy may retry a failure on a reused upstream connection.
+    ///   Pingora's `max_retries`. Kanaria itself marks at most one retry on a fresh
+    ///   connection (a reused one found closed) and one from canary to stable; Pingora's
+    ///   default policy may retry another failure on a reused upstream connection.
     /// - **Returns**: the peer, with the route's connect, read, write and idle timeouts (and
     ///   HTTP/2 with prior knowledge for an h2c pool): Pingora connects to it or reuses an idle
     ///   connection to it. `Err(NoHealthyEndpoint)` when the pool has no endpoint in rotation;
@@ -507,7 +615,10 @@ impl ProxyHttp for KanariaProxy {
     ///   ([`Pool::select`](crate::runtime::Pool::select), round robin); the route's
     ///   `stable_down`.
     /// - **Writes**: ends the previous attempt, if any (`attempt_over`: it leaves the in-flight
-    ///   registry and its canary watcher stops); `ctx.edge.upstream_addr`, `attempt_start`,
+    ///   registry and its canary watcher stops); after a reused connection was found closed
+    ///   (`ctx.fresh` is `Next`, then `Used`), the peer's `group_key` and a zero idle timeout
+    ///   that make Pingora connect anew and not keep the connection ([`FRESH_GROUP_KEY`]);
+    ///   `ctx.edge.upstream_addr`, `attempt_start`,
     ///   `awaiting_head = true`, `attempt_latency = None`, `response_carries = None`. With
     ///   `stable_down = "serve_canary"` and no stable endpoint in rotation: `version = Canary`
     ///   and `retried = true`, so the request is never sent back to the dead stable pool.
@@ -569,6 +680,13 @@ impl ProxyHttp for KanariaProxy {
         peer.options.read_timeout = Some(t.read);
         peer.options.write_timeout = Some(t.write);
         peer.options.idle_timeout = Some(t.idle);
+        if ctx.fresh == Fresh::Next {
+            // A reused connection was found closed: this attempt connects anew, and its
+            // connection is not kept (see FRESH_GROUP_KEY).
+            peer.group_key = FRESH_GROUP_KEY;
+            peer.options.idle_timeout = Some(Duration::ZERO);
+            ctx.fresh = Fresh::Used;
+        }
         h2::upstream_peer(&mut peer, pool);
         ctx.attempt_start = Instant::now();
         ctx.awaiting_head = true;
@@ -688,14 +806,20 @@ impl ProxyHttp for KanariaProxy {
         e
     }
 
-    /// Decides whether an attempt that failed after its connection was made goes to stable.
+    /// Decides whether an attempt that failed after its connection was made is retried: on a
+    /// fresh connection (a reused one found closed) or on stable.
     ///
     /// - **When**: when an attempt fails once Pingora had its upstream connection: writing the
     ///   request, waiting for or reading the answer (a reset, Pingora's `read_timeout`, the
     ///   canary watcher's shutdown of the socket), an `Err` from `upstream_request_filter`,
     ///   `upstream_response_filter` (a canary 5xx, an answer's ambiguous framing) or
     ///   `response_filter`, or the client going away meanwhile.
-    /// - **Returns**: the error, with the peer added to its context. It is made retryable
+    /// - **Returns**: the error, with the peer added to its context. It is made retryable on
+    ///   a fresh connection to the same version when the attempt used a reused connection
+    ///   that turned out closed before any byte of the answer ([`lost_connection`]: reset,
+    ///   end of stream, write error, HTTP/2 refusal; not one the canary watcher shut), for
+    ///   any method, once a request, if the body (if any) is still whole in the retry buffer;
+    ///   with the body gone, it is not retried (502). Otherwise it is made retryable
     ///   (Pingora calls `upstream_peer` again) when a canary attempt may go to stable: the
     ///   route's `retry_on_stable`, not yet retried, nothing sent to the client, the client
     ///   still there, and a replayable request (idempotent, no body). A canary 5xx that
@@ -704,11 +828,16 @@ impl ProxyHttp for KanariaProxy {
     ///   non-idempotent method or a truncated retry buffer; an error Pingora marks as
     ///   retryable on a reused connection only is retried if this one was reused), and
     ///   without a retry Pingora calls `fail_to_proxy` and `logging`.
-    /// - **Reads**: `ctx.watcher` (read before the attempt ends: was it watched?),
+    /// - **Reads**: `client_reused`, `ctx.awaiting_head` and `fresh` (a reused connection
+    ///   found closed before the head, not yet retried fresh), the retry buffer,
+    ///   `ctx.watcher` (read before the attempt ends: was it watched?),
     ///   `attempt_start` (how long it waited), the route's `canary_timeout`, the route's canary
     ///   rollback generation against `ctx.rollback_generation`, `version`, `retried`; the
     ///   error's type and source; whether a response head was written to the client.
-    /// - **Writes**: ends the attempt (`attempt_over`). On a switch to stable: as in
+    /// - **Writes**: ends the attempt (`attempt_over`). For a reused connection found
+    ///   closed: `ctx.fresh = Next` and `kanaria_retries_total{from=to=version}`, or
+    ///   `stale_connection` when it cannot be retried; nothing in the analysis either way.
+    ///   On a switch to stable: as in
     ///   `fail_to_connect`, counted as `kind="timeout"`, `"connect"` or `"reset"` from the
     ///   error, except an attempt the watcher abandoned (its `canary_timeout` passed or the
     ///   canary was rolled back, and the error is not Pingora's own read timeout): a
@@ -727,6 +856,7 @@ impl ProxyHttp for KanariaProxy {
         // down (its timeout passed, or the canary was rolled back), the "closed connection"
         // is Kanaria giving up on a slow canary, not the canary failing.
         let watched = ctx.watcher.is_some();
+        let before_head = ctx.awaiting_head;
         let waited = ctx.attempt_start.elapsed();
         ctx.attempt_over();
         if e.etype() == &ErrorType::Custom(CANARY_5XX_RETRY) {
@@ -736,18 +866,47 @@ impl ProxyHttp for KanariaProxy {
         let nothing_sent = session.as_downstream().response_written().is_none();
         // The client hung up: not the canary's failure, and nobody to answer on stable.
         let client_gone = e.esource() == &ErrorSource::Downstream;
-        if ctx.may_retry_on_stable() && nothing_sent && !client_gone && replayable(session) {
-            let timed_out = ctx
-                .route()
+        let timed_out = || {
+            ctx.route()
                 .and_then(|r| canary_timeout(r))
-                .is_some_and(|t| waited >= t);
-            let rolled_back = ctx
-                .route_metrics()
-                .is_some_and(|m| m.canary_rollbacks.generation() != ctx.rollback_generation);
+                .is_some_and(|t| waited >= t)
+        };
+        let rolled_back = || {
+            ctx.route_metrics()
+                .is_some_and(|m| m.canary_rollbacks.generation() != ctx.rollback_generation)
+        };
+        // The canary watcher shut the socket down: Kanaria gave up on a slow canary.
+        let abandoned = watched
+            && !matches!(e.etype(), ErrorType::ReadTimedout)
+            && (timed_out() || rolled_back());
+        // A keep-alive connection the upstream closed while it sat idle (or as it was taken
+        // from the pool) fails the first attempt that uses it, with nothing of the answer
+        // read: retried once on a new connection to the same version, for any method (the
+        // upstream dropped the request unprocessed, as HAProxy's and Pingora's own retry of
+        // a reused connection assume), and not the version's failure.
+        if client_reused
+            && before_head
+            && nothing_sent
+            && !abandoned
+            && ctx.fresh == Fresh::Unused
+            && lost_connection(&e)
+        {
+            if session.as_ref().retry_buffer_truncated() {
+                // The body is no longer whole in the retry buffer: it cannot be sent again.
+                // The client gets a 502; the analysis does not count it.
+                ctx.stale_connection = true;
+                e.set_retry(false);
+                return e;
+            }
+            if let Some(m) = ctx.version.and_then(|v| ctx.track_metrics(v)) {
+                m.reconnected();
+            }
+            ctx.fresh = Fresh::Next;
+            e.set_retry(true);
+            return e;
+        }
+        if ctx.may_retry_on_stable() && nothing_sent && !client_gone && replayable(session) {
             let kind = upstream_error_kind(&e).unwrap_or(UpstreamErrorKind::Reset);
-            let abandoned = watched
-                && (timed_out || rolled_back)
-                && !matches!(e.etype(), ErrorType::ReadTimedout);
             ctx.switch_to_stable((!abandoned).then_some(kind));
             e.set_retry(true);
             return e;
@@ -783,8 +942,10 @@ impl ProxyHttp for KanariaProxy {
     ) -> bool {
         if ctx.retried {
             log::debug!("canary attempt failed, retried on stable: {error}");
+        } else if ctx.fresh != Fresh::Unused {
+            log::debug!("reused upstream connection was closed, retried on a new one: {error}");
         }
-        ctx.retried
+        ctx.retried || ctx.fresh != Fresh::Unused
     }
 
     /// Cleans the request head sent upstream and adds the forwarding headers.
@@ -851,7 +1012,10 @@ impl ProxyHttp for KanariaProxy {
     ///   `grpc_error_codes`; the request's method and body.
     /// - **Writes**: the answer head (hop-by-hop headers removed); `ctx.response_carries`;
     ///   `attempt_latency` (the app's latency, from the end of the upload to this head) and
-    ///   the end of the attempt (`attempt_over`); `upstream_status`; `edge.grpc_failed` for an
+    ///   the end of the attempt's wait (`attempt_over`); `upstream_status`; for an answer
+    ///   judged whole (the route's `latency = "answer"`, not a `101` nor one of its
+    ///   `stream_content_types`), `answer_in_flight`: it enters the track's
+    ///   `answers_in_flight`, from the attempt's start, until its last byte; `edge.grpc_failed` for an
     ///   HTTP/2 answer. Metrics: `kanaria_rejected_requests_total{reason="upstream_framing"}`;
     ///   for a canary 5xx sent to stable, as in `fail_to_connect` with `kind="5xx"`.
     async fn upstream_response_filter(
@@ -880,8 +1044,11 @@ impl ProxyHttp for KanariaProxy {
             return Err(Error::explain(ErrorType::InvalidHTTPHeader, why).into_up());
         }
         let status = upstream_response.status.as_u16();
-        if ctx.awaiting_head {
-            ctx.attempt_latency = Some(ctx.attempt_start.elapsed().as_secs_f64());
+        // The head of the current attempt (not a retry's second pass over it).
+        let head_at = ctx.awaiting_head.then(Instant::now);
+        if let Some(now) = head_at {
+            let latency = now.saturating_duration_since(ctx.attempt_start);
+            ctx.attempt_latency = Some(latency.as_secs_f64());
             ctx.attempt_over();
         }
         if status >= 500 && ctx.may_retry_on_stable() && replayable(session) {
@@ -894,12 +1061,49 @@ impl ProxyHttp for KanariaProxy {
             return Err(e);
         }
         ctx.upstream_status = Some(status);
+        // Judged by the whole answer: it stays in flight until its last byte (or its end).
+        if let Some(now) = head_at {
+            if let (Some(route), Some(track)) = (ctx.route(), ctx.version) {
+                let a = &route.analysis;
+                if a.latency == LatencyTo::Answer
+                    && !is_stream(upstream_response, &a.stream_content_types)
+                {
+                    let started = ctx.attempt_start;
+                    ctx.answer_in_flight = ctx
+                        .track_metrics(track)
+                        .map(|m| (track, m.answers_in_flight.start_since(started, now)));
+                }
+            }
+        }
         // gRPC runs over HTTP/2 only: an HTTP/1 answer (every pool but an h2c one) has no
         // `grpc-status` to look up.
         if upstream_response.version == http::Version::HTTP_2 {
             ctx.edge.grpc_failed = h2::grpc_failed(&upstream_response.headers, ctx.grpc_codes());
         }
         Ok(())
+    }
+
+    /// Ends the latency of an answer judged whole at its last byte.
+    ///
+    /// - **When**: for each piece of the upstream answer's body as it arrives (and of an
+    ///   upgraded connection's stream), before `response_body_filter`; the last piece with
+    ///   `end_of_stream`. Not for an answer without a body piece (`logging` ends those).
+    /// - **Returns**: `Ok(None)`, the body untouched, no added delay.
+    /// - **Reads**: `end_of_stream`, `ctx.answer_in_flight`, `attempt_start`.
+    /// - **Writes**: at the end of an answer judged whole (`[routes.analysis] latency =
+    ///   "answer"`, not a stream): `ctx.attempt_latency` (from the end of the upload to this
+    ///   last byte) and its end in the track's `answers_in_flight`.
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Box<Ctx>,
+    ) -> Result<Option<Duration>> {
+        if end_of_stream && ctx.answer_in_flight.is_some() {
+            ctx.answer_done(Instant::now());
+        }
+        Ok(None)
     }
 
     /// gRPC sends its status in trailers after the body.
@@ -1020,15 +1224,21 @@ impl ProxyHttp for KanariaProxy {
     ///   stable after a switch): `kanaria_requests_total{code_class}` and
     ///   `kanaria_request_duration_seconds` (from `new_ctx`), `kanaria_upstream_errors_total`
     ///   for an upstream failure or a 5xx, and one outcome in that version's analysis window:
-    ///   the last attempt's latency to its answer head, an error for a 5xx, an upstream failure
-    ///   or a failing gRPC status. Without an answer head: the time the last attempt waited, an
-    ///   error unless a status below 500 was sent; nothing when the client hung up.
+    ///   the last attempt's latency to its answer's last byte (to its head for a stream or a
+    ///   route with `latency = "head"`; to now for an answer judged whole whose last body
+    ///   piece did not pass `upstream_response_body_filter`), an error for a 5xx, an upstream
+    ///   failure or a failing gRPC status. Without an answer head: the time the last attempt
+    ///   waited, an error unless a status below 500 was sent; nothing when the client hung
+    ///   up, nor for a reused connection found closed that could not be retried.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Box<Ctx>) {
         crate::proxy::conn_guard::request_finished(session.as_downstream());
         if let Some(log) = &self.access_log {
             log.log(session, ctx);
         }
         let now = Instant::now();
+        // An answer judged whole that ended without a last body piece (no body, a failure or
+        // the client gone mid-body): its latency runs to now.
+        ctx.answer_done(now);
         ctx.attempt_over();
         let Some(version) = ctx.version else {
             return;
@@ -1050,7 +1260,12 @@ impl ProxyHttp for KanariaProxy {
         } else if ctx.upstream_status.is_some_and(|s| s >= 500) {
             m.upstream_error(UpstreamErrorKind::Status5xx);
         }
-        // The analysis judges the last attempt by its own latency to the answer's head.
+        // A reused connection found closed, not retried: Kanaria's pool, not the version.
+        if ctx.stale_connection {
+            return;
+        }
+        // The analysis judges the last attempt by its own latency: to its answer's last byte,
+        // or to its head for a stream or a route with `latency = "head"`.
         match ctx.attempt_latency {
             Some(latency) => {
                 let is_error = ctx.upstream_status.is_some_and(|s| s >= 500)

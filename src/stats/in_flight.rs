@@ -91,6 +91,19 @@ impl InFlight {
         }
     }
 
+    /// Counts an attempt that started at `started` (before `now`), as one whose answer's
+    /// head came and whose body is still arriving is counted from its attempt's start. One
+    /// that started a ring or more ago goes to the overflow at once: its tick's cell may
+    /// already count younger attempts, which it must not join.
+    #[inline]
+    pub fn start_since(&self, started: Instant, now: Instant) -> Ticket {
+        if self.tick(now).saturating_sub(self.tick(started)) >= TICKS - 1 {
+            self.overflow.fetch_add(1, Relaxed);
+            return Ticket { tick: 0 };
+        }
+        self.start(started)
+    }
+
     /// The attempt of `ticket` got its answer, failed, or was abandoned.
     #[inline]
     pub fn finish(&self, ticket: Ticket) {
@@ -204,6 +217,27 @@ mod tests {
         f.finish(c);
         assert_eq!(f.count(), 0);
         assert_eq!(pending(t0 + Duration::from_secs(5), None).requests, 0);
+    }
+
+    #[test]
+    fn attempts_counted_from_an_earlier_start_keep_their_age() {
+        let f = InFlight::new(Instant::now());
+        let t0 = f.epoch;
+        // Head after 300 ms, body still arriving: counted from the attempt's start.
+        let a = f.start_since(t0, t0 + Duration::from_millis(300));
+        let mut t = Totals::default();
+        let (limit, never) = (Duration::from_millis(500), Duration::from_millis(u64::MAX));
+        f.add_pending(t0 + Duration::from_millis(900), limit, never, None, &mut t);
+        assert_eq!((t.in_flight_slow, t.errors), (1, 0));
+        f.finish(a);
+        // A start older than the ring goes to the overflow, not into a younger cell.
+        let ring = Duration::from_millis(TICKS * TICK_MS);
+        let young = f.start(t0 + ring);
+        let old = f.start_since(t0, t0 + ring + Duration::from_millis(100));
+        assert_eq!(f.overflow.load(Relaxed), 1);
+        f.finish(old);
+        f.finish(young);
+        assert_eq!((f.count(), f.overflow.load(Relaxed)), (0, 0));
     }
 
     #[test]

@@ -8,8 +8,8 @@ use super::check::{parse_endpoint, valid_name, Check};
 use crate::config::errors::KeyPath;
 use crate::config::file::{AnalysisFile, HealthFile, PoolFile, RolloutFile, RouteFile};
 use crate::config::{
-    grpc_code, AnalysisRules, HealthSettings, PoolSettings, ProxySettings, Route, StableDown, Step,
-    Timeouts, WeightSource,
+    grpc_code, AnalysisRules, HealthSettings, LatencyTo, PoolSettings, ProxySettings, Route,
+    StableDown, Step, Timeouts, WeightSource,
 };
 use crate::split::issued::IssuedCookie;
 use crate::split::{seed_for, weight_to_buckets, OverrideRule, SplitRule, StickySource};
@@ -440,6 +440,30 @@ fn analysis(c: &mut Check, path: &KeyPath, a: &AnalysisFile) -> Option<AnalysisR
             }
         }
     }
+    let latency = match a.latency.as_str() {
+        "answer" => LatencyTo::Answer,
+        "head" => LatencyTo::Head,
+        other => {
+            c.err(
+                path.key("latency"),
+                format!("{other:?} is not \"answer\" or \"head\""),
+            );
+            ok = false;
+            LatencyTo::Answer
+        }
+    };
+    let mut stream_content_types = Vec::with_capacity(a.stream_content_types.len());
+    for (i, t) in a.stream_content_types.iter().enumerate() {
+        if media_type(t) {
+            stream_content_types.push(t.to_ascii_lowercase());
+        } else {
+            c.err(
+                path.key("stream_content_types").index(i),
+                format!("{t:?} is not a media type (as \"text/event-stream\", without parameters)"),
+            );
+            ok = false;
+        }
+    }
     if !ok {
         return None;
     }
@@ -458,7 +482,20 @@ fn analysis(c: &mut Check, path: &KeyPath, a: &AnalysisFile) -> Option<AnalysisR
         confidence: a.confidence,
         failure_limit: a.failure_limit,
         grpc_error_codes,
+        latency,
+        stream_content_types,
     })
+}
+
+/// `type/subtype`, both HTTP tokens (RFC 9110 §8.3.1), no parameters.
+fn media_type(t: &str) -> bool {
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    t.split_once('/')
+        .is_some_and(|(ty, sub)| token(ty) && token(sub))
 }
 
 fn rollout(c: &mut Check, path: &KeyPath, r: &RolloutFile) -> Option<Vec<Step>> {
@@ -505,4 +542,70 @@ fn rollout(c: &mut Check, path: &KeyPath, r: &RolloutFile) -> Option<Vec<Step>> 
         }
     }
     ok.then_some(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{load_str, LatencyTo};
+
+    fn with_analysis(keys: &str) -> Result<crate::config::Config, String> {
+        let text = format!(
+            "[[routes]]\nname = \"app\"\n[routes.analysis]\n{keys}\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n"
+        );
+        load_str(&text, "t.toml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn latency_defaults_to_the_whole_answer_with_sse_and_grpc_as_streams() {
+        let c = with_analysis("").unwrap();
+        let a = &c.routes[0].analysis;
+        assert_eq!(a.latency, LatencyTo::Answer);
+        assert_eq!(
+            a.stream_content_types,
+            ["text/event-stream", "application/grpc"]
+        );
+    }
+
+    #[test]
+    fn latency_and_stream_content_types_are_read_lowercased() {
+        let c =
+            with_analysis("latency = \"head\"\nstream_content_types = [\"Application/X-NDJSON\"]")
+                .unwrap();
+        let a = &c.routes[0].analysis;
+        assert_eq!(a.latency, LatencyTo::Head);
+        assert_eq!(a.stream_content_types, ["application/x-ndjson"]);
+        let c = with_analysis("stream_content_types = []").unwrap();
+        assert!(c.routes[0].analysis.stream_content_types.is_empty());
+    }
+
+    #[test]
+    fn a_bad_latency_names_its_key() {
+        let e = with_analysis("latency = \"tail\"").unwrap_err();
+        assert!(
+            e.contains("routes[app].analysis.latency: \"tail\" is not \"answer\" or \"head\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bad_stream_content_type_names_its_key_and_index() {
+        for bad in [
+            "text",
+            "text/",
+            "/event-stream",
+            "text/event-stream; charset=utf-8",
+            "text /plain",
+            "",
+        ] {
+            let e = with_analysis(&format!(
+                "stream_content_types = [\"text/event-stream\", {bad:?}]"
+            ))
+            .unwrap_err();
+            assert!(
+                e.contains("routes[app].analysis.stream_content_types[1]: ")
+                    && e.contains("is not a media type"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
 }
