@@ -130,6 +130,8 @@ pub struct Metrics {
     /// `[fleet]` only: 1 while a route sends every user to stable because this replica is
     /// cut off from the store (`fleet.on_partition = "stable"`).
     pub fleet_cut_off: IntGaugeVec,
+    /// `[fleet]` only: times the fleet store's incarnation changed (it lost its data).
+    pub fleet_store_resets: IntCounterVec,
     /// Edge rejections (framing, limits, deadlines), handles resolved at start.
     pub edge: EdgeMetrics,
     /// Per-route handles by name, so counters and analysis windows outlive reloads.
@@ -469,6 +471,16 @@ impl Metrics {
                 &["cluster", "route"],
             ),
         )?;
+        let fleet_store_resets = build(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "kanaria_fleet_store_resets_total",
+                    "Times this replica saw the fleet store's incarnation change (Redis restarted empty or failed over to a replica without the fleet's data); each time its state re-seeded the store ([fleet] only).",
+                ),
+                &["cluster"],
+            ),
+        )?;
         let rejected = build(
             &r,
             IntCounterVec::new(
@@ -495,6 +507,7 @@ impl Metrics {
             fleet_members,
             fleet_generation,
             fleet_cut_off,
+            fleet_store_resets,
             generation,
             edge,
             routes: Mutex::new(HashMap::new()),

@@ -322,6 +322,8 @@ fn fleet_record(phase: Phase, generation: u64, writer: &str) -> FleetRecord {
         writer: writer.into(),
         at_ms: 0,
         mode: ShareMode::Cas,
+        incarnation: String::new(),
+        resumes: 0,
     }
 }
 
@@ -399,7 +401,8 @@ fn a_replica_cut_off_with_hold_keeps_its_weight() {
 
 /// (f) A rollback applied while the store does not answer is in the state file as not yet
 /// shared; a restart restores it as such, the fleet's records do not undo it, and once
-/// the fleet has it the file says so (a later restart follows the fleet again).
+/// the fleet has it the file says so (a later restart follows the fleet's record of an
+/// operator's resume).
 #[test]
 fn a_rollback_not_yet_shared_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -442,10 +445,17 @@ fn a_rollback_not_yet_shared_survives_a_restart() {
     assert!(!saved.contains("unshared"), "{saved}");
     drop(p);
 
-    // Shared: after a restart the fleet's record applies again (an operator resumed).
+    // Shared: after a restart a record that does not count an operator's resume does not
+    // undo it (a fresh replica's seed into a store that lost its data); the fleet's record
+    // of an operator's resume applies.
     let p = Plane::start(&src, &clock);
     assert_eq!(p.stage(), ("rolled_back", None, 0));
-    p.control.adopt(fleet_record(progressing, 9, "b/1/1"));
+    p.control
+        .adopt(fleet_record(progressing.clone(), 9, "b/1/1"));
+    assert_eq!(p.stage(), ("rolled_back", None, 0));
+    let mut resumed = fleet_record(progressing, 10, "b/1/1");
+    resumed.resumes = 1;
+    p.control.adopt(resumed);
     assert_eq!(p.stage(), ("progressing", Some(1), STEPS[1]));
 }
 

@@ -1120,3 +1120,82 @@ async fn a_replica_cut_off_goes_to_stable_after_the_timeout_or_holds() {
     assert!(ok > 0);
     assert_eq!(failed, 0, "proxy errors on the replica cut off");
 }
+
+/// Redis restarted empty after a fleet-wide rollback, and one replica restarted without
+/// its state dir (a fresh rollout at 20 %, generation 0): the store's incarnation changed,
+/// the replicas that hold the rollback re-seed it and it wins over the fresh replica's
+/// seed; the fresh replica adopts it. All three end rolled back, nobody on the canary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_redis_restarts_empty_a_rollback_is_reseeded_and_wins_over_a_fresh_replica() {
+    let mut redis = Redis::start().await;
+    let mut fleet = Fleet::start(&redis, 20.0, "", "").await;
+    fleet
+        .converge("20% everywhere", |s| weight_of(s) == 20.0)
+        .await;
+    let (code, body) = fleet.act(0, "rollback", "{}").await;
+    assert_eq!(code, 200, "{body}");
+    fleet
+        .converge("the rollback everywhere", |s| {
+            state_of(s) == "rolled_back" && weight_of(s) == 0.0
+        })
+        .await;
+    let before = fleet.replicas[0].status().await["fleet"]["incarnation"].clone();
+    assert!(before.as_str().is_some_and(|i| !i.is_empty()), "{before}");
+
+    // c dies and loses its state dir; Redis comes back empty; c starts afresh.
+    fleet.replicas[2].kill();
+    let dir = fleet.state[2].path().to_path_buf();
+    std::fs::remove_dir_all(&dir).expect("wipe c's state dir");
+    std::fs::create_dir_all(&dir).expect("an empty state dir");
+    redis.restart().await;
+    fleet.replicas[2].respawn();
+    fleet.replicas[2].wait_until_ready().await;
+
+    let started = Instant::now();
+    let all = fleet
+        .converge("the rollback everywhere after the store reset", |s| {
+            let incarnation = &s["fleet"]["incarnation"];
+            state_of(s) == "rolled_back"
+                && weight_of(s) == 0.0
+                && incarnation != &before
+                && incarnation.as_str().is_some_and(|i| !i.is_empty())
+        })
+        .await;
+    let took = started.elapsed();
+    // a and b saw the incarnation change (c never knew the old one).
+    for (i, s) in all.iter().enumerate().take(2) {
+        assert_ne!(s["fleet"]["incarnation"], before, "replica {i}: {s:#}");
+        assert!(
+            s["fleet"]["store_resets"].as_u64() >= Some(1),
+            "replica {i}: {s:#}"
+        );
+        let m = fleet.replicas[i].metrics().await;
+        assert!(
+            common::metric(&m, "kanaria_fleet_store_resets_total{cluster=\"test\"}") >= 1.0,
+            "replica {i}: {m}"
+        );
+    }
+    // The store holds the rollback, of the new incarnation.
+    let mut conn = redis.conn().await;
+    let rec: String = redis::cmd("GET")
+        .arg("kanaria:test:rollout:app:canary")
+        .query_async(&mut conn)
+        .await
+        .expect("the record");
+    let rec: Value = serde_json::from_str(&rec).expect("record json");
+    assert_eq!(rec["rolled_back"], true, "{rec}");
+    assert_eq!(rec["incarnation"], all[0]["fleet"]["incarnation"], "{rec}");
+    // Nobody on the canary, on any replica; and it stays so.
+    for round in 0..2 {
+        for (i, r) in fleet.replicas.iter().enumerate() {
+            let users = common::send_users(r, 200, &format!("reset-{round}")).await;
+            assert!(
+                users.iter().all(|(code, v)| *code == 200 && v == "stable"),
+                "replica {i}: {users:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+    }
+    assert!(took < Duration::from_secs(10), "converged after {took:?}");
+    eprintln!("converged {took:?} after c was ready");
+}

@@ -190,6 +190,9 @@ fn fleet_json(f: &crate::control::fleet::Fleet) -> Value {
         "start": if synced { "adopted the fleet's records" } else if f.ready() { "serving local state: the fleet store did not answer within fleet.startup_timeout" } else { "adopting the fleet's records" },
         "last_sync_unix_ms": view.last_sync_ms,
         "pending_writes": view.pending,
+        "incarnation": view.incarnation,
+        "store_resets": view.store_resets,
+        "last_store_reset_unix_ms": view.last_store_reset_ms,
         "on_partition": f.settings.on_partition.as_str(),
         "partition_timeout_seconds": f.settings.partition_timeout.as_secs_f64(),
         "members": view.members.iter().map(|m| json!({

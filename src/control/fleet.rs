@@ -45,21 +45,34 @@ use crate::metrics::Metrics;
 use crate::rollout::machine::{FleetRecord, ShareMode};
 use crate::stats::window::Totals;
 
-/// Compare-and-set of one record, then publication. KEYS[1]: the record; ARGV: the new
-/// record (JSON), the generation it was decided on, `cas` or `seed`, the channel, the
-/// record's time to live in ms (renewed by every poll while a replica serves the version).
-/// Returns
-/// `{1, record}` when written, `{0, current}` when refused. Mirrored by [`decide`].
+/// Compare-and-set of one record, then publication. KEYS[1]: the record, KEYS[2]: the
+/// store's incarnation (set with ARGV[6] if absent, and stamped on the record); ARGV: the new
+/// record (JSON), the generation it was decided on, `cas`, `seed` or `reseed`, the
+/// channel, the record's time to live in ms (renewed by every poll while a replica serves
+/// the version). Returns `{1, record}` when written, `{0, current}` when refused.
+/// Mirrored by [`decide`] (`reseed`: a rollback wins over a record that is not one unless
+/// that record counts more operator resumes; otherwise only a higher generation is
+/// written, and never over a rollback it would undo).
 const WRITE_SCRIPT: &str = r#"
+redis.call('SET', KEYS[2], ARGV[6], 'NX')
 local cur = redis.call('GET', KEYS[1])
 local new = cjson.decode(ARGV[1])
+new.incarnation = redis.call('GET', KEYS[2])
 local expected = tonumber(ARGV[2])
 local gen = 0
 if cur then
   local c = cjson.decode(cur)
   gen = tonumber(c.generation) or 0
   if ARGV[3] == 'seed' then return {0, cur} end
-  if gen ~= expected then
+  if ARGV[3] == 'reseed' then
+    local crb = c.rolled_back == true
+    local nrb = new.rolled_back == true
+    local cres = tonumber(c.resumes) or 0
+    local nres = tonumber(new.resumes) or 0
+    local latch = nrb and not crb and nres >= cres
+    local undo = crb and not nrb and cres >= nres
+    if not latch and (expected <= gen or undo) then return {0, cur} end
+  elseif gen ~= expected then
     if not new.rolled_back or c.rolled_back == true then return {0, cur} end
   end
 end
@@ -88,6 +101,12 @@ pub struct View {
     pub last_sync_ms: u64,
     /// Writes waiting for the store.
     pub pending: usize,
+    /// The store's incarnation as last read (empty: not yet).
+    pub incarnation: String,
+    /// How many times this process saw the incarnation change (the store lost its data).
+    pub store_resets: u64,
+    /// When it last did (ms since the Unix epoch; 0: never).
+    pub last_store_reset_ms: u64,
 }
 
 /// One track pair's counts over a span.
@@ -273,6 +292,12 @@ impl Fleet {
         (3 * self.settings.poll_interval.as_millis() as u64).max(5_000)
     }
 
+    /// Set once per store (`SET NX`) with a random id: a store that comes back without it
+    /// lost this fleet's data.
+    fn incarnation_key(&self) -> String {
+        format!("{}incarnation", self.prefix())
+    }
+
     fn members_key(&self) -> String {
         format!("{}members", self.prefix())
     }
@@ -316,6 +341,9 @@ pub trait Replica: Send + Sync {
     fn adopt(&self, record: FleetRecord);
     /// The store became reachable (`up`) or unreachable.
     fn fleet_link(&self, up: bool);
+    /// The store's incarnation as a poll read it, before the records read with it: on a
+    /// change every route re-seeds the store with this replica's state.
+    fn incarnation(&self, incarnation: &str);
     /// Every route with a canary: (route, canary version, the record to seed the store
     /// with when it has none).
     fn fleet_routes(&self) -> Vec<(String, String, Option<FleetRecord>)>;
@@ -365,7 +393,44 @@ enum Written {
     Refused(Option<FleetRecord>),
 }
 
+/// A fresh incarnation id: random enough that two stores never share one (std's hasher
+/// keys are random per process; the writer's id and the time differ between processes).
+fn new_incarnation(fleet: &Fleet) -> String {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    fleet.writer_id.hash(&mut h);
+    fleet.clock.now_ms().hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
 impl FleetService {
+    /// The incarnation read from the store, handed to every route's machine (which
+    /// re-seeds the store when it changed). A change from the one this process knew is
+    /// counted, logged and shown in status.
+    fn saw_incarnation(&self, incarnation: &str) {
+        self.shared.incarnation(incarnation);
+        let now = self.fleet.clock.now_ms();
+        let mut known = String::new();
+        self.fleet.set_view(|v| {
+            known = std::mem::replace(&mut v.incarnation, incarnation.to_string());
+            if !known.is_empty() && known != incarnation {
+                v.store_resets += 1;
+                v.last_store_reset_ms = now;
+            }
+        });
+        if known.is_empty() || known == incarnation {
+            return;
+        }
+        log::warn!(
+            "fleet: the store's incarnation changed ({known} -> {incarnation}): it lost the fleet's data; this replica's state re-seeds it"
+        );
+        self.shared
+            .metrics()
+            .fleet_store_resets
+            .with_label_values(&[&self.fleet.settings.cluster])
+            .inc();
+    }
+
     /// Marks the link up or down; the machines learn it on a change.
     fn link(&self, up: bool) {
         let was = self.fleet.connected.swap(up, Ordering::AcqRel);
@@ -396,14 +461,17 @@ impl FleetService {
         let mode = match record.mode {
             ShareMode::Cas => "cas",
             ShareMode::Seed => "seed",
+            ShareMode::Reseed => "reseed",
         };
         let (written, text): (i64, Option<String>) = script
             .key(self.fleet.record_key(&record.route, &record.canary_version))
+            .key(self.fleet.incarnation_key())
             .arg(body)
             .arg(record.generation)
             .arg(mode)
             .arg(self.fleet.channel())
             .arg(self.fleet.record_ttl_ms())
+            .arg(new_incarnation(&self.fleet))
             .invoke_async(conn)
             .await?;
         let parsed = text.and_then(|t| serde_json::from_str::<FleetRecord>(&t).ok());
@@ -493,24 +561,36 @@ impl FleetService {
         pending: &tokio::sync::Mutex<HashMap<String, FleetRecord>>,
     ) -> redis::RedisResult<()> {
         let routes = self.shared.fleet_routes();
-        let mut values: Vec<Option<String>> = Vec::new();
-        if !routes.is_empty() {
-            let keys: Vec<String> = routes
-                .iter()
-                .map(|(r, v, _)| self.fleet.record_key(r, v))
-                .collect();
-            // Read, and renew the records this replica serves: a record lapses only when
-            // no replica has served its version for `record_ttl` (a finished release).
-            let mut pipe = redis::pipe();
+        let keys: Vec<String> = routes
+            .iter()
+            .map(|(r, v, _)| self.fleet.record_key(r, v))
+            .collect();
+        // The store's incarnation (set here if it has none) and the records, read in one
+        // transaction: the records belong to the incarnation read with them. Read, and
+        // renew the records this replica serves: a record lapses only when no replica has
+        // served its version for `record_ttl` (a finished release).
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("SET")
+            .arg(self.fleet.incarnation_key())
+            .arg(new_incarnation(&self.fleet))
+            .arg("NX")
+            .ignore();
+        pipe.cmd("GET").arg(self.fleet.incarnation_key());
+        if !keys.is_empty() {
             pipe.cmd("MGET").arg(&keys);
-            let ttl = self.fleet.record_ttl_ms() as i64;
-            for key in &keys {
-                pipe.pexpire(key, ttl).ignore();
-            }
-            (values,) = pipe.query_async(conn).await?;
-        } else {
-            let _: String = redis::cmd("PING").query_async(conn).await?;
         }
+        let ttl = self.fleet.record_ttl_ms() as i64;
+        for key in &keys {
+            pipe.pexpire(key, ttl).ignore();
+        }
+        let (incarnation, values): (String, Vec<Option<String>>) = if keys.is_empty() {
+            let (incarnation,): (String,) = pipe.query_async(conn).await?;
+            (incarnation, Vec::new())
+        } else {
+            pipe.query_async(conn).await?
+        };
+        self.saw_incarnation(&incarnation);
         // The store answers: writes that waited for it go now, ahead of anything adopted
         // below (a local rollback not yet shared is not undone by the older records read
         // here: the machine keeps it, and the store lets it win).
@@ -731,6 +811,11 @@ impl BackgroundService for FleetService {
             .fleet_connected
             .with_label_values(&[&self.fleet.settings.cluster])
             .set(0);
+        // The counter's series from the start, so increase() sees the first reset.
+        self.shared
+            .metrics()
+            .fleet_store_resets
+            .with_label_values(&[&self.fleet.settings.cluster]);
         tokio::select! {
             _ = shutdown.changed() => {}
             _ = self.writer(conn.clone(), rx, pending.clone()) => {}
@@ -762,6 +847,8 @@ mod tests {
             writer: "a/1/1".into(),
             at_ms: 1,
             mode,
+            incarnation: String::new(),
+            resumes: 0,
         }
     }
 

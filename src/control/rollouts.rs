@@ -669,6 +669,21 @@ impl Replica for Control {
         }
     }
 
+    /// The store's incarnation, every poll: a route whose machine knew another re-seeds
+    /// the store (and says so).
+    fn incarnation(&self, incarnation: &str) {
+        let mut ctl = self.lock();
+        let names: Vec<String> = ctl.routes.keys().cloned().collect();
+        let mut publish = false;
+        for name in names {
+            let input = Input::Incarnation(incarnation.to_string());
+            publish |= matches!(self.step(&mut ctl, &name, input), Ok(true));
+        }
+        if publish {
+            self.publish(&mut ctl);
+        }
+    }
+
     /// Every route with a canary: (route, canary version, the record to seed the store
     /// with when it has none).
     fn fleet_routes(&self) -> Vec<(String, String, Option<FleetRecord>)> {

@@ -20,6 +20,12 @@
 //!   a raise or a promote, a local rollback not yet shared is never undone by an older
 //!   view of the fleet (not even after a restart: it is persisted as not yet shared), and
 //!   nothing but a rollback happens while the fleet is unreachable;
+//! - when the store loses its data (restarted empty, failed over to a replica that never
+//!   had it: its *incarnation* changed), each replica re-seeds it with its own state and
+//!   the store merges them ([`ShareMode::Reseed`]): a rollback always wins, otherwise the
+//!   highest generation; and a replica never adopts a record that would undo a rollback it
+//!   applied unless the record says an operator resumed since (`resumes`) — it writes its
+//!   rollback again instead. A new canary version is a new record, and starts afresh;
 //! - with `fleet.on_partition = "stable"`, a replica cut off from the fleet store for
 //!   longer than its timeout sends every user to stable until the store answers again, and
 //!   keeps its phase meanwhile (a rollback decided then included), so the fleet's record
@@ -78,6 +84,14 @@ pub struct RouteRollout {
     /// the phase. The phase is kept (and may still roll back), so once the store answers
     /// the weight is the phase's again, or the fleet's newer record.
     pub cut_off: bool,
+    /// How many times an operator resumed this canary version after a rollback, as far as
+    /// this replica knows (its own resumes and the fleet's records): a record that is not a
+    /// rollback undoes this replica's rollback only with a higher count.
+    pub resumes: u64,
+    /// The fleet store's incarnation `fleet_generation` belongs to (empty: none known yet).
+    /// Generations of another incarnation are not comparable: its records wait for the
+    /// poll to say which incarnation the store has now ([`Input::Incarnation`]).
+    pub fleet_incarnation: String,
 }
 
 impl RouteRollout {
@@ -161,6 +175,10 @@ pub enum Input {
         up: bool,
         settle_ms: u64,
     },
+    /// The fleet store's incarnation as a poll read it (with the records). A change from
+    /// the one known here means the store restarted empty or failed over to a replica
+    /// that never had this fleet's data: this replica's state re-seeds it.
+    Incarnation(String),
 }
 
 /// How a shared record is written to the fleet store.
@@ -172,6 +190,11 @@ pub enum ShareMode {
     /// Only if the store holds no record yet (a restored or reset state: the fleet's
     /// record, when there is one, wins and is adopted instead).
     Seed,
+    /// After the store lost its data: this replica's state, merged with what another
+    /// replica re-seeded first. A rollback wins over a record that is not one (unless that
+    /// record counts more operator resumes); otherwise the higher generation wins, never
+    /// undoing a rollback. See [`decide`].
+    Reseed,
 }
 
 /// A route's rollout as the fleet shares it: one record per route and canary version.
@@ -197,6 +220,15 @@ pub struct FleetRecord {
     pub writer: String,
     pub at_ms: u64,
     pub mode: ShareMode,
+    /// The incarnation of the store that holds the record, stamped by the write script
+    /// (empty in a record to be written, and in records written before incarnations
+    /// existed: comparable with any).
+    #[serde(default)]
+    pub incarnation: String,
+    /// Operator resumes after a rollback of this canary version in the record's history
+    /// (see [`RouteRollout::resumes`]; 0 in records written before it existed).
+    #[serde(default)]
+    pub resumes: u64,
 }
 
 /// One transition, with the reason and the numbers behind it.
@@ -272,6 +304,8 @@ pub fn share_record(
         writer: String::new(),
         at_ms: now_ms,
         mode,
+        incarnation: String::new(),
+        resumes: s.resumes,
     })
 }
 
@@ -307,6 +341,8 @@ pub fn fresh(spec: &Spec, now_ms: u64) -> RouteRollout {
         cut_off_after_ms: None,
         fleet_down_since_ms: 0,
         cut_off: false,
+        resumes: 0,
+        fleet_incarnation: String::new(),
     }
 }
 
@@ -350,6 +386,7 @@ pub fn step(
             t.next.fleet_down = !up;
             t.partition();
         }
+        Input::Incarnation(incarnation) => t.incarnation(incarnation),
     }
     Ok(Outcome {
         next: Some(t.next),
@@ -483,16 +520,47 @@ impl Step<'_> {
     /// (it is being written, and a rollback always wins in the store).
     fn adopt(&mut self, rec: FleetRecord, own: bool) {
         let s = &self.next;
+        // A record of another incarnation of the store: late from before it lost its data,
+        // or early from after (the poll says so, and this replica re-seeds first).
+        let other_store = !rec.incarnation.is_empty()
+            && !s.fleet_incarnation.is_empty()
+            && rec.incarnation != s.fleet_incarnation;
+        let rolled_back = matches!(rec.phase, Phase::RolledBack { .. });
+        // After the store lost its data this replica's generation may be ahead of the
+        // store's (generations restart from the highest any replica knows, by the re-seed):
+        // a rollback of the store's current incarnation that no operator's resume known
+        // here has overtaken applies whatever its generation. (Within one incarnation a
+        // record after a rollback is a resume, which counts one more.)
+        let latch_here = rolled_back
+            && !rec.incarnation.is_empty()
+            && rec.incarnation == s.fleet_incarnation
+            && !matches!(s.phase, Phase::RolledBack { .. })
+            && rec.resumes >= s.resumes;
         if s.canary_version.as_deref() != Some(rec.canary_version.as_str())
-            || rec.generation <= s.fleet_generation
+            || other_store
+            || (rec.generation <= s.fleet_generation && !latch_here)
         {
             return;
         }
-        let rolled_back = matches!(rec.phase, Phase::RolledBack { .. });
-        if s.unshared_rollback && !rolled_back {
+        if s.fleet_incarnation.is_empty() {
+            self.next.fleet_incarnation = rec.incarnation.clone();
+        }
+        let s = &self.next;
+        // A record that would undo the rollback applied here (or one not yet shared)
+        // without an operator's resume since: only a store that lost its data lets one
+        // through (a seed of a replica that never saw the rollback). The rollback is
+        // written again; it wins in the store.
+        if !own
+            && !rolled_back
+            && matches!(s.phase, Phase::RolledBack { .. })
+            && (s.unshared_rollback || rec.resumes <= s.resumes)
+        {
+            self.rewrite_rollback(&rec);
             return;
         }
-        self.next.fleet_generation = rec.generation;
+        self.next.fleet_generation = rec.generation.max(s.fleet_generation);
+        // The fleet's count: an operator's resume the store refused counted here too.
+        self.next.resumes = rec.resumes;
         if rolled_back && matches!(self.next.phase, Phase::RolledBack { .. }) {
             // The fleet has a rollback: nothing waits any more, after a restart either.
             if std::mem::take(&mut self.next.unshared_rollback) {
@@ -519,6 +587,78 @@ impl Step<'_> {
             json!({ "fleet_generation": rec.generation, "by": rec.by, "fleet_reason": rec.reason }),
             None,
         );
+    }
+
+    /// Writes this replica's rollback again over a fleet record that would undo it,
+    /// decided on that record's generation (a rollback wins whatever the generation).
+    fn rewrite_rollback(&mut self, rec: &FleetRecord) {
+        let reason = format!(
+            "fleet: a record that would undo this rollback without an operator's resume ({} at generation {}, by {}) was refused; the rollback is written again",
+            rec.phase.name(),
+            rec.generation,
+            rec.by
+        );
+        let s = &self.next;
+        let Some(mut share) = share_record(
+            self.route,
+            s,
+            "rollback",
+            &reason,
+            self.now_ms,
+            ShareMode::Cas,
+        ) else {
+            return;
+        };
+        share.generation = share.generation.max(rec.generation);
+        self.effects.push(Effect::Share(share));
+        let name = s.phase.name();
+        self.effects.push(Effect::Emit(Event {
+            at_ms: self.now_ms,
+            route: self.route.to_string(),
+            kind: "rollback_rewritten".to_string(),
+            from: name.to_string(),
+            to: name.to_string(),
+            weight_percent: buckets_to_percent(s.weight().0),
+            reason,
+            numbers: json!({ "fleet_generation": rec.generation, "by": rec.by, "fleet_phase": rec.phase.name() }),
+        }));
+    }
+
+    /// The store's incarnation as a poll read it. A change: the store lost its data, and
+    /// this replica's state re-seeds it at the generation it knows (the store keeps the
+    /// highest, and a rollback over anything else).
+    fn incarnation(&mut self, incarnation: String) {
+        let known = std::mem::replace(&mut self.next.fleet_incarnation, incarnation.clone());
+        if known.is_empty() || known == incarnation || !self.next.fleet {
+            return;
+        }
+        let incarnation = incarnation.as_str();
+        let s = &self.next;
+        let reason = format!(
+            "the fleet store's incarnation changed (now {incarnation}): it restarted empty or failed over to a replica without this fleet's data; this replica's state re-seeds it"
+        );
+        let Some(share) = share_record(
+            self.route,
+            s,
+            "store_reset",
+            &reason,
+            self.now_ms,
+            ShareMode::Reseed,
+        ) else {
+            return;
+        };
+        self.effects.push(Effect::Share(share));
+        let name = s.phase.name();
+        self.effects.push(Effect::Emit(Event {
+            at_ms: self.now_ms,
+            route: self.route.to_string(),
+            kind: "store_reset".to_string(),
+            from: name.to_string(),
+            to: name.to_string(),
+            weight_percent: buckets_to_percent(s.weight().0),
+            reason,
+            numbers: json!({ "fleet_generation": s.fleet_generation, "incarnation": incarnation }),
+        }));
     }
 
     fn restore(&mut self, saved: Result<Option<Record>, String>) {
@@ -564,6 +704,8 @@ impl Step<'_> {
             };
             self.next.fleet_generation = 0;
             self.next.unshared_rollback = false;
+            self.next.resumes = 0;
+            self.next.fleet_incarnation = String::new();
             self.transition_shared(
                 "reset",
                 initial_phase(&spec, self.now_ms),
@@ -668,11 +810,16 @@ impl Step<'_> {
                     },
                     "operator resumed".to_string(),
                 ),
-                Phase::RolledBack { .. } => (
-                    "resumed",
-                    initial_phase(&spec, self.now_ms),
-                    "operator resumed after a rollback".to_string(),
-                ),
+                Phase::RolledBack { .. } => {
+                    // Counted before the transition, so the shared record carries it: the
+                    // other replicas leave their rollback for this record only.
+                    self.next.resumes += 1;
+                    (
+                        "resumed",
+                        initial_phase(&spec, self.now_ms),
+                        "operator resumed after a rollback".to_string(),
+                    )
+                }
                 other => {
                     return Err(Refusal::Conflict(format!(
                         "route {:?} is {}: only a paused or rolled-back route can be resumed",
@@ -815,11 +962,20 @@ pub fn decide(current: Option<&FleetRecord>, new: &FleetRecord) -> (bool, FleetR
     let mut gen = 0;
     if let Some(c) = current {
         gen = c.generation;
-        if new.mode == ShareMode::Seed {
-            return (false, c.clone());
-        }
-        if gen != new.generation && (!new.rolled_back || c.rolled_back) {
-            return (false, c.clone());
+        match new.mode {
+            ShareMode::Seed => return (false, c.clone()),
+            ShareMode::Reseed => {
+                let latch = new.rolled_back && !c.rolled_back && new.resumes >= c.resumes;
+                let undo = c.rolled_back && !new.rolled_back && c.resumes >= new.resumes;
+                if !latch && (new.generation <= gen || undo) {
+                    return (false, c.clone());
+                }
+            }
+            ShareMode::Cas => {
+                if gen != new.generation && (!new.rolled_back || c.rolled_back) {
+                    return (false, c.clone());
+                }
+            }
         }
     }
     let mut out = new.clone();
@@ -1019,6 +1175,8 @@ mod tests {
             writer: "other/1/1".into(),
             at_ms: 0,
             mode: ShareMode::Cas,
+            incarnation: String::new(),
+            resumes: 0,
         }
     }
 
@@ -1136,6 +1294,7 @@ mod tests {
                     Input::Adopt { record, .. } => Some(record.clone()),
                     _ => None,
                 };
+                let own_adopt = matches!(&input, Input::Adopt { own: true, .. });
                 let advancing = matches!(
                     &input,
                     Input::Tick | Input::Verdict { .. } | Input::Operator(Action::Weight(_) | Action::Promote | Action::Pause | Action::Resume)
@@ -1169,12 +1328,23 @@ mod tests {
                 }
                 let next = out.next.clone().expect("a state unless removed");
                 // Adopted generations only increase (a new canary version starts at 0);
-                // an older or equal one changes nothing; adopting never shares back.
+                // an older or equal one changes nothing; adopting shares back only a
+                // rollback over a record that would undo it, and then changes nothing.
                 if !version_changes {
                     prop_assert!(next.fleet_generation >= s.fleet_generation);
                 }
                 if let Some(rec) = &adopt {
-                    prop_assert!(!out.effects.iter().any(|e| matches!(e, Effect::Share(_))));
+                    let shares: Vec<&FleetRecord> = out.effects.iter().filter_map(|e| match e {
+                        Effect::Share(r) => Some(r),
+                        _ => None,
+                    }).collect();
+                    if !shares.is_empty() {
+                        prop_assert_eq!(shares.len(), 1);
+                        prop_assert!(shares[0].rolled_back && !rec.rolled_back);
+                        let latched = matches!(s.phase, Phase::RolledBack { .. });
+                        prop_assert!(latched);
+                        prop_assert_eq!(&next, &s);
+                    }
                     if rec.generation <= s.fleet_generation
                         || s.canary_version.as_deref() != Some(rec.canary_version.as_str())
                     {
@@ -1235,7 +1405,11 @@ mod tests {
                     prop_assert!(out.effects.is_empty());
                 }
                 // The rollback latch.
-                if matches!(s.phase, Phase::RolledBack { .. }) && !(resume || version_changes || restore || adopt.is_some()) {
+                // An adopted record leaves it only if this process wrote it or it counts an
+                // operator's resume this replica has not seen (the generated records count
+                // none).
+                let adopt_may_leave = adopt.as_ref().is_some_and(|_| own_adopt);
+                if matches!(s.phase, Phase::RolledBack { .. }) && !(resume || version_changes || restore || adopt_may_leave) {
                     let latched = matches!(next.phase, Phase::RolledBack { .. });
                     prop_assert!(latched, "left the latch: {:?}", next.phase);
                     prop_assert_eq!(next.weight().0, 0);
@@ -1469,6 +1643,208 @@ mod tests {
             prop_assert_eq!(back.unshared_rollback, rolled);
             let said = out.effects.iter().any(|e| matches!(e, Effect::Emit(ev) if ev.kind == "rejoined"));
             prop_assert_eq!(said, s.cut_off);
+        }
+
+        /// Three replicas and a model of the store ([`decide`]) over random interleavings
+        /// of operators' actions, writes landing late, records delivered late, twice or
+        /// out of order, polls (which re-seed an empty store and report a changed
+        /// incarnation), the store losing its data, and replicas restarting with or
+        /// without their state file. After every step: a replica leaves a rollback only by
+        /// an operator's resume (its own, or a record counting one it has not seen), and
+        /// the generation a replica applies never goes down (a replica restarted without
+        /// its state starts over, as a new one). Once the writes have landed and everyone
+        /// has polled, a rollback any replica still holds is the whole fleet's.
+        #[test]
+        fn a_rollback_survives_store_resets_and_replicas_without_state(
+            ops in prop::collection::vec((0u8..10, 0usize..3, 0usize..64), 1..120),
+        ) {
+            let sp = spec(Some("v2"), &[(1_000, 0), (3_000, 0), (6_000, 0)]);
+            struct Replica {
+                s: RouteRollout,
+                saved: Option<Record>,
+                life: u64,
+            }
+            let boot = |saved: Option<Record>, now: u64| -> (RouteRollout, Vec<Effect>) {
+                let s = fresh(&sp, now).in_fleet(true, None, now);
+                let out = step("app", &s, Input::Restore(Ok(saved)), now).unwrap();
+                (out.next.unwrap(), out.effects)
+            };
+            let mut store: Option<FleetRecord> = None;
+            let mut incarnation: Option<u64> = None;
+            let mut incarnations = 0u64;
+            // Writes in flight: (replica, its life, the record); records published.
+            let mut queue: Vec<(usize, u64, FleetRecord)> = Vec::new();
+            let mut published: Vec<FleetRecord> = Vec::new();
+            let mut resumes_issued = 0u64;
+            let mut reps: Vec<Replica> = Vec::new();
+            let mut now = 0u64;
+            for _ in 0..3 {
+                let (s, _) = boot(None, now);
+                reps.push(Replica { s, saved: None, life: 0 });
+            }
+            // Carries out a replica's effects: its writes queue, its state file is kept.
+            fn effects(r: &mut Replica, i: usize, effects: Vec<Effect>, queue: &mut Vec<(usize, u64, FleetRecord)>) {
+                for e in effects {
+                    match e {
+                        Effect::Share(mut rec) => {
+                            rec.writer = format!("{i}/{}", r.life);
+                            queue.push((i, r.life, rec));
+                        }
+                        Effect::Persist(rec) => r.saved = Some(rec),
+                        _ => {}
+                    }
+                }
+            }
+            // A poll of replica `i`: the incarnation (set if absent), then the record, or a
+            // seed when the store has none.
+            let poll = |r: &mut Replica, i: usize, now: u64, store: &Option<FleetRecord>, incarnation: &mut Option<u64>, incarnations: &mut u64, queue: &mut Vec<(usize, u64, FleetRecord)>| {
+                let inc = *incarnation.get_or_insert_with(|| { *incarnations += 1; *incarnations });
+                let mut fx = Vec::new();
+                let out = step("app", &r.s, Input::Incarnation(inc.to_string()), now).unwrap();
+                r.s = out.next.unwrap();
+                fx.extend(out.effects);
+                match store {
+                    Some(rec) => {
+                        let out = step("app", &r.s, Input::Adopt { record: rec.clone(), own: false }, now).unwrap();
+                        r.s = out.next.unwrap();
+                        fx.extend(out.effects);
+                    }
+                    None => fx.extend(share_record("app", &r.s, "seed", "seed", now, ShareMode::Seed).map(Effect::Share)),
+                }
+                effects(r, i, fx, queue);
+            };
+            // The store takes the oldest write in flight; its writer adopts the answer.
+            let land = |k: usize, store: &mut Option<FleetRecord>, incarnation: &mut Option<u64>, incarnations: &mut u64, queue: &mut Vec<(usize, u64, FleetRecord)>, published: &mut Vec<FleetRecord>, reps: &mut Vec<Replica>, now: u64| {
+                if queue.is_empty() {
+                    return;
+                }
+                let (i, life, mut rec) = queue.remove(k % queue.len());
+                // The script stamps the store's incarnation (set if it has none).
+                rec.incarnation = incarnation.get_or_insert_with(|| { *incarnations += 1; *incarnations }).to_string();
+                let (written, answer) = decide(store.as_ref(), &rec);
+                if written {
+                    *store = Some(answer.clone());
+                    published.push(answer.clone());
+                }
+                let r = &mut reps[i];
+                if r.life == life {
+                    let own = answer.writer == rec.writer;
+                    let out = step("app", &r.s, Input::Adopt { record: answer, own }, now).unwrap();
+                    r.s = out.next.unwrap();
+                    effects(r, i, out.effects, queue);
+                }
+            };
+            for (op, i, k) in ops {
+                now += 10;
+                let before: Vec<(RouteRollout, u64)> = reps.iter().map(|r| (r.s.clone(), r.life)).collect();
+                let mut resumed = None;
+                let mut kept_state = false;
+                match op {
+                    0 => {
+                        let out = step("app", &reps[i].s, Input::Operator(Action::Rollback), now);
+                        if let Ok(out) = out {
+                            reps[i].s = out.next.unwrap();
+                            effects(&mut reps[i], i, out.effects, &mut queue);
+                        }
+                    }
+                    1 => {
+                        let action = match k % 3 {
+                            0 => Action::Weight((k as u32 * 150).min(BUCKETS)),
+                            1 => Action::Promote,
+                            _ => Action::Resume,
+                        };
+                        if let Ok(out) = step("app", &reps[i].s, Input::Operator(action), now) {
+                            if action == Action::Resume && matches!(reps[i].s.phase, Phase::RolledBack { .. }) {
+                                resumes_issued += 1;
+                                resumed = Some(i);
+                            }
+                            reps[i].s = out.next.unwrap();
+                            effects(&mut reps[i], i, out.effects, &mut queue);
+                        }
+                    }
+                    2 | 3 => land(k, &mut store, &mut incarnation, &mut incarnations, &mut queue, &mut published, &mut reps, now),
+                    4 => {
+                        // A published record delivered (again, late or out of order).
+                        if !published.is_empty() {
+                            let rec = published[k % published.len()].clone();
+                            let out = step("app", &reps[i].s, Input::Adopt { record: rec, own: false }, now).unwrap();
+                            reps[i].s = out.next.unwrap();
+                            effects(&mut reps[i], i, out.effects, &mut queue);
+                        }
+                    }
+                    5 | 6 => poll(&mut reps[i], i, now, &store, &mut incarnation, &mut incarnations, &mut queue),
+                    7 => {
+                        // The store restarts empty, or fails over to a replica that never
+                        // had the data.
+                        store = None;
+                        incarnation = None;
+                    }
+                    8 => {
+                        // A restart, with the state file or (one time in three) without.
+                        let saved = if k % 3 == 0 { None } else { reps[i].saved.clone() };
+                        kept_state = saved.is_some();
+                        let r = &mut reps[i];
+                        r.life += 1;
+                        r.saved = saved.clone();
+                        let (s, fx) = boot(saved, now);
+                        r.s = s;
+                        effects(r, i, fx, &mut queue);
+                    }
+                    _ => {
+                        let e = reps[i].s.epoch;
+                        let v = if k % 2 == 0 { Verdict::Pass } else { fail() };
+                        let out = step("app", &reps[i].s, Input::Verdict { epoch: e, verdict: v }, now).unwrap();
+                        reps[i].s = out.next.unwrap();
+                        effects(&mut reps[i], i, out.effects, &mut queue);
+                    }
+                }
+                for (j, (b, life)) in before.iter().enumerate() {
+                    let a = &reps[j].s;
+                    if reps[j].life != *life {
+                        // Restarted: with its state file it keeps its rollback.
+                        if matches!(b.phase, Phase::RolledBack { .. }) && kept_state {
+                            let rolled = matches!(a.phase, Phase::RolledBack { .. });
+                            prop_assert!(rolled, "replica {} lost its rollback in a restart: {:?}", j, a.phase);
+                        }
+                        continue;
+                    }
+                    prop_assert!(a.fleet_generation >= b.fleet_generation, "replica {}: generation {} -> {}", j, b.fleet_generation, a.fleet_generation);
+                    if matches!(b.phase, Phase::RolledBack { .. }) && !matches!(a.phase, Phase::RolledBack { .. }) {
+                        // Left the latch: its own resume, or a record counting one.
+                        let by_operator = resumed == Some(j) || (a.resumes > b.resumes && a.resumes <= resumes_issued);
+                        prop_assert!(by_operator, "replica {} left its rollback without an operator: {:?}", j, a.phase);
+                    }
+                }
+            }
+            // Quiet: every write lands, everyone polls, until nothing is left in flight.
+            // (A rollback an operator's resume has not yet overtaken: one decided after the
+            // newest resume anywhere.)
+            let newest_resume = reps.iter().map(|r| r.s.resumes)
+                .chain(queue.iter().map(|(_, _, r)| r.resumes))
+                .chain(store.iter().map(|r| r.resumes))
+                .max().unwrap_or(0);
+            let holds = reps.iter().any(|r| matches!(r.s.phase, Phase::RolledBack { .. }) && r.s.resumes >= newest_resume);
+            for _ in 0..20 {
+                now += 10;
+                while !queue.is_empty() {
+                    land(0, &mut store, &mut incarnation, &mut incarnations, &mut queue, &mut published, &mut reps, now);
+                }
+                for (i, r) in reps.iter_mut().enumerate() {
+                    poll(r, i, now, &store, &mut incarnation, &mut incarnations, &mut queue);
+                }
+                if queue.is_empty() {
+                    break;
+                }
+            }
+            prop_assert!(queue.is_empty(), "writes still in flight");
+            if holds {
+                for (i, r) in reps.iter().enumerate() {
+                    let rolled = matches!(r.s.phase, Phase::RolledBack { .. });
+                    prop_assert!(rolled, "replica {} ends {:?} after a rollback", i, r.s.phase);
+                    prop_assert_eq!(r.s.weight().0, 0);
+                }
+                prop_assert!(store.as_ref().is_some_and(|s| s.rolled_back));
+            }
         }
 
         /// Whatever the steps became, passing evaluations finish the rollout.
