@@ -201,6 +201,7 @@ mod tests {
             },
             updated_ms: 43,
             unshared: false,
+            resumes: 0,
         };
         store.save(&rec).unwrap();
         assert_eq!(store.load("app").unwrap(), Some(rec.clone()));
@@ -268,6 +269,7 @@ mod tests {
                             phase: Phase::Paused { step: i },
                             updated_ms: i as u64,
                             unshared: false,
+                            resumes: 0,
                         };
                         store.save(&rec).unwrap();
                         // Every read in between finds a whole file.

@@ -466,6 +466,7 @@ impl Step<'_> {
                 phase: s.phase.clone(),
                 updated_ms: self.now_ms,
                 unshared: s.unshared_rollback,
+                resumes: s.resumes,
             }));
         }
     }
@@ -671,6 +672,7 @@ impl Step<'_> {
                 if rec.unshared && matches!(rec.phase, Phase::RolledBack { .. }) {
                     mode = ShareMode::Cas;
                 }
+                self.next.resumes = rec.resumes;
                 (
                     "restored",
                     clamp_steps(rec.phase, &spec, self.now_ms),
@@ -1088,6 +1090,7 @@ mod tests {
             },
             updated_ms: 1,
             unshared: false,
+            resumes: 0,
         };
         let s = apply(&fresh(&sp, 0), Input::Restore(Ok(Some(rec))), 5);
         assert_eq!(s.phase, Phase::Manual);
@@ -1226,6 +1229,7 @@ mod tests {
                     phase,
                     updated_ms: 0,
                     unshared,
+                    resumes: 0,
                 }))),
         ];
         let input = prop_oneof![

@@ -99,4 +99,13 @@ pub struct Record {
     /// (`false`) in files written before it existed and whenever nothing waits.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unshared: bool,
+    /// Operator resumes after a rollback of this canary version, as far as the replica
+    /// knew (see `RouteRollout::resumes`): kept so that after a restart a fleet record
+    /// counting no newer resume still cannot undo a rollback. Absent (0) in older files.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resumes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
