@@ -50,30 +50,36 @@ use crate::stats::window::Totals;
 /// record (JSON), the generation it was decided on, `cas`, `seed` or `reseed`, the
 /// channel, the record's time to live in ms (renewed by every poll while a replica serves
 /// the version). Returns `{1, record}` when written, `{0, current}` when refused.
-/// Mirrored by [`decide`] (`reseed`: a rollback wins over a record that is not one unless
-/// that record counts more operator resumes; otherwise only a higher generation is
-/// written, and never over a rollback it would undo).
+/// Histories order by operator resumes, then a rollback over anything else (`order`); only
+/// the same kind compares generations: `cas` must match the generation and the incarnation
+/// it was decided on, `reseed` must be higher. Mirrored by [`decide`].
 const WRITE_SCRIPT: &str = r#"
 redis.call('SET', KEYS[2], ARGV[6], 'NX')
+local inc = redis.call('GET', KEYS[2])
 local cur = redis.call('GET', KEYS[1])
 local new = cjson.decode(ARGV[1])
-new.incarnation = redis.call('GET', KEYS[2])
+local stale = type(new.incarnation) == 'string' and new.incarnation ~= '' and new.incarnation ~= inc
+new.incarnation = inc
 local expected = tonumber(ARGV[2])
 local gen = 0
 if cur then
   local c = cjson.decode(cur)
   gen = tonumber(c.generation) or 0
   if ARGV[3] == 'seed' then return {0, cur} end
-  if ARGV[3] == 'reseed' then
-    local crb = c.rolled_back == true
-    local nrb = new.rolled_back == true
-    local cres = tonumber(c.resumes) or 0
-    local nres = tonumber(new.resumes) or 0
-    local latch = nrb and not crb and nres >= cres
-    local undo = crb and not nrb and cres >= nres
-    if not latch and (expected <= gen or undo) then return {0, cur} end
-  elseif gen ~= expected then
-    if not new.rolled_back or c.rolled_back == true then return {0, cur} end
+  local nres = tonumber(new.resumes) or 0
+  local cres = tonumber(c.resumes) or 0
+  local nrb = new.rolled_back == true
+  local crb = c.rolled_back == true
+  local order = 0
+  if nres > cres then order = 1 elseif nres < cres then order = -1
+  elseif nrb and not crb then order = 1 elseif crb and not nrb then order = -1 end
+  if order < 0 then return {0, cur} end
+  if order == 0 then
+    if ARGV[3] == 'reseed' then
+      if expected <= gen then return {0, cur} end
+    elseif gen ~= expected or stale then
+      return {0, cur}
+    end
   end
 end
 if expected > gen then gen = expected end
@@ -863,18 +869,47 @@ mod tests {
             ShareMode::Cas,
         );
         // The raise first: the rollback, decided on the same generation, still lands.
-        let (ok, first) = decide(None, &raise);
+        let (ok, first) = decide(None, &raise, "i1");
         assert!(ok);
         assert_eq!(first.generation, 1);
-        let (ok, second) = decide(Some(&first), &rollback);
+        let (ok, second) = decide(Some(&first), &rollback, "i1");
         assert!(ok);
         assert_eq!(second.generation, 2);
         // The rollback first: the raise is refused with the rollback.
-        let (_, first) = decide(None, &rollback);
-        assert_eq!(decide(Some(&first), &raise), (false, first.clone()));
+        let (_, first) = decide(None, &rollback, "i1");
+        assert_eq!(decide(Some(&first), &raise, "i1"), (false, first.clone()));
         // A seed never overwrites.
         let seed = rec(0, Phase::Manual, ShareMode::Seed);
-        assert_eq!(decide(Some(&first), &seed), (false, first.clone()));
-        assert_eq!(decide(None, &seed).1.generation, 1);
+        assert_eq!(decide(Some(&first), &seed, "i1"), (false, first.clone()));
+        assert_eq!(decide(None, &seed, "i1").1.generation, 1);
+    }
+
+    /// A compare-and-set decided against a store that since lost its data (another
+    /// incarnation) is refused even when the generation happens to match; a rollback still
+    /// lands. What is written carries the store's incarnation.
+    #[test]
+    fn a_write_decided_on_another_incarnation_is_refused_unless_a_rollback() {
+        let (_, current) = decide(None, &rec(0, Phase::Manual, ShareMode::Cas), "new");
+        assert_eq!(current.generation, 1);
+        assert_eq!(current.incarnation, "new");
+        let mut raise = rec(1, Phase::Weight { buckets: 5_000 }, ShareMode::Cas);
+        raise.incarnation = "old".into();
+        assert_eq!(
+            decide(Some(&current), &raise, "new"),
+            (false, current.clone())
+        );
+        raise.incarnation = "new".into();
+        assert!(decide(Some(&current), &raise, "new").0);
+        let mut rollback = rec(
+            1,
+            Phase::RolledBack {
+                reason: "manual".into(),
+            },
+            ShareMode::Cas,
+        );
+        rollback.incarnation = "old".into();
+        let (ok, written) = decide(Some(&current), &rollback, "new");
+        assert!(ok);
+        assert_eq!(written.incarnation, "new");
     }
 }

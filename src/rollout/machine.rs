@@ -304,7 +304,9 @@ pub fn share_record(
         writer: String::new(),
         at_ms: now_ms,
         mode,
-        incarnation: String::new(),
+        // The store incarnation the decision was made against: a compare-and-set on a
+        // store that since lost its data compares generations of another history.
+        incarnation: s.fleet_incarnation.clone(),
         resumes: s.resumes,
     })
 }
@@ -526,42 +528,42 @@ impl Step<'_> {
         let other_store = !rec.incarnation.is_empty()
             && !s.fleet_incarnation.is_empty()
             && rec.incarnation != s.fleet_incarnation;
+        if s.canary_version.as_deref() != Some(rec.canary_version.as_str()) || other_store {
+            return;
+        }
         let rolled_back = matches!(rec.phase, Phase::RolledBack { .. });
-        // After the store lost its data this replica's generation may be ahead of the
-        // store's (generations restart from the highest any replica knows, by the re-seed):
-        // a rollback of the store's current incarnation that no operator's resume known
-        // here has overtaken applies whatever its generation. (Within one incarnation a
-        // record after a rollback is a resume, which counts one more.)
-        let latch_here = rolled_back
-            && !rec.incarnation.is_empty()
-            && rec.incarnation == s.fleet_incarnation
-            && !matches!(s.phase, Phase::RolledBack { .. })
-            && rec.resumes >= s.resumes;
-        if s.canary_version.as_deref() != Some(rec.canary_version.as_str())
-            || other_store
-            || (rec.generation <= s.fleet_generation && !latch_here)
-        {
+        let here_rolled_back = matches!(s.phase, Phase::RolledBack { .. });
+        // Histories order by operator resumes, then a rollback over anything else; only
+        // records of the same kind are ordered by generation. So a rollback no resume has
+        // overtaken applies whatever its generation (after the store lost its data, this
+        // replica's generation may be ahead of the store's), and a rollback from before a
+        // resume known here does not.
+        let order = supersedes(rec.resumes, rolled_back, s.resumes, here_rolled_back);
+        let newer = order.unwrap_or(rec.generation > s.fleet_generation);
+        if !newer {
+            // A newer record that would undo the rollback applied here (or one not yet
+            // shared) without an operator's resume since: only a store that lost its data
+            // lets one through (a seed of a replica that never saw the rollback). The
+            // rollback is written again; it wins in the store.
+            if !own
+                && order == Some(false)
+                && here_rolled_back
+                && !rolled_back
+                && rec.generation > s.fleet_generation
+            {
+                self.rewrite_rollback(&rec);
+            }
             return;
         }
         if s.fleet_incarnation.is_empty() {
             self.next.fleet_incarnation = rec.incarnation.clone();
         }
         let s = &self.next;
-        // A record that would undo the rollback applied here (or one not yet shared)
-        // without an operator's resume since: only a store that lost its data lets one
-        // through (a seed of a replica that never saw the rollback). The rollback is
-        // written again; it wins in the store.
-        if !own
-            && !rolled_back
-            && matches!(s.phase, Phase::RolledBack { .. })
-            && (s.unshared_rollback || rec.resumes <= s.resumes)
-        {
-            self.rewrite_rollback(&rec);
-            return;
-        }
+        let resumes = rec.resumes.max(s.resumes);
         self.next.fleet_generation = rec.generation.max(s.fleet_generation);
-        // The fleet's count: an operator's resume the store refused counted here too.
-        self.next.resumes = rec.resumes;
+        // The fleet's count (an operator's resume the store refused counted here too), but
+        // never lower: what was counted here happened.
+        self.next.resumes = resumes;
         if rolled_back && matches!(self.next.phase, Phase::RolledBack { .. }) {
             // The fleet has a rollback: nothing waits any more, after a restart either.
             if std::mem::take(&mut self.next.unshared_rollback) {
@@ -957,24 +959,50 @@ fn clamp_steps(phase: Phase, spec: &Spec, now_ms: u64) -> Phase {
     }
 }
 
+/// How one record's history orders against another's, apart from generations: more
+/// operator resumes is later; with as many, a rollback wins over anything else; `None`:
+/// the same kind, ordered by generation (compare-and-set).
+pub fn supersedes(
+    resumes: u64,
+    rolled_back: bool,
+    other_resumes: u64,
+    other_rolled_back: bool,
+) -> Option<bool> {
+    match resumes.cmp(&other_resumes) {
+        std::cmp::Ordering::Greater => Some(true),
+        std::cmp::Ordering::Less => Some(false),
+        std::cmp::Ordering::Equal if rolled_back != other_rolled_back => Some(rolled_back),
+        std::cmp::Ordering::Equal => None,
+    }
+}
+
 /// What the fleet store's write script (`control::fleet`) decides, in Rust (the tests'
 /// model of the store): `(true, written)` or `(false, current)`.
 #[cfg(test)]
-pub fn decide(current: Option<&FleetRecord>, new: &FleetRecord) -> (bool, FleetRecord) {
+pub fn decide(
+    current: Option<&FleetRecord>,
+    new: &FleetRecord,
+    store_incarnation: &str,
+) -> (bool, FleetRecord) {
     let mut gen = 0;
     if let Some(c) = current {
         gen = c.generation;
+        let order = supersedes(new.resumes, new.rolled_back, c.resumes, c.rolled_back);
         match new.mode {
             ShareMode::Seed => return (false, c.clone()),
+            // This replica's state after the store lost its data: a later history wins,
+            // the same kind by the higher generation.
             ShareMode::Reseed => {
-                let latch = new.rolled_back && !c.rolled_back && new.resumes >= c.resumes;
-                let undo = c.rolled_back && !new.rolled_back && c.resumes >= new.resumes;
-                if !latch && (new.generation <= gen || undo) {
+                if !order.unwrap_or(new.generation > gen) {
                     return (false, c.clone());
                 }
             }
             ShareMode::Cas => {
-                if gen != new.generation && (!new.rolled_back || c.rolled_back) {
+                // Decided against another incarnation of the store: its generation says
+                // nothing about this one's. A later history (a rollback, an operator's
+                // resume) lands whatever the generation.
+                let stale = !new.incarnation.is_empty() && new.incarnation != store_incarnation;
+                if !order.unwrap_or(gen == new.generation && !stale) {
                     return (false, c.clone());
                 }
             }
@@ -982,6 +1010,7 @@ pub fn decide(current: Option<&FleetRecord>, new: &FleetRecord) -> (bool, FleetR
     }
     let mut out = new.clone();
     out.generation = gen.max(new.generation) + 1;
+    out.incarnation = store_incarnation.to_string();
     (true, out)
 }
 
@@ -1349,14 +1378,18 @@ mod tests {
                         prop_assert!(latched);
                         prop_assert_eq!(&next, &s);
                     }
-                    if rec.generation <= s.fleet_generation
+                    // (A later history, a rollback or an operator's resume not seen here,
+                    // applies whatever its generation.)
+                    let later = supersedes(rec.resumes, rec.rolled_back, s.resumes, matches!(s.phase, Phase::RolledBack { .. })) == Some(true);
+                    if (rec.generation <= s.fleet_generation && !later)
                         || s.canary_version.as_deref() != Some(rec.canary_version.as_str())
                     {
                         prop_assert_eq!(&next, &s);
                         prop_assert!(out.effects.is_empty());
                     }
-                    // A local rollback the fleet has not accepted is not undone.
-                    if s.unshared_rollback {
+                    // A local rollback the fleet has not accepted is not undone (but by an
+                    // operator's resume this replica has not seen).
+                    if s.unshared_rollback && rec.resumes <= s.resumes {
                         let kept = matches!(next.phase, Phase::RolledBack { .. });
                         prop_assert!(kept, "a local rollback undone by {:?}", rec);
                     }
@@ -1471,7 +1504,7 @@ mod tests {
             // The store holds the first replica's seed.
             let mut store = None;
             for r in shares(&step("app", &fresh(&sp, 0), Input::Restore(Ok(None)), 0).unwrap()) {
-                let (written, rec) = decide(store.as_ref(), &r);
+                let (written, rec) = decide(store.as_ref(), &r, "");
                 if written {
                     store = Some(rec);
                 }
@@ -1507,7 +1540,7 @@ mod tests {
             for (from_a, mut r) in order {
                 // The control module names the writing process.
                 r.writer = if from_a { "a/1/1".into() } else { "b/1/1".into() };
-                let (written, answer) = decide(store.as_ref(), &r);
+                let (written, answer) = decide(store.as_ref(), &r, "");
                 if written {
                     store = Some(answer.clone());
                 }
@@ -1588,7 +1621,7 @@ mod tests {
             // The store holds what the fleet did meanwhile.
             let current = record("v2", fleet_phase, fleet_generation);
             share.writer = "me/1/1".into();
-            let (written, answer) = decide(Some(&current), &share);
+            let (written, answer) = decide(Some(&current), &share, "");
             prop_assert!(written || current.rolled_back);
             prop_assert!(answer.rolled_back);
             let own = answer.writer == share.writer;
@@ -1722,10 +1755,10 @@ mod tests {
                 if queue.is_empty() {
                     return;
                 }
-                let (i, life, mut rec) = queue.remove(k % queue.len());
+                let (i, life, rec) = queue.remove(k % queue.len());
                 // The script stamps the store's incarnation (set if it has none).
-                rec.incarnation = incarnation.get_or_insert_with(|| { *incarnations += 1; *incarnations }).to_string();
-                let (written, answer) = decide(store.as_ref(), &rec);
+                let inc = incarnation.get_or_insert_with(|| { *incarnations += 1; *incarnations }).to_string();
+                let (written, answer) = decide(store.as_ref(), &rec, &inc);
                 if written {
                     *store = Some(answer.clone());
                     published.push(answer.clone());
