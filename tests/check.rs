@@ -297,7 +297,12 @@ fn broken_configs_print_every_error_with_its_place() {
         (
             "[fleet] ca without TLS",
             &format!("[fleet]\nurl = \"redis://cache.example.com:6379\"\ncluster = \"prod\"\nca = \"ca.pem\"\n{GOOD_ROUTE}"),
-            &["FILE:4:6: fleet.ca: only applies to a rediss:// url (TLS to Redis)"],
+            &["FILE:4:6: fleet.ca: only applies to a rediss:// or rediss+sentinel:// url (TLS to Redis)"],
+        ),
+        (
+            "[fleet] Sentinel URL without the master's name",
+            &format!("[fleet]\nurl = \"redis+sentinel://10.0.0.1:26379,10.0.0.2:26379\"\ncluster = \"prod\"\n{GOOD_ROUTE}"),
+            &["FILE:2:7: fleet.url: not a Redis Sentinel URL: names no master: write redis+sentinel://host:26379[,host:26379]/<master>[/<db>]"],
         ),
         (
             "[fleet] TLS with a missing ca file",

@@ -1199,3 +1199,218 @@ async fn after_redis_restarts_empty_a_rollback_is_reseeded_and_wins_over_a_fresh
     assert!(took < Duration::from_secs(10), "converged after {took:?}");
     eprintln!("converged {took:?} after c was ready");
 }
+
+/// Redis Sentinel: a primary, its replica and a sentinel; the replicas are given the
+/// sentinels (a dead one first) and the master's name. Under load, the primary is killed
+/// (SIGKILL) and, while no primary answers, an operator rolls back on one replica: no user
+/// request fails, the sentinel promotes the replica, every Kanaria replica moves to the new
+/// primary, and the rollback decided during the failover is the fleet's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sentinel_failover_under_load_loses_no_request_and_a_rollback_during_it_wins() {
+    use common::sentinel::Sentinel;
+    let mut primary = Redis::start().await;
+    let replica = Redis::start_replica_of(&primary).await;
+    let sentinel = Sentinel::start(&primary, "kmaster", 1).await;
+    let dead = common::ports::ReservedPort::new();
+    let url = format!(
+        "redis+sentinel://127.0.0.1:{},127.0.0.1:{}/kmaster/0",
+        dead.port(),
+        sentinel.port
+    );
+    let each = [0, 1, 2].map(|_| (url.clone(), String::new()));
+    let fleet = Fleet::start_each(20.0, "", each).await;
+    let first = format!("127.0.0.1:{}", primary.port);
+    fleet
+        .converge("20% everywhere, on the first primary", |s| {
+            weight_of(s) == 20.0 && s["fleet"]["primary"] == first.as_str()
+        })
+        .await;
+
+    let loads: Vec<Load> = fleet
+        .replicas
+        .iter()
+        .map(|r| Load::start(r.url("/"), 4, 500))
+        .collect();
+    for l in &loads {
+        let ok = l.ok.clone();
+        eventually("the load to run", Duration::from_secs(20), || {
+            let n = ok.load(std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n >= 50 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} answered"))
+                }
+            }
+        })
+        .await;
+    }
+    primary.stop();
+    let killed = Instant::now();
+    // No primary answers now (the sentinel needs 500 ms to call it down): the rollback is
+    // applied on replica 0 and waits to be shared.
+    let (code, body) = fleet.act(0, "rollback", "{}").await;
+    assert!(code == 200 || code == 503, "{code} {body}");
+
+    let second = format!("127.0.0.1:{}", replica.port);
+    eprintln!("the rollback answered {code} while no primary answered");
+    let all = fleet
+        .converge("the rollback everywhere, on the promoted replica", |s| {
+            state_of(s) == "rolled_back"
+                && weight_of(s) == 0.0
+                && s["fleet"]["primary"] == second.as_str()
+                && s["fleet"]["connected"] == true
+        })
+        .await;
+    eprintln!(
+        "every replica rolled back on the new primary {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(
+        sentinel.primary_port().await,
+        Some(replica.port),
+        "{}",
+        sentinel.log()
+    );
+    for (i, s) in all.iter().enumerate() {
+        assert!(
+            s["fleet"]["primary_changes"].as_u64() >= Some(1),
+            "replica {i}: {s:#}"
+        );
+    }
+    let mut sent = 0;
+    for l in loads {
+        let (ok, failed) = l.stop().await;
+        assert_eq!(failed, 0, "user requests failed during the failover");
+        sent += ok;
+    }
+    // The promoted primary holds the rollback.
+    let mut conn = replica.conn().await;
+    let rec: String = redis::cmd("GET")
+        .arg("kanaria:test:rollout:app:canary")
+        .query_async(&mut conn)
+        .await
+        .expect("the record");
+    let rec: Value = serde_json::from_str(&rec).expect("record json");
+    assert_eq!(rec["rolled_back"], true, "{rec}");
+    eprintln!("{sent} requests, 0 failed, across the failover");
+}
+
+/// The store goes back in time without losing its incarnation, as after a failover to a
+/// replica that had not received the last writes (Redis replication is asynchronous): the
+/// record is set back to an older generation. The replicas do not follow it back; the
+/// store is re-seeded with their newer state; an operator's next change is accepted (not
+/// refused forever); and a rollback the store lost is written again, never undone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_that_lost_its_last_writes_is_reseeded_and_never_undoes_a_rollback() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(&redis, 20.0, "", "").await;
+    fleet
+        .converge("20% everywhere", |s| weight_of(s) == 20.0)
+        .await;
+    let key = "kanaria:test:rollout:app:canary";
+    let mut conn = redis.conn().await;
+    let get = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let text: String = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("the record");
+        serde_json::from_str::<Value>(&text).expect("record json")
+    };
+    let older: String = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .expect("the record");
+    let (code, body) = fleet.act(1, "weight", r#"{"percent": 30}"#).await;
+    assert_eq!(code, 200, "{body}");
+    fleet
+        .converge("30% everywhere", |s| weight_of(s) == 30.0)
+        .await;
+
+    // The last write is lost: the record is 20 % again, at its older generation.
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(&older)
+        .query_async(&mut conn)
+        .await
+        .expect("set back");
+    let c = conn.clone();
+    eventually(
+        "the store re-seeded with the replicas' 30 %",
+        Duration::from_secs(10),
+        || {
+            let c = c.clone();
+            async move {
+                let rec = get(c).await;
+                if rec["weight_percent"] == 30.0 {
+                    Ok(())
+                } else {
+                    Err(rec.to_string())
+                }
+            }
+        },
+    )
+    .await;
+    for r in &fleet.replicas {
+        let s = r.status().await;
+        assert_eq!(weight_of(&s), 30.0, "{s:#}");
+    }
+    // An operator's change goes through.
+    let (code, body) = fleet.act(2, "weight", r#"{"percent": 40}"#).await;
+    assert_eq!(code, 200, "{body}");
+    fleet
+        .converge("40% everywhere", |s| weight_of(s) == 40.0)
+        .await;
+
+    // A rollback the store loses is written again.
+    let progressing: String = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .expect("the record");
+    let (code, body) = fleet.act(0, "rollback", "{}").await;
+    assert_eq!(code, 200, "{body}");
+    fleet
+        .converge("the rollback everywhere", |s| state_of(s) == "rolled_back")
+        .await;
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(&progressing)
+        .query_async(&mut conn)
+        .await
+        .expect("set back");
+    let c = conn.clone();
+    eventually(
+        "the rollback written again",
+        Duration::from_secs(10),
+        || {
+            let c = c.clone();
+            async move {
+                let rec = get(c).await;
+                if rec["rolled_back"] == true {
+                    Ok(())
+                } else {
+                    Err(rec.to_string())
+                }
+            }
+        },
+    )
+    .await;
+    for round in 0..2 {
+        for (i, r) in fleet.replicas.iter().enumerate() {
+            let s = r.status().await;
+            assert_eq!(
+                state_of(&s),
+                "rolled_back",
+                "replica {i}, round {round}: {s:#}"
+            );
+            let users = common::send_users(r, 100, &format!("behind-{round}")).await;
+            assert!(
+                users.iter().all(|(code, v)| *code == 200 && v == "stable"),
+                "replica {i}: {users:?}"
+            );
+        }
+    }
+}

@@ -191,6 +191,12 @@ fn fleet_json(f: &crate::control::fleet::Fleet) -> Value {
         "last_sync_unix_ms": view.last_sync_ms,
         "pending_writes": view.pending,
         "incarnation": view.incarnation,
+        "primary": view.primary,
+        "primary_changes": view.primary_changes,
+        "sentinel": f.settings.sentinel.as_ref().map(|s| json!({
+            "master": s.master,
+            "sentinels": s.sentinels.iter().map(|(h, p)| format!("{h}:{p}")).collect::<Vec<_>>(),
+        })),
         "store_resets": view.store_resets,
         "last_store_reset_unix_ms": view.last_store_reset_ms,
         "on_partition": f.settings.on_partition.as_str(),

@@ -300,8 +300,11 @@ pub struct FleetFile {
     #[serde(default = "default_fleet_backend")]
     pub backend: String,
     /// `redis://[:PASSWORD@]HOST[:PORT][/DB]`, or `rediss://` for TLS (also Valkey,
-    /// ElastiCache). Required. Without a password in the URL, `KANARIA_FLEET_PASSWORD` from
-    /// the environment is used if set.
+    /// ElastiCache); or Redis Sentinel:
+    /// `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER[/DB]` (the sentinels,
+    /// the name they monitor the primary under, the database; `rediss+sentinel://` for TLS).
+    /// Required. Without a password in the URL, `KANARIA_FLEET_PASSWORD` from the
+    /// environment is used if set (for the primary).
     pub url: String,
     /// With `rediss://`: a PEM file of the certificate authorities to trust for the Redis
     /// server (relative to the config file's directory). Default: the system's trust store.

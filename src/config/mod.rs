@@ -13,6 +13,7 @@
 
 pub mod errors;
 pub mod file;
+pub mod store_url;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -200,8 +201,13 @@ pub struct FleetSettings {
     pub startup_timeout: Duration,
     /// How long a record of a version no replica serves stays in the store.
     pub record_ttl: Duration,
-    /// `rediss://`: the PEM file of the authorities to trust (`None`: the system's store).
+    /// `rediss://` or `rediss+sentinel://`: the PEM file of the authorities to trust
+    /// (`None`: the system's store).
     pub ca: Option<PathBuf>,
+    /// `redis+sentinel://`: the sentinels to ask for the primary (`None`: `url` is the
+    /// primary itself). Derived from `url`, so not serialized twice.
+    #[serde(skip)]
+    pub sentinel: Option<store_url::SentinelUrl>,
     /// What a replica cut off from the store does.
     pub on_partition: PartitionPolicy,
     /// With [`PartitionPolicy::Stable`]: how long the store may not answer first.
@@ -250,7 +256,11 @@ impl std::fmt::Debug for FleetSettings {
             .field("record_ttl", &self.record_ttl)
             .field("on_partition", &self.on_partition)
             .field("partition_timeout", &self.partition_timeout)
-            .field("tls", &self.url.starts_with("rediss://"))
+            .field(
+                "tls",
+                &(self.url.starts_with("rediss://") || self.url.starts_with("rediss+sentinel://")),
+            )
+            .field("sentinel", &self.sentinel)
             .finish()
     }
 }

@@ -24,7 +24,11 @@
 //! Steps wait [`Fleet::settle_ms`] after the link is back, so such a rollback reaches the
 //! other replicas before any of them moves on.
 //! The command connection is the `redis` crate's `ConnectionManager` (it reconnects); the
-//! subscription is a dedicated connection re-made whenever it ends.
+//! subscription is a dedicated connection re-made whenever it ends. With Redis Sentinel
+//! (`redis+sentinel://`) the poller asks the sentinels for the primary (the `redis` crate's
+//! `SentinelClient`, which checks the node's `ROLE`) at start and after every failed
+//! poll, and moves both connections to a new primary when Sentinel names one: while no
+//! primary answers the link is down (nothing advances, rollbacks wait to be shared).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,6 +117,12 @@ pub struct View {
     pub store_resets: u64,
     /// When it last did (ms since the Unix epoch; 0: never).
     pub last_store_reset_ms: u64,
+    /// The primary in use (`host:port`), as Redis Sentinel last named it or as the URL
+    /// says; empty until the first connection is made.
+    pub primary: String,
+    /// How many times Sentinel named another primary than the one in use (failovers
+    /// seen by this replica).
+    pub primary_changes: u64,
 }
 
 /// One track pair's counts over a span.
@@ -370,11 +380,16 @@ impl FleetService {
     }
 }
 
+/// The password for the primary: the URL's, else `KANARIA_FLEET_PASSWORD`.
+fn env_password() -> Option<String> {
+    std::env::var("KANARIA_FLEET_PASSWORD").ok()
+}
+
 fn client(fleet: &Fleet) -> redis::RedisResult<redis::Client> {
     let settings = &fleet.settings;
     let mut info = redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())?;
     if info.redis_settings().password().is_none() {
-        if let Ok(pw) = std::env::var("KANARIA_FLEET_PASSWORD") {
+        if let Some(pw) = env_password() {
             let redis_settings = info.redis_settings().clone().set_password(pw);
             info = info.set_redis_settings(redis_settings);
         }
@@ -391,6 +406,104 @@ fn client(fleet: &Fleet) -> redis::RedisResult<redis::Client> {
         // redis://, or rediss:// trusting the system's store.
         None => redis::Client::open(info),
     }
+}
+
+/// Where the store's primary is: the URL itself, or whatever Redis Sentinel names.
+enum Target {
+    Direct(redis::Client),
+    Sentinel(redis::sentinel::SentinelClient),
+}
+
+impl Target {
+    fn new(fleet: &Fleet) -> redis::RedisResult<Target> {
+        use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+        let Some(url) = &fleet.settings.sentinel else {
+            return Ok(Target::Direct(client(fleet)?));
+        };
+        let sentinels = url
+            .sentinels
+            .iter()
+            .map(|(host, port)| redis::ConnectionAddr::Tcp(host.clone(), *port));
+        let mut b = SentinelClientBuilder::new(sentinels, &url.master, SentinelServerType::Master)?
+            .set_client_to_redis_db(url.db);
+        if let Some(user) = &url.username {
+            b = b.set_client_to_redis_username(user);
+        }
+        if let Some(pw) = url.password.clone().or_else(env_password) {
+            b = b.set_client_to_redis_password(pw);
+        }
+        if url.tls {
+            b = b
+                .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+                .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure);
+            if let Some(pem) = &fleet.ca_pem {
+                let certs = || redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                };
+                b = b
+                    .set_client_to_redis_certificates(certs())
+                    .set_client_to_sentinel_certificates(certs());
+            }
+        }
+        Ok(Target::Sentinel(b.build()?))
+    }
+
+    /// The client for the primary now: for Sentinel, asked of the sentinels in order (the
+    /// first that answers), the node's role checked; bounded, so a dead sentinel does not
+    /// hold the poll.
+    async fn primary(&mut self) -> redis::RedisResult<redis::Client> {
+        match self {
+            Target::Direct(c) => Ok(c.clone()),
+            Target::Sentinel(s) => {
+                match tokio::time::timeout(Duration::from_secs(2), s.async_get_client()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "no sentinel named a primary within 2 s",
+                    ))),
+                }
+            }
+        }
+    }
+
+    fn is_sentinel(&self) -> bool {
+        matches!(self, Target::Sentinel(_))
+    }
+}
+
+/// Whether the store's `current` record is behind the generation `mine` was decided on,
+/// in the same incarnation of the store: the store lost writes it had acknowledged.
+fn behind(current: &FleetRecord, mine: &FleetRecord) -> bool {
+    !mine.incarnation.is_empty()
+        && current.incarnation == mine.incarnation
+        && current.generation < mine.generation
+}
+
+/// The connection in use: commands, and the client the subscription connects with.
+/// Replaced as a whole when Sentinel names another primary.
+struct Link {
+    conn: ConnectionManager,
+    client: redis::Client,
+    primary: String,
+}
+
+/// The connection in use, none until the primary is first found.
+type CurrentLink = arc_swap::ArcSwapOption<Link>;
+
+/// A command connection to `client`, with short timeouts: a store that does not answer
+/// must not hold a rollback back.
+fn manager(client: redis::Client) -> redis::RedisResult<ConnectionManager> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(Duration::from_millis(500)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    ConnectionManager::new_lazy_with_config(client, config)
+}
+
+fn no_primary() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "no primary known yet"))
 }
 
 /// The store's answer to a write.
@@ -491,7 +604,7 @@ impl FleetService {
     /// that fails on the connection waits (the newest per record) for the store to return.
     async fn writer(
         &self,
-        mut conn: ConnectionManager,
+        link: Arc<CurrentLink>,
         mut rx: mpsc::UnboundedReceiver<Job>,
         pending: Arc<tokio::sync::Mutex<HashMap<String, FleetRecord>>>,
     ) {
@@ -508,7 +621,26 @@ impl FleetService {
                     record.generation = record.generation.max(g);
                 }
             }
-            let answer = match self.write(&mut conn, &script, &record).await {
+            let current = link.load_full();
+            let mut result = match &current {
+                Some(l) => self.write(&mut l.conn.clone(), &script, &record).await,
+                None => Err(no_primary()),
+            };
+            // Refused by a store behind the generation this change was decided on, in the
+            // same incarnation: it lost acknowledged writes (a failover to a replica that
+            // had not received them). This replica's state is newer than the store's: it is
+            // written as a re-seed (which still loses to a later history, a rollback).
+            if let (Some(l), Ok(Written::Refused(Some(c)))) = (&current, &result) {
+                if behind(c, &record) {
+                    log::warn!(
+                        "fleet: the store's record of {} is at generation {} behind this replica's {}: it lost writes; re-seeding it",
+                        record.route, c.generation, record.generation
+                    );
+                    record.mode = ShareMode::Reseed;
+                    result = self.write(&mut l.conn.clone(), &script, &record).await;
+                }
+            }
+            let answer = match result {
                 Ok(Written::Accepted(rec)) => {
                     written.insert(key.clone(), rec.generation);
                     pending.lock().await.remove(&key);
@@ -544,6 +676,8 @@ impl FleetService {
                         );
                     }
                     self.link(false);
+                    // The poller finds the store again (with Sentinel: asks for the primary).
+                    self.fleet.poke.notify_one();
                     let mut p = pending.lock().await;
                     p.insert(key, record);
                     let n = p.len();
@@ -606,7 +740,17 @@ impl FleetService {
         }
         for ((_, _, seed), value) in routes.into_iter().zip(values) {
             match value.and_then(|t| serde_json::from_str::<FleetRecord>(&t).ok()) {
-                Some(rec) => self.shared.adopt(rec),
+                Some(rec) => {
+                    // The store behind what this replica applied, in the same incarnation:
+                    // it lost acknowledged writes (a failover to a lagging replica). This
+                    // replica's state re-seeds it; the store keeps the later history.
+                    if let Some(mut seed) = seed.filter(|s| behind(&rec, s)) {
+                        seed.mode = ShareMode::Reseed;
+                        seed.kind = "store_behind".into();
+                        self.fleet.share(seed, None);
+                    }
+                    self.shared.adopt(rec)
+                }
                 // A new fleet, or a Redis that lost its data: this replica's state seeds it
                 // (only if no other replica's got there first).
                 None => {
@@ -701,13 +845,66 @@ impl FleetService {
         Ok(())
     }
 
+    /// Finds the primary (at start; with Sentinel, again after a failed poll) and moves
+    /// the connections to it when it changed.
+    async fn find_primary(&self, target: &mut Target, link: &CurrentLink) {
+        let client = match target.primary().await {
+            Ok(c) => c,
+            Err(e) => {
+                log::debug!("fleet: no primary: {e}");
+                return;
+            }
+        };
+        let primary = client.get_connection_info().addr().to_string();
+        let known = link.load();
+        if known.as_ref().is_some_and(|l| l.primary == primary) {
+            return;
+        }
+        let conn = match manager(client.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("fleet: cannot connect to the primary {primary}: {e}");
+                return;
+            }
+        };
+        let before = known.as_ref().map(|l| l.primary.clone());
+        if let Some(before) = &before {
+            log::warn!("fleet: the primary moved from {before} to {primary}");
+        }
+        link.store(Some(Arc::new(Link {
+            conn,
+            client,
+            primary: primary.clone(),
+        })));
+        self.fleet.set_view(|v| {
+            v.primary = primary;
+            if before.is_some() {
+                v.primary_changes += 1;
+            }
+        });
+    }
+
     async fn poller(
         &self,
-        mut conn: ConnectionManager,
+        mut target: Target,
+        link: Arc<CurrentLink>,
         pending: Arc<tokio::sync::Mutex<HashMap<String, FleetRecord>>>,
     ) {
         let every = self.fleet.settings.poll_interval;
+        let mut failed = true;
         loop {
+            if failed && (target.is_sentinel() || link.load().is_none()) {
+                self.find_primary(&mut target, &link).await;
+            }
+            let Some(current) = link.load_full() else {
+                self.link(false);
+                tokio::select! {
+                    _ = tokio::time::sleep(every.min(Duration::from_millis(250))) => {}
+                    _ = self.fleet.poke.notified() => {}
+                }
+                continue;
+            };
+            let mut conn = current.conn.clone();
             match tokio::time::timeout(
                 every.max(Duration::from_secs(1)),
                 self.poll(&mut conn, &pending),
@@ -715,6 +912,7 @@ impl FleetService {
             .await
             {
                 Ok(Ok(())) => {
+                    failed = false;
                     self.link(true);
                     if !self.fleet.synced.swap(true, Ordering::AcqRel) {
                         log::info!("fleet: the fleet's records are adopted");
@@ -722,9 +920,13 @@ impl FleetService {
                 }
                 Ok(Err(e)) => {
                     log::debug!("fleet: poll failed: {e}");
+                    failed = true;
                     self.link(false);
                 }
-                Err(_) => self.link(false),
+                Err(_) => {
+                    failed = true;
+                    self.link(false);
+                }
             }
             // While the store is down, retry sooner than the poll: a rollback waits to be
             // shared, and a starting replica waits to be ready.
@@ -743,9 +945,15 @@ impl FleetService {
     /// The subscription: every record published is adopted at once. Re-made whenever it
     /// ends (a killed connection, Redis restarted), then a poll catches up on what was
     /// missed meanwhile.
-    async fn subscriber(&self, client: redis::Client) {
+    async fn subscriber(&self, link: Arc<CurrentLink>) {
         let mut backoff = Duration::from_millis(50);
         loop {
+            // The primary in use now (another after a failover).
+            let Some(client) = link.load().as_ref().map(|l| l.client.clone()) else {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            };
             let sub = async {
                 let mut ps = client.get_async_pubsub().await?;
                 ps.subscribe(self.fleet.channel()).await?;
@@ -788,26 +996,14 @@ impl BackgroundService for FleetService {
         else {
             return;
         };
-        let client = match client(&self.fleet) {
-            Ok(c) => c,
+        let target = match Target::new(&self.fleet) {
+            Ok(t) => t,
             Err(e) => {
                 log::error!("fleet: {e}: this replica runs alone");
                 return;
             }
         };
-        // Short timeouts: a store that does not answer must not hold a rollback back.
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_millis(500)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = match ConnectionManager::new_lazy_with_config(client.clone(), config) {
-            Ok(c) => c,
-            Err(e) => {
-                log::error!("fleet: {e}: this replica runs alone");
-                return;
-            }
-        };
+        let link: Arc<CurrentLink> = Arc::new(CurrentLink::empty());
         // Until the store first answers, nothing advances (a replica started while Redis
         // is down must not step on its own).
         self.shared.fleet_link(false);
@@ -824,9 +1020,9 @@ impl BackgroundService for FleetService {
             .with_label_values(&[&self.fleet.settings.cluster]);
         tokio::select! {
             _ = shutdown.changed() => {}
-            _ = self.writer(conn.clone(), rx, pending.clone()) => {}
-            _ = self.poller(conn, pending) => {}
-            _ = self.subscriber(client) => {}
+            _ = self.writer(link.clone(), rx, pending.clone()) => {}
+            _ = self.poller(target, link.clone(), pending) => {}
+            _ = self.subscriber(link) => {}
         }
     }
 }

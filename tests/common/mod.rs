@@ -27,6 +27,7 @@ pub mod h2load;
 pub mod ports;
 pub mod raw;
 pub mod relay;
+pub mod sentinel;
 
 use ports::ReservedPort;
 
@@ -699,6 +700,8 @@ pub struct Redis {
     child: Option<Child>,
     dir: tempfile::TempDir,
     _reserved: Vec<ReservedPort>,
+    /// More arguments for `redis-server` (e.g. `--replicaof`).
+    extra: Vec<String>,
 }
 
 impl Drop for Redis {
@@ -734,6 +737,7 @@ impl Redis {
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
             _reserved: std::iter::once(port).chain(tls_port).collect(),
+            extra: Vec::new(),
         }
     }
 
@@ -769,7 +773,8 @@ impl Redis {
         cmd.args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
-            .arg(self.dir.path());
+            .arg(self.dir.path())
+            .args(&self.extra);
         if let Some(tls) = self.tls_port {
             let file = |n: &str| self.dir.path().join(n);
             cmd.args(["--tls-port", &tls.to_string()])

@@ -86,30 +86,41 @@ pub(super) fn fleet_settings(
         );
         ok = false;
     }
-    let tls = f.url.starts_with("rediss://");
-    let url_ok = match redis::IntoConnectionInfo::into_connection_info(f.url.as_str()) {
-        Ok(_) if f.url.starts_with("redis://") || tls => true,
-        Ok(_) => {
-            c.err(
-                path.key("url"),
-                "only redis:// and rediss:// URLs are supported (e.g. \"redis://127.0.0.1:6379/0\")",
-            );
-            false
-        }
+    let sentinel = match crate::config::store_url::parse_sentinel_url(&f.url) {
+        Ok(s) => s,
         Err(e) => {
-            c.err(
-                path.key("url"),
-                format!("not a Redis URL ({e}); write e.g. \"redis://127.0.0.1:6379/0\""),
-            );
-            false
+            c.err(path.key("url"), format!("not a Redis Sentinel URL: {e}"));
+            ok = false;
+            None
         }
     };
+    let is_sentinel =
+        f.url.starts_with("redis+sentinel://") || f.url.starts_with("rediss+sentinel://");
+    let tls = f.url.starts_with("rediss://") || f.url.starts_with("rediss+sentinel://");
+    let url_ok = is_sentinel
+        || match redis::IntoConnectionInfo::into_connection_info(f.url.as_str()) {
+            Ok(_) if f.url.starts_with("redis://") || tls => true,
+            Ok(_) => {
+                c.err(
+                    path.key("url"),
+                    "only redis://, rediss://, redis+sentinel:// and rediss+sentinel:// URLs are supported (e.g. \"redis://127.0.0.1:6379/0\")",
+                );
+                false
+            }
+            Err(e) => {
+                c.err(
+                    path.key("url"),
+                    format!("not a Redis URL ({e}); write e.g. \"redis://127.0.0.1:6379/0\" or \"redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster/0\""),
+                );
+                false
+            }
+        };
     let ca = match &f.ca {
         None => None,
         Some(_) if !tls => {
             c.err(
                 path.key("ca"),
-                "only applies to a rediss:// url (TLS to Redis)",
+                "only applies to a rediss:// or rediss+sentinel:// url (TLS to Redis)",
             );
             ok = false;
             None
@@ -175,6 +186,7 @@ pub(super) fn fleet_settings(
         startup_timeout: startup?,
         record_ttl: record_ttl?,
         ca,
+        sentinel,
         on_partition: on_partition?,
         partition_timeout: partition_timeout?,
     })
