@@ -515,7 +515,57 @@ impl Metrics {
         })
     }
 
-    /// The handles of one route: created on first use, then the same across reloads.
+    /// Forgets the routes `keep` says no: their handles, windows and series (a route
+    /// removed from the config stops being exported; re-added, it counts from zero, which
+    /// Prometheus reads as a reset). Without this, every route ever configured stays.
+    /// Returns the names forgotten.
+    pub fn retain_routes(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, _| keep(name));
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<String> = series
+            .routes
+            .keys()
+            .filter(|name| !keep(name))
+            .cloned()
+            .collect();
+        series.routes.retain(|name, _| keep(name));
+        series.other_rollbacks.retain(|(name, _), _| keep(name));
+        drop(series);
+        // Event counts, by (route, kind): the kinds a gone route has are read back.
+        use prometheus::core::Collector;
+        for family in self.events.collect() {
+            for m in family.get_metric() {
+                let label = |n: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == n)
+                        .map(|l| l.value().to_string())
+                };
+                if let (Some(route), Some(kind)) = (label("route"), label("kind")) {
+                    if !keep(&route) {
+                        let _ = self.events.remove_label_values(&[&route, &kind]);
+                    }
+                }
+            }
+        }
+        gone
+    }
+
+    /// How many routes the metrics hold (handles, series), for tests of the above.
+    pub fn routes_held(&self) -> (usize, usize) {
+        let handles = self.routes.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let series = self
+            .series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .routes
+            .len();
+        (handles, series)
+    }
+
     /// The handles of a route already published, if any.
     pub fn known_route(&self, route: &str) -> Option<Arc<RouteMetrics>> {
         let cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());

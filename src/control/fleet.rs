@@ -50,7 +50,8 @@ use crate::rollout::machine::{FleetRecord, ShareMode};
 use crate::stats::window::Totals;
 
 /// Compare-and-set of one record, then publication. KEYS[1]: the record, KEYS[2]: the
-/// store's incarnation (set with ARGV[6] if absent, and stamped on the record); ARGV: the new
+/// store's incarnation (set with ARGV[6] if absent, and stamped on the record), KEYS[3]: the
+/// set of record keys (for their deletion once no replica serves them); ARGV: the new
 /// record (JSON), the generation it was decided on, `cas`, `seed` or `reseed`, the
 /// channel, the record's time to live in ms (renewed by every poll while a replica serves
 /// the version). Returns `{1, record}` when written, `{0, current}` when refused.
@@ -90,6 +91,7 @@ if expected > gen then gen = expected end
 new.generation = gen + 1
 local out = cjson.encode(new)
 redis.call('SET', KEYS[1], out, 'PX', ARGV[5])
+redis.call('SADD', KEYS[3], KEYS[1])
 redis.call('PUBLISH', ARGV[4], out)
 return {1, out}
 "#;
@@ -101,6 +103,13 @@ pub struct Member {
     pub last_seen_ms: u64,
     /// The fleet generation applied per route.
     pub generations: HashMap<String, u64>,
+    /// The canary version served per route (routes with a canary).
+    #[serde(default)]
+    pub versions: HashMap<String, String>,
+    /// Says `versions` is there: a member written by an older Kanaria does not, and while
+    /// one is alive no record is deleted for not being served.
+    #[serde(default)]
+    pub reports_versions: bool,
 }
 
 /// What the fleet view is, for status and metrics.
@@ -306,6 +315,34 @@ impl Fleet {
     /// How old another replica's counts may be and still count.
     fn fresh_ms(&self) -> u64 {
         (3 * self.settings.poll_interval.as_millis() as u64).max(5_000)
+    }
+
+    /// Forgets routes removed from the config: their counts (no longer written to the
+    /// store nor read from it) and their `kanaria_fleet_*` series.
+    pub fn forget_routes(&self, metrics: &Metrics, gone: &[String]) {
+        if gone.is_empty() {
+            return;
+        }
+        let keep = |route: &String| !gone.contains(route);
+        self.mine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|r, _| keep(r));
+        self.others
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|r, _| keep(r));
+        for route in gone {
+            let labels = [self.settings.cluster.as_str(), route.as_str()];
+            let _ = metrics.fleet_generation.remove_label_values(&labels);
+            let _ = metrics.fleet_cut_off.remove_label_values(&labels);
+        }
+    }
+
+    /// The set of every record key written (`SADD` by the write script), so records of
+    /// versions no replica serves can be found and deleted without a `SCAN`.
+    fn records_key(&self) -> String {
+        format!("{}records", self.prefix())
     }
 
     /// Set once per store (`SET NX`) with a random id: a store that comes back without it
@@ -585,6 +622,7 @@ impl FleetService {
         let (written, text): (i64, Option<String>) = script
             .key(self.fleet.record_key(&record.route, &record.canary_version))
             .key(self.fleet.incarnation_key())
+            .key(self.fleet.records_key())
             .arg(body)
             .arg(record.generation)
             .arg(mode)
@@ -613,9 +651,23 @@ impl FleetService {
         // a row were both decided on the older one, and the second must not be refused
         // for the first.
         let mut written: HashMap<String, u64> = HashMap::new();
+        // How many entries the last pruning kept.
+        let mut kept = 0usize;
         while let Some(job) = rx.recv().await {
             let Job { mut record, reply } = job;
             let key = self.fleet.record_key(&record.route, &record.canary_version);
+            // Versions and routes come and go with releases: keep only the records this
+            // replica still serves (checked once the map outgrows them).
+            if written.len() > 2 * kept + 64 {
+                let served: std::collections::HashSet<String> = self
+                    .shared
+                    .fleet_routes()
+                    .iter()
+                    .map(|(r, v, _)| self.fleet.record_key(r, v))
+                    .collect();
+                written.retain(|k, _| served.contains(k));
+                kept = written.len();
+            }
             if let Some(&g) = written.get(&key) {
                 if record.mode == ShareMode::Cas {
                     record.generation = record.generation.max(g);
@@ -701,6 +753,16 @@ impl FleetService {
         pending: &tokio::sync::Mutex<HashMap<String, FleetRecord>>,
     ) -> redis::RedisResult<()> {
         let routes = self.shared.fleet_routes();
+        let versions: HashMap<String, String> = routes
+            .iter()
+            .map(|(r, v, _)| (r.clone(), v.clone()))
+            .collect();
+        // Counts of routes that no longer have a canary are not exchanged any more.
+        self.fleet
+            .mine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|r, _| versions.contains_key(r));
         let keys: Vec<String> = routes
             .iter()
             .map(|(r, v, _)| self.fleet.record_key(r, v))
@@ -766,6 +828,8 @@ impl FleetService {
             instance: self.fleet.settings.instance.clone(),
             last_seen_ms: now,
             generations: self.shared.fleet_generations(),
+            versions,
+            reports_versions: true,
         };
         let body = serde_json::to_string(&me).unwrap_or_default();
         let (_, all): ((), HashMap<String, String>) = redis::pipe()
@@ -794,6 +858,8 @@ impl FleetService {
                 .await?;
         }
         members.sort_by(|a, b| a.instance.cmp(&b.instance));
+        self.delete_unserved(conn, &members, now, self.fleet.fresh_ms())
+            .await?;
         self.shared
             .metrics()
             .fleet_members
@@ -805,6 +871,68 @@ impl FleetService {
             v.last_sync_ms = now;
             v.pending = waiting;
         });
+        Ok(())
+    }
+
+    /// Deletes the records of versions no alive replica serves (every member moved to
+    /// another canary version, or the route is gone), once they have not changed for
+    /// `grace_ms`: a replica that just wrote a new version's record may not have said yet
+    /// that it serves it. Records otherwise lapse after `record_ttl`.
+    async fn delete_unserved(
+        &self,
+        conn: &mut ConnectionManager,
+        members: &[Member],
+        now: u64,
+        grace_ms: u64,
+    ) -> redis::RedisResult<()> {
+        if members.is_empty() || !members.iter().all(|m| m.reports_versions) {
+            return Ok(());
+        }
+        let served: std::collections::HashSet<String> = members
+            .iter()
+            .flat_map(|m| m.versions.iter().map(|(r, v)| self.fleet.record_key(r, v)))
+            .collect();
+        let written: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.fleet.records_key())
+            .query_async(conn)
+            .await?;
+        let candidates: Vec<String> = written
+            .into_iter()
+            .filter(|k| !served.contains(k))
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&candidates)
+            .query_async(conn)
+            .await?;
+        let mut gone = Vec::new();
+        for (key, value) in candidates.into_iter().zip(values) {
+            let settled = match value.and_then(|t| serde_json::from_str::<FleetRecord>(&t).ok()) {
+                Some(rec) => now.saturating_sub(rec.at_ms) > grace_ms,
+                // Lapsed (or unreadable): only the set's entry is left.
+                None => true,
+            };
+            if settled {
+                gone.push(key);
+            }
+        }
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("DEL").arg(&gone).ignore();
+        pipe.cmd("SREM")
+            .arg(self.fleet.records_key())
+            .arg(&gone)
+            .ignore();
+        let () = pipe.query_async(conn).await?;
+        log::info!(
+            "fleet: deleted {} record(s) of versions no replica serves",
+            gone.len()
+        );
         Ok(())
     }
 

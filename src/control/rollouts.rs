@@ -377,6 +377,14 @@ impl Control {
             .iter()
             .map(|r| metrics.route(&r.name, r.analysis.window))
             .collect();
+        // Routes no longer configured: their metrics go (also their fleet gauges).
+        let configured = |name: &str| snap.routes.iter().any(|r| r.name == name);
+        if metrics.routes_held().1 > snap.routes.len() {
+            let gone = metrics.retain_routes(configured);
+            if let Some(f) = &self.fleet {
+                f.forget_routes(metrics, &gone);
+            }
+        }
         let states = snap
             .routes
             .iter()
