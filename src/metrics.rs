@@ -132,6 +132,9 @@ pub struct Metrics {
     pub fleet_cut_off: IntGaugeVec,
     /// `[fleet]` only: times the fleet store's incarnation changed (it lost its data).
     pub fleet_store_resets: IntCounterVec,
+    /// `[fleet]` only: 1 while this replica's config file has decided a route's weight or
+    /// steps otherwise than the fleet for longer than `fleet.config_skew_warning`.
+    pub fleet_config_skew: IntGaugeVec,
     /// Edge rejections (framing, limits, deadlines), handles resolved at start.
     pub edge: EdgeMetrics,
     /// Per-route handles by name, so counters and analysis windows outlive reloads.
@@ -481,6 +484,16 @@ impl Metrics {
                 &["cluster"],
             ),
         )?;
+        let fleet_config_skew = build(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "kanaria_fleet_config_skew",
+                    "1 while this replica's config file has decided the route's weight or steps otherwise than the fleet for longer than fleet.config_skew_warning (its copy of the file lags, or was left behind) ([fleet] only).",
+                ),
+                &["cluster", "route"],
+            ),
+        )?;
         let rejected = build(
             &r,
             IntCounterVec::new(
@@ -508,6 +521,7 @@ impl Metrics {
             fleet_generation,
             fleet_cut_off,
             fleet_store_resets,
+            fleet_config_skew,
             generation,
             edge,
             routes: Mutex::new(HashMap::new()),

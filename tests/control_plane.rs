@@ -324,6 +324,7 @@ fn fleet_record(phase: Phase, generation: u64, writer: &str) -> FleetRecord {
         mode: ShareMode::Cas,
         incarnation: String::new(),
         resumes: 0,
+        file: None,
     }
 }
 

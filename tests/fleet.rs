@@ -1531,3 +1531,96 @@ async fn records_and_metrics_of_200_releases_do_not_pile_up() {
         "RSS {rss_at_50} KiB after 50 releases, {rss_at_200} KiB after 200"
     );
 }
+
+/// Rewrites replica `i`'s config file with the file weight `percent` (its own ports and
+/// sections otherwise) and waits for the reload.
+async fn set_file_weight(fleet: &Fleet, i: usize, percent: u32) {
+    let r = &fleet.replicas[i];
+    let routes = r.routes_toml();
+    let start = routes.find("canary_weight = ").expect("a file weight");
+    let end = start + routes[start..].find('\n').expect("end of line");
+    let routes = format!(
+        "{}canary_weight = {percent}{}",
+        &routes[..start],
+        &routes[end..]
+    );
+    let generation = r.generation().await;
+    r.write_config_and_wait(&r.config_text(&routes), generation)
+        .await;
+}
+
+/// A weight edited in one replica's config file is the fleet's decision: the other
+/// replicas apply it at once, before their own copy of the file arrives (a Kubernetes
+/// ConfigMap reaches pods up to a minute apart); a copy that arrives later changes
+/// nothing; a replica whose file catches up only to a decision the fleet moved past does
+/// not undo the newer one, and is flagged once past `config_skew_warning`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_weight_edited_in_one_replicas_file_is_the_fleets_at_once() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(&redis, 10.0, "", "config_skew_warning = \"1s\"\n").await;
+    fleet
+        .converge("10% everywhere", |s| weight_of(s) == 10.0)
+        .await;
+
+    set_file_weight(&fleet, 0, 30).await;
+    let all = fleet
+        .converge("30% everywhere", |s| weight_of(s) == 30.0)
+        .await;
+    // b and c run 30 % while their own files still say 10 %.
+    for (i, s) in all.iter().enumerate().skip(1) {
+        assert_eq!(
+            route_of(s)["configured_weight_percent"],
+            10.0,
+            "replica {i}: {s:#}"
+        );
+        let d = &route_of(s)["file_decision"];
+        assert_ne!(d["file_hash"], d["fleet_hash"], "replica {i}: {d}");
+    }
+    let same: Vec<Vec<String>> =
+        futures::future::join_all(fleet.replicas.iter().map(|r| versions(r, 1_000))).await;
+    assert!(
+        same.windows(2).all(|w| w[0] == w[1]),
+        "users map alike on all replicas"
+    );
+
+    // b's copy arrives: nothing changes, and its file agrees again.
+    set_file_weight(&fleet, 1, 30).await;
+    let s = fleet.replicas[1].status().await;
+    assert_eq!(weight_of(&s), 30.0, "{s:#}");
+    let d = &route_of(&s)["file_decision"];
+    assert_eq!(d["file_hash"], d["fleet_hash"], "{d}");
+
+    // a moves on to 50 %; c, still at 10 %, catches up to 30 % only: the fleet stays at 50 %.
+    set_file_weight(&fleet, 0, 50).await;
+    fleet
+        .converge("50% everywhere", |s| weight_of(s) == 50.0)
+        .await;
+    set_file_weight(&fleet, 2, 30).await;
+    let s = fleet.replicas[2].status().await;
+    assert_eq!(weight_of(&s), 50.0, "{s:#}");
+    // c's file stays behind: flagged after config_skew_warning, in every replica's view of
+    // the members and in c's own metric.
+    let s = fleet.replicas[0]
+        .wait_status("c flagged for its file", |s| {
+            s["fleet"]["members"].as_array().is_some_and(|ms| {
+                ms.iter().any(|m| {
+                    m["instance"] == "c"
+                        && m["config_skew"].as_array().is_some_and(|a| !a.is_empty())
+                })
+            })
+        })
+        .await;
+    let m = fleet.replicas[2].metrics().await;
+    assert_eq!(
+        common::metric(
+            &m,
+            "kanaria_fleet_config_skew{cluster=\"test\",route=\"app\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    for r in &fleet.replicas {
+        assert_eq!(weight_of(&r.status().await), 50.0);
+    }
+    drop(s);
+}

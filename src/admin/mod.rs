@@ -205,7 +205,15 @@ fn fleet_json(f: &crate::control::fleet::Fleet) -> Value {
             "instance": m.instance,
             "last_seen_unix_ms": m.last_seen_ms,
             "generations": m.generations,
+            "file_hashes": m.file_hashes,
+            // A route whose file this member has decided otherwise than the fleet for
+            // longer than fleet.config_skew_warning.
+            "config_skew": m.file_skew_since.iter()
+                .filter(|(_, since)| view.last_sync_ms.saturating_sub(**since) >= f.settings.config_skew_warning.as_millis() as u64)
+                .map(|(route, since)| json!({ "route": route, "since_unix_ms": since }))
+                .collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
+        "config_skew_warning_seconds": f.settings.config_skew_warning.as_secs_f64(),
     })
 }
 
@@ -268,6 +276,16 @@ impl AdminApp {
                     "fleet_generation": control.filter(|_| self.shared.fleet.is_some()).map(|c| c.fleet_generation),
                     // [fleet]: every user to stable because this replica is cut off from the store.
                     "fleet_cut_off": control.filter(|_| self.shared.fleet.is_some()).map(|c| c.cut_off),
+                    // [fleet]: what this replica's file decides (weight, steps) and what the
+                    // fleet runs: the newest file decision any replica loaded.
+                    "file_decision": control.filter(|c| self.shared.fleet.is_some() && c.canary_version.is_some()).map(|c| {
+                        let (own, fleet) = c.file_hashes();
+                        json!({
+                            "file_hash": own,
+                            "fleet_hash": fleet,
+                            "differs_since_unix_ms": c.file_skew_since_ms,
+                        })
+                    }),
                     // [fleet]: the analysis window summed over the replicas, as last judged.
                     "fleet_window": self.shared.fleet.as_ref().zip(r.canary.as_ref()).and_then(|(f, c)| f.fleet_counts(&r.name, &c.version)).map(|(sum, replicas)| json!({
                         "replicas": replicas,

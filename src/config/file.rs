@@ -337,6 +337,12 @@ pub struct FleetFile {
     /// replica sends every user to stable. Default `"30s"`.
     #[serde(default = "default_fleet_partition_timeout")]
     pub partition_timeout: String,
+    /// How long a replica's config file may decide a route's weight or steps otherwise
+    /// than the fleet (the fleet runs the newest file decision any replica loaded) before
+    /// status and `kanaria_fleet_config_skew` flag it. Default `"2m"` (a Kubernetes
+    /// ConfigMap reaches pods up to about a minute apart).
+    #[serde(default = "default_fleet_config_skew_warning")]
+    pub config_skew_warning: String,
 }
 
 fn default_fleet_backend() -> String {
@@ -361,6 +367,10 @@ fn default_fleet_on_partition() -> String {
 
 fn default_fleet_partition_timeout() -> String {
     "30s".into()
+}
+
+fn default_fleet_config_skew_warning() -> String {
+    "2m".into()
 }
 
 /// `[state]`

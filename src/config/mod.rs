@@ -212,6 +212,9 @@ pub struct FleetSettings {
     pub on_partition: PartitionPolicy,
     /// With [`PartitionPolicy::Stable`]: how long the store may not answer first.
     pub partition_timeout: Duration,
+    /// How long a replica's file may disagree with the fleet's file decision before it is
+    /// flagged.
+    pub config_skew_warning: Duration,
 }
 
 /// `fleet.on_partition`: what a replica does while the fleet store does not answer.
@@ -256,6 +259,7 @@ impl std::fmt::Debug for FleetSettings {
             .field("record_ttl", &self.record_ttl)
             .field("on_partition", &self.on_partition)
             .field("partition_timeout", &self.partition_timeout)
+            .field("config_skew_warning", &self.config_skew_warning)
             .field(
                 "tls",
                 &(self.url.starts_with("rediss://") || self.url.starts_with("rediss+sentinel://")),

@@ -110,6 +110,13 @@ pub struct Member {
     /// one is alive no record is deleted for not being served.
     #[serde(default)]
     pub reports_versions: bool,
+    /// Per route: the hash of what this member's config file decides (weight, steps).
+    #[serde(default)]
+    pub file_hashes: HashMap<String, String>,
+    /// Per route whose file decides otherwise than the fleet: since when (ms since the
+    /// Unix epoch).
+    #[serde(default)]
+    pub file_skew_since: HashMap<String, u64>,
 }
 
 /// What the fleet view is, for status and metrics.
@@ -336,6 +343,7 @@ impl Fleet {
             let labels = [self.settings.cluster.as_str(), route.as_str()];
             let _ = metrics.fleet_generation.remove_label_values(&labels);
             let _ = metrics.fleet_cut_off.remove_label_values(&labels);
+            let _ = metrics.fleet_config_skew.remove_label_values(&labels);
         }
     }
 
@@ -400,6 +408,9 @@ pub trait Replica: Send + Sync {
     /// Every route with a canary: (route, canary version, the record to seed the store
     /// with when it has none).
     fn fleet_routes(&self) -> Vec<(String, String, Option<FleetRecord>)>;
+    /// Per route with a canary: the hash of this replica's file decision, and since when
+    /// it differs from the fleet's (`None`: it agrees).
+    fn fleet_files(&self) -> HashMap<String, (String, Option<u64>)>;
     /// The fleet generation applied per route.
     fn fleet_generations(&self) -> HashMap<String, u64>;
     fn metrics(&self) -> &Metrics;
@@ -830,7 +841,23 @@ impl FleetService {
             generations: self.shared.fleet_generations(),
             versions,
             reports_versions: true,
+            file_hashes: HashMap::new(),
+            file_skew_since: HashMap::new(),
         };
+        let mut me = me;
+        let warn_ms = self.fleet.settings.config_skew_warning.as_millis() as u64;
+        for (route, (hash, since)) in self.shared.fleet_files() {
+            let skewed = since.is_some_and(|t| now.saturating_sub(t) >= warn_ms);
+            self.shared
+                .metrics()
+                .fleet_config_skew
+                .with_label_values(&[&self.fleet.settings.cluster, &route])
+                .set(i64::from(skewed));
+            if let Some(t) = since {
+                me.file_skew_since.insert(route.clone(), t);
+            }
+            me.file_hashes.insert(route, hash);
+        }
         let body = serde_json::to_string(&me).unwrap_or_default();
         let (_, all): ((), HashMap<String, String>) = redis::pipe()
             .hset(self.fleet.members_key(), &me.instance, body)
@@ -1179,6 +1206,7 @@ mod tests {
             mode,
             incarnation: String::new(),
             resumes: 0,
+            file: None,
         }
     }
 

@@ -714,6 +714,15 @@ impl Replica for Control {
             .collect()
     }
 
+    fn fleet_files(&self) -> HashMap<String, (String, Option<u64>)> {
+        self.lock()
+            .routes
+            .iter()
+            .filter(|(_, rc)| rc.canary_version.is_some())
+            .map(|(n, rc)| (n.clone(), (rc.file_hashes().0, rc.file_skew_since_ms)))
+            .collect()
+    }
+
     /// The fleet generation applied per route (for the members' view and the gauge).
     fn fleet_generations(&self) -> HashMap<String, u64> {
         let gens: HashMap<String, u64> = self

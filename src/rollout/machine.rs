@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 
 use crate::config::WeightSource;
 use crate::rollout::phase::{Phase, Record};
-pub use crate::rollout::spec::{Spec, StepSpec};
+pub use crate::rollout::spec::{FileDecision, Spec, StepSpec, FILE_PAST};
 use crate::split::{buckets_to_percent, BUCKETS};
 
 /// Everything the machine remembers about one route.
@@ -92,9 +92,25 @@ pub struct RouteRollout {
     /// Generations of another incarnation are not comparable: its records wait for the
     /// poll to say which incarnation the store has now ([`Input::Incarnation`]).
     pub fleet_incarnation: String,
+    /// The spec of this replica's own config file (`spec` is what runs: in a fleet, the
+    /// file's weight and steps may be the fleet's decision instead, [`FileDecision`]).
+    pub file_spec: Spec,
+    /// In a fleet: the file decision the fleet runs (`None`: this file's own, nothing
+    /// shared yet).
+    pub fleet_file: Option<FileDecision>,
+    /// Since when this replica's file decides otherwise than the fleet (ms since the Unix
+    /// epoch; `None`: it agrees): a copy of the file that has not arrived yet, or one left
+    /// behind.
+    pub file_skew_since_ms: Option<u64>,
 }
 
 impl RouteRollout {
+    /// The hash of what this replica's file decides, and of what the fleet runs.
+    pub fn file_hashes(&self) -> (String, Option<String>) {
+        let own = self.file_spec.decision().hash;
+        (own, self.fleet_file.as_ref().map(|d| d.hash.clone()))
+    }
+
     /// The effective canary weight (buckets) and who set it.
     pub fn weight(&self) -> (u32, WeightSource) {
         if self.cut_off {
@@ -140,6 +156,8 @@ pub enum Verdict {
 }
 
 /// What happens to a route.
+// An input lives for one step, one at a time: a boxed record would only cost an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     /// The route appears (at start or in a reloaded config): restore what the state store
@@ -229,6 +247,10 @@ pub struct FleetRecord {
     /// (see [`RouteRollout::resumes`]; 0 in records written before it existed).
     #[serde(default)]
     pub resumes: u64,
+    /// In a fleet: the file decision the fleet runs (weight and steps; absent in records
+    /// written before it existed, which leave each replica its own file's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileDecision>,
 }
 
 /// One transition, with the reason and the numbers behind it.
@@ -308,6 +330,11 @@ pub fn share_record(
         // store that since lost its data compares generations of another history.
         incarnation: s.fleet_incarnation.clone(),
         resumes: s.resumes,
+        file: s.fleet.then(|| {
+            s.fleet_file
+                .clone()
+                .unwrap_or_else(|| s.file_spec.decision())
+        }),
     })
 }
 
@@ -345,6 +372,9 @@ pub fn fresh(spec: &Spec, now_ms: u64) -> RouteRollout {
         cut_off: false,
         resumes: 0,
         fleet_incarnation: String::new(),
+        file_spec: spec.clone(),
+        fleet_file: None,
+        file_skew_since_ms: None,
     }
 }
 
@@ -570,8 +600,16 @@ impl Step<'_> {
                 self.persist();
             }
         }
+        let file_news = match (&rec.file, self.next.fleet) {
+            (Some(d), true) => self.adopt_file(d),
+            _ => false,
+        };
         let phase = clamp_steps(rec.phase.clone(), self.spec(), self.now_ms);
+        let share_news = file_news && !own;
         if own || stage(&phase) == stage(&self.next.phase) {
+            if share_news {
+                self.share_file_news();
+            }
             return;
         }
         let kind = if rolled_back { "rollback" } else { "adopted" };
@@ -590,6 +628,24 @@ impl Step<'_> {
             json!({ "fleet_generation": rec.generation, "by": rec.by, "fleet_reason": rec.reason }),
             None,
         );
+        if share_news {
+            self.share_file_news();
+        }
+    }
+
+    /// Shares the state adopted, with this replica's file decision as the fleet's news
+    /// (on the generation just adopted: the phase is the fleet's).
+    fn share_file_news(&mut self) {
+        if let Some(share) = share_record(
+            self.route,
+            &self.next,
+            "config",
+            "this replica's config file decides a weight or steps the fleet has not seen",
+            self.now_ms,
+            ShareMode::Cas,
+        ) {
+            self.effects.push(Effect::Share(share));
+        }
     }
 
     /// Writes this replica's rollback again over a fleet record that would undo it,
@@ -698,7 +754,120 @@ impl Step<'_> {
         self.transition_shared(kind, phase, &reason, json!({}), Some(mode));
     }
 
-    fn config(&mut self, spec: Spec) {
+    fn config(&mut self, file: Spec) {
+        // In a fleet, what the file decides may be news for the whole fleet, or a copy
+        // behind the fleet's decision.
+        let (spec, news) = if self.next.fleet {
+            self.file_changed(file)
+        } else {
+            self.next.file_spec = file.clone();
+            (file, false)
+        };
+        self.config_spec(spec);
+        if news && !self.effects.iter().any(|e| matches!(e, Effect::Share(_))) {
+            // The phase stays (a new file weight in `manual`, a step's hold): the record
+            // carries the decision all the same.
+            let s = &self.next;
+            if let Some(rec) = share_record(
+                self.route,
+                s,
+                "config",
+                "the config file changed the route's weight or steps",
+                self.now_ms,
+                ShareMode::Cas,
+            ) {
+                self.effects.push(Effect::Share(rec));
+            }
+        }
+        self.note_skew();
+    }
+
+    /// This replica loaded a config file: returns the spec to run and whether the file's
+    /// decision is news the fleet must get. A file whose decision did not change, or one
+    /// catching up to a decision the fleet moved past (this replica lagged), runs the
+    /// fleet's; otherwise the file's decision becomes the fleet's.
+    fn file_changed(&mut self, file: Spec) -> (Spec, bool) {
+        let old_own = std::mem::replace(&mut self.next.file_spec, file.clone())
+            .decision()
+            .hash;
+        if file.canary_version != self.next.canary_version {
+            // A new canary version starts afresh, from this file.
+            self.next.fleet_file = None;
+            return (file, false);
+        }
+        let new = file.decision();
+        let fleet = match &self.next.fleet_file {
+            Some(d) => d.clone(),
+            None => {
+                let mut d = new.clone();
+                d.hash = old_own.clone();
+                d
+            }
+        };
+        if new.hash == fleet.hash {
+            self.next.fleet_file = Some(FileDecision {
+                past: fleet.past,
+                ..new
+            });
+            return (file, false);
+        }
+        let lagging = old_own != fleet.hash && fleet.past.contains(&new.hash);
+        if new.hash == old_own || lagging {
+            let spec = match &self.next.fleet_file {
+                Some(d) => file.overlay(d),
+                None => file,
+            };
+            return (spec, false);
+        }
+        let mut past = fleet.past;
+        past.retain(|h| *h != new.hash && *h != fleet.hash);
+        past.push(fleet.hash);
+        if past.len() > FILE_PAST {
+            past.drain(..past.len() - FILE_PAST);
+        }
+        self.next.fleet_file = Some(FileDecision { past, ..new });
+        (file, true)
+    }
+
+    /// Keeps `file_skew_since_ms` in line: set when this replica's file and the fleet's
+    /// decision part, cleared when they agree.
+    fn note_skew(&mut self) {
+        let (own, fleet) = self.next.file_hashes();
+        let skewed = fleet.is_some_and(|f| f != own);
+        self.next.file_skew_since_ms = match (skewed, self.next.file_skew_since_ms) {
+            (false, _) => None,
+            (true, Some(since)) => Some(since),
+            (true, None) => Some(self.now_ms),
+        };
+    }
+
+    /// The fleet's file decision in an adopted record: run it, unless this replica's file
+    /// decides something the fleet has not seen (edited while this replica was away, or a
+    /// newer copy it restarted with): then that is the news, shared after the adoption.
+    fn adopt_file(&mut self, d: &FileDecision) -> bool {
+        let own = self.next.file_spec.decision();
+        let news = own.hash != d.hash && !d.past.contains(&own.hash);
+        let before = self.next.spec.clone();
+        if news {
+            let mut past = d.past.clone();
+            past.push(d.hash.clone());
+            if past.len() > FILE_PAST {
+                past.drain(..past.len() - FILE_PAST);
+            }
+            self.next.fleet_file = Some(FileDecision { past, ..own });
+            self.next.spec = self.next.file_spec.clone();
+        } else {
+            self.next.fleet_file = Some(d.clone());
+            self.next.spec = self.next.file_spec.overlay(d);
+        }
+        self.note_skew();
+        if self.next.spec != before {
+            self.effects.push(Effect::Publish);
+        }
+        news
+    }
+
+    fn config_spec(&mut self, spec: Spec) {
         let old = std::mem::replace(&mut self.next.spec, spec.clone());
         if spec.canary_version != self.next.canary_version {
             self.next.canary_version = spec.canary_version.clone();
@@ -1033,6 +1202,110 @@ mod tests {
         }
     }
 
+    /// A file weight (manual phase) in percent.
+    fn weighted(percent: u32) -> Spec {
+        Spec {
+            file_buckets: percent * 100,
+            ..spec(Some("v2"), &[])
+        }
+    }
+
+    /// Loads `file` on replica `s`: the next state and the record it shares, if any.
+    fn load(s: &RouteRollout, file: Spec, now: u64) -> (RouteRollout, Option<FleetRecord>) {
+        let out = step("app", s, Input::Config(file), now).unwrap();
+        let shared = out.effects.iter().find_map(|e| match e {
+            Effect::Share(r) => Some(r.clone()),
+            _ => None,
+        });
+        (out.next.unwrap(), shared)
+    }
+
+    /// Hands `rec` as the store accepted it (stamped with a generation from `now`, which
+    /// only grows here) to replica `s`.
+    fn deliver(
+        s: &RouteRollout,
+        rec: &FleetRecord,
+        now: u64,
+    ) -> (RouteRollout, Option<FleetRecord>) {
+        let mut rec = rec.clone();
+        rec.generation = now;
+        let out = step(
+            "app",
+            s,
+            Input::Adopt {
+                record: rec,
+                own: false,
+            },
+            now,
+        )
+        .unwrap();
+        let shared = out.effects.iter().find_map(|e| match e {
+            Effect::Share(r) => Some(r.clone()),
+            _ => None,
+        });
+        (out.next.unwrap(), shared)
+    }
+
+    /// A weight edited in one replica's file is the fleet's at once; a replica whose copy
+    /// of the file arrives later changes nothing; a replica catching up to a decision the
+    /// fleet moved past does not undo the newer one; a revert on a replica that agreed
+    /// with the fleet is news again; without a fleet, the file is the replica's alone.
+    #[test]
+    fn file_decisions_are_the_fleets() {
+        let (a, b, c) = (
+            started(&weighted(10)),
+            started(&weighted(10)),
+            started(&weighted(10)),
+        );
+        // A's file says 30 %: shared; B and C run 30 % before their files change.
+        let (a, rec) = load(&a, weighted(30), 10);
+        let rec = rec.expect("a file decision is shared");
+        assert_eq!(a.weight().0, 3_000);
+        let (b, none) = deliver(&b, &rec, 11);
+        assert!(none.is_none());
+        assert_eq!(b.weight().0, 3_000);
+        assert!(b.file_skew_since_ms.is_some(), "B's file says 10 % still");
+        let (c, _) = deliver(&c, &rec, 11);
+        assert_eq!(c.weight().0, 3_000);
+        // B's copy arrives: nothing new, and no skew any more.
+        let (b, none) = load(&b, weighted(30), 20);
+        assert!(none.is_none());
+        assert_eq!((b.weight().0, b.file_skew_since_ms), (3_000, None));
+        // A moves on to 50 %; C, still at 10 %, catches up to 30 % only: it stays at 50 %.
+        let (a, rec) = load(&a, weighted(50), 30);
+        let rec = rec.expect("shared");
+        let (c, _) = deliver(&c, &rec, 31);
+        assert_eq!(c.weight().0, 5_000);
+        let (c, none) = load(&c, weighted(30), 40);
+        assert!(
+            none.is_none(),
+            "a copy behind the fleet is not news: {none:?}"
+        );
+        assert_eq!(c.weight().0, 5_000);
+        // A (which agrees with the fleet) reverts to 30 %: news again.
+        let (a, rec) = load(&a, weighted(30), 50);
+        let rec = rec.expect("a revert is shared");
+        assert_eq!(a.weight().0, 3_000);
+        let (c, _) = deliver(&c, &rec, 51);
+        assert_eq!((c.weight().0, c.file_skew_since_ms), (3_000, None));
+        // A replica that restarts with a file the fleet has not seen brings it as news.
+        let d = started(&weighted(70));
+        let (d, news) = deliver(&d, &rec, 60);
+        let news = news.expect("a newer file is news");
+        assert_eq!(d.weight().0, 7_000);
+        assert_eq!(news.file.as_ref().map(|f| f.file_buckets), Some(7_000));
+        // One that restarts with a file the fleet moved past follows the fleet.
+        let e = started(&weighted(50));
+        let (e, none) = deliver(&e, &news, 61);
+        assert!(none.is_none());
+        assert_eq!(e.weight().0, 7_000);
+        // Without a fleet the file decides alone.
+        let solo = fresh(&weighted(10), 0);
+        let (solo, none) = load(&solo, weighted(30), 70);
+        assert!(none.is_none());
+        assert_eq!(solo.weight().0, 3_000);
+    }
+
     /// A route of a fleet whose store answers, after its start.
     fn started(spec: &Spec) -> RouteRollout {
         let s = fresh(spec, 0).in_fleet(true, None, 0);
@@ -1209,6 +1482,7 @@ mod tests {
             mode: ShareMode::Cas,
             incarnation: String::new(),
             resumes: 0,
+            file: None,
         }
     }
 

@@ -446,6 +446,11 @@ impl Proxy {
         self.spec.clone()
     }
 
+    /// The routes (and other sections) this proxy was started with, as TOML.
+    pub fn routes_toml(&self) -> String {
+        self.spec.routes.clone()
+    }
+
     /// The TLS listener's port (the proxy must have been built with `.tls(..)`).
     pub fn tls_port(&self) -> u16 {
         self.tls_port.expect("a proxy started with .tls(..)")

@@ -150,6 +150,7 @@ pub(super) fn fleet_settings(
     let startup = c.duration(path.key("startup_timeout"), &f.startup_timeout);
     let record_ttl = c.duration(path.key("record_ttl"), &f.record_ttl);
     let partition_timeout = c.duration(path.key("partition_timeout"), &f.partition_timeout);
+    let config_skew_warning = c.duration(path.key("config_skew_warning"), &f.config_skew_warning);
     let on_partition = match f.on_partition.as_str() {
         "hold" => Some(PartitionPolicy::Hold),
         "stable" => Some(PartitionPolicy::Stable),
@@ -189,6 +190,7 @@ pub(super) fn fleet_settings(
         sentinel,
         on_partition: on_partition?,
         partition_timeout: partition_timeout?,
+        config_skew_warning: config_skew_warning?,
     })
 }
 
