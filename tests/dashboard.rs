@@ -310,6 +310,13 @@ async fn the_fleet_card_lists_the_replicas_and_its_rollback_reaches_them_all() {
             "const f = document.getElementById('fleet'); return !f.hidden && f.querySelector('li[data-instance=\"a\"]') !== null && f.querySelector('li[data-instance=\"b\"]') !== null && f.querySelector('[data-field=\"fleet-meta\"]').textContent.includes('dash · this replica a · Redis connected')",
         )
         .await;
+    // Each member's file decision (its hash), and the primary in use.
+    driver
+        .wait_for(
+            "the members' file hashes and the primary",
+            "const f = document.getElementById('fleet'); return f.querySelector('li[data-instance=\"b\"]').textContent.includes(' · file app ') && f.querySelector('[data-field=\"fleet-meta\"]').textContent.includes(' · primary 127.0.0.1:')",
+        )
+        .await;
 
     // The rollback clicked on a's page is the fleet's: b rolls back too.
     driver.type_into("#token", "dash-token").await;
