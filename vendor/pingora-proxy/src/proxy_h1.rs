@@ -35,6 +35,7 @@ where
         client_session: &mut HttpSessionV1,
         peer: &HttpPeer,
         ctx: &mut SV::CTX,
+        cancel: Option<UpstreamCancel>,
     ) -> (bool, bool, Option<Box<Error>>)
     where
         SV: ProxyHttp + Send + Sync,
@@ -159,7 +160,13 @@ where
                 &mut downstream_custom_message_reader,
                 pipe_state.clone(),
             ),
-            self.proxy_handle_upstream(client_session, tx_upstream, rx_downstream, pipe_state),
+            self.proxy_handle_upstream(
+                client_session,
+                tx_upstream,
+                rx_downstream,
+                pipe_state,
+                cancel
+            ),
         );
 
         if let Some(custom_session) = session.downstream_session.as_custom_mut() {
@@ -225,9 +232,11 @@ where
         {
             return (false, false, Some(e));
         }
+        let cancel = self.inner.upstream_cancel(session, ctx);
 
-        let (server_session_reuse, client_session_reuse, error) =
-            self.proxy_1to1(session, client_session, peer, ctx).await;
+        let (server_session_reuse, client_session_reuse, error) = self
+            .proxy_1to1(session, client_session, peer, ctx, cancel)
+            .await;
 
         // Record upstream response body bytes received (payload only) for logging consumers.
         let upstream_bytes_total = client_session.body_bytes_received();
@@ -251,6 +260,7 @@ where
         tx: mpsc::Sender<HttpTask>,
         mut rx: mpsc::Receiver<HttpTask>,
         pipe_state: Arc<AtomicU8>,
+        mut cancel: Option<UpstreamCancel>,
     ) -> Result<bool>
     where
         SV: ProxyHttp + Send + Sync,
@@ -268,6 +278,11 @@ where
                 res = client_session.read_response_task(), if !response_done => {
                     match res {
                         Ok(task) => {
+                            if matches!(task, HttpTask::Header(..)) {
+                                // The header is passed on: from here the attempt can no
+                                // longer be cancelled, so its answer is never cut short.
+                                cancel = None;
+                            }
                             response_done = task.is_end();
                             if !upgraded && client_session.was_upgraded() {
                                 // upgrade can only happen once
@@ -347,6 +362,18 @@ where
                            continue
                         }
                     }
+                },
+
+                _ = OptionFuture::from(cancel.as_mut()), if cancel.is_some() => {
+                    // Cancelled before any response header: nothing of the answer went
+                    // downstream. The request is in flight (and a header may be half read),
+                    // so the connection is closed, not reused.
+                    let e = Error::explain(
+                        crate::UPSTREAM_ATTEMPT_CANCELLED,
+                        "while waiting for the response header",
+                    );
+                    let _ = tx.send(HttpTask::Failed(e.into_up())).await;
+                    return Ok(false);
                 },
 
                 else => {
