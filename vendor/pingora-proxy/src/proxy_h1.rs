@@ -165,7 +165,7 @@ where
                 tx_upstream,
                 rx_downstream,
                 pipe_state,
-                cancel
+                cancel,
             ),
         );
 
