@@ -275,7 +275,7 @@ where
         /* duplex mode, wait for either to complete */
         while !request_done || !response_done {
             tokio::select! {
-                res = client_session.read_response_task(), if !response_done => {
+                res = read_response_task_or_cancel(client_session, &mut cancel), if !response_done => {
                     match res {
                         Ok(task) => {
                             if matches!(task, HttpTask::Header(..)) {
@@ -362,18 +362,6 @@ where
                            continue
                         }
                     }
-                },
-
-                _ = OptionFuture::from(cancel.as_mut()), if cancel.is_some() => {
-                    // Cancelled before any response header: nothing of the answer went
-                    // downstream. The request is in flight (and a header may be half read),
-                    // so the connection is closed, not reused.
-                    let e = Error::explain(
-                        crate::UPSTREAM_ATTEMPT_CANCELLED,
-                        "while waiting for the response header",
-                    );
-                    let _ = tx.send(HttpTask::Failed(e.into_up())).await;
-                    return Ok(false);
                 },
 
                 else => {
@@ -1096,6 +1084,29 @@ where
         }
 
         Ok(end_of_body)
+    }
+}
+
+/// Reads the next response task, or fails with [`crate::UPSTREAM_ATTEMPT_CANCELLED`] when
+/// `cancel` completes first. The cancellation then goes the way of a response read error:
+/// nothing of the answer went downstream, and the connection is not reused (a request is
+/// in flight, a header may be half read). The header wins when both are ready. Folded into
+/// the read, not a branch of its own, so that the response loop's `select!` costs nothing
+/// more per iteration without a cancel signal.
+async fn read_response_task_or_cancel(
+    client_session: &mut HttpSessionV1,
+    cancel: &mut Option<UpstreamCancel>,
+) -> Result<HttpTask> {
+    let Some(cancel) = cancel.as_mut() else {
+        return client_session.read_response_task().await;
+    };
+    tokio::select! {
+        biased;
+        task = client_session.read_response_task() => task,
+        _ = cancel => Error::e_explain(
+            crate::UPSTREAM_ATTEMPT_CANCELLED,
+            "while waiting for the response header",
+        ),
     }
 }
 

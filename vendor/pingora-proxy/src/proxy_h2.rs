@@ -1127,8 +1127,9 @@ pub(crate) async fn pipe_up_to_down_response(
     let header = match cancel {
         None => client.read_response_header().await,
         // Raced only until the header is read: once it is, the cancel future is dropped
-        // and the answer goes downstream whole.
+        // and the answer goes downstream whole. The header wins when both are ready.
         Some(cancel) => tokio::select! {
+            biased;
             header = client.read_response_header() => header,
             _ = cancel => Error::e_explain(
                 crate::UPSTREAM_ATTEMPT_CANCELLED,
