@@ -61,7 +61,7 @@ struct Seen {
     connections: AtomicU64,
     /// Connections that ended (closed by Kanaria, or broken).
     closed: AtomicU64,
-    /// Requests answered on `/race` (head sent).
+    /// `/race` requests the canary received (each answered after its delay).
     races: AtomicU64,
     /// `true` once the test opens the gate.
     gate: tokio::sync::watch::Sender<bool>,

@@ -601,8 +601,8 @@ impl ProxyHttp for KanariaProxy {
     ///   ([`Pool::select`](crate::runtime::Pool::select), round robin); the route's
     ///   `stable_down`.
     /// - **Writes**: ends the previous attempt, if any (`attempt_over`: it leaves the in-flight
-    ///   registry); after a reused connection was found closed
-    ///   (`ctx.fresh` is `Next`, then `Used`), the peer's `group_key` and a zero idle timeout
+    ///   registry); after a reused connection was found closed (`ctx.fresh` is `Next`, then
+    ///   `Used`), the peer's `group_key` and a zero idle timeout
     ///   that make Pingora connect anew and not keep the connection ([`FRESH_GROUP_KEY`]);
     ///   `ctx.edge.upstream_addr`, `attempt_start`,
     ///   `awaiting_head = true`, `attempt_latency = None`, `response_carries = None`. With
@@ -786,9 +786,10 @@ impl ProxyHttp for KanariaProxy {
     /// fresh connection (a reused one found closed) or on stable.
     ///
     /// - **When**: when an attempt fails once Pingora had its upstream connection: writing the
-    ///   request, waiting for or reading the answer (a reset, Pingora's `read_timeout`, the
-    ///   cancel of a canary attempt, `UPSTREAM_ATTEMPT_CANCELLED`), an `Err` from `upstream_request_filter`,
-    ///   `upstream_response_filter` (a canary 5xx, an answer's ambiguous framing) or
+    ///   request, waiting for or reading the answer (a reset, Pingora's `read_timeout`, a
+    ///   canary attempt cancelled, `UPSTREAM_ATTEMPT_CANCELLED`), an `Err` from
+    ///   `upstream_request_filter`, `upstream_response_filter` (a canary 5xx, an answer's
+    ///   ambiguous framing) or
     ///   `response_filter`, or the client going away meanwhile.
     /// - **Returns**: the error, with the peer added to its context. It is made retryable on
     ///   a fresh connection to the same version when the attempt used a reused connection
