@@ -10,9 +10,11 @@
 //! once on stable (connect errors for any method; resets, timeouts and 5xx answers for
 //! idempotent requests without a body), so a dead canary costs users nothing while the
 //! analysis still counts the failure against the canary. A canary that hangs is not waited
-//! for either: a replayable canary attempt still without an answer after the route's
-//! `canary_timeout`, or when the canary is rolled back, is abandoned (a watcher task shuts
-//! down its upstream socket, see [`watch_canary_attempt`]) and retried on stable.
+//! for either: a replayable canary attempt still without an answer's head after the route's
+//! `canary_timeout`, or when the canary is rolled back, is cancelled inside Pingora (that
+//! attempt alone: its HTTP/1 connection closed, or its HTTP/2 stream reset with the
+//! connection's other streams untouched; see [`cancel_canary_attempt`]) and retried on
+//! stable. An attempt whose answer's head arrived is never cancelled: it is forwarded whole.
 //!
 //! An attempt on a reused upstream connection that finds it closed before any byte of the
 //! answer (the upstream closed it while it sat idle: a normal race) is retried once on a
@@ -52,7 +54,10 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
-use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
+use pingora::proxy::{
+    FailToProxy, ProxyHttp, ProxyWarnLogContext, Session, UpstreamCancel,
+    UPSTREAM_ATTEMPT_CANCELLED,
+};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::config::{LatencyTo, StableDown};
@@ -100,8 +105,6 @@ pub struct Ctx {
     /// retried (its body was no longer whole in the retry buffer): a 502 to the client,
     /// not the version's failure in the analysis.
     stale_connection: bool,
-    /// Dropped when the attempt is over: stops its canary watcher.
-    watcher: Option<tokio::sync::oneshot::Sender<()>>,
     /// The route's canary rollback generation when the request was split.
     rollback_generation: u64,
     /// TLS, the issued key, the upstream's address (see [`edge_ctx`]).
@@ -135,10 +138,10 @@ impl Ctx {
     }
 
     /// The current attempt ended (answer head, failure, or the request is gone): it leaves
-    /// the in-flight registry and its canary watcher stops.
+    /// the in-flight registry. (Its cancel signal, if any, is Pingora's to drop: it is
+    /// polled only while this attempt waits for its head.)
     fn attempt_over(&mut self) {
         self.awaiting_head = false;
-        self.watcher = None;
         if let Some((track, ticket)) = self.in_flight.take() {
             if let Some(m) = self.track_metrics(track) {
                 m.in_flight.finish(ticket);
@@ -275,53 +278,37 @@ fn canary_timeout(route: &Route) -> Option<Duration> {
     (route.canary_timeout < route.timeouts.read).then_some(route.canary_timeout)
 }
 
-/// Abandons a canary attempt that outlives `timeout` or its canary's rollback.
+/// The cancel signal of a canary attempt (Pingora's `upstream_cancel`,
+/// vendor/patches/0017): it fires when `timeout` passes (from now, the attempt's start) or
+/// when the canary is rolled back after `seen_generation`.
 ///
-/// Pingora 0.9 runs no hook while an attempt waits for the answer's head, and its per-peer
-/// `read_timeout` bounds every read of the answer, body included (a canary timeout there
-/// would cut streamed answers), and cannot be changed once the head arrived. So a task
-/// watches the attempt from aside: it holds a duplicate of the upstream socket's
-/// descriptor (the socket stays valid however Pingora closes its own) and, when the
-/// timeout or a rollback comes first, shuts the socket down. Pingora's read then fails
-/// with nothing sent to the client, and `error_while_proxy` retries on stable. The
-/// attempt's end (its answer's head, a failure, the request's end) drops `stop`, which
-/// ends the task and closes the duplicate. The upstream connection is HTTP/1.1, one
-/// request per connection at a time, so no other request shares the socket. (Should the
-/// head arrive in the very microseconds the timeout fires, that one answer is cut; the
-/// connection is then not reused.)
-fn watch_canary_attempt(
-    fd: std::os::fd::RawFd,
+/// Pingora races it against the attempt's wait for its answer's head, in the task that reads
+/// the answer: when it fires first, Pingora ends that attempt alone (an HTTP/1 connection
+/// closed, an HTTP/2 stream reset with `CANCEL`, the connection's other streams untouched)
+/// and `error_while_proxy` sees `UPSTREAM_ATTEMPT_CANCELLED` and retries on stable. When
+/// the head comes first, Pingora drops the signal before passing the head on: the answer is
+/// forwarded whole. One poll loop decides, so an attempt is never both retried and
+/// forwarded, and nothing is spawned or duplicated per attempt (one box, for cancellable
+/// canary attempts only).
+fn cancel_canary_attempt(
     timeout: Option<Duration>,
     metrics: Arc<RouteMetrics>,
     seen_generation: u64,
-) -> Option<tokio::sync::oneshot::Sender<()>> {
-    use std::os::fd::BorrowedFd;
-    // SAFETY: Pingora hands `connected_to_upstream` the descriptor of the connection the
-    // attempt is about to use; it stays open for the whole call, and the duplicate made
-    // here is owned (and closed) by the watcher alone.
-    let dup = unsafe { BorrowedFd::borrow_raw(fd) }
-        .try_clone_to_owned()
-        .ok()?;
-    let socket = std::net::TcpStream::from(dup);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
+) -> UpstreamCancel {
+    // The deadline runs from the attempt's start, not from Pingora's first poll.
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    Box::pin(async move {
         let timeout = async {
-            match timeout {
-                Some(t) => tokio::time::sleep(t).await,
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            biased;
-            _ = stopped => return,
             _ = timeout => {}
             _ = metrics.canary_rollbacks.wait_after(seen_generation) => {}
         }
-        if let Err(e) = socket.shutdown(std::net::Shutdown::Both) {
-            log::debug!("could not abandon a canary attempt: {e}");
-        }
-    });
-    Some(stop)
+    })
 }
 
 /// Generates request ids: a random per-process prefix and a counter, so ids are unique
@@ -485,7 +472,6 @@ impl ProxyHttp for KanariaProxy {
             attempt_latency: None,
             fresh: Fresh::Unused,
             stale_connection: false,
-            watcher: None,
             rollback_generation: 0,
             edge: edge_ctx::EdgeCtx::default(),
             response_carries: None,
@@ -510,7 +496,7 @@ impl ProxyHttp for KanariaProxy {
     /// - **Writes**: `ctx.live`, `route`, `version`, `edge` (client address, TLS, HTTP/2, a
     ///   key issued for an `issued_cookie:` route), `generated_request_id` (when the client
     ///   sent none), `rollback_generation` (the route's canary rollback generation now, which
-    ///   the canary watcher compares against). Metrics:
+    ///   the canary attempt's cancel signal compares against). Metrics:
     ///   `kanaria_rejected_requests_total{reason}` for a refused head,
     ///   `kanaria_overrides_total` for an honoured override. Through `headers::admit`: the
     ///   connection guard's header deadline stops ([`conn_guard::request_started`]) and
@@ -615,8 +601,8 @@ impl ProxyHttp for KanariaProxy {
     ///   ([`Pool::select`](crate::runtime::Pool::select), round robin); the route's
     ///   `stable_down`.
     /// - **Writes**: ends the previous attempt, if any (`attempt_over`: it leaves the in-flight
-    ///   registry and its canary watcher stops); after a reused connection was found closed
-    ///   (`ctx.fresh` is `Next`, then `Used`), the peer's `group_key` and a zero idle timeout
+    ///   registry); after a reused connection was found closed (`ctx.fresh` is `Next`, then
+    ///   `Used`), the peer's `group_key` and a zero idle timeout
     ///   that make Pingora connect anew and not keep the connection ([`FRESH_GROUP_KEY`]);
     ///   `ctx.edge.upstream_addr`, `attempt_start`,
     ///   `awaiting_head = true`, `attempt_latency = None`, `response_carries = None`. With
@@ -696,42 +682,32 @@ impl ProxyHttp for KanariaProxy {
         Ok(Box::new(peer))
     }
 
-    /// Starts the canary watcher ([`watch_canary_attempt`]) for an attempt that could still go
-    /// to stable.
+    /// Gives a canary attempt that could still go to stable its cancel signal
+    /// ([`cancel_canary_attempt`]): the route's canary timeout or a rollback.
     ///
     /// - **When**: once per attempt, as soon as Pingora holds the upstream connection (new, or
-    ///   reused from its pool), before the request head is written to it. Not called when
-    ///   connecting failed (`fail_to_connect` is).
-    /// - **Returns**: always `Ok(())` (an `Err` would fail the attempt through
-    ///   `error_while_proxy`).
-    /// - **Reads**: `ctx.awaiting_head`, `version`, `retried` and the route's `retry_on_stable`
-    ///   (only a canary attempt that may be retried is watched), the request's method and body
-    ///   (only a replayable request: idempotent, no body), the route's `canary_timeout`,
-    ///   `ctx.rollback_generation` and the route's `canary_rollbacks` signal; `fd`, the
-    ///   upstream connection's socket.
-    /// - **Writes**: `ctx.watcher`, the watcher's stop handle (dropping it when the attempt is
-    ///   over ends the watcher).
-    async fn connected_to_upstream(
-        &self,
-        session: &mut Session,
-        _reused: bool,
-        _peer: &HttpPeer,
-        fd: std::os::fd::RawFd,
-        _digest: Option<&pingora::protocols::Digest>,
-        ctx: &mut Box<Ctx>,
-    ) -> Result<()> {
-        // Only attempts that can go to stable are worth abandoning.
-        if ctx.awaiting_head && ctx.may_retry_on_stable() && replayable(session) {
-            if let (Some(route), Some(m)) = (ctx.route(), ctx.route_metrics()) {
-                ctx.watcher = watch_canary_attempt(
-                    fd,
-                    canary_timeout(route),
-                    m.clone(),
-                    ctx.rollback_generation,
-                );
-            }
+    ///   reused from its pool) after `connected_to_upstream`, before the request head is
+    ///   written (Pingora's hook from vendor/patches/0017). Not called when connecting failed
+    ///   (`fail_to_connect` is).
+    /// - **Returns**: `None` (nothing to poll) unless it is a canary attempt that may be
+    ///   retried (`ctx.awaiting_head`, `version`, `retried`, the route's `retry_on_stable`)
+    ///   of a replayable request (idempotent, no body); then the signal, which Pingora races
+    ///   against the wait for the answer's head: when it fires first, the attempt fails with
+    ///   `UPSTREAM_ATTEMPT_CANCELLED` (its HTTP/1 connection closed, its HTTP/2 stream reset)
+    ///   and `error_while_proxy` retries on stable; once the head arrived it is dropped.
+    /// - **Reads**: the route's `canary_timeout`, `ctx.rollback_generation` and the route's
+    ///   `canary_rollbacks` signal. **Writes**: nothing.
+    fn upstream_cancel(&self, session: &mut Session, ctx: &mut Box<Ctx>) -> Option<UpstreamCancel> {
+        // Only attempts that can go to stable are worth cancelling.
+        if !(ctx.awaiting_head && ctx.may_retry_on_stable() && replayable(session)) {
+            return None;
         }
-        Ok(())
+        let (route, m) = (ctx.route()?, ctx.route_metrics()?);
+        Some(cancel_canary_attempt(
+            canary_timeout(route),
+            m.clone(),
+            ctx.rollback_generation,
+        ))
     }
 
     /// The whole request was handed to the upstream: from now on, the wait is the app's.
@@ -810,14 +786,15 @@ impl ProxyHttp for KanariaProxy {
     /// fresh connection (a reused one found closed) or on stable.
     ///
     /// - **When**: when an attempt fails once Pingora had its upstream connection: writing the
-    ///   request, waiting for or reading the answer (a reset, Pingora's `read_timeout`, the
-    ///   canary watcher's shutdown of the socket), an `Err` from `upstream_request_filter`,
-    ///   `upstream_response_filter` (a canary 5xx, an answer's ambiguous framing) or
+    ///   request, waiting for or reading the answer (a reset, Pingora's `read_timeout`, a
+    ///   canary attempt cancelled, `UPSTREAM_ATTEMPT_CANCELLED`), an `Err` from
+    ///   `upstream_request_filter`, `upstream_response_filter` (a canary 5xx, an answer's
+    ///   ambiguous framing) or
     ///   `response_filter`, or the client going away meanwhile.
     /// - **Returns**: the error, with the peer added to its context. It is made retryable on
     ///   a fresh connection to the same version when the attempt used a reused connection
     ///   that turned out closed before any byte of the answer ([`lost_connection`]: reset,
-    ///   end of stream, write error, HTTP/2 refusal; not one the canary watcher shut), for
+    ///   end of stream, write error, HTTP/2 refusal; not a cancelled attempt), for
     ///   any method, once a request, if the body (if any) is still whole in the retry buffer;
     ///   with the body gone, it is not retried (502). Otherwise it is made retryable
     ///   (Pingora calls `upstream_peer` again) when a canary attempt may go to stable: the
@@ -830,19 +807,17 @@ impl ProxyHttp for KanariaProxy {
     ///   without a retry Pingora calls `fail_to_proxy` and `logging`.
     /// - **Reads**: `client_reused`, `ctx.awaiting_head` and `fresh` (a reused connection
     ///   found closed before the head, not yet retried fresh), the retry buffer,
-    ///   `ctx.watcher` (read before the attempt ends: was it watched?),
-    ///   `attempt_start` (how long it waited), the route's `canary_timeout`, the route's canary
-    ///   rollback generation against `ctx.rollback_generation`, `version`, `retried`; the
-    ///   error's type and source; whether a response head was written to the client.
+    ///   `attempt_start` (how long it waited), `version`, `retried`; the error's type and
+    ///   source; whether a response head was written to the client.
     /// - **Writes**: ends the attempt (`attempt_over`). For a reused connection found
     ///   closed: `ctx.fresh = Next` and `kanaria_retries_total{from=to=version}`, or
     ///   `stale_connection` when it cannot be retried; nothing in the analysis either way.
     ///   On a switch to stable: as in
     ///   `fail_to_connect`, counted as `kind="timeout"`, `"connect"` or `"reset"` from the
-    ///   error, except an attempt the watcher abandoned (its `canary_timeout` passed or the
-    ///   canary was rolled back, and the error is not Pingora's own read timeout): a
-    ///   `timeout` in `kanaria_upstream_errors_total`, and in the analysis a slow request of
-    ///   the time it waited, not an error.
+    ///   error, except a cancelled attempt (`UPSTREAM_ATTEMPT_CANCELLED`: its `canary_timeout`
+    ///   passed or the canary was rolled back while it waited for its head): a `timeout` in
+    ///   `kanaria_upstream_errors_total`, and in the analysis a slow request of the time it
+    ///   waited, not an error.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
@@ -852,12 +827,7 @@ impl ProxyHttp for KanariaProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        // Read before the attempt is over: when the canary watcher shut the connection
-        // down (its timeout passed, or the canary was rolled back), the "closed connection"
-        // is Kanaria giving up on a slow canary, not the canary failing.
-        let watched = ctx.watcher.is_some();
         let before_head = ctx.awaiting_head;
-        let waited = ctx.attempt_start.elapsed();
         ctx.attempt_over();
         if e.etype() == &ErrorType::Custom(CANARY_5XX_RETRY) {
             // Decided in upstream_response_filter.
@@ -866,19 +836,9 @@ impl ProxyHttp for KanariaProxy {
         let nothing_sent = session.as_downstream().response_written().is_none();
         // The client hung up: not the canary's failure, and nobody to answer on stable.
         let client_gone = e.esource() == &ErrorSource::Downstream;
-        let timed_out = || {
-            ctx.route()
-                .and_then(|r| canary_timeout(r))
-                .is_some_and(|t| waited >= t)
-        };
-        let rolled_back = || {
-            ctx.route_metrics()
-                .is_some_and(|m| m.canary_rollbacks.generation() != ctx.rollback_generation)
-        };
-        // The canary watcher shut the socket down: Kanaria gave up on a slow canary.
-        let abandoned = watched
-            && !matches!(e.etype(), ErrorType::ReadTimedout)
-            && (timed_out() || rolled_back());
+        // Kanaria's own cancel signal ended the attempt (canary timeout or rollback): it
+        // gave up on a slow canary, the canary did not fail.
+        let abandoned = e.etype() == &UPSTREAM_ATTEMPT_CANCELLED;
         // A keep-alive connection the upstream closed while it sat idle (or as it was taken
         // from the pool) fails the first attempt that uses it, with nothing of the answer
         // read: retried once on a new connection to the same version, for any method (the

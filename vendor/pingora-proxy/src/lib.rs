@@ -86,6 +86,14 @@ const MAX_SHUTDOWN_NOTIFY_SHARDS: usize = 256;
 type DownstreamCustomMessageReader =
     Box<dyn futures::Stream<Item = Result<Bytes>> + Unpin + Send + Sync + 'static>;
 
+/// The future [`ProxyHttp::upstream_cancel`] returns: when it completes while an upstream
+/// attempt waits for its response header, the attempt is cancelled.
+pub type UpstreamCancel = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// The error of an upstream attempt cancelled through [`ProxyHttp::upstream_cancel`].
+pub const UPSTREAM_ATTEMPT_CANCELLED: pingora_error::ErrorType =
+    pingora_error::ErrorType::Custom("UpstreamAttemptCancelled");
+
 mod proxy_cache;
 mod proxy_common;
 mod proxy_custom;

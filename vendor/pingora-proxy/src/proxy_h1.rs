@@ -35,6 +35,7 @@ where
         client_session: &mut HttpSessionV1,
         peer: &HttpPeer,
         ctx: &mut SV::CTX,
+        cancel: Option<UpstreamCancel>,
     ) -> (bool, bool, Option<Box<Error>>)
     where
         SV: ProxyHttp + Send + Sync,
@@ -159,7 +160,13 @@ where
                 &mut downstream_custom_message_reader,
                 pipe_state.clone(),
             ),
-            self.proxy_handle_upstream(client_session, tx_upstream, rx_downstream, pipe_state),
+            self.proxy_handle_upstream(
+                client_session,
+                tx_upstream,
+                rx_downstream,
+                pipe_state,
+                cancel,
+            ),
         );
 
         if let Some(custom_session) = session.downstream_session.as_custom_mut() {
@@ -225,9 +232,11 @@ where
         {
             return (false, false, Some(e));
         }
+        let cancel = self.inner.upstream_cancel(session, ctx);
 
-        let (server_session_reuse, client_session_reuse, error) =
-            self.proxy_1to1(session, client_session, peer, ctx).await;
+        let (server_session_reuse, client_session_reuse, error) = self
+            .proxy_1to1(session, client_session, peer, ctx, cancel)
+            .await;
 
         // Record upstream response body bytes received (payload only) for logging consumers.
         let upstream_bytes_total = client_session.body_bytes_received();
@@ -251,6 +260,7 @@ where
         tx: mpsc::Sender<HttpTask>,
         mut rx: mpsc::Receiver<HttpTask>,
         pipe_state: Arc<AtomicU8>,
+        mut cancel: Option<UpstreamCancel>,
     ) -> Result<bool>
     where
         SV: ProxyHttp + Send + Sync,
@@ -265,9 +275,14 @@ where
         /* duplex mode, wait for either to complete */
         while !request_done || !response_done {
             tokio::select! {
-                res = client_session.read_response_task(), if !response_done => {
+                res = read_response_task_or_cancel(client_session, &mut cancel), if !response_done => {
                     match res {
                         Ok(task) => {
+                            if matches!(task, HttpTask::Header(..)) {
+                                // The header is passed on: from here the attempt can no
+                                // longer be cancelled, so its answer is never cut short.
+                                cancel = None;
+                            }
                             response_done = task.is_end();
                             if !upgraded && client_session.was_upgraded() {
                                 // upgrade can only happen once
@@ -1069,6 +1084,29 @@ where
         }
 
         Ok(end_of_body)
+    }
+}
+
+/// Reads the next response task, or fails with [`crate::UPSTREAM_ATTEMPT_CANCELLED`] when
+/// `cancel` completes first. The cancellation then goes the way of a response read error:
+/// nothing of the answer went downstream, and the connection is not reused (a request is
+/// in flight, a header may be half read). The header wins when both are ready. Folded into
+/// the read, not a branch of its own, so that the response loop's `select!` costs nothing
+/// more per iteration without a cancel signal.
+async fn read_response_task_or_cancel(
+    client_session: &mut HttpSessionV1,
+    cancel: &mut Option<UpstreamCancel>,
+) -> Result<HttpTask> {
+    let Some(cancel) = cancel.as_mut() else {
+        return client_session.read_response_task().await;
+    };
+    tokio::select! {
+        biased;
+        task = client_session.read_response_task() => task,
+        _ = cancel => Error::e_explain(
+            crate::UPSTREAM_ATTEMPT_CANCELLED,
+            "while waiting for the response header",
+        ),
     }
 }
 

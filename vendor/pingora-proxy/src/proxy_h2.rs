@@ -124,6 +124,7 @@ where
         client_session: &mut Http2Session,
         peer: &HttpPeer,
         ctx: &mut SV::CTX,
+        cancel: Option<UpstreamCancel>,
     ) -> (bool, Option<Box<Error>>)
     // (reuse_server, error)
     where
@@ -313,7 +314,7 @@ where
                 &mut downstream_custom_message_reader,
                 pipe_state.clone(),
             ),
-            pipe_up_to_down_response(client_session, tx, pipe_state)
+            pipe_up_to_down_response(client_session, tx, pipe_state, cancel)
         );
 
         if let Some(custom_session) = session.downstream_session.as_custom_mut() {
@@ -343,12 +344,16 @@ where
                 let upstream_read_timeout =
                     e.esource == ErrorSource::Upstream && matches!(e.etype, ReadTimedout);
                 let downstream_error = e.esource == ErrorSource::Downstream;
+                // A cancelled attempt resets its own stream only: the connection's other
+                // streams go on, and it stays usable for new ones.
+                let cancelled = e.esource == ErrorSource::Upstream
+                    && e.etype == crate::UPSTREAM_ATTEMPT_CANCELLED;
                 // On application level upstream read timeouts, send RST_STREAM CANCEL,
                 // we know we have not received END_STREAM at this point since we read timed out.
                 // Also cancel the upstream stream when downstream goes away/resets so the
                 // upstream peer can release the stream promptly.
                 // TODO: implement for write timeouts?
-                if upstream_read_timeout || downstream_error {
+                if upstream_read_timeout || downstream_error || cancelled {
                     client_body.send_reset(h2::Reason::CANCEL);
                     if upstream_read_timeout {
                         // Mark the underlying H2 connection for shutdown so it's not used
@@ -386,8 +391,10 @@ where
             return (false, Some(e));
         }
 
+        let cancel = self.inner.upstream_cancel(session, ctx);
+
         let (server_session_reuse, error) = self
-            .proxy_down_to_up(session, client_session, peer, ctx)
+            .proxy_down_to_up(session, client_session, peer, ctx, cancel)
             .await;
 
         // Record upstream response body bytes received (HTTP/2 DATA payload).
@@ -1115,11 +1122,22 @@ pub(crate) async fn pipe_up_to_down_response(
     client: &mut Http2Session,
     tx: mpsc::Sender<HttpTask>,
     pipe_state: Arc<AtomicU8>,
+    cancel: Option<UpstreamCancel>,
 ) -> Result<()> {
-    client
-        .read_response_header()
-        .await
-        .map_err(|e| e.into_up())?; // should we send the error as an HttpTask?
+    let header = match cancel {
+        None => client.read_response_header().await,
+        // Raced only until the header is read: once it is, the cancel future is dropped
+        // and the answer goes downstream whole. The header wins when both are ready.
+        Some(cancel) => tokio::select! {
+            biased;
+            header = client.read_response_header() => header,
+            _ = cancel => Error::e_explain(
+                crate::UPSTREAM_ATTEMPT_CANCELLED,
+                "while waiting for the h2 response header",
+            ),
+        },
+    };
+    header.map_err(|e| e.into_up())?; // should we send the error as an HttpTask?
 
     let resp_header = Box::new(client.response_header().expect("just read").clone());
 

@@ -708,6 +708,29 @@ pub trait ProxyHttp {
         Ok(())
     }
 
+    /// A signal that cancels this upstream attempt while it waits for the head of the
+    /// upstream's answer.
+    ///
+    /// Called once per attempt, right after [`Self::connected_to_upstream`], for HTTP/1 and
+    /// HTTP/2 upstreams (not custom ones). When the returned future completes before the
+    /// response header arrives, the attempt fails with an upstream
+    /// [`UPSTREAM_ATTEMPT_CANCELLED`](crate::UPSTREAM_ATTEMPT_CANCELLED) error (not
+    /// retryable unless [`Self::error_while_proxy`] says so): an HTTP/1 connection is closed,
+    /// an HTTP/2 stream is reset with `CANCEL` and its connection, with its other streams,
+    /// kept. Once the header was read the future is dropped without being polled again, so
+    /// an attempt whose header made it is forwarded whole and never cancelled.
+    ///
+    /// Useful to give up on an upstream that is slow to answer (a hedge, a deadline shorter
+    /// than the read timeout) or no longer wanted, and retry elsewhere. The default is
+    /// `None`: nothing to poll.
+    fn upstream_cancel(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> Option<crate::UpstreamCancel> {
+        None
+    }
+
     /// This callback is invoked every time request related error log needs to be generated
     ///
     /// Users can define what is important to be written about this request via the returned string.
