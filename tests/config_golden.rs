@@ -152,6 +152,7 @@ fn route(name: &str, canary_buckets: u32, analysis: AnalysisRules) -> Route {
         retry_on_stable: true,
         // Twice the latency limit when there is one; the read timeout otherwise.
         canary_timeout: secs(30),
+        rollback_drain: secs(5),
         stable_down: StableDown::KeepStable,
         health: None,
         analysis,

@@ -563,6 +563,10 @@ pub struct RouteFile {
     /// answer's head before it is abandoned and retried on stable (with `retry_on_stable`).
     /// Default: twice `[routes.analysis].max_p99_latency` when set, else the read timeout.
     pub canary_timeout: Option<String>,
+    /// At a rollback, upgraded connections to the canary (WebSocket) are closed within this
+    /// span, each at its own point of it (so their clients do not all reconnect at once),
+    /// and reconnect to stable. `"0s"`: at once. Default `"5s"`.
+    pub rollback_drain: Option<String>,
     /// Retry a canary request that failed before any answer reached the client once on
     /// stable (connect errors always; resets, timeouts and 5xx for idempotent requests
     /// without a body). Default `true`.

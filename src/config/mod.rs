@@ -376,6 +376,9 @@ pub struct Route<P = PoolSettings> {
     /// How long a replayable canary attempt waits for its answer's head before it goes
     /// to stable (`canary_timeout`, resolved with its default).
     pub canary_timeout: Duration,
+    /// At a rollback, upgraded canary connections are closed within this span
+    /// (`rollback_drain`).
+    pub rollback_drain: Duration,
     pub stable_down: StableDown,
     pub health: Option<HealthSettings>,
     pub analysis: AnalysisRules,
@@ -407,6 +410,7 @@ impl<P> Route<P> {
             file_buckets: self.file_buckets,
             retry_on_stable: self.retry_on_stable,
             canary_timeout: self.canary_timeout,
+            rollback_drain: self.rollback_drain,
             stable_down: self.stable_down,
             health: self.health.clone(),
             analysis: self.analysis.clone(),

@@ -56,7 +56,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{
     FailToProxy, ProxyHttp, ProxyWarnLogContext, Session, UpstreamCancel,
-    UPSTREAM_ATTEMPT_CANCELLED,
+    UPSTREAM_ATTEMPT_CANCELLED, UPSTREAM_UPGRADE_ENDED,
 };
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
@@ -308,6 +308,34 @@ fn cancel_canary_attempt(
             _ = timeout => {}
             _ = metrics.canary_rollbacks.wait_after(seen_generation) => {}
         }
+    })
+}
+
+/// The end signal of an upgraded canary connection (Pingora's `upstream_upgraded_end`,
+/// vendor/patches/0018): at the first rollback after `seen_generation`, then a share of
+/// `drain` of its own, so the clients of many such connections do not all reconnect in
+/// the same instant. Pingora polls it only once the `101` was passed on.
+fn end_upgraded_canary(
+    drain: Duration,
+    metrics: Arc<RouteMetrics>,
+    seen_generation: u64,
+) -> UpstreamCancel {
+    use std::hash::{BuildHasher, Hasher};
+    // A point of the drain span, spread evenly over connections (RandomState: a fresh
+    // key per call, no syscall).
+    let drain_ms = drain.as_millis() as u64;
+    let at = match drain_ms {
+        0 => Duration::ZERO,
+        ms => {
+            let h = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
+            Duration::from_millis(h % ms)
+        }
+    };
+    Box::pin(async move {
+        metrics.canary_rollbacks.wait_after(seen_generation).await;
+        tokio::time::sleep(at).await;
     })
 }
 
@@ -710,6 +738,40 @@ impl ProxyHttp for KanariaProxy {
         ))
     }
 
+    /// Gives a canary attempt that asks for an upgrade (WebSocket) its end signal
+    /// ([`end_upgraded_canary`]): a rollback moves long-lived connections off the canary
+    /// too, within the route's `rollback_drain`.
+    ///
+    /// - **When**: once per attempt, right after `upstream_cancel` (vendor/patches/0018),
+    ///   HTTP/1 upstreams only.
+    /// - **Returns**: `None` unless the attempt goes to the canary and the request carries
+    ///   `Upgrade`; then the signal, which Pingora polls only once the `101` was passed on:
+    ///   when it fires the connection ends with `UPSTREAM_UPGRADE_ENDED` (both sides closed;
+    ///   not retried, not counted against the canary) and the client's reconnect is split
+    ///   afresh, onto stable.
+    /// - **Reads**: `ctx.version`, the route's `rollback_drain`, `ctx.rollback_generation`.
+    ///   **Writes**: nothing.
+    fn upstream_upgraded_end(
+        &self,
+        session: &mut Session,
+        ctx: &mut Box<Ctx>,
+    ) -> Option<UpstreamCancel> {
+        if ctx.version != Some(Track::Canary)
+            || !session
+                .req_header()
+                .headers
+                .contains_key(http::header::UPGRADE)
+        {
+            return None;
+        }
+        let (route, m) = (ctx.route()?, ctx.route_metrics()?);
+        Some(end_upgraded_canary(
+            route.rollback_drain,
+            m.clone(),
+            ctx.rollback_generation,
+        ))
+    }
+
     /// The whole request was handed to the upstream: from now on, the wait is the app's.
     ///
     /// - **When**: in every attempt, for each piece of the request body Pingora sends to the
@@ -831,6 +893,12 @@ impl ProxyHttp for KanariaProxy {
         ctx.attempt_over();
         if e.etype() == &ErrorType::Custom(CANARY_5XX_RETRY) {
             // Decided in upstream_response_filter.
+            return e;
+        }
+        if e.etype() == &UPSTREAM_UPGRADE_ENDED {
+            // Kanaria ended an upgraded canary connection at a rollback: the client
+            // reconnects; nothing to retry (the 101 went out).
+            e.set_retry(false);
             return e;
         }
         let nothing_sent = session.as_downstream().response_written().is_none();
@@ -1214,8 +1282,11 @@ impl ProxyHttp for KanariaProxy {
             status,
             now.saturating_duration_since(ctx.start).as_secs_f64(),
         );
-        let upstream_failed = e.is_some_and(|e| e.esource() == &ErrorSource::Upstream);
-        if let Some(kind) = e.and_then(upstream_error_kind) {
+        // An upgraded canary connection Kanaria ended at a rollback: not the canary's failure.
+        let ended_here = e.is_some_and(|e| e.etype() == &UPSTREAM_UPGRADE_ENDED);
+        let upstream_failed =
+            !ended_here && e.is_some_and(|e| e.esource() == &ErrorSource::Upstream);
+        if let Some(kind) = e.filter(|_| !ended_here).and_then(upstream_error_kind) {
             m.upstream_error(kind);
         } else if ctx.upstream_status.is_some_and(|s| s >= 500) {
             m.upstream_error(UpstreamErrorKind::Status5xx);

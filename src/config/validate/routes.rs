@@ -143,6 +143,20 @@ pub(super) fn route(
         .canary_timeout
         .as_deref()
         .map(|s| c.duration(path.key("canary_timeout"), s));
+    // Zero is allowed: every upgraded canary connection closed at the rollback itself.
+    let rollback_drain = match r.rollback_drain.as_deref() {
+        None => Some(Duration::from_secs(5)),
+        Some(s) => match humantime::parse_duration(s) {
+            Ok(d) => Some(d),
+            Err(_) => {
+                c.err(
+                    path.key("rollback_drain"),
+                    format!("{s:?} is not a duration (e.g. \"5s\", or \"0s\" for at once)"),
+                );
+                None
+            }
+        },
+    };
 
     let stable_down = match r.stable_down.as_str() {
         "keep_stable" => StableDown::KeepStable,
@@ -233,6 +247,7 @@ pub(super) fn route(
         file_buckets: weight?,
         retry_on_stable: r.retry_on_stable,
         canary_timeout,
+        rollback_drain: rollback_drain?,
         stable_down,
         health,
         analysis,

@@ -94,6 +94,10 @@ pub type UpstreamCancel = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'st
 pub const UPSTREAM_ATTEMPT_CANCELLED: pingora_error::ErrorType =
     pingora_error::ErrorType::Custom("UpstreamAttemptCancelled");
 
+/// The error that ends an upgraded connection through [`ProxyHttp::upstream_upgraded_end`].
+pub const UPSTREAM_UPGRADE_ENDED: pingora_error::ErrorType =
+    pingora_error::ErrorType::Custom("UpstreamUpgradeEnded");
+
 mod proxy_cache;
 mod proxy_common;
 mod proxy_custom;

@@ -36,6 +36,7 @@ where
         peer: &HttpPeer,
         ctx: &mut SV::CTX,
         cancel: Option<UpstreamCancel>,
+        upgraded_end: Option<UpstreamCancel>,
     ) -> (bool, bool, Option<Box<Error>>)
     where
         SV: ProxyHttp + Send + Sync,
@@ -166,6 +167,7 @@ where
                 rx_downstream,
                 pipe_state,
                 cancel,
+                upgraded_end,
             ),
         );
 
@@ -233,9 +235,10 @@ where
             return (false, false, Some(e));
         }
         let cancel = self.inner.upstream_cancel(session, ctx);
+        let upgraded_end = self.inner.upstream_upgraded_end(session, ctx);
 
         let (server_session_reuse, client_session_reuse, error) = self
-            .proxy_1to1(session, client_session, peer, ctx, cancel)
+            .proxy_1to1(session, client_session, peer, ctx, cancel, upgraded_end)
             .await;
 
         // Record upstream response body bytes received (payload only) for logging consumers.
@@ -261,6 +264,7 @@ where
         mut rx: mpsc::Receiver<HttpTask>,
         pipe_state: Arc<AtomicU8>,
         mut cancel: Option<UpstreamCancel>,
+        mut upgraded_end: Option<UpstreamCancel>,
     ) -> Result<bool>
     where
         SV: ProxyHttp + Send + Sync,
@@ -275,7 +279,7 @@ where
         /* duplex mode, wait for either to complete */
         while !request_done || !response_done {
             tokio::select! {
-                res = read_response_task_or_cancel(client_session, &mut cancel), if !response_done => {
+                res = read_response_task_or_cancel(client_session, &mut cancel, upgraded), if !response_done => {
                     match res {
                         Ok(task) => {
                             if matches!(task, HttpTask::Header(..)) {
@@ -287,6 +291,9 @@ where
                             if !upgraded && client_session.was_upgraded() {
                                 // upgrade can only happen once
                                 upgraded = true;
+                                // From here the connection carries another protocol for as
+                                // long as both ends like: `upstream_upgraded_end` may end it.
+                                cancel = upgraded_end.take();
                                 if send_error.is_none() {
                                     // continue receiving from downstream after body mode change
                                     request_done = false;
@@ -1093,9 +1100,12 @@ where
 /// in flight, a header may be half read). The header wins when both are ready. Folded into
 /// the read, not a branch of its own, so that the response loop's `select!` costs nothing
 /// more per iteration without a cancel signal.
+/// After an upgrade, `cancel` is [`ProxyHttp::upstream_upgraded_end`]'s signal: it ends the
+/// upgraded connection with [`crate::UPSTREAM_UPGRADE_ENDED`].
 async fn read_response_task_or_cancel(
     client_session: &mut HttpSessionV1,
     cancel: &mut Option<UpstreamCancel>,
+    upgraded: bool,
 ) -> Result<HttpTask> {
     let Some(cancel) = cancel.as_mut() else {
         return client_session.read_response_task().await;
@@ -1103,10 +1113,14 @@ async fn read_response_task_or_cancel(
     tokio::select! {
         biased;
         task = client_session.read_response_task() => task,
-        _ = cancel => Error::e_explain(
-            crate::UPSTREAM_ATTEMPT_CANCELLED,
-            "while waiting for the response header",
-        ),
+        _ = cancel => if upgraded {
+            Error::e_explain(crate::UPSTREAM_UPGRADE_ENDED, "the upgraded connection was ended")
+        } else {
+            Error::e_explain(
+                crate::UPSTREAM_ATTEMPT_CANCELLED,
+                "while waiting for the response header",
+            )
+        },
     }
 }
 

@@ -731,6 +731,24 @@ pub trait ProxyHttp {
         None
     }
 
+    /// A signal that ends this attempt's connection if it is upgraded (an HTTP/1 answer
+    /// `101 Switching Protocols`: WebSocket and the like), whenever it completes while the
+    /// upgraded connection lasts.
+    ///
+    /// Called once per attempt, right after [`Self::upstream_cancel`], for HTTP/1 upstreams.
+    /// The future is polled only once the upgrade was passed on; when it completes, the
+    /// attempt fails with an upstream [`UPSTREAM_UPGRADE_ENDED`](crate::UPSTREAM_UPGRADE_ENDED)
+    /// error and both connections are closed (the client sees its connection close, as at
+    /// a restart of the upstream, and reconnects). Useful to move long-lived connections off
+    /// an upstream that is withdrawn (drained, rolled back). The default is `None`.
+    fn upstream_upgraded_end(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> Option<crate::UpstreamCancel> {
+        None
+    }
+
     /// This callback is invoked every time request related error log needs to be generated
     ///
     /// Users can define what is important to be written about this request via the returned string.
