@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocols::http::v2::server;
-use crate::protocols::http::v1::server::read_header_buf;
+use crate::protocols::http::v1::server::read_first_bytes;
 use crate::protocols::http::{ReusableHttpStream, ServerSession};
 use crate::protocols::Digest;
 use crate::protocols::Stream;
@@ -446,8 +446,8 @@ impl HttpPersistentSettings {
 
 /// The wait for a request's first bytes on an HTTP/1 connection (see `process_new`).
 trait WaitForRequest {
-    /// The stream and the first bytes read from it, in a header buffer taken only when they
-    /// could be read (`read_header_buf`); `None` when the connection is over instead: the
+    /// The stream and the first bytes read from it, in a header buffer allocated only once
+    /// they came (`read_first_bytes`); `None` when the connection is over instead: the
     /// client closed it or it failed (the session would have read that as a client that
     /// hung up), `timeout` passed, or [`HttpServerApp::idle_shutdown`] resolved.
     fn wait_for_request<'a>(
@@ -466,9 +466,8 @@ where
         mut stream: Stream,
         timeout: Option<Duration>,
     ) -> Option<(Stream, BytesMut)> {
-        let mut buf = BytesMut::new();
         let read = async {
-            let read = read_header_buf(&mut stream, &mut buf);
+            let read = read_first_bytes(&mut stream);
             match timeout {
                 Some(t) => pingora_timeout::timeout(t, read).await.ok(),
                 None => Some(read.await),
@@ -478,14 +477,15 @@ where
             // The bytes first: a request that came is served even when shutdown began (as
             // the session's own read does).
             biased;
-            res = read => matches!(res, Some(Ok(n)) if n > 0),
-            _ = self.idle_shutdown() => false,
+            res = read => res.and_then(|r| r.ok()).filter(|buf| !buf.is_empty()),
+            _ = self.idle_shutdown() => None,
         };
-        if got {
-            Some((stream, buf))
-        } else {
-            debug!("HTTP/1 connection over before a request came");
-            None
+        match got {
+            Some(buf) => Some((stream, buf)),
+            None => {
+                debug!("HTTP/1 connection over before a request came");
+                None
+            }
         }
     }
 }
