@@ -91,7 +91,7 @@ bench: bench-build
 bench-quick: bench-build
 	$(CARGO) bench --features internals --bench hot_path -- --warm-up-time 1 --measurement-time 2
 	python3 bench/criterion_table.py
-	BENCH_DURATION=3 BENCH_WARMUP=1 BENCH_ROUNDS=1 BENCH_CANARY_DURATION=6 BENCH_RELOAD_DURATION=8 BENCH_RELOADS=20 BENCH_MEM_DURATION=1 BENCH_MEM_ALL_DURATION=4 ./bench/run.sh
+	BENCH_DURATION=3 BENCH_WARMUP=1 BENCH_ROUNDS=1 BENCH_CANARY_DURATION=6 BENCH_RELOAD_DURATION=8 BENCH_RELOADS=20 BENCH_MEM_DURATION=1 BENCH_MEM_ALL_DURATION=4 BENCH_HELD="1000 5000" ./bench/run.sh
 
 check-config: build
 	./target/release/kanaria check config/kanaria.toml

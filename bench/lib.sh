@@ -214,6 +214,10 @@ listen = "127.0.0.1:$admin"
 [reload]
 debounce = "20ms"
 EOF
+  # BENCH_KANARIA_EDGE: keys of an [edge] table (held.sh: max_connections).
+  if [ -n "${BENCH_KANARIA_EDGE:-}" ]; then
+    printf '\n[edge]\n%s\n' "$BENCH_KANARIA_EDGE"
+  fi
   kanaria_route app "" "$BENCH_KANARIA_ROUTE_EXTRA"$'\n' "$pct" "$s" "$c"
   # BENCH_ROUTES > 1: more routes of the same shape (the same analysis settings) on their own
   # path prefixes (memory.sh). BENCH_KANARIA_ROUTE_KEYS: more keys for every route.
@@ -273,7 +277,7 @@ ${NGINX_EXTRA:-}
 user root;
 pid $dir/proxy.nginx.pid;
 error_log $dir/proxy.nginx.error.log warn;
-events { worker_connections 8192; }
+events { worker_connections ${NGINX_WORKER_CONNECTIONS:-8192}; }
 http {
   access_log off;
   client_body_temp_path $dir/proxy-tmp/body;
@@ -288,12 +292,12 @@ http {
   }
   upstream stable {
     server 127.0.0.1:$s max_fails=1 fail_timeout=30s;
-    keepalive 128;
+    keepalive ${NGINX_UPSTREAM_KEEPALIVE:-128};
   }
   upstream canary {
     server 127.0.0.1:$c max_fails=1 fail_timeout=30s;
     server 127.0.0.1:$s backup;
-    keepalive 128;
+    keepalive ${NGINX_UPSTREAM_KEEPALIVE:-128};
   }
   server {
     listen 127.0.0.1:$port;

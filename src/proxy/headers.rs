@@ -35,6 +35,11 @@ pub fn admit(session: &mut Session, edge: &EdgeSettings) -> Option<Reject> {
         }
     }
     downstream.set_read_timeout(Some(edge.body_timeout));
+    // Requests a client pipelines on one HTTP/1.1 connection are answered one after the
+    // other, in order (RFC 9112 §9.3.2). Without this Pingora answers the first and closes
+    // the connection, dropping the others although its answer said `keep-alive`. Kept
+    // for the connection's later requests; a no-op on HTTP/2.
+    downstream.set_pipelining_enabled(true);
     None
 }
 

@@ -1613,6 +1613,12 @@ where
         self.shutdown.notify_waiters();
     }
 
+    // HTTP/1 connections waiting for a request in `ServerApp::process_new` are closed with
+    // the ones waiting in `read_request()` (`handle_new_request`).
+    fn idle_shutdown(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
+        self.await_shutdown()
+    }
+
     fn server_options(&self) -> Option<&HttpServerOptions> {
         self.server_options.as_ref()
     }

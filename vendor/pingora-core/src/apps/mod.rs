@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocols::http::v2::server;
+use crate::protocols::http::v1::server::read_first_bytes;
 use crate::protocols::http::{ReusableHttpStream, ServerSession};
 use crate::protocols::Digest;
 use crate::protocols::Stream;
@@ -247,6 +248,16 @@ pub trait HttpServerApp {
 
     async fn http_cleanup(&self) {}
 
+    /// Resolves when HTTP/1 connections waiting for their next request should be closed,
+    /// typically once the app's [`Self::http_cleanup`] began. [`ServerApp::process_new`]
+    /// waits for the first bytes of each request itself, before it creates the session and
+    /// calls [`Self::process_new_http`], and closes the connection when this resolves
+    /// first, as a client that hung up. The default never resolves: the wait ends with the
+    /// keep-alive timeout or the connection.
+    fn idle_shutdown(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
+        std::future::pending()
+    }
+
     #[doc(hidden)]
     async fn process_custom_session(
         self: Arc<Self>,
@@ -297,74 +308,114 @@ where
             }
         }
         if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            // create a shared connection digest
-            let digest = Arc::new(Digest {
-                ssl_digest: stream.get_ssl_digest(),
-                // TODO: log h2 handshake time
-                timing_digest: stream.get_timing_digest(),
-                proxy_digest: stream.get_proxy_digest(),
-                socket_digest: stream.get_socket_digest(),
-            });
+            // Boxed: an HTTP/2 connection's state (its handshake, codec and stream
+            // acceptor) is many times what an HTTP/1 connection needs, and this future is
+            // allocated at its largest for the connection's whole life, HTTP/1 or not.
+            return Box::pin(async move {
+                // create a shared connection digest
+                let digest = Arc::new(Digest {
+                    ssl_digest: stream.get_ssl_digest(),
+                    // TODO: log h2 handshake time
+                    timing_digest: stream.get_timing_digest(),
+                    proxy_digest: stream.get_proxy_digest(),
+                    socket_digest: stream.get_socket_digest(),
+                });
 
-            let h2_options = self.h2_options();
-            let h2_conn = match server::handshake(stream, h2_options).await {
-                Err(e) => {
-                    error!("H2 handshake error {e}");
-                    return None;
-                }
-                Ok(c) => c,
-            };
+                let h2_options = self.h2_options();
+                let h2_conn = match server::handshake(stream, h2_options).await {
+                    Err(e) => {
+                        error!("H2 handshake error {e}");
+                        return None;
+                    }
+                    Ok(c) => c,
+                };
 
-            // The accept-loop body — including the graceful-shutdown state
-            // machine — lives in `server::accept_downstream_sessions` so that
-            // the same code path is exercised by tests in `protocols::http::v2`.
-            let app = self.clone();
-            let shutdown_for_session = shutdown.clone();
-            let h2_idle_timeout = self.server_options().and_then(|o| o.h2_idle_timeout);
-            server::accept_downstream_sessions(
-                h2_conn,
-                digest,
-                shutdown.clone(),
-                h2_idle_timeout,
-                |h2_stream, guard| {
-                    let app = app.clone();
-                    let shutdown = shutdown_for_session.clone();
-                    pingora_runtime::current_handle().spawn(async move {
-                        // hold `guard` for the session's lifetime so the accept
-                        // loop's idle timeout sees this connection as busy.
-                        let _guard = guard;
-                        // Note, `PersistentSettings` not currently relevant for h2
-                        app.process_new_http(ServerSession::new_http2(h2_stream), &shutdown)
-                            .await;
-                    });
-                },
-            )
+                // The accept-loop body — including the graceful-shutdown state
+                // machine — lives in `server::accept_downstream_sessions` so that
+                // the same code path is exercised by tests in `protocols::http::v2`.
+                let app = self.clone();
+                let shutdown_for_session = shutdown.clone();
+                let h2_idle_timeout = self.server_options().and_then(|o| o.h2_idle_timeout);
+                server::accept_downstream_sessions(
+                    h2_conn,
+                    digest,
+                    shutdown.clone(),
+                    h2_idle_timeout,
+                    |h2_stream, guard| {
+                        let app = app.clone();
+                        let shutdown = shutdown_for_session.clone();
+                        pingora_runtime::current_handle().spawn(async move {
+                            // hold `guard` for the session's lifetime so the accept
+                            // loop's idle timeout sees this connection as busy.
+                            let _guard = guard;
+                            // Note, `PersistentSettings` not currently relevant for h2
+                            app.process_new_http(ServerSession::new_http2(h2_stream), &shutdown)
+                                .await;
+                        });
+                    },
+                )
+                .await;
+                None
+            })
             .await;
         } else if custom || matches!(stream.selected_alpn_proto(), Some(ALPN::Custom(_))) {
             return self.clone().process_custom_session(stream, shutdown).await;
         } else {
             // No ALPN or ALPN::H1 and h2c was not configured, fallback to HTTP/1.1
-            let mut session = ServerSession::new_http1(stream);
-            if *shutdown.borrow() {
-                // stop downstream from reusing if this service is shutting down soon
-                session.set_keepalive(None);
-            } else {
-                // default 60s
-                session.set_keepalive(Some(60));
-            }
-            session.set_keepalive_reuses_remaining(
-                self.server_options()
-                    .and_then(|opts| opts.keepalive_request_limit),
-            );
-
-            let mut result = self.process_new_http(session, shutdown).await;
-            while let Some((stream, persistent_settings)) = result.map(|r| r.consume()) {
+            // Each request's first bytes are awaited here (`wait_for_request`), and the
+            // session and `process_new_http`'s future, which hold some KiB together, are
+            // only made once they came: a connection waiting for a request (a kept-alive
+            // client's idle time, most of its life) holds the stream and this future only.
+            // Sessions are made in blocks that end before the await, so that this future
+            // does not keep room for them.
+            let (mut stream, prefix) = self
+                .wait_for_request(stream, Some(DEFAULT_KEEPALIVE_TIMEOUT))
+                .await?;
+            let process = {
                 let mut session = ServerSession::new_http1(stream);
-                if let Some(persistent_settings) = persistent_settings {
-                    persistent_settings.apply_to_session(&mut session);
+                if *shutdown.borrow() {
+                    // stop downstream from reusing if this service is shutting down soon
+                    session.set_keepalive(None);
+                } else {
+                    // default 60s
+                    session.set_keepalive(Some(60));
                 }
-
-                result = self.process_new_http(session, shutdown).await;
+                session.set_keepalive_reuses_remaining(
+                    self.server_options()
+                        .and_then(|opts| opts.keepalive_request_limit),
+                );
+                session.set_pipelined_prefix(prefix);
+                self.process_new_http(session, shutdown)
+            };
+            let mut result = process.await;
+            while let Some((next, mut persistent_settings)) = result.map(|r| r.consume()) {
+                stream = next;
+                let pipelined = persistent_settings
+                    .as_mut()
+                    .and_then(|s| s.pipelined_prefix.take());
+                let prefix = match pipelined {
+                    // The next request is already (partly) read.
+                    Some(prefix) => prefix,
+                    None => {
+                        let wait = persistent_settings.as_ref().map_or(
+                            Some(DEFAULT_KEEPALIVE_TIMEOUT),
+                            HttpPersistentSettings::wait_timeout,
+                        );
+                        let (waited, prefix) =
+                            self.wait_for_request(stream, wait).await?;
+                        stream = waited;
+                        prefix
+                    }
+                };
+                let process = {
+                    let mut session = ServerSession::new_http1(stream);
+                    if let Some(persistent_settings) = persistent_settings {
+                        persistent_settings.apply_to_session(&mut session);
+                    }
+                    session.set_pipelined_prefix(prefix);
+                    self.process_new_http(session, shutdown)
+                };
+                result = process.await;
             }
         }
         None
@@ -372,6 +423,70 @@ where
 
     async fn cleanup(&self) {
         self.http_cleanup().await;
+    }
+}
+
+/// How long a fresh HTTP/1 connection may wait for its first request's first bytes: the
+/// keep-alive timeout its session would read them with (60 s, set in `process_new`; a
+/// session without keep-alive reads with its default read timeout, also 60 s).
+const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl HttpPersistentSettings {
+    /// How long the next request's first bytes may take: the keep-alive timeout the next
+    /// session would read them with (`None`: no limit, keep-alive without a timeout).
+    fn wait_timeout(&self) -> Option<Duration> {
+        match self.keepalive_timeout {
+            Some(0) => None,
+            Some(secs) => Some(Duration::from_secs(secs)),
+            // Keep-alive off: the session's default read timeout.
+            None => Some(DEFAULT_KEEPALIVE_TIMEOUT),
+        }
+    }
+}
+
+/// The wait for a request's first bytes on an HTTP/1 connection (see `process_new`).
+trait WaitForRequest {
+    /// The stream and the first bytes read from it, in a header buffer allocated only once
+    /// they came (`read_first_bytes`); `None` when the connection is over instead: the
+    /// client closed it or it failed (the session would have read that as a client that
+    /// hung up), `timeout` passed, or [`HttpServerApp::idle_shutdown`] resolved.
+    fn wait_for_request<'a>(
+        &'a self,
+        stream: Stream,
+        timeout: Option<Duration>,
+    ) -> impl std::future::Future<Output = Option<(Stream, BytesMut)>> + Send + 'a;
+}
+
+impl<T> WaitForRequest for T
+where
+    T: HttpServerApp + Send + Sync + 'static,
+{
+    async fn wait_for_request(
+        &self,
+        mut stream: Stream,
+        timeout: Option<Duration>,
+    ) -> Option<(Stream, BytesMut)> {
+        let read = async {
+            let read = read_first_bytes(&mut stream);
+            match timeout {
+                Some(t) => pingora_timeout::timeout(t, read).await.ok(),
+                None => Some(read.await),
+            }
+        };
+        let got = tokio::select! {
+            // The bytes first: a request that came is served even when shutdown began (as
+            // the session's own read does).
+            biased;
+            res = read => res.and_then(|r| r.ok()).filter(|buf| !buf.is_empty()),
+            _ = self.idle_shutdown() => None,
+        };
+        match got {
+            Some(buf) => Some((stream, buf)),
+            None => {
+                debug!("HTTP/1 connection over before a request came");
+                None
+            }
+        }
     }
 }
 
