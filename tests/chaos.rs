@@ -399,7 +399,7 @@ fn verdict(name: &'static str, worst: String, first: Option<String>) -> Verdict 
     }
 }
 
-/// Check 1: No request failed because of Kanaria: a failed request (no answer, or not 200) is
+/// Check 1: no request failed because of Kanaria: a failed request (no answer, or not 200) is
 /// excused only when the stable upstream's own log shows it answered that failure, or the
 /// replica it was sent to was down (killed by the schedule) while it was in flight.
 fn check_no_failed_request(h: &History) -> Verdict {
@@ -444,14 +444,17 @@ fn check_no_failed_request(h: &History) -> Verdict {
 /// operator's rollback answered 200 (shared with the store), or a replica in touch with
 /// the store seen going from another state to `rolled_back` (an automatic rollback, or one
 /// shared late). Each runs until the next resume or weight that took (its send time).
-fn rollback_episodes(h: &History) -> Vec<(u64, u64, String)> {
-    let mut acks: Vec<(u64, String)> = h
+/// Returns (acknowledged, posted, until, why): `posted` is when the operator's rollback was
+/// sent (the acknowledgement itself for one seen in a status).
+fn rollback_episodes(h: &History) -> Vec<(u64, u64, u64, String)> {
+    let mut acks: Vec<(u64, u64, String)> = h
         .actions
         .iter()
         .filter(|a| a.action == "rollback" && a.code == 200)
         .map(|a| {
             (
                 a.done_us,
+                a.sent_us,
                 format!("rollback on {} answered 200", NAMES[a.replica]),
             )
         })
@@ -464,47 +467,59 @@ fn rollback_episodes(h: &History) -> Vec<(u64, u64, String)> {
                 && w[1].connected
                 && h.in_touch(r, w[1].sent_us, w[1].at_us)
             {
-                acks.push((w[1].at_us, format!("{} seen rolled back", NAMES[r])));
+                acks.push((
+                    w[1].at_us,
+                    w[1].at_us,
+                    format!("{} seen rolled back", NAMES[r]),
+                ));
             }
         }
     }
     acks.sort();
     let unlatch = h.unlatch_times();
-    let mut out: Vec<(u64, u64, String)> = Vec::new();
-    for (t, why) in acks {
+    let mut out: Vec<(u64, u64, u64, String)> = Vec::new();
+    for (t, posted, why) in acks {
         let until = unlatch
             .iter()
             .map(|u| u.0)
             .find(|u| *u > t)
             .unwrap_or(u64::MAX);
-        if out.last().is_some_and(|e| e.1 == until) {
+        if out.last().is_some_and(|e| e.2 == until) {
             continue; // Same episode: acknowledged again before the next resume.
         }
-        out.push((t, until, why));
+        out.push((t, posted, until, why));
     }
     out
 }
 
-/// Check 2: After a rollback is first acknowledged anywhere, each replica in touch with the store
+/// Check 2: after a rollback is first acknowledged anywhere, each replica in touch with the store
 /// for the bound sends its last new request (sent at or after the acknowledgement) to the
 /// canary within 250 ms, as the canary's own log has it.
 fn check_rollback_bound(h: &History) -> Verdict {
     let sent = h.sent_of();
     let (mut worst, mut first, mut judged) = (0u64, None, 0);
-    for (t, until, why) in rollback_episodes(h) {
+    for (t, posted, until, why) in rollback_episodes(h) {
         for r in 0..3 {
             if !h.in_touch(r, t, t + ROLLBACK_BOUND_US) || until < t + ROLLBACK_BOUND_US {
                 continue;
             }
             judged += 1;
+            // The figure: the last arrival at the canary from this replica after the
+            // rollback was posted (or seen), requests in flight included, so it shows how
+            // fast the rollback went. Only new requests (sent at or after the
+            // acknowledgement) arriving later than the bound break the promise.
+            if let Some(s) = h
+                .served
+                .iter()
+                .filter(|s| s.upstream == "canary" && s.replica == r)
+                .filter(|s| s.at_us >= posted && s.at_us < until)
+                .max_by_key(|s| s.at_us)
+            {
+                worst = worst.max(s.at_us - posted);
+            }
             let to_canary = h.served.iter().filter(|s| {
                 s.upstream == "canary" && s.replica == r && s.at_us >= t && s.at_us < until
             });
-            // The figure counts requests already in flight at the acknowledgement too; only
-            // new ones (sent at or after it) can break the promise.
-            if let Some(s) = to_canary.clone().max_by_key(|s| s.at_us) {
-                worst = worst.max(s.at_us - t);
-            }
             let last_new = to_canary
                 .filter(|s| sent.get(&s.id).is_some_and(|sent| *sent >= t))
                 .max_by_key(|s| s.at_us);
@@ -527,17 +542,19 @@ fn check_rollback_bound(h: &History) -> Verdict {
     verdict(
         "2 rollback reaches the canary's log within 250 ms",
         format!(
-            "last canary arrival {:.0} ms after the ack ({judged} replica-rollbacks judged)",
+            "last canary arrival {:.1} ms after the rollback was posted ({judged} replica-rollbacks judged)",
             worst as f64 / 1000.0
         ),
         first,
     )
 }
 
-/// Check 3: The latch: once a replica is seen rolled back (by a status poll sent at least the
-/// agreement bound after the last resume took, so it is not a view from before that
-/// resume), it shows no other state and sends no request sent after that moment to the
-/// canary, until an operator's next resume or weight is sent.
+/// Check 3: the latch. Once a replica is seen rolled back, it shows no other state and
+/// sends no request sent after that moment to the canary, until an operator's next resume
+/// or weight is sent. A view counts only when it cannot be one from before the last resume
+/// that took: polled at least the agreement bound after that resume was answered, with the
+/// replica in touch with the store for the bound before the poll (a replica cut off when
+/// the fleet resumed stays rolled back until it is back, then follows the resume).
 fn check_latch(h: &History) -> Verdict {
     let sent = h.sent_of();
     let unlatch = h.unlatch_times();
@@ -553,7 +570,10 @@ fn check_latch(h: &History) -> Verdict {
         while i < samples.len() {
             let s = samples[i];
             let prev = unlatch.iter().rfind(|u| u.0 <= s.sent_us);
-            let fresh = prev.is_none_or(|u| s.sent_us > u.1 + AGREE_BOUND_US);
+            let fresh = prev.is_none_or(|u| {
+                s.sent_us > u.1 + AGREE_BOUND_US
+                    && h.in_touch(r, s.sent_us - AGREE_BOUND_US, s.sent_us)
+            });
             if !(s.rolled_back() && fresh) {
                 i += 1;
                 continue;
@@ -614,7 +634,7 @@ fn check_latch(h: &History) -> Verdict {
     )
 }
 
-/// Check 4: Agreement: (a) replicas in touch with the store (and saying so) never disagree on
+/// Check 4: agreement: (a) replicas in touch with the store (and saying so) never disagree on
 /// the state and weight for longer than the agreement bound; (b) two requests of the same
 /// user sent to two replicas within 250 ms of each other, while both replicas' status
 /// stood still and equal for the bound around, were routed to the same version (the
@@ -662,14 +682,17 @@ fn check_agreement(h: &History) -> Verdict {
         .map(|s| s.id)
         .collect();
     let samples: Vec<Vec<&StatusRec>> = (0..3).map(|r| h.samples_of(r)).collect();
-    let steady = |r: usize, t: u64| -> Option<(String, u64)> {
+    // Steady: the same state, weight and fleet generation in every poll around (a change
+    // shorter than the poll interval, e.g. a resume rolled back again at once, shows only
+    // in the generation).
+    let steady = |r: usize, t: u64| -> Option<((String, u64), u64)> {
         let (a, b) = (t.saturating_sub(AGREE_BOUND_US), t + AGREE_BOUND_US);
         let around: Vec<&&StatusRec> = samples[r]
             .iter()
             .filter(|s| s.at_us >= a && s.at_us <= b)
             .collect();
-        let v = around.first()?.view();
-        (around.len() >= 2 && around.iter().all(|s| s.view() == v)).then_some(v)
+        let v = (around.first()?.view(), around.first()?.generation);
+        (around.len() >= 2 && around.iter().all(|s| (s.view(), s.generation) == v)).then_some(v)
     };
     let mut by_user: HashMap<u64, Vec<&Req>> = HashMap::new();
     for r in h.requests.iter().filter(|r| r.status == 200) {
@@ -712,8 +735,8 @@ fn check_agreement(h: &History) -> Verdict {
                     NAMES[y.replica],
                     y.id,
                     (y.sent_us - x.sent_us) as f64 / 1000.0,
-                    vx.0,
-                    vx.1 as f64 / 100.0
+                    vx.0 .0,
+                    vx.0 .1 as f64 / 100.0
                 );
                 if first_b.as_ref().is_none_or(|f| y.sent_us < f.0) {
                     first_b = Some((y.sent_us, what));
@@ -731,7 +754,7 @@ fn check_agreement(h: &History) -> Verdict {
     )
 }
 
-/// Check 5: After the last fault heals, every replica is connected and has the same state,
+/// Check 5: after the last fault heals, every replica is connected and has the same state,
 /// weight and fleet generation within 3 s.
 fn check_convergence(h: &History) -> Verdict {
     let mut rounds: BTreeMap<u64, Vec<&StatusRec>> = BTreeMap::new();
@@ -797,7 +820,7 @@ fn check_convergence(h: &History) -> Verdict {
     }
 }
 
-/// Check 6: No replica crashed (exited without the harness killing it), and each one's RSS and
+/// Check 6: no replica crashed (exited without the harness killing it), and each one's RSS and
 /// open descriptors (from `/proc`) stayed under fixed bounds.
 fn check_process(h: &History) -> Verdict {
     let rss = h.procs.iter().map(|p| p.rss_kib).max().unwrap_or(0);
@@ -1021,16 +1044,29 @@ fn replica_config(
     name: &str,
     stable: SocketAddr,
     canary: SocketAddr,
+    plant: Plant,
 ) -> String {
     // Analysis on (the canary faults roll it back by themselves), judged over 5 s so a
     // resumed canary is judged on what it does now; health checks off, so a closed canary
     // port is found by the traffic (retried on stable).
     format!(
-        "[state]\ndir = \"{}\"\n\n[fleet]\nurl = \"{redis_url}\"\ncluster = \"chaos\"\ninstance = \"{name}\"\npoll_interval = \"500ms\"\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\ncanary_weight = 30\n{}{}\n[routes.analysis]\nwindow = \"5s\"\n",
+        "[state]\ndir = \"{}\"\n\n[fleet]\nurl = \"{redis_url}\"\ncluster = \"chaos\"\ninstance = \"{name}\"\npoll_interval = \"500ms\"\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\ncanary_weight = 30\n{}{}{}\n[routes.analysis]\nwindow = \"5s\"\n",
         state.display(),
+        match plant {
+            Plant::Nothing => "",
+            Plant::RetryOff => "retry_on_stable = false\n",
+        },
         pool("routes.stable", "stable", &[stable]),
         pool("routes.canary", "canary", &[canary]),
     )
+}
+
+/// A bug planted in the topology to show the checker catches it (never in `make chaos`).
+#[derive(Clone, Copy, PartialEq)]
+enum Plant {
+    Nothing,
+    /// `retry_on_stable = false`: a canary failure reaches the user (check 1).
+    RetryOff,
 }
 
 fn proc_sample(pid: u32) -> Option<(u64, u64, bool)> {
@@ -1220,7 +1256,7 @@ struct Topology {
     state: Vec<tempfile::TempDir>,
 }
 
-async fn start_topology(shared: &Arc<Shared>) -> Topology {
+async fn start_topology(shared: &Arc<Shared>, plant: Plant) -> Topology {
     let redis = Redis::start().await;
     let mut relays = Vec::new();
     for _ in 0..3 {
@@ -1237,6 +1273,7 @@ async fn start_topology(shared: &Arc<Shared>) -> Topology {
             name,
             stable.addr,
             canary.addr,
+            plant,
         );
         let p = Proxy::builder()
             .routes(&cfg)
@@ -1354,7 +1391,16 @@ async fn heal_fault(shared: &Shared, topo: &mut Topology, fault: &Fault) {
 /// Runs one seed: the topology, the load, the schedule, the convergence after it; returns
 /// the history, the verdicts and the totals, and writes them to `target/chaos/<seed>/`.
 async fn run_seed(seed: u64, seconds: u64) -> (History, Vec<Verdict>, Totals) {
-    let plan = schedule(seed, seconds);
+    run_plan(seed, seconds, schedule(seed, seconds), Plant::Nothing).await
+}
+
+/// [`run_seed`] with a given plan and planted bug (the history goes to the seed's dir).
+async fn run_plan(
+    seed: u64,
+    seconds: u64,
+    plan: Vec<(u64, Step)>,
+    plant: Plant,
+) -> (History, Vec<Verdict>, Totals) {
     let shared = Arc::new(Shared {
         t0: Instant::now(),
         history: Mutex::new(History::default()),
@@ -1365,7 +1411,7 @@ async fn run_seed(seed: u64, seconds: u64) -> (History, Vec<Verdict>, Totals) {
         stop_watch: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
     });
-    let mut topo = start_topology(&shared).await;
+    let mut topo = start_topology(&shared, plant).await;
     let ports = [0, 1, 2].map(|r| topo.replicas[r].port);
     let admin = [0, 1, 2].map(|r| topo.replicas[r].admin_port);
     // The schedule's clock starts with the load.
@@ -1627,6 +1673,44 @@ fn env_u64(k: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_ci_fixed_seeds() {
     run_seeds(&[1, 2, 3], env_u64("CHAOS_SECONDS").unwrap_or(30)).await;
+}
+
+/// A real planted bug: the fleet started with `retry_on_stable = false`, the canary
+/// answering 503 to half its requests for 3 s. Check 1 must fail, naming a request the
+/// canary failed; its history goes to `target/chaos/0/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_catches_the_retry_on_stable_switched_off() {
+    let fault = Fault::Canary5xx(50);
+    let plan = vec![
+        (1000, Step::Start(fault.clone())),
+        (4000, Step::Heal(fault)),
+        (
+            5000,
+            Step::Operator {
+                replica: 1,
+                op: Op::Resume,
+            },
+        ),
+    ];
+    let (h, verdicts, _) = run_plan(0, 7, plan, Plant::RetryOff).await;
+    println!("{}", table(0, &verdicts));
+    let v = &verdicts[0];
+    assert!(!v.held, "{}", table(0, &verdicts));
+    let first = v.first.as_deref().unwrap_or("");
+    assert!(first.contains("answered 503"), "{first}");
+    // Every request the check blames reached the canary, which answered 503.
+    let failed_on_canary: HashSet<u64> = h
+        .served
+        .iter()
+        .filter(|s| s.upstream == "canary" && s.status == 503)
+        .map(|s| s.id)
+        .collect();
+    let blamed: Vec<&Req> = h.requests.iter().filter(|r| r.status != 200).collect();
+    assert!(!blamed.is_empty());
+    assert!(
+        blamed.iter().all(|r| failed_on_canary.contains(&r.id)),
+        "{blamed:?}"
+    );
 }
 
 /// `make chaos`: `SEED=S` replays one seed; else `SEEDS=N` (default 1) random seeds.
