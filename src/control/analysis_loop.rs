@@ -217,14 +217,14 @@ fn scoped(v: Verdict, scope: serde_json::Value) -> Verdict {
     }
 }
 
-/// In a fleet: this replica's counts go to the fleet; the verdict is taken on the sum of
-/// every replica's recent counts. A replica that sees the canary fail on its own traffic
-/// still rolls the fleet back (always safe); without the fleet's data (the store down or
-/// the view stale) nothing passes, so nothing is promoted on one replica's data.
 /// How much earlier than this replica's phase another replica's counts may start and
 /// still be summed with its own (see [`judge_fleet`]).
 const PHASE_SLACK_MS: u64 = 1_000;
 
+/// In a fleet: this replica's counts go to the fleet; the verdict is taken on the sum of
+/// every replica's recent counts. A replica that sees the canary fail on its own traffic
+/// still rolls the fleet back (always safe); without the fleet's data (the store down or
+/// the view stale) nothing passes, so nothing is promoted on one replica's data.
 fn judge_fleet(route: &Route, m: &RouteMetrics, at: At, fleet: &Fleet, version: &str) -> Verdict {
     let mine = own_counts(route, m, at, version);
     fleet.contribute(&route.name, mine.clone());

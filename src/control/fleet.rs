@@ -193,7 +193,7 @@ pub struct Fleet {
     poke: Notify,
     /// Wakes the subscriber when the link comes back: it re-subscribes then, not after its
     /// backoff (up to 1 s), during which records published would reach this replica only
-    /// by the next poll (issue 21: a rollback 500 ms late after Redis restarted).
+    /// by the next poll (issue 21: a rollback up to a poll interval late after Redis restarted).
     link_back: Notify,
 }
 
