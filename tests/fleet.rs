@@ -487,6 +487,95 @@ async fn with_the_subscription_killed_state_still_converges() {
     wait_subscribers(&mut conn, 3).await;
 }
 
+/// Found by `make chaos` (issue 21, its planted-bug run): an operator's resume right after
+/// an automatic rollback was rolled back again within milliseconds, on the other replicas'
+/// counts from before the rollback (their counts stay fresh for 5 s, and were summed with
+/// the resumed phase's). Now counts from an earlier phase are not summed: with the canary
+/// healthy again, the resumed canary stays in service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resume_is_not_judged_on_the_fleets_counts_from_before_it() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(&redis, 30.0, "[routes.analysis]\nwindow = \"5s\"\n", "").await;
+    let loads: Vec<Load> = fleet
+        .replicas
+        .iter()
+        .map(|r| Load::start(r.url("/"), 2, 300))
+        .collect();
+    fleet.canary.set_status(503);
+    fleet
+        .converge("the failing canary rolled back", |s| {
+            state_of(s) == "rolled_back"
+        })
+        .await;
+    fleet.canary.set_mode(common::Mode::Ok);
+    let (code, body) = fleet.act(1, "resume", "{}").await;
+    assert_eq!(code, 200, "{body}");
+    let resumed = Instant::now();
+    fleet
+        .converge("resumed everywhere", |s| state_of(s) == "manual")
+        .await;
+    // Three evaluations (every second) on the healthy canary: no verdict may undo the
+    // resume. (An absence: it takes waiting.)
+    while resumed.elapsed() < Duration::from_secs(3) {
+        for r in &fleet.replicas {
+            let s = r.status().await;
+            assert_eq!(
+                state_of(&s),
+                "manual",
+                "rolled back again {:?} after the resume: {:#}",
+                resumed.elapsed(),
+                s["events"]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for l in loads {
+        let (ok, failed) = l.stop().await;
+        assert!(ok > 0);
+        assert_eq!(failed, 0);
+    }
+}
+
+/// Found by `make chaos` (issue 21, seed 72359): after Redis came back, a replica's poll
+/// reconnected at once but its subscription waited out its backoff (up to 1 s), so a
+/// rollback published meanwhile reached it only by the next poll, 500 ms later. Now the
+/// subscription is re-made as soon as the link is back: a rollback right after Redis
+/// returns reaches every replica within 250 ms. (A 5 s poll here, so only the
+/// subscription can be that fast.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollback_right_after_redis_returns_reaches_every_replica_by_the_subscription() {
+    let mut redis = Redis::start().await;
+    let fleet = Fleet::start(&redis, 30.0, "", "poll_interval = \"5s\"\n").await;
+    redis.stop();
+    fleet
+        .converge("the store is down", |s| s["fleet"]["connected"] == false)
+        .await;
+    // The outage itself: long enough for the subscribers' backoff to reach its 1 s cap.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.restart().await;
+    fleet
+        .converge("back in touch", |s| s["fleet"]["connected"] == true)
+        .await;
+    let started = Instant::now();
+    let (code, body) = fleet.act(0, "rollback", "{}").await;
+    assert_eq!(code, 200, "{body}");
+    let c = client();
+    let others: Vec<_> = [1, 2]
+        .into_iter()
+        .map(|i| {
+            let url = fleet.replicas[i].admin_url("/api/v1/status");
+            tokio::spawn(until_rolled_back(c.clone(), url, started))
+        })
+        .collect();
+    for o in others {
+        let lag = o.await.expect("poller");
+        assert!(
+            lag < Duration::from_millis(250),
+            "the rollback reached a replica {lag:?} after it was posted"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_redis_down_replicas_serve_nothing_promotes_and_a_rollback_is_shared_on_return() {
     let mut redis = Redis::start().await;

@@ -154,7 +154,12 @@ fn totals(
 
 /// This replica's numbers for a route: over the analysis window and the short span.
 fn own_counts(route: &Route, m: &RouteMetrics, at: At, version: &str) -> Contribution {
-    let At { since, now, now_ms } = at;
+    let At {
+        since,
+        now,
+        now_ms,
+        since_ms,
+    } = at;
     let span = FAST_SPAN.min(route.analysis.window);
     let spans = |d: Duration| Spans {
         canary: totals(route, m, Track::Canary, d, since, now),
@@ -162,6 +167,7 @@ fn own_counts(route: &Route, m: &RouteMetrics, at: At, version: &str) -> Contrib
     };
     Contribution {
         at_ms: now_ms,
+        since_ms,
         canary_version: version.to_string(),
         window: spans(route.analysis.window),
         fast: spans(span),
@@ -175,6 +181,8 @@ struct At {
     since: Instant,
     now: Instant,
     now_ms: u64,
+    /// `since` on the wall clock (the current phase's start, shared with the counts).
+    since_ms: u64,
 }
 
 fn judge(route: &Route, m: &RouteMetrics, at: At) -> Verdict {
@@ -209,6 +217,10 @@ fn scoped(v: Verdict, scope: serde_json::Value) -> Verdict {
     }
 }
 
+/// How much earlier than this replica's phase another replica's counts may start and
+/// still be summed with its own (see [`judge_fleet`]).
+const PHASE_SLACK_MS: u64 = 1_000;
+
 /// In a fleet: this replica's counts go to the fleet; the verdict is taken on the sum of
 /// every replica's recent counts. A replica that sees the canary fail on its own traffic
 /// still rolls the fleet back (always safe); without the fleet's data (the store down or
@@ -224,7 +236,15 @@ fn judge_fleet(route: &Route, m: &RouteMetrics, at: At, fleet: &Fleet, version: 
     if fleet.stale() || !fleet.connected.load(Ordering::Acquire) {
         return Verdict::Inconclusive;
     }
-    let others = fleet.others(&route.name, version);
+    // Only counts from this phase: another replica's counts that start more than
+    // PHASE_SLACK_MS before this replica's phase began are from an earlier phase (a
+    // resume, a new weight), still fresh by their age, and must not judge this one. The
+    // slack covers the few ms a change takes to reach every replica, and clock skew.
+    let others: Vec<(String, Contribution)> = fleet
+        .others(&route.name, version)
+        .into_iter()
+        .filter(|(_, c)| c.since_ms.saturating_add(PHASE_SLACK_MS) >= at.since_ms)
+        .collect();
     let mut sum = mine.clone();
     let mut by_replica = serde_json::Map::new();
     by_replica.insert(me, json!(mine.window.canary.requests));
@@ -300,7 +320,12 @@ impl AnalysisLoop {
                     now_ms.saturating_sub(control.judged_since_ms),
                 ))
                 .unwrap_or(now);
-            let at = At { since, now, now_ms };
+            let at = At {
+                since,
+                now,
+                now_ms,
+                since_ms: control.judged_since_ms,
+            };
             let judged = match (&self.shared.fleet, &route.canary) {
                 (Some(fleet), Some(canary)) => judge_fleet(route, m, at, fleet, &canary.version),
                 _ => judge(route, m, at),

@@ -159,6 +159,12 @@ impl Spans {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Contribution {
     pub at_ms: u64,
+    /// When the phase these counts start from began on that replica (wall clock, ms; 0 from
+    /// a replica that does not say): counts from an earlier phase are not summed with a
+    /// later one's (issue 21: a resume was rolled back again at once on the other replicas'
+    /// counts from before the rollback).
+    #[serde(default)]
+    pub since_ms: u64,
     pub canary_version: String,
     pub window: Spans,
     pub fast: Spans,
@@ -192,6 +198,10 @@ pub struct Fleet {
     others: Mutex<HashMap<String, Vec<(String, Contribution)>>>,
     /// Wakes the poller (a subscription re-made, a write refused).
     poke: Notify,
+    /// Wakes the subscriber when the link comes back: it re-subscribes then, not after its
+    /// backoff (up to 1 s), during which records published would reach this replica only
+    /// by the next poll (issue 21: a rollback up to a poll interval late after Redis restarted).
+    link_back: Notify,
 }
 
 /// The store's answer to a write an operator waits for.
@@ -243,6 +253,7 @@ impl Fleet {
             mine: Mutex::new(HashMap::new()),
             others: Mutex::new(HashMap::new()),
             poke: Notify::new(),
+            link_back: Notify::new(),
         }))
     }
 
@@ -609,6 +620,7 @@ impl FleetService {
         if was != up {
             if up {
                 log::info!("fleet: connected to the store");
+                self.fleet.link_back.notify_one();
             } else {
                 log::warn!("fleet: the store does not answer: serving the last known state; only rollbacks apply until it is back");
             }
@@ -1098,8 +1110,8 @@ impl FleetService {
     }
 
     /// The subscription: every record published is adopted at once. Re-made whenever it
-    /// ends (a killed connection, Redis restarted), then a poll catches up on what was
-    /// missed meanwhile.
+    /// ends (a killed connection, Redis restarted), at once when the poller finds the link
+    /// back, then a poll catches up on what was missed meanwhile.
     async fn subscriber(&self, link: Arc<CurrentLink>) {
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -1133,7 +1145,10 @@ impl FleetService {
                 Ok(Err(e)) => log::debug!("fleet: cannot subscribe: {e}"),
                 Err(_) => log::debug!("fleet: subscribing timed out"),
             }
-            tokio::time::sleep(backoff).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.fleet.link_back.notified() => {}
+            }
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
