@@ -1713,3 +1713,47 @@ async fn a_weight_edited_in_one_replicas_file_is_the_fleets_at_once() {
     }
     drop(s);
 }
+
+/// A fourth replica joins a fleet that rolled back (a scale-up, a new pod): it is ready
+/// only with the fleet's rollback, serves every user from stable from its first request,
+/// and every member sees four replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fourth_replica_joins_rolled_back() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(&redis, 20.0, "", "").await;
+    fleet
+        .converge("20% everywhere", |s| weight_of(s) == 20.0)
+        .await;
+    let (code, body) = fleet.act(1, "rollback", "{}").await;
+    assert_eq!(code, 200, "{body}");
+    fleet
+        .converge("the rollback everywhere", |s| state_of(s) == "rolled_back")
+        .await;
+
+    let state = tempfile::tempdir().expect("state dir");
+    let routes = fleet.replicas[0].routes_toml();
+    let old_state = fleet.state[0].path().display().to_string();
+    let routes = routes
+        .replace("instance = \"a\"", "instance = \"d\"")
+        .replace(&old_state, &state.path().display().to_string());
+    assert!(routes.contains("instance = \"d\""), "{routes}");
+    let d = Proxy::builder()
+        .routes(&routes)
+        .env("KANARIA_ADMIN_TOKEN", TOKEN)
+        .start()
+        .await;
+    // Ready means it has the fleet's record: rolled back from its first request.
+    let s = d.status().await;
+    assert_eq!(state_of(&s), "rolled_back", "{s:#}");
+    let users = common::send_users(&d, 200, "joined").await;
+    assert!(
+        users.iter().all(|(code, v)| *code == 200 && v == "stable"),
+        "{users:?}"
+    );
+    for r in fleet.replicas.iter().chain(std::iter::once(&d)) {
+        r.wait_status("four members", |s| {
+            s["fleet"]["members"].as_array().map(Vec::len) == Some(4)
+        })
+        .await;
+    }
+}
