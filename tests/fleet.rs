@@ -41,6 +41,46 @@ fn step_of(s: &Value) -> Option<u64> {
     route_of(s)["phase"]["step"].as_u64()
 }
 
+/// Route `app`'s record of canary version `canary`, the key every test fleet shares.
+const RECORD: &str = "kanaria:test:rollout:app:canary";
+
+/// The record as `redis` stores it (JSON text).
+async fn record_text(redis: &Redis) -> String {
+    redis::cmd("GET")
+        .arg(RECORD)
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("the record")
+}
+
+/// The record, parsed.
+async fn record(redis: &Redis) -> Value {
+    serde_json::from_str(&record_text(redis).await).expect("record json")
+}
+
+/// Overwrites the record with `text` (a store that went back in time).
+async fn set_record(redis: &Redis, text: &str) {
+    let () = redis::cmd("SET")
+        .arg(RECORD)
+        .arg(text)
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("SET the record");
+}
+
+/// Waits (10 s at most) until the record satisfies `pred`.
+async fn wait_record(redis: &Redis, what: &str, pred: impl Fn(&Value) -> bool + Copy) {
+    eventually(what, Duration::from_secs(10), || async move {
+        let rec = record(redis).await;
+        if pred(&rec) {
+            Ok(())
+        } else {
+            Err(rec.to_string())
+        }
+    })
+    .await;
+}
+
 impl Fleet {
     /// `rollout` is extra TOML for the route (e.g. `[routes.rollout]`), `fleet_extra` extra
     /// `[fleet]` keys, `state`: whether each replica persists to a state dir.
@@ -670,13 +710,7 @@ async fn with_redis_down_replicas_serve_nothing_promotes_and_a_rollback_is_share
         assert!(!moved, "stepped after Redis went down: {s:#}");
     }
     // The record in Redis is the rollback.
-    let mut conn = redis.conn().await;
-    let rec: String = redis::cmd("GET")
-        .arg("kanaria:test:rollout:app:canary")
-        .query_async(&mut conn)
-        .await
-        .expect("the record");
-    let rec: Value = serde_json::from_str(&rec).expect("record json");
+    let rec = record(&redis).await;
     assert_eq!(rec["rolled_back"], true, "{rec}");
     assert_eq!(rec["by"], "a", "{rec}");
 }
@@ -952,13 +986,7 @@ async fn a_rollback_not_yet_shared_survives_kill_9_and_the_fleet_rolls_back() {
         })
         .await;
     // The store has a's rollback; a's state file no longer says it waits.
-    let mut conn = redis.conn().await;
-    let rec: String = redis::cmd("GET")
-        .arg("kanaria:test:rollout:app:canary")
-        .query_async(&mut conn)
-        .await
-        .expect("the record");
-    let rec: Value = serde_json::from_str(&rec).expect("record json");
+    let rec = record(&redis).await;
     assert_eq!(
         (&rec["rolled_back"], &rec["by"]),
         (&Value::Bool(true), &Value::from("a")),
@@ -1017,8 +1045,7 @@ async fn operator_answers_say_what_the_fleet_has() {
 
     // 409: the fleet's record changes behind a's back (written just after a's poll, not
     // published), so a decides on the old generation and the store refuses.
-    let mut conn = redis.conn().await;
-    let key = "kanaria:test:rollout:app:canary";
+    let conn = redis.conn().await;
     let last_seen = |conn: &redis::aio::MultiplexedConnection| {
         let mut conn = conn.clone();
         async move {
@@ -1046,12 +1073,7 @@ async fn operator_answers_say_what_the_fleet_has() {
         }
     })
     .await;
-    let current: String = redis::cmd("GET")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .expect("GET");
-    let mut changed: Value = serde_json::from_str(&current).expect("record json");
+    let mut changed = record(&redis).await;
     assert_eq!(
         changed["generation"].as_u64(),
         Some(generation),
@@ -1062,12 +1084,7 @@ async fn operator_answers_say_what_the_fleet_has() {
     changed["weight_percent"] = Value::from(25.0);
     changed["by"] = Value::from("elsewhere");
     changed["writer"] = Value::from("elsewhere/1/1");
-    let _: () = redis::cmd("SET")
-        .arg(key)
-        .arg(changed.to_string())
-        .query_async(&mut conn)
-        .await
-        .expect("SET");
+    set_record(&redis, &changed.to_string()).await;
     let (code, body) = fleet.act(0, "weight", r#"{"percent": 70}"#).await;
     assert_eq!(code, 409, "{body}");
     assert!(
@@ -1265,13 +1282,7 @@ async fn after_redis_restarts_empty_a_rollback_is_reseeded_and_wins_over_a_fresh
         );
     }
     // The store holds the rollback, of the new incarnation.
-    let mut conn = redis.conn().await;
-    let rec: String = redis::cmd("GET")
-        .arg("kanaria:test:rollout:app:canary")
-        .query_async(&mut conn)
-        .await
-        .expect("the record");
-    let rec: Value = serde_json::from_str(&rec).expect("record json");
+    let rec = record(&redis).await;
     assert_eq!(rec["rolled_back"], true, "{rec}");
     assert_eq!(rec["incarnation"], all[0]["fleet"]["incarnation"], "{rec}");
     // Nobody on the canary, on any replica; and it stays so.
@@ -1374,13 +1385,7 @@ async fn a_sentinel_failover_under_load_loses_no_request_and_a_rollback_during_i
         sent += ok;
     }
     // The promoted primary holds the rollback.
-    let mut conn = replica.conn().await;
-    let rec: String = redis::cmd("GET")
-        .arg("kanaria:test:rollout:app:canary")
-        .query_async(&mut conn)
-        .await
-        .expect("the record");
-    let rec: Value = serde_json::from_str(&rec).expect("record json");
+    let rec = record(&replica).await;
     assert_eq!(rec["rolled_back"], true, "{rec}");
     eprintln!("{sent} requests, 0 failed, across the failover");
 }
@@ -1397,21 +1402,7 @@ async fn a_store_that_lost_its_last_writes_is_reseeded_and_never_undoes_a_rollba
     fleet
         .converge("20% everywhere", |s| weight_of(s) == 20.0)
         .await;
-    let key = "kanaria:test:rollout:app:canary";
-    let mut conn = redis.conn().await;
-    let get = |mut conn: redis::aio::MultiplexedConnection| async move {
-        let text: String = redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .expect("the record");
-        serde_json::from_str::<Value>(&text).expect("record json")
-    };
-    let older: String = redis::cmd("GET")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .expect("the record");
+    let older = record_text(&redis).await;
     let (code, body) = fleet.act(1, "weight", r#"{"percent": 30}"#).await;
     assert_eq!(code, 200, "{body}");
     fleet
@@ -1419,27 +1410,11 @@ async fn a_store_that_lost_its_last_writes_is_reseeded_and_never_undoes_a_rollba
         .await;
 
     // The last write is lost: the record is 20 % again, at its older generation.
-    let _: () = redis::cmd("SET")
-        .arg(key)
-        .arg(&older)
-        .query_async(&mut conn)
-        .await
-        .expect("set back");
-    let c = conn.clone();
-    eventually(
+    set_record(&redis, &older).await;
+    wait_record(
+        &redis,
         "the store re-seeded with the replicas' 30 %",
-        Duration::from_secs(10),
-        || {
-            let c = c.clone();
-            async move {
-                let rec = get(c).await;
-                if rec["weight_percent"] == 30.0 {
-                    Ok(())
-                } else {
-                    Err(rec.to_string())
-                }
-            }
-        },
+        |rec| rec["weight_percent"] == 30.0,
     )
     .await;
     for r in &fleet.replicas {
@@ -1454,38 +1429,16 @@ async fn a_store_that_lost_its_last_writes_is_reseeded_and_never_undoes_a_rollba
         .await;
 
     // A rollback the store loses is written again.
-    let progressing: String = redis::cmd("GET")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .expect("the record");
+    let progressing = record_text(&redis).await;
     let (code, body) = fleet.act(0, "rollback", "{}").await;
     assert_eq!(code, 200, "{body}");
     fleet
         .converge("the rollback everywhere", |s| state_of(s) == "rolled_back")
         .await;
-    let _: () = redis::cmd("SET")
-        .arg(key)
-        .arg(&progressing)
-        .query_async(&mut conn)
-        .await
-        .expect("set back");
-    let c = conn.clone();
-    eventually(
-        "the rollback written again",
-        Duration::from_secs(10),
-        || {
-            let c = c.clone();
-            async move {
-                let rec = get(c).await;
-                if rec["rolled_back"] == true {
-                    Ok(())
-                } else {
-                    Err(rec.to_string())
-                }
-            }
-        },
-    )
+    set_record(&redis, &progressing).await;
+    wait_record(&redis, "the rollback written again", |rec| {
+        rec["rolled_back"] == true
+    })
     .await;
     for round in 0..2 {
         for (i, r) in fleet.replicas.iter().enumerate() {
