@@ -335,21 +335,10 @@ impl Fleet {
         (3 * self.settings.poll_interval.as_millis() as u64).max(5_000)
     }
 
-    /// Forgets routes removed from the config: their counts (no longer written to the
-    /// store nor read from it) and their `kanaria_fleet_*` series.
+    /// Forgets the `kanaria_fleet_*` series of routes removed from the config. (Their
+    /// counts go at the next poll, which keeps only the routes with a canary and rebuilds
+    /// the others' counts from those.)
     pub fn forget_routes(&self, metrics: &Metrics, gone: &[String]) {
-        if gone.is_empty() {
-            return;
-        }
-        let keep = |route: &String| !gone.contains(route);
-        self.mine
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|r, _| keep(r));
-        self.others
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|r, _| keep(r));
         for route in gone {
             let labels = [self.settings.cluster.as_str(), route.as_str()];
             let _ = metrics.fleet_generation.remove_label_values(&labels);

@@ -787,23 +787,16 @@ impl Step<'_> {
     /// catching up to a decision the fleet moved past (this replica lagged), runs the
     /// fleet's; otherwise the file's decision becomes the fleet's.
     fn file_changed(&mut self, file: Spec) -> (Spec, bool) {
-        let old_own = std::mem::replace(&mut self.next.file_spec, file.clone())
-            .decision()
-            .hash;
+        let old = std::mem::replace(&mut self.next.file_spec, file.clone()).decision();
+        let old_own = old.hash.clone();
         if file.canary_version != self.next.canary_version {
             // A new canary version starts afresh, from this file.
             self.next.fleet_file = None;
             return (file, false);
         }
         let new = file.decision();
-        let fleet = match &self.next.fleet_file {
-            Some(d) => d.clone(),
-            None => {
-                let mut d = new.clone();
-                d.hash = old_own.clone();
-                d
-            }
-        };
+        // Nothing shared yet: the fleet runs what this replica's file decided so far.
+        let fleet = self.next.fleet_file.clone().unwrap_or(old);
         if new.hash == fleet.hash {
             self.next.fleet_file = Some(FileDecision {
                 past: fleet.past,
@@ -819,13 +812,7 @@ impl Step<'_> {
             };
             return (spec, false);
         }
-        let mut past = fleet.past;
-        past.retain(|h| *h != new.hash && *h != fleet.hash);
-        past.push(fleet.hash);
-        if past.len() > FILE_PAST {
-            past.drain(..past.len() - FILE_PAST);
-        }
-        self.next.fleet_file = Some(FileDecision { past, ..new });
+        self.next.fleet_file = Some(fleet.followed_by(new));
         (file, true)
     }
 
@@ -849,12 +836,7 @@ impl Step<'_> {
         let news = own.hash != d.hash && !d.past.contains(&own.hash);
         let before = self.next.spec.clone();
         if news {
-            let mut past = d.past.clone();
-            past.push(d.hash.clone());
-            if past.len() > FILE_PAST {
-                past.drain(..past.len() - FILE_PAST);
-            }
-            self.next.fleet_file = Some(FileDecision { past, ..own });
+            self.next.fleet_file = Some(d.followed_by(own));
             self.next.spec = self.next.file_spec.clone();
         } else {
             self.next.fleet_file = Some(d.clone());

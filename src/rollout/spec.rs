@@ -24,6 +24,25 @@ pub struct FileDecision {
     pub past: Vec<String>,
 }
 
+impl FileDecision {
+    /// The decision that replaces this one: `next`'s values, with this one's hash the
+    /// newest the fleet moved past (the last [`FILE_PAST`] kept, none twice, `next`'s own
+    /// left out).
+    pub fn followed_by(&self, next: FileDecision) -> FileDecision {
+        let mut past: Vec<String> = self
+            .past
+            .iter()
+            .filter(|h| **h != next.hash && **h != self.hash)
+            .cloned()
+            .collect();
+        past.push(self.hash.clone());
+        if past.len() > FILE_PAST {
+            past.drain(..past.len() - FILE_PAST);
+        }
+        FileDecision { past, ..next }
+    }
+}
+
 /// A list, also when written as `{}`: Redis' Lua `cjson` encodes an empty array it decoded
 /// as an empty object, and records pass through the store's write script.
 fn list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
