@@ -26,3 +26,20 @@ pub mod resolve;
 pub mod rollouts;
 
 pub use rollouts::{Control, ControlError, OperatorAction, ReloadStatus};
+
+/// Runs `tick` every `every` until shutdown (a late tick is skipped, not caught up): the
+/// loop of the control plane's background services.
+pub(crate) async fn every(
+    every: std::time::Duration,
+    mut shutdown: pingora::server::ShutdownWatch,
+    mut tick: impl FnMut(),
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = ticker.tick() => tick(),
+        }
+    }
+}

@@ -110,14 +110,7 @@ fn look_up(shared: &Control, running: LookingUp) {
 
 #[async_trait]
 impl BackgroundService for EndpointResolver {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut ticker = tokio::time::interval(TICK);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = ticker.tick() => self.tick(),
-            }
-        }
+    async fn start(&self, shutdown: ShutdownWatch) {
+        super::every(TICK, shutdown, || self.tick()).await;
     }
 }
