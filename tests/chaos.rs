@@ -42,7 +42,7 @@ use bytes::Bytes;
 use common::ports::ReservedPort;
 use common::relay::Relay;
 use common::{pool, Proxy, Redis};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -110,13 +110,55 @@ enum Fault {
     Canary5xx(u64),
     /// The canary's port closed: connections refused, the open ones dropped.
     CanaryDead,
+    /// The canary misbehaves in one of the ways a release near its limits does (see
+    /// [`Misbehaviour`]).
+    Canary(Misbehaviour),
     /// Redis killed (SIGKILL), restarted empty when the fault heals.
     RedisKill,
+    /// Redis paused (SIGSTOP: connections stay open, nothing answers), resumed at heal.
+    RedisPause,
     /// A replica killed (SIGKILL), restarted when the fault heals; `keep_state: false`
     /// empties its state dir first.
     ReplicaKill { replica: usize, keep_state: bool },
+    /// A replica's binary upgraded under load (a new process with `--upgrade` takes its
+    /// listeners, the old one drains); healed when the old one has exited and the new one
+    /// is ready.
+    ReplicaUpgrade { replica: usize },
+    /// A replica paused (SIGSTOP: a long GC-like freeze, its sockets open), resumed at
+    /// heal. The load leaves it while it is frozen, as a load balancer's probe would.
+    ReplicaPause { replica: usize },
     /// A replica's link to Redis cut (its relay holds connections in silence).
     RelayCut { replica: usize },
+}
+
+/// How the canary misbehaves (besides 503s and a closed port): the cases found from the
+/// outside in issue 19, each of which must cost users nothing.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Misbehaviour {
+    /// Takes this many ms before the answer's head (past the canary timeout: abandoned and
+    /// retried on stable; under it: slow, judged by `max_p99_latency`).
+    SlowHead(u64),
+    /// Never answers in time (the head comes after 5 s).
+    Hang,
+    /// Sends the head at once and the body a chunk every 100 ms (0.8 s per answer).
+    Crawl,
+    /// Closes each connection a few ms after its answer, without saying so (an app
+    /// server with a short keep-alive timeout: the keep-alive race).
+    ClosesKeptAlive,
+    /// Drops this percentage of requests' connections without answering.
+    Drops(u64),
+}
+
+impl Misbehaviour {
+    fn code(self) -> (u64, u64) {
+        match self {
+            Misbehaviour::SlowHead(ms) => (1, ms),
+            Misbehaviour::Hang => (2, 0),
+            Misbehaviour::Crawl => (3, 0),
+            Misbehaviour::ClosesKeptAlive => (4, 0),
+            Misbehaviour::Drops(p) => (5, p),
+        }
+    }
 }
 
 impl Fault {
@@ -124,15 +166,39 @@ impl Fault {
         match self {
             Fault::Canary5xx(_) => "canary_5xx",
             Fault::CanaryDead => "canary_dead",
+            Fault::Canary(Misbehaviour::SlowHead(_)) => "canary_slow_head",
+            Fault::Canary(Misbehaviour::Hang) => "canary_hang",
+            Fault::Canary(Misbehaviour::Crawl) => "canary_crawl",
+            Fault::Canary(Misbehaviour::ClosesKeptAlive) => "canary_closes_kept_alive",
+            Fault::Canary(Misbehaviour::Drops(_)) => "canary_drops",
             Fault::RedisKill => "redis_kill",
+            Fault::RedisPause => "redis_pause",
             Fault::ReplicaKill { .. } => "replica_kill",
+            Fault::ReplicaPause { .. } => "replica_pause",
+            Fault::ReplicaUpgrade { .. } => "replica_upgrade",
             Fault::RelayCut { .. } => "relay_cut",
+        }
+    }
+
+    /// What the fault hits: 0 the canary, 1 the store, 2 a replica. Two faults overlap
+    /// only when they hit different things.
+    fn class(&self) -> u8 {
+        match self {
+            Fault::Canary5xx(_) | Fault::CanaryDead | Fault::Canary(_) => 0,
+            Fault::RedisKill | Fault::RedisPause => 1,
+            Fault::ReplicaKill { .. }
+            | Fault::ReplicaPause { .. }
+            | Fault::ReplicaUpgrade { .. }
+            | Fault::RelayCut { .. } => 2,
         }
     }
 
     fn replica(&self) -> Option<usize> {
         match self {
-            Fault::ReplicaKill { replica, .. } | Fault::RelayCut { replica } => Some(*replica),
+            Fault::ReplicaKill { replica, .. }
+            | Fault::ReplicaPause { replica }
+            | Fault::ReplicaUpgrade { replica }
+            | Fault::RelayCut { replica } => Some(*replica),
             _ => None,
         }
     }
@@ -141,7 +207,26 @@ impl Fault {
         match self {
             Fault::Canary5xx(p) => format!("canary answers 503 to {p}% of requests"),
             Fault::CanaryDead => "canary port closed".into(),
+            Fault::Canary(m) => match m {
+                Misbehaviour::SlowHead(ms) => format!("canary heads take {ms} ms"),
+                Misbehaviour::Hang => "canary hangs (heads after 5 s)".into(),
+                Misbehaviour::Crawl => "canary bodies crawl (0.8 s each)".into(),
+                Misbehaviour::ClosesKeptAlive => {
+                    "canary closes each connection just after its answer".into()
+                }
+                Misbehaviour::Drops(p) => format!("canary drops {p}% of requests unanswered"),
+            },
             Fault::RedisKill => "redis killed (restarted empty at heal)".into(),
+            Fault::RedisPause => "redis paused (SIGSTOP)".into(),
+            Fault::ReplicaPause { replica } => {
+                format!("replica {} paused (SIGSTOP)", NAMES[*replica])
+            }
+            Fault::ReplicaUpgrade { replica } => {
+                format!(
+                    "replica {}'s binary upgraded (SIGQUIT, --upgrade)",
+                    NAMES[*replica]
+                )
+            }
             Fault::ReplicaKill {
                 replica,
                 keep_state,
@@ -161,7 +246,14 @@ impl Fault {
 enum Op {
     Rollback,
     Resume,
+    Pause,
     Weight(u64),
+    /// The replica's config file rewritten with this `canary_weight` (a hot reload: the
+    /// fleet's decision from the first replica that loads it).
+    FileWeight(u64),
+    /// A new canary version (label) in every replica's config file, this replica's first
+    /// (the same canary upstream under a new label, as a deploy of a new release would).
+    NewVersion,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -171,40 +263,75 @@ enum Step {
     Operator { replica: usize, op: Op },
 }
 
-/// The schedule of a seed: `(ms after the start, step)`, in time order. One fault at a
-/// time (a first version: each fault's effect is attributable), 1–4 s long, 0.5–2 s apart,
-/// from 2 s in until a second before the end; operator actions at random moments during
-/// faults and in the gaps.
+fn pick_fault(rng: &mut Rng) -> Fault {
+    match rng.range(0, 17) {
+        0 | 1 => Fault::Canary5xx(rng.range(2, 11) * 10),
+        2 => Fault::CanaryDead,
+        3 => Fault::Canary(Misbehaviour::SlowHead(rng.range(4, 13) * 100)),
+        4 => Fault::Canary(Misbehaviour::Hang),
+        5 => Fault::Canary(Misbehaviour::Crawl),
+        6 => Fault::Canary(Misbehaviour::ClosesKeptAlive),
+        7 => Fault::Canary(Misbehaviour::Drops(rng.range(2, 7) * 10)),
+        8 | 9 => Fault::RedisKill,
+        10 => Fault::RedisPause,
+        11 | 12 => Fault::ReplicaKill {
+            replica: rng.range(0, 3) as usize,
+            keep_state: rng.range(0, 2) == 0,
+        },
+        13 => Fault::ReplicaPause {
+            replica: rng.range(0, 3) as usize,
+        },
+        14 => Fault::ReplicaUpgrade {
+            replica: rng.range(0, 3) as usize,
+        },
+        _ => Fault::RelayCut {
+            replica: rng.range(0, 3) as usize,
+        },
+    }
+}
+
+/// The schedule of a seed: `(ms after the start, step)`, in time order. Faults 1–4 s long,
+/// 0.5–2 s apart, from 2 s in until a second before the end, a quarter of them overlapped
+/// by a fault of another kind; operator actions at random moments during faults and in the
+/// gaps.
 fn schedule(seed: u64, seconds: u64) -> Vec<(u64, Step)> {
     let mut rng = Rng::new(seed);
     let end = seconds * 1000;
     let mut out = Vec::new();
     let mut t = 2000;
     while t + 1000 < end.saturating_sub(1000) {
-        let fault = match rng.range(0, 9) {
-            0 | 1 => Fault::Canary5xx(rng.range(2, 11) * 10),
-            2 => Fault::CanaryDead,
-            3 | 4 => Fault::RedisKill,
-            5 | 6 => Fault::ReplicaKill {
-                replica: rng.range(0, 3) as usize,
-                keep_state: rng.range(0, 2) == 0,
-            },
-            _ => Fault::RelayCut {
-                replica: rng.range(0, 3) as usize,
-            },
-        };
+        let fault = pick_fault(&mut rng);
         let dur = rng.range(1000, 4000).min(end.saturating_sub(1000) - t);
         let gap = rng.range(500, 2000);
+        // A quarter of the faults overlap one of another kind (the canary, the store, a
+        // replica), started in the first half of it and healed before the next fault.
+        if rng.range(0, 4) == 0 {
+            let second = loop {
+                let f = pick_fault(&mut rng);
+                if f.class() != fault.class() {
+                    break f;
+                }
+            };
+            let at = t + rng.range(0, dur / 2 + 1);
+            let room = (t + dur + gap).min(end - 1000).saturating_sub(at + 100);
+            let d2 = rng.range(500, 3000).min(room).max(100);
+            out.push((at, Step::Start(second.clone())));
+            out.push((at + d2, Step::Heal(second)));
+        }
         out.push((t, Step::Start(fault.clone())));
         out.push((t + dur, Step::Heal(fault)));
         for _ in 0..rng.range(1, 4) {
             let at = rng.range(t, t + dur + gap).min(end - 500);
             // Resumes outnumber rollbacks: the canary faults roll back by themselves, and a
             // canary back in service is what the next rollback is judged on.
-            let op = match rng.range(0, 10) {
+            let weight = [5, 10, 20, 30, 50][rng.range(0, 5) as usize];
+            let op = match rng.range(0, 12) {
                 0..=2 => Op::Rollback,
                 3..=7 => Op::Resume,
-                _ => Op::Weight([5, 10, 20, 30, 50][rng.range(0, 5) as usize]),
+                8 => Op::Pause,
+                9 => Op::Weight(weight),
+                10 => Op::FileWeight(weight),
+                _ => Op::NewVersion,
             };
             out.push((
                 at,
@@ -283,11 +410,14 @@ struct ActionRec {
 }
 
 impl ActionRec {
-    /// A resume or weight the fleet took (200) or that applied where it was sent (503):
-    /// from when it was sent, a rollback before it no longer binds.
+    /// A resume the fleet took (200) or that applied where it was sent (503), or a new
+    /// canary version written to the files: from when it was sent, a rollback before it no
+    /// longer binds. Only a resume: a weight (or a
+    /// promote, or a pause) on a rolled-back route is refused, and one that took on a
+    /// replica that had not seen the rollback yet loses to the rollback in the store.
     fn unlatches(&self) -> bool {
-        (self.action == "resume" || self.action.starts_with("weight"))
-            && matches!(self.code, 200 | 503)
+        (self.action == "resume" && matches!(self.code, 200 | 503))
+            || self.action.starts_with("new-version")
     }
 }
 
@@ -349,14 +479,17 @@ impl History {
         self.overlaps("replica_kill", Some(r), a, b)
     }
 
-    /// Whether replica `r` was up and reached Redis for the whole of `a..=b`.
+    /// Whether replica `r` was up (not frozen) and reached a Redis that answered for the
+    /// whole of `a..=b`.
     fn in_touch(&self, r: usize, a: u64, b: u64) -> bool {
         !self.down(r, a, b)
+            && !self.overlaps("replica_pause", Some(r), a, b)
             && !self.overlaps("relay_cut", Some(r), a, b)
             && !self.overlaps("redis_kill", None, a, b)
+            && !self.overlaps("redis_pause", None, a, b)
     }
 
-    /// Resumes and weights that took, by send time.
+    /// Resumes (and new versions) that took, `(sent, answered)`, by send time.
     fn unlatch_times(&self) -> Vec<(u64, u64)> {
         let mut v: Vec<(u64, u64)> = self
             .actions
@@ -479,10 +612,14 @@ fn rollback_episodes(h: &History) -> Vec<(u64, u64, u64, String)> {
     let unlatch = h.unlatch_times();
     let mut out: Vec<(u64, u64, u64, String)> = Vec::new();
     for (t, posted, why) in acks {
+        // The episode lasts until the first resume that may have come after the rollback:
+        // one still in flight when the rollback was sent counts (from when it was sent; the
+        // store's order of two concurrent actions is not the send order).
         let until = unlatch
             .iter()
+            .filter(|u| u.1 > posted)
             .map(|u| u.0)
-            .find(|u| *u > t)
+            .min()
             .unwrap_or(u64::MAX);
         if out.last().is_some_and(|e| e.2 == until) {
             continue; // Same episode: acknowledged again before the next resume.
@@ -692,7 +829,10 @@ fn check_agreement(h: &History) -> Verdict {
             .filter(|s| s.at_us >= a && s.at_us <= b)
             .collect();
         let v = (around.first()?.view(), around.first()?.generation);
-        (around.len() >= 2 && around.iter().all(|s| (s.view(), s.generation) == v)).then_some(v)
+        // Polled on both sides of `t`: a replica not polled before it (frozen, or not yet
+        // up) may have changed just before the request without a poll showing it.
+        let both = around.iter().any(|s| s.at_us <= t) && around.iter().any(|s| s.at_us >= t);
+        (both && around.iter().all(|s| (s.view(), s.generation) == v)).then_some(v)
     };
     let mut by_user: HashMap<u64, Vec<&Req>> = HashMap::new();
     for r in h.requests.iter().filter(|r| r.status == 200) {
@@ -918,6 +1058,8 @@ struct LoggedUpstream {
     name: &'static str,
     addr: SocketAddr,
     fail_percent: Arc<AtomicU64>,
+    /// A [`Misbehaviour`] as `(code, argument)` (code 0: behaves).
+    misbehaviour: Arc<(AtomicU64, AtomicU64)>,
     dead: watch::Sender<bool>,
     accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
     shared: Arc<Shared>,
@@ -943,6 +1085,7 @@ impl LoggedUpstream {
             name,
             addr: listener.local_addr().expect("addr"),
             fail_percent: Arc::new(AtomicU64::new(0)),
+            misbehaviour: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
             dead: watch::channel(false).0,
             accept: Mutex::new(None),
             shared,
@@ -953,9 +1096,10 @@ impl LoggedUpstream {
     }
 
     fn serve(&self, listener: TcpListener) {
-        let (name, fail, shared, dead) = (
+        let (name, fail, misbehaviour, shared, dead) = (
             self.name,
             self.fail_percent.clone(),
+            self.misbehaviour.clone(),
             self.shared.clone(),
             self.dead.clone(),
         );
@@ -964,11 +1108,20 @@ impl LoggedUpstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (fail, shared) = (fail.clone(), shared.clone());
+                let (fail, misbehaviour, shared) =
+                    (fail.clone(), misbehaviour.clone(), shared.clone());
                 let mut dead = dead.subscribe();
+                // Set by an answer when the canary closes connections after answering.
+                let close = Arc::new(tokio::sync::Notify::new());
+                let closer = close.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (fail, shared) = (fail.clone(), shared.clone());
+                        let (fail, misbehaviour, shared, close) = (
+                            fail.clone(),
+                            misbehaviour.clone(),
+                            shared.clone(),
+                            close.clone(),
+                        );
                         async move {
                             let header = |k: &str| -> u64 {
                                 req.headers()
@@ -982,9 +1135,17 @@ impl LoggedUpstream {
                                 header("x-chaos-replica"),
                                 header("x-user-id"),
                             );
+                            let (mode, arg) = (
+                                misbehaviour.0.load(Ordering::SeqCst),
+                                misbehaviour.1.load(Ordering::SeqCst),
+                            );
                             // A share decided by the request id: spread over the users.
+                            let pick = |p: u64| id.wrapping_mul(0x9E37_79B9) % 100 < p;
                             let share = fail.load(Ordering::SeqCst);
-                            let status = if id.wrapping_mul(0x9E37_79B9) % 100 < share {
+                            let dropped = mode == 5 && pick(arg);
+                            let status = if dropped {
+                                0
+                            } else if pick(share) {
                                 503
                             } else {
                                 200
@@ -1000,11 +1161,38 @@ impl LoggedUpstream {
                                     status,
                                 })
                             });
-                            Ok::<_, std::convert::Infallible>(
+                            match mode {
+                                // hyper closes the connection on a service error.
+                                _ if dropped => return Err(std::io::Error::other("dropped")),
+                                1 => tokio::time::sleep(Duration::from_millis(arg)).await,
+                                2 => tokio::time::sleep(Duration::from_secs(5)).await,
+                                4 => close.notify_one(),
+                                _ => {}
+                            }
+                            let body = if mode == 3 {
+                                let chunks = futures::stream::unfold(0u8, |i| async move {
+                                    if i == 8 {
+                                        return None;
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                    Some((
+                                        Ok::<_, std::io::Error>(hyper::body::Frame::data(
+                                            Bytes::from_static(b"c"),
+                                        )),
+                                        i + 1,
+                                    ))
+                                });
+                                http_body_util::StreamBody::new(chunks).boxed()
+                            } else {
+                                Full::new(Bytes::from_static(b"chaos\n"))
+                                    .map_err(|never| match never {})
+                                    .boxed()
+                            };
+                            Ok::<_, std::io::Error>(
                                 Response::builder()
                                     .status(status)
                                     .header("x-upstream", name)
-                                    .body(Full::new(Bytes::from_static(b"chaos\n")))
+                                    .body(body)
                                     .expect("response"),
                             )
                         }
@@ -1014,11 +1202,23 @@ impl LoggedUpstream {
                     tokio::select! {
                         _ = conn => {}
                         _ = dead.wait_for(|d| *d) => {}
+                        // The answer is written by then; the close comes unannounced, as
+                        // an app server's short keep-alive timeout does it.
+                        _ = async {
+                            closer.notified().await;
+                            tokio::time::sleep(Duration::from_millis(3)).await;
+                        } => {}
                     }
                 });
             }
         });
         *self.accept.lock().unwrap() = Some(task);
+    }
+
+    fn misbehave(&self, m: Option<Misbehaviour>) {
+        let (code, arg) = m.map_or((0, 0), Misbehaviour::code);
+        self.misbehaviour.1.store(arg, Ordering::SeqCst);
+        self.misbehaviour.0.store(code, Ordering::SeqCst);
     }
 
     /// Closes the port and drops every open connection.
@@ -1047,14 +1247,16 @@ fn replica_config(
     plant: Plant,
 ) -> String {
     // Analysis on (the canary faults roll it back by themselves), judged over 5 s so a
-    // resumed canary is judged on what it does now; health checks off, so a closed canary
-    // port is found by the traffic (retried on stable).
+    // resumed canary is judged on what it does now, with a latency limit (so slow heads
+    // and crawling bodies roll back; the canary timeout is twice it, 600 ms); health
+    // checks off, so a closed canary port is found by the traffic (retried on stable).
     format!(
-        "[state]\ndir = \"{}\"\n\n[fleet]\nurl = \"{redis_url}\"\ncluster = \"chaos\"\ninstance = \"{name}\"\npoll_interval = \"500ms\"\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\ncanary_weight = 30\n{}{}{}\n[routes.analysis]\nwindow = \"5s\"\n",
+        "[state]\ndir = \"{}\"\n\n[fleet]\nurl = \"{redis_url}\"\ncluster = \"chaos\"\ninstance = \"{name}\"\npoll_interval = \"500ms\"\n\n[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\ncanary_weight = 30\n{}{}{}\n[routes.analysis]\nwindow = \"5s\"\nmax_p99_latency = \"300ms\"\n",
         state.display(),
         match plant {
             Plant::Nothing => "",
             Plant::RetryOff => "retry_on_stable = false\n",
+            Plant::LatchOff => "",
         },
         pool("routes.stable", "stable", &[stable]),
         pool("routes.canary", "canary", &[canary]),
@@ -1067,6 +1269,9 @@ enum Plant {
     Nothing,
     /// `retry_on_stable = false`: a canary failure reaches the user (check 1).
     RetryOff,
+    /// The rollback latch switched off in the rollout machine (the `chaos-plants` feature,
+    /// `KANARIA_CHAOS_PLANT=latch_off`): an operator's weight leaves a rollback (check 3).
+    LatchOff,
 }
 
 fn proc_sample(pid: u32) -> Option<(u64, u64, bool)> {
@@ -1248,6 +1453,15 @@ struct Totals {
 }
 
 struct Topology {
+    /// The old process of a replica being upgraded, until the new one is ready.
+    upgrading: Vec<Option<std::process::Child>>,
+    /// Tasks that reap the old processes of upgrades (awaited before the end).
+    reapers: Vec<tokio::task::JoinHandle<()>>,
+    /// Each replica's routes as its config file has them now.
+    routes: Vec<String>,
+    /// The canary's label in the files, and how many new versions were deployed.
+    canary_version: String,
+    version: u64,
     redis: Redis,
     relays: Vec<Relay>,
     canary: LoggedUpstream,
@@ -1275,11 +1489,14 @@ async fn start_topology(shared: &Arc<Shared>, plant: Plant) -> Topology {
             canary.addr,
             plant,
         );
-        let p = Proxy::builder()
+        let mut p = Proxy::builder()
             .routes(&cfg)
-            .env("KANARIA_ADMIN_TOKEN", TOKEN)
-            .start()
-            .await;
+            .proxy("shutdown_grace = \"2s\"")
+            .env("KANARIA_ADMIN_TOKEN", TOKEN);
+        if plant == Plant::LatchOff {
+            p = p.env("KANARIA_CHAOS_PLANT", "latch_off");
+        }
+        let p = p.start().await;
         shared.pids[r].store(p.pid(), Ordering::SeqCst);
         replicas.push(p);
         state.push(dir);
@@ -1291,6 +1508,11 @@ async fn start_topology(shared: &Arc<Shared>, plant: Plant) -> Topology {
         .await;
     }
     Topology {
+        upgrading: (0..3).map(|_| None).collect(),
+        reapers: Vec::new(),
+        routes: replicas.iter().map(Proxy::routes_toml).collect(),
+        canary_version: "canary".into(),
+        version: 0,
         redis,
         relays,
         canary,
@@ -1300,15 +1522,27 @@ async fn start_topology(shared: &Arc<Shared>, plant: Plant) -> Topology {
     }
 }
 
-async fn operator(shared: &Shared, admin_port: u16, replica: usize, op: &Op) -> String {
-    let (action, body, label) = match op {
-        Op::Rollback => ("rollback", "{}".to_string(), "rollback".to_string()),
-        Op::Resume => ("resume", "{}".to_string(), "resume".to_string()),
-        Op::Weight(p) => (
-            "weight",
-            format!("{{\"percent\": {p}}}"),
-            format!("weight {p}"),
-        ),
+impl Op {
+    /// How the history names the action (`weight 30`); the file edits name theirs when
+    /// they are made (`new-version canary-2`).
+    fn label(&self) -> String {
+        match self {
+            Op::Rollback => "rollback".into(),
+            Op::Resume => "resume".into(),
+            Op::Pause => "pause".into(),
+            Op::Weight(p) => format!("weight {p}"),
+            Op::FileWeight(p) => format!("file-weight {p}"),
+            Op::NewVersion => "new-version".into(),
+        }
+    }
+}
+
+/// An operator's action through a replica's admin API (5 s timeout), recorded.
+async fn operator(shared: &Shared, admin_port: u16, replica: usize, op: &Op) {
+    let label = op.label();
+    let (action, body) = match op {
+        Op::Weight(p) => ("weight", format!("{{\"percent\": {p}}}")),
+        _ => (label.as_str(), "{}".to_string()),
     };
     let sent_us = shared.now();
     let res = reqwest::Client::builder()
@@ -1336,35 +1570,82 @@ async fn operator(shared: &Shared, admin_port: u16, replica: usize, op: &Op) -> 
     shared.record(|h| {
         h.actions.push(ActionRec {
             replica,
-            action: label.clone(),
+            action: label,
             sent_us,
             done_us,
             code,
             state,
         })
     });
-    label
 }
 
 async fn start_fault(shared: &Shared, topo: &mut Topology, fault: &Fault) {
     match fault {
         Fault::Canary5xx(p) => topo.canary.fail_percent.store(*p, Ordering::SeqCst),
         Fault::CanaryDead => topo.canary.kill(),
+        Fault::Canary(m) => topo.canary.misbehave(Some(*m)),
         Fault::RedisKill => topo.redis.stop(),
+        Fault::RedisPause => signal(topo.redis.pid(), libc::SIGSTOP),
         Fault::ReplicaKill { replica, .. } => {
             // Marked down first: the load stops choosing it before it dies.
             shared.up[*replica].store(false, Ordering::SeqCst);
             topo.replicas[*replica].kill();
         }
+        Fault::ReplicaPause { replica } => {
+            shared.up[*replica].store(false, Ordering::SeqCst);
+            signal(Some(topo.replicas[*replica].pid()), libc::SIGSTOP);
+        }
+        Fault::ReplicaUpgrade { replica } => {
+            let r = *replica;
+            let old = topo.replicas[r].begin_upgrade();
+            // The new process is the replica now (the old one's exit is no crash); the
+            // clients stay on it throughout, as they would in production.
+            shared.pids[r].store(topo.replicas[r].pid(), Ordering::SeqCst);
+            topo.upgrading[r] = Some(old);
+        }
         Fault::RelayCut { replica } => topo.relays[*replica].cut(),
     }
 }
 
-async fn heal_fault(shared: &Shared, topo: &mut Topology, fault: &Fault) {
+async fn heal_fault(shared: &Arc<Shared>, topo: &mut Topology, fault: &Fault) {
     match fault {
         Fault::Canary5xx(_) => topo.canary.fail_percent.store(0, Ordering::SeqCst),
         Fault::CanaryDead => topo.canary.revive().await,
+        Fault::Canary(_) => topo.canary.misbehave(None),
         Fault::RedisKill => topo.redis.restart().await,
+        Fault::RedisPause => signal(topo.redis.pid(), libc::SIGCONT),
+        Fault::ReplicaPause { replica } => {
+            signal(Some(topo.replicas[*replica].pid()), libc::SIGCONT);
+            shared.up[*replica].store(true, Ordering::SeqCst);
+        }
+        Fault::ReplicaUpgrade { replica } => {
+            let r = *replica;
+            if let Some(mut old) = topo.upgrading[r].take() {
+                // Pingora's old process waits 5 s after handing its listeners over, then
+                // drains for shutdown_grace (2 s): reaped meanwhile, in the background;
+                // still running 20 s in, it is killed and recorded.
+                let shared = shared.clone();
+                topo.reapers.push(tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(20);
+                    while old.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    if old.try_wait().ok().flatten().is_none() {
+                        let _ = old.kill();
+                        let _ = old.wait();
+                        let at_us = shared.now();
+                        shared.record(|h| {
+                            h.crashes.push(CrashRec {
+                                replica: r,
+                                at_us,
+                                what: "the old process still ran 20 s into an upgrade".into(),
+                            })
+                        });
+                    }
+                }));
+            }
+            topo.replicas[r].wait_until_ready().await;
+        }
         Fault::ReplicaKill {
             replica,
             keep_state,
@@ -1386,6 +1667,99 @@ async fn heal_fault(shared: &Shared, topo: &mut Topology, fault: &Fault) {
         }
         Fault::RelayCut { replica } => topo.relays[*replica].restore(),
     }
+}
+
+fn signal(pid: Option<u32>, sig: libc::c_int) {
+    let pid = pid.expect("a running process");
+    // SAFETY: kill(2) on a child this test started and has not reaped.
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, sig) },
+        0,
+        "kill -{sig} {pid}"
+    );
+}
+
+/// A replica's `config_generation`, `None` when it does not answer within 1 s.
+async fn config_generation(status_url: &str) -> Option<u64> {
+    let s: Value = reqwest::Client::new()
+        .get(status_url)
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    s["config_generation"].as_u64()
+}
+
+/// Replaces the value of `key = ` (its first occurrence, to the end of the line).
+fn set_key(routes: &str, key: &str, value: &str) -> String {
+    let start = routes.find(&format!("{key} = ")).expect("the key");
+    let end = start + routes[start..].find('\n').expect("end of line");
+    format!("{}{key} = {value}{}", &routes[..start], &routes[end..])
+}
+
+/// An edit of config files: replica `first`'s, then (for a new version) the others', each
+/// reloaded in place (a hot reload; a replica that is down reads it when it restarts).
+/// Waits up to 3 s for `first` to reload when it is up. Recorded as an action on `first`
+/// (code 200 when its reload was seen, 0 otherwise).
+async fn edit_files(shared: &Shared, topo: &mut Topology, first: usize, op: &Op) -> String {
+    let (label, replicas) = match op {
+        Op::FileWeight(p) => (format!("file-weight {p}"), vec![first]),
+        _ => {
+            topo.version += 1;
+            (
+                format!("new-version canary-{}", topo.version),
+                (0..3).map(|i| (first + i) % 3).collect(),
+            )
+        }
+    };
+    let status_url = topo.replicas[first].admin_url("/api/v1/status");
+    let sent_us = shared.now();
+    let before = if shared.up[first].load(Ordering::SeqCst) {
+        config_generation(&status_url).await
+    } else {
+        None
+    };
+    for r in replicas {
+        topo.routes[r] = match op {
+            Op::FileWeight(w) => set_key(&topo.routes[r], "canary_weight", &w.to_string()),
+            _ => topo.routes[r].replacen(
+                &format!("[routes.canary]\nversion = \"{}\"", topo.canary_version),
+                &format!("[routes.canary]\nversion = \"canary-{}\"", topo.version),
+                1,
+            ),
+        };
+        let text = topo.replicas[r].config_text(&topo.routes[r]);
+        topo.replicas[r].write_config(&text);
+    }
+    if !matches!(op, Op::FileWeight(_)) {
+        topo.canary_version = format!("canary-{}", topo.version);
+    }
+    let mut code = 0;
+    if let Some(before) = before {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if config_generation(&status_url).await > Some(before) {
+                code = 200;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let done_us = shared.now();
+    shared.record(|h| {
+        h.actions.push(ActionRec {
+            replica: first,
+            action: label.clone(),
+            sent_us,
+            done_us,
+            code,
+            state: String::new(),
+        })
+    });
+    label
 }
 
 /// Runs one seed: the topology, the load, the schedule, the convergence after it; returns
@@ -1420,6 +1794,7 @@ async fn run_plan(
     let watch = start_watch(shared.clone(), admin);
     let mut totals = Totals::default();
     let mut open: HashMap<String, u64> = HashMap::new();
+    let mut actions = Vec::new();
     for (at, step) in &plan {
         let due = start + at * 1000;
         let now = shared.now();
@@ -1447,7 +1822,22 @@ async fn run_plan(
                 });
             }
             Step::Operator { replica, op } => {
-                let label = operator(&shared, admin[*replica], *replica, op).await;
+                let label = match op {
+                    Op::FileWeight(_) | Op::NewVersion => {
+                        edit_files(&shared, &mut topo, *replica, op).await
+                    }
+                    // Not awaited: an action sent to a frozen replica waits for its
+                    // timeout while the schedule goes on, as an operator's would.
+                    _ => {
+                        let (shared, port, r, op) =
+                            (shared.clone(), admin[*replica], *replica, op.clone());
+                        let label = op.label();
+                        actions.push(tokio::spawn(async move {
+                            operator(&shared, port, r, &op).await;
+                        }));
+                        label
+                    }
+                };
                 let kind = label.split(' ').next().unwrap_or("").to_string();
                 *totals.actions.entry(kind).or_default() += 1;
             }
@@ -1469,6 +1859,9 @@ async fn run_plan(
         if check_convergence(&h).worst != "never" {
             break;
         }
+    }
+    for a in actions.into_iter().chain(std::mem::take(&mut topo.reapers)) {
+        let _ = a.await;
     }
     shared.stop_load.store(true, Ordering::SeqCst);
     for l in load {
@@ -1711,6 +2104,40 @@ async fn chaos_catches_the_retry_on_stable_switched_off() {
         blamed.iter().all(|r| failed_on_canary.contains(&r.id)),
         "{blamed:?}"
     );
+}
+
+/// A real planted bug: the rollback latch switched off in the rollout machine (an
+/// operator's weight leaves a rollback, as a resume would). The canary answers 503 to
+/// every request for 3 s (the fleet rolls it back by itself), then an operator sets a
+/// weight on another replica: the fleet sends users to the rolled-back canary again, and
+/// check 3 must say so. Without the plant the weight is refused (409) and the latch holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_catches_the_latch_switched_off() {
+    let fault = Fault::Canary5xx(100);
+    let plan = vec![
+        (1000, Step::Start(fault.clone())),
+        (4000, Step::Heal(fault)),
+        (
+            5000,
+            Step::Operator {
+                replica: 2,
+                op: Op::Weight(30),
+            },
+        ),
+    ];
+    let (h, verdicts, _) = run_plan(0, 8, plan, Plant::LatchOff).await;
+    println!("{}", table(0, &verdicts));
+    let weight = h
+        .actions
+        .iter()
+        .find(|a| a.action == "weight 30")
+        .expect("the weight was sent");
+    assert_eq!(weight.code, 200, "the planted bug let the weight through");
+    let v = &verdicts[2];
+    assert!(!v.held, "{}", table(0, &verdicts));
+    assert!(verdicts[0].held, "{}", table(0, &verdicts));
+    let first = v.first.as_deref().unwrap_or("");
+    assert!(first.contains("rolled back"), "{first}");
 }
 
 /// `make chaos`: `SEED=S` replays one seed; else `SEEDS=N` (default 1) random seeds.

@@ -911,10 +911,14 @@ impl Step<'_> {
         if let (Phase::RolledBack { .. }, Action::Weight(_) | Action::Promote | Action::Pause) =
             (&phase, action)
         {
-            return Err(Refusal::Conflict(format!(
-                "route {:?} is rolled back: resume it first (a rollback holds until an operator resumes or a new canary version is deployed)",
-                self.route
-            )));
+            if latch_off() && matches!(action, Action::Weight(_)) {
+                self.next.resumes += 1;
+            } else {
+                return Err(Refusal::Conflict(format!(
+                    "route {:?} is rolled back: resume it first (a rollback holds until an operator resumes or a new canary version is deployed)",
+                    self.route
+                )));
+            }
         }
         let (kind, next, reason) = match action {
             Action::Weight(buckets) => (
@@ -1163,6 +1167,22 @@ pub fn decide(
     out.generation = gen.max(new.generation) + 1;
     out.incarnation = store_incarnation.to_string();
     (true, out)
+}
+
+/// A bug planted on purpose, to show that `make chaos` catches a broken rollback latch
+/// (tests/chaos.rs, `chaos_catches_the_latch_switched_off`): built only with the
+/// `chaos-plants` feature (the tests build with every feature) and on only with
+/// `KANARIA_CHAOS_PLANT=latch_off` in the environment, an operator's weight leaves a
+/// rollback as a resume would. Without the feature it is `false` and compiled away.
+#[cfg(feature = "chaos-plants")]
+fn latch_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("KANARIA_CHAOS_PLANT").is_ok_and(|v| v == "latch_off"))
+}
+
+#[cfg(not(feature = "chaos-plants"))]
+const fn latch_off() -> bool {
+    false
 }
 
 #[cfg(test)]

@@ -259,7 +259,11 @@ impl std::fmt::Display for SeenWithLog {
 }
 
 pub fn kanaria_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_kanaria"))
+    // `KANARIA_BIN`: a copy of the binary, so a long run (the chaos soak) is not changed
+    // under it by a rebuild of the tree it was built from.
+    std::env::var_os("KANARIA_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kanaria")))
 }
 
 /// The sections of a test config and the environment of the process: what
@@ -495,6 +499,23 @@ impl Proxy {
         self.child = spawn(&self.config_path, self.dir.path(), &self.spec.env);
     }
 
+    /// Begins a graceful binary upgrade: a new process on the same config, started with
+    /// `--upgrade`, and `SIGQUIT` to this one, which hands its listeners over and drains.
+    /// From now on this `Proxy` is the new process; the old one is returned, for the caller
+    /// to wait for (it exits once drained, within `shutdown_grace`).
+    pub fn begin_upgrade(&mut self) -> Child {
+        let new = spawn_with(
+            &self.config_path,
+            self.dir.path(),
+            &self.spec.env,
+            &["--upgrade"],
+        );
+        let old = std::mem::replace(&mut self.child, new);
+        // SAFETY: kill(2) on a child this harness started and has not reaped.
+        unsafe { libc::kill(old.id() as i32, libc::SIGQUIT) };
+        old
+    }
+
     /// Whether `/readyz` answers 200 right now.
     pub async fn is_ready(&self) -> bool {
         client()
@@ -588,9 +609,14 @@ impl Proxy {
         .await
     }
 
+    /// Writes the config file in place (a hot reload follows; nothing waits for it).
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config_path, text).expect("rewrite config");
+    }
+
     /// Writes the config file in place and waits for a reload newer than `after`.
     pub async fn write_config_and_wait(&self, text: &str, after: u64) -> serde_json::Value {
-        std::fs::write(&self.config_path, text).expect("rewrite config");
+        self.write_config(text);
         self.wait_status("a reload", |s| {
             s["config_generation"].as_u64() > Some(after)
         })
@@ -674,13 +700,19 @@ impl Proxy {
 
 /// Starts `kanaria run -c CONFIG`, its log appended to `DIR/kanaria.log`.
 fn spawn(config_path: &Path, dir: &Path, env: &[(String, String)]) -> Child {
+    spawn_with(config_path, dir, env, &[])
+}
+
+fn spawn_with(config_path: &Path, dir: &Path, env: &[(String, String)], more: &[&str]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("kanaria.log"))
         .expect("log file");
     let mut cmd = Command::new(kanaria_bin());
-    cmd.args(["run", "-c"])
+    cmd.args(["run"])
+        .args(more)
+        .arg("-c")
         .arg(config_path)
         .env("RUST_LOG", "info")
         .env_remove("KANARIA_ADMIN_TOKEN")
@@ -756,6 +788,11 @@ impl Redis {
 
     fn plain_url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Kills the server (SIGKILL: no goodbye to clients).
