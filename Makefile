@@ -59,7 +59,7 @@ test: test-deps
 # while a schedule of faults derived from a seed plays; the recorded history is judged
 # against six promises. SEED=S replays one seed; otherwise SEEDS=N random seeds (each
 # printed); CHAOS_SECONDS per seed. History, timeline and report: target/chaos/<seed>/.
-# `make test` runs three fixed seeds of 30 s (`chaos_ci_fixed_seeds`).
+# `make test` runs three fixed seeds of 30 s (`chaos_ci_fixed_seeds`: 1, 3, 4).
 SEEDS ?= 1
 SEED ?=
 CHAOS_SECONDS ?= 60

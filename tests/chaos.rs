@@ -1,15 +1,18 @@
 //! `make chaos` (issue 21): Kanaria's promises checked from the outside, on a fleet, under
 //! load, while a schedule of faults derived from a seed plays.
 //!
-//! For a seed, [`run_seed`] starts a real topology on loopback: a real `redis-server`, three
-//! `kanaria run` replicas with `[fleet]` (each reaching Redis through its own
-//! [`Relay`], so one replica can be partitioned alone), a stable and a canary upstream that
-//! log every request they serve (arrival time, the replica that sent it, the user), and
-//! clients that log every request they send (user, replica, send and end time, status,
-//! version). It then plays [`schedule`]: one fault at a time (canary answering 503 to a share
-//! of requests, the canary's port closed, Redis killed and restarted empty, a replica
-//! killed with SIGKILL and restarted with or without its state dir, a replica's Redis link
-//! cut), with operator actions (rollback, resume, weight) on random replicas in between and
+//! For a seed, [`run_seed`] starts a real topology on loopback ([`Variant`]: one
+//! `redis-server` that each replica reaches through its own [`Relay`], so one replica can
+//! be partitioned alone, or Redis Sentinel with a primary and a replica; HTTP/1.1 or h2c
+//! upstreams): three `kanaria run` replicas with `[fleet]`, a stable and a canary upstream
+//! that log every request they serve (arrival time, the replica that sent it, the user),
+//! and clients that log every request they send (user, replica, send and end time, status,
+//! version). It then plays [`schedule`]: faults (the canary answering 503 to a share of
+//! requests, its port closed, or misbehaving as in [`Misbehaviour`]; Redis, or the
+//! primary, killed or paused; a replica killed with SIGKILL and restarted with or without
+//! its state dir, frozen with SIGSTOP, or upgraded in place; a replica's Redis link cut), a
+//! quarter of them overlapped by another, with operator actions (rollback, resume, pause,
+//! weight, a file's weight, a new canary version) on random replicas in between and
 //! during the faults. Everything observed goes into one [`History`], which [`check_all`]
 //! judges against six named promises (see each `check_*`); the history, a readable
 //! timeline and the report are written to `target/chaos/<seed>/`.
@@ -17,8 +20,9 @@
 //! The same seed gives the same schedule (a xorshift generator, [`Rng`]); the timing of a
 //! run, and so its history, varies with the machine.
 //!
-//! - `chaos_ci_fixed_seeds` (part of `make test`): three fixed seeds, `CHAOS_SECONDS`
-//!   (default 30) each.
+//! - `chaos_ci_fixed_seeds` (part of `make test`): three fixed seeds (1, 3, 4: Sentinel
+//!   with h2c, one Redis with HTTP/1.1, one Redis with h2c), `CHAOS_SECONDS` (default 30)
+//!   each.
 //! - `chaos_from_env` (ignored; `make chaos`): `SEED=S` replays one seed, `SEEDS=N` runs N
 //!   random seeds (each printed), `CHAOS_SECONDS` (default 60).
 //! - The `checker_*` tests feed the checker synthetic histories that break each promise:
@@ -41,6 +45,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::ports::ReservedPort;
 use common::relay::Relay;
+use common::sentinel::Sentinel;
 use common::{pool, Proxy, Redis};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -216,8 +221,10 @@ impl Fault {
                 }
                 Misbehaviour::Drops(p) => format!("canary drops {p}% of requests unanswered"),
             },
-            Fault::RedisKill => "redis killed (restarted empty at heal)".into(),
-            Fault::RedisPause => "redis paused (SIGSTOP)".into(),
+            Fault::RedisKill => {
+                "redis (the primary) killed (restarted empty at heal; with a sentinel, as a replica of the primary then)".into()
+            }
+            Fault::RedisPause => "redis (the primary) paused (SIGSTOP)".into(),
             Fault::ReplicaPause { replica } => {
                 format!("replica {} paused (SIGSTOP)", NAMES[*replica])
             }
@@ -263,7 +270,40 @@ enum Step {
     Operator { replica: usize, op: Op },
 }
 
-fn pick_fault(rng: &mut Rng) -> Fault {
+/// What a seed runs on besides its schedule: the store (one Redis reached through a relay
+/// per replica, or a primary, a replica and a sentinel) and the upstreams' protocol
+/// (HTTP/1.1 or h2c). From the seed, so a seed replays on the same topology.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Variant {
+    sentinel: bool,
+    h2c: bool,
+}
+
+impl Variant {
+    fn of(seed: u64) -> Variant {
+        let mut rng = Rng::new(seed ^ 0x7a91_3c55_e0d2_4b18);
+        Variant {
+            sentinel: rng.range(0, 2) == 1,
+            h2c: rng.range(0, 2) == 1,
+        }
+    }
+
+    fn describe(self) -> String {
+        format!(
+            "{}, {} upstreams",
+            if self.sentinel {
+                "redis primary + replica + sentinel"
+            } else {
+                "one redis, a relay per replica"
+            },
+            if self.h2c { "h2c" } else { "HTTP/1.1" }
+        )
+    }
+}
+
+/// A fault for the schedule. With Sentinel the replicas reach the primary the sentinel
+/// names, not through a relay: a replica's link cannot be cut alone, and is frozen instead.
+fn pick_fault(rng: &mut Rng, v: Variant) -> Fault {
     match rng.range(0, 17) {
         0 | 1 => Fault::Canary5xx(rng.range(2, 11) * 10),
         2 => Fault::CanaryDead,
@@ -284,6 +324,9 @@ fn pick_fault(rng: &mut Rng) -> Fault {
         14 => Fault::ReplicaUpgrade {
             replica: rng.range(0, 3) as usize,
         },
+        _ if v.sentinel => Fault::ReplicaPause {
+            replica: rng.range(0, 3) as usize,
+        },
         _ => Fault::RelayCut {
             replica: rng.range(0, 3) as usize,
         },
@@ -296,18 +339,19 @@ fn pick_fault(rng: &mut Rng) -> Fault {
 /// gaps.
 fn schedule(seed: u64, seconds: u64) -> Vec<(u64, Step)> {
     let mut rng = Rng::new(seed);
+    let v = Variant::of(seed);
     let end = seconds * 1000;
     let mut out = Vec::new();
     let mut t = 2000;
     while t + 1000 < end.saturating_sub(1000) {
-        let fault = pick_fault(&mut rng);
+        let fault = pick_fault(&mut rng, v);
         let dur = rng.range(1000, 4000).min(end.saturating_sub(1000) - t);
         let gap = rng.range(500, 2000);
         // A quarter of the faults overlap one of another kind (the canary, the store, a
         // replica), started in the first half of it and healed before the next fault.
         if rng.range(0, 4) == 0 {
             let second = loop {
-                let f = pick_fault(&mut rng);
+                let f = pick_fault(&mut rng, v);
                 if f.class() != fault.class() {
                     break f;
                 }
@@ -1052,14 +1096,16 @@ impl Shared {
     }
 }
 
-/// An HTTP/1.1 upstream that logs every request it serves, with two faults: a share of
-/// 503 answers, and its port closed.
+/// An HTTP/1.1 or h2c upstream that logs every request it serves, with its faults: a share
+/// of 503 answers, its port closed, and the [`Misbehaviour`]s.
 struct LoggedUpstream {
     name: &'static str,
     addr: SocketAddr,
     fail_percent: Arc<AtomicU64>,
     /// A [`Misbehaviour`] as `(code, argument)` (code 0: behaves).
     misbehaviour: Arc<(AtomicU64, AtomicU64)>,
+    /// Serves HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+    h2c: bool,
     dead: watch::Sender<bool>,
     accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
     shared: Arc<Shared>,
@@ -1077,7 +1123,7 @@ impl Drop for LoggedUpstream {
 }
 
 impl LoggedUpstream {
-    async fn start(name: &'static str, shared: Arc<Shared>) -> LoggedUpstream {
+    async fn start(name: &'static str, shared: Arc<Shared>, h2c: bool) -> LoggedUpstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
@@ -1086,6 +1132,7 @@ impl LoggedUpstream {
             addr: listener.local_addr().expect("addr"),
             fail_percent: Arc::new(AtomicU64::new(0)),
             misbehaviour: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
+            h2c,
             dead: watch::channel(false).0,
             accept: Mutex::new(None),
             shared,
@@ -1096,6 +1143,7 @@ impl LoggedUpstream {
     }
 
     fn serve(&self, listener: TcpListener) {
+        let h2c = self.h2c;
         let (name, fail, misbehaviour, shared, dead) = (
             self.name,
             self.fail_percent.clone(),
@@ -1197,8 +1245,23 @@ impl LoggedUpstream {
                             )
                         }
                     });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc);
+                    let io = TokioIo::new(stream);
+                    let conn: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                        if h2c {
+                            Box::pin(async move {
+                                let _ = hyper::server::conn::http2::Builder::new(
+                                    hyper_util::rt::TokioExecutor::new(),
+                                )
+                                .serve_connection(io, svc)
+                                .await;
+                            })
+                        } else {
+                            Box::pin(async move {
+                                let _ = hyper::server::conn::http1::Builder::new()
+                                    .serve_connection(io, svc)
+                                    .await;
+                            })
+                        };
                     tokio::select! {
                         _ = conn => {}
                         _ = dead.wait_for(|d| *d) => {}
@@ -1242,10 +1305,10 @@ fn replica_config(
     state: &std::path::Path,
     redis_url: &str,
     name: &str,
-    stable: SocketAddr,
-    canary: SocketAddr,
+    (stable, canary, h2c): (SocketAddr, SocketAddr, bool),
     plant: Plant,
 ) -> String {
+    let protocol = if h2c { "protocol = \"h2c\"\n" } else { "" };
     // Analysis on (the canary faults roll it back by themselves), judged over 5 s so a
     // resumed canary is judged on what it does now, with a latency limit (so slow heads
     // and crawling bodies roll back; the canary timeout is twice it, 600 ms); health
@@ -1258,8 +1321,8 @@ fn replica_config(
             Plant::RetryOff => "retry_on_stable = false\n",
             Plant::LatchOff => "",
         },
-        pool("routes.stable", "stable", &[stable]),
-        pool("routes.canary", "canary", &[canary]),
+        pool("routes.stable", "stable", &[stable]) + protocol,
+        pool("routes.canary", "canary", &[canary]) + protocol,
     )
 }
 
@@ -1462,7 +1525,12 @@ struct Topology {
     /// The canary's label in the files, and how many new versions were deployed.
     canary_version: String,
     version: u64,
-    redis: Redis,
+    /// The Redis servers: one, or with a sentinel the first primary and its replica (the
+    /// roles change at each failover; [`Topology::primary`] asks the sentinel).
+    redis: Vec<Redis>,
+    sentinel: Option<Sentinel>,
+    /// The server a `RedisPause` froze.
+    paused: Option<usize>,
     relays: Vec<Relay>,
     canary: LoggedUpstream,
     _stable: LoggedUpstream,
@@ -1470,23 +1538,31 @@ struct Topology {
     state: Vec<tempfile::TempDir>,
 }
 
-async fn start_topology(shared: &Arc<Shared>, plant: Plant) -> Topology {
-    let redis = Redis::start().await;
-    let mut relays = Vec::new();
-    for _ in 0..3 {
-        relays.push(Relay::start(redis.port).await);
+async fn start_topology(shared: &Arc<Shared>, plant: Plant, v: Variant) -> Topology {
+    let mut redis = vec![Redis::start().await];
+    let (mut relays, mut sentinel) = (Vec::new(), None);
+    if v.sentinel {
+        redis.push(Redis::start_replica_of(&redis[0]).await);
+        sentinel = Some(Sentinel::start(&redis[0], "chaos", 1).await);
+    } else {
+        for _ in 0..3 {
+            relays.push(Relay::start(redis[0].port).await);
+        }
     }
-    let stable = LoggedUpstream::start("stable", shared.clone()).await;
-    let canary = LoggedUpstream::start("canary", shared.clone()).await;
+    let url = |r: usize| match &sentinel {
+        Some(s) => format!("redis+sentinel://127.0.0.1:{}/chaos/0", s.port),
+        None => relays[r].redis_url(),
+    };
+    let stable = LoggedUpstream::start("stable", shared.clone(), v.h2c).await;
+    let canary = LoggedUpstream::start("canary", shared.clone(), v.h2c).await;
     let (mut replicas, mut state) = (Vec::new(), Vec::new());
     for (r, name) in NAMES.iter().enumerate() {
         let dir = tempfile::tempdir().expect("state dir");
         let cfg = replica_config(
             dir.path(),
-            &relays[r].redis_url(),
+            &url(r),
             name,
-            stable.addr,
-            canary.addr,
+            (stable.addr, canary.addr, v.h2c),
             plant,
         );
         let mut p = Proxy::builder()
@@ -1514,11 +1590,31 @@ async fn start_topology(shared: &Arc<Shared>, plant: Plant) -> Topology {
         canary_version: "canary".into(),
         version: 0,
         redis,
+        sentinel,
+        paused: None,
         relays,
         canary,
         _stable: stable,
         replicas,
         state,
+    }
+}
+
+impl Topology {
+    /// The index of the Redis server that is the primary now: the one the sentinel names
+    /// (the first while it does not answer), or the only one.
+    async fn primary(&self) -> usize {
+        let Some(s) = &self.sentinel else {
+            return 0;
+        };
+        let port = tokio::time::timeout(Duration::from_secs(2), s.primary_port())
+            .await
+            .ok()
+            .flatten();
+        self.redis
+            .iter()
+            .position(|r| Some(r.port) == port)
+            .unwrap_or(0)
     }
 }
 
@@ -1584,8 +1680,15 @@ async fn start_fault(shared: &Shared, topo: &mut Topology, fault: &Fault) {
         Fault::Canary5xx(p) => topo.canary.fail_percent.store(*p, Ordering::SeqCst),
         Fault::CanaryDead => topo.canary.kill(),
         Fault::Canary(m) => topo.canary.misbehave(Some(*m)),
-        Fault::RedisKill => topo.redis.stop(),
-        Fault::RedisPause => signal(topo.redis.pid(), libc::SIGSTOP),
+        Fault::RedisKill => {
+            let p = topo.primary().await;
+            topo.redis[p].stop();
+        }
+        Fault::RedisPause => {
+            let p = topo.primary().await;
+            topo.paused = Some(p);
+            signal(topo.redis[p].pid(), libc::SIGSTOP);
+        }
         Fault::ReplicaKill { replica, .. } => {
             // Marked down first: the load stops choosing it before it dies.
             shared.up[*replica].store(false, Ordering::SeqCst);
@@ -1612,8 +1715,25 @@ async fn heal_fault(shared: &Arc<Shared>, topo: &mut Topology, fault: &Fault) {
         Fault::Canary5xx(_) => topo.canary.fail_percent.store(0, Ordering::SeqCst),
         Fault::CanaryDead => topo.canary.revive().await,
         Fault::Canary(_) => topo.canary.misbehave(None),
-        Fault::RedisKill => topo.redis.restart().await,
-        Fault::RedisPause => signal(topo.redis.pid(), libc::SIGCONT),
+        Fault::RedisKill => {
+            // The one that is down: with a sentinel, a replica of whichever server is the
+            // primary now (itself still, when no failover happened: then restarted empty).
+            let down = (0..topo.redis.len())
+                .find(|i| topo.redis[*i].pid().is_none())
+                .expect("a server down");
+            let primary = topo.primary().await;
+            if topo.sentinel.is_some() && primary != down {
+                let port = topo.redis[primary].port;
+                topo.redis[down].restart_as_replica_of(port).await;
+            } else {
+                topo.redis[down].restart().await;
+            }
+        }
+        Fault::RedisPause => {
+            if let Some(p) = topo.paused.take() {
+                signal(topo.redis[p].pid(), libc::SIGCONT);
+            }
+        }
         Fault::ReplicaPause { replica } => {
             signal(Some(topo.replicas[*replica].pid()), libc::SIGCONT);
             shared.up[*replica].store(true, Ordering::SeqCst);
@@ -1785,7 +1905,7 @@ async fn run_plan(
         stop_watch: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
     });
-    let mut topo = start_topology(&shared, plant).await;
+    let mut topo = start_topology(&shared, plant, Variant::of(seed)).await;
     let ports = [0, 1, 2].map(|r| topo.replicas[r].port);
     let admin = [0, 1, 2].map(|r| topo.replicas[r].admin_port);
     // The schedule's clock starts with the load.
@@ -1998,7 +2118,8 @@ fn write_history(
     ));
     tl.sort_by_key(|l| l.0);
     let mut text = format!(
-        "chaos seed {seed}, CHAOS_SECONDS={seconds}: {} steps planned, {} requests sent\n",
+        "chaos seed {seed}, CHAOS_SECONDS={seconds}, on {}: {} steps planned, {} requests sent\n",
+        Variant::of(seed).describe(),
         plan.len(),
         h.requests.len()
     );
@@ -2038,7 +2159,10 @@ mod erased {
 async fn run_seeds(seeds: &[u64], seconds: u64) {
     let mut failed = Vec::new();
     for &seed in seeds {
-        println!("chaos: seed {seed}, {seconds} s (replay: make chaos SEED={seed} CHAOS_SECONDS={seconds})");
+        println!(
+            "chaos: seed {seed}, {seconds} s, on {} (replay: make chaos SEED={seed} CHAOS_SECONDS={seconds})",
+            Variant::of(seed).describe()
+        );
         let (_, verdicts, totals) = run_seed(seed, seconds).await;
         println!("{}", table(seed, &verdicts));
         println!(
@@ -2065,7 +2189,7 @@ fn env_u64(k: &str) -> Option<u64> {
 /// The three seeds CI runs (`make test`), `CHAOS_SECONDS` (default 30) each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_ci_fixed_seeds() {
-    run_seeds(&[1, 2, 3], env_u64("CHAOS_SECONDS").unwrap_or(30)).await;
+    run_seeds(&[1, 3, 4], env_u64("CHAOS_SECONDS").unwrap_or(30)).await;
 }
 
 /// A real planted bug: the fleet started with `retry_on_stable = false`, the canary

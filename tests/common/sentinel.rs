@@ -9,6 +9,17 @@ use super::ports::{self, ReservedPort};
 use super::{eventually, Redis};
 
 impl Redis {
+    /// Restarts this server (empty) as a replica of the server on `primary_port`, returned
+    /// once it answers PING (its link to the primary comes up by itself).
+    pub async fn restart_as_replica_of(&mut self, primary_port: u16) {
+        self.extra = vec![
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary_port.to_string(),
+        ];
+        self.restart().await;
+    }
+
     /// A server replicating `primary`, returned once its link to the primary is up.
     pub async fn start_replica_of(primary: &Redis) -> Redis {
         let mut r = Redis::new(false);
