@@ -137,6 +137,8 @@ pub struct Metrics {
     pub fleet_config_skew: IntGaugeVec,
     /// Edge rejections (framing, limits, deadlines), handles resolved at start.
     pub edge: EdgeMetrics,
+    /// What each route's shadow (dark launch) saw; rendered at scrape.
+    pub shadows: Arc<crate::stats::shadow::Shadows>,
     /// Per-route handles by name, so counters and analysis windows outlive reloads.
     /// Locked only when a config is published.
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
@@ -514,6 +516,7 @@ impl Metrics {
         Ok(Metrics {
             registry: r,
             series,
+            shadows: Arc::default(),
             events,
             reloads,
             fleet_connected,
@@ -538,6 +541,7 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|name, _| keep(name));
+        self.shadows.retain(&keep);
         let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
         let gone: Vec<String> = series
             .routes

@@ -157,6 +157,7 @@ fn route(name: &str, canary_buckets: u32, analysis: AnalysisRules) -> Route {
         health: None,
         analysis,
         steps: Vec::new(),
+        shadow: None,
     }
 }
 

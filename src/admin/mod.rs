@@ -317,6 +317,7 @@ impl AdminApp {
                         "canary": totals(Track::Canary),
                         "retried_on_stable": live.route_metrics.get(i).map(|m| m.retried_on_stable.get()),
                     },
+                    "shadow": r.shadow.as_ref().map(|s| shadow_json(s, self.shared.live.metrics.shadows.get(&r.name).as_deref())),
                 })
             })
             .collect();
@@ -534,4 +535,55 @@ impl ServeHttp for AdminApp {
             _ => error(StatusCode::NOT_FOUND, format!("no admin endpoint {path}")),
         }
     }
+}
+
+/// A route's dark launch in the status: its settings and what its shadow saw (copies,
+/// drops, errors and p99 beside stable's, the compared answers and the fields that
+/// differ, most first, with examples; noise apart).
+fn shadow_json(
+    s: &crate::config::ShadowSettings,
+    seen: Option<&crate::stats::shadow::ShadowStats>,
+) -> serde_json::Value {
+    use crate::stats::shadow::Dropped;
+    use std::sync::atomic::Ordering::Relaxed;
+    let report = seen.map(|x| x.report()).unwrap_or_default();
+    let mut fields: Vec<_> = report
+        .entries
+        .iter()
+        .filter(|(_, _, e)| e.differences > 0)
+        .collect();
+    fields.sort_by_key(|e| std::cmp::Reverse(e.2.differences));
+    let n = |f: fn(&crate::stats::shadow::ShadowStats) -> u64| seen.map_or(0, f);
+    json!({
+        "share_percent": buckets_to_percent(s.share_buckets),
+        "methods": s.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+        "amplify": s.amplify,
+        "mirrored": n(|x| x.mirrored.load(Relaxed)),
+        "sent": n(|x| x.sent.load(Relaxed)),
+        "errors": n(|x| x.errors.load(Relaxed)),
+        "dropped": Dropped::ALL.iter().map(|d| (d.as_str().to_string(), json!(seen.map_or(0, |x| x.dropped_count(*d))))).collect::<serde_json::Map<_, _>>(),
+        "compared": n(|x| x.compared.load(Relaxed)),
+        "differing": n(|x| x.differing.load(Relaxed)),
+        "diff_rate": seen.map_or(0.0, |x| x.diff_rate()),
+        "p99_ms": {
+            "shadow": report.shadow_p99 * 1000.0,
+            "stable": report.stable_p99 * 1000.0,
+        },
+        "differences": fields.iter().take(20).map(|(path, field, e)| json!({
+            "path": path,
+            "field": field,
+            "count": e.differences,
+            "examples": e.examples.iter().map(|x| json!({
+                "request_id": x.request_id,
+                "path": x.path,
+                "stable": x.stable,
+                "shadow": x.shadow,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "noise": report.entries.iter().filter(|(_, _, e)| e.noise > 0).map(|(path, field, e)| json!({
+            "path": path,
+            "field": field,
+            "seen": e.noise,
+        })).collect::<Vec<_>>(),
+    })
 }

@@ -582,10 +582,94 @@ pub struct RouteFile {
     pub analysis: Option<AnalysisFile>,
     /// Progressive rollout. Default: none (the weight is `canary_weight`).
     pub rollout: Option<RolloutFile>,
+    /// Dark launch: mirror a share of stable's users' requests to the canary (or to
+    /// `endpoints`) off the request path and compare the answers. Default: none.
+    pub shadow: Option<ShadowFile>,
     /// The version most users get. Required, with at least one endpoint.
     pub stable: PoolFile,
     /// The version under test. Optional; required when `canary_weight > 0`.
     pub canary: Option<PoolFile>,
+}
+
+/// `[routes.shadow]`: a dark launch. Requests of a share of stable's users are copied to
+/// the shadow after the user's answer went out, and the two answers compared.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowFile {
+    /// Percent of users (by the route's sticky hash, so a user's whole session) whose
+    /// requests to stable are mirrored, `0..=100`. Default `100`.
+    #[serde(default = "default_shadow_share")]
+    pub share: f64,
+    /// Methods mirrored. Default `["GET", "HEAD"]`: only requests without side effects.
+    #[serde(default = "default_shadow_methods")]
+    pub methods: Vec<String>,
+    /// Each mirrored request is sent this many times (load the shadow to N× the mirrored
+    /// traffic), `1..=20`; only the first copy's answer is compared. Default `1`.
+    #[serde(default = "default_one")]
+    pub amplify: u32,
+    /// Copies at the shadow at once, per process. Default `64`.
+    #[serde(default = "default_shadow_in_flight")]
+    pub max_in_flight: usize,
+    /// Mirrored requests waiting for a free slot; past it they are dropped (counted).
+    /// Default `1000`.
+    #[serde(default = "default_shadow_queue")]
+    pub queue: usize,
+    /// Header set to `1` on every copy, so the app can avoid side effects. Default
+    /// `"x-kanaria-shadow"`.
+    #[serde(default = "default_shadow_marker")]
+    pub marker_header: String,
+    /// How much of a request's body, and of each answer's body, is kept: a request with a
+    /// larger body is not mirrored; answers past it are compared by their first bytes.
+    /// Default `"64KiB"`.
+    pub compare_body_limit: Option<String>,
+    /// Answer headers compared. Default `["content-type"]`.
+    #[serde(default = "default_compare_headers")]
+    pub compare_headers: Vec<String>,
+    /// Percent of mirrored requests also sent to stable a second time, so the fields in
+    /// which stable differs from itself (timestamps, ids) are known as noise. The first 3
+    /// requests of each path template are always probed. Default `10`.
+    #[serde(default = "default_noise_share")]
+    pub noise_share: f64,
+    /// `IP:PORT` of a separate shadow pool. Default: the canary pool.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// `"http1"` (default) or `"h2c"`, for `endpoints`.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// How long a copy may take at the shadow. Default `"5s"`.
+    pub timeout: Option<String>,
+}
+
+fn default_shadow_share() -> f64 {
+    100.0
+}
+
+fn default_shadow_methods() -> Vec<String> {
+    vec!["GET".into(), "HEAD".into()]
+}
+
+fn default_one() -> u32 {
+    1
+}
+
+fn default_shadow_in_flight() -> usize {
+    64
+}
+
+fn default_shadow_queue() -> usize {
+    1000
+}
+
+fn default_shadow_marker() -> String {
+    "x-kanaria-shadow".into()
+}
+
+fn default_compare_headers() -> Vec<String> {
+    vec!["content-type".into()]
+}
+
+fn default_noise_share() -> f64 {
+    10.0
 }
 
 /// `[routes.stable]` / `[routes.canary]`

@@ -384,6 +384,29 @@ pub struct Route<P = PoolSettings> {
     pub analysis: AnalysisRules,
     /// Empty: no progressive rollout.
     pub steps: Vec<Step>,
+    /// The dark launch (`[routes.shadow]`).
+    pub shadow: Option<ShadowSettings>,
+}
+
+/// `[routes.shadow]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowSettings {
+    /// Users whose bucket is below this are mirrored (of `split::BUCKETS`).
+    pub share_buckets: u32,
+    pub methods: Vec<http::Method>,
+    pub amplify: u32,
+    pub max_in_flight: usize,
+    pub queue: usize,
+    pub marker: http::HeaderName,
+    pub body_limit: usize,
+    pub compare_headers: Vec<http::HeaderName>,
+    /// Mirrored requests whose id hashes below this (of `split::BUCKETS`) are also sent to
+    /// stable again.
+    pub noise_buckets: u32,
+    /// Empty: the canary pool.
+    pub endpoints: Vec<std::net::SocketAddr>,
+    pub h2c: bool,
+    pub timeout: Duration,
 }
 
 impl<P> Route<P> {
@@ -415,6 +438,7 @@ impl<P> Route<P> {
             health: self.health.clone(),
             analysis: self.analysis.clone(),
             steps: self.steps.clone(),
+            shadow: self.shadow.clone(),
         }
     }
 }

@@ -42,6 +42,7 @@ pub mod edge;
 pub mod edge_ctx;
 pub mod h2;
 pub mod headers;
+pub mod shadow;
 pub mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -112,6 +113,8 @@ pub struct Ctx {
     /// Which of the headers [`decorate_response`] adds the upstream's answer carries, from
     /// the scan in `upstream_response_filter` (`None`: not scanned).
     response_carries: Option<u32>,
+    /// A request mirrored to the route's shadow: its copy and stable's answer so far.
+    shadow: Option<Box<shadow::Capture>>,
 }
 
 impl Drop for Ctx {
@@ -384,16 +387,52 @@ pub struct KanariaProxy {
     ids: RequestIds,
     issued_ids: crate::split::issued::IssuedIds,
     access_log: Option<Arc<access_log::AccessLog>>,
+    mirror: Arc<shadow::Mirror>,
 }
 
 impl KanariaProxy {
     pub fn new(shared: Arc<LiveHandle>) -> Self {
+        let mirror = Arc::new(shadow::Mirror::new(shared.metrics.shadows.clone()));
         KanariaProxy {
             shared,
             ids: RequestIds::new(),
             issued_ids: crate::split::issued::IssuedIds::new(),
             access_log: None,
+            mirror,
         }
+    }
+
+    /// Starts a request's copy for the route's shadow when it is one the shadow mirrors
+    /// (see [`shadow::chosen`]).
+    fn capture_for_shadow(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+        r: &Route,
+        client: Option<std::net::IpAddr>,
+    ) {
+        let Some(s) = &r.shadow else {
+            return;
+        };
+        let req = session.req_header();
+        let bucket = r
+            .split
+            .bucket_of(&req.headers, client, ctx.edge.issued_key());
+        if !shadow::chosen(s, &req.method, bucket) {
+            return;
+        }
+        let id_name = ctx
+            .live
+            .as_ref()
+            .map(|l| &l.snapshot.headers.request_id.name);
+        let id = ctx
+            .generated_request_id
+            .as_ref()
+            .or_else(|| id_name.and_then(|n| req.headers.get(n)))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        ctx.shadow = Some(Box::new(shadow::Capture::new(req, id, s)));
     }
 
     /// Writes one access log line per request to `log` (see [`access_log`]).
@@ -503,6 +542,7 @@ impl ProxyHttp for KanariaProxy {
             rollback_generation: 0,
             edge: edge_ctx::EdgeCtx::default(),
             response_carries: None,
+            shadow: None,
         })
     }
 
@@ -593,6 +633,7 @@ impl ProxyHttp for KanariaProxy {
                 version.as_str()
             );
         }
+        let decision_full = decision;
         let decision = decision.map(|d| d.0);
         ctx.live = Some(live);
         ctx.route = route;
@@ -609,6 +650,12 @@ impl ProxyHttp for KanariaProxy {
         ctx.version = Some(version);
         if let Some(m) = ctx.route_metrics() {
             ctx.rollback_generation = m.canary_rollbacks.generation();
+        }
+        if let Some((Track::Stable, crate::split::Reason::Sticky)) = decision_full {
+            // Only a route with a shadow pays for this (an `Arc` clone, a hash).
+            if let Some(r) = ctx.route().filter(|r| r.shadow.is_some()).cloned() {
+                self.capture_for_shadow(session, ctx, &r, client);
+            }
         }
         Ok(false)
     }
@@ -788,10 +835,13 @@ impl ProxyHttp for KanariaProxy {
     async fn request_body_filter(
         &self,
         _session: &mut Session,
-        _body: &mut Option<Bytes>,
+        body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
+        if let (Some(c), Some(b)) = (ctx.shadow.as_mut(), body.as_ref()) {
+            c.request_body(b);
+        }
         if end_of_stream && ctx.awaiting_head && ctx.in_flight.is_none() {
             let now = Instant::now();
             ctx.attempt_start = now;
@@ -1052,6 +1102,12 @@ impl ProxyHttp for KanariaProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
+        if let Some(c) = ctx.shadow.as_mut() {
+            c.answer_head(
+                upstream_response.status.as_u16(),
+                &upstream_response.headers,
+            );
+        }
         let cleaned = match ctx.live.as_ref() {
             Some(live) => crate::proxy::headers::clean_upstream_response(
                 upstream_response,
@@ -1124,10 +1180,13 @@ impl ProxyHttp for KanariaProxy {
     fn upstream_response_body_filter(
         &self,
         _session: &mut Session,
-        _body: &mut Option<Bytes>,
+        body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Box<Ctx>,
     ) -> Result<Option<Duration>> {
+        if let (Some(c), Some(b)) = (ctx.shadow.as_mut(), body.as_ref()) {
+            c.answer_body(b);
+        }
         if end_of_stream && ctx.answer_in_flight.is_some() {
             ctx.answer_done(Instant::now());
         }
@@ -1271,6 +1330,15 @@ impl ProxyHttp for KanariaProxy {
         let Some(version) = ctx.version else {
             return;
         };
+        // Mirrored once the user's answer went out whole from stable.
+        if let Some(c) = ctx.shadow.take() {
+            if e.is_none() && version == Track::Stable && ctx.upstream_status.is_some() {
+                if let Some(r) = ctx.route().cloned() {
+                    let stable_seconds = ctx.attempt_latency.unwrap_or(0.0);
+                    self.mirror.offer(r, *c, stable_seconds);
+                }
+            }
+        }
         let Some(m) = ctx.track_metrics(version) else {
             return;
         };

@@ -2,9 +2,12 @@
 //! of the live config read from it at scrape time (each would otherwise be a series of the
 //! `prometheus` crate, ~450 bytes apiece: ~11 per route).
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use crate::metrics::{family_head, sample};
 use crate::rollout::phase::STATES;
 use crate::split::buckets_to_percent;
+use crate::stats::shadow::{Dropped, ShadowStats};
 
 use super::{LiveHandle, Route};
 
@@ -177,7 +180,93 @@ impl LiveHandle {
                 );
             }
         };
+        // The dark launch: what each route's shadow saw (routes that had one in this
+        // process; a removed route's are forgotten with its other series).
+        let shadows = self.metrics.shadows.all();
+        let shadow_counter =
+            |name: &'static str, help: &'static str, get: fn(&ShadowStats) -> u64| {
+                let shadows = &shadows;
+                move |out: &mut String| {
+                    if shadows.is_empty() {
+                        return;
+                    }
+                    family_head(out, name, help, "counter");
+                    for (route, s) in shadows {
+                        sample(out, name, &[("route", route.as_str())], get(s) as f64);
+                    }
+                }
+            };
+        let shadow_requests = shadow_counter(
+            "kanaria_shadow_requests_total",
+            "Copies of mirrored requests sent to the shadow (each mirrored request `amplify` times).",
+            |s| s.sent.load(Relaxed),
+        );
+        let shadow_errors = shadow_counter(
+            "kanaria_shadow_errors_total",
+            "Copies the shadow failed: no answer in time, or a 5xx.",
+            |s| s.errors.load(Relaxed),
+        );
+        let shadow_compared = shadow_counter(
+            "kanaria_shadow_compared_total",
+            "Mirrored requests whose shadow answer was compared with stable's.",
+            |s| s.compared.load(Relaxed),
+        );
+        let shadow_dropped = |out: &mut String| {
+            let name = "kanaria_shadow_dropped_total";
+            if shadows.is_empty() {
+                return;
+            }
+            family_head(
+                out,
+                name,
+                "Mirrored requests not sent to the shadow, by reason (queue_full, body_too_large).",
+                "counter",
+            );
+            for (route, s) in &shadows {
+                for d in Dropped::ALL {
+                    sample(
+                        out,
+                        name,
+                        &[("reason", d.as_str()), ("route", route.as_str())],
+                        s.dropped_count(d) as f64,
+                    );
+                }
+            }
+        };
+        let shadow_differences = |out: &mut String| {
+            let name = "kanaria_shadow_differences_total";
+            if shadows.is_empty() {
+                return;
+            }
+            family_head(
+                out,
+                name,
+                "Compared answers in which the shadow differed from stable, by field (noise excluded; every path template summed).",
+                "counter",
+            );
+            for (route, s) in &shadows {
+                let mut by_field: std::collections::BTreeMap<String, u64> = Default::default();
+                for (_, field, e) in s.report().entries {
+                    if e.differences > 0 {
+                        *by_field.entry(field).or_default() += e.differences;
+                    }
+                }
+                for (field, n) in by_field {
+                    sample(
+                        out,
+                        name,
+                        &[("field", field.as_str()), ("route", route.as_str())],
+                        n as f64,
+                    );
+                }
+            }
+        };
         self.metrics.render_with(&[
+            ("kanaria_shadow_compared_total", &shadow_compared),
+            ("kanaria_shadow_differences_total", &shadow_differences),
+            ("kanaria_shadow_dropped_total", &shadow_dropped),
+            ("kanaria_shadow_errors_total", &shadow_errors),
+            ("kanaria_shadow_requests_total", &shadow_requests),
             ("kanaria_canary_weight_percent", &weight),
             ("kanaria_dns_failures_total", &dns_failures),
             ("kanaria_endpoint_healthy", &healthy),

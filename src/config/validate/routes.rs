@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use super::check::{parse_endpoint, valid_name, Check};
 use crate::config::errors::KeyPath;
-use crate::config::file::{AnalysisFile, HealthFile, PoolFile, RolloutFile, RouteFile};
+use crate::config::file::{AnalysisFile, HealthFile, PoolFile, RolloutFile, RouteFile, ShadowFile};
 use crate::config::{
     grpc_code, AnalysisRules, HealthSettings, LatencyTo, PoolSettings, ProxySettings, Route,
-    StableDown, Step, Timeouts, WeightSource,
+    ShadowSettings, StableDown, Step, Timeouts, WeightSource,
 };
 use crate::split::issued::IssuedCookie;
 use crate::split::{seed_for, weight_to_buckets, OverrideRule, SplitRule, StickySource};
@@ -171,6 +171,15 @@ pub(super) fn route(
         }
     };
     let health = r.health.as_ref().map(|h| health(c, &path.key("health"), h));
+    let shadow = r.shadow.as_ref().map(|s| {
+        if r.canary.is_none() && s.endpoints.is_empty() {
+            c.err(
+                path.key("shadow"),
+                "a shadow needs a [routes.canary] pool or its own endpoints",
+            );
+        }
+        shadow(c, &path.key("shadow"), s)
+    });
     let default_analysis = AnalysisFile::default();
     let analysis = analysis(
         c,
@@ -237,6 +246,11 @@ pub(super) fn route(
             .map_or(timeouts.read, |l| (2 * l).min(timeouts.read)),
     };
     let header = header.unwrap_or(None);
+    let shadow = match shadow {
+        Some(Some(s)) => Some(s),
+        Some(None) => return None,
+        None => None,
+    };
     if !ok || (r.override_header.is_some() && header.is_none()) {
         return None;
     }
@@ -252,6 +266,7 @@ pub(super) fn route(
         health,
         analysis,
         steps: steps?,
+        shadow,
         issued_cookie: match sticky.iter().find_map(|s| match s {
             StickySource::IssuedCookie(name) => Some(name.clone()),
             _ => None,
@@ -557,6 +572,121 @@ fn rollout(c: &mut Check, path: &KeyPath, r: &RolloutFile) -> Option<Vec<Step>> 
         }
     }
     ok.then_some(steps)
+}
+
+/// `[routes.shadow]`: every error reported, each at its key; `None` when any.
+fn shadow(c: &mut Check, path: &KeyPath, s: &ShadowFile) -> Option<ShadowSettings> {
+    let before = c.errors.len();
+    let percent = |c: &mut Check, key: &str, v: f64| match weight_to_buckets(v) {
+        Ok(b) => b,
+        Err(e) => {
+            c.err(path.key(key), e);
+            0
+        }
+    };
+    let share_buckets = percent(c, "share", s.share);
+    let noise_buckets = percent(c, "noise_share", s.noise_share);
+    let mut methods = Vec::new();
+    for (i, m) in s.methods.iter().enumerate() {
+        match http::Method::from_bytes(m.as_bytes()) {
+            Ok(x) if m.bytes().all(|b| b.is_ascii_uppercase()) => methods.push(x),
+            _ => c.err(
+                path.key("methods").index(i),
+                format!("{m:?} is not a method in capitals (e.g. \"GET\")"),
+            ),
+        }
+    }
+    if !(1..=20).contains(&s.amplify) {
+        c.err(
+            path.key("amplify"),
+            format!("{} is not in 1..=20", s.amplify),
+        );
+    }
+    if !(1..=10_000).contains(&s.max_in_flight) {
+        c.err(
+            path.key("max_in_flight"),
+            format!("{} is not in 1..=10000", s.max_in_flight),
+        );
+    }
+    if !(1..=1_000_000).contains(&s.queue) {
+        c.err(
+            path.key("queue"),
+            format!("{} is not in 1..=1000000", s.queue),
+        );
+    }
+    let marker = c.header_name(path.key("marker_header"), &s.marker_header);
+    let body_limit = match s.compare_body_limit.as_deref() {
+        None => Some(64 * 1024),
+        Some(v) => match byte_size(v) {
+            Some(n) if n <= 16 << 20 => Some(n),
+            _ => {
+                let msg = format!("{v:?} is not a size of at most 16MiB");
+                c.err(
+                    path.key("compare_body_limit"),
+                    msg + " (e.g. \"64KiB\", \"1MiB\", \"4096\")",
+                );
+                None
+            }
+        },
+    };
+    let compare_headers: Vec<_> = s
+        .compare_headers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| c.header_name(path.key("compare_headers").index(i), h))
+        .collect();
+    let endpoints: Vec<_> = s
+        .endpoints
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| c.socket_addr(path.key("endpoints").index(i), e))
+        .collect();
+    let h2c = match s.protocol.as_str() {
+        "http1" => false,
+        "h2c" => true,
+        other => {
+            c.err(
+                path.key("protocol"),
+                format!("{other:?} is not \"http1\" or \"h2c\""),
+            );
+            false
+        }
+    };
+    let timeout = match s.timeout.as_deref() {
+        None => Some(Duration::from_secs(5)),
+        Some(t) => c.duration(path.key("timeout"), t),
+    };
+    if c.errors.len() > before {
+        return None;
+    }
+    Some(ShadowSettings {
+        share_buckets,
+        methods,
+        amplify: s.amplify,
+        max_in_flight: s.max_in_flight,
+        queue: s.queue,
+        marker: marker?,
+        body_limit: body_limit?,
+        compare_headers,
+        noise_buckets,
+        endpoints,
+        h2c,
+        timeout: timeout?,
+    })
+}
+
+/// `"64KiB"`, `"1MiB"`, `"4096"` (bytes): a size in bytes.
+fn byte_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let n: usize = s.get(..digits)?.parse().ok()?;
+    let unit = match s.get(digits..)?.trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "k" => 1024,
+        "MiB" | "MB" | "M" => 1 << 20,
+        _ => return None,
+    };
+    n.checked_mul(unit)
 }
 
 #[cfg(test)]
