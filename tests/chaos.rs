@@ -524,13 +524,14 @@ impl History {
     }
 
     /// Whether replica `r` was up (not frozen) and reached a Redis that answered for the
-    /// whole of `a..=b`.
+    /// whole of `a..=b` (no Sentinel failover either, planned or not).
     fn in_touch(&self, r: usize, a: u64, b: u64) -> bool {
         !self.down(r, a, b)
             && !self.overlaps("replica_pause", Some(r), a, b)
             && !self.overlaps("relay_cut", Some(r), a, b)
             && !self.overlaps("redis_kill", None, a, b)
             && !self.overlaps("redis_pause", None, a, b)
+            && !self.overlaps("store_failover", None, a, b)
     }
 
     /// Resumes (and new versions) that took, `(sent, answered)`, by send time.
@@ -1507,6 +1508,59 @@ fn start_watch(shared: Arc<Shared>, admin: [u16; 3]) -> tokio::task::JoinHandle<
     })
 }
 
+/// With Sentinel: asks the sentinel which server is the primary every 100 ms, and records
+/// each change as a `store_failover` (the schedule's or not: a primary starved past the
+/// sentinel's 500 ms `down-after` on a loaded machine is failed over too). The store is
+/// not to be trusted from 1.5 s before the change was seen (the old primary stopped
+/// answering, writes not yet replicated may be lost) to 1 s after it (the replicas find the
+/// new primary at their next poll, 500 ms).
+fn start_sentinel_watch(shared: Arc<Shared>, port: u16) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut known: Option<String> = None;
+        let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+        while !shared.stop_watch.load(Ordering::SeqCst) {
+            if conn.is_none() {
+                if let Ok(c) = redis::Client::open(format!("redis://127.0.0.1:{port}/")) {
+                    conn = c.get_multiplexed_async_connection().await.ok();
+                }
+            }
+            let named = match conn.as_mut() {
+                Some(c) => redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg("chaos")
+                    .query_async::<(String, String)>(c)
+                    .await
+                    .ok()
+                    .map(|(h, p)| format!("{h}:{p}")),
+                None => None,
+            };
+            if named.is_none() {
+                conn = None;
+            }
+            if let Some(named) = named {
+                if known.as_ref().is_some_and(|k| *k != named) {
+                    let at = shared.now();
+                    let detail = format!(
+                        "the sentinel names another primary: {} -> {named}",
+                        known.as_deref().unwrap_or("")
+                    );
+                    shared.record(|h| {
+                        h.faults.push(FaultRec {
+                            fault: "store_failover".into(),
+                            detail,
+                            replica: None,
+                            start_us: at.saturating_sub(1_500_000),
+                            end_us: at + 1_000_000,
+                        })
+                    });
+                }
+                known = Some(named);
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    })
+}
+
 /// What a run injected and sent, for the report.
 #[derive(Default, Debug)]
 struct Totals {
@@ -1912,6 +1966,10 @@ async fn run_plan(
     let start = shared.now();
     let load = start_load(shared.clone(), ports, seed);
     let watch = start_watch(shared.clone(), admin);
+    let sentinel_watch = topo
+        .sentinel
+        .as_ref()
+        .map(|s| start_sentinel_watch(shared.clone(), s.port));
     let mut totals = Totals::default();
     let mut open: HashMap<String, u64> = HashMap::new();
     let mut actions = Vec::new();
@@ -1989,6 +2047,9 @@ async fn run_plan(
     }
     shared.stop_watch.store(true, Ordering::SeqCst);
     let _ = watch.await;
+    if let Some(w) = sentinel_watch {
+        let _ = w.await;
+    }
     // A replica that died since the last sample.
     for (r, p) in topo.replicas.iter_mut().enumerate() {
         if let Some(st) = p.try_wait() {
@@ -2010,6 +2071,20 @@ async fn run_plan(
     drop(topo);
     let history = std::mem::take(&mut *shared.history.lock().unwrap());
     totals.requests = history.requests.len() as u64;
+    let unplanned = history
+        .faults
+        .iter()
+        .filter(|f| f.fault == "store_failover")
+        .filter(|f| {
+            !history.overlaps("redis_kill", None, f.start_us, f.end_us)
+                && !history.overlaps("redis_pause", None, f.start_us, f.end_us)
+        })
+        .count() as u64;
+    if unplanned > 0 {
+        totals
+            .faults
+            .insert("store_failover_unplanned".into(), unplanned);
+    }
     let verdicts = check_all(&history);
     write_history(seed, seconds, &plan, &history, &verdicts, &totals, &logs);
     (history, verdicts, totals)

@@ -1390,6 +1390,96 @@ async fn a_sentinel_failover_under_load_loses_no_request_and_a_rollback_during_i
     eprintln!("{sent} requests, 0 failed, across the failover");
 }
 
+/// A failover the replicas' own connections do not notice: the sentinel names another
+/// primary while the old one still answers reads and writes as a primary (it was starved
+/// or cut off from the sentinel, not from the replicas; Redis demotes it only when the
+/// sentinel sees it again, up to 10 s later). Here the replica is promoted and the sentinel
+/// made to monitor it while the old primary stays a primary. Every replica follows the
+/// sentinel to the new primary at its next poll, and a rollback posted after it is written
+/// there and reaches all. (Before, a replica asked the sentinel again only after a failed
+/// poll: all three stayed on the old primary for as long as it answered, and a replica
+/// restarted meanwhile went to the new one: the fleet split; `make chaos` seeds 302869 and
+/// 836038.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_follow_the_sentinel_to_a_new_primary_the_old_one_still_answering() {
+    use common::sentinel::Sentinel;
+    let primary = Redis::start().await;
+    let replica = Redis::start_replica_of(&primary).await;
+    let sentinel = Sentinel::start(&primary, "kmaster", 1).await;
+    let url = format!("redis+sentinel://127.0.0.1:{}/kmaster/0", sentinel.port);
+    let each = [0, 1, 2].map(|_| (url.clone(), String::new()));
+    let fleet = Fleet::start_each(20.0, "", each).await;
+    let first = format!("127.0.0.1:{}", primary.port);
+    fleet
+        .converge("20% everywhere, on the first primary", |s| {
+            weight_of(s) == 20.0 && s["fleet"]["primary"] == first.as_str()
+        })
+        .await;
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}/", sentinel.port))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut promoted = redis::Client::open(format!("redis://127.0.0.1:{}/", replica.port))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: String = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut promoted)
+        .await
+        .unwrap();
+    for cmd in [
+        vec!["REMOVE".to_string(), "kmaster".into()],
+        vec![
+            "MONITOR".into(),
+            "kmaster".into(),
+            "127.0.0.1".into(),
+            replica.port.to_string(),
+            "1".into(),
+        ],
+    ] {
+        let _: String = redis::cmd("SENTINEL")
+            .arg(&cmd)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let replica_port = replica.port;
+    eventually(
+        "the sentinel to name the replica",
+        Duration::from_secs(30),
+        || {
+            let sentinel = &sentinel;
+            async move {
+                match sentinel.primary_port().await {
+                    Some(p) if p == replica_port => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    let second = format!("127.0.0.1:{}", replica.port);
+    fleet
+        .converge("every replica on the new primary", |s| {
+            s["fleet"]["primary"] == second.as_str() && s["fleet"]["connected"] == true
+        })
+        .await;
+    let (code, body) = fleet.act(1, "rollback", "{}").await;
+    assert_eq!(code, 200, "{body}");
+    fleet
+        .converge("the rollback everywhere", |s| state_of(s) == "rolled_back")
+        .await;
+    let rec = record(&replica).await;
+    assert_eq!(rec["rolled_back"], true, "{rec}");
+    // The old primary, still a primary, was left behind: it never got the rollback.
+    let old = record(&primary).await;
+    assert_ne!(old["rolled_back"], true, "{old}");
+}
+
 /// The store goes back in time without losing its incarnation, as after a failover to a
 /// replica that had not received the last writes (Redis replication is asynchronous): the
 /// record is set back to an older generation. The replicas do not follow it back; the

@@ -1001,8 +1001,8 @@ impl FleetService {
         Ok(())
     }
 
-    /// Finds the primary (at start; with Sentinel, again after a failed poll) and moves
-    /// the connections to it when it changed.
+    /// Finds the primary (at start; with Sentinel, before every poll) and moves the
+    /// connections to it when it changed.
     async fn find_primary(&self, target: &mut Target, link: &CurrentLink) {
         let client = match target.primary().await {
             Ok(c) => c,
@@ -1049,7 +1049,13 @@ impl FleetService {
         let every = self.fleet.settings.poll_interval;
         let mut failed = true;
         loop {
-            if failed && (target.is_sentinel() || link.load().is_none()) {
+            // With Sentinel the primary is asked for before every poll, not only after a
+            // failed one: a primary the sentinel failed over from may still answer (it was
+            // starved or cut off from the sentinel, not from this replica; or demoted, when
+            // reads still succeed), and a replica that stayed on it would split from those
+            // on the new one until the sentinel demotes it, up to its 10 s INFO period.
+            // Found by `make chaos` (seeds 302869, 836038).
+            if target.is_sentinel() || (failed && link.load().is_none()) {
                 self.find_primary(&mut target, &link).await;
             }
             let Some(current) = link.load_full() else {
