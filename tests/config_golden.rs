@@ -200,6 +200,7 @@ fn the_demo_config_is_pinned() {
         .map(|(buckets, hold)| Step {
             buckets,
             hold: secs(hold),
+            shadow: 0,
         })
         .to_vec();
     let expected = with_routes(

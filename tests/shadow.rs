@@ -38,6 +38,9 @@ struct App {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     hang: Arc<AtomicBool>,
+    /// With a capacity, each request takes 30 ms and one arriving while that many are in
+    /// flight is answered 503 (an app that fails only under more load than it has).
+    capacity: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -55,16 +58,18 @@ impl App {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let hang = Arc::new(AtomicBool::new(false));
-        let (s, h) = (seen.clone(), hang.clone());
+        let capacity = Arc::new(AtomicU64::new(0));
+        let in_flight = Arc::new(AtomicU64::new(0));
+        let (s, h, cap, busy) = (seen.clone(), hang.clone(), capacity.clone(), in_flight);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (s, h) = (s.clone(), h.clone());
+                let (s, h, cap, busy) = (s.clone(), h.clone(), cap.clone(), busy.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (s, h) = (s.clone(), h.clone());
+                        let (s, h, cap, busy) = (s.clone(), h.clone(), cap.clone(), busy.clone());
                         async move {
                             let method = req.method().to_string();
                             let path = req.uri().path().to_string();
@@ -78,6 +83,18 @@ impl App {
                             });
                             if h.load(Ordering::SeqCst) {
                                 std::future::pending::<()>().await;
+                            }
+                            let cap = cap.load(Ordering::SeqCst);
+                            if cap > 0 {
+                                let n = busy.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(30)).await;
+                                busy.fetch_sub(1, Ordering::SeqCst);
+                                if n >= cap {
+                                    return Ok(Response::builder()
+                                        .status(503)
+                                        .body(Full::new(Bytes::from_static(b"busy")))
+                                        .unwrap());
+                                }
                             }
                             let id: u64 = path.rsplit('/').next().unwrap().parse().unwrap_or(0);
                             let bump = if path.starts_with("/items/") {
@@ -110,6 +127,7 @@ impl App {
             addr,
             seen,
             hang,
+            capacity,
             task,
         }
     }
@@ -355,6 +373,88 @@ async fn a_dead_or_hanging_shadow_costs_users_nothing() {
     }
     let s = wait_shadow(&p, "errors", 10).await;
     assert_eq!(s["compared"], 0, "{s:#}");
+}
+
+/// A rollout that starts in the shadow: `{ shadow = 100 }` mirrors every stable user's
+/// requests, three copies each (`amplify = 3`), to a canary that has room for two requests
+/// at once. It fails only under that load; the analysis judges the copies as the canary's
+/// outcomes and rolls it back in the shadow step: no user ever reached it, and mirroring
+/// stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_fails_under_the_mirrored_load_is_rolled_back_before_any_user() {
+    let (stable, canary) = (App::start(0).await, App::start(0).await);
+    canary.capacity.store(2, Ordering::SeqCst);
+    let routes = format!(
+        "{}\n[routes.rollout]\nsteps = [{{ shadow = 100, hold = \"60s\" }}, {{ weight = 50 }}]\n[routes.analysis]\nwindow = \"10s\"\n",
+        routes(stable.addr, canary.addr, "amplify = 3")
+    );
+    let p = Proxy::builder().routes(&routes).start().await;
+    let load = common::Load::start(p.url("/users/1"), 2, 50);
+    let s = p
+        .wait_status("rolled back in the shadow step", |s| {
+            s["routes"][0]["rollout_state"] == "rolled_back"
+        })
+        .await;
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "users are answered by stable throughout");
+    assert!(ok > 0);
+    let r = &s["routes"][0];
+    assert_eq!(r["rollout"]["steps"][0]["shadow_percent"], 100.0, "{r:#}");
+    assert_eq!(
+        r["totals"]["canary"]["requests"], 0,
+        "no user on the canary: {r:#}"
+    );
+    let at_canary = canary.seen();
+    assert!(!at_canary.is_empty());
+    assert!(
+        at_canary.iter().all(|x| x.marked),
+        "a user's request reached the canary"
+    );
+    // Rolled back: no more copies.
+    let mirrored = shadow_status(&p).await["mirrored"].as_u64().unwrap();
+    let c = client();
+    for i in 0..10 {
+        let r = c
+            .get(p.url("/users/1"))
+            .header("x-user-id", format!("late{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(shadow_status(&p).await["mirrored"].as_u64(), Some(mirrored));
+}
+
+/// A healthy canary passes its shadow step and the rollout moves on to the first weighted
+/// step: users reach it then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passing_shadow_moves_on_to_the_first_weighted_step() {
+    let (stable, canary) = (App::start(0).await, App::start(0).await);
+    let routes = format!(
+        "{}\n[routes.rollout]\nsteps = [{{ shadow = 100, hold = \"2s\" }}, {{ weight = 50 }}]\n[routes.analysis]\nwindow = \"5s\"\n",
+        routes(stable.addr, canary.addr, "")
+    );
+    let p = Proxy::builder().routes(&routes).start().await;
+    let load = common::Load::start(p.url("/users/1"), 2, 50);
+    let s = p
+        .wait_status("on the weighted step", |s| {
+            s["routes"][0]["effective_weight_percent"] == 50.0
+        })
+        .await;
+    assert_eq!(s["routes"][0]["rollout"]["step"], 1, "{s:#}");
+    eventually("users on the canary", Duration::from_secs(20), || {
+        let n = canary.seen().iter().filter(|x| !x.marked).count();
+        async move {
+            if n > 0 {
+                Ok(())
+            } else {
+                Err("no user request at the canary yet")
+            }
+        }
+    })
+    .await;
+    let (_, failed) = load.stop().await;
+    assert_eq!(failed, 0);
 }
 
 /// `kanaria check` names each bad key of `[routes.shadow]`.

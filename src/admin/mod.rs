@@ -255,6 +255,7 @@ impl AdminApp {
                         "steps": r.steps.iter().map(|s| json!({
                             "weight_percent": buckets_to_percent(s.buckets),
                             "hold_seconds": s.hold.as_secs_f64(),
+                            "shadow_percent": (s.shadow > 0).then(|| buckets_to_percent(s.shadow)),
                         })).collect::<Vec<_>>(),
                     })
                 });

@@ -513,7 +513,12 @@ pub struct RolloutFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepFile {
+    /// Percent of users on the canary at this step (above 0), unless it is a shadow step.
+    #[serde(default)]
     pub weight: f64,
+    /// A shadow step instead (dark launch): no user on the canary, this percent of stable's
+    /// users mirrored to it (`[routes.shadow]` required). Shadow steps come first.
+    pub shadow: Option<f64>,
     /// How long analysis must pass at this weight. Default: none (next step at once).
     pub hold: Option<String>,
 }

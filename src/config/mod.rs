@@ -172,9 +172,12 @@ pub enum LatencyTo {
 /// One rollout step, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
-    /// Canary buckets (percent × 100).
+    /// Canary buckets (percent × 100); 0 for a shadow step.
     pub buckets: u32,
     pub hold: Duration,
+    /// A shadow step (dark launch, no user on the canary): the share of stable's users
+    /// mirrored meanwhile, in buckets; 0 for a weighted step.
+    pub shadow: u32,
 }
 
 /// What to do when every stable endpoint is down.

@@ -297,7 +297,15 @@ impl AnalysisLoop {
             {
                 self.shared.observe(&route.name, Input::Tick);
             }
-            if !route.analysis.enabled || route.canary.is_none() || route.split.canary_buckets == 0
+            // A canary with no user is judged while the route mirrors to it (the dark
+            // launch: its copies' outcomes are in the canary's window).
+            let shadowed = route
+                .shadow
+                .as_ref()
+                .is_some_and(|s| s.share_buckets > 0 && s.endpoints.is_empty());
+            if !route.analysis.enabled
+                || route.canary.is_none()
+                || (route.split.canary_buckets == 0 && !shadowed)
             {
                 continue;
             }

@@ -202,6 +202,8 @@ pub struct Fleet {
     /// backoff (up to 1 s), during which records published would reach this replica only
     /// by the next poll (issue 21: a rollback up to a poll interval late after Redis restarted).
     link_back: Notify,
+    /// Sentinel named another primary: the subscription moves there at once.
+    primary_moved: Notify,
 }
 
 /// The store's answer to a write an operator waits for.
@@ -254,6 +256,7 @@ impl Fleet {
             others: Mutex::new(HashMap::new()),
             poke: Notify::new(),
             link_back: Notify::new(),
+            primary_moved: Notify::new(),
         }))
     }
 
@@ -1032,6 +1035,9 @@ impl FleetService {
             client,
             primary: primary.clone(),
         })));
+        if before.is_some() {
+            self.fleet.primary_moved.notify_one();
+        }
         self.fleet.set_view(|v| {
             v.primary = primary;
             if before.is_some() {
@@ -1126,7 +1132,16 @@ impl FleetService {
                     backoff = Duration::from_millis(50);
                     self.fleet.poke.notify_one();
                     let mut stream = ps.into_on_message();
-                    while let Some(msg) = stream.next().await {
+                    let moved = loop {
+                        let msg = tokio::select! {
+                            msg = stream.next() => msg,
+                            // A subscription to a primary Sentinel failed over from may
+                            // live on and hear nothing more: subscribe on the new one now.
+                            _ = self.fleet.primary_moved.notified() => break true,
+                        };
+                        let Some(msg) = msg else {
+                            break false;
+                        };
                         let Ok(text) = msg.get_payload::<String>() else {
                             continue;
                         };
@@ -1134,6 +1149,10 @@ impl FleetService {
                             Ok(rec) => self.shared.adopt(rec),
                             Err(e) => log::warn!("fleet: unreadable record on the channel: {e}"),
                         }
+                    };
+                    if moved {
+                        log::info!("fleet: the primary moved; subscribing on the new one");
+                        continue;
                     }
                     log::info!("fleet: the subscription ended; re-subscribing");
                 }

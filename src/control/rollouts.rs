@@ -358,6 +358,22 @@ impl Control {
                     let (buckets, source) = rc.weight();
                     route.split.canary_buckets = if route.canary.is_some() { buckets } else { 0 };
                     route.weight_source = source;
+                    // The dark launch: during a shadow step, that step's share; none while
+                    // rolled back or cut off, or outside the shadow steps of a rollout that
+                    // has some.
+                    let step_share = rc
+                        .shadow_step()
+                        .and_then(|i| route.steps.get(i))
+                        .map(|s| s.shadow)
+                        .filter(|b| *b > 0);
+                    let mirrors = rc.mirrors();
+                    if let Some(sh) = route.shadow.as_mut() {
+                        sh.share_buckets = match (mirrors, step_share) {
+                            (false, _) => 0,
+                            (true, Some(b)) => b,
+                            (true, None) => sh.share_buckets,
+                        };
+                    }
                     Arc::new(route)
                 }
                 None => r.clone(),

@@ -1335,7 +1335,8 @@ impl ProxyHttp for KanariaProxy {
             if e.is_none() && version == Track::Stable && ctx.upstream_status.is_some() {
                 if let Some(r) = ctx.route().cloned() {
                     let stable_seconds = ctx.attempt_latency.unwrap_or(0.0);
-                    self.mirror.offer(r, *c, stable_seconds);
+                    let metrics = ctx.route_metrics().cloned();
+                    self.mirror.offer(r, metrics, *c, stable_seconds);
                 }
             }
         }

@@ -19,8 +19,9 @@ use http::{HeaderMap, HeaderName, Method};
 use tokio::sync::Semaphore;
 
 use crate::config::ShadowSettings;
+use crate::metrics::RouteMetrics;
 use crate::runtime::Route;
-use crate::split::BUCKETS;
+use crate::split::{Track, BUCKETS};
 use crate::stats::diff::{differences, path_template, Answer};
 use crate::stats::shadow::{Dropped, ShadowStats, Shadows};
 
@@ -204,7 +205,13 @@ impl Mirror {
     /// Takes a mirrored request whose user's answer is done (`stable_seconds`: how long
     /// stable took). Returns at once: the copies go out from a task of their own, or are
     /// dropped when the route's queue is full.
-    pub fn offer(self: &Arc<Self>, route: Arc<Route>, capture: Capture, stable_seconds: f64) {
+    pub fn offer(
+        self: &Arc<Self>,
+        route: Arc<Route>,
+        metrics: Option<Arc<RouteMetrics>>,
+        capture: Capture,
+        stable_seconds: f64,
+    ) {
         let Some(settings) = route.shadow.as_ref() else {
             return;
         };
@@ -230,7 +237,8 @@ impl Mirror {
             let Ok(_permit) = permit else {
                 return;
             };
-            me.copies(&route, &stats, capture, stable_seconds).await;
+            me.copies(&route, metrics.as_deref(), &stats, capture, stable_seconds)
+                .await;
         });
     }
 
@@ -238,6 +246,7 @@ impl Mirror {
     async fn copies(
         &self,
         route: &Route,
+        metrics: Option<&RouteMetrics>,
         stats: &ShadowStats,
         capture: Capture,
         stable_seconds: f64,
@@ -252,7 +261,16 @@ impl Mirror {
                 None => None,
             };
             let error = answer.as_ref().is_none_or(|a| a.status >= 500);
-            stats.answered(error, started.elapsed().as_secs_f64(), stable_seconds);
+            let seconds = started.elapsed().as_secs_f64();
+            stats.answered(error, seconds, stable_seconds);
+            // A copy to the canary pool is an outcome of the canary: the analysis judges
+            // it, so a canary that fails under the mirrored load is rolled back before any
+            // user reaches it.
+            if s.endpoints.is_empty() {
+                if let Some(m) = metrics {
+                    m.version(Track::Canary).observe(error, seconds);
+                }
+            }
             answer
         });
         let answers = futures::future::join_all(sends).await;

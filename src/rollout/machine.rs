@@ -119,6 +119,28 @@ impl RouteRollout {
         self.phase.weight(&self.spec)
     }
 
+    /// Whether the phase is a shadow step of the rollout (no user on the canary; requests
+    /// mirrored to it): its index.
+    pub fn shadow_step(&self) -> Option<usize> {
+        match self.phase {
+            Phase::Progressing { step, .. } | Phase::Paused { step }
+                if self.spec.steps.get(step).is_some_and(|s| s.buckets == 0) =>
+            {
+                Some(step)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the route mirrors to its shadow now: not rolled back, not cut off from the
+    /// fleet (a canary never takes traffic unsupervised), and, for a rollout with shadow
+    /// steps, only during them.
+    pub fn mirrors(&self) -> bool {
+        !self.cut_off
+            && !matches!(self.phase, Phase::RolledBack { .. })
+            && (self.shadow_step().is_some() || !self.spec.steps.iter().any(|s| s.buckets == 0))
+    }
+
     /// The weight of the phase alone (buckets): what the fleet's record says, and what
     /// this replica serves again once it is no longer cut off.
     pub fn phase_weight(&self) -> u32 {
@@ -997,7 +1019,7 @@ impl Step<'_> {
     fn rollback(&mut self, reason: &str, numbers: Value) {
         if matches!(self.next.phase, Phase::RolledBack { .. })
             || self.next.canary_version.is_none()
-            || self.next.phase_weight() == 0
+            || (self.next.phase_weight() == 0 && !self.next.spec.shadows_canary)
         {
             return;
         }
@@ -1201,6 +1223,7 @@ mod tests {
                 .collect(),
             failure_limit: 1,
             analysis_enabled: true,
+            shadows_canary: false,
         }
     }
 

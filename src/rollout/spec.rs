@@ -77,6 +77,10 @@ pub struct Spec {
     pub failure_limit: u32,
     /// Without analysis, a step's hold elapsing is enough to move on.
     pub analysis_enabled: bool,
+    /// The route mirrors requests to the canary pool (`[routes.shadow]` without its own
+    /// endpoints): with no user on the canary, the canary still takes traffic, so a
+    /// failing canary is still rolled back (and the mirroring stops).
+    pub shadows_canary: bool,
 }
 
 /// One rollout step.
@@ -102,6 +106,10 @@ impl Spec {
                 .collect(),
             failure_limit: route.analysis.failure_limit.max(1),
             analysis_enabled: route.analysis.enabled,
+            shadows_canary: route.shadow.as_ref().is_some_and(|s| {
+                s.endpoints.is_empty()
+                    && (s.share_buckets > 0 || route.steps.iter().any(|st| st.shadow > 0))
+            }),
         }
     }
 

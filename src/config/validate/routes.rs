@@ -202,7 +202,7 @@ pub(super) fn route(
                 );
                 ok = false;
             }
-            rollout(c, &path.key("rollout"), ro)
+            rollout(c, &path.key("rollout"), ro, r.shadow.is_some())
         }
         None => Some(Vec::new()),
     };
@@ -528,7 +528,7 @@ fn media_type(t: &str) -> bool {
         .is_some_and(|(ty, sub)| token(ty) && token(sub))
 }
 
-fn rollout(c: &mut Check, path: &KeyPath, r: &RolloutFile) -> Option<Vec<Step>> {
+fn rollout(c: &mut Check, path: &KeyPath, r: &RolloutFile, has_shadow: bool) -> Option<Vec<Step>> {
     if r.steps.is_empty() {
         c.err(path.key("steps"), "at least one step is required");
         return None;
@@ -536,8 +536,57 @@ fn rollout(c: &mut Check, path: &KeyPath, r: &RolloutFile) -> Option<Vec<Step>> 
     let mut steps = Vec::new();
     let mut ok = true;
     let mut last = 0;
+    let mut weighted = false;
     for (i, st) in r.steps.iter().enumerate() {
         let p = path.key("steps").index(i);
+        let hold = match &st.hold {
+            Some(h) => c.duration(p.key("hold"), h),
+            None => Some(std::time::Duration::ZERO),
+        };
+        if let Some(share) = st.shadow {
+            let share = match weight_to_buckets(share) {
+                Ok(0) => {
+                    c.err(p.key("shadow"), "a shadow step's share must be above 0");
+                    None
+                }
+                Ok(b) => Some(b),
+                Err(e) => {
+                    c.err(p.key("shadow"), e);
+                    None
+                }
+            };
+            if st.weight != 0.0 {
+                c.err(
+                    p.key("weight"),
+                    "a step is a shadow step (no user on the canary) or a weighted one, not both",
+                );
+                ok = false;
+            }
+            if weighted {
+                c.err(
+                    p.key("shadow"),
+                    "shadow steps come before the weighted ones",
+                );
+                ok = false;
+            }
+            if !has_shadow {
+                c.err(
+                    p.key("shadow"),
+                    "a shadow step needs a [routes.shadow] section",
+                );
+                ok = false;
+            }
+            match (share, hold) {
+                (Some(b), Some(h)) => steps.push(Step {
+                    buckets: 0,
+                    hold: h,
+                    shadow: b,
+                }),
+                _ => ok = false,
+            }
+            continue;
+        }
+        weighted = true;
         let buckets = match weight_to_buckets(st.weight) {
             Ok(0) => {
                 c.err(p.key("weight"), "a step's weight must be above 0");
@@ -556,16 +605,13 @@ fn rollout(c: &mut Check, path: &KeyPath, r: &RolloutFile) -> Option<Vec<Step>> 
                 None
             }
         };
-        let hold = match &st.hold {
-            Some(h) => c.duration(p.key("hold"), h),
-            None => Some(std::time::Duration::ZERO),
-        };
         match (buckets, hold) {
             (Some(b), Some(h)) => {
                 last = b;
                 steps.push(Step {
                     buckets: b,
                     hold: h,
+                    shadow: 0,
                 });
             }
             _ => ok = false,
