@@ -70,13 +70,14 @@ pub const DURATION_BUCKETS: &[f64] = &[
 pub const CODE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
 
 /// Reasons of `kanaria_rollbacks_total`, at 0 for every route from the start ([`RouteSeries`]).
-pub const ROLLBACK_REASONS: [&str; 6] = [
+pub const ROLLBACK_REASONS: [&str; 7] = [
     "manual",
     "health_check",
     "error_rate",
     "error_rate_ratio",
     "latency",
     "latency_ratio",
+    "diff_rate",
 ];
 
 /// Kinds of `kanaria_upstream_errors_total`.
@@ -1160,7 +1161,7 @@ mod tests {
         assert_eq!(rollbacks[1], "# TYPE kanaria_rollbacks_total counter");
         assert_eq!(
             rollbacks[2],
-            "kanaria_rollbacks_total{reason=\"error_rate\",route=\"a\"} 0"
+            "kanaria_rollbacks_total{reason=\"diff_rate\",route=\"a\"} 0"
         );
         assert!(rollbacks.contains(&"kanaria_rollbacks_total{reason=\"latency\",route=\"a\"} 1"));
         assert!(rollbacks.contains(&"kanaria_rollbacks_total{reason=\"manual\",route=\"b\"} 0"));

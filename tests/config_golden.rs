@@ -109,6 +109,7 @@ fn analysis(interval: Duration, window: Duration, max_error_rate: Option<f64>) -
         max_p99_latency: None,
         max_error_rate_ratio: Some(2.0),
         max_p99_latency_ratio: None,
+        max_diff_rate: None,
         confidence: 0.99,
         failure_limit: 1,
         // UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS.

@@ -425,6 +425,37 @@ async fn a_canary_that_fails_under_the_mirrored_load_is_rolled_back_before_any_u
     assert_eq!(shadow_status(&p).await["mirrored"].as_u64(), Some(mirrored));
 }
 
+/// `max_diff_rate`: a canary whose answers differ from stable's (another price on every
+/// `/items/{id}`) is rolled back in its shadow step for `diff_rate`, with no user ever on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_whose_answers_differ_is_rolled_back_for_its_diff_rate() {
+    let (stable, canary) = (App::start(0).await, App::start(1).await);
+    let routes = format!(
+        "{}\n[routes.rollout]\nsteps = [{{ shadow = 100, hold = \"60s\" }}, {{ weight = 50 }}]\n[routes.analysis]\nmax_diff_rate = 0.1\n",
+        routes(stable.addr, canary.addr, "")
+    );
+    let p = Proxy::builder().routes(&routes).start().await;
+    let load = common::Load::start(p.url("/items/7"), 2, 50);
+    let s = p
+        .wait_status("rolled back for its differences", |s| {
+            s["routes"][0]["rollout_state"] == "rolled_back"
+        })
+        .await;
+    let (_, failed) = load.stop().await;
+    assert_eq!(failed, 0);
+    let r = &s["routes"][0];
+    assert_eq!(r["phase"]["reason"], "diff_rate", "{r:#}");
+    assert!(canary.seen().iter().all(|x| x.marked));
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "kanaria_rollbacks_total{reason=\"diff_rate\",route=\"app\"}"
+        ),
+        1.0
+    );
+}
+
 /// A healthy canary passes its shadow step and the rollout moves on to the first weighted
 /// step: users reach it then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

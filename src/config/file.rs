@@ -448,6 +448,9 @@ pub struct AnalysisFile {
     pub max_error_rate_ratio: Option<f64>,
     /// Canary p99 may be at most this times stable's. Default none.
     pub max_p99_latency_ratio: Option<f64>,
+    /// With `[routes.shadow]`: the share of compared answers (since the phase began) that
+    /// may differ from stable's in a field that is not noise, 0..1. Default none.
+    pub max_diff_rate: Option<f64>,
     /// Confidence that the canary's error rate is higher than stable's before a relative
     /// verdict (one-sided Fisher exact test). Default 0.99.
     pub confidence: f64,
@@ -482,6 +485,7 @@ impl Default for AnalysisFile {
             max_p99_latency: None,
             max_error_rate_ratio: Some(2.0),
             max_p99_latency_ratio: None,
+            max_diff_rate: None,
             confidence: 0.99,
             failure_limit: 1,
             grpc_error_codes: [

@@ -148,6 +148,8 @@ pub struct AnalysisRules {
     pub max_p99_latency: Option<Duration>,
     pub max_error_rate_ratio: Option<f64>,
     pub max_p99_latency_ratio: Option<f64>,
+    /// With a shadow: the largest share of compared answers that may differ.
+    pub max_diff_rate: Option<f64>,
     pub confidence: f64,
     pub failure_limit: u32,
     /// Bit `n` set: gRPC status `n` counts as an error (see [`grpc_code`]).

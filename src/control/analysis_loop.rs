@@ -60,6 +60,9 @@ struct Schedule {
     probes: Probes,
     /// Each route's last evaluation, by name.
     last_eval: HashMap<String, Instant>,
+    /// Each route's shadow counts (compared, differing) when its phase (epoch) was first
+    /// judged: the dark launch's answers are judged from there.
+    diff_base: HashMap<String, (u64, u64, u64)>,
 }
 
 impl AnalysisLoop {
@@ -79,8 +82,12 @@ impl AnalysisLoop {
         // A pass that panicked left nothing half-done that matters: at worst a schedule
         // entry, which only moves the next probe or evaluation.
         let mut schedule = self.schedule.lock().unwrap_or_else(|p| p.into_inner());
-        let Schedule { probes, last_eval } = &mut *schedule;
-        self.pass(probes, last_eval);
+        let Schedule {
+            probes,
+            last_eval,
+            diff_base,
+        } = &mut *schedule;
+        self.pass(probes, last_eval, diff_base);
     }
 }
 
@@ -185,6 +192,35 @@ struct At {
     since_ms: u64,
 }
 
+impl AnalysisLoop {
+    /// The dark launch's rule (`max_diff_rate`) on the answers this replica's shadow
+    /// compared since the route's phase `epoch` was first judged here.
+    fn diff_verdict(
+        &self,
+        route: &Route,
+        epoch: u64,
+        base: &mut HashMap<String, (u64, u64, u64)>,
+    ) -> Option<Verdict> {
+        route.analysis.max_diff_rate?;
+        let stats = self.shared.live.metrics.shadows.get(&route.name)?;
+        let now = (
+            stats.compared.load(Ordering::Relaxed),
+            stats.differing.load(Ordering::Relaxed),
+        );
+        let b = base
+            .entry(route.name.clone())
+            .or_insert((epoch, now.0, now.1));
+        if b.0 != epoch {
+            *b = (epoch, now.0, now.1);
+        }
+        crate::rollout::verdict::diff_rate(
+            &route.analysis,
+            now.0.saturating_sub(b.1),
+            now.1.saturating_sub(b.2),
+        )
+    }
+}
+
 fn judge(route: &Route, m: &RouteMetrics, at: At) -> Verdict {
     verdict_of(route, &own_counts(route, m, at, ""))
 }
@@ -260,7 +296,12 @@ fn judge_fleet(route: &Route, m: &RouteMetrics, at: At, fleet: &Fleet, version: 
 }
 
 impl AnalysisLoop {
-    fn pass(&self, probes: &mut Probes, last_eval: &mut HashMap<String, Instant>) {
+    fn pass(
+        &self,
+        probes: &mut Probes,
+        last_eval: &mut HashMap<String, Instant>,
+        diff_base: &mut HashMap<String, (u64, u64, u64)>,
+    ) {
         let now = self.shared.clock.now();
         let now_ms = self.shared.clock.now_ms();
         let live = self.shared.live.load();
@@ -337,6 +378,14 @@ impl AnalysisLoop {
             let judged = match (&self.shared.fleet, &route.canary) {
                 (Some(fleet), Some(canary)) => judge_fleet(route, m, at, fleet, &canary.version),
                 _ => judge(route, m, at),
+            };
+            // The dark launch's answers: judged since the phase began (a baseline of the
+            // shadow's counts taken at the first evaluation of each phase).
+            let diff = self.diff_verdict(route, control.epoch, diff_base);
+            let judged = match (judged, diff) {
+                (Verdict::Fail { reason, numbers }, _) => Verdict::Fail { reason, numbers },
+                (_, Some(fail)) => fail,
+                (other, None) => other,
             };
             let verdict = match judged {
                 Verdict::Fail { reason, numbers } => machine::Verdict::Fail {

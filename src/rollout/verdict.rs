@@ -26,6 +26,26 @@ pub enum Verdict {
     },
 }
 
+/// The dark launch's rule: of the answers compared since the phase began (`compared`),
+/// `differing` had a field other than noise differ from stable's. A failure when more than
+/// `max_diff_rate` of at least `min_requests` did.
+pub fn diff_rate(rules: &AnalysisRules, compared: u64, differing: u64) -> Option<Verdict> {
+    let max = rules.max_diff_rate?;
+    if compared < rules.min_requests.max(1) {
+        return None;
+    }
+    let rate = differing as f64 / compared as f64;
+    (rate > max).then(|| Verdict::Fail {
+        reason: "diff_rate",
+        numbers: serde_json::json!({
+            "compared": compared,
+            "differing": differing,
+            "diff_rate": rate,
+            "max_diff_rate": max,
+        }),
+    })
+}
+
 /// Judges the canary against stable over the same span.
 pub fn evaluate(rules: &AnalysisRules, canary: &WindowStats, stable: &WindowStats) -> Verdict {
     if canary.requests < rules.min_requests.max(1) {
@@ -117,6 +137,22 @@ mod tests {
         assert_eq!(rules.max_error_rate_ratio, Some(2.0));
         assert_eq!((rules.min_requests, rules.failure_limit), (20, 1));
         rules
+    }
+
+    #[test]
+    fn the_diff_rate_rule_needs_its_limit_and_enough_compared_answers() {
+        let mut r = rules();
+        assert!(diff_rate(&r, 1000, 1000).is_none(), "off without a limit");
+        r.max_diff_rate = Some(0.1);
+        assert!(diff_rate(&r, 19, 19).is_none(), "too few compared");
+        assert!(diff_rate(&r, 100, 10).is_none(), "at the limit");
+        match diff_rate(&r, 100, 11) {
+            Some(Verdict::Fail { reason, numbers }) => {
+                assert_eq!(reason, "diff_rate");
+                assert_eq!(numbers["differing"], 11);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     fn stats(requests: u64, errors: u64, p99: f64) -> WindowStats {

@@ -424,13 +424,15 @@ fn analysis(c: &mut Check, path: &KeyPath, a: &AnalysisFile) -> Option<AnalysisR
         .max_p99_latency
         .as_deref()
         .map(|s| c.duration(path.key("max_p99_latency"), s));
-    if let Some(r) = a.max_error_rate {
-        if !(0.0..=1.0).contains(&r) {
-            c.err(
-                path.key("max_error_rate"),
-                format!("{r} is not a rate in 0..=1"),
-            );
-            ok = false;
+    for (key, v) in [
+        ("max_error_rate", a.max_error_rate),
+        ("max_diff_rate", a.max_diff_rate),
+    ] {
+        if let Some(r) = v {
+            if !(0.0..=1.0).contains(&r) {
+                c.err(path.key(key), format!("{r} is not a rate in 0..=1"));
+                ok = false;
+            }
         }
     }
     for (key, v) in [
@@ -509,6 +511,7 @@ fn analysis(c: &mut Check, path: &KeyPath, a: &AnalysisFile) -> Option<AnalysisR
         },
         max_error_rate_ratio: a.max_error_rate_ratio,
         max_p99_latency_ratio: a.max_p99_latency_ratio,
+        max_diff_rate: a.max_diff_rate,
         confidence: a.confidence,
         failure_limit: a.failure_limit,
         grpc_error_codes,
