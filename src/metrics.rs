@@ -266,6 +266,74 @@ pub struct RouteMetrics {
     pub retried_on_stable: CounterHandle,
     /// Wakes the canary attempts still waiting for an answer when the canary is rolled back.
     pub canary_rollbacks: RollbackSignal,
+    /// Wakes the long-lived answers whose users a weight change moved to the other version
+    /// (a lowered weight with `drain_on_weight_change`, a promotion with `drain`).
+    pub moves: MoveSignal,
+}
+
+/// A weight change that moves users, for the streams that should follow them: the route's
+/// canary buckets after it, and which version's streams it ends (the users of buckets
+/// `>= buckets` left the canary; those of buckets `< buckets` left stable). Only the last
+/// move is kept: a stream compares its user's bucket with the latest split.
+#[derive(Default)]
+pub struct MoveSignal {
+    generation: AtomicU64,
+    /// `buckets | ENDS_CANARY | ENDS_STABLE`.
+    last: AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+impl MoveSignal {
+    const ENDS_CANARY: u64 = 1 << 32;
+    const ENDS_STABLE: u64 = 1 << 33;
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The route's canary now has `buckets`, and the streams of the users that left `from`
+    /// for the other version end.
+    pub fn moved(&self, buckets: u32, from: Track) {
+        let ends = match from {
+            Track::Canary => Self::ENDS_CANARY,
+            Track::Stable => Self::ENDS_STABLE,
+        };
+        // Stored before the generation moves: a waiter that sees the new generation reads
+        // this move or a later one.
+        self.last.store(
+            u64::from(buckets) | ends,
+            std::sync::atomic::Ordering::Release,
+        );
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+
+    /// Resolves once a move after `seen` (a [`Self::generation`]) takes the user of `bucket`,
+    /// served by `track`, off `track`.
+    pub async fn wait_moved(&self, mut seen: u64, bucket: u32, track: Track) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a move in between still wakes us.
+            notified.as_mut().enable();
+            let now = self.generation();
+            if now != seen {
+                seen = now;
+                let last = self.last.load(std::sync::atomic::Ordering::Acquire);
+                let buckets = (last & u64::from(u32::MAX)) as u32;
+                let moved = match track {
+                    Track::Canary => last & Self::ENDS_CANARY != 0 && bucket >= buckets,
+                    Track::Stable => last & Self::ENDS_STABLE != 0 && bucket < buckets,
+                };
+                if moved {
+                    return;
+                }
+                continue;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Tells waiting canary attempts that their canary was rolled back: a generation counter
@@ -626,6 +694,7 @@ impl Metrics {
                 pick: |s| &s.retried_on_stable,
             },
             canary_rollbacks: RollbackSignal::default(),
+            moves: MoveSignal::default(),
         });
         cache.insert(route.to_string(), m.clone());
         m

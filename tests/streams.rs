@@ -530,3 +530,222 @@ async fn grpc_streams_on_the_canary_end_unavailable_and_reissue_on_stable_after_
         on_canary.len()
     );
 }
+
+/// POSTs an operator action on route `app` with a JSON `body`; returns the status.
+async fn act_with(proxy: &Proxy, action: &str, body: &str) -> u16 {
+    common::client()
+        .post(proxy.admin_url(&format!("/api/v1/routes/app/{action}")))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("admin action")
+        .status()
+        .as_u16()
+}
+
+/// `n` SSE clients, once every one of them streams: the clients, and each one's upstream.
+async fn streaming(
+    proxy: &Proxy,
+    n: usize,
+    stop: &Arc<AtomicBool>,
+    ups: (&Upstream, &Upstream),
+) -> Vec<SseClient> {
+    let clients: Vec<SseClient> = (0..n)
+        .map(|i| start_sse_client(proxy.port, format!("user-{i}"), stop.clone()))
+        .collect();
+    let (s, c) = (ups.0.open.clone(), ups.1.open.clone());
+    eventually("every client streaming", Duration::from_secs(20), || {
+        let open = s.load(Ordering::SeqCst) + c.load(Ordering::SeqCst);
+        let on = clients
+            .iter()
+            .filter(|cl| !cl.on.lock().unwrap().is_empty())
+            .count();
+        async move {
+            if open == n && on == n {
+                Ok(())
+            } else {
+                Err(format!("{open} open, {on} streaming"))
+            }
+        }
+    })
+    .await;
+    clients
+}
+
+/// Each client's upstream and reconnect count.
+fn seen(clients: &[SseClient]) -> Vec<(String, u64)> {
+    clients
+        .iter()
+        .map(|cl| {
+            (
+                cl.on.lock().unwrap().clone(),
+                cl.reconnects.load(Ordering::SeqCst),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the clients `moving` (indices) reconnected and stream from `to` (5 s at
+/// most); returns how long it took.
+async fn moved_to(
+    clients: &[SseClient],
+    moving: &[usize],
+    before: &[(String, u64)],
+    to: &str,
+) -> Duration {
+    let start = Instant::now();
+    eventually(
+        "the moved users' streams reconnected",
+        Duration::from_secs(5),
+        || {
+            let pending: Vec<String> = moving
+                .iter()
+                .filter(|&&i| {
+                    clients[i].reconnects.load(Ordering::SeqCst) == before[i].1
+                        || *clients[i].on.lock().unwrap() != to
+                })
+                .map(|i| format!("user-{i}"))
+                .collect();
+            async move {
+                if pending.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("still waiting for {pending:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    start.elapsed()
+}
+
+/// How long an absence is watched for: the whole drain (1 s) and some slack. Nothing can
+/// say "nothing will happen" sooner than the drain would have made it happen.
+const QUIET: Duration = Duration::from_millis(1_600);
+
+/// A rollout at 25 %, then 50 %, then 100 %, each step held for an hour, so only the
+/// operator promotes. Promoting without `drain` (25 -> 50 %) touches no stream: the stable
+/// users it moves to the canary keep their stable streams. Promoting with `{"drain": true}`
+/// (50 -> 100 %) ends every remaining stable stream within `rollback_drain`, and each client
+/// reconnects onto the canary; the canary's streams are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_promotion_ends_stables_streams_only_when_the_operator_asks() {
+    let stable = Upstream::start("stable", false).await;
+    let canary = Upstream::start("canary", false).await;
+    let rollout =
+        "[routes.rollout]\nsteps = [{ weight = 25, hold = \"1h\" }, { weight = 50, hold = \"1h\" }, { weight = 100 }]\n";
+    let routes = routes(stable.addr, canary.addr, "")
+        .replace("canary_weight = 50\n", "")
+        .replace("[routes.analysis]", &format!("{rollout}[routes.analysis]"));
+    let proxy = Proxy::builder()
+        .routes(&routes)
+        .env("KANARIA_ADMIN_TOKEN", TOKEN)
+        .start()
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = streaming(&proxy, CLIENTS, &stop, (&stable, &canary)).await;
+    let before = seen(&clients);
+    assert!(before.iter().any(|(on, _)| on == "canary"), "{before:?}");
+
+    // Without drain: nothing reconnects.
+    assert_eq!(proxy.act("promote", TOKEN).await, 200);
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        seen(&clients),
+        before,
+        "a promotion without drain moved a stream"
+    );
+
+    // With drain: every stable stream ends and lands on the canary; the canary's stay.
+    let on_stable: Vec<usize> = (0..CLIENTS).filter(|&i| before[i].0 == "stable").collect();
+    assert_eq!(act_with(&proxy, "promote", r#"{"drain": true}"#).await, 200);
+    let took = moved_to(&clients, &on_stable, &before, "canary").await;
+    assert!(took < Duration::from_millis(1_800), "took {took:?}");
+    for (i, (was, n)) in before.iter().enumerate() {
+        if was == "canary" {
+            assert_eq!(clients[i].reconnects.load(Ordering::SeqCst), *n, "user-{i}");
+        }
+    }
+    let unclean: u64 = clients
+        .iter()
+        .map(|cl| cl.unclean.load(Ordering::SeqCst))
+        .sum();
+    assert_eq!(
+        unclean, 0,
+        "a stream ended with an error, not its last chunk"
+    );
+    // A body the admin API does not know is refused.
+    assert_eq!(act_with(&proxy, "promote", r#"{"drain": 1}"#).await, 400);
+    stop.store(true, Ordering::SeqCst);
+    eprintln!(
+        "promotion with drain: {} stable streams on the canary {took:?} after it (rollback_drain 1s); without drain: none moved",
+        on_stable.len()
+    );
+}
+
+/// The canary weight lowered from 50 % to 20 % moves the users of buckets 20..50 % to
+/// stable. With the route's `drain_on_weight_change = true`, their canary streams end
+/// within `rollback_drain` and reconnect onto stable, while the users still on the canary
+/// and stable's keep theirs; by default (`false`), no stream moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lowered_weight_ends_the_moved_users_streams_only_with_drain_on_weight_change() {
+    for drain in [false, true] {
+        let stable = Upstream::start("stable", false).await;
+        let canary = Upstream::start("canary", false).await;
+        let extra = format!("drain_on_weight_change = {drain}\n");
+        let proxy = Proxy::builder()
+            .routes(&routes(stable.addr, canary.addr, &extra))
+            .env("KANARIA_ADMIN_TOKEN", TOKEN)
+            .start()
+            .await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = streaming(&proxy, CLIENTS, &stop, (&stable, &canary)).await;
+        let before = seen(&clients);
+        assert_eq!(act_with(&proxy, "weight", r#"{"percent": 20}"#).await, 200);
+        // Which users the new weight sends to stable: a fresh request of each says.
+        let mut moving = Vec::new();
+        for (i, (was, _)) in before.iter().enumerate() {
+            let now = common::served_by(&proxy, &[("x-user-id", &format!("user-{i}"))]).await;
+            if was == "canary" && now == "stable" {
+                moving.push(i);
+            }
+        }
+        assert!(
+            !moving.is_empty(),
+            "the weight change moved nobody: {before:?}"
+        );
+        if drain {
+            let took = moved_to(&clients, &moving, &before, "stable").await;
+            assert!(took < Duration::from_millis(1_800), "took {took:?}");
+            tokio::time::sleep(QUIET).await;
+            for (i, (was, n)) in before.iter().enumerate() {
+                if !moving.contains(&i) {
+                    let now = clients[i].reconnects.load(Ordering::SeqCst);
+                    assert_eq!(now, *n, "user-{i} ({was}) was not moved, yet reconnected");
+                }
+            }
+            eprintln!(
+                "drain_on_weight_change: {} moved users' canary streams on stable {took:?} after the weight change",
+                moving.len()
+            );
+        } else {
+            tokio::time::sleep(QUIET).await;
+            assert_eq!(
+                seen(&clients),
+                before,
+                "a weight change moved a stream by default"
+            );
+        }
+        let unclean: u64 = clients
+            .iter()
+            .map(|cl| cl.unclean.load(Ordering::SeqCst))
+            .sum();
+        assert_eq!(
+            unclean, 0,
+            "a stream ended with an error, not its last chunk"
+        );
+        stop.store(true, Ordering::SeqCst);
+    }
+}

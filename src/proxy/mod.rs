@@ -107,6 +107,10 @@ pub struct Ctx {
     stale_connection: bool,
     /// The route's canary rollback generation when the request was split.
     rollback_generation: u64,
+    /// The route's move generation when the request was split, and whether the split
+    /// placed the user by its bucket (an override is not moved by a weight change).
+    move_generation: u64,
+    placed_by_bucket: bool,
     /// TLS, the issued key, the upstream's address (see [`edge_ctx`]).
     edge: edge_ctx::EdgeCtx,
     /// Which of the headers [`decorate_response`] adds the upstream's answer carries, from
@@ -348,7 +352,7 @@ fn grpc_unavailable() -> Box<http::HeaderMap> {
     t.insert(GRPC_STATUS, HeaderValue::from_static("14"));
     t.insert(
         GRPC_MESSAGE,
-        HeaderValue::from_static("upstream withdrawn (canary rolled back); retry"),
+        HeaderValue::from_static("upstream withdrawn (rolled back or moved); retry"),
     );
     Box::new(t)
 }
@@ -368,26 +372,59 @@ fn drain_point(drain: Duration) -> Duration {
     }
 }
 
-/// The withdrawal signal of a canary attempt (Pingora's `upstream_withdrawn`,
-/// vendor/patches/0018 and 0022), which Pingora polls only once the answer's head was passed
-/// on: it fires after the first rollback after `seen_generation`, at the attempt's own
-/// point of `drain` for an announced stream ([`announced_stream`]), at the end of `drain`
-/// for any other answer. So an ordinary answer in flight at a rollback has the whole drain
-/// to finish and is not cut by it; only a body still open after the drain (a long poll, a
-/// stream not announced by its request) is ended. Its output: gRPC's UNAVAILABLE trailers
-/// when `grpc`.
-fn withdraw_attempt(
+/// What ends an attempt's answer once its head went out ([`withdraw_attempt`]).
+struct Withdrawal {
+    /// The route's `rollback_drain`.
     drain: Duration,
+    /// A stream by its request ([`announced_stream`], or a streaming route).
     announced: bool,
     grpc: bool,
-    metrics: Arc<RouteMetrics>,
-    seen_generation: u64,
-) -> UpstreamWithdrawn {
-    let at = if announced { drain_point(drain) } else { drain };
+    /// A canary attempt: the rollback generation it saw.
+    rollback_seen: Option<u64>,
+    /// An announced stream of a user placed by its bucket: the bucket, the version serving
+    /// it and the move generation it saw.
+    moved: Option<(u32, Track, u64)>,
+}
+
+/// The withdrawal signal of an attempt (Pingora's `upstream_withdrawn`,
+/// vendor/patches/0018 and 0022), which Pingora polls only once the answer's head was
+/// passed on. It fires:
+/// - for a canary attempt, after the first rollback after the generation it saw: at the
+///   attempt's own point of `drain` for an announced stream, at the end of `drain` for any
+///   other answer. So an ordinary answer in flight at a rollback has the whole drain to
+///   finish and is not cut by it; only a body still open after the drain (a long poll, a
+///   stream not announced by its request) is ended;
+/// - for an announced stream, at its own point of `drain` after a weight change moved its
+///   user to the other version and asked for it (a lowered weight with the route's
+///   `drain_on_weight_change`, a promotion with `drain`). Ordinary answers are never ended
+///   by a weight change.
+///
+/// Its output: gRPC's UNAVAILABLE trailers for a gRPC call.
+fn withdraw_attempt(w: Withdrawal, metrics: Arc<RouteMetrics>) -> UpstreamWithdrawn {
+    let at = if w.announced {
+        drain_point(w.drain)
+    } else {
+        w.drain
+    };
     Box::pin(async move {
-        metrics.canary_rollbacks.wait_after(seen_generation).await;
+        let rollback = async {
+            match w.rollback_seen {
+                Some(seen) => metrics.canary_rollbacks.wait_after(seen).await,
+                None => std::future::pending().await,
+            }
+        };
+        let moved = async {
+            match w.moved {
+                Some((bucket, track, seen)) => metrics.moves.wait_moved(seen, bucket, track).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = rollback => {}
+            _ = moved => {}
+        }
         tokio::time::sleep(at).await;
-        grpc.then(grpc_unavailable)
+        w.grpc.then(grpc_unavailable)
     })
 }
 
@@ -553,6 +590,8 @@ impl ProxyHttp for KanariaProxy {
             fresh: Fresh::Unused,
             stale_connection: false,
             rollback_generation: 0,
+            move_generation: 0,
+            placed_by_bucket: false,
             edge: edge_ctx::EdgeCtx::default(),
             response_carries: None,
         })
@@ -576,7 +615,8 @@ impl ProxyHttp for KanariaProxy {
     /// - **Writes**: `ctx.live`, `route`, `version`, `edge` (client address, TLS, HTTP/2, a
     ///   key issued for an `issued_cookie:` route), `generated_request_id` (when the client
     ///   sent none), `rollback_generation` (the route's canary rollback generation now, which
-    ///   the canary attempt's cancel signal compares against). Metrics:
+    ///   the canary attempt's cancel signal compares against), `move_generation` and
+    ///   `placed_by_bucket` (for the streams a weight change moves). Metrics:
     ///   `kanaria_rejected_requests_total{reason}` for a refused head,
     ///   `kanaria_overrides_total` for an honoured override. Through `headers::admit`: the
     ///   connection guard's header deadline stops ([`conn_guard::request_started`]) and
@@ -645,6 +685,7 @@ impl ProxyHttp for KanariaProxy {
                 version.as_str()
             );
         }
+        ctx.placed_by_bucket = decision.is_some_and(|d| d.1 == crate::split::Reason::Sticky);
         let decision = decision.map(|d| d.0);
         ctx.live = Some(live);
         ctx.route = route;
@@ -659,8 +700,12 @@ impl ProxyHttp for KanariaProxy {
             return Ok(true);
         };
         ctx.version = Some(version);
-        if let Some(m) = ctx.route_metrics() {
-            ctx.rollback_generation = m.canary_rollbacks.generation();
+        if let Some((rollbacks, moves)) = ctx
+            .route_metrics()
+            .map(|m| (m.canary_rollbacks.generation(), m.moves.generation()))
+        {
+            ctx.rollback_generation = rollbacks;
+            ctx.move_generation = moves;
         }
         Ok(false)
     }
@@ -810,19 +855,33 @@ impl ProxyHttp for KanariaProxy {
         session: &mut Session,
         ctx: &mut Box<Ctx>,
     ) -> Option<UpstreamWithdrawn> {
-        if ctx.version != Some(Track::Canary) {
-            return None;
-        }
+        let version = ctx.version?;
         let (route, m) = (ctx.route()?, ctx.route_metrics()?);
         let req = session.req_header();
         let announced = route.analysis.latency == LatencyTo::Head || announced_stream(req);
-        Some(withdraw_attempt(
-            route.rollback_drain,
+        // Only a stream of a user the split placed by its bucket can be moved by a weight
+        // change; the bucket is hashed for those only.
+        let moved = (announced && ctx.placed_by_bucket && route.canary.is_some())
+            .then(|| {
+                route
+                    .split
+                    .bucket_of(&req.headers, ctx.edge.client, ctx.edge.issued_key())
+            })
+            .flatten()
+            .map(|bucket| (bucket, version, ctx.move_generation));
+        let rollback_seen = (version == Track::Canary).then_some(ctx.rollback_generation);
+        if rollback_seen.is_none() && moved.is_none() {
+            // A stable answer no weight change can move: nothing to poll, nothing allocated.
+            return None;
+        }
+        let w = Withdrawal {
+            drain: route.rollback_drain,
             announced,
-            is_grpc(req),
-            m.clone(),
-            ctx.rollback_generation,
-        ))
+            grpc: is_grpc(req),
+            rollback_seen,
+            moved,
+        };
+        Some(withdraw_attempt(w, m.clone()))
     }
 
     /// The whole request was handed to the upstream: from now on, the wait is the app's.
