@@ -11,7 +11,7 @@ mod common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use common::grpc::frame;
 use common::{eventually, pool, Proxy};
@@ -77,50 +77,17 @@ fn endless(first: Bytes, beat: Option<Bytes>, open: Open) -> Body {
 /// An upstream (HTTP/1 or h2c) with `name`: `/events` an endless SSE stream, `/slow` an
 /// ordinary answer in [`PIECES`] pieces, `/svc.Feed/Watch` a gRPC server stream (one message,
 /// then idle).
-struct Upstream {
-    addr: SocketAddr,
-    open: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
+type Upstream = common::CountingServer;
 
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Upstream {
-    async fn start(name: &'static str, h2c: bool) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let open = Arc::new(AtomicUsize::new(0));
-        let counter = open.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let open = counter.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let open = open.clone();
-                        async move { Ok::<_, Infallible>(answer(name, req, &open).await) }
-                    });
-                    let io = TokioIo::new(tcp);
-                    if h2c {
-                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(io, svc)
-                            .await;
-                    } else {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, svc)
-                            .await;
-                    }
-                });
-            }
+async fn upstream(name: &'static str, h2c: bool) -> Upstream {
+    Upstream::start(move |tcp, open| async move {
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let open = open.clone();
+            async move { Ok::<_, Infallible>(answer(name, req, &open).await) }
         });
-        Upstream { addr, open, task }
-    }
+        common::serve_hyper(tcp, svc, h2c).await;
+    })
+    .await
 }
 
 async fn answer(
@@ -169,29 +136,15 @@ async fn answer(
 
 /// One SSE client: `GET /events` with `Accept: text/event-stream`; whenever its stream ends
 /// it reconnects, as `EventSource` does. Keeps the upstream of its current stream, how many
-/// times it reconnected, and how many streams ended uncleanly (an error instead of the
-/// body's end).
-struct SseClient {
-    on: Arc<Mutex<String>>,
-    reconnects: Arc<AtomicU64>,
-    unclean: Arc<AtomicU64>,
-}
+/// times it reconnected, and how many streams ended uncleanly (`failures`: an error instead
+/// of the body's end).
+type SseClient = common::Reconnecting;
 
 fn start_sse_client(port: u16, user: String, stop: Arc<AtomicBool>) -> SseClient {
-    let on = Arc::new(Mutex::new(String::new()));
-    let reconnects = Arc::new(AtomicU64::new(0));
-    let unclean = Arc::new(AtomicU64::new(0));
-    let (o, r, u) = (on.clone(), reconnects.clone(), unclean.clone());
-    tokio::spawn(async move {
-        let c = reqwest::Client::builder().no_proxy().build().unwrap();
-        // Bounded: a forgotten client cannot run away.
-        for attempt in 0..1_000 {
-            if stop.load(Ordering::SeqCst) {
-                return;
-            }
-            if attempt > 0 {
-                r.fetch_add(1, Ordering::SeqCst);
-            }
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    SseClient::spawn(stop, move |me, stop| {
+        let (c, user) = (c.clone(), user.clone());
+        async move {
             let resp = c
                 .get(format!("http://127.0.0.1:{port}/events"))
                 .header("accept", "text/event-stream")
@@ -199,38 +152,30 @@ fn start_sse_client(port: u16, user: String, stop: Arc<AtomicBool>) -> SseClient
                 .send()
                 .await;
             let Ok(mut resp) = resp.map_err(|e| eprintln!("{user}: connect error: {e:?}")) else {
-                u.fetch_add(1, Ordering::SeqCst);
+                me.failures.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+                return;
             };
-            loop {
+            while !stop.load(Ordering::SeqCst) {
                 match resp.chunk().await {
                     Ok(Some(b)) => {
                         let text = String::from_utf8_lossy(&b);
                         if let Some(n) = text.strip_prefix("data: ") {
-                            *o.lock().unwrap() = n.trim().to_string();
+                            *me.on.lock().unwrap() = n.trim().to_string();
                         }
                     }
                     // The body's clean end: reconnect.
                     Ok(None) => break,
                     Err(e) => {
                         eprintln!("{user}: stream error: {e:?}");
-                        u.fetch_add(1, Ordering::SeqCst);
+                        me.failures.fetch_add(1, Ordering::SeqCst);
                         break;
                     }
                 }
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
             }
-            o.lock().unwrap().clear();
+            me.on.lock().unwrap().clear();
         }
-    });
-    SseClient {
-        on,
-        reconnects,
-        unclean,
-    }
+    })
 }
 
 fn routes(stable: SocketAddr, canary: SocketAddr, extra: &str) -> String {
@@ -248,44 +193,12 @@ fn routes(stable: SocketAddr, canary: SocketAddr, extra: &str) -> String {
 /// stable's streams are left alone; every ordinary answer in flight completes whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sse_streams_on_the_canary_move_to_stable_within_the_drain_after_a_rollback() {
-    let stable = Upstream::start("stable", false).await;
-    let canary = Upstream::start("canary", false).await;
-    let proxy = Proxy::builder()
-        .routes(&routes(stable.addr, canary.addr, ""))
-        .env("KANARIA_ADMIN_TOKEN", TOKEN)
-        .start()
-        .await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<SseClient> = (0..CLIENTS)
-        .map(|i| start_sse_client(proxy.port, format!("user-{i}"), stop.clone()))
-        .collect();
-    let (s, c) = (stable.open.clone(), canary.open.clone());
-    eventually("every client streaming", Duration::from_secs(20), || {
-        let n = s.load(Ordering::SeqCst) + c.load(Ordering::SeqCst);
-        let on = clients
-            .iter()
-            .filter(|cl| !cl.on.lock().unwrap().is_empty())
-            .count();
-        async move {
-            if n == CLIENTS && on == CLIENTS {
-                Ok(())
-            } else {
-                Err(format!("{n} open, {on} streaming"))
-            }
-        }
-    })
-    .await;
+    let stable = upstream("stable", false).await;
+    let canary = upstream("canary", false).await;
+    let routes = routes(stable.addr, canary.addr, "");
+    let (proxy, stop, clients, before) = sse_setup(&routes, (&stable, &canary)).await;
     let on_canary = canary.open.load(Ordering::SeqCst);
     assert!(on_canary > 0, "no user on the canary at 50 %");
-    let before: Vec<(String, u64)> = clients
-        .iter()
-        .map(|cl| {
-            (
-                cl.on.lock().unwrap().clone(),
-                cl.reconnects.load(Ordering::SeqCst),
-            )
-        })
-        .collect();
 
     // Ordinary answers in flight across the rollback, on both versions.
     let ordinary: Vec<_> = (0..20)
@@ -307,54 +220,11 @@ async fn sse_streams_on_the_canary_move_to_stable_within_the_drain_after_a_rollb
 
     let rolled_back = Instant::now();
     assert_eq!(proxy.act("rollback", TOKEN).await, 200);
-    eventually("every client on stable", Duration::from_secs(5), || {
-        let on: Vec<String> = clients
-            .iter()
-            .map(|cl| cl.on.lock().unwrap().clone())
-            .collect();
-        async move {
-            if on.iter().all(|v| v == "stable") {
-                Ok(())
-            } else {
-                Err(format!("streams now on {on:?}"))
-            }
-        }
-    })
-    .await;
-    let moved = rolled_back.elapsed();
-    assert!(moved < Duration::from_millis(1_800), "took {moved:?}");
-    let c = canary.open.clone();
-    eventually(
-        "no stream left on the canary",
-        Duration::from_secs(5),
-        || {
-            let n = c.load(Ordering::SeqCst);
-            async move {
-                if n == 0 {
-                    Ok(())
-                } else {
-                    Err(format!("{n} still open"))
-                }
-            }
-        },
-    )
-    .await;
-    for (i, (cl, (was, n))) in clients.iter().zip(&before).enumerate() {
-        let now = cl.reconnects.load(Ordering::SeqCst);
-        if was == "stable" {
-            assert_eq!(now, *n, "user-{i}, on stable, reconnected");
-        } else {
-            assert!(now > *n, "user-{i}, on the canary, did not reconnect");
-        }
-    }
-    let unclean: u64 = clients
-        .iter()
-        .map(|cl| cl.unclean.load(Ordering::SeqCst))
-        .sum();
-    assert_eq!(
-        unclean, 0,
-        "a stream ended with an error, not its last chunk"
-    );
+    let on: Vec<_> = clients.iter().map(|cl| cl.on.clone()).collect();
+    let moved = all_on(&on, "stable", rolled_back).await;
+    common::none_open(&canary).await;
+    common::assert_only_moved(&clients, &before, "canary");
+    assert_clean(&clients);
     let mut whole = (0, 0);
     for o in ordinary {
         let (by, len) = o.await.unwrap().expect("an ordinary request failed");
@@ -418,8 +288,8 @@ async fn grpc_call(
 /// one by one (the canary sees its streams end).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grpc_streams_on_the_canary_end_unavailable_and_reissue_on_stable_after_a_rollback() {
-    let stable = Upstream::start("stable", true).await;
-    let canary = Upstream::start("canary", true).await;
+    let stable = upstream("stable", true).await;
+    let canary = upstream("canary", true).await;
     let routes =
         routes(stable.addr, canary.addr, "").replace("endpoints", "protocol = \"h2c\"\nendpoints");
     let proxy = Proxy::builder()
@@ -457,22 +327,7 @@ async fn grpc_streams_on_the_canary_end_unavailable_and_reissue_on_stable_after_
             conn.abort();
         }));
     }
-    let (s, c) = (stable.open.clone(), canary.open.clone());
-    eventually("every call streaming", Duration::from_secs(20), || {
-        let n = s.load(Ordering::SeqCst) + c.load(Ordering::SeqCst);
-        let on = firsts
-            .iter()
-            .filter(|f| !f.lock().unwrap().is_empty())
-            .count();
-        async move {
-            if n == CALLERS && on == CALLERS {
-                Ok(())
-            } else {
-                Err(format!("{n} open, {on} streaming"))
-            }
-        }
-    })
-    .await;
+    common::all_connected(&firsts, (&stable, &canary)).await;
     let on_canary: Vec<usize> = (0..CALLERS)
         .filter(|&i| *firsts[i].lock().unwrap() == "canary")
         .collect();
@@ -480,35 +335,8 @@ async fn grpc_streams_on_the_canary_end_unavailable_and_reissue_on_stable_after_
 
     let rolled_back = Instant::now();
     assert_eq!(proxy.act("rollback", TOKEN).await, 200);
-    eventually("every call on stable", Duration::from_secs(5), || {
-        let on: Vec<String> = firsts.iter().map(|f| f.lock().unwrap().clone()).collect();
-        async move {
-            if on.iter().all(|v| v == "stable") {
-                Ok(())
-            } else {
-                Err(format!("calls now on {on:?}"))
-            }
-        }
-    })
-    .await;
-    let moved = rolled_back.elapsed();
-    assert!(moved < Duration::from_millis(1_800), "took {moved:?}");
-    let c = canary.open.clone();
-    eventually(
-        "no stream left on the canary",
-        Duration::from_secs(5),
-        || {
-            let n = c.load(Ordering::SeqCst);
-            async move {
-                if n == 0 {
-                    Ok(())
-                } else {
-                    Err(format!("{n} still open"))
-                }
-            }
-        },
-    )
-    .await;
+    let moved = all_on(&firsts, "stable", rolled_back).await;
+    common::none_open(&canary).await;
     // Each canary caller's call ended with UNAVAILABLE; no stable call ended at all.
     let ended = statuses.lock().unwrap().clone();
     for &i in &on_canary {
@@ -545,6 +373,22 @@ async fn act_with(proxy: &Proxy, action: &str, body: &str) -> u16 {
         .as_u16()
 }
 
+/// Kanaria with `routes` in front of `ups`, and [`CLIENTS`] SSE clients streaming through
+/// it: the proxy, the clients' stop flag, the clients and where each one streams from.
+type SseSetup = (Proxy, Arc<AtomicBool>, Vec<SseClient>, Vec<(String, u64)>);
+
+async fn sse_setup(routes: &str, ups: (&Upstream, &Upstream)) -> SseSetup {
+    let proxy = Proxy::builder()
+        .routes(routes)
+        .env("KANARIA_ADMIN_TOKEN", TOKEN)
+        .start()
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = streaming(&proxy, CLIENTS, &stop, ups).await;
+    let before = common::seen(&clients);
+    (proxy, stop, clients, before)
+}
+
 /// `n` SSE clients, once every one of them streams: the clients, and each one's upstream.
 async fn streaming(
     proxy: &Proxy,
@@ -555,36 +399,37 @@ async fn streaming(
     let clients: Vec<SseClient> = (0..n)
         .map(|i| start_sse_client(proxy.port, format!("user-{i}"), stop.clone()))
         .collect();
-    let (s, c) = (ups.0.open.clone(), ups.1.open.clone());
-    eventually("every client streaming", Duration::from_secs(20), || {
-        let open = s.load(Ordering::SeqCst) + c.load(Ordering::SeqCst);
-        let on = clients
-            .iter()
-            .filter(|cl| !cl.on.lock().unwrap().is_empty())
-            .count();
+    let on: Vec<_> = clients.iter().map(|cl| cl.on.clone()).collect();
+    common::all_connected(&on, ups).await;
+    clients
+}
+
+/// Waits until every stream of `on` is from `to`; that must come within the drain (1 s,
+/// and slack) of `since`, which is returned.
+async fn all_on(on: &[Arc<Mutex<String>>], to: &str, since: Instant) -> Duration {
+    eventually("every stream moved", Duration::from_secs(5), || {
+        let now: Vec<String> = on.iter().map(|o| o.lock().unwrap().clone()).collect();
         async move {
-            if open == n && on == n {
+            if now.iter().all(|v| v == to) {
                 Ok(())
             } else {
-                Err(format!("{open} open, {on} streaming"))
+                Err(format!("streams now on {now:?}"))
             }
         }
     })
     .await;
-    clients
+    let took = since.elapsed();
+    assert!(took < Duration::from_millis(1_800), "took {took:?}");
+    took
 }
 
-/// Each client's upstream and reconnect count.
-fn seen(clients: &[SseClient]) -> Vec<(String, u64)> {
-    clients
-        .iter()
-        .map(|cl| {
-            (
-                cl.on.lock().unwrap().clone(),
-                cl.reconnects.load(Ordering::SeqCst),
-            )
-        })
-        .collect()
+/// Every stream that ended, ended by its body's end (the last chunk), not an error.
+fn assert_clean(clients: &[SseClient]) {
+    assert_eq!(
+        common::failures(clients),
+        0,
+        "a stream ended with an error, not its last chunk"
+    );
 }
 
 /// Waits until the clients `moving` (indices) reconnected and stream from `to` (5 s at
@@ -632,28 +477,21 @@ const QUIET: Duration = Duration::from_millis(1_600);
 /// reconnects onto the canary; the canary's streams are left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_promotion_ends_stables_streams_only_when_the_operator_asks() {
-    let stable = Upstream::start("stable", false).await;
-    let canary = Upstream::start("canary", false).await;
+    let stable = upstream("stable", false).await;
+    let canary = upstream("canary", false).await;
     let rollout =
         "[routes.rollout]\nsteps = [{ weight = 25, hold = \"1h\" }, { weight = 50, hold = \"1h\" }, { weight = 100 }]\n";
     let routes = routes(stable.addr, canary.addr, "")
         .replace("canary_weight = 50\n", "")
         .replace("[routes.analysis]", &format!("{rollout}[routes.analysis]"));
-    let proxy = Proxy::builder()
-        .routes(&routes)
-        .env("KANARIA_ADMIN_TOKEN", TOKEN)
-        .start()
-        .await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients = streaming(&proxy, CLIENTS, &stop, (&stable, &canary)).await;
-    let before = seen(&clients);
+    let (proxy, stop, clients, before) = sse_setup(&routes, (&stable, &canary)).await;
     assert!(before.iter().any(|(on, _)| on == "canary"), "{before:?}");
 
     // Without drain: nothing reconnects.
     assert_eq!(proxy.act("promote", TOKEN).await, 200);
     tokio::time::sleep(QUIET).await;
     assert_eq!(
-        seen(&clients),
+        common::seen(&clients),
         before,
         "a promotion without drain moved a stream"
     );
@@ -668,14 +506,7 @@ async fn a_promotion_ends_stables_streams_only_when_the_operator_asks() {
             assert_eq!(clients[i].reconnects.load(Ordering::SeqCst), *n, "user-{i}");
         }
     }
-    let unclean: u64 = clients
-        .iter()
-        .map(|cl| cl.unclean.load(Ordering::SeqCst))
-        .sum();
-    assert_eq!(
-        unclean, 0,
-        "a stream ended with an error, not its last chunk"
-    );
+    assert_clean(&clients);
     // A body the admin API does not know is refused.
     assert_eq!(act_with(&proxy, "promote", r#"{"drain": 1}"#).await, 400);
     stop.store(true, Ordering::SeqCst);
@@ -692,17 +523,11 @@ async fn a_promotion_ends_stables_streams_only_when_the_operator_asks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lowered_weight_ends_the_moved_users_streams_only_with_drain_on_weight_change() {
     for drain in [false, true] {
-        let stable = Upstream::start("stable", false).await;
-        let canary = Upstream::start("canary", false).await;
+        let stable = upstream("stable", false).await;
+        let canary = upstream("canary", false).await;
         let extra = format!("drain_on_weight_change = {drain}\n");
-        let proxy = Proxy::builder()
-            .routes(&routes(stable.addr, canary.addr, &extra))
-            .env("KANARIA_ADMIN_TOKEN", TOKEN)
-            .start()
-            .await;
-        let stop = Arc::new(AtomicBool::new(false));
-        let clients = streaming(&proxy, CLIENTS, &stop, (&stable, &canary)).await;
-        let before = seen(&clients);
+        let routes = routes(stable.addr, canary.addr, &extra);
+        let (proxy, stop, clients, before) = sse_setup(&routes, (&stable, &canary)).await;
         assert_eq!(act_with(&proxy, "weight", r#"{"percent": 20}"#).await, 200);
         // Which users the new weight sends to stable: a fresh request of each says.
         let mut moving = Vec::new();
@@ -733,19 +558,12 @@ async fn a_lowered_weight_ends_the_moved_users_streams_only_with_drain_on_weight
         } else {
             tokio::time::sleep(QUIET).await;
             assert_eq!(
-                seen(&clients),
+                common::seen(&clients),
                 before,
                 "a weight change moved a stream by default"
             );
         }
-        let unclean: u64 = clients
-            .iter()
-            .map(|cl| cl.unclean.load(Ordering::SeqCst))
-            .sum();
-        assert_eq!(
-            unclean, 0,
-            "a stream ended with an error, not its last chunk"
-        );
+        assert_clean(&clients);
         stop.store(true, Ordering::SeqCst);
     }
 }
