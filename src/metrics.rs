@@ -1034,6 +1034,43 @@ fn write_upstream_errors(r: &RouteSnapshot, name: &str, out: &mut String) {
 mod tests {
     use super::*;
 
+    /// A move wakes the streams of the users it moved off their version (and those only),
+    /// also when it came between the stream's start and its wait.
+    #[tokio::test]
+    async fn a_move_ends_only_the_streams_of_the_users_it_moved() {
+        use std::time::Duration;
+        let m = MoveSignal::default();
+        let seen = m.generation();
+        // 50 % -> 20 % with drain: buckets 2,000.. left the canary.
+        m.moved(2_000, Track::Canary);
+        let ends = |bucket, track| {
+            let w = m.wait_moved(seen, bucket, track);
+            async move {
+                tokio::time::timeout(Duration::from_millis(50), w)
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(ends(3_000, Track::Canary).await, "a moved canary user");
+        assert!(!ends(1_000, Track::Canary).await, "a canary user who stays");
+        assert!(
+            !ends(3_000, Track::Stable).await,
+            "stable's users are not ended"
+        );
+        // A stream already waiting is woken by a later promotion with drain to 100 %.
+        let m = std::sync::Arc::new(MoveSignal::default());
+        let g = m.generation();
+        let waiting = tokio::spawn({
+            let m = m.clone();
+            async move { m.wait_moved(g, 9_999, Track::Stable).await }
+        });
+        tokio::task::yield_now().await;
+        m.moved(crate::split::BUCKETS, Track::Stable);
+        assert!(tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .is_ok());
+    }
+
     #[test]
     fn all_metrics_register_and_render() {
         let m = Metrics::new(request_now()).unwrap();
