@@ -108,6 +108,16 @@ async fn answer(
                 Open::new(open),
             ))
             .unwrap(),
+        // A stream of a declared length it never reaches: it cannot be ended cleanly.
+        "/sized-events" => r
+            .header("content-type", "text/event-stream")
+            .header("content-length", "1000000")
+            .body(endless(
+                Bytes::from(format!("data: {name}\n\n")),
+                None,
+                Open::new(open),
+            ))
+            .unwrap(),
         "/svc.Feed/Watch" => r
             .header("content-type", "application/grpc")
             .body(endless(
@@ -176,6 +186,33 @@ fn start_sse_client(port: u16, user: String, stop: Arc<AtomicBool>) -> SseClient
             me.on.lock().unwrap().clear();
         }
     })
+}
+
+/// Kanaria with `routes`, the admin token set, and HTTP/2 with prior knowledge on its plain
+/// listener when `h2c`.
+async fn start_proxy(routes: &str, h2c: bool) -> Proxy {
+    let mut b = Proxy::builder()
+        .routes(routes)
+        .env("KANARIA_ADMIN_TOKEN", TOKEN);
+    if h2c {
+        b = b.proxy("h2c = true");
+    }
+    b.start().await
+}
+
+/// An HTTP/2 (h2c) client connection to Kanaria: its sender and its connection task.
+async fn h2_connect(
+    port: u16,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    (sender, tokio::spawn(conn))
 }
 
 fn routes(stable: SocketAddr, canary: SocketAddr, extra: &str) -> String {
@@ -292,12 +329,7 @@ async fn grpc_streams_on_the_canary_end_unavailable_and_reissue_on_stable_after_
     let canary = upstream("canary", true).await;
     let routes =
         routes(stable.addr, canary.addr, "").replace("endpoints", "protocol = \"h2c\"\nendpoints");
-    let proxy = Proxy::builder()
-        .routes(&routes)
-        .proxy("h2c = true")
-        .env("KANARIA_ADMIN_TOKEN", TOKEN)
-        .start()
-        .await;
+    let proxy = start_proxy(&routes, true).await;
     const CALLERS: usize = 16;
     let statuses = Arc::new(Mutex::new(Vec::<(usize, Option<String>)>::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -308,12 +340,7 @@ async fn grpc_streams_on_the_canary_end_unavailable_and_reissue_on_stable_after_
         firsts.push(first.clone());
         let (statuses, stop, port) = (statuses.clone(), stop.clone(), proxy.port);
         tasks.push(tokio::spawn(async move {
-            let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                    .await
-                    .unwrap();
-            let conn = tokio::spawn(conn);
+            let (mut sender, conn) = h2_connect(port).await;
             let user = format!("caller-{i}");
             // Bounded: a forgotten caller cannot run away.
             for _ in 0..100 {
@@ -378,11 +405,7 @@ async fn act_with(proxy: &Proxy, action: &str, body: &str) -> u16 {
 type SseSetup = (Proxy, Arc<AtomicBool>, Vec<SseClient>, Vec<(String, u64)>);
 
 async fn sse_setup(routes: &str, ups: (&Upstream, &Upstream)) -> SseSetup {
-    let proxy = Proxy::builder()
-        .routes(routes)
-        .env("KANARIA_ADMIN_TOKEN", TOKEN)
-        .start()
-        .await;
+    let proxy = start_proxy(routes, false).await;
     let stop = Arc::new(AtomicBool::new(false));
     let clients = streaming(&proxy, CLIENTS, &stop, ups).await;
     let before = common::seen(&clients);
@@ -566,4 +589,61 @@ async fn a_lowered_weight_ends_the_moved_users_streams_only_with_drain_on_weight
         assert_clean(&clients);
         stop.store(true, Ordering::SeqCst);
     }
+}
+
+/// A stream whose answer declared a length (`Content-Length`) cannot end cleanly: at a
+/// rollback, an HTTP/2 client sees its stream reset with `CANCEL` (not `REFUSED_STREAM`: its
+/// head and part of its body went out) within the drain; its connection stays usable, and
+/// the next stream on it lands on stable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sized_stream_on_the_canary_is_reset_with_cancel_at_a_rollback() {
+    let stable = upstream("stable", false).await;
+    let canary = upstream("canary", false).await;
+    let routes =
+        routes(stable.addr, canary.addr, "").replace("canary_weight = 50", "canary_weight = 100");
+    let proxy = start_proxy(&routes, true).await;
+    let port = proxy.port;
+    let get = || {
+        Request::get(format!("http://127.0.0.1:{port}/sized-events"))
+            .header("accept", "text/event-stream")
+            .header("x-user-id", "one")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let (mut h2, conn) = h2_connect(port).await;
+    let first = Arc::new(Mutex::new(String::new()));
+    let end = tokio::spawn({
+        let (req, first) = (h2.send_request(get()), first.clone());
+        async move {
+            let mut body = req.await.map_err(|e| format!("{e:?}"))?.into_body();
+            while let Some(f) = body.frame().await {
+                let f = f.map_err(|e| format!("{e:?}"))?;
+                if let Some(d) = f.data_ref() {
+                    *first.lock().unwrap() = String::from_utf8_lossy(d).trim().to_string();
+                }
+            }
+            Ok::<_, String>(())
+        }
+    });
+    common::all_connected(std::slice::from_ref(&first), (&stable, &canary)).await;
+    assert_eq!(*first.lock().unwrap(), "data: canary");
+
+    let rolled_back = Instant::now();
+    assert_eq!(proxy.act("rollback", TOKEN).await, 200);
+    let err = end
+        .await
+        .unwrap()
+        .expect_err("the sized stream ended as if whole");
+    let took = rolled_back.elapsed();
+    assert!(took < Duration::from_millis(1_800), "took {took:?}");
+    assert!(err.contains("CANCEL"), "{err}");
+    common::none_open(&canary).await;
+    // The connection is still usable, and its next stream goes to stable.
+    let again = h2
+        .send_request(get())
+        .await
+        .expect("a new stream on the same connection");
+    assert_eq!(again.headers()["x-upstream"], "stable");
+    conn.abort();
+    eprintln!("a sized HTTP/2 stream reset {took:?} after the rollback: {err}");
 }
