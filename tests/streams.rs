@@ -496,7 +496,7 @@ const QUIET: Duration = Duration::from_millis(1_600);
 /// A rollout at 25 %, then 50 %, then 100 %, each step held for an hour, so only the
 /// operator promotes. Promoting without `drain` (25 -> 50 %) touches no stream: the stable
 /// users it moves to the canary keep their stable streams. Promoting with `{"drain": true}`
-/// (50 -> 100 %) ends every remaining stable stream within `rollback_drain`, and each client
+/// (`kanaria promote --drain`, 50 -> 100 %) ends every remaining stable stream within `rollback_drain`, and each client
 /// reconnects onto the canary; the canary's streams are left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_promotion_ends_stables_streams_only_when_the_operator_asks() {
@@ -521,7 +521,22 @@ async fn a_promotion_ends_stables_streams_only_when_the_operator_asks() {
 
     // With drain: every stable stream ends and lands on the canary; the canary's stay.
     let on_stable: Vec<usize> = (0..CLIENTS).filter(|&i| before[i].0 == "stable").collect();
-    assert_eq!(act_with(&proxy, "promote", r#"{"drain": true}"#).await, 200);
+    // Through the command line, as an operator would: `kanaria promote app --drain`.
+    let admin = format!("127.0.0.1:{}", proxy.admin_port);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(common::kanaria_bin())
+            .args(["promote", "app", "--drain", "--admin", &admin])
+            .env("KANARIA_ADMIN_TOKEN", TOKEN)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let took = moved_to(&clients, &on_stable, &before, "canary").await;
     assert!(took < Duration::from_millis(1_800), "took {took:?}");
     for (i, (was, n)) in before.iter().enumerate() {
