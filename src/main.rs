@@ -96,6 +96,10 @@ enum Command {
         route: String,
         #[arg(long, env = "KANARIA_ADMIN_ADDR", default_value = DEFAULT_ADMIN)]
         admin: String,
+        /// Also end the long-lived streams (WebSocket, SSE, gRPC) of the stable users the
+        /// promotion moves to the canary, within the route's rollback_drain.
+        #[arg(long)]
+        drain: bool,
     },
     /// Hold a progressing rollout at its step (token from KANARIA_ADMIN_TOKEN).
     Pause {
@@ -216,8 +220,13 @@ fn main() -> ExitCode {
             &route,
             config.as_deref(),
         )),
-        Command::Promote { route, admin } => {
-            report(kanaria::admin::cli::act(&admin, &route, "promote", None))
+        Command::Promote {
+            route,
+            admin,
+            drain,
+        } => {
+            let body = drain.then_some(r#"{"drain": true}"#);
+            report(kanaria::admin::cli::act(&admin, &route, "promote", body))
         }
         Command::Pause { route, admin } => {
             report(kanaria::admin::cli::act(&admin, &route, "pause", None))

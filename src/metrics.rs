@@ -269,6 +269,74 @@ pub struct RouteMetrics {
     pub retried_on_stable: CounterHandle,
     /// Wakes the canary attempts still waiting for an answer when the canary is rolled back.
     pub canary_rollbacks: RollbackSignal,
+    /// Wakes the long-lived answers whose users a weight change moved to the other version
+    /// (a lowered weight with `drain_on_weight_change`, a promotion with `drain`).
+    pub moves: MoveSignal,
+}
+
+/// A weight change that moves users, for the streams that should follow them: the route's
+/// canary buckets after it, and which version's streams it ends (the users of buckets
+/// `>= buckets` left the canary; those of buckets `< buckets` left stable). Only the last
+/// move is kept: a stream compares its user's bucket with the latest split.
+#[derive(Default)]
+pub struct MoveSignal {
+    generation: AtomicU64,
+    /// `buckets | ENDS_CANARY | ENDS_STABLE`.
+    last: AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+impl MoveSignal {
+    const ENDS_CANARY: u64 = 1 << 32;
+    const ENDS_STABLE: u64 = 1 << 33;
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The route's canary now has `buckets`, and the streams of the users that left `from`
+    /// for the other version end.
+    pub fn moved(&self, buckets: u32, from: Track) {
+        let ends = match from {
+            Track::Canary => Self::ENDS_CANARY,
+            Track::Stable => Self::ENDS_STABLE,
+        };
+        // Stored before the generation moves: a waiter that sees the new generation reads
+        // this move or a later one.
+        self.last.store(
+            u64::from(buckets) | ends,
+            std::sync::atomic::Ordering::Release,
+        );
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+
+    /// Resolves once a move after `seen` (a [`Self::generation`]) takes the user of `bucket`,
+    /// served by `track`, off `track`.
+    pub async fn wait_moved(&self, mut seen: u64, bucket: u32, track: Track) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a move in between still wakes us.
+            notified.as_mut().enable();
+            let now = self.generation();
+            if now != seen {
+                seen = now;
+                let last = self.last.load(std::sync::atomic::Ordering::Acquire);
+                let buckets = (last & u64::from(u32::MAX)) as u32;
+                let moved = match track {
+                    Track::Canary => last & Self::ENDS_CANARY != 0 && bucket >= buckets,
+                    Track::Stable => last & Self::ENDS_STABLE != 0 && bucket < buckets,
+                };
+                if moved {
+                    return;
+                }
+                continue;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Tells waiting canary attempts that their canary was rolled back: a generation counter
@@ -631,6 +699,7 @@ impl Metrics {
                 pick: |s| &s.retried_on_stable,
             },
             canary_rollbacks: RollbackSignal::default(),
+            moves: MoveSignal::default(),
         });
         cache.insert(route.to_string(), m.clone());
         m
@@ -969,6 +1038,43 @@ fn write_upstream_errors(r: &RouteSnapshot, name: &str, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A move wakes the streams of the users it moved off their version (and those only),
+    /// also when it came between the stream's start and its wait.
+    #[tokio::test]
+    async fn a_move_ends_only_the_streams_of_the_users_it_moved() {
+        use std::time::Duration;
+        let m = MoveSignal::default();
+        let seen = m.generation();
+        // 50 % -> 20 % with drain: buckets 2,000.. left the canary.
+        m.moved(2_000, Track::Canary);
+        let ends = |bucket, track| {
+            let w = m.wait_moved(seen, bucket, track);
+            async move {
+                tokio::time::timeout(Duration::from_millis(50), w)
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(ends(3_000, Track::Canary).await, "a moved canary user");
+        assert!(!ends(1_000, Track::Canary).await, "a canary user who stays");
+        assert!(
+            !ends(3_000, Track::Stable).await,
+            "stable's users are not ended"
+        );
+        // A stream already waiting is woken by a later promotion with drain to 100 %.
+        let m = std::sync::Arc::new(MoveSignal::default());
+        let g = m.generation();
+        let waiting = tokio::spawn({
+            let m = m.clone();
+            async move { m.wait_moved(g, 9_999, Track::Stable).await }
+        });
+        tokio::task::yield_now().await;
+        m.moved(crate::split::BUCKETS, Track::Stable);
+        assert!(tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .is_ok());
+    }
 
     #[test]
     fn all_metrics_register_and_render() {

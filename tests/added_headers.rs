@@ -16,7 +16,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use common::Proxy;
@@ -51,16 +50,7 @@ async fn echo_upstream(h2: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
                             .unwrap(),
                     )
                 });
-                let io = TokioIo::new(stream);
-                if h2 {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(io, svc)
-                        .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, svc)
-                        .await;
-                }
+                common::serve_hyper(stream, svc, h2).await;
             });
         }
     });

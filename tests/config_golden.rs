@@ -154,6 +154,7 @@ fn route(name: &str, canary_buckets: u32, analysis: AnalysisRules) -> Route {
         // Twice the latency limit when there is one; the read timeout otherwise.
         canary_timeout: secs(30),
         rollback_drain: secs(5),
+        drain_on_weight_change: false,
         stable_down: StableDown::KeepStable,
         health: None,
         analysis,

@@ -387,7 +387,32 @@ impl AdminApp {
                 OperatorAction::Weight(percent)
             }
             "rollback" => OperatorAction::Rollback,
-            "promote" => OperatorAction::Promote,
+            "promote" => {
+                // An empty body is a plain promotion; `{"drain": true}` also ends the
+                // streams of the stable users it moves to the canary.
+                let body = match read_body(session).await {
+                    Ok(b) => b,
+                    Err(resp) => return resp,
+                };
+                let drain = if body.iter().all(u8::is_ascii_whitespace) {
+                    Some(false)
+                } else {
+                    serde_json::from_slice::<Value>(&body)
+                        .ok()
+                        .filter(Value::is_object)
+                        .and_then(|v| match v.get("drain") {
+                            None => Some(false),
+                            Some(d) => d.as_bool(),
+                        })
+                };
+                let Some(drain) = drain else {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "body must be empty or JSON like {\"drain\": true}",
+                    );
+                };
+                OperatorAction::Promote { drain }
+            }
             "pause" => OperatorAction::Pause,
             "resume" => OperatorAction::Resume,
             _ => return error(StatusCode::NOT_FOUND, format!("no action {action:?}")),

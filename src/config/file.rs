@@ -576,6 +576,12 @@ pub struct RouteFile {
     /// span, each at its own point of it (so their clients do not all reconnect at once),
     /// and reconnect to stable. `"0s"`: at once. Default `"5s"`.
     pub rollback_drain: Option<String>,
+    /// When an operator or a rollout lowers the canary weight, the long-lived answers
+    /// (WebSocket, server-sent events, gRPC: streams announced by their request) of the
+    /// users it moves to stable end too, within `rollback_drain`, and reconnect onto
+    /// stable. Default `false`: a weight change touches no open connection.
+    #[serde(default)]
+    pub drain_on_weight_change: bool,
     /// Retry a canary request that failed before any answer reached the client once on
     /// stable (connect errors always; resets, timeouts and 5xx for idempotent requests
     /// without a body). Default `true`.

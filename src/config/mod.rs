@@ -384,6 +384,9 @@ pub struct Route<P = PoolSettings> {
     /// At a rollback, upgraded canary connections are closed within this span
     /// (`rollback_drain`).
     pub rollback_drain: Duration,
+    /// A lowered canary weight ends the streams of the users it moves to stable
+    /// (`drain_on_weight_change`).
+    pub drain_on_weight_change: bool,
     pub stable_down: StableDown,
     pub health: Option<HealthSettings>,
     pub analysis: AnalysisRules,
@@ -439,6 +442,7 @@ impl<P> Route<P> {
             retry_on_stable: self.retry_on_stable,
             canary_timeout: self.canary_timeout,
             rollback_drain: self.rollback_drain,
+            drain_on_weight_change: self.drain_on_weight_change,
             stable_down: self.stable_down,
             health: self.health.clone(),
             analysis: self.analysis.clone(),

@@ -65,6 +65,9 @@ struct Ledger {
     /// told once the snapshot without the canary is live (not before, or a request that
     /// loads the old snapshot in between would go to the canary unwatched).
     rolled_back: Vec<String>,
+    /// Routes an operator promoted asking to drain (`promote` with `{"drain": true}`): the
+    /// streams of the stable users the promotion moves to the canary are told once it is live.
+    promote_drain: Vec<String>,
 }
 
 /// Errors of operator actions, each mapped to an HTTP status by the admin API.
@@ -157,6 +160,7 @@ impl Control {
                 events: VecDeque::new(),
                 reply: None,
                 rolled_back: Vec::new(),
+                promote_drain: Vec::new(),
             }),
             last_reload: ArcSwap::from_pointee(ReloadStatus {
                 at: started,
@@ -406,6 +410,27 @@ impl Control {
             .iter()
             .map(|r| rollout_state(r, ctl.routes.get(&r.name).map(|c| &c.phase)))
             .collect();
+        // The weights before this publication, for the streams of the users it moves.
+        let before = self.live.snapshot();
+        let moves: Vec<(String, u32, Track)> = snap
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let old = before.routes.iter().find(|o| o.name == r.name)?;
+                let (was, now) = (old.split.canary_buckets, r.split.canary_buckets);
+                // A rollback ends every canary stream through `canary_rollbacks`.
+                if ctl.rolled_back.contains(&r.name) {
+                    return None;
+                }
+                if now < was && r.drain_on_weight_change {
+                    Some((r.name.clone(), now, Track::Canary))
+                } else if now > was && ctl.promote_drain.contains(&r.name) {
+                    Some((r.name.clone(), now, Track::Stable))
+                } else {
+                    None
+                }
+            })
+            .collect();
         self.live.store(Live {
             snapshot: Arc::new(snap),
             route_metrics,
@@ -418,6 +443,12 @@ impl Control {
                 m.canary_rollbacks.rolled_back();
             }
         }
+        for (route, buckets, from) in moves {
+            if let Some(m) = metrics.known_route(&route) {
+                m.moves.moved(buckets, from);
+            }
+        }
+        ctl.promote_drain.clear();
     }
 
     /// Re-reads the config file. On success the new config is live before this returns;
@@ -555,12 +586,13 @@ impl Control {
     /// [`ControlError::NotShared`] when the store did not answer in time (applied here,
     /// written when it answers).
     pub fn act(&self, route: &str, action: OperatorAction) -> Result<u64, ControlError> {
+        let operator = action;
         let action = match action {
             OperatorAction::Weight(percent) => {
                 Action::Weight(weight_to_buckets(percent).map_err(ControlError::BadWeight)?)
             }
             OperatorAction::Rollback => Action::Rollback,
-            OperatorAction::Promote => Action::Promote,
+            OperatorAction::Promote { .. } => Action::Promote,
             OperatorAction::Pause => Action::Pause,
             OperatorAction::Resume => Action::Resume,
         };
@@ -578,12 +610,17 @@ impl Control {
                 return Err(ControlError::NoSuchRoute(route.to_string()));
             }
             ctl.reply = reply;
+            if let OperatorAction::Promote { drain: true } = operator {
+                ctl.promote_drain.push(route.to_string());
+            }
             let stepped = self.step(&mut ctl, route, Input::Operator(action));
             // Nothing shared (a refusal, no change): nobody will answer.
             let shared = ctl.reply.take().is_none();
-            if stepped? {
+            let stepped = stepped.inspect_err(|_| ctl.promote_drain.clear())?;
+            if stepped {
                 self.publish(&mut ctl);
             }
+            ctl.promote_drain.clear();
             if !shared {
                 return Ok(ctl.generation);
             }
@@ -769,7 +806,11 @@ impl Replica for Control {
 pub enum OperatorAction {
     Weight(f64),
     Rollback,
-    Promote,
+    /// `drain`: the promotion also ends the streams of the stable users it moves to the
+    /// canary (the admin API's `{"drain": true}`).
+    Promote {
+        drain: bool,
+    },
     Pause,
     Resume,
 }

@@ -56,8 +56,8 @@ use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{
-    FailToProxy, ProxyHttp, ProxyWarnLogContext, Session, UpstreamCancel,
-    UPSTREAM_ATTEMPT_CANCELLED, UPSTREAM_UPGRADE_ENDED,
+    FailToProxy, ProxyHttp, ProxyWarnLogContext, Session, UpstreamCancel, UpstreamWithdrawn,
+    UPSTREAM_ATTEMPT_CANCELLED, UPSTREAM_WITHDRAWN, UPSTREAM_WITHDRAWN_ENDED,
 };
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
@@ -108,6 +108,10 @@ pub struct Ctx {
     stale_connection: bool,
     /// The route's canary rollback generation when the request was split.
     rollback_generation: u64,
+    /// The route's move generation when the request was split, and whether the split
+    /// placed the user by its bucket (an override is not moved by a weight change).
+    move_generation: u64,
+    placed_by_bucket: bool,
     /// TLS, the issued key, the upstream's address (see [`edge_ctx`]).
     edge: edge_ctx::EdgeCtx,
     /// Which of the headers [`decorate_response`] adds the upstream's answer carries, from
@@ -270,6 +274,11 @@ pub(crate) fn is_stream(resp: &ResponseHeader, stream_types: &[String]) -> bool 
     })
 }
 
+/// An answer Kanaria ended after its head (`upstream_withdrawn`), cleanly or not.
+fn withdrawn(e: &Error) -> bool {
+    e.etype() == &UPSTREAM_WITHDRAWN || e.etype() == &UPSTREAM_WITHDRAWN_ENDED
+}
+
 /// Idempotent and without a request body: safe to send twice.
 fn replayable(session: &mut Session) -> bool {
     session.req_header().method.is_idempotent() && session.as_downstream_mut().is_body_empty()
@@ -314,20 +323,48 @@ fn cancel_canary_attempt(
     })
 }
 
-/// The end signal of an upgraded canary connection (Pingora's `upstream_upgraded_end`,
-/// vendor/patches/0018): at the first rollback after `seen_generation`, then a share of
-/// `drain` of its own, so the clients of many such connections do not all reconnect in
-/// the same instant. Pingora polls it only once the `101` was passed on.
-fn end_upgraded_canary(
-    drain: Duration,
-    metrics: Arc<RouteMetrics>,
-    seen_generation: u64,
-) -> UpstreamCancel {
+/// Is this request a long-lived stream by its own head: an upgrade (WebSocket), a
+/// server-sent events client (`Accept: text/event-stream`), or gRPC (`content-type:
+/// application/grpc*`)? Such answers are ended at their own point of a rollback's drain;
+/// any other answer gets the whole drain to finish (see [`withdraw_attempt`]).
+fn announced_stream(req: &RequestHeader) -> bool {
+    let h = &req.headers;
+    h.contains_key(http::header::UPGRADE)
+        || h.get(http::header::ACCEPT).is_some_and(|v| {
+            v.as_bytes()
+                .windows(b"text/event-stream".len())
+                .any(|w| w.eq_ignore_ascii_case(b"text/event-stream"))
+        })
+        || is_grpc(req)
+}
+
+/// A gRPC request (`content-type: application/grpc`, `+proto` and the like).
+fn is_grpc(req: &RequestHeader) -> bool {
+    req.headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The trailers a withdrawn gRPC answer ends with: `grpc-status: 14` (UNAVAILABLE), the
+/// status gRPC clients retry, so the call is re-issued and split anew, onto stable. Built
+/// when a withdrawal fires, never on the request path.
+fn grpc_unavailable() -> Box<http::HeaderMap> {
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+    let mut t = http::HeaderMap::with_capacity(2);
+    t.insert(GRPC_STATUS, HeaderValue::from_static("14"));
+    t.insert(
+        GRPC_MESSAGE,
+        HeaderValue::from_static("upstream withdrawn (rolled back or moved); retry"),
+    );
+    Box::new(t)
+}
+
+/// A point of `drain`, spread evenly over calls (RandomState: a fresh key per call, no
+/// syscall), so the clients of many streams do not all reconnect in the same instant.
+fn drain_point(drain: Duration) -> Duration {
     use std::hash::{BuildHasher, Hasher};
-    // A point of the drain span, spread evenly over connections (RandomState: a fresh
-    // key per call, no syscall).
-    let drain_ms = drain.as_millis() as u64;
-    let at = match drain_ms {
+    match drain.as_millis() as u64 {
         0 => Duration::ZERO,
         ms => {
             let h = std::collections::hash_map::RandomState::new()
@@ -335,10 +372,62 @@ fn end_upgraded_canary(
                 .finish();
             Duration::from_millis(h % ms)
         }
+    }
+}
+
+/// What ends an attempt's answer once its head went out ([`withdraw_attempt`]).
+struct Withdrawal {
+    /// The route's `rollback_drain`.
+    drain: Duration,
+    /// A stream by its request ([`announced_stream`], or a streaming route).
+    announced: bool,
+    grpc: bool,
+    /// A canary attempt: the rollback generation it saw.
+    rollback_seen: Option<u64>,
+    /// An announced stream of a user placed by its bucket: the bucket, the version serving
+    /// it and the move generation it saw.
+    moved: Option<(u32, Track, u64)>,
+}
+
+/// The withdrawal signal of an attempt (Pingora's `upstream_withdrawn`,
+/// vendor/patches/0018 and 0022), which Pingora polls only once the answer's head was
+/// passed on. It fires:
+/// - for a canary attempt, after the first rollback after the generation it saw: at the
+///   attempt's own point of `drain` for an announced stream, at the end of `drain` for any
+///   other answer. So an ordinary answer in flight at a rollback has the whole drain to
+///   finish and is not cut by it; only a body still open after the drain (a long poll, a
+///   stream not announced by its request) is ended;
+/// - for an announced stream, at its own point of `drain` after a weight change moved its
+///   user to the other version and asked for it (a lowered weight with the route's
+///   `drain_on_weight_change`, a promotion with `drain`). Ordinary answers are never ended
+///   by a weight change.
+///
+/// Its output: gRPC's UNAVAILABLE trailers for a gRPC call.
+fn withdraw_attempt(w: Withdrawal, metrics: Arc<RouteMetrics>) -> UpstreamWithdrawn {
+    let at = if w.announced {
+        drain_point(w.drain)
+    } else {
+        w.drain
     };
     Box::pin(async move {
-        metrics.canary_rollbacks.wait_after(seen_generation).await;
+        let rollback = async {
+            match w.rollback_seen {
+                Some(seen) => metrics.canary_rollbacks.wait_after(seen).await,
+                None => std::future::pending().await,
+            }
+        };
+        let moved = async {
+            match w.moved {
+                Some((bucket, track, seen)) => metrics.moves.wait_moved(seen, bucket, track).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = rollback => {}
+            _ = moved => {}
+        }
         tokio::time::sleep(at).await;
+        w.grpc.then(grpc_unavailable)
     })
 }
 
@@ -540,6 +629,8 @@ impl ProxyHttp for KanariaProxy {
             fresh: Fresh::Unused,
             stale_connection: false,
             rollback_generation: 0,
+            move_generation: 0,
+            placed_by_bucket: false,
             edge: edge_ctx::EdgeCtx::default(),
             response_carries: None,
             shadow: None,
@@ -564,7 +655,8 @@ impl ProxyHttp for KanariaProxy {
     /// - **Writes**: `ctx.live`, `route`, `version`, `edge` (client address, TLS, HTTP/2, a
     ///   key issued for an `issued_cookie:` route), `generated_request_id` (when the client
     ///   sent none), `rollback_generation` (the route's canary rollback generation now, which
-    ///   the canary attempt's cancel signal compares against). Metrics:
+    ///   the canary attempt's cancel signal compares against), `move_generation` and
+    ///   `placed_by_bucket` (for the streams a weight change moves). Metrics:
     ///   `kanaria_rejected_requests_total{reason}` for a refused head,
     ///   `kanaria_overrides_total` for an honoured override. Through `headers::admit`: the
     ///   connection guard's header deadline stops ([`conn_guard::request_started`]) and
@@ -634,6 +726,7 @@ impl ProxyHttp for KanariaProxy {
             );
         }
         let decision_full = decision;
+        ctx.placed_by_bucket = decision.is_some_and(|d| d.1 == crate::split::Reason::Sticky);
         let decision = decision.map(|d| d.0);
         ctx.live = Some(live);
         ctx.route = route;
@@ -648,8 +741,12 @@ impl ProxyHttp for KanariaProxy {
             return Ok(true);
         };
         ctx.version = Some(version);
-        if let Some(m) = ctx.route_metrics() {
-            ctx.rollback_generation = m.canary_rollbacks.generation();
+        if let Some((rollbacks, moves)) = ctx
+            .route_metrics()
+            .map(|m| (m.canary_rollbacks.generation(), m.moves.generation()))
+        {
+            ctx.rollback_generation = rollbacks;
+            ctx.move_generation = moves;
         }
         if let Some((Track::Stable, crate::split::Reason::Sticky)) = decision_full {
             // Only a route with a shadow pays for this (an `Arc` clone, a hash).
@@ -785,38 +882,53 @@ impl ProxyHttp for KanariaProxy {
         ))
     }
 
-    /// Gives a canary attempt that asks for an upgrade (WebSocket) its end signal
-    /// ([`end_upgraded_canary`]): a rollback moves long-lived connections off the canary
-    /// too, within the route's `rollback_drain`.
+    /// Gives a canary attempt its withdrawal signal ([`withdraw_attempt`]): a rollback moves
+    /// long-lived answers off the canary too (WebSocket, server-sent events, long polls,
+    /// gRPC streams), each within the route's `rollback_drain`.
     ///
-    /// - **When**: once per attempt, right after `upstream_cancel` (vendor/patches/0018),
-    ///   HTTP/1 upstreams only.
-    /// - **Returns**: `None` unless the attempt goes to the canary and the request carries
-    ///   `Upgrade`; then the signal, which Pingora polls only once the `101` was passed on:
-    ///   when it fires the connection ends with `UPSTREAM_UPGRADE_ENDED` (both sides closed;
-    ///   not retried, not counted against the canary) and the client's reconnect is split
-    ///   afresh, onto stable.
-    /// - **Reads**: `ctx.version`, the route's `rollback_drain`, `ctx.rollback_generation`.
-    ///   **Writes**: nothing.
-    fn upstream_upgraded_end(
+    /// - **When**: once per attempt, right after `upstream_cancel` (vendor/patches/0018,
+    ///   0022), HTTP/1 and HTTP/2 upstreams.
+    /// - **Returns**: `None` unless the attempt goes to the canary; then the signal, which
+    ///   Pingora polls only once the answer's head was passed on: when it fires while the
+    ///   answer lasts, the answer ends (gRPC with `grpc-status: 14` to an HTTP/2 client, a
+    ///   chunked or close-delimited body with its end, then the HTTP/1 connection closed; an
+    ///   upgraded connection or a body of a declared length by closing the connection or
+    ///   resetting the HTTP/2 stream) with `UPSTREAM_WITHDRAWN`: not retried, not counted
+    ///   against the canary. The client's reconnect is split afresh, onto stable.
+    /// - **Reads**: `ctx.version`, the request's head, the route's `rollback_drain`,
+    ///   `ctx.rollback_generation`. **Writes**: nothing.
+    fn upstream_withdrawn(
         &self,
         session: &mut Session,
         ctx: &mut Box<Ctx>,
-    ) -> Option<UpstreamCancel> {
-        if ctx.version != Some(Track::Canary)
-            || !session
-                .req_header()
-                .headers
-                .contains_key(http::header::UPGRADE)
-        {
+    ) -> Option<UpstreamWithdrawn> {
+        let version = ctx.version?;
+        let (route, m) = (ctx.route()?, ctx.route_metrics()?);
+        let req = session.req_header();
+        let announced = route.analysis.latency == LatencyTo::Head || announced_stream(req);
+        // Only a stream of a user the split placed by its bucket can be moved by a weight
+        // change; the bucket is hashed for those only.
+        let moved = (announced && ctx.placed_by_bucket && route.canary.is_some())
+            .then(|| {
+                route
+                    .split
+                    .bucket_of(&req.headers, ctx.edge.client, ctx.edge.issued_key())
+            })
+            .flatten()
+            .map(|bucket| (bucket, version, ctx.move_generation));
+        let rollback_seen = (version == Track::Canary).then_some(ctx.rollback_generation);
+        if rollback_seen.is_none() && moved.is_none() {
+            // A stable answer no weight change can move: nothing to poll, nothing allocated.
             return None;
         }
-        let (route, m) = (ctx.route()?, ctx.route_metrics()?);
-        Some(end_upgraded_canary(
-            route.rollback_drain,
-            m.clone(),
-            ctx.rollback_generation,
-        ))
+        let w = Withdrawal {
+            drain: route.rollback_drain,
+            announced,
+            grpc: is_grpc(req),
+            rollback_seen,
+            moved,
+        };
+        Some(withdraw_attempt(w, m.clone()))
     }
 
     /// The whole request was handed to the upstream: from now on, the wait is the app's.
@@ -945,9 +1057,9 @@ impl ProxyHttp for KanariaProxy {
             // Decided in upstream_response_filter.
             return e;
         }
-        if e.etype() == &UPSTREAM_UPGRADE_ENDED {
-            // Kanaria ended an upgraded canary connection at a rollback: the client
-            // reconnects; nothing to retry (the 101 went out).
+        if withdrawn(&e) {
+            // Kanaria ended a canary answer at a rollback after its head went out (an
+            // upgraded connection, a stream): the client reconnects; nothing to retry.
             e.set_retry(false);
             return e;
         }
@@ -1024,6 +1136,21 @@ impl ProxyHttp for KanariaProxy {
             log::debug!("reused upstream connection was closed, retried on a new one: {error}");
         }
         ctx.retried || ctx.fresh != Fresh::Unused
+    }
+
+    /// An answer Kanaria ended at a rollback (`upstream_withdrawn`) is expected: one error
+    /// line per stream would flood the log at every rollback. It stays visible at debug
+    /// level and in the access log.
+    ///
+    /// - **When**: once a request failed for good, before Pingora logs it at error level.
+    /// - **Returns**: `true` (no error line) for `UPSTREAM_WITHDRAWN`/`_ENDED`.
+    /// - **Reads**: the error. **Writes**: nothing (a debug line).
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Box<Ctx>, error: &Error) -> bool {
+        let ours = withdrawn(error);
+        if ours {
+            log::debug!("answer ended at a rollback: {error}");
+        }
+        ours
     }
 
     /// Cleans the request head sent upstream and adds the forwarding headers.
@@ -1278,6 +1405,16 @@ impl ProxyHttp for KanariaProxy {
                 ErrorSource::Internal | ErrorSource::Unset => (500, "kanaria: internal error\n"),
             },
         };
+        // A withdrawn answer that ended by its own framing (the last chunk): the client's
+        // connection is whole, and kept. Closing it would race the client's reconnect,
+        // which reuses it as soon as it read the end (measured in tests/streams.rs: 8 of
+        // 15 SSE reconnects failed with a reset); its next request is split afresh.
+        if e.etype() == &UPSTREAM_WITHDRAWN_ENDED {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: true,
+            };
+        }
         // Once the upstream's header went out, a second response would corrupt the stream:
         // the connection is closed instead (can_reuse_downstream = false).
         if code > 0 && session.as_downstream().response_written().is_none() {
@@ -1351,8 +1488,9 @@ impl ProxyHttp for KanariaProxy {
             status,
             now.saturating_duration_since(ctx.start).as_secs_f64(),
         );
-        // An upgraded canary connection Kanaria ended at a rollback: not the canary's failure.
-        let ended_here = e.is_some_and(|e| e.etype() == &UPSTREAM_UPGRADE_ENDED);
+        // A canary answer Kanaria ended at a rollback: not the canary's failure (nor is the
+        // `grpc-status: 14` it ended a gRPC stream with).
+        let ended_here = e.is_some_and(withdrawn);
         let upstream_failed =
             !ended_here && e.is_some_and(|e| e.esource() == &ErrorSource::Upstream);
         if let Some(kind) = e.filter(|_| !ended_here).and_then(upstream_error_kind) {
@@ -1370,7 +1508,7 @@ impl ProxyHttp for KanariaProxy {
             Some(latency) => {
                 let is_error = ctx.upstream_status.is_some_and(|s| s >= 500)
                     || upstream_failed
-                    || ctx.edge.grpc_failed;
+                    || (ctx.edge.grpc_failed && !ended_here);
                 m.observe(is_error, latency);
             }
             // The client hung up before any answer: not the version's failure.

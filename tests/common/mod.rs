@@ -905,6 +905,171 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// What a reconnecting test client saw, shared with its task: the server of its current
+/// connection or stream, how many times it reconnected, how many connections or streams
+/// failed (instead of ending cleanly).
+#[derive(Clone, Default)]
+pub struct Reconnecting {
+    pub on: Arc<std::sync::Mutex<String>>,
+    pub reconnects: Arc<AtomicU64>,
+    pub failures: Arc<AtomicU64>,
+}
+
+impl Reconnecting {
+    /// A client that runs `session` (one connection or stream, until it ends) again and
+    /// again until `stop` is set, counting each run after the first as a reconnect.
+    /// Bounded: a forgotten client cannot run away.
+    pub fn spawn<F, Fut>(stop: Arc<std::sync::atomic::AtomicBool>, mut session: F) -> Reconnecting
+    where
+        F: FnMut(Reconnecting, Arc<std::sync::atomic::AtomicBool>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let client = Reconnecting::default();
+        let c = client.clone();
+        tokio::spawn(async move {
+            for run in 0..1_000 {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                if run > 0 {
+                    c.reconnects.fetch_add(1, Ordering::SeqCst);
+                }
+                session(c.clone(), stop.clone()).await;
+            }
+        });
+        client
+    }
+}
+
+/// Each client's server and reconnect count now.
+pub fn seen(clients: &[Reconnecting]) -> Vec<(String, u64)> {
+    clients
+        .iter()
+        .map(|cl| {
+            (
+                cl.on.lock().unwrap().clone(),
+                cl.reconnects.load(Ordering::SeqCst),
+            )
+        })
+        .collect()
+}
+
+/// The clients' failures, summed.
+pub fn failures(clients: &[Reconnecting]) -> u64 {
+    clients
+        .iter()
+        .map(|cl| cl.failures.load(Ordering::SeqCst))
+        .sum()
+}
+
+/// Waits (5 s at most) until `server` holds nothing open.
+pub async fn none_open(server: &CountingServer) {
+    let open = server.open.clone();
+    eventually("nothing left open", Duration::from_secs(5), || {
+        let n = open.load(Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                Ok(())
+            } else {
+                Err(format!("{n} still open"))
+            }
+        }
+    })
+    .await;
+}
+
+/// Waits (20 s at most) until each client of `on` (the server its client is on, empty
+/// until it heard from one) is held open by one of `servers` and heard from it.
+pub async fn all_connected(
+    on: &[Arc<std::sync::Mutex<String>>],
+    servers: (&CountingServer, &CountingServer),
+) {
+    let (s, c) = (servers.0.open.clone(), servers.1.open.clone());
+    eventually("every client connected", Duration::from_secs(20), || {
+        let open = s.load(Ordering::SeqCst) + c.load(Ordering::SeqCst);
+        let heard = on.iter().filter(|o| !o.lock().unwrap().is_empty()).count();
+        let n = on.len();
+        async move {
+            if open == n && heard == n {
+                Ok(())
+            } else {
+                Err(format!("{open} open, {heard} heard from their server"))
+            }
+        }
+    })
+    .await;
+}
+
+/// Every client that was on `moved` (in `before`, from [`seen`]) reconnected since; every
+/// other one did not.
+pub fn assert_only_moved(clients: &[Reconnecting], before: &[(String, u64)], moved: &str) {
+    for (i, (cl, (was, n))) in clients.iter().zip(before).enumerate() {
+        let now = cl.reconnects.load(Ordering::SeqCst);
+        if was == moved {
+            assert!(now > *n, "user-{i}, on {was}, did not reconnect");
+        } else {
+            assert_eq!(now, *n, "user-{i}, on {was}, reconnected");
+        }
+    }
+}
+
+/// A test server on 127.0.0.1 that counts what it holds open (connections or streams, as
+/// its handler says): each accepted connection goes to `serve` with the counter, on a task
+/// of its own; the accept loop stops when the server is dropped.
+pub struct CountingServer {
+    pub addr: SocketAddr,
+    pub open: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for CountingServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl CountingServer {
+    pub async fn start<F, Fut>(serve: F) -> CountingServer
+    where
+        F: Fn(tokio::net::TcpStream, Arc<std::sync::atomic::AtomicUsize>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = open.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(serve(tcp, counter.clone()));
+            }
+        });
+        CountingServer { addr, open, task }
+    }
+}
+
+/// Serves one accepted connection with `svc`: HTTP/2 with prior knowledge (h2c) when `h2`,
+/// else HTTP/1.1; returns when the connection ends.
+pub async fn serve_hyper<S, B>(tcp: tokio::net::TcpStream, svc: S, h2: bool)
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let io = TokioIo::new(tcp);
+    if h2 {
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await;
+    } else {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, svc)
+            .await;
+    }
+}
+
 /// A pool section for a route.
 pub fn pool(section: &str, version: &str, addrs: &[SocketAddr]) -> String {
     let eps: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();

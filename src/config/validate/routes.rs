@@ -262,6 +262,7 @@ pub(super) fn route(
         retry_on_stable: r.retry_on_stable,
         canary_timeout,
         rollback_drain: rollback_drain?,
+        drain_on_weight_change: r.drain_on_weight_change,
         stable_down,
         health,
         analysis,

@@ -94,9 +94,25 @@ pub type UpstreamCancel = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'st
 pub const UPSTREAM_ATTEMPT_CANCELLED: pingora_error::ErrorType =
     pingora_error::ErrorType::Custom("UpstreamAttemptCancelled");
 
-/// The error that ends an upgraded connection through [`ProxyHttp::upstream_upgraded_end`].
-pub const UPSTREAM_UPGRADE_ENDED: pingora_error::ErrorType =
-    pingora_error::ErrorType::Custom("UpstreamUpgradeEnded");
+/// The future [`ProxyHttp::upstream_withdrawn`] returns: when it completes once the response
+/// header was passed on, the response ends; its output, the trailers to end the body with
+/// where the downstream can carry them (HTTP/2), or `None`.
+pub type UpstreamWithdrawn =
+    std::pin::Pin<Box<dyn Future<Output = Option<Box<http::HeaderMap>>> + Send + 'static>>;
+
+/// The error of a response ended through [`ProxyHttp::upstream_withdrawn`] (the attempt's
+/// upstream was withdrawn after its header went downstream) that could not end by its own
+/// framing: the connection was closed (HTTP/1, an upgraded connection) or the stream reset
+/// (HTTP/2).
+pub const UPSTREAM_WITHDRAWN: pingora_error::ErrorType =
+    pingora_error::ErrorType::Custom("UpstreamWithdrawn");
+
+/// The error of a response ended through [`ProxyHttp::upstream_withdrawn`] by its own
+/// framing (the last chunk, the HTTP/2 stream's end or the trailers given): the downstream
+/// connection is whole, and [`ProxyHttp::fail_to_proxy`] may keep it
+/// (`can_reuse_downstream`).
+pub const UPSTREAM_WITHDRAWN_ENDED: pingora_error::ErrorType =
+    pingora_error::ErrorType::Custom("UpstreamWithdrawnEnded");
 
 mod proxy_cache;
 mod proxy_common;

@@ -554,6 +554,12 @@ impl ResponseStateMachine {
 pub(crate) enum PipeState {
     Active = 0,
     DownstreamComplete = 1,
+    /// Set by the upstream half before it sends the end of a response that
+    /// [`ProxyHttp::upstream_withdrawn`](crate::ProxyHttp::upstream_withdrawn) ended: the
+    /// downstream half writes that end, then fails the attempt with
+    /// [`UPSTREAM_WITHDRAWN_ENDED`](crate::UPSTREAM_WITHDRAWN_ENDED): the upstream
+    /// connection (HTTP/1) or stream (HTTP/2) is not reused.
+    UpstreamWithdrawn = 2,
 }
 
 impl PipeState {
@@ -562,6 +568,21 @@ impl PipeState {
     /// comparison the upstream halves perform on a task-pipe closure.
     pub(crate) fn is_downstream_complete(raw: u8) -> bool {
         raw == PipeState::DownstreamComplete as u8
+    }
+
+    /// After the downstream half wrote a response's end (`response_done`): `Err` with
+    /// [`UPSTREAM_WITHDRAWN_ENDED`](crate::UPSTREAM_WITHDRAWN_ENDED) when that end was the upstream
+    /// half's withdrawal, not the upstream's own.
+    pub(crate) fn check_withdrawn(
+        state: &std::sync::atomic::AtomicU8,
+        response_done: bool,
+    ) -> Result<()> {
+        use std::sync::atomic::Ordering::Acquire;
+        if response_done && state.load(Acquire) == PipeState::UpstreamWithdrawn as u8 {
+            return Error::e_explain(crate::UPSTREAM_WITHDRAWN_ENDED, "the response was ended")
+                .map_err(|e| e.into_up());
+        }
+        Ok(())
     }
 }
 

@@ -36,7 +36,7 @@ where
         peer: &HttpPeer,
         ctx: &mut SV::CTX,
         cancel: Option<UpstreamCancel>,
-        upgraded_end: Option<UpstreamCancel>,
+        withdrawn: Option<UpstreamWithdrawn>,
     ) -> (bool, bool, Option<Box<Error>>)
     where
         SV: ProxyHttp + Send + Sync,
@@ -167,7 +167,7 @@ where
                 rx_downstream,
                 pipe_state,
                 cancel,
-                upgraded_end,
+                withdrawn,
             ),
         );
 
@@ -196,7 +196,8 @@ where
             Ok((downstream_can_reuse, upstream_can_reuse)) => {
                 (downstream_can_reuse, upstream_can_reuse, None)
             }
-            Err(e) => (false, false, Some(e)),
+            // A withdrawn answer that ended by its framing leaves the downstream whole.
+            Err(e) => (e.etype == crate::UPSTREAM_WITHDRAWN_ENDED, false, Some(e)),
         }
     }
 
@@ -235,10 +236,10 @@ where
             return (false, false, Some(e));
         }
         let cancel = self.inner.upstream_cancel(session, ctx);
-        let upgraded_end = self.inner.upstream_upgraded_end(session, ctx);
+        let withdrawn = self.inner.upstream_withdrawn(session, ctx);
 
         let (server_session_reuse, client_session_reuse, error) = self
-            .proxy_1to1(session, client_session, peer, ctx, cancel, upgraded_end)
+            .proxy_1to1(session, client_session, peer, ctx, cancel, withdrawn)
             .await;
 
         // Record upstream response body bytes received (payload only) for logging consumers.
@@ -263,8 +264,8 @@ where
         tx: mpsc::Sender<HttpTask>,
         mut rx: mpsc::Receiver<HttpTask>,
         pipe_state: Arc<AtomicU8>,
-        mut cancel: Option<UpstreamCancel>,
-        mut upgraded_end: Option<UpstreamCancel>,
+        cancel: Option<UpstreamCancel>,
+        mut withdrawn: Option<UpstreamWithdrawn>,
     ) -> Result<bool>
     where
         SV: ProxyHttp + Send + Sync,
@@ -275,25 +276,38 @@ where
         let mut upstream_can_reuse = true;
         let mut send_error = None;
         let mut upgraded = false;
+        // 0017's cancel while the header is awaited, then `upstream_withdrawn`'s signal.
+        let mut signal = cancel.map(AttemptSignal::Cancel);
 
         /* duplex mode, wait for either to complete */
         while !request_done || !response_done {
             tokio::select! {
-                res = read_response_task_or_cancel(client_session, &mut cancel, upgraded), if !response_done => {
+                res = read_response_task_or_signal(client_session, &mut signal), if !response_done => {
                     match res {
-                        Ok(task) => {
+                        Ok(ReadTask::Withdrawn(trailers)) => {
+                            // The upstream was withdrawn while its answer lasts: end it as
+                            // its framing allows (see `ProxyHttp::upstream_withdrawn`). The
+                            // connection is not reused either way.
+                            let task = if upgraded || length_delimited(client_session.resp_header()) {
+                                HttpTask::Failed(withdrawn_error(upgraded))
+                            } else {
+                                pipe_state.store(PipeState::UpstreamWithdrawn as u8, Ordering::Release);
+                                trailers.map_or(HttpTask::Done, |t| HttpTask::Trailer(Some(t)))
+                            };
+                            let _ = tx.send(task).await;
+                            return Ok(false);
+                        }
+                        Ok(ReadTask::Task(task)) => {
                             if matches!(task, HttpTask::Header(..)) {
                                 // The header is passed on: from here the attempt can no
-                                // longer be cancelled, so its answer is never cut short.
-                                cancel = None;
+                                // longer be cancelled, so its answer is never cut short;
+                                // only a withdrawal ends it.
+                                signal = withdrawn.take().map(AttemptSignal::Withdrawn);
                             }
                             response_done = task.is_end();
                             if !upgraded && client_session.was_upgraded() {
                                 // upgrade can only happen once
                                 upgraded = true;
-                                // From here the connection carries another protocol for as
-                                // long as both ends like: `upstream_upgraded_end` may end it.
-                                cancel = upgraded_end.take();
                                 if send_error.is_none() {
                                     // continue receiving from downstream after body mode change
                                     request_done = false;
@@ -655,6 +669,8 @@ where
                             continue;
                         };
                         response_state.maybe_set_upstream_done(response_done);
+                        // A withdrawn answer's end is written: the attempt ends there.
+                        PipeState::check_withdrawn(&pipe_state, response_done)?;
                         // unsuccessful upgrade response may force the request done
                         downstream_state.maybe_finished(session.is_body_done());
                     } else {
@@ -687,6 +703,8 @@ where
                             downstream_state.reset();
                         }
                         response_state.maybe_set_upstream_done(response_done);
+                        // A withdrawn answer's end is written: the attempt ends there.
+                        PipeState::check_withdrawn(&pipe_state, response_done)?;
                         // unsuccessful upgrade response (or end of upstream upgraded conn,
                         // which forces the body reader to complete) may force the request done
                         downstream_state.maybe_finished(session.is_body_done());
@@ -1094,34 +1112,64 @@ where
     }
 }
 
-/// Reads the next response task, or fails with [`crate::UPSTREAM_ATTEMPT_CANCELLED`] when
-/// `cancel` completes first. The cancellation then goes the way of a response read error:
-/// nothing of the answer went downstream, and the connection is not reused (a request is
-/// in flight, a header may be half read). The header wins when both are ready. Folded into
-/// the read, not a branch of its own, so that the response loop's `select!` costs nothing
-/// more per iteration without a cancel signal.
-/// After an upgrade, `cancel` is [`ProxyHttp::upstream_upgraded_end`]'s signal: it ends the
-/// upgraded connection with [`crate::UPSTREAM_UPGRADE_ENDED`].
-async fn read_response_task_or_cancel(
+/// What an HTTP/1 attempt's response read races against: 0017's cancel while the header
+/// is awaited, then [`ProxyHttp::upstream_withdrawn`]'s signal while the answer lasts.
+enum AttemptSignal {
+    Cancel(UpstreamCancel),
+    Withdrawn(UpstreamWithdrawn),
+}
+
+/// A response task read, or the withdrawal of the upstream with its trailers.
+enum ReadTask {
+    Task(HttpTask),
+    Withdrawn(Option<Box<http::HeaderMap>>),
+}
+
+/// Reads the next response task, or, when `signal` completes first: fails with
+/// [`crate::UPSTREAM_ATTEMPT_CANCELLED`] for a cancel (which then goes the way of a response
+/// read error: nothing of the answer went downstream, and the connection is not reused: a
+/// request is in flight, a header may be half read), or returns the withdrawal. The read wins
+/// when both are ready. Folded into the read, not a branch of its own, so that the response
+/// loop's `select!` costs nothing more per iteration without a signal.
+async fn read_response_task_or_signal(
     client_session: &mut HttpSessionV1,
-    cancel: &mut Option<UpstreamCancel>,
-    upgraded: bool,
-) -> Result<HttpTask> {
-    let Some(cancel) = cancel.as_mut() else {
-        return client_session.read_response_task().await;
-    };
-    tokio::select! {
-        biased;
-        task = client_session.read_response_task() => task,
-        _ = cancel => if upgraded {
-            Error::e_explain(crate::UPSTREAM_UPGRADE_ENDED, "the upgraded connection was ended")
-        } else {
-            Error::e_explain(
+    signal: &mut Option<AttemptSignal>,
+) -> Result<ReadTask> {
+    match signal.as_mut() {
+        None => client_session.read_response_task().await.map(ReadTask::Task),
+        Some(AttemptSignal::Cancel(cancel)) => tokio::select! {
+            biased;
+            task = client_session.read_response_task() => task.map(ReadTask::Task),
+            _ = cancel => Error::e_explain(
                 crate::UPSTREAM_ATTEMPT_CANCELLED,
                 "while waiting for the response header",
-            )
+            ),
+        },
+        Some(AttemptSignal::Withdrawn(withdrawn)) => tokio::select! {
+            biased;
+            task = client_session.read_response_task() => task.map(ReadTask::Task),
+            trailers = withdrawn => Ok(ReadTask::Withdrawn(trailers)),
         },
     }
+}
+
+/// Does this answer's body end at a length it declared (`Content-Length` without
+/// `Transfer-Encoding`)? Such a body cannot be ended early without the client seeing it short.
+pub(crate) fn length_delimited(resp: Option<&ResponseHeader>) -> bool {
+    resp.is_some_and(|r| {
+        r.headers.contains_key(http::header::CONTENT_LENGTH)
+            && !r.headers.contains_key(http::header::TRANSFER_ENCODING)
+    })
+}
+
+/// The error a withdrawal sends downstream when the answer cannot end cleanly.
+pub(crate) fn withdrawn_error(upgraded: bool) -> Box<Error> {
+    let why = if upgraded {
+        "the upgraded connection was ended"
+    } else {
+        "a length-delimited body was ended"
+    };
+    Error::explain(crate::UPSTREAM_WITHDRAWN, why).into_up()
 }
 
 pub(crate) async fn send_body_to1(

@@ -125,6 +125,7 @@ where
         peer: &HttpPeer,
         ctx: &mut SV::CTX,
         cancel: Option<UpstreamCancel>,
+        withdrawn: Option<UpstreamWithdrawn>,
     ) -> (bool, Option<Box<Error>>)
     // (reuse_server, error)
     where
@@ -314,7 +315,7 @@ where
                 &mut downstream_custom_message_reader,
                 pipe_state.clone(),
             ),
-            pipe_up_to_down_response(client_session, tx, pipe_state, cancel)
+            pipe_up_to_down_response(client_session, tx, pipe_state, cancel, withdrawn)
         );
 
         if let Some(custom_session) = session.downstream_session.as_custom_mut() {
@@ -346,8 +347,12 @@ where
                 let downstream_error = e.esource == ErrorSource::Downstream;
                 // A cancelled attempt resets its own stream only: the connection's other
                 // streams go on, and it stays usable for new ones.
+                // So does a withdrawn one (`upstream_withdrawn`): its answer was ended
+                // before the upstream's END_STREAM.
                 let cancelled = e.esource == ErrorSource::Upstream
-                    && e.etype == crate::UPSTREAM_ATTEMPT_CANCELLED;
+                    && (e.etype == crate::UPSTREAM_ATTEMPT_CANCELLED
+                        || e.etype == crate::UPSTREAM_WITHDRAWN
+                        || e.etype == crate::UPSTREAM_WITHDRAWN_ENDED);
                 // On application level upstream read timeouts, send RST_STREAM CANCEL,
                 // we know we have not received END_STREAM at this point since we read timed out.
                 // Also cancel the upstream stream when downstream goes away/resets so the
@@ -361,7 +366,8 @@ where
                         client_session.conn.mark_shutdown();
                     }
                 }
-                (false, Some(e))
+                // A withdrawn answer that ended by its framing leaves the downstream whole.
+                (e.etype == crate::UPSTREAM_WITHDRAWN_ENDED, Some(e))
             }
         }
     }
@@ -392,9 +398,10 @@ where
         }
 
         let cancel = self.inner.upstream_cancel(session, ctx);
+        let withdrawn = self.inner.upstream_withdrawn(session, ctx);
 
         let (server_session_reuse, error) = self
-            .proxy_down_to_up(session, client_session, peer, ctx, cancel)
+            .proxy_down_to_up(session, client_session, peer, ctx, cancel, withdrawn)
             .await;
 
         // Record upstream response body bytes received (HTTP/2 DATA payload).
@@ -677,6 +684,8 @@ where
                             return Error::e_explain(H2Error, "upgraded while proxying to h2 session");
                         }
                         response_state.maybe_set_upstream_done(response_done);
+                        // A withdrawn answer's end is written: the attempt ends there.
+                        PipeState::check_withdrawn(&pipe_state, response_done)?;
                     } else {
                         debug!("empty upstream event");
                         response_state.maybe_set_upstream_done(true);
@@ -704,6 +713,8 @@ where
                             return Error::e_explain(H2Error, "upgraded while proxying to h2 session");
                         }
                         response_state.maybe_set_upstream_done(response_done);
+                        // A withdrawn answer's end is written: the attempt ends there.
+                        PipeState::check_withdrawn(&pipe_state, response_done)?;
                     } else {
                         debug!("empty upstream event");
                         response_state.maybe_set_upstream_done(true);
@@ -1123,6 +1134,7 @@ pub(crate) async fn pipe_up_to_down_response(
     tx: mpsc::Sender<HttpTask>,
     pipe_state: Arc<AtomicU8>,
     cancel: Option<UpstreamCancel>,
+    mut withdrawn: Option<UpstreamWithdrawn>,
 ) -> Result<()> {
     let header = match cancel {
         None => client.read_response_header().await,
@@ -1140,6 +1152,8 @@ pub(crate) async fn pipe_up_to_down_response(
     header.map_err(|e| e.into_up())?; // should we send the error as an HttpTask?
 
     let resp_header = Box::new(client.response_header().expect("just read").clone());
+    // A withdrawal (below) ends such a body only by a reset downstream.
+    let length_delimited = crate::proxy_h1::length_delimited(Some(&resp_header));
 
     match client.check_response_end_or_error() {
         Ok(eos) => {
@@ -1197,6 +1211,18 @@ pub(crate) async fn pipe_up_to_down_response(
                 body.map_err(|e| e.into_up()).transpose()
             }
             _ = tx.closed() => None,
+            // `ProxyHttp::upstream_withdrawn`: end the answer as its framing allows; the
+            // stream is reset upstream by the caller (`UPSTREAM_WITHDRAWN`).
+            Some(trailers) = OptionFuture::from(withdrawn.as_mut()), if withdrawn.is_some() => {
+                let task = if length_delimited {
+                    HttpTask::Failed(crate::proxy_h1::withdrawn_error(false))
+                } else {
+                    pipe_state.store(PipeState::UpstreamWithdrawn as u8, Ordering::Release);
+                    trailers.map_or(HttpTask::Done, |t| HttpTask::Trailer(Some(t)))
+                };
+                let _ = tx.send(task).await;
+                return Ok(());
+            }
         };
         let Some(chunk) = chunk else {
             break;

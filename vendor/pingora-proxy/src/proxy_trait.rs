@@ -731,21 +731,35 @@ pub trait ProxyHttp {
         None
     }
 
-    /// A signal that ends this attempt's connection if it is upgraded (an HTTP/1 answer
-    /// `101 Switching Protocols`: WebSocket and the like), whenever it completes while the
-    /// upgraded connection lasts.
+    /// A signal that this attempt's upstream is withdrawn: it ends the response once its
+    /// header was passed on, whenever it completes while the response lasts (its body is
+    /// still being forwarded, or the connection was upgraded).
     ///
-    /// Called once per attempt, right after [`Self::upstream_cancel`], for HTTP/1 upstreams.
-    /// The future is polled only once the upgrade was passed on; when it completes, the
-    /// attempt fails with an upstream [`UPSTREAM_UPGRADE_ENDED`](crate::UPSTREAM_UPGRADE_ENDED)
-    /// error and both connections are closed (the client sees its connection close, as at
-    /// a restart of the upstream, and reconnects). Useful to move long-lived connections off
-    /// an upstream that is withdrawn (drained, rolled back). The default is `None`.
-    fn upstream_upgraded_end(
+    /// Called once per attempt, right after [`Self::upstream_cancel`], for HTTP/1 and HTTP/2
+    /// upstreams (not custom ones). The future is polled only once the response header was
+    /// read, in the same place as `upstream_cancel`'s signal (folded into the response read:
+    /// no `select!` branch is added while the header is awaited). When it completes:
+    /// - an upgraded connection (`101`) is closed on both sides;
+    /// - a body whose upstream framing is a length (`Content-Length`) cannot end cleanly: the
+    ///   downstream HTTP/1 connection is closed, the downstream HTTP/2 stream is reset;
+    /// - any other body (HTTP/1 chunked or close-delimited, HTTP/2 without a length) ends
+    ///   cleanly: with the future's trailers when it gives some and the downstream is HTTP/2
+    ///   (a gRPC status, say), else with the body's end (the last chunk; `END_STREAM`).
+    ///
+    /// The attempt then fails with an upstream error, after the end was written:
+    /// [`UPSTREAM_WITHDRAWN_ENDED`](crate::UPSTREAM_WITHDRAWN_ENDED) for a clean end (the
+    /// downstream connection is whole: [`Self::fail_to_proxy`] may keep it),
+    /// [`UPSTREAM_WITHDRAWN`](crate::UPSTREAM_WITHDRAWN) otherwise. The HTTP/1 upstream
+    /// connection is closed, the HTTP/2 upstream stream reset with `CANCEL` (its connection
+    /// and other streams kept). Useful to move
+    /// long-lived responses (server-sent events, long polls, gRPC streams, WebSocket) off an
+    /// upstream that is drained or rolled back: the client reconnects. The default is
+    /// `None`.
+    fn upstream_withdrawn(
         &self,
         _session: &mut Session,
         _ctx: &mut Self::CTX,
-    ) -> Option<crate::UpstreamCancel> {
+    ) -> Option<crate::UpstreamWithdrawn> {
         None
     }
 
