@@ -277,6 +277,52 @@ async fn dashboard_shows_live_traffic_and_rolls_back() {
     assert_eq!(failed, 0);
 }
 
+/// The Shadow card (the dark launch): the route mirrors every stable user's requests to a
+/// canary that answers otherwise (its echo names itself); the card shows the copies and the
+/// differing field with an example, and the rollout's shadow step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shadow_card_shows_the_copies_and_the_fields_that_differ() {
+    let (stable, canary) = (
+        Upstream::start("stable").await,
+        Upstream::start("canary").await,
+    );
+    let cfg = format!(
+        "[[routes]]\nname = \"app\"\nsticky_by = [\"header:x-user-id\"]\n[routes.rollout]\nsteps = [{{ shadow = 100, hold = \"1h\" }}, {{ weight = 10 }}]\n[routes.analysis]\nenabled = false\n[routes.shadow]\n{}\n{}",
+        pool("routes.stable", "v1", &[stable.addr]),
+        pool("routes.canary", "v2", &[canary.addr]),
+    );
+    let proxy = Proxy::builder().routes(&cfg).start().await;
+    let load = Load::start(proxy.url("/"), 2, 100);
+    let driver = Driver::start().await;
+    driver
+        .session_call("POST", "/url", json!({"url": proxy.admin_url("/")}))
+        .await;
+    driver
+        .wait_for(
+            "the differing field on the Shadow card",
+            "const b = document.querySelector('[data-route=\"app\"] [data-field=\"shadow\"]'); return b && !b.hidden && !!b.querySelector('[data-diff-field=\"$.upstream\"]')",
+        )
+        .await;
+    let text = driver
+        .script("return document.querySelector('[data-route=\"app\"] [data-field=\"shadow\"]').innerText")
+        .await;
+    let text = text.as_str().unwrap();
+    assert!(text.contains("share 100%"), "{text}");
+    assert!(
+        text.contains("stable \"stable\" → shadow \"canary\""),
+        "{text}"
+    );
+    let steps = driver
+        .script("return document.querySelector('[data-route=\"app\"] [data-field=\"source\"]').textContent")
+        .await;
+    assert!(
+        steps.as_str().unwrap().contains("shadow 100% → 10%"),
+        "{steps}"
+    );
+    let (_, failed) = load.stop().await;
+    assert_eq!(failed, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_card_lists_the_replicas_and_its_rollback_reaches_them_all() {
     let mut redis = Redis::start().await;

@@ -34,8 +34,9 @@ fn demo_story_ends_in_a_rollback_that_users_do_not_see() {
         "INFO log lines interleave with the story:\n{stderr}"
     );
     for line in [
-        "progressing step 1: canary weight 5%",
-        "progressing step 3: canary weight 50%",
+        "progressing step 1 (shadow: 100% of users mirrored to v2, none sent): canary weight 0%",
+        "progressing step 2: canary weight 5%",
+        "progressing step 4: canary weight 50%",
         "the canary starts failing",
         "rolled_back: canary weight 0%",
         "Demo summary",

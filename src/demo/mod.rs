@@ -347,6 +347,15 @@ impl Story {
         false
     }
 
+    /// The share (percent) of a shadow step of the route's rollout; `None` for a weighted
+    /// step.
+    fn shadow_step(&self, step: usize) -> Option<f64> {
+        let live = self.shared.live.load();
+        let r = live.snapshot.routes.iter().find(|r| r.name == self.route)?;
+        let st = r.steps.get(step)?;
+        (st.shadow > 0).then(|| buckets_to_percent(st.shadow))
+    }
+
     /// One frame of the live display; returns (phase, canary weight %).
     fn frame(
         &self,
@@ -442,7 +451,14 @@ impl Story {
             tick.tick().await;
             let (phase, weight) = self.frame(&display, &mut rates, &seen);
             let name = phase.as_ref().map_or("?".to_string(), |p| match p.step() {
-                Some(s) => format!("{} step {}", p.name(), s + 1),
+                Some(s) => match self.shadow_step(s) {
+                    Some(share) => format!(
+                        "{} step {} (shadow: {share:.0}% of users mirrored to v2, none sent)",
+                        p.name(),
+                        s + 1
+                    ),
+                    None => format!("{} step {}", p.name(), s + 1),
+                },
                 None => p.name().to_string(),
             });
             if name != last_phase {
