@@ -409,6 +409,11 @@ start_proxy() {
   case "$which" in
     kanaria) start_kanaria "$port" "$dir" "$s" "$c" ;;
     kanaria-nolog) KANARIA_ACCESS_LOG=off start_kanaria "$port" "$dir" "$s" "$c" ;;
+    # kanaria-shadow: kanaria-nolog with a dark launch mirroring every stable user's
+    # requests to the canary (shadow.sh: what it costs against kanaria-nolog).
+    kanaria-shadow)
+      KANARIA_ACCESS_LOG=off BENCH_KANARIA_ROUTE_EXTRA=$'[routes.shadow]\nshare = 100\nqueue = 100000' \
+        start_kanaria "$port" "$dir" "$s" "$c" ;;
     # kanaria:PATH runs another build, for before/after comparisons in one run.
     kanaria:*) KANARIA_ACCESS_LOG=off KANARIA_BIN="${which#kanaria:}" start_kanaria "$port" "$dir" "$s" "$c" ;;
     bare) start_bare "$port" "$dir" "$s" "$c" ;;

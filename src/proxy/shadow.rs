@@ -154,6 +154,40 @@ pub struct Mirror {
     h2c: reqwest::Client,
     shadows: Arc<Shadows>,
     next: AtomicUsize,
+    /// The thread the copies are sent, read and compared on, started with the first copy:
+    /// none of that work runs on the proxy's threads, so a busy shadow does not take their
+    /// CPU from the users' requests (at most this one thread's).
+    runtime: std::sync::OnceLock<Option<tokio::runtime::Handle>>,
+}
+
+/// Starts the shadow's thread and its runtime; `None` when the system refuses a thread or
+/// the runtime cannot be built (logged: the copies then run on the proxy's runtime).
+fn shadow_runtime() -> Option<tokio::runtime::Handle> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let started = std::thread::Builder::new()
+        .name("kanaria-shadow".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match rt {
+                Ok(rt) => {
+                    let _ = tx.send(Some(rt.handle().clone()));
+                    rt.block_on(std::future::pending::<()>());
+                }
+                Err(e) => {
+                    log::error!("shadow: no runtime for the copies ({e}); they run on the proxy's");
+                    let _ = tx.send(None);
+                }
+            }
+        });
+    match started {
+        Ok(_) => rx.recv().ok().flatten(),
+        Err(e) => {
+            log::error!("shadow: no thread for the copies ({e}); they run on the proxy's");
+            None
+        }
+    }
 }
 
 fn client(h2c: bool) -> reqwest::Client {
@@ -175,6 +209,7 @@ impl Mirror {
             h2c: client(true),
             shadows,
             next: AtomicUsize::new(0),
+            runtime: std::sync::OnceLock::new(),
         }
     }
 
@@ -203,8 +238,8 @@ impl Mirror {
     }
 
     /// Takes a mirrored request whose user's answer is done (`stable_seconds`: how long
-    /// stable took). Returns at once: the copies go out from a task of their own, or are
-    /// dropped when the route's queue is full.
+    /// stable took). Returns at once: the copies go out from a task of their own on the
+    /// shadow's thread, or are dropped when the route's queue is full.
     pub fn offer(
         self: &Arc<Self>,
         route: Arc<Route>,
@@ -230,7 +265,7 @@ impl Mirror {
             return;
         }
         let me = self.clone();
-        tokio::spawn(async move {
+        let job = async move {
             let copies = settings_copies(&route);
             let permit = lane.slots.clone().acquire_many_owned(copies).await;
             lane.waiting.fetch_sub(1, Ordering::AcqRel);
@@ -239,7 +274,11 @@ impl Mirror {
             };
             me.copies(&route, metrics.as_deref(), &stats, capture, stable_seconds)
                 .await;
-        });
+        };
+        match self.runtime.get_or_init(shadow_runtime) {
+            Some(rt) => drop(rt.spawn(job)),
+            None => drop(tokio::spawn(job)),
+        }
     }
 
     /// The copies of one request, the noise probe, the comparison.
