@@ -1127,9 +1127,9 @@ pub fn supersedes(
     }
 }
 
-/// What the fleet store's write script (`control::fleet`) decides, in Rust (the tests'
-/// model of the store): `(true, written)` or `(false, current)`.
-#[cfg(test)]
+/// What the fleet store decides of a write: the compare-and-set rule, stated once in Rust
+/// (the in-memory store of the tests runs it; Redis runs the same rule as a Lua script,
+/// `control::fleet::redis_store`): `(true, written)` or `(false, current)`.
 pub fn decide(
     current: Option<&FleetRecord>,
     new: &FleetRecord,
