@@ -32,7 +32,7 @@
 //! tests can run the same decisions on a store of their own.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,6 +79,9 @@ pub struct View {
 struct Job {
     record: FleetRecord,
     reply: Option<Reply>,
+    /// The order this process decided its changes in (a failed write queued again keeps
+    /// its own): a write older than one already written of the same record is obsolete.
+    seq: u64,
 }
 
 /// The fleet link of one process: shared by the control module (which queues writes) and
@@ -92,6 +95,8 @@ pub struct Fleet {
     pub writer_id: String,
     tx: mpsc::UnboundedSender<Job>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<Job>>>,
+    /// The next [`Job::seq`].
+    next_seq: AtomicU64,
     pub connected: AtomicBool,
     /// The first poll answered (records adopted or seeded): ready to serve as the fleet.
     pub synced: AtomicBool,
@@ -152,6 +157,7 @@ impl Fleet {
             writer_id,
             tx,
             rx: Mutex::new(Some(rx)),
+            next_seq: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             synced: AtomicBool::new(false),
             view: Mutex::new(View::default()),
@@ -235,7 +241,12 @@ impl Fleet {
     pub fn share(&self, mut record: FleetRecord, reply: Option<Reply>) {
         record.by = self.settings.instance.clone();
         record.writer = self.writer_id.clone();
-        if self.tx.send(Job { record, reply }).is_err() {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.queue(Job { record, reply, seq });
+    }
+
+    fn queue(&self, job: Job) {
+        if self.tx.send(job).is_err() {
             log::error!("fleet: the writer is gone; a change was not shared");
         }
     }
@@ -268,6 +279,9 @@ impl Fleet {
 pub trait Replica: Send + Sync {
     /// The fleet's record for a route: applied when newer than what this replica applied.
     fn adopt(&self, record: FleetRecord);
+    /// The store's record that refused a change this replica made: applied as the fleet's
+    /// even when this process wrote it (the refused change is undone).
+    fn adopt_refusal(&self, record: FleetRecord);
     /// The store became reachable (`up`) or unreachable.
     fn fleet_link(&self, up: bool);
     /// The store's incarnation as a poll read it, before the records read with it: on a
@@ -293,8 +307,8 @@ pub struct FleetService {
     /// names, connected at start.
     store: Option<Arc<dyn Store>>,
     /// Writes that failed on the connection, the newest per record (by key), written again
-    /// when the store answers.
-    pending: Mutex<BTreeMap<String, FleetRecord>>,
+    /// when the store answers: (their [`Job::seq`], the record).
+    pending: Mutex<BTreeMap<String, (u64, FleetRecord)>>,
 }
 
 /// What the writer remembers between writes.
@@ -304,6 +318,8 @@ struct Writes {
     /// a row were both decided on the older one, and the second must not be refused
     /// for the first.
     written: HashMap<String, u64>,
+    /// The newest [`Job::seq`] written (or failed) per record.
+    newest: HashMap<String, u64>,
     /// How many entries the last pruning kept.
     kept: usize,
 }
@@ -314,6 +330,18 @@ fn behind(current: &FleetRecord, mine: &FleetRecord) -> bool {
     !mine.incarnation.is_empty()
         && current.incarnation == mine.incarnation
         && current.generation < mine.generation
+}
+
+/// Whether the store's `current` record holds, at the generation this replica applied,
+/// another state than this replica's `mine`, in the same incarnation: the store lost the
+/// write this replica applied and gave its generation to another (or this replica's own
+/// change is not written yet, and then the re-seed this asks for loses to it).
+fn diverged(current: &FleetRecord, mine: &FleetRecord) -> bool {
+    !mine.incarnation.is_empty()
+        && current.incarnation == mine.incarnation
+        && current.generation == mine.generation
+        && (current.phase.name(), current.phase.step(), current.resumes)
+            != (mine.phase.name(), mine.phase.step(), mine.resumes)
 }
 
 impl FleetService {
@@ -390,11 +418,31 @@ impl FleetService {
         }
     }
 
+    /// Before the first poll: until the store first answers, nothing advances (a replica
+    /// started while the store is down must not step on its own).
+    fn begin(&self) {
+        self.shared.fleet_link(false);
+        self.shared
+            .metrics()
+            .fleet_connected
+            .with_label_values(&[&self.fleet.settings.cluster])
+            .set(0);
+        // The counter's series from the start, so increase() sees the first reset.
+        self.shared
+            .metrics()
+            .fleet_store_resets
+            .with_label_values(&[&self.fleet.settings.cluster]);
+    }
+
     /// Writes one queued record and answers whoever waits for it. A refused write adopts
     /// the store's record; a write that fails on the connection waits (the newest per
     /// record) for the store to return.
     async fn write_one(&self, store: &dyn Store, job: Job, w: &mut Writes) {
-        let Job { mut record, reply } = job;
+        let Job {
+            mut record,
+            reply,
+            seq,
+        } = job;
         let key = store.record_key(&record.route, &record.canary_version);
         // Versions and routes come and go with releases: keep only the records this
         // replica still serves (checked once the map outgrows them).
@@ -406,7 +454,38 @@ impl FleetService {
                 .map(|(r, v, _)| store.record_key(r, v))
                 .collect();
             w.written.retain(|k, _| served.contains(k));
+            w.newest.retain(|k, _| served.contains(k));
             w.kept = w.written.len();
+        }
+        // A failed write queued again by a poll behind a newer change of the same record
+        // (a weight that failed, then a rollback): written now it would undo that change
+        // in the store, once the store lost it.
+        if w.newest.get(&key).is_some_and(|&newest| newest > seq) {
+            log::debug!("fleet: an obsolete write of {key} is dropped");
+            return;
+        }
+        w.newest.insert(key.clone(), seq);
+        // A change of a version this replica moved on from while the write waited: its
+        // record may be gone for good (deleted once no replica served the version), and
+        // must not come back as this replica's old state. Only a rollback still goes (a
+        // replica that has not moved on yet applies it).
+        if !record.rolled_back
+            && !self
+                .shared
+                .fleet_routes()
+                .iter()
+                .any(|(r, v, _)| *r == record.route && *v == record.canary_version)
+        {
+            if let Some(reply) = reply {
+                let _ = reply.try_send(Answer::Refused {
+                    message: format!(
+                        "canary version {} of {} is no longer served here: the change was not shared",
+                        record.canary_version, record.route
+                    ),
+                    current: None,
+                });
+            }
+            return;
         }
         if let Some(&g) = w.written.get(&key) {
             if record.mode == ShareMode::Cas {
@@ -428,6 +507,30 @@ impl FleetService {
                 result = store.write(&record).await;
             }
         }
+        // A re-seed refused for a record the store holds at no higher generation than this
+        // replica knows (a later history, a rollback or a resume, at a lower one; another
+        // state at the same one): the store lost data, and would stay at or below this
+        // replica's generation, which never goes down, so this replica would never adopt
+        // the fleet's record nor its next change. The store's record is written again
+        // above it: generations go on from the highest any replica knows.
+        if let Ok(Written::Refused(Some(c))) = &result {
+            if record.mode == ShareMode::Reseed && c.generation <= record.generation {
+                let mut raised = c.clone();
+                raised.generation = record.generation.max(c.generation + 1);
+                raised.mode = ShareMode::Reseed;
+                raised.writer = self.fleet.writer_id.clone();
+                if let Ok(Written::Accepted(r)) = store.write(&raised).await {
+                    result = Ok(Written::Refused(Some(r)));
+                }
+            }
+        }
+        // The store's answer says which incarnation it is, as a poll does: a change decided
+        // on another one (the store lost its data since) re-seeds it like a poll would.
+        if let Ok(Written::Accepted(r) | Written::Refused(Some(r))) = &result {
+            if !r.incarnation.is_empty() {
+                self.saw_incarnation(&r.incarnation);
+            }
+        }
         let answer = match result {
             Ok(Written::Accepted(rec)) => {
                 w.written.insert(key.clone(), rec.generation);
@@ -447,9 +550,13 @@ impl FleetService {
                     ),
                     None => "the fleet store refused the change".to_string(),
                 };
-                // Adopted before the answer goes: whoever waits sees the fleet's state.
+                // Adopted before the answer goes: whoever waits sees the fleet's state. A
+                // refused change is undone here (a seed changed nothing here to undo).
                 if let Some(c) = &current {
-                    self.shared.adopt(c.clone());
+                    match record.mode {
+                        ShareMode::Seed => self.shared.adopt(c.clone()),
+                        ShareMode::Cas | ShareMode::Reseed => self.shared.adopt_refusal(c.clone()),
+                    }
                 }
                 Answer::Refused {
                     message,
@@ -468,7 +575,7 @@ impl FleetService {
                 self.fleet.poke.notify_one();
                 let n = {
                     let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                    p.insert(key, record);
+                    p.insert(key, (seq, record));
                     p.len()
                 };
                 self.fleet.set_view(|v| v.pending = n);
@@ -524,23 +631,28 @@ impl FleetService {
         // The store answers: writes that waited for it go now, ahead of anything adopted
         // below (a local rollback not yet shared is not undone by the older records read
         // here: the machine keeps it, and the store lets it win).
-        let waiting: Vec<FleetRecord> = self
+        let waiting: Vec<(u64, FleetRecord)> = self
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .cloned()
             .collect();
-        for rec in waiting {
-            self.fleet.share(rec, None);
+        for (seq, record) in waiting {
+            self.fleet.queue(Job {
+                record,
+                reply: None,
+                seq,
+            });
         }
         for ((_, _, seed), value) in routes.into_iter().zip(read.records) {
             match value {
                 Some(rec) => {
                     // The store behind what this replica applied, in the same incarnation:
                     // it lost acknowledged writes (a failover to a lagging replica). This
-                    // replica's state re-seeds it; the store keeps the later history.
-                    if let Some(mut seed) = seed.filter(|s| behind(&rec, s)) {
+                    // replica's state re-seeds it; the store keeps the later history (and
+                    // at the same generation its own record, raised above it).
+                    if let Some(mut seed) = seed.filter(|s| behind(&rec, s) || diverged(&rec, s)) {
                         seed.mode = ShareMode::Reseed;
                         seed.kind = "store_behind".into();
                         self.fleet.share(seed, None);
@@ -781,19 +893,7 @@ impl BackgroundService for FleetService {
                 }
             },
         };
-        // Until the store first answers, nothing advances (a replica started while the
-        // store is down must not step on its own).
-        self.shared.fleet_link(false);
-        self.shared
-            .metrics()
-            .fleet_connected
-            .with_label_values(&[&self.fleet.settings.cluster])
-            .set(0);
-        // The counter's series from the start, so increase() sees the first reset.
-        self.shared
-            .metrics()
-            .fleet_store_resets
-            .with_label_values(&[&self.fleet.settings.cluster]);
+        self.begin();
         tokio::select! {
             _ = shutdown.changed() => {}
             _ = self.writer(&*store, rx) => {}
