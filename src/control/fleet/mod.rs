@@ -29,7 +29,7 @@
 //!
 //! The decisions ([`FleetService::write_one`], [`FleetService::poll`]) are plain code over
 //! the store; the loops around them ([`BackgroundService::start`]) only pace them, so the
-//! tests can run the same decisions on a store of their own.
+//! simulation (`sim`, tests only) runs the same decisions on a seeded in-memory store.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,7 +47,11 @@ use crate::config::FleetSettings;
 use crate::metrics::Metrics;
 use crate::rollout::machine::{FleetRecord, ShareMode};
 
+#[cfg(test)]
+mod memory_store;
 pub mod redis_store;
+#[cfg(test)]
+mod sim;
 pub mod store;
 
 pub use store::{Contribution, Member, Spans};
