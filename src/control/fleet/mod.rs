@@ -468,7 +468,10 @@ impl FleetService {
             log::debug!("fleet: an obsolete write of {key} is dropped");
             return;
         }
-        w.newest.insert(key.clone(), seq);
+        // A seed only fills an empty store: it makes no change of this replica's obsolete.
+        if record.mode != ShareMode::Seed {
+            w.newest.insert(key.clone(), seq);
+        }
         // A change of a version this replica moved on from while the write waited: its
         // record may be gone for good (deleted once no replica served the version), and
         // must not come back as this replica's old state. Only a rollback still goes (a
@@ -579,7 +582,11 @@ impl FleetService {
                 self.fleet.poke.notify_one();
                 let n = {
                     let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                    p.insert(key, (seq, record));
+                    // A seed (it only fills an empty store) never displaces a change
+                    // waiting to be written.
+                    if record.mode != ShareMode::Seed || !p.contains_key(&key) {
+                        p.insert(key, (seq, record));
+                    }
                     p.len()
                 };
                 self.fleet.set_view(|v| v.pending = n);

@@ -680,7 +680,7 @@ fn run(seed: u64, steps: usize) -> Result<Vec<String>, String> {
 
 /// Seeds that broke a promise, each kept as a regression case, with what it found (at
 /// 300 steps).
-const FOUND: [(u64, &str); 8] = [
+const FOUND: [(u64, &str); 9] = [
     (
         19,
         "the store restarted empty while a replica was cut off; a resume elsewhere made the \
@@ -738,6 +738,13 @@ const FOUND: [(u64, &str); 8] = [
         188,
         "the same with a re-seed after the store restarted empty (fixed for both: a write \
          of a version this replica no longer serves is dropped unless it is a rollback)",
+    ),
+    (
+        7620,
+        "a rollback that failed to write waited for the store; a seed that failed after it \
+         took its place among the waiting writes (and made it obsolete), so only the seed \
+         was written on return, refused, and the rollback never reached the fleet (fixed: a \
+         seed neither displaces a waiting change nor makes it obsolete)",
     ),
 ];
 
