@@ -56,7 +56,7 @@ test: test-deps
 	$(CARGO) test --all-features
 
 # The fleet simulation (issue 20, src/control/fleet/sim.rs): N replicas' control planes on
-# a seeded in-memory store, SIM_SEEDS seeds of SIM_STEPS steps each (`make test` runs 200
+# a seeded in-memory store, SIM_SEEDS seeds of SIM_STEPS steps each (`make test` runs 100
 # seeds of 300 steps); SEED=S replays one seed and prints its step log.
 SIM_SEEDS ?= 20000
 SIM_STEPS ?= 300

@@ -15,7 +15,7 @@
 //! After the last step every fault heals and a few rounds of polls run: every replica then
 //! serves the store's record. A failure prints the seed and the step log;
 //! `SEED=<seed> cargo test --all-features --lib fleet::sim` replays it exactly.
-//! `SIM_SEEDS` (default 200) and `SIM_STEPS` (default 300) size a run.
+//! `SIM_SEEDS` (default 100) and `SIM_STEPS` (default 300) size a run.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -775,7 +775,7 @@ fn the_fleet_keeps_its_promises_under_simulated_faults() {
         }
         return;
     }
-    let seeds = env_number("SIM_SEEDS", 200);
+    let seeds = env_number("SIM_SEEDS", 100);
     let first = env_number("SIM_FIRST_SEED", 1);
     // How long the run took, for whoever sizes `SIM_SEEDS` (the simulation itself reads
     // no real clock).
