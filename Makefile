@@ -1,7 +1,7 @@
 # Kanaria: `make demo` to see it run, `make test` for the whole suite.
 CARGO ?= cargo
 
-.PHONY: all deps test-deps build bench-build demo test chaos fmt clippy check-config check-deploy bench bench-quick clean fuzz
+.PHONY: all deps test-deps build bench-build demo test sim chaos fmt clippy check-config check-deploy bench bench-quick clean fuzz
 
 all: build
 
@@ -54,6 +54,16 @@ test: test-deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets --all-features -- -D warnings
 	$(CARGO) test --all-features
+
+# The fleet simulation (issue 20, src/control/fleet/sim.rs): N replicas' control planes on
+# a seeded in-memory store, SIM_SEEDS seeds of SIM_STEPS steps each (`make test` runs 100
+# seeds of 300 steps); SEED=S replays one seed and prints its step log.
+SIM_SEEDS ?= 20000
+SIM_STEPS ?= 300
+SIM_FIRST_SEED ?= 1
+sim:
+	SEED=$(SEED) SIM_SEEDS=$(SIM_SEEDS) SIM_STEPS=$(SIM_STEPS) SIM_FIRST_SEED=$(SIM_FIRST_SEED) \
+	  $(CARGO) test --all-features --lib fleet::sim -- --nocapture
 
 # Fault injection (issue 21, tests/chaos.rs): three replicas on a real Redis under load
 # while a schedule of faults derived from a seed plays; the recorded history is judged

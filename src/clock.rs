@@ -61,6 +61,16 @@ impl ManualClock {
         }
     }
 
+    /// A clock whose wall-clock reading starts at `wall` (the monotonic one at the real
+    /// now): a run that depends only on the readings repeats exactly (the fleet
+    /// simulation replays a seed).
+    pub fn starting_at(wall: SystemTime) -> Self {
+        ManualClock {
+            start: (SystemClock.now(), wall),
+            elapsed: Mutex::new(Duration::ZERO),
+        }
+    }
+
     /// Moves both readings forward by `by`.
     pub fn advance(&self, by: Duration) {
         *self.elapsed.lock().unwrap_or_else(|p| p.into_inner()) += by;

@@ -5,8 +5,9 @@
 //!   built from the file, and publication (one `ArcSwap::store` per change).
 //! - [`analysis_loop`]: runs the health checks and the canary analysis on their schedules
 //!   and feeds verdicts to the rollout machine.
-//! - [`fleet`]: shares rollout state and analysis counts with the other replicas (Redis),
-//!   through a narrow [`fleet::Replica`] interface to this replica's control.
+//! - [`fleet`]: shares rollout state and analysis counts with the other replicas, through a
+//!   narrow [`fleet::Replica`] interface to this replica's control and a narrow
+//!   [`fleet::store::Store`] interface to the store (Redis, [`fleet::redis_store`]).
 //! - [`resolve`]: looks the pools' endpoint names up again every `resolve_interval` and
 //!   serves the pools over their new addresses.
 //! - [`reload`]: the config file watcher (and SIGHUP).

@@ -596,7 +596,13 @@ impl Control {
             OperatorAction::Pause => Action::Pause,
             OperatorAction::Resume => Action::Resume,
         };
-        // In a fleet, the action returns once the store has it (or refused it).
+        // In a fleet, the action returns once the store has it (or refused it). Whether
+        // the store is known to answer is read before the change is queued: the writer
+        // may mark the link down while writing it, and then its answer says so.
+        let connected = self
+            .fleet
+            .as_ref()
+            .is_some_and(|f| f.connected.load(std::sync::atomic::Ordering::Acquire));
         let (reply, answer) = match &self.fleet {
             Some(_) => {
                 let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -627,10 +633,10 @@ impl Control {
             ctl.generation
         };
         self.flush_state();
-        if let (Some(answer), Some(fleet)) = (answer, &self.fleet) {
+        if let Some(answer) = answer {
             // Known to be down: nothing to wait for (the writer keeps the change and
             // writes it when the store answers).
-            let answer = if fleet.connected.load(std::sync::atomic::Ordering::Acquire) {
+            let answer = if connected {
                 answer.recv_timeout(ANSWER_TIMEOUT).unwrap_or_else(|_| {
                     Answer::Unreachable(format!(
                         "the fleet store did not answer within {}s; the change is written when it does",
@@ -683,16 +689,10 @@ impl Control {
     pub fn record_verdict(&self, route: &str, epoch: u64, verdict: Verdict) {
         self.observe(route, Input::Verdict { epoch, verdict });
     }
-}
 
-impl Replica for Control {
-    /// The fleet's record for a route: applied when it is newer than what this replica
-    /// applied (the machine decides).
-    fn adopt(&self, record: FleetRecord) {
-        let own = self
-            .fleet
-            .as_ref()
-            .is_some_and(|f| f.writer_id == record.writer);
+    /// A fleet record handed to the route's machine (`own`: this process wrote it, and
+    /// what it says is applied here already).
+    fn adopt_record(&self, record: FleetRecord, own: bool) {
         let route = record.route.clone();
         let mut ctl = self.lock();
         if !ctl.routes.contains_key(&route) {
@@ -710,6 +710,24 @@ impl Replica for Control {
                 .with_label_values(&[&f.settings.cluster, &route])
                 .set(rc.fleet_generation as i64);
         }
+    }
+}
+
+impl Replica for Control {
+    /// The fleet's record for a route: applied when it is newer than what this replica
+    /// applied (the machine decides).
+    fn adopt(&self, record: FleetRecord) {
+        let own = self
+            .fleet
+            .as_ref()
+            .is_some_and(|f| f.writer_id == record.writer);
+        self.adopt_record(record, own);
+    }
+
+    /// The store's record that refused a change of this replica's: the fleet's, even when
+    /// this process wrote it (what is applied here is the refused change, to be undone).
+    fn adopt_refusal(&self, record: FleetRecord) {
+        self.adopt_record(record, false);
     }
 
     /// The fleet store became reachable or unreachable.

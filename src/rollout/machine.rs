@@ -597,13 +597,15 @@ impl Step<'_> {
             // shared) without an operator's resume since: only a store that lost its data
             // lets one through (a seed of a replica that never saw the rollback). The
             // rollback is written again; it wins in the store.
+            // The same for an operator's resume this replica knows and the fleet's newer
+            // record does not (the store lost it: a failover to a replica without it):
+            // else this replica would never follow the fleet, nor the fleet it.
             if !own
                 && order == Some(false)
-                && here_rolled_back
-                && !rolled_back
                 && rec.generation > s.fleet_generation
+                && ((here_rolled_back && !rolled_back) || s.resumes > rec.resumes)
             {
-                self.rewrite_rollback(&rec);
+                self.rewrite_over(&rec);
             }
             return;
         }
@@ -612,15 +614,24 @@ impl Step<'_> {
         }
         let s = &self.next;
         let resumes = rec.resumes.max(s.resumes);
+        let resumes_grew = resumes > s.resumes;
         self.next.fleet_generation = rec.generation.max(s.fleet_generation);
         // The fleet's count (an operator's resume the store refused counted here too), but
         // never lower: what was counted here happened.
         self.next.resumes = resumes;
+        let mut persisted = false;
         if rolled_back && matches!(self.next.phase, Phase::RolledBack { .. }) {
             // The fleet has a rollback: nothing waits any more, after a restart either.
             if std::mem::take(&mut self.next.unshared_rollback) {
                 self.persist();
+                persisted = true;
             }
+        }
+        // A resume learned with a phase already applied here (a rollback adopted over a
+        // rollback, the resume between them missed) is kept across a restart too: else
+        // a record counting that same resume would undo this rollback after one.
+        if resumes_grew && !persisted {
+            self.persist();
         }
         let file_news = match (&rec.file, self.next.fleet) {
             (Some(d), true) => self.adopt_file(d),
@@ -670,24 +681,35 @@ impl Step<'_> {
         }
     }
 
-    /// Writes this replica's rollback again over a fleet record that would undo it,
-    /// decided on that record's generation (a rollback wins whatever the generation).
-    fn rewrite_rollback(&mut self, rec: &FleetRecord) {
+    /// Writes this replica's state again over a newer fleet record from an earlier
+    /// history: one that would undo its rollback, or one from before an operator's resume
+    /// it knows (the store lost it). Decided on that record's generation: a later history
+    /// wins whatever the generation.
+    fn rewrite_over(&mut self, rec: &FleetRecord) {
+        let s = &self.next;
+        let (kind, event, why) = if matches!(s.phase, Phase::RolledBack { .. }) && !rec.rolled_back
+        {
+            (
+                "rollback",
+                "rollback_rewritten",
+                "would undo this rollback without an operator's resume",
+            )
+        } else {
+            (
+                "history_rewritten",
+                "history_rewritten",
+                "predates an operator's resume this replica knows",
+            )
+        };
         let reason = format!(
-            "fleet: a record that would undo this rollback without an operator's resume ({} at generation {}, by {}) was refused; the rollback is written again",
+            "fleet: a record that {why} ({} at generation {}, by {}) was refused; this replica's state is written again",
             rec.phase.name(),
             rec.generation,
             rec.by
         );
-        let s = &self.next;
-        let Some(mut share) = share_record(
-            self.route,
-            s,
-            "rollback",
-            &reason,
-            self.now_ms,
-            ShareMode::Cas,
-        ) else {
+        let Some(mut share) =
+            share_record(self.route, s, kind, &reason, self.now_ms, ShareMode::Cas)
+        else {
             return;
         };
         share.generation = share.generation.max(rec.generation);
@@ -696,7 +718,7 @@ impl Step<'_> {
         self.effects.push(Effect::Emit(Event {
             at_ms: self.now_ms,
             route: self.route.to_string(),
-            kind: "rollback_rewritten".to_string(),
+            kind: event.to_string(),
             from: name.to_string(),
             to: name.to_string(),
             weight_percent: buckets_to_percent(s.weight().0),
@@ -1153,9 +1175,9 @@ pub fn supersedes(
     }
 }
 
-/// What the fleet store's write script (`control::fleet`) decides, in Rust (the tests'
-/// model of the store): `(true, written)` or `(false, current)`.
-#[cfg(test)]
+/// What the fleet store decides of a write: the compare-and-set rule, stated once in Rust
+/// (the in-memory store of the tests runs it; Redis runs the same rule as a Lua script,
+/// `control::fleet::redis_store`): `(true, written)` or `(false, current)`.
 pub fn decide(
     current: Option<&FleetRecord>,
     new: &FleetRecord,
@@ -1661,7 +1683,8 @@ mod tests {
                 let next = out.next.clone().expect("a state unless removed");
                 // Adopted generations only increase (a new canary version starts at 0);
                 // an older or equal one changes nothing; adopting shares back only a
-                // rollback over a record that would undo it, and then changes nothing.
+                // rollback over a record that would undo it, or this replica's state over
+                // a record that predates a resume it knows, and then changes nothing.
                 if !version_changes {
                     prop_assert!(next.fleet_generation >= s.fleet_generation);
                 }
@@ -1672,9 +1695,10 @@ mod tests {
                     }).collect();
                     if !shares.is_empty() {
                         prop_assert_eq!(shares.len(), 1);
-                        prop_assert!(shares[0].rolled_back && !rec.rolled_back);
                         let latched = matches!(s.phase, Phase::RolledBack { .. });
-                        prop_assert!(latched);
+                        let rollback_over = shares[0].rolled_back && !rec.rolled_back && latched;
+                        let later_history = s.resumes > rec.resumes && shares[0].resumes == s.resumes;
+                        prop_assert!(rollback_over || later_history);
                         prop_assert_eq!(&next, &s);
                     }
                     // (A later history, a rollback or an operator's resume not seen here,
