@@ -1480,6 +1480,51 @@ async fn replicas_follow_the_sentinel_to_a_new_primary_the_old_one_still_answeri
     assert_ne!(old["rolled_back"], true, "{old}");
 }
 
+/// A replica upgraded in place (`--upgrade`, SIGQUIT): for a few seconds its old and new
+/// processes both run (Pingora's old one waits 5 s after handing its listeners over, then
+/// drains), and either may answer. A rollback decided on another replica during the
+/// handover reaches both: every answer of this replica's admin says rolled back, and so
+/// does the new process once the old one is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_upgraded_in_place_follows_a_rollback_decided_during_the_handover() {
+    let redis = Redis::start().await;
+    let mut fleet = Fleet::start(&redis, 20.0, "", "").await;
+    fleet
+        .converge("20% everywhere", |s| weight_of(s) == 20.0)
+        .await;
+    let mut old = fleet.replicas[2].begin_upgrade();
+    // Mid-handover: the new process takes its fleet's records and its share of the
+    // connections while the old one still runs (it waits 5 s before draining). Not a
+    // readiness check: both answer on the same ports, and this is the moment judged.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (code, body) = fleet.act(0, "rollback", "{}").await;
+    assert_eq!(code, 200, "{body}");
+    let rolled = Instant::now();
+    // Either process may answer: each answer must say rolled back soon after.
+    let mut seen_late = Vec::new();
+    while old.try_wait().ok().flatten().is_none() && rolled.elapsed() < Duration::from_secs(8) {
+        let s = fleet.replicas[2].status().await;
+        if state_of(&s) != "rolled_back" && rolled.elapsed() > Duration::from_secs(1) {
+            seen_late.push(format!(
+                "{:?}: {} {}%",
+                rolled.elapsed(),
+                state_of(&s),
+                weight_of(&s)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = old.kill();
+    let _ = old.wait();
+    fleet.replicas[2].wait_until_ready().await;
+    let s = fleet.replicas[2].status().await;
+    assert_eq!(state_of(&s), "rolled_back", "the new process: {s:#}");
+    assert!(
+        seen_late.is_empty(),
+        "answers not rolled back 1 s after the rollback: {seen_late:?}"
+    );
+}
+
 /// The store goes back in time without losing its incarnation, as after a failover to a
 /// replica that had not received the last writes (Redis replication is asynchronous): the
 /// record is set back to an older generation. The replicas do not follow it back; the
