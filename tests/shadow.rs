@@ -456,6 +456,53 @@ async fn a_canary_whose_answers_differ_is_rolled_back_for_its_diff_rate() {
     );
 }
 
+/// With `[fleet]`, the compared answers are summed over the replicas like the outcomes: each
+/// of three replicas compares 20 answers (fewer than `min_requests = 30`, so none could judge
+/// alone), the fleet's 60 are judged, and the fleet rolls the canary back for `diff_rate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fleet_sums_the_compared_answers() {
+    let redis = common::Redis::start().await;
+    let (stable, canary) = (App::start(0).await, App::start(1).await);
+    let mut replicas = Vec::new();
+    for name in ["a", "b", "c"] {
+        let cfg = format!(
+            "[fleet]\nurl = \"{}\"\ncluster = \"shadow\"\ninstance = \"{name}\"\npoll_interval = \"500ms\"\n\n{}\n[routes.rollout]\nsteps = [{{ shadow = 100, hold = \"1h\" }}, {{ weight = 50 }}]\n[routes.analysis]\nmin_requests = 30\nmax_diff_rate = 0.1\n",
+            redis.url(),
+            routes(stable.addr, canary.addr, "")
+        );
+        replicas.push(Proxy::builder().routes(&cfg).start().await);
+    }
+    for p in &replicas {
+        p.wait_status("three members", |s| {
+            s["fleet"]["members"].as_array().map(Vec::len) == Some(3)
+        })
+        .await;
+    }
+    let c = client();
+    for (i, p) in replicas.iter().enumerate() {
+        for n in 0..20u64 {
+            let r = c
+                .get(p.url(&format!("/items/{n}")))
+                .header("x-user-id", format!("r{i}u{n}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        wait_shadow(p, "compared", 20).await;
+    }
+    for p in &replicas {
+        let s = p
+            .wait_status("rolled back for the fleet's differences", |s| {
+                s["routes"][0]["rollout_state"] == "rolled_back"
+            })
+            .await;
+        assert_eq!(s["routes"][0]["phase"]["reason"], "diff_rate", "{s:#}");
+        // No replica compared enough alone.
+        assert_eq!(shadow_status(p).await["compared"], 20);
+    }
+}
+
 /// A healthy canary passes its shadow step and the rollout moves on to the first weighted
 /// step: users reach it then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

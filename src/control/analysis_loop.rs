@@ -60,8 +60,8 @@ struct Schedule {
     probes: Probes,
     /// Each route's last evaluation, by name.
     last_eval: HashMap<String, Instant>,
-    /// Each route's shadow counts (compared, differing) when its phase (epoch) was first
-    /// judged: the dark launch's answers are judged from there.
+    /// Each route's shadow counts (compared, differing) when its phase (by its start) was
+    /// first judged: the dark launch's answers are judged from there.
     diff_base: HashMap<String, (u64, u64, u64)>,
 }
 
@@ -178,6 +178,7 @@ fn own_counts(route: &Route, m: &RouteMetrics, at: At, version: &str) -> Contrib
         canary_version: version.to_string(),
         window: spans(route.analysis.window),
         fast: spans(span),
+        shadow: (0, 0),
     }
 }
 
@@ -193,31 +194,37 @@ struct At {
 }
 
 impl AnalysisLoop {
-    /// The dark launch's rule (`max_diff_rate`) on the answers this replica's shadow
-    /// compared since the route's phase `epoch` was first judged here.
-    fn diff_verdict(
+    /// The dark launch's answers this replica's shadow compared since the route's phase
+    /// (that began at `phase_since_ms`) was first judged here, and how many differed
+    /// (beyond noise). Keyed by the phase's start, not the verdict epoch: in a fleet the
+    /// epoch moves with every record adopted.
+    fn diff_counts(
         &self,
         route: &Route,
-        epoch: u64,
+        phase_since_ms: u64,
         base: &mut HashMap<String, (u64, u64, u64)>,
-    ) -> Option<Verdict> {
-        route.analysis.max_diff_rate?;
-        let stats = self.shared.live.metrics.shadows.get(&route.name)?;
-        let now = (
-            stats.compared.load(Ordering::Relaxed),
-            stats.differing.load(Ordering::Relaxed),
-        );
+    ) -> (u64, u64) {
+        // Before the first copy the route has no shadow counts yet: zero, and the
+        // baseline is taken all the same (or the first answers would be its baseline).
+        let now = self
+            .shared
+            .live
+            .metrics
+            .shadows
+            .get(&route.name)
+            .map_or((0, 0), |stats| {
+                (
+                    stats.compared.load(Ordering::Relaxed),
+                    stats.differing.load(Ordering::Relaxed),
+                )
+            });
         let b = base
             .entry(route.name.clone())
-            .or_insert((epoch, now.0, now.1));
-        if b.0 != epoch {
-            *b = (epoch, now.0, now.1);
+            .or_insert((phase_since_ms, now.0, now.1));
+        if b.0 != phase_since_ms {
+            *b = (phase_since_ms, now.0, now.1);
         }
-        crate::rollout::verdict::diff_rate(
-            &route.analysis,
-            now.0.saturating_sub(b.1),
-            now.1.saturating_sub(b.2),
-        )
+        (now.0.saturating_sub(b.1), now.1.saturating_sub(b.2))
     }
 }
 
@@ -261,16 +268,27 @@ const PHASE_SLACK_MS: u64 = 1_000;
 /// every replica's recent counts. A replica that sees the canary fail on its own traffic
 /// still rolls the fleet back (always safe); without the fleet's data (the store down or
 /// the view stale) nothing passes, so nothing is promoted on one replica's data.
-fn judge_fleet(route: &Route, m: &RouteMetrics, at: At, fleet: &Fleet, version: &str) -> Verdict {
-    let mine = own_counts(route, m, at, version);
+/// The verdict on the fleet's summed counts, and the dark launch's compared and differing
+/// answers summed the same way (this replica's `shadow` alone when the fleet's are not
+/// to be trusted).
+fn judge_fleet(
+    route: &Route,
+    m: &RouteMetrics,
+    at: At,
+    fleet: &Fleet,
+    version: &str,
+    shadow: (u64, u64),
+) -> (Verdict, (u64, u64)) {
+    let mut mine = own_counts(route, m, at, version);
+    mine.shadow = shadow;
     fleet.contribute(&route.name, mine.clone());
     let me = fleet.settings.instance.clone();
     let local = verdict_of(route, &mine);
     if matches!(local, Verdict::Fail { .. }) {
-        return scoped(local, json!({ "replica": me }));
+        return (scoped(local, json!({ "replica": me })), shadow);
     }
     if fleet.stale() || !fleet.connected.load(Ordering::Acquire) {
-        return Verdict::Inconclusive;
+        return (Verdict::Inconclusive, shadow);
     }
     // Only counts from this phase: another replica's counts that start more than
     // PHASE_SLACK_MS before this replica's phase began are from an earlier phase (a
@@ -287,11 +305,16 @@ fn judge_fleet(route: &Route, m: &RouteMetrics, at: At, fleet: &Fleet, version: 
     for (inst, c) in &others {
         sum.window.add(&c.window);
         sum.fast.add(&c.fast);
+        sum.shadow.0 += c.shadow.0;
+        sum.shadow.1 += c.shadow.1;
         by_replica.insert(inst.clone(), json!(c.window.canary.requests));
     }
-    scoped(
-        verdict_of(route, &sum),
-        json!({ "fleet": others.len() + 1, "canary_requests_by_replica": by_replica }),
+    (
+        scoped(
+            verdict_of(route, &sum),
+            json!({ "fleet": others.len() + 1, "canary_requests_by_replica": by_replica }),
+        ),
+        sum.shadow,
     )
 }
 
@@ -375,13 +398,17 @@ impl AnalysisLoop {
                 now_ms,
                 since_ms: control.judged_since_ms,
             };
-            let judged = match (&self.shared.fleet, &route.canary) {
-                (Some(fleet), Some(canary)) => judge_fleet(route, m, at, fleet, &canary.version),
-                _ => judge(route, m, at),
-            };
             // The dark launch's answers: judged since the phase began (a baseline of the
-            // shadow's counts taken at the first evaluation of each phase).
-            let diff = self.diff_verdict(route, control.epoch, diff_base);
+            // shadow's counts taken at the first evaluation of each phase), summed over the
+            // fleet like the outcomes.
+            let shadow = self.diff_counts(route, control.judged_since_ms, diff_base);
+            let (judged, shadow) = match (&self.shared.fleet, &route.canary) {
+                (Some(fleet), Some(canary)) => {
+                    judge_fleet(route, m, at, fleet, &canary.version, shadow)
+                }
+                _ => (judge(route, m, at), shadow),
+            };
+            let diff = crate::rollout::verdict::diff_rate(&route.analysis, shadow.0, shadow.1);
             let judged = match (judged, diff) {
                 (Verdict::Fail { reason, numbers }, _) => Verdict::Fail { reason, numbers },
                 (_, Some(fail)) => fail,

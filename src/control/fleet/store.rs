@@ -64,6 +64,11 @@ pub struct Contribution {
     pub canary_version: String,
     pub window: Spans,
     pub fast: Spans,
+    /// The dark launch's answers compared since the phase began on that replica, and how
+    /// many differed beyond noise (0, 0 without a shadow, and from a replica that does not
+    /// say).
+    #[serde(default)]
+    pub shadow: (u64, u64),
 }
 
 /// The store's answer to a write.
