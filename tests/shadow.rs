@@ -182,6 +182,7 @@ async fn a_field_that_differs_on_one_path_is_found_and_noise_is_not() {
             let r = c
                 .get(p.url(&path))
                 .header("x-user-id", format!("u{i}"))
+                .header("authorization", "Bearer very-secret")
                 .send()
                 .await
                 .unwrap();
@@ -202,6 +203,22 @@ async fn a_field_that_differs_on_one_path_is_found_and_noise_is_not() {
         (Some("10"), Some("11"))
     );
     assert!(ex["request_id"].as_str().is_some_and(|id| !id.is_empty()));
+    // The example's request headers, the secret redacted.
+    let headers = ex["headers"].as_array().unwrap();
+    assert!(
+        headers.contains(&json!(["authorization", "[redacted]"])),
+        "{ex:#}"
+    );
+    assert!(headers.iter().any(|h| h[0] == "x-user-id"), "{ex:#}");
+    assert!(!ex.to_string().contains("very-secret"));
+    // `kanaria status` prints the shadow and its differing field.
+    let out = std::process::Command::new(common::kanaria_bin())
+        .args(["status", "--admin", &format!("127.0.0.1:{}", p.admin_port)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("shadow app: share 100.0% x1"), "{text}");
+    assert!(text.contains("/items/{id} $.price: 40"), "{text}");
     let noise: Vec<&str> = s["noise"]
         .as_array()
         .unwrap()

@@ -97,6 +97,44 @@ pub fn status_table(v: &Value) -> String {
             },
         ));
     }
+    // The dark launch of each route that has one: copies, drops, errors, p99 against
+    // stable's, the compared answers and the fields that differ most.
+    for r in v["routes"].as_array().into_iter().flatten() {
+        let sh = &r["shadow"];
+        if !sh.is_object() {
+            continue;
+        }
+        let dropped: u64 = sh["dropped"]
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+        out.push_str(&format!(
+            "shadow {}: share {}% x{}  mirrored {}  dropped {}  errors {}/{}  p99 shadow {:.1} ms / stable {:.1} ms  compared {}  differing {} ({:.2}%)\n",
+            r["name"].as_str().unwrap_or("?"),
+            sh["share_percent"],
+            sh["amplify"],
+            sh["mirrored"],
+            dropped,
+            sh["errors"],
+            sh["sent"],
+            sh["p99_ms"]["shadow"].as_f64().unwrap_or(0.0),
+            sh["p99_ms"]["stable"].as_f64().unwrap_or(0.0),
+            sh["compared"],
+            sh["differing"],
+            sh["diff_rate"].as_f64().unwrap_or(0.0) * 100.0,
+        ));
+        for d in sh["differences"].as_array().into_iter().flatten().take(5) {
+            let ex = &d["examples"][0];
+            out.push_str(&format!(
+                "  {} {}: {} (e.g. {}: stable {} / shadow {})\n",
+                d["path"].as_str().unwrap_or("?"),
+                d["field"].as_str().unwrap_or("?"),
+                d["count"],
+                ex["path"].as_str().unwrap_or("-"),
+                ex["stable"].as_str().unwrap_or("-"),
+                ex["shadow"].as_str().unwrap_or("-"),
+            ));
+        }
+    }
     let fleet = &v["fleet"];
     if fleet.is_object() {
         out.push_str(&format!(

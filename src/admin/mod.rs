@@ -604,6 +604,7 @@ fn shadow_json(
                 "path": x.path,
                 "stable": x.stable,
                 "shadow": x.shadow,
+                "headers": x.headers.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "noise": report.entries.iter().filter(|(_, _, e)| e.noise > 0).map(|(path, field, e)| json!({

@@ -332,6 +332,7 @@ impl Mirror {
                 &template,
                 &capture.path,
                 &capture.request_id,
+                || redacted(&capture.headers),
                 &differences(&capture.answer, &first),
             );
         }
@@ -401,6 +402,37 @@ impl Mirror {
         }
         Some(answer)
     }
+}
+
+/// Request headers whose values are secrets: kept in an example by name only.
+const SECRET_HEADERS: [&str; 5] = [
+    "authorization",
+    "cookie",
+    "proxy-authorization",
+    "x-api-key",
+    "x-auth-token",
+];
+
+/// A request's headers for a kept example: each value cut to 80 bytes, secrets (the
+/// headers above, and any whose name says token, secret, password or key) as `[redacted]`.
+pub fn redacted(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            let name = k.as_str();
+            let secret = SECRET_HEADERS.contains(&name)
+                || ["token", "secret", "password", "key"]
+                    .iter()
+                    .any(|w| name.contains(w));
+            let value = if secret {
+                "[redacted]".to_string()
+            } else {
+                let v = String::from_utf8_lossy(v.as_bytes());
+                v.chars().take(80).collect()
+            };
+            (name.to_string(), value)
+        })
+        .collect()
 }
 
 /// Slots one request's copies take at once (at most the lane's).

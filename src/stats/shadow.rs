@@ -46,6 +46,8 @@ pub struct Example {
     pub path: String,
     pub stable: String,
     pub shadow: String,
+    /// The request's headers, secrets redacted (see `proxy::shadow::redacted`).
+    pub headers: Vec<(String, String)>,
 }
 
 /// A (path template, field) and what was seen of it.
@@ -150,6 +152,7 @@ impl ShadowStats {
         template: &str,
         path: &str,
         request_id: &str,
+        headers: impl Fn() -> Vec<(String, String)>,
         fields: &[Difference],
     ) -> bool {
         self.compared.fetch_add(1, Ordering::Relaxed);
@@ -170,6 +173,7 @@ impl ShadowStats {
                     path: path.to_string(),
                     stable: d.left.clone(),
                     shadow: d.right.clone(),
+                    headers: headers(),
                 });
             }
         }
@@ -268,11 +272,12 @@ mod tests {
                 "/items/{id}",
                 "/items/1",
                 &format!("r{i}"),
+                Vec::new,
                 &[d("$.ts"), d("$.price")],
             );
             assert!(real);
         }
-        assert!(!s.compared("/items/{id}", "/items/1", "r9", &[d("$.ts")]));
+        assert!(!s.compared("/items/{id}", "/items/1", "r9", Vec::new, &[d("$.ts")]));
         let r = s.report();
         let price = r.entries.iter().find(|e| e.1 == "$.price").unwrap();
         assert_eq!(price.2.differences, 5);
@@ -287,7 +292,7 @@ mod tests {
     fn entries_are_bounded() {
         let s = ShadowStats::default();
         for i in 0..(MAX_ENTRIES + 50) {
-            s.compared("/t", "/t", "r", &[d(&format!("$.f{i}"))]);
+            s.compared("/t", "/t", "r", Vec::new, &[d(&format!("$.f{i}"))]);
         }
         let r = s.report();
         assert!(r.entries.len() <= MAX_ENTRIES + 1);
