@@ -518,6 +518,17 @@ async fn the_fleet_sums_the_compared_answers() {
         // No replica compared enough alone.
         assert_eq!(shadow_status(p).await["compared"], 20);
     }
+    // The differing field, summed over the replicas.
+    let s = replicas[0]
+        .wait_status("the fleet's differences", |s| {
+            s["routes"][0]["shadow"]["fleet_differences"][0]["count"] == 60
+        })
+        .await;
+    let d = &s["routes"][0]["shadow"]["fleet_differences"][0];
+    assert_eq!(
+        (d["path"].as_str(), d["field"].as_str()),
+        (Some("/items/{id}"), Some("$.price"))
+    );
 }
 
 /// A healthy canary passes its shadow step and the rollout moves on to the first weighted

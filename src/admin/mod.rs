@@ -318,7 +318,15 @@ impl AdminApp {
                         "canary": totals(Track::Canary),
                         "retried_on_stable": live.route_metrics.get(i).map(|m| m.retried_on_stable.get()),
                     },
-                    "shadow": r.shadow.as_ref().map(|s| shadow_json(s, self.shared.live.metrics.shadows.get(&r.name).as_deref())),
+                    "shadow": r.shadow.as_ref().map(|s| {
+                        let mut v = shadow_json(s, self.shared.live.metrics.shadows.get(&r.name).as_deref());
+                        // [fleet]: the most frequent differences summed over the replicas
+                        // (each shares its own with its analysis counts).
+                        if let (Some(f), Some(c)) = (self.shared.fleet.as_ref(), r.canary.as_ref()) {
+                            v["fleet_differences"] = fleet_differences(f, &r.name, &c.version);
+                        }
+                        v
+                    }),
                 })
             })
             .collect();
@@ -613,4 +621,30 @@ fn shadow_json(
             "seen": e.noise,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// The most frequent differences of a route's shadow summed over the fleet: this
+/// replica's share and the others' recent ones, most first.
+fn fleet_differences(
+    fleet: &crate::control::fleet::Fleet,
+    route: &str,
+    version: &str,
+) -> serde_json::Value {
+    let mut sum: std::collections::BTreeMap<(String, String), u64> = Default::default();
+    let mine = fleet.own(route, version);
+    for c in mine
+        .iter()
+        .chain(fleet.others(route, version).iter().map(|(_, c)| c))
+    {
+        for (path, field, n) in &c.differences {
+            *sum.entry((path.clone(), field.clone())).or_default() += n;
+        }
+    }
+    let mut rows: Vec<_> = sum.into_iter().collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
+    json!(rows
+        .into_iter()
+        .take(20)
+        .map(|((path, field), count)| json!({ "path": path, "field": field, "count": count }))
+        .collect::<Vec<_>>())
 }

@@ -179,6 +179,7 @@ fn own_counts(route: &Route, m: &RouteMetrics, at: At, version: &str) -> Contrib
         window: spans(route.analysis.window),
         fast: spans(span),
         shadow: (0, 0),
+        differences: Vec::new(),
     }
 }
 
@@ -226,6 +227,25 @@ impl AnalysisLoop {
         }
         (now.0.saturating_sub(b.1), now.1.saturating_sub(b.2))
     }
+}
+
+/// This replica's most frequent shadow differences of `route`, to share with its counts.
+fn top_differences(
+    stats: Option<&crate::stats::shadow::ShadowStats>,
+) -> Vec<(String, String, u64)> {
+    let Some(stats) = stats else {
+        return Vec::new();
+    };
+    let mut d: Vec<(String, String, u64)> = stats
+        .report()
+        .entries
+        .into_iter()
+        .filter(|(_, _, e)| e.differences > 0)
+        .map(|(p, f, e)| (p, f, e.differences))
+        .collect();
+    d.sort_by_key(|e| std::cmp::Reverse(e.2));
+    d.truncate(super::fleet::store::SHARED_DIFFERENCES);
+    d
 }
 
 fn judge(route: &Route, m: &RouteMetrics, at: At) -> Verdict {
@@ -278,9 +298,11 @@ fn judge_fleet(
     fleet: &Fleet,
     version: &str,
     shadow: (u64, u64),
+    differences: Vec<(String, String, u64)>,
 ) -> (Verdict, (u64, u64)) {
     let mut mine = own_counts(route, m, at, version);
     mine.shadow = shadow;
+    mine.differences = differences;
     fleet.contribute(&route.name, mine.clone());
     let me = fleet.settings.instance.clone();
     let local = verdict_of(route, &mine);
@@ -404,7 +426,12 @@ impl AnalysisLoop {
             let shadow = self.diff_counts(route, control.judged_since_ms, diff_base);
             let (judged, shadow) = match (&self.shared.fleet, &route.canary) {
                 (Some(fleet), Some(canary)) => {
-                    judge_fleet(route, m, at, fleet, &canary.version, shadow)
+                    let stats = route
+                        .shadow
+                        .as_ref()
+                        .and_then(|_| self.shared.live.metrics.shadows.get(&route.name));
+                    let differences = top_differences(stats.as_deref());
+                    judge_fleet(route, m, at, fleet, &canary.version, shadow, differences)
                 }
                 _ => (judge(route, m, at), shadow),
             };

@@ -183,6 +183,16 @@ impl Fleet {
             .insert(route.to_string(), c);
     }
 
+    /// This replica's latest counts of a route and canary version, as handed to the fleet.
+    pub fn own(&self, route: &str, version: &str) -> Option<Contribution> {
+        self.mine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(route)
+            .filter(|c| c.canary_version == version)
+            .cloned()
+    }
+
     /// The other replicas' recent counts of a route and canary version: (instance, counts).
     pub fn others(&self, route: &str, version: &str) -> Vec<(String, Contribution)> {
         let fresh = self.fresh_ms();

@@ -69,7 +69,14 @@ pub struct Contribution {
     /// say).
     #[serde(default)]
     pub shadow: (u64, u64),
+    /// The dark launch's most frequent differences on that replica since it started:
+    /// (path template, field, count), at most [`SHARED_DIFFERENCES`].
+    #[serde(default)]
+    pub differences: Vec<(String, String, u64)>,
 }
+
+/// How many of its most frequent differences a replica shares with its counts.
+pub const SHARED_DIFFERENCES: usize = 20;
 
 /// The store's answer to a write.
 #[derive(Debug, Clone, PartialEq)]
