@@ -323,9 +323,10 @@ async fn a_dead_or_hanging_shadow_costs_users_nothing() {
     let dead = Upstream::start("dead").await;
     let dead_addr = dead.addr;
     drop(dead);
+    // The shadow's own endpoint, by name (looked up when a copy connects).
     let shadow = format!(
-        "share = 100\nmax_in_flight = 2\nqueue = 3\ntimeout = \"20s\"\nendpoints = [\"{}\"]",
-        hanging.addr
+        "share = 100\nmax_in_flight = 2\nqueue = 3\ntimeout = \"20s\"\nendpoints = [\"localhost:{}\"]",
+        hanging.addr.port()
     );
     let p = Proxy::builder()
         .routes(&routes(stable.addr, dead_addr, &shadow))

@@ -411,8 +411,9 @@ pub struct ShadowSettings {
     /// Mirrored requests whose id hashes below this (of `split::BUCKETS`) are also sent to
     /// stable again.
     pub noise_buckets: u32,
-    /// Empty: the canary pool.
-    pub endpoints: Vec<std::net::SocketAddr>,
+    /// Empty: the canary pool. Names are looked up when a copy connects (by the shadow's
+    /// HTTP client), not by the pools' resolver.
+    pub endpoints: Vec<Endpoint>,
     pub h2c: bool,
     pub timeout: Duration,
 }

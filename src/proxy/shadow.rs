@@ -296,7 +296,7 @@ impl Mirror {
         let sends = (0..s.amplify).map(|_| async {
             let started = Instant::now();
             let answer = match self.shadow_target(route, s) {
-                Some((addr, h2c)) => self.send(addr, h2c, &capture, s).await,
+                Some((addr, h2c)) => self.send(&addr, h2c, &capture, s).await,
                 None => None,
             };
             let error = answer.as_ref().is_none_or(|a| a.status >= 500);
@@ -322,7 +322,8 @@ impl Mirror {
                 .select()
                 .and_then(|b| b.addr.as_inet().copied())
             {
-                if let Some(again) = self.send(addr, route.stable.h2c, &capture, s).await {
+                let addr = addr.to_string();
+                if let Some(again) = self.send(&addr, route.stable.h2c, &capture, s).await {
                     stats.noise(&template, &differences(&capture.answer, &again));
                 }
             }
@@ -338,29 +339,21 @@ impl Mirror {
         }
     }
 
-    fn shadow_target(
-        &self,
-        route: &Route,
-        s: &ShadowSettings,
-    ) -> Option<(std::net::SocketAddr, bool)> {
+    /// Where a copy goes: the shadow's own endpoints round robin (`HOST:PORT` or
+    /// `IP:PORT`), else an endpoint of the canary pool in rotation; and whether it is h2c.
+    fn shadow_target(&self, route: &Route, s: &ShadowSettings) -> Option<(String, bool)> {
         if !s.endpoints.is_empty() {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % s.endpoints.len();
-            return s.endpoints.get(i).map(|a| (*a, s.h2c));
+            return s.endpoints.get(i).map(|e| (e.to_string(), s.h2c));
         }
         let canary = route.canary.as_ref()?;
         let addr = canary.select()?.addr.as_inet().copied()?;
-        Some((addr, canary.h2c))
+        Some((addr.to_string(), canary.h2c))
     }
 
     /// One copy of the request to `addr`; its answer as kept for comparing (`None`: no
     /// answer in time).
-    async fn send(
-        &self,
-        addr: std::net::SocketAddr,
-        h2c: bool,
-        c: &Capture,
-        s: &ShadowSettings,
-    ) -> Option<Answer> {
+    async fn send(&self, addr: &str, h2c: bool, c: &Capture, s: &ShadowSettings) -> Option<Answer> {
         let client = if h2c { &self.h2c } else { &self.http1 };
         let mut req = client
             .request(c.method.clone(), format!("http://{addr}{}", c.path))

@@ -689,7 +689,13 @@ fn shadow(c: &mut Check, path: &KeyPath, s: &ShadowFile) -> Option<ShadowSetting
         .endpoints
         .iter()
         .enumerate()
-        .filter_map(|(i, e)| c.socket_addr(path.key("endpoints").index(i), e))
+        .filter_map(|(i, e)| match parse_endpoint(e) {
+            Ok(ep) => Some(ep),
+            Err(msg) => {
+                c.err(path.key("endpoints").index(i), msg);
+                None
+            }
+        })
         .collect();
     let h2c = match s.protocol.as_str() {
         "http1" => false,
