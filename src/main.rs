@@ -160,8 +160,8 @@ static NO_TRANSPARENT_HUGE_PAGES: extern "C" fn() = no_transparent_huge_pages;
 /// that large (mimalloc's largest pages of small blocks are 4 MiB, and stay in the arenas),
 /// so requests pay nothing for it; purging everything at once (`purge_delay = 0`) did the
 /// same for the scrape but cost 4% more system calls and ~20% more CPU time per request
-/// (bench/README.md, "Memory per route"). `MIMALLOC_ARENA_MAX_OBJECT_SIZE` in the
-/// environment still decides when set.
+/// (bench/README.md, "1,000 routes under 64 MiB again"). `MIMALLOC_ARENA_MAX_OBJECT_SIZE`
+/// in the environment (with its unit, e.g. `4MiB`: a bare number is bytes) still decides.
 fn large_blocks_from_the_system() {
     /// `mi_option_arena_max_object_size` in mimalloc 3's `mi_option_t` (the Rust binding
     /// names only some of the options); in KiB.
