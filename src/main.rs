@@ -153,7 +153,28 @@ extern "C" fn no_transparent_huge_pages() {
 #[link_section = ".init_array.00101"]
 static NO_TRANSPARENT_HUGE_PAGES: extern "C" fn() = no_transparent_huge_pages;
 
+/// Blocks above 4 MiB straight from the system (`mmap`) and back to it when freed, instead of
+/// from mimalloc's arenas, whose freed pages go back only 1 s later (`purge_delay`) and only
+/// when a later allocation gets round to it: the text of a `/metrics` scrape (5.5 MB with
+/// 1,000 routes) stayed resident after the answer was sent. Nothing on the request path is
+/// that large (mimalloc's largest pages of small blocks are 4 MiB, and stay in the arenas),
+/// so requests pay nothing for it; purging everything at once (`purge_delay = 0`) did the
+/// same for the scrape but cost 4% more system calls and ~20% more CPU time per request
+/// (bench/README.md, "1,000 routes under 64 MiB again"). `MIMALLOC_ARENA_MAX_OBJECT_SIZE`
+/// in the environment (with its unit, e.g. `4MiB`: a bare number is bytes) still decides.
+fn large_blocks_from_the_system() {
+    /// `mi_option_arena_max_object_size` in mimalloc 3's `mi_option_t` (the Rust binding
+    /// names only some of the options); in KiB.
+    const MI_OPTION_ARENA_MAX_OBJECT_SIZE: libmimalloc_sys::mi_option_t = 45;
+    if std::env::var_os("MIMALLOC_ARENA_MAX_OBJECT_SIZE").is_none() {
+        // SAFETY: sets one of mimalloc's option values (a plain integer it reads when it
+        // places a large block); no memory of ours is touched.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_MAX_OBJECT_SIZE, 4096) };
+    }
+}
+
 fn main() -> ExitCode {
+    large_blocks_from_the_system();
     let cli = Cli::parse();
     // The demo tells its story on the terminal: Pingora's INFO lines would interleave with
     // it, so it logs warnings and errors only unless RUST_LOG says otherwise.
