@@ -1082,6 +1082,8 @@ struct Shared {
     /// Bumped on each restart of a replica: clients drop their connections to the old one.
     restarts: [AtomicU64; 3],
     pids: [AtomicU32; 3],
+    /// The old process of an upgrade while it drains (0: none): killed with the replica.
+    old_pids: [AtomicU32; 3],
     stop_load: AtomicBool,
     stop_watch: AtomicBool,
     next_id: AtomicU64,
@@ -1746,6 +1748,18 @@ async fn start_fault(shared: &Shared, topo: &mut Topology, fault: &Fault) {
         Fault::ReplicaKill { replica, .. } => {
             // Marked down first: the load stops choosing it before it dies.
             shared.up[*replica].store(false, Ordering::SeqCst);
+            // An upgrade's old process still draining dies with it (it holds the ports).
+            let old = shared.old_pids[*replica].load(Ordering::SeqCst);
+            if old != 0 {
+                // SAFETY: kill(2) on a child of this test that its reaper has not reaped.
+                unsafe { libc::kill(old as i32, libc::SIGKILL) };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while shared.old_pids[*replica].load(Ordering::SeqCst) != 0
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             topo.replicas[*replica].kill();
         }
         Fault::ReplicaPause { replica } => {
@@ -1799,12 +1813,15 @@ async fn heal_fault(shared: &Arc<Shared>, topo: &mut Topology, fault: &Fault) {
                 // drains for shutdown_grace (2 s): reaped meanwhile, in the background;
                 // still running 20 s in, it is killed and recorded.
                 let shared = shared.clone();
+                shared.old_pids[r].store(old.id(), Ordering::SeqCst);
                 topo.reapers.push(tokio::spawn(async move {
                     let deadline = Instant::now() + Duration::from_secs(20);
                     while old.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    if old.try_wait().ok().flatten().is_none() {
+                    let exited = old.try_wait().ok().flatten().is_some();
+                    shared.old_pids[r].store(0, Ordering::SeqCst);
+                    if !exited {
                         let _ = old.kill();
                         let _ = old.wait();
                         let at_us = shared.now();
@@ -1955,6 +1972,7 @@ async fn run_plan(
         up: [(); 3].map(|_| AtomicBool::new(true)),
         restarts: [(); 3].map(|_| AtomicU64::new(0)),
         pids: [(); 3].map(|_| AtomicU32::new(0)),
+        old_pids: [(); 3].map(|_| AtomicU32::new(0)),
         stop_load: AtomicBool::new(false),
         stop_watch: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
