@@ -198,13 +198,34 @@ fn the_demo_config_is_pinned() {
         unhealthy_threshold: 2,
         expected_status: 200,
     });
-    lessons.steps = [(500, 3), (2_000, 3), (5_000, 30), (10_000, 0)]
-        .map(|(buckets, hold)| Step {
-            buckets,
-            hold: secs(hold),
-            shadow: 0,
-        })
-        .to_vec();
+    // A shadow step first (the dark launch), then the weighted steps.
+    lessons.steps = [
+        (0, 3, 10_000),
+        (500, 3, 0),
+        (2_000, 3, 0),
+        (5_000, 30, 0),
+        (10_000, 0, 0),
+    ]
+    .map(|(buckets, hold, shadow)| Step {
+        buckets,
+        hold: secs(hold),
+        shadow,
+    })
+    .to_vec();
+    lessons.shadow = Some(kanaria::config::ShadowSettings {
+        share_buckets: 10_000,
+        methods: vec![http::Method::GET, http::Method::HEAD],
+        amplify: 2,
+        max_in_flight: 64,
+        queue: 1000,
+        marker: http::HeaderName::from_static("x-kanaria-shadow"),
+        body_limit: 64 * 1024,
+        compare_headers: vec![http::header::CONTENT_TYPE],
+        noise_buckets: 1_000,
+        endpoints: Vec::new(),
+        h2c: false,
+        timeout: secs(5),
+    });
     let expected = with_routes(
         defaults("127.0.0.1:8080", Some(2), "/tmp/kanaria_demo_upgrade.sock"),
         vec![lessons],
