@@ -8,6 +8,7 @@ mod common;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::{client, pool, Proxy, Upstream};
 
@@ -292,4 +293,45 @@ async fn hundred_rewrites_under_load_fail_no_request() {
         b.requests.load(Ordering::SeqCst) > 0,
         "added endpoints took traffic"
     );
+}
+
+/// A change to the file made after the process read it and before its watcher started
+/// raises no event: the watcher compares the file once when it starts. Shown with a binary
+/// upgrade, whose new process reads its config, then waits for the old one's listeners
+/// (Pingora retries every second) before its services, the watcher among them, start
+/// (`make chaos` seed 300874: a new process ran a new canary version's file with the old
+/// version until it was restarted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_before_the_watcher_started_is_loaded() {
+    let (s, c) = (
+        Upstream::start("stable").await,
+        Upstream::start("canary").await,
+    );
+    let routes = |w: u32| {
+        format!(
+            "[[routes]]\nname = \"app\"\ncanary_weight = {w}\n{}\n{}",
+            pool("routes.stable", "v1", &[s.addr]),
+            pool("routes.canary", "v2", &[c.addr]),
+        )
+    };
+    let mut p = Proxy::builder()
+        .routes(&routes(10))
+        .proxy("shutdown_grace = \"1s\"")
+        .start()
+        .await;
+    let mut old = p.begin_upgrade();
+    // The new process has read its file and waits for the listeners (the old one hands
+    // them over on its first retry, a second in): not a readiness wait, the moment judged.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    p.write_config(&p.config_text(&routes(30)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while old.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = old.kill();
+    let _ = old.wait();
+    p.wait_status("the new process on the file's 30%", |s| {
+        s["routes"][0]["effective_weight_percent"] == 30.0
+    })
+    .await;
 }

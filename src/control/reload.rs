@@ -99,6 +99,20 @@ impl BackgroundService for Reloader {
         } else {
             None
         };
+        // A change made between this process reading its file and the watcher starting
+        // raises no event (an upgrade's new process waits for its listeners in between:
+        // `make chaos` seed 300874 saw one run a new canary version's file with the old
+        // version for as long as it lived): compare once now.
+        if settings.watch {
+            let shared = self.shared.clone();
+            let differs = tokio::task::spawn_blocking(move || shared.file_differs())
+                .await
+                .unwrap_or(false);
+            if differs {
+                log::info!("the config file changed before it was watched; reloading");
+                self.reload("watch").await;
+            }
+        }
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {

@@ -453,6 +453,20 @@ impl Control {
 
     /// Re-reads the config file. On success the new config is live before this returns;
     /// on error the old one keeps serving and every error is logged and kept for status.
+    /// Whether the config file now says something else than the running config was built
+    /// from (`false` when it does not load: a reload would only report the same errors).
+    /// For the watcher's start: a change made after this process read its file and before
+    /// the watcher began (an upgrade's new process waits for its listeners in between)
+    /// raises no event.
+    pub fn file_differs(&self) -> bool {
+        let Ok(config) = build::load(&self.config_path) else {
+            return false;
+        };
+        let ctl = self.lock();
+        let running = &ctl.file.config;
+        config != **running
+    }
+
     pub fn reload_from_file(&self, trigger: &'static str) -> Result<u64, ConfigErrors> {
         // Parsed and built before the lock is taken: nothing waits on the file or a name
         // (only names new to this config are looked up; known ones keep their answers).
