@@ -38,6 +38,32 @@ impl Check {
         }
     }
 
+    /// `"http1"` or `"h2c"` (`Some(true)`: h2c).
+    pub fn protocol(&mut self, path: KeyPath, s: &str) -> Option<bool> {
+        match s {
+            "http1" => Some(false),
+            "h2c" => Some(true),
+            other => {
+                self.err(path, format!("{other:?} is not \"http1\" or \"h2c\""));
+                None
+            }
+        }
+    }
+
+    /// A list of `HOST:PORT` / `IP:PORT`; each bad entry reported at its index and left out.
+    pub fn endpoints(&mut self, path: &KeyPath, list: &[String]) -> Vec<Endpoint> {
+        list.iter()
+            .enumerate()
+            .filter_map(|(i, e)| match parse_endpoint(e) {
+                Ok(ep) => Some(ep),
+                Err(msg) => {
+                    self.err(path.index(i), msg);
+                    None
+                }
+            })
+            .collect()
+    }
+
     pub fn header_name(&mut self, path: KeyPath, s: &str) -> Option<http::HeaderName> {
         match http::HeaderName::from_bytes(s.as_bytes()) {
             Ok(h) => Some(h),

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::check::{parse_endpoint, valid_name, Check};
+use super::check::{valid_name, Check};
 use crate::config::errors::KeyPath;
 use crate::config::file::{AnalysisFile, HealthFile, PoolFile, RolloutFile, RouteFile, ShadowFile};
 use crate::config::{
@@ -323,33 +323,13 @@ fn pool(
         );
         ok = false;
     }
-    let h2c = match p.protocol.as_str() {
-        "http1" => false,
-        "h2c" => true,
-        other => {
-            c.err(
-                path.key("protocol"),
-                format!("{other:?} is not \"http1\" or \"h2c\""),
-            );
-            ok = false;
-            false
-        }
-    };
+    let h2c = c.protocol(path.key("protocol"), &p.protocol);
     let resolve_interval = match &p.resolve_interval {
         Some(s) => c.duration(path.key("resolve_interval"), s),
         None => resolve_default,
     };
-    let mut endpoints = Vec::new();
-    for (i, e) in p.endpoints.iter().enumerate() {
-        match parse_endpoint(e) {
-            Ok(endpoint) => endpoints.push(endpoint),
-            Err(msg) => {
-                c.err(path.key("endpoints").index(i), msg);
-                ok = false;
-            }
-        }
-    }
-    if !ok {
+    let mut endpoints = c.endpoints(&path.key("endpoints"), &p.endpoints);
+    if !ok || h2c.is_none() || endpoints.len() != p.endpoints.len() {
         return None;
     }
     endpoints.sort();
@@ -357,7 +337,7 @@ fn pool(
     Some(PoolSettings {
         version: p.version.clone(),
         endpoints,
-        h2c,
+        h2c: h2c?,
         resolve_interval: resolve_interval?,
     })
 }
@@ -685,29 +665,8 @@ fn shadow(c: &mut Check, path: &KeyPath, s: &ShadowFile) -> Option<ShadowSetting
         .enumerate()
         .filter_map(|(i, h)| c.header_name(path.key("compare_headers").index(i), h))
         .collect();
-    let endpoints: Vec<_> = s
-        .endpoints
-        .iter()
-        .enumerate()
-        .filter_map(|(i, e)| match parse_endpoint(e) {
-            Ok(ep) => Some(ep),
-            Err(msg) => {
-                c.err(path.key("endpoints").index(i), msg);
-                None
-            }
-        })
-        .collect();
-    let h2c = match s.protocol.as_str() {
-        "http1" => false,
-        "h2c" => true,
-        other => {
-            c.err(
-                path.key("protocol"),
-                format!("{other:?} is not \"http1\" or \"h2c\""),
-            );
-            false
-        }
-    };
+    let endpoints = c.endpoints(&path.key("endpoints"), &s.endpoints);
+    let h2c = c.protocol(path.key("protocol"), &s.protocol);
     let timeout = match s.timeout.as_deref() {
         None => Some(Duration::from_secs(5)),
         Some(t) => c.duration(path.key("timeout"), t),
@@ -726,7 +685,7 @@ fn shadow(c: &mut Check, path: &KeyPath, s: &ShadowFile) -> Option<ShadowSetting
         compare_headers,
         noise_buckets,
         endpoints,
-        h2c,
+        h2c: h2c?,
         timeout: timeout?,
     })
 }
