@@ -123,16 +123,7 @@ impl Capture {
     }
 
     pub fn answer_body(&mut self, chunk: &[u8]) {
-        if self.answer.truncated {
-            return;
-        }
-        let room = self.limit.saturating_sub(self.answer.body.len());
-        if chunk.len() > room {
-            self.answer.body.extend_from_slice(&chunk[..room]);
-            self.answer.truncated = true;
-        } else {
-            self.answer.body.extend_from_slice(chunk);
-        }
+        self.answer.keep(chunk, self.limit);
     }
 }
 
@@ -384,14 +375,11 @@ impl Mirror {
             body: Vec::new(),
             truncated: false,
         };
-        while let Ok(Some(chunk)) = resp.chunk().await {
-            let room = s.body_limit.saturating_sub(answer.body.len());
-            if chunk.len() > room {
-                answer.body.extend_from_slice(&chunk[..room]);
-                answer.truncated = true;
+        while !answer.truncated {
+            let Ok(Some(chunk)) = resp.chunk().await else {
                 break;
-            }
-            answer.body.extend_from_slice(&chunk);
+            };
+            answer.keep(&chunk, s.body_limit);
         }
         Some(answer)
     }

@@ -31,6 +31,23 @@ pub struct Answer {
     pub truncated: bool,
 }
 
+impl Answer {
+    /// Appends a piece of the body, keeping at most `limit` bytes in all; past it the
+    /// answer is `truncated` and later pieces are ignored.
+    pub fn keep(&mut self, chunk: &[u8], limit: usize) {
+        if self.truncated {
+            return;
+        }
+        let room = limit.saturating_sub(self.body.len());
+        if chunk.len() > room {
+            self.body.extend_from_slice(&chunk[..room]);
+            self.truncated = true;
+        } else {
+            self.body.extend_from_slice(chunk);
+        }
+    }
+}
+
 /// A field that differs, with each answer's value (as compact text, cut to 120 bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Difference {
