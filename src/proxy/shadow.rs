@@ -109,22 +109,27 @@ impl Capture {
         self.answer.status = status;
         self.answer.body.clear();
         self.answer.truncated = false;
-        self.answer.headers = self
-            .compare
-            .iter()
-            .map(|h| {
-                let v = headers
-                    .get(h)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
-                (h.as_str().to_string(), v)
-            })
-            .collect();
+        self.answer.headers = compared_headers(&self.compare, headers);
     }
 
     pub fn answer_body(&mut self, chunk: &[u8]) {
         self.answer.keep(chunk, self.limit);
     }
+}
+
+/// The compared headers of an answer, by name in the route's order (`None`: absent or not
+/// text).
+fn compared_headers(names: &[HeaderName], headers: &HeaderMap) -> Vec<(String, Option<String>)> {
+    names
+        .iter()
+        .map(|h| {
+            let v = headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            (h.as_str().to_string(), v)
+        })
+        .collect()
 }
 
 /// A route's queue and slots.
@@ -360,18 +365,7 @@ impl Mirror {
         let mut resp = req.send().await.ok()?;
         let mut answer = Answer {
             status: resp.status().as_u16(),
-            headers: s
-                .compare_headers
-                .iter()
-                .map(|h| {
-                    let v = resp
-                        .headers()
-                        .get(h)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
-                    (h.as_str().to_string(), v)
-                })
-                .collect(),
+            headers: compared_headers(&s.compare_headers, resp.headers()),
             body: Vec::new(),
             truncated: false,
         };
