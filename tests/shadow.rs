@@ -538,7 +538,7 @@ async fn the_fleet_sums_the_compared_answers() {
 async fn a_passing_shadow_moves_on_to_the_first_weighted_step() {
     let (stable, canary) = (App::start(0).await, App::start(0).await);
     let routes = format!(
-        "{}\n[routes.rollout]\nsteps = [{{ shadow = 100, hold = \"2s\" }}, {{ weight = 50 }}]\n[routes.analysis]\nwindow = \"5s\"\n",
+        "{}\n[routes.rollout]\nsteps = [{{ shadow = 100, hold = \"2s\" }}, {{ weight = 50, hold = \"1h\" }}, {{ weight = 100 }}]\n[routes.analysis]\nwindow = \"5s\"\n",
         routes(stable.addr, canary.addr, "")
     );
     let p = Proxy::builder().routes(&routes).start().await;
