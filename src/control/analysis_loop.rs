@@ -205,6 +205,11 @@ impl AnalysisLoop {
         phase_since_ms: u64,
         base: &mut HashMap<String, (u64, u64, u64)>,
     ) -> (u64, u64) {
+        // Routes without a shadow keep no baseline (nor an entry here once removed).
+        if route.shadow.is_none() {
+            base.remove(&route.name);
+            return (0, 0);
+        }
         // Before the first copy the route has no shadow counts yet: zero, and the
         // baseline is taken all the same (or the first answers would be its baseline).
         let now = self
