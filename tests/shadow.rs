@@ -343,6 +343,8 @@ async fn a_dead_or_hanging_shadow_costs_users_nothing() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
+    // A copy is offered when the user's answer is done, which the client may see first.
+    wait_shadow(&p, "mirrored", 30).await;
     let s = shadow_status(&p).await;
     assert_eq!(s["mirrored"], 30);
     // Two copies at the hanging shadow, three waiting: the others dropped (a copy counts
@@ -484,7 +486,7 @@ async fn the_fleet_sums_the_compared_answers() {
     let mut replicas = Vec::new();
     for name in ["a", "b", "c"] {
         let cfg = format!(
-            "[fleet]\nurl = \"{}\"\ncluster = \"shadow\"\ninstance = \"{name}\"\npoll_interval = \"500ms\"\n\n{}\n[routes.rollout]\nsteps = [{{ shadow = 100, hold = \"1h\" }}, {{ weight = 50 }}]\n[routes.analysis]\nmin_requests = 30\nmax_diff_rate = 0.1\n",
+            "[fleet]\nurl = \"{}\"\ncluster = \"shadow\"\ninstance = \"{name}\"\npoll_interval = \"500ms\"\n\n{}\n[routes.rollout]\nsteps = [{{ shadow = 100, hold = \"1h\" }}, {{ weight = 50 }}]\n[routes.analysis]\nmin_requests = 50\nmax_diff_rate = 0.1\n",
             redis.url(),
             routes(stable.addr, canary.addr, "")
         );
@@ -509,9 +511,56 @@ async fn the_fleet_sums_the_compared_answers() {
         }
         wait_shadow(p, "compared", 20).await;
     }
+    // The replica that decided judged all three replicas' answers: with min_requests 50,
+    // no one replica (20) nor two (40) had enough. Its status is read as soon as it
+    // decided, while the others' shared differences are still fresh.
+    let decided = eventually(
+        "a replica rolls back for the fleet's differences",
+        Duration::from_secs(20),
+        || {
+            let replicas = &replicas;
+            async move {
+                for p in replicas {
+                    let s = p.status().await;
+                    let own = s["events"].as_array().and_then(|e| {
+                        e.iter()
+                            .find(|e| e["kind"] == "rollback" && e["numbers"]["compared"].is_u64())
+                            .cloned()
+                    });
+                    if let Some(event) = own {
+                        return Ok((event, s["routes"][0]["shadow"]["fleet_differences"].clone()));
+                    }
+                }
+                Err("no replica decided a rollback yet")
+            }
+        },
+    )
+    .await;
+    let (event, differences) = decided;
+    assert_eq!(event["reason"], "diff_rate", "{event:#}");
+    // The deciding replica may decide before its own last copies are compared: at least
+    // 50 (more than two replicas hold), all differing.
+    let compared = event["numbers"]["compared"].as_u64().unwrap_or(0);
+    assert!((50..=60).contains(&compared), "{event:#}");
+    assert_eq!(
+        event["numbers"]["differing"].as_u64(),
+        Some(compared),
+        "{event:#}"
+    );
+    // The differing field, summed over the replicas.
+    let d = &differences[0];
+    assert_eq!(
+        (d["path"].as_str(), d["field"].as_str()),
+        (Some("/items/{id}"), Some("$.price")),
+        "{differences:#}"
+    );
+    assert!(
+        (50..=60).contains(&d["count"].as_u64().unwrap_or(0)),
+        "{differences:#}"
+    );
     for p in &replicas {
         let s = p
-            .wait_status("rolled back for the fleet's differences", |s| {
+            .wait_status("every replica rolled back", |s| {
                 s["routes"][0]["rollout_state"] == "rolled_back"
             })
             .await;
@@ -519,17 +568,6 @@ async fn the_fleet_sums_the_compared_answers() {
         // No replica compared enough alone.
         assert_eq!(shadow_status(p).await["compared"], 20);
     }
-    // The differing field, summed over the replicas.
-    let s = replicas[0]
-        .wait_status("the fleet's differences", |s| {
-            s["routes"][0]["shadow"]["fleet_differences"][0]["count"] == 60
-        })
-        .await;
-    let d = &s["routes"][0]["shadow"]["fleet_differences"][0];
-    assert_eq!(
-        (d["path"].as_str(), d["field"].as_str()),
-        (Some("/items/{id}"), Some("$.price"))
-    );
 }
 
 /// A healthy canary passes its shadow step and the rollout moves on to the first weighted

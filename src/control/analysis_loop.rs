@@ -196,7 +196,7 @@ struct At {
 
 impl AnalysisLoop {
     /// The dark launch's answers this replica's shadow compared since the route's phase
-    /// (that began at `phase_since_ms`) was first judged here, and how many differed
+    /// (that began at `phase_since_ms`) was first seen here, and how many differed
     /// (beyond noise). Keyed by the phase's start, not the verdict epoch: in a fleet the
     /// epoch moves with every record adopted.
     fn diff_counts(
@@ -399,6 +399,14 @@ impl AnalysisLoop {
                 || (route.split.canary_buckets == 0 && !shadowed)
             {
                 continue;
+            }
+            // A new phase takes its shadow baseline at the first pass that sees it (every
+            // tick, not only when an evaluation is due), so the copies compared early in
+            // the phase count in it.
+            if route.shadow.is_some() {
+                if let Some(control) = self.shared.route_control(&route.name) {
+                    self.diff_counts(route, control.judged_since_ms, diff_base);
+                }
             }
             let due = last_eval
                 .get(&route.name)
