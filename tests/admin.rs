@@ -260,6 +260,13 @@ async fn token_guarded_weight_rollback_and_promote_move_users() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // The answer names the version the rollback holds.
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (&body["rollout_state"], &body["canary_version"]),
+        (&serde_json::json!("rolled_back"), &serde_json::json!("v2")),
+        "{body:#}"
+    );
     assert_eq!(
         send_users(&proxy, 50, "b").await,
         0,

@@ -254,10 +254,15 @@ enum Op {
     Rollback,
     Resume,
     Pause,
+    /// Everyone to the canary (the route has no steps): `promoted` at 100%.
+    Promote,
     Weight(u64),
     /// The replica's config file rewritten with this `canary_weight` (a hot reload: the
     /// fleet's decision from the first replica that loads it).
     FileWeight(u64),
+    /// Every replica's config file rewritten with this `max_p99_latency` in ms (a reload of
+    /// the analysis limits; the canary's timeout follows it).
+    FileAnalysis(u64),
     /// A new canary version (label) in every replica's config file, this replica's first
     /// (the same canary upstream under a new label, as a deploy of a new release would).
     NewVersion,
@@ -369,12 +374,14 @@ fn schedule(seed: u64, seconds: u64) -> Vec<(u64, Step)> {
             // Resumes outnumber rollbacks: the canary faults roll back by themselves, and a
             // canary back in service is what the next rollback is judged on.
             let weight = [5, 10, 20, 30, 50][rng.range(0, 5) as usize];
-            let op = match rng.range(0, 12) {
+            let op = match rng.range(0, 14) {
                 0..=2 => Op::Rollback,
                 3..=7 => Op::Resume,
                 8 => Op::Pause,
                 9 => Op::Weight(weight),
                 10 => Op::FileWeight(weight),
+                11 => Op::Promote,
+                12 => Op::FileAnalysis([250, 300, 400][rng.range(0, 3) as usize]),
                 _ => Op::NewVersion,
             };
             out.push((
@@ -430,6 +437,9 @@ struct StatusRec {
     weight: f64,
     generation: u64,
     connected: bool,
+    /// The canary version the replica runs (a rollback holds one version; a new version
+    /// starts fresh).
+    canary_version: String,
 }
 
 impl StatusRec {
@@ -451,18 +461,38 @@ struct ActionRec {
     done_us: u64,
     code: u16,
     state: String,
+    /// The canary version the action applied to, as its answer says (for a new version:
+    /// the one written).
+    version: String,
 }
 
 impl ActionRec {
-    /// A resume the fleet took (200) or that applied where it was sent (503), or a new
-    /// canary version written to the files: from when it was sent, a rollback before it no
-    /// longer binds. Only a resume: a weight (or a
+    /// A resume the fleet took (200) or that applied where it was sent (503): from when it
+    /// was sent, a rollback before it no longer binds. Only a resume: a weight (or a
     /// promote, or a pause) on a rolled-back route is refused, and one that took on a
-    /// replica that had not seen the rollback yet loses to the rollback in the store.
+    /// replica that had not seen the rollback yet loses to the rollback in the store. A new
+    /// canary version does not end a rollback: it binds the version it rolled back, which
+    /// no replica runs again, and the new version starts fresh (the checks follow each
+    /// rollback's version).
     fn unlatches(&self) -> bool {
-        (self.action == "resume" && matches!(self.code, 200 | 503))
-            || self.action.starts_with("new-version")
+        self.action == "resume" && matches!(self.code, 200 | 503)
     }
+}
+
+/// The canary version of each request, as its answer said ("" when it had no answer).
+fn versions(h: &History) -> HashMap<u64, &str> {
+    h.requests
+        .iter()
+        .map(|r| (r.id, r.version.as_str()))
+        .collect()
+}
+
+/// Whether a request the canary served belongs to canary version `version`: its answer
+/// said so, or it had no answer to say (counted against the rollback, to be safe).
+fn of_version(versions: &HashMap<u64, &str>, id: u64, version: &str) -> bool {
+    versions
+        .get(&id)
+        .is_none_or(|v| v.is_empty() || *v == version)
 }
 
 /// A fault, from when it began to when it had healed (for a restart: the process ready).
@@ -622,10 +652,11 @@ fn check_no_failed_request(h: &History) -> Verdict {
 /// operator's rollback answered 200 (shared with the store), or a replica in touch with
 /// the store seen going from another state to `rolled_back` (an automatic rollback, or one
 /// shared late). Each runs until the next resume or weight that took (its send time).
-/// Returns (acknowledged, posted, until, why): `posted` is when the operator's rollback was
-/// sent (the acknowledgement itself for one seen in a status).
-fn rollback_episodes(h: &History) -> Vec<(u64, u64, u64, String)> {
-    let mut acks: Vec<(u64, u64, String)> = h
+/// Returns (acknowledged, posted, until, why, version): `posted` is when the operator's
+/// rollback was sent (the acknowledgement itself for one seen in a status), `version` the
+/// canary version rolled back.
+fn rollback_episodes(h: &History) -> Vec<(u64, u64, u64, String, String)> {
+    let mut acks: Vec<(u64, u64, String, String)> = h
         .actions
         .iter()
         .filter(|a| a.action == "rollback" && a.code == 200)
@@ -633,14 +664,19 @@ fn rollback_episodes(h: &History) -> Vec<(u64, u64, u64, String)> {
             (
                 a.done_us,
                 a.sent_us,
-                format!("rollback on {} answered 200", NAMES[a.replica]),
+                format!(
+                    "rollback of {} on {} answered 200",
+                    a.version, NAMES[a.replica]
+                ),
+                a.version.clone(),
             )
         })
         .collect();
     for r in 0..3 {
         let s = h.samples_of(r);
         for w in s.windows(2) {
-            if !w[0].rolled_back()
+            let was = w[0].rolled_back() && w[0].canary_version == w[1].canary_version;
+            if !was
                 && w[1].rolled_back()
                 && w[1].connected
                 && h.in_touch(r, w[1].sent_us, w[1].at_us)
@@ -648,15 +684,16 @@ fn rollback_episodes(h: &History) -> Vec<(u64, u64, u64, String)> {
                 acks.push((
                     w[1].at_us,
                     w[1].at_us,
-                    format!("{} seen rolled back", NAMES[r]),
+                    format!("{} seen rolled back {}", NAMES[r], w[1].canary_version),
+                    w[1].canary_version.clone(),
                 ));
             }
         }
     }
     acks.sort();
     let unlatch = h.unlatch_times();
-    let mut out: Vec<(u64, u64, u64, String)> = Vec::new();
-    for (t, posted, why) in acks {
+    let mut out: Vec<(u64, u64, u64, String, String)> = Vec::new();
+    for (t, posted, why, version) in acks {
         // The episode lasts until the first resume that may have come after the rollback:
         // one still in flight when the rollback was sent counts (from when it was sent; the
         // store's order of two concurrent actions is not the send order).
@@ -666,10 +703,10 @@ fn rollback_episodes(h: &History) -> Vec<(u64, u64, u64, String)> {
             .map(|u| u.0)
             .min()
             .unwrap_or(u64::MAX);
-        if out.last().is_some_and(|e| e.2 == until) {
+        if out.iter().any(|e| e.2 == until && e.4 == version) {
             continue; // Same episode: acknowledged again before the next resume.
         }
-        out.push((t, posted, until, why));
+        out.push((t, posted, until, why, version));
     }
     out
 }
@@ -679,8 +716,9 @@ fn rollback_episodes(h: &History) -> Vec<(u64, u64, u64, String)> {
 /// canary within 250 ms, as the canary's own log has it.
 fn check_rollback_bound(h: &History) -> Verdict {
     let sent = h.sent_of();
+    let versions = versions(h);
     let (mut worst, mut first, mut judged) = (0u64, None, 0);
-    for (t, posted, until, why) in rollback_episodes(h) {
+    for (t, posted, until, why, version) in rollback_episodes(h) {
         for r in 0..3 {
             if !h.in_touch(r, t, t + ROLLBACK_BOUND_US) || until < t + ROLLBACK_BOUND_US {
                 continue;
@@ -695,12 +733,17 @@ fn check_rollback_bound(h: &History) -> Verdict {
                 .iter()
                 .filter(|s| s.upstream == "canary" && s.replica == r)
                 .filter(|s| s.at_us >= posted && s.at_us < until)
+                .filter(|s| of_version(&versions, s.id, &version))
                 .max_by_key(|s| s.at_us)
             {
                 worst = worst.max(s.at_us - posted);
             }
             let to_canary = h.served.iter().filter(|s| {
-                s.upstream == "canary" && s.replica == r && s.at_us >= t && s.at_us < until
+                s.upstream == "canary"
+                    && s.replica == r
+                    && s.at_us >= t
+                    && s.at_us < until
+                    && of_version(&versions, s.id, &version)
             });
             let last_new = to_canary
                 .filter(|s| sent.get(&s.id).is_some_and(|sent| *sent >= t))
@@ -739,6 +782,7 @@ fn check_rollback_bound(h: &History) -> Verdict {
 /// the fleet resumed stays rolled back until it is back, then follows the resume).
 fn check_latch(h: &History) -> Verdict {
     let sent = h.sent_of();
+    let versions = versions(h);
     let unlatch = h.unlatch_times();
     let (mut latches, mut first) = (0, None::<(u64, String)>);
     let mut note = |at: u64, what: String| {
@@ -772,13 +816,19 @@ fn check_latch(h: &History) -> Verdict {
             let mut j = i + 1;
             while j < samples.len() && samples[j].at_us < until {
                 let o = samples[j];
-                if o.sent_us > from && o.state != "rolled_back" && o.sent_us < until {
+                // Another canary version starts fresh; the latch holds the one rolled back.
+                if o.sent_us > from
+                    && o.state != "rolled_back"
+                    && o.sent_us < until
+                    && o.canary_version == s.canary_version
+                {
                     note(
                         o.at_us,
                         format!(
-                            "{}: replica {} rolled back at {} now says {} at {}% with no resume",
+                            "{}: replica {} rolled back {} at {} now says {} at {}% with no resume",
                             ms(o.at_us),
                             NAMES[r],
+                            s.canary_version,
                             ms(from),
                             o.state,
                             o.weight
@@ -791,14 +841,16 @@ fn check_latch(h: &History) -> Verdict {
                 .served
                 .iter()
                 .filter(|c| c.upstream == "canary" && c.replica == r && c.at_us < until)
+                .filter(|c| of_version(&versions, c.id, &s.canary_version))
             {
                 if sent.get(&c.id).is_some_and(|t| *t > from && *t < until) {
                     note(
                         c.at_us,
                         format!(
-                            "{}: replica {} rolled back at {} sent request {} (user-{}) to the canary",
+                            "{}: replica {} rolled back {} at {} sent request {} (user-{}) to the canary",
                             ms(c.at_us),
                             NAMES[r],
+                            s.canary_version,
                             ms(from),
                             c.id,
                             c.user
@@ -1469,6 +1521,10 @@ fn start_watch(shared: Arc<Shared>, admin: [u16; 3]) -> tokio::task::JoinHandle<
                             weight: route["effective_weight_percent"].as_f64().unwrap_or(-1.0),
                             generation: route["fleet_generation"].as_u64().unwrap_or(0),
                             connected: s["fleet"]["connected"] == true,
+                            canary_version: route["canary"]["version"]
+                                .as_str()
+                                .unwrap_or("")
+                                .to_string(),
                         };
                         shared.record(|h| h.statuses.push(rec));
                     }
@@ -1682,8 +1738,10 @@ impl Op {
             Op::Rollback => "rollback".into(),
             Op::Resume => "resume".into(),
             Op::Pause => "pause".into(),
+            Op::Promote => "promote".into(),
             Op::Weight(p) => format!("weight {p}"),
             Op::FileWeight(p) => format!("file-weight {p}"),
+            Op::FileAnalysis(ms) => format!("file-analysis {ms}"),
             Op::NewVersion => "new-version".into(),
         }
     }
@@ -1710,13 +1768,14 @@ async fn operator(shared: &Shared, admin_port: u16, replica: usize, op: &Op) {
         .body(body)
         .send()
         .await;
-    let (code, state) = match res {
+    let (code, state, version) = match res {
         Ok(r) => {
             let code = r.status().as_u16();
             let v: Value = r.json().await.unwrap_or(Value::Null);
-            (code, v["rollout_state"].as_str().unwrap_or("").to_string())
+            let field = |k: &str| v[k].as_str().unwrap_or("").to_string();
+            (code, field("rollout_state"), field("canary_version"))
         }
-        Err(_) => (0, String::new()),
+        Err(_) => (0, String::new(), String::new()),
     };
     let done_us = shared.now();
     shared.record(|h| {
@@ -1727,6 +1786,7 @@ async fn operator(shared: &Shared, admin_port: u16, replica: usize, op: &Op) {
             done_us,
             code,
             state,
+            version,
         })
     });
 }
@@ -1896,14 +1956,13 @@ fn set_key(routes: &str, key: &str, value: &str) -> String {
 /// Waits up to 3 s for `first` to reload when it is up. Recorded as an action on `first`
 /// (code 200 when its reload was seen, 0 otherwise).
 async fn edit_files(shared: &Shared, topo: &mut Topology, first: usize, op: &Op) -> String {
+    let every = (0..3).map(|i| (first + i) % 3).collect();
     let (label, replicas) = match op {
         Op::FileWeight(p) => (format!("file-weight {p}"), vec![first]),
+        Op::FileAnalysis(ms) => (format!("file-analysis {ms}"), every),
         _ => {
             topo.version += 1;
-            (
-                format!("new-version canary-{}", topo.version),
-                (0..3).map(|i| (first + i) % 3).collect(),
-            )
+            (format!("new-version canary-{}", topo.version), every)
         }
     };
     let status_url = topo.replicas[first].admin_url("/api/v1/status");
@@ -1916,6 +1975,9 @@ async fn edit_files(shared: &Shared, topo: &mut Topology, first: usize, op: &Op)
     for r in replicas {
         topo.routes[r] = match op {
             Op::FileWeight(w) => set_key(&topo.routes[r], "canary_weight", &w.to_string()),
+            Op::FileAnalysis(ms) => {
+                set_key(&topo.routes[r], "max_p99_latency", &format!("\"{ms}ms\""))
+            }
             _ => topo.routes[r].replacen(
                 &format!("[routes.canary]\nversion = \"{}\"", topo.canary_version),
                 &format!("[routes.canary]\nversion = \"canary-{}\"", topo.version),
@@ -1925,7 +1987,7 @@ async fn edit_files(shared: &Shared, topo: &mut Topology, first: usize, op: &Op)
         let text = topo.replicas[r].config_text(&topo.routes[r]);
         topo.replicas[r].write_config(&text);
     }
-    if !matches!(op, Op::FileWeight(_)) {
+    if matches!(op, Op::NewVersion) {
         topo.canary_version = format!("canary-{}", topo.version);
     }
     let mut code = 0;
@@ -1948,6 +2010,7 @@ async fn edit_files(shared: &Shared, topo: &mut Topology, first: usize, op: &Op)
             done_us,
             code,
             state: String::new(),
+            version: topo.canary_version.clone(),
         })
     });
     label
@@ -2019,7 +2082,7 @@ async fn run_plan(
             }
             Step::Operator { replica, op } => {
                 let label = match op {
-                    Op::FileWeight(_) | Op::NewVersion => {
+                    Op::FileWeight(_) | Op::FileAnalysis(_) | Op::NewVersion => {
                         edit_files(&shared, &mut topo, *replica, op).await
                     }
                     // Not awaited: an action sent to a frozen replica waits for its
@@ -2417,6 +2480,7 @@ fn healthy() -> History {
                 weight: if rolled { 0.0 } else { 30.0 },
                 generation: if rolled { 2 } else { 1 },
                 connected: true,
+                canary_version: "canary".into(),
             });
         }
     }
@@ -2427,6 +2491,7 @@ fn healthy() -> History {
         done_us: 5 * S + 10_000,
         code: 200,
         state: "rolled_back".into(),
+        version: "canary".into(),
     });
     for (i, (t, r, canary)) in [
         (4 * S, 1, true),
@@ -2569,8 +2634,60 @@ fn checker_catches_a_broken_latch() {
         done_us: 7 * S + 5000,
         code: 200,
         state: "manual".into(),
+        version: "canary".into(),
     });
     assert!(check_latch(&h).held);
+}
+
+/// A new canary version written just before an operator's rollback (seeds 556849 and
+/// 327792: the rollback and the new version crossed on a frozen replica): the rollback
+/// holds the version it rolled back, and the new one starts fresh.
+fn crossed_with_a_new_version(user_version: &str) -> History {
+    let mut h = healthy();
+    h.actions.push(ActionRec {
+        replica: 1,
+        action: "new-version canary-1".into(),
+        sent_us: 4 * S + 900_000,
+        done_us: 4 * S + 950_000,
+        code: 200,
+        state: String::new(),
+        version: "canary-1".into(),
+    });
+    for s in h.statuses.iter_mut().filter(|s| s.round >= 80) {
+        s.canary_version = "canary-1".into();
+        s.state = "progressing".into();
+        s.weight = 5.0;
+    }
+    h.requests.push(Req {
+        id: 100,
+        user: 9,
+        replica: 1,
+        sent_us: 9 * S,
+        done_us: 9 * S + 2000,
+        status: 200,
+        version: user_version.into(),
+        error: String::new(),
+    });
+    h.served.push(Served {
+        upstream: "canary".into(),
+        id: 100,
+        replica: 1,
+        user: 9,
+        at_us: 9 * S + 1000,
+        status: 200,
+    });
+    h
+}
+
+#[test]
+fn checker_follows_each_rollback_to_its_canary_version() {
+    // The new version's users on the canary after the old one's rollback: every promise kept.
+    let h = crossed_with_a_new_version("canary-1");
+    let v = check_all(&h);
+    assert!(v.iter().all(|v| v.held), "{}", table(0, &v));
+    // A user of the rolled-back version on the canary then breaks the latch.
+    let h = crossed_with_a_new_version("canary");
+    assert!(failing(&h).contains(&'3'), "{}", table(0, &check_all(&h)));
 }
 
 #[test]

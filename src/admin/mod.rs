@@ -442,6 +442,8 @@ impl AdminApp {
                 "config_generation": generation.max(snap.generation),
                 "effective_weight_percent": r.map(|r| buckets_to_percent(r.split.canary_buckets)),
                 "rollout_state": r.map(|r| rollout_state(r, control.as_ref().map(|c| &c.phase))),
+                // The canary version the action applied to (a rollback holds that one).
+                "canary_version": control.as_ref().and_then(|c| c.canary_version.clone()),
             })
         };
         let with = |mut v: Value, key: &str, value: Value| {
