@@ -147,8 +147,9 @@ enum Misbehaviour {
     Hang,
     /// Sends the head at once and the body a chunk every 100 ms (0.8 s per answer).
     Crawl,
-    /// Closes each connection a few ms after its answer, without saying so (an app
-    /// server with a short keep-alive timeout: the keep-alive race).
+    /// Closes each connection a few ms after its answer, as an app server with a short
+    /// keep-alive timeout does: unannounced on HTTP/1.1 (the keep-alive race); on h2c
+    /// with GOAWAY, the streams it took finished and the later ones refused.
     ClosesKeptAlive,
     /// Drops this percentage of requests' connections without answering.
     Drops(u64),
@@ -479,20 +480,34 @@ impl ActionRec {
     }
 }
 
-/// The canary version of each request, as its answer said ("" when it had no answer).
-fn versions(h: &History) -> HashMap<u64, &str> {
-    h.requests
-        .iter()
-        .map(|r| (r.id, r.version.as_str()))
-        .collect()
+/// The canary version each request was sent under, by its replica's status polls: the
+/// last one answered before it was sent and the first one sent after it ended name the
+/// same version. (The answer's `x-kanaria-version` says the track, `canary`, not the
+/// release.) A request across a version change, or without polls around it (its replica
+/// frozen or down), has none.
+fn versions(h: &History) -> HashMap<u64, String> {
+    let samples: Vec<Vec<&StatusRec>> = (0..3).map(|r| h.samples_of(r)).collect();
+    let mut out = HashMap::new();
+    for q in &h.requests {
+        let s = &samples[q.replica];
+        // Polls by answer time; the one before the request: answered at or before it was sent.
+        let i = s.partition_point(|p| p.at_us <= q.sent_us);
+        let before = i.checked_sub(1).map(|i| s[i]);
+        let after = s[i..].iter().find(|p| p.sent_us >= q.done_us);
+        if let (Some(b), Some(a)) = (before, after) {
+            if b.canary_version == a.canary_version {
+                out.insert(q.id, b.canary_version.clone());
+            }
+        }
+    }
+    out
 }
 
-/// Whether a request the canary served belongs to canary version `version`: its answer
-/// said so, or it had no answer to say (counted against the rollback, to be safe).
-fn of_version(versions: &HashMap<u64, &str>, id: u64, version: &str) -> bool {
-    versions
-        .get(&id)
-        .is_none_or(|v| v.is_empty() || *v == version)
+/// Whether a request the canary served belongs to canary version `version`: its replica
+/// ran that version before and after it. One across a version change is charged to
+/// neither (versions only move forward, and each replica is polled every 100 ms).
+fn of_version(versions: &HashMap<u64, String>, id: u64, version: &str) -> bool {
+    versions.get(&id).is_some_and(|v| v == version)
 }
 
 /// A fault, from when it began to when it had healed (for a restart: the process ready).
@@ -1301,31 +1316,44 @@ impl LoggedUpstream {
                         }
                     });
                     let io = TokioIo::new(stream);
-                    let conn: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
-                        if h2c {
-                            Box::pin(async move {
-                                let _ = hyper::server::conn::http2::Builder::new(
-                                    hyper_util::rt::TokioExecutor::new(),
-                                )
-                                .serve_connection(io, svc)
-                                .await;
-                            })
-                        } else {
-                            Box::pin(async move {
-                                let _ = hyper::server::conn::http1::Builder::new()
-                                    .serve_connection(io, svc)
-                                    .await;
-                            })
-                        };
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = dead.wait_for(|d| *d) => {}
-                        // The answer is written by then; the close comes unannounced, as
-                        // an app server's short keep-alive timeout does it.
-                        _ = async {
-                            closer.notified().await;
-                            tokio::time::sleep(Duration::from_millis(3)).await;
-                        } => {}
+                    let closing = async {
+                        closer.notified().await;
+                        tokio::time::sleep(Duration::from_millis(3)).await;
+                    };
+                    if h2c {
+                        let conn = hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(io, svc);
+                        tokio::pin!(conn);
+                        tokio::select! {
+                            _ = conn.as_mut() => {}
+                            // (The watch's guard dropped at once: the future stays `Send`.)
+                            _ = async { drop(dead.wait_for(|d| *d).await) } => {}
+                            // An HTTP/2 server closing a connection at its keep-alive
+                            // timeout says so (GOAWAY) and finishes the streams it took;
+                            // requests sent meanwhile are refused. (Dropping it at once
+                            // would cut other streams mid-answer: a crash, which no proxy
+                            // hides once the answer's head has gone out.)
+                            _ = closing => {
+                                conn.as_mut().graceful_shutdown();
+                                tokio::select! {
+                                    _ = conn.as_mut() => {}
+                                    _ = async { drop(dead.wait_for(|d| *d).await) } => {}
+                                }
+                            }
+                        }
+                    } else {
+                        let conn =
+                            hyper::server::conn::http1::Builder::new().serve_connection(io, svc);
+                        tokio::select! {
+                            _ = conn => {}
+                            _ = dead.wait_for(|d| *d) => {}
+                            // The answer is written by then (one at a time on HTTP/1.1);
+                            // the close comes unannounced, as an app server's short
+                            // keep-alive timeout does it.
+                            _ = closing => {}
+                        }
                     }
                 });
             }
@@ -2236,11 +2264,12 @@ fn write_history(
         tl.push((
             a.sent_us,
             format!(
-                "ACTION  {} on {} -> {} {} ({:.0} ms)",
+                "ACTION  {} on {} -> {} {} {} ({:.0} ms)",
                 a.action,
                 NAMES[a.replica],
                 a.code,
                 a.state,
+                a.version,
                 (a.done_us - a.sent_us) as f64 / 1000.0
             ),
         ));
@@ -2248,16 +2277,17 @@ fn write_history(
     for r in 0..3 {
         let mut last = None;
         for s in h.samples_of(r) {
-            let v = (s.view(), s.connected);
+            let v = (s.view(), s.connected, &s.canary_version);
             if last.as_ref() != Some(&v) {
                 tl.push((
                     s.at_us,
                     format!(
-                        "STATUS  {} {} {}% gen {}{}",
+                        "STATUS  {} {} {}% gen {} ({}){}",
                         NAMES[r],
                         s.state,
                         s.weight,
                         s.generation,
+                        s.canary_version,
                         if s.connected { "" } else { " (not connected)" }
                     ),
                 ));
@@ -2642,7 +2672,7 @@ fn checker_catches_a_broken_latch() {
 /// A new canary version written just before an operator's rollback (seeds 556849 and
 /// 327792: the rollback and the new version crossed on a frozen replica): the rollback
 /// holds the version it rolled back, and the new one starts fresh.
-fn crossed_with_a_new_version(user_version: &str) -> History {
+fn crossed_with_a_new_version(b_version: &str) -> History {
     let mut h = healthy();
     h.actions.push(ActionRec {
         replica: 1,
@@ -2654,7 +2684,12 @@ fn crossed_with_a_new_version(user_version: &str) -> History {
         version: "canary-1".into(),
     });
     for s in h.statuses.iter_mut().filter(|s| s.round >= 80) {
-        s.canary_version = "canary-1".into();
+        s.canary_version = if s.replica == 1 {
+            b_version
+        } else {
+            "canary-1"
+        }
+        .into();
         s.state = "progressing".into();
         s.weight = 5.0;
     }
@@ -2665,7 +2700,7 @@ fn crossed_with_a_new_version(user_version: &str) -> History {
         sent_us: 9 * S,
         done_us: 9 * S + 2000,
         status: 200,
-        version: user_version.into(),
+        version: "canary".into(),
         error: String::new(),
     });
     h.served.push(Served {
@@ -2685,7 +2720,7 @@ fn checker_follows_each_rollback_to_its_canary_version() {
     let h = crossed_with_a_new_version("canary-1");
     let v = check_all(&h);
     assert!(v.iter().all(|v| v.held), "{}", table(0, &v));
-    // A user of the rolled-back version on the canary then breaks the latch.
+    // A replica back on the rolled-back version, sending users to it, breaks the latch.
     let h = crossed_with_a_new_version("canary");
     assert!(failing(&h).contains(&'3'), "{}", table(0, &check_all(&h)));
 }
