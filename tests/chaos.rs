@@ -113,7 +113,8 @@ impl Rng {
 enum Fault {
     /// The canary answers 503 to this percentage of requests.
     Canary5xx(u64),
-    /// The canary's port closed: connections refused, the open ones dropped.
+    /// The canary's port closed: connections refused, idle ones closed (answers already
+    /// started finish, as a terminated pod's do).
     CanaryDead,
     /// The canary misbehaves in one of the ways a release near its limits does (see
     /// [`Misbehaviour`]).
@@ -1320,35 +1321,42 @@ impl LoggedUpstream {
                         closer.notified().await;
                         tokio::time::sleep(Duration::from_millis(3)).await;
                     };
+                    // (The watch's guard is dropped at once: the future stays `Send`.)
+                    let killed = async { drop(dead.wait_for(|d| *d).await) };
+                    // The port closed: idle connections close at once, answers already
+                    // started finish (6 s at most), as a terminated pod's server does. A
+                    // crash cutting an answer whose head has gone out is not tried: no
+                    // proxy can hide it from that user.
+                    const FINISH: Duration = Duration::from_secs(6);
                     if h2c {
                         let conn = hyper::server::conn::http2::Builder::new(
                             hyper_util::rt::TokioExecutor::new(),
                         )
                         .serve_connection(io, svc);
                         tokio::pin!(conn);
-                        tokio::select! {
-                            _ = conn.as_mut() => {}
-                            // (The watch's guard dropped at once: the future stays `Send`.)
-                            _ = async { drop(dead.wait_for(|d| *d).await) } => {}
-                            // An HTTP/2 server closing a connection at its keep-alive
-                            // timeout says so (GOAWAY) and finishes the streams it took;
-                            // requests sent meanwhile are refused. (Dropping it at once
-                            // would cut other streams mid-answer: a crash, which no proxy
-                            // hides once the answer's head has gone out.)
-                            _ = closing => {
-                                conn.as_mut().graceful_shutdown();
-                                tokio::select! {
-                                    _ = conn.as_mut() => {}
-                                    _ = async { drop(dead.wait_for(|d| *d).await) } => {}
-                                }
-                            }
+                        // An HTTP/2 server closing a connection at its keep-alive timeout
+                        // says so (GOAWAY) and finishes the streams it took; requests sent
+                        // meanwhile are refused. (Dropping it at once would cut other
+                        // streams mid-answer: a crash.)
+                        let ended = tokio::select! {
+                            _ = conn.as_mut() => true,
+                            _ = killed => false,
+                            _ = closing => false,
+                        };
+                        if !ended {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = tokio::time::timeout(FINISH, conn).await;
                         }
                     } else {
                         let conn =
                             hyper::server::conn::http1::Builder::new().serve_connection(io, svc);
+                        tokio::pin!(conn);
                         tokio::select! {
-                            _ = conn => {}
-                            _ = dead.wait_for(|d| *d) => {}
+                            _ = conn.as_mut() => {}
+                            _ = killed => {
+                                conn.as_mut().graceful_shutdown();
+                                let _ = tokio::time::timeout(FINISH, conn).await;
+                            }
                             // The answer is written by then (one at a time on HTTP/1.1);
                             // the close comes unannounced, as an app server's short
                             // keep-alive timeout does it.
@@ -1367,7 +1375,8 @@ impl LoggedUpstream {
         self.misbehaviour.0.store(code, Ordering::SeqCst);
     }
 
-    /// Closes the port and drops every open connection.
+    /// Closes the port: new connections refused, idle ones closed, answers already
+    /// started finished.
     fn kill(&self) {
         self.dead.send_replace(true);
         if let Some(t) = self.accept.lock().unwrap().take() {
