@@ -580,16 +580,49 @@ impl History {
             && !self.overlaps("store_failover", None, a, b)
     }
 
-    /// Resumes (and new versions) that took, `(sent, answered)`, by send time.
+    /// Resumes that took, `(sent, shared)`, by send time: `shared` is when the fleet may
+    /// have it, its answer for a `200`. A `503` was applied on its replica only and is
+    /// written when that replica reaches the store again: the end of the faults that kept
+    /// it from the store (seed 866352: a resume sent to a replica cut off at 8.1 s took for
+    /// the fleet when its link came back at 9.3 s).
     fn unlatch_times(&self) -> Vec<(u64, u64)> {
         let mut v: Vec<(u64, u64)> = self
             .actions
             .iter()
             .filter(|a| a.unlatches())
-            .map(|a| (a.sent_us, a.done_us))
+            .map(|a| (a.sent_us, self.shared_at(a)))
             .collect();
         v.sort();
         v
+    }
+
+    /// When an action answered `503` (applied here, not yet shared) may reach the store: the
+    /// end of the faults, in a chain, that kept its replica from the store when answered.
+    fn shared_at(&self, a: &ActionRec) -> u64 {
+        if a.code != 503 {
+            return a.done_us;
+        }
+        let apart = |f: &FaultRec| {
+            matches!(
+                f.fault.as_str(),
+                "redis_kill" | "redis_pause" | "store_failover"
+            ) || (f.replica == Some(a.replica)
+                && matches!(
+                    f.fault.as_str(),
+                    "relay_cut" | "replica_pause" | "replica_kill"
+                ))
+        };
+        let mut end = a.done_us;
+        while let Some(e) = self
+            .faults
+            .iter()
+            .filter(|f| apart(f) && f.start_us <= end && f.end_us > end)
+            .map(|f| f.end_us)
+            .max()
+        {
+            end = e;
+        }
+        end
     }
 
     fn sent_of(&self) -> HashMap<u64, u64> {
@@ -2732,6 +2765,45 @@ fn checker_follows_each_rollback_to_its_canary_version() {
     // A replica back on the rolled-back version, sending users to it, breaks the latch.
     let h = crossed_with_a_new_version("canary");
     assert!(failing(&h).contains(&'3'), "{}", table(0, &check_all(&h)));
+}
+
+/// Seed 866352: c, cut off from the store from 7 s to 9.3 s, takes a resume at 8 s
+/// (`code`: 503, applied there and shared when its link is back); every replica leaves the
+/// rollback at 9.4 s.
+fn resumed_while_cut_off(code: u16) -> History {
+    let mut h = healthy();
+    h.faults.push(FaultRec {
+        fault: "relay_cut".into(),
+        detail: String::new(),
+        replica: Some(2),
+        start_us: 7 * S,
+        end_us: 9 * S + 300_000,
+    });
+    h.actions.push(ActionRec {
+        replica: 2,
+        action: "resume".into(),
+        sent_us: 8 * S,
+        done_us: 8 * S + 5000,
+        code,
+        state: "manual".into(),
+        version: "canary".into(),
+    });
+    for s in h.statuses.iter_mut().filter(|s| s.at_us >= 9 * S + 400_000) {
+        s.state = "manual".into();
+        s.weight = 30.0;
+        s.generation = 3;
+    }
+    h
+}
+
+#[test]
+fn checker_waits_for_a_resume_applied_while_cut_off() {
+    let v = check_latch(&resumed_while_cut_off(503));
+    assert!(v.held, "{v:?}");
+    // Had the store taken it at 8 s (200), a replica still rolled back a second later and
+    // leaving the rollback after that with no resume breaks the latch.
+    let v = check_latch(&resumed_while_cut_off(200));
+    assert!(!v.held, "{v:?}");
 }
 
 #[test]
