@@ -72,6 +72,10 @@ pub struct RouteRollout {
     /// A rollback decided here that the fleet has not accepted yet: no older view of the
     /// fleet may undo it.
     pub unshared_rollback: bool,
+    /// This process has applied one of the fleet's records since it started, so `resumes`
+    /// is the fleet's count (not persisted: a restarted process, with or without its state
+    /// file, learns again how many resumes happened while it was away).
+    pub fleet_heard: bool,
     /// The route belongs to a fleet (`[fleet]`): only then does a rollback wait to be shared.
     pub fleet: bool,
     /// `fleet.on_partition = "stable"`: how long the store may stay unreachable before this
@@ -388,6 +392,7 @@ pub fn fresh(spec: &Spec, now_ms: u64) -> RouteRollout {
         fleet_down: false,
         fleet_settle_until_ms: 0,
         unshared_rollback: false,
+        fleet_heard: false,
         fleet: false,
         cut_off_after_ms: None,
         fleet_down_since_ms: 0,
@@ -585,12 +590,29 @@ impl Step<'_> {
         }
         let rolled_back = matches!(rec.phase, Phase::RolledBack { .. });
         let here_rolled_back = matches!(s.phase, Phase::RolledBack { .. });
+        // A process that had not heard from the fleet since it started did not know how
+        // many resumes the fleet had counted (none at all without its state file): no
+        // operator can have resumed a rollback it decided and never shared, so that
+        // rollback is later than every resume the record counts, and is written over it
+        // (`make chaos` seed 691889: a replica restarted without its state took an
+        // operator's rollback while the store was down, then adopted the fleet's older
+        // weight at its first poll).
+        let unheard_rollback = !s.fleet_heard
+            && s.unshared_rollback
+            && here_rolled_back
+            && !rolled_back
+            && rec.resumes > s.resumes;
+        let resumes_here = if unheard_rollback {
+            rec.resumes
+        } else {
+            s.resumes
+        };
         // Histories order by operator resumes, then a rollback over anything else; only
         // records of the same kind are ordered by generation. So a rollback no resume has
         // overtaken applies whatever its generation (after the store lost its data, this
         // replica's generation may be ahead of the store's), and a rollback from before a
         // resume known here does not.
-        let order = supersedes(rec.resumes, rolled_back, s.resumes, here_rolled_back);
+        let order = supersedes(rec.resumes, rolled_back, resumes_here, here_rolled_back);
         let newer = order.unwrap_or(rec.generation > s.fleet_generation);
         if !newer {
             // A newer record that would undo the rollback applied here (or one not yet
@@ -612,6 +634,7 @@ impl Step<'_> {
         if s.fleet_incarnation.is_empty() {
             self.next.fleet_incarnation = rec.incarnation.clone();
         }
+        self.next.fleet_heard = true;
         let s = &self.next;
         let resumes = rec.resumes.max(s.resumes);
         let resumes_grew = resumes > s.resumes;
@@ -713,6 +736,9 @@ impl Step<'_> {
             return;
         };
         share.generation = share.generation.max(rec.generation);
+        // Never fewer resumes than the record it is written over (a rollback this process
+        // decided before it heard from the fleet counts the fleet's, see `adopt`).
+        share.resumes = share.resumes.max(rec.resumes);
         self.effects.push(Effect::Share(share));
         let name = s.phase.name();
         self.effects.push(Effect::Emit(Event {
@@ -1508,6 +1534,68 @@ mod tests {
         // Without one, the step is taken once the settle is over.
         let stepped = apply(&held, Input::Tick, 8_000);
         assert_eq!(stepped.phase.step(), Some(1));
+    }
+
+    /// `make chaos` seed 691889: a replica restarted without its state file takes an
+    /// operator's rollback while the store does not answer; its first poll finds the
+    /// fleet's record, which counts resumes made before (this replica knows none). The
+    /// rollback is written over it. A process that had heard from the fleet before the
+    /// outage keeps the rule that an operator's resume it did not see wins.
+    #[test]
+    fn a_rollback_taken_before_the_first_poll_is_written_over_the_fleets_record() {
+        let sp = spec(Some("v2"), &[]);
+        let down = Input::FleetLink {
+            up: false,
+            settle_ms: 0,
+        };
+        let up = Input::FleetLink {
+            up: true,
+            settle_ms: 0,
+        };
+        let resumed = |generation| FleetRecord {
+            resumes: 3,
+            ..record("v2", Phase::Manual, generation)
+        };
+        let rollback_then_poll = |s: &RouteRollout| {
+            let s = apply(s, down.clone(), 10);
+            let s = apply(&s, Input::Operator(Action::Rollback), 20);
+            assert!(s.unshared_rollback);
+            let s = apply(&s, up.clone(), 30);
+            step(
+                "app",
+                &s,
+                Input::Adopt {
+                    record: resumed(6),
+                    own: false,
+                },
+                40,
+            )
+            .unwrap()
+        };
+        let out = rollback_then_poll(&started(&sp));
+        let next = out.next.unwrap();
+        assert!(matches!(next.phase, Phase::RolledBack { .. }), "{next:?}");
+        let share = out.effects.iter().find_map(|e| match e {
+            Effect::Share(r) => Some(r),
+            _ => None,
+        });
+        let share = share.expect("the rollback written again");
+        assert!(share.rolled_back && share.resumes == 3 && share.generation >= 6);
+        // The store takes it (a rollback over the same history), and every replica follows.
+        let (written, _) = decide(Some(&resumed(6)), share, "");
+        assert!(written);
+        // Heard from the fleet first: the resume it did not see wins, as before.
+        let heard = apply(
+            &started(&sp),
+            Input::Adopt {
+                record: record("v2", Phase::Manual, 1),
+                own: false,
+            },
+            5,
+        );
+        assert!(heard.fleet_heard);
+        let out = rollback_then_poll(&heard);
+        assert_eq!(out.next.unwrap().phase, Phase::Manual);
     }
 
     /// A fleet record of route `app`.
