@@ -72,8 +72,8 @@ pub struct RouteRollout {
     /// A rollback decided here that the fleet has not accepted yet: no older view of the
     /// fleet may undo it.
     pub unshared_rollback: bool,
-    /// This process has applied one of the fleet's records since it started, so `resumes`
-    /// is the fleet's count (not persisted: a restarted process, with or without its state
+    /// This process has applied a record another replica wrote since it started, so
+    /// `resumes` is the fleet's count (not persisted: a restarted process, with or without its state
     /// file, learns again how many resumes happened while it was away).
     pub fleet_heard: bool,
     /// The route belongs to a fleet (`[fleet]`): only then does a rollback wait to be shared.
@@ -595,8 +595,8 @@ impl Step<'_> {
         // operator can have resumed a rollback it decided and never shared, so that
         // rollback is later than every resume the record counts, and is written over it
         // (`make chaos` seed 691889: a replica restarted without its state took an
-        // operator's rollback while the store was down, then adopted the fleet's older
-        // weight at its first poll).
+        // operator's rollback while the store was down. Still open: the same rollback
+        // seeding an emptied store, then replaced there by another replica's re-seed).
         let unheard_rollback = !s.fleet_heard
             && s.unshared_rollback
             && here_rolled_back
@@ -634,7 +634,11 @@ impl Step<'_> {
         if s.fleet_incarnation.is_empty() {
             self.next.fleet_incarnation = rec.incarnation.clone();
         }
-        self.next.fleet_heard = true;
+        // Its own write taken by the store says nothing of the fleet's resumes (a seed of an
+        // empty store carries this process's own count; seed 691889 replayed).
+        if !own {
+            self.next.fleet_heard = true;
+        }
         let s = &self.next;
         let resumes = rec.resumes.max(s.resumes);
         let resumes_grew = resumes > s.resumes;
@@ -1572,7 +1576,17 @@ mod tests {
             )
             .unwrap()
         };
-        let out = rollback_then_poll(&started(&sp));
+        // Its own seed taken by an empty store first does not count as hearing from it.
+        let seeded = apply(
+            &started(&sp),
+            Input::Adopt {
+                record: record("v2", Phase::Manual, 1),
+                own: true,
+            },
+            5,
+        );
+        assert!(!seeded.fleet_heard);
+        let out = rollback_then_poll(&seeded);
         let next = out.next.unwrap();
         assert!(matches!(next.phase, Phase::RolledBack { .. }), "{next:?}");
         let share = out.effects.iter().find_map(|e| match e {
