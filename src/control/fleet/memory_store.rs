@@ -13,7 +13,7 @@ use futures::channel::mpsc;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 
-use super::store::{Contribution, Member, Primary, Read, Store, StoreError, StoreResult, Written};
+use super::store::{Primary, Read, Store, StoreError, StoreResult, Written};
 use crate::rollout::machine::{decide, FleetRecord};
 
 /// SplitMix64: small, fast and the same sequence on every machine for one seed.
@@ -269,10 +269,9 @@ impl Store for Handle {
         Ok(())
     }
 
-    async fn members(&self, me: &Member) -> StoreResult<HashMap<String, String>> {
+    async fn members(&self, instance: &str, entry: &str) -> StoreResult<HashMap<String, String>> {
         let mut s = self.reach()?;
-        let body = serde_json::to_string(me).map_err(|e| StoreError(e.to_string()))?;
-        s.members.insert(me.instance.clone(), body);
+        s.members.insert(instance.to_string(), entry.to_string());
         Ok(s.members.clone().into_iter().collect())
     }
 
@@ -287,17 +286,14 @@ impl Store for Handle {
     async fn exchange_counts(
         &self,
         route: &str,
+        version: &str,
         instance: &str,
-        counts: &Contribution,
+        counts: &str,
         _ttl_ms: u64,
     ) -> StoreResult<HashMap<String, String>> {
         let mut s = self.reach()?;
-        let body = serde_json::to_string(counts).map_err(|e| StoreError(e.to_string()))?;
-        let all = s
-            .counts
-            .entry(format!("{route}:{}", counts.canary_version))
-            .or_default();
-        all.insert(instance.to_string(), body);
+        let all = s.counts.entry(format!("{route}:{version}")).or_default();
+        all.insert(instance.to_string(), counts.to_string());
         Ok(all.clone().into_iter().collect())
     }
 

@@ -55,7 +55,7 @@ mod sim;
 pub mod store;
 
 pub use store::{Contribution, Member, Spans};
-use store::{Store, StoreResult, Written};
+use store::{Store, StoreError, StoreResult, Written};
 
 /// What the fleet view is, for status and metrics.
 #[derive(Debug, Clone, Default)]
@@ -716,7 +716,8 @@ impl FleetService {
             }
             me.file_hashes.insert(route, hash);
         }
-        let all = store.members(&me).await?;
+        let entry = serde_json::to_string(&me).map_err(|e| StoreError(e.to_string()))?;
+        let all = store.members(&me.instance, &entry).await?;
         // A replica silent for 10 polls (at least 30 s) is gone from the view; after an
         // hour its entry is removed.
         let alive = (10 * self.fleet.settings.poll_interval.as_millis() as u64).max(30_000);
@@ -805,7 +806,10 @@ impl FleetService {
         let ttl_ms = self.fleet.fresh_ms() * 4;
         let mut others = HashMap::new();
         for (route, c) in mine {
-            let all = store.exchange_counts(&route, me, &c, ttl_ms).await?;
+            let counts = serde_json::to_string(&c).map_err(|e| StoreError(e.to_string()))?;
+            let all = store
+                .exchange_counts(&route, &c.canary_version, me, &counts, ttl_ms)
+                .await?;
             let theirs: Vec<(String, Contribution)> = all
                 .into_iter()
                 .filter(|(inst, _)| inst != me)

@@ -24,7 +24,7 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use redis::aio::ConnectionManager;
 
-use super::store::{Contribution, Member, Primary, Read, Store, StoreError, StoreResult, Written};
+use super::store::{Primary, Read, Store, StoreError, StoreResult, Written};
 use crate::clock::Clock;
 use crate::config::FleetSettings;
 use crate::rollout::machine::{FleetRecord, ShareMode};
@@ -368,11 +368,10 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn members(&self, me: &Member) -> StoreResult<HashMap<String, String>> {
+    async fn members(&self, instance: &str, entry: &str) -> StoreResult<HashMap<String, String>> {
         let mut conn = self.conn()?;
-        let body = serde_json::to_string(me).map_err(|e| StoreError(e.to_string()))?;
         let (_, all): ((), HashMap<String, String>) = redis::pipe()
-            .hset(self.members_key(), &me.instance, body)
+            .hset(self.members_key(), instance, entry)
             .hgetall(self.members_key())
             .query_async(&mut conn)
             .await?;
@@ -392,15 +391,15 @@ impl Store for RedisStore {
     async fn exchange_counts(
         &self,
         route: &str,
+        version: &str,
         instance: &str,
-        counts: &Contribution,
+        counts: &str,
         ttl_ms: u64,
     ) -> StoreResult<HashMap<String, String>> {
         let mut conn = self.conn()?;
-        let key = self.counts_key(route, &counts.canary_version);
-        let body = serde_json::to_string(counts).map_err(|e| StoreError(e.to_string()))?;
+        let key = self.counts_key(route, version);
         let (_, _, all): ((), (), HashMap<String, String>) = redis::pipe()
-            .hset(&key, instance, body)
+            .hset(&key, instance, counts)
             .pexpire(&key, ttl_ms as i64)
             .hgetall(&key)
             .query_async(&mut conn)

@@ -130,18 +130,21 @@ pub trait Store: Send + Sync {
     async fn written(&self) -> StoreResult<Vec<(String, Option<FleetRecord>)>>;
     /// Deletes records (and their place among the written ones).
     async fn delete(&self, keys: &[String]) -> StoreResult<()>;
-    /// Says `me` is alive and reads every member's entry as text, per instance (an
-    /// unreadable one is for the caller to forget).
-    async fn members(&self, me: &Member) -> StoreResult<HashMap<String, String>>;
+    /// Says `instance` is alive with its `entry` (a [`Member`] as JSON) and reads every
+    /// member's entry as text, per instance (an unreadable one is for the caller to
+    /// forget). Entries and counts go in and come out as the caller's text: it alone
+    /// encodes and decodes them.
+    async fn members(&self, instance: &str, entry: &str) -> StoreResult<HashMap<String, String>>;
     /// Removes members' entries.
     async fn forget_members(&self, instances: &[String]) -> StoreResult<()>;
-    /// Writes `instance`'s counts of a route's canary version (kept `ttl_ms`) and reads
-    /// every replica's, as text per instance.
+    /// Writes `instance`'s counts (a [`Contribution`] as JSON) of a route's canary
+    /// version (kept `ttl_ms`) and reads every replica's, as text per instance.
     async fn exchange_counts(
         &self,
         route: &str,
+        version: &str,
         instance: &str,
-        counts: &Contribution,
+        counts: &str,
         ttl_ms: u64,
     ) -> StoreResult<HashMap<String, String>>;
     /// The records published from now on (ends when the subscription breaks).
