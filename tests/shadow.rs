@@ -149,6 +149,12 @@ async fn shadow_status(p: &Proxy) -> Value {
     p.status().await["routes"][0]["shadow"].clone()
 }
 
+/// A GET of `url` as `user`, answered 200.
+async fn get_as(c: &reqwest::Client, url: String, user: String) {
+    let r = c.get(url).header("x-user-id", user).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 /// Waits until the shadow's `key` counter reaches `n`.
 async fn wait_shadow(p: &Proxy, key: &str, n: u64) -> Value {
     eventually(
@@ -274,8 +280,7 @@ async fn a_post_is_mirrored_only_when_listed_and_amplify_multiplies_copies() {
             .send()
     };
     assert_eq!(post("first").await.unwrap().status(), 200);
-    let get = c.get(p.url("/users/2")).header("x-user-id", "u2").send();
-    assert_eq!(get.await.unwrap().status(), 200);
+    get_as(&c, p.url("/users/2"), "u2".into()).await;
     wait_shadow(&p, "compared", 1).await;
     assert!(
         canary.seen().iter().all(|x| x.method == "GET"),
@@ -383,13 +388,7 @@ async fn a_dead_or_hanging_shadow_costs_users_nothing() {
     )
     .await;
     for i in 0..10u64 {
-        let r = c
-            .get(p.url(&format!("/users/{i}")))
-            .header("x-user-id", format!("u{i}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        get_as(&c, p.url(&format!("/users/{i}")), format!("u{i}")).await;
     }
     let s = wait_shadow(&p, "errors", 10).await;
     assert_eq!(s["compared"], 0, "{s:#}");
@@ -434,13 +433,7 @@ async fn a_canary_that_fails_under_the_mirrored_load_is_rolled_back_before_any_u
     let mirrored = shadow_status(&p).await["mirrored"].as_u64().unwrap();
     let c = client();
     for i in 0..10 {
-        let r = c
-            .get(p.url("/users/1"))
-            .header("x-user-id", format!("late{i}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        get_as(&c, p.url("/users/1"), format!("late{i}")).await;
     }
     assert_eq!(shadow_status(&p).await["mirrored"].as_u64(), Some(mirrored));
 }
@@ -501,13 +494,7 @@ async fn the_fleet_sums_the_compared_answers() {
     let c = client();
     for (i, p) in replicas.iter().enumerate() {
         for n in 0..20u64 {
-            let r = c
-                .get(p.url(&format!("/items/{n}")))
-                .header("x-user-id", format!("r{i}u{n}"))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
+            get_as(&c, p.url(&format!("/items/{n}")), format!("r{i}u{n}")).await;
         }
         wait_shadow(p, "compared", 20).await;
     }
