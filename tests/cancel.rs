@@ -316,13 +316,15 @@ async fn h2c_rollback_under_load_fails_no_request() {
         .await;
     let load = h2load(&proxy, 2000);
     // Held streams and answers stopped mid-body pile up on the canary's connections (they
-    // take h2load's stream slots, so it waits for the rollback).
+    // take h2load's stream slots, so it waits for the rollback). Once all 80 slots are
+    // stuck there, no request is left that could open another canary connection, so the
+    // count below is final.
     eventually(
-        "canary streams held and mid-body",
+        "all of h2load's streams held or mid-body at the canary",
         Duration::from_secs(30),
         || async {
             let (held, gated) = (canary.get(|s| &s.held), canary.get(|s| &s.gated));
-            if held >= 10 && gated >= 10 {
+            if held >= 10 && gated >= 10 && held + gated == 80 {
                 Ok((held, gated))
             } else {
                 Err(format!("held {held}, mid-body {gated}"))
