@@ -823,9 +823,10 @@ fn check_rollback_bound(h: &History) -> Verdict {
     )
 }
 
-/// Check 3: the latch. Once a replica is seen rolled back, it shows no other state and
-/// sends no request sent after that moment to the canary, until an operator's next resume
-/// or weight is sent. A view counts only when it cannot be one from before the last resume
+/// Check 3: the latch. Once a replica is seen rolled back, it shows no other state with a
+/// canary weight and sends no request sent after that moment to the canary, until an
+/// operator's next resume or weight is sent. (A process restarted without its state dir
+/// while the store is down shows its file's phase cut off, at 0 %: seed 691889.) A view counts only when it cannot be one from before the last resume
 /// that took: polled at least the agreement bound after that resume was answered, with the
 /// replica in touch with the store for the bound before the poll (a replica cut off when
 /// the fleet resumed stays rolled back until it is back, then follows the resume).
@@ -868,6 +869,7 @@ fn check_latch(h: &History) -> Verdict {
                 // Another canary version starts fresh; the latch holds the one rolled back.
                 if o.sent_us > from
                     && o.state != "rolled_back"
+                    && o.weight > 0.0
                     && o.sent_us < until
                     && o.canary_version == s.canary_version
                 {

@@ -754,7 +754,49 @@ async fn a_restarted_replica_adopts_the_fleets_state_before_it_is_ready() {
         60.0,
         "its state file has the fleet's last weight"
     );
-    drop(fleet.canary.requests.clone());
+    // Without its state dir as well, c cannot know what the fleet decided (a rollback,
+    // say): ready after the timeout, it sends nobody to the canary until Redis answers
+    // (make chaos seed 691889). Then the fleet's weight reaches it (the others re-seed
+    // the store that came back empty).
+    fleet.replicas[2].kill();
+    for e in std::fs::read_dir(fleet.state[2].path()).unwrap().flatten() {
+        std::fs::remove_file(e.path()).unwrap();
+    }
+    fleet.replicas[2].respawn();
+    fleet.replicas[2].wait_until_ready().await;
+    let s = fleet.replicas[2].status().await;
+    assert_eq!(weight_of(&s), 0.0, "{s:#}");
+    assert_eq!(route_of(&s)["fleet_cut_off"], true, "{s:#}");
+    assert_eq!(state_of(&s), "manual", "{s:#}");
+    let before = fleet
+        .canary
+        .requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let answers = common::send_users(&fleet.replicas[2], 50, "blind").await;
+    assert!(
+        answers
+            .iter()
+            .all(|(code, v)| *code == 200 && v == "stable"),
+        "{answers:?}"
+    );
+    let after = fleet
+        .canary
+        .requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(after, before, "a user reached the canary");
+    redis.restart().await;
+    eventually(
+        "c follows the fleet's 60%",
+        Duration::from_secs(10),
+        || async {
+            let s = fleet.replicas[2].status().await;
+            match weight_of(&s) {
+                60.0 => Ok(()),
+                w => Err(format!("{w}%")),
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1844,4 +1886,118 @@ async fn a_fourth_replica_joins_rolled_back() {
         })
         .await;
     }
+}
+
+/// The Lua script Redis runs for every write is a copy of `decide`, the rule the in-memory
+/// store, the simulation and the proptests run: both decide every combination of a stored
+/// record and a write (resumes, rollbacks, unheard rollbacks, modes, generations,
+/// incarnations) alike, and leave the same record.
+#[tokio::test]
+async fn the_redis_script_decides_every_write_as_decide_does() {
+    use kanaria::control::fleet::redis_store::RedisStore;
+    use kanaria::control::fleet::store::{Store, Written};
+    use kanaria::rollout::machine::{decide, FleetRecord, ShareMode};
+    use kanaria::rollout::phase::Phase;
+
+    let redis = Redis::start().await;
+    let config = kanaria::config::load_str(
+        &format!(
+            "[fleet]\nurl = \"{}\"\ncluster = \"parity\"\ninstance = \"t\"\n\n[[routes]]\nname = \"app\"\n[routes.stable]\nversion = \"v1\"\nendpoints = [\"127.0.0.1:1\"]\n",
+            redis.url()
+        ),
+        "parity.toml",
+    )
+    .expect("config");
+    let settings = config.restart.fleet.expect("[fleet]");
+    let clock = std::sync::Arc::new(kanaria::clock::SystemClock);
+    let store = RedisStore::new(&settings, None, "t", clock).expect("store");
+    store.reconnect().await;
+    let mut conn = redis.conn().await;
+    let () = redis::cmd("SET")
+        .arg("kanaria:parity:incarnation")
+        .arg("inc1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let key = store.record_key("app", "v2");
+    let rec = |resumes: u64, rolled_back: bool, unheard: bool, generation: u64| FleetRecord {
+        route: "app".into(),
+        canary_version: "v2".into(),
+        phase: if rolled_back {
+            Phase::RolledBack {
+                reason: "operator".into(),
+            }
+        } else {
+            Phase::Manual
+        },
+        generation,
+        rolled_back,
+        weight_percent: 10.0,
+        step: None,
+        paused: false,
+        kind: "k".into(),
+        reason: "r".into(),
+        by: "b".into(),
+        writer: "w".into(),
+        at_ms: 1,
+        mode: ShareMode::Cas,
+        incarnation: String::new(),
+        resumes,
+        unheard,
+        file: None,
+    };
+    let kinds = || {
+        (0..3u64).flat_map(|r| {
+            [(false, false), (true, false), (true, true), (false, true)]
+                .map(|(rb, unheard)| (r, rb, unheard))
+        })
+    };
+    let mut cases = 0;
+    for current in kinds()
+        .map(|(r, rb, u)| {
+            let mut c = rec(r, rb, u, 5);
+            c.incarnation = "inc1".into();
+            Some(c)
+        })
+        .chain([None])
+    {
+        for (r, rb, u) in kinds() {
+            for mode in [ShareMode::Cas, ShareMode::Seed, ShareMode::Reseed] {
+                for generation in [4, 5, 6] {
+                    for incarnation in ["", "inc1", "old"] {
+                        let mut new = rec(r, rb, u, generation);
+                        new.mode = mode;
+                        new.incarnation = incarnation.into();
+                        let () = match &current {
+                            Some(c) => redis::cmd("SET")
+                                .arg(&key)
+                                .arg(serde_json::to_string(c).unwrap())
+                                .query_async(&mut conn)
+                                .await
+                                .unwrap(),
+                            None => redis::cmd("DEL")
+                                .arg(&key)
+                                .query_async::<i64>(&mut conn)
+                                .await
+                                .map(|_| ())
+                                .unwrap(),
+                        };
+                        let (accepted, expected) = decide(current.as_ref(), &new, "inc1");
+                        let got = store.write(&new).await.expect("write");
+                        let (got_accepted, got) = match got {
+                            Written::Accepted(r) => (true, Some(r)),
+                            Written::Refused(r) => (false, r),
+                        };
+                        assert_eq!(
+                            (got_accepted, got.as_ref()),
+                            (accepted, Some(&expected)),
+                            "stored {current:?}, written {new:?}"
+                        );
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 13 * 12 * 27);
 }

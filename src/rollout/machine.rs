@@ -88,6 +88,11 @@ pub struct RouteRollout {
     /// the phase. The phase is kept (and may still roll back), so once the store answers
     /// the weight is the phase's again, or the fleet's newer record.
     pub cut_off: bool,
+    /// Started without a saved state of its canary version while the fleet store does not
+    /// answer: this process cannot know whether the fleet rolled that version back (the
+    /// rollback may live only in the other replicas and the store), so it is cut off
+    /// until the store first answers, whatever `fleet.on_partition` says.
+    pub fleet_blind: bool,
     /// How many times an operator resumed this canary version after a rollback, as far as
     /// this replica knows (its own resumes and the fleet's records): a record that is not a
     /// rollback undoes this replica's rollback only with a higher count.
@@ -273,6 +278,13 @@ pub struct FleetRecord {
     /// (see [`RouteRollout::resumes`]; 0 in records written before it existed).
     #[serde(default)]
     pub resumes: u64,
+    /// A rollback decided by a process that had not heard from the fleet since it started
+    /// (restarted, with or without its state file) and never shared: its `resumes` is only
+    /// a lower bound, and no operator can have resumed it. So it orders as late as any
+    /// history it meets that did not see it ([`decide`]); a replica that adopts it writes
+    /// its own higher count back ([`RouteRollout::resumes`]). `make chaos` seed 691889.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unheard: bool,
     /// In a fleet: the file decision the fleet runs (weight and steps; absent in records
     /// written before it existed, which leave each replica its own file's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -356,12 +368,19 @@ pub fn share_record(
         // store that since lost its data compares generations of another history.
         incarnation: s.fleet_incarnation.clone(),
         resumes: s.resumes,
+        unheard: rolled_back_unheard(s),
         file: s.fleet.then(|| {
             s.fleet_file
                 .clone()
                 .unwrap_or_else(|| s.file_spec.decision())
         }),
     })
+}
+
+/// A rollback decided here, not shared yet, by a process that has not heard from the
+/// fleet since it started (see [`FleetRecord::unheard`]).
+fn rolled_back_unheard(s: &RouteRollout) -> bool {
+    s.unshared_rollback && !s.fleet_heard && matches!(s.phase, Phase::RolledBack { .. })
 }
 
 /// The first phase of a canary version (manual without steps or without a canary).
@@ -397,6 +416,7 @@ pub fn fresh(spec: &Spec, now_ms: u64) -> RouteRollout {
         cut_off_after_ms: None,
         fleet_down_since_ms: 0,
         cut_off: false,
+        fleet_blind: false,
         resumes: 0,
         fleet_incarnation: String::new(),
         file_spec: spec.clone(),
@@ -436,6 +456,9 @@ pub fn step(
         }
         Input::Adopt { record, own } => t.adopt(record, own),
         Input::FleetLink { up, settle_ms } => {
+            if up {
+                t.next.fleet_blind = false;
+            }
             if up && t.next.fleet_down {
                 t.next.fleet_settle_until_ms = now_ms.saturating_add(settle_ms);
             }
@@ -533,12 +556,13 @@ impl Step<'_> {
     /// `fleet.on_partition = "stable"`: cut off once the store has been unreachable for
     /// the timeout, and back as soon as it answers. The phase is left alone: it is the
     /// fleet's last record (or a local rollback waiting to be shared), which applies again
-    /// when the store is back.
+    /// when the store is back. Also cut off at once while [`RouteRollout::fleet_blind`].
     fn partition(&mut self) {
         let s = &self.next;
         let after = s.cut_off_after_ms;
         let due = s.fleet_down
-            && after.is_some_and(|t| self.now_ms.saturating_sub(s.fleet_down_since_ms) >= t);
+            && (s.fleet_blind
+                || after.is_some_and(|t| self.now_ms.saturating_sub(s.fleet_down_since_ms) >= t));
         if due == s.cut_off {
             return;
         }
@@ -548,7 +572,12 @@ impl Step<'_> {
         if self.next.canary_version.is_none() {
             return;
         }
-        let (kind, reason) = if due {
+        let (kind, reason) = if due && self.next.fleet_blind {
+            (
+                "cut_off",
+                "this process started without a saved state of the canary version and the fleet store does not answer: it cannot know whether the fleet rolled the version back, so every user goes to stable until the store answers".to_string(),
+            )
+        } else if due {
             (
                 "cut_off",
                 format!(
@@ -595,24 +624,28 @@ impl Step<'_> {
         // operator can have resumed a rollback it decided and never shared, so that
         // rollback is later than every resume the record counts, and is written over it
         // (`make chaos` seed 691889: a replica restarted without its state took an
-        // operator's rollback while the store was down. Still open: the same rollback
-        // seeding an emptied store, then replaced there by another replica's re-seed).
-        let unheard_rollback = !s.fleet_heard
-            && s.unshared_rollback
-            && here_rolled_back
-            && !rolled_back
-            && rec.resumes > s.resumes;
+        // operator's rollback while the store was down).
+        let unheard_rollback = rolled_back_unheard(s) && !rolled_back && rec.resumes > s.resumes;
         let resumes_here = if unheard_rollback {
             rec.resumes
         } else {
             s.resumes
+        };
+        // The same for such a rollback in the fleet's record (it seeded an emptied store):
+        // later than the resumes counted here, and given that count back (below), so that
+        // an operator's resume of it wins over this replica's history.
+        let unheard_record = !own && rolled_back && rec.unheard && s.resumes > rec.resumes;
+        let resumes_there = if unheard_record {
+            s.resumes
+        } else {
+            rec.resumes
         };
         // Histories order by operator resumes, then a rollback over anything else; only
         // records of the same kind are ordered by generation. So a rollback no resume has
         // overtaken applies whatever its generation (after the store lost its data, this
         // replica's generation may be ahead of the store's), and a rollback from before a
         // resume known here does not.
-        let order = supersedes(rec.resumes, rolled_back, resumes_here, here_rolled_back);
+        let order = supersedes(resumes_there, rolled_back, resumes_here, here_rolled_back);
         let newer = order.unwrap_or(rec.generation > s.fleet_generation);
         if !newer {
             // A newer record that would undo the rollback applied here (or one not yet
@@ -646,6 +679,20 @@ impl Step<'_> {
         // The fleet's count (an operator's resume the store refused counted here too), but
         // never lower: what was counted here happened.
         self.next.resumes = resumes;
+        if unheard_record {
+            // The fleet's record, decided on and with this replica's count.
+            let mut share = rec.clone();
+            share.resumes = resumes;
+            share.unheard = false;
+            share.mode = ShareMode::Cas;
+            share.kind = "resumes_counted".to_string();
+            share.reason = format!(
+                "{} (a rollback decided before its replica heard from the fleet; {resumes} operator resumes counted before it)",
+                rec.reason
+            );
+            share.at_ms = self.now_ms;
+            self.effects.push(Effect::Share(share));
+        }
         let mut persisted = false;
         if rolled_back && matches!(self.next.phase, Phase::RolledBack { .. }) {
             // The fleet has a rollback: nothing waits any more, after a restart either.
@@ -811,11 +858,14 @@ impl Step<'_> {
                     "saved state".to_string(),
                 )
             }
-            (Some(version), Ok(_)) => (
-                "reset",
-                initial_phase(&spec, self.now_ms),
-                format!("canary version {version} starts"),
-            ),
+            (Some(version), Ok(_)) => {
+                self.next.fleet_blind = self.next.fleet && self.next.fleet_down;
+                (
+                    "reset",
+                    initial_phase(&spec, self.now_ms),
+                    format!("canary version {version} starts"),
+                )
+            }
             (Some(_), Err(e)) => (
                 "state_error",
                 Phase::RolledBack {
@@ -826,6 +876,7 @@ impl Step<'_> {
             (None, _) => ("reset", initial_phase(&spec, self.now_ms), "start".into()),
         };
         self.transition_shared(kind, phase, &reason, json!({}), Some(mode));
+        self.partition();
     }
 
     fn config(&mut self, file: Spec) {
@@ -1214,9 +1265,23 @@ pub fn decide(
     store_incarnation: &str,
 ) -> (bool, FleetRecord) {
     let mut gen = 0;
+    let mut resumes = new.resumes;
     if let Some(c) = current {
         gen = c.generation;
-        let order = supersedes(new.resumes, new.rolled_back, c.resumes, c.rolled_back);
+        let stale = !new.incarnation.is_empty() && new.incarnation != store_incarnation;
+        // A rollback whose process had not heard from the fleet is as late as any history
+        // that did not see it: the stored one against a write not decided on it, a new one
+        // against the stored record. Only a write decided on it (an operator's resume of
+        // it) compares its count as it is.
+        let saw_current = new.mode == ShareMode::Cas && !stale && new.generation == gen;
+        let mut current_resumes = c.resumes;
+        if c.unheard && c.rolled_back && !saw_current {
+            current_resumes = current_resumes.max(new.resumes);
+        }
+        if new.unheard && new.rolled_back {
+            resumes = resumes.max(c.resumes);
+        }
+        let order = supersedes(resumes, new.rolled_back, current_resumes, c.rolled_back);
         match new.mode {
             ShareMode::Seed => return (false, c.clone()),
             // This replica's state after the store lost its data: a later history wins,
@@ -1230,7 +1295,6 @@ pub fn decide(
                 // Decided against another incarnation of the store: its generation says
                 // nothing about this one's. A later history (a rollback, an operator's
                 // resume) lands whatever the generation.
-                let stale = !new.incarnation.is_empty() && new.incarnation != store_incarnation;
                 if !order.unwrap_or(gen == new.generation && !stale) {
                     return (false, c.clone());
                 }
@@ -1240,6 +1304,8 @@ pub fn decide(
     let mut out = new.clone();
     out.generation = gen.max(new.generation) + 1;
     out.incarnation = store_incarnation.to_string();
+    // An unheard rollback takes the count of the history it is written over.
+    out.resumes = resumes;
     (true, out)
 }
 
@@ -1612,6 +1678,129 @@ mod tests {
         assert_eq!(out.next.unwrap().phase, Phase::Manual);
     }
 
+    /// `make chaos` seed 691889 as it played: the unheard rollback seeds a store that came
+    /// back empty, and another replica's re-seed, counting 3 resumes, reaches it next. The
+    /// store keeps the rollback; that replica adopts it and writes its count back, so an
+    /// operator's resume on any replica wins afterwards (also one decided on the unheard
+    /// record itself).
+    #[test]
+    fn an_unheard_rollback_that_seeded_an_emptied_store_holds_against_a_reseed() {
+        let sp = spec(Some("v2"), &[]);
+        let shares = |out: &Outcome| -> Vec<FleetRecord> {
+            out.effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::Share(r) => Some(r.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        // c: restarted without state, an operator's rollback while the store is down.
+        let down = Input::FleetLink {
+            up: false,
+            settle_ms: 0,
+        };
+        let c = apply(&started(&sp), down, 10);
+        let out = step("app", &c, Input::Operator(Action::Rollback), 20).unwrap();
+        let c = out.next.clone().unwrap();
+        let rollback = shares(&out).pop().expect("the rollback shared");
+        assert!(rollback.unheard && rollback.rolled_back && rollback.resumes == 0);
+        let (written, stored) = decide(None, &rollback, "i2");
+        assert!(written && stored.unheard);
+        // a: heard 3 resumes from the fleet; its re-seed of the emptied store is refused.
+        let a = apply(
+            &started(&sp),
+            Input::Adopt {
+                record: FleetRecord {
+                    resumes: 3,
+                    ..record("v2", Phase::Manual, 9)
+                },
+                own: false,
+            },
+            5,
+        );
+        let reseed = share_record("app", &a, "store_reset", "", 30, ShareMode::Reseed).unwrap();
+        assert!(!reseed.unheard);
+        let (written, current) = decide(Some(&stored), &reseed, "i2");
+        assert!(!written && current == stored);
+        // A write from before that never saw it is refused too, whatever its count.
+        let cas = FleetRecord {
+            generation: 9,
+            ..reseed.clone()
+        };
+        assert!(!decide(Some(&stored), &cas, "i2").0);
+        // a adopts the rollback and writes its count back.
+        let out = step(
+            "app",
+            &a,
+            Input::Adopt {
+                record: stored.clone(),
+                own: false,
+            },
+            40,
+        )
+        .unwrap();
+        let a = out.next.clone().unwrap();
+        assert!(matches!(a.phase, Phase::RolledBack { .. }) && a.resumes == 3);
+        let counted = shares(&out).pop().expect("the count written back");
+        assert!(counted.rolled_back && !counted.unheard && counted.resumes == 3);
+        let (written, counted) = decide(Some(&stored), &counted, "i2");
+        assert!(written && counted.resumes == 3);
+        // An operator's resume on a wins; so does one on c, decided on the unheard record.
+        let resumed = step("app", &a, Input::Operator(Action::Resume), 50).unwrap();
+        let resume = shares(&resumed).pop().expect("the resume shared");
+        assert!(decide(Some(&counted), &resume, "i2").0);
+        let up = Input::FleetLink {
+            up: true,
+            settle_ms: 0,
+        };
+        let c = apply(
+            &apply(&c, up, 44),
+            Input::Adopt {
+                record: stored.clone(),
+                own: true,
+            },
+            45,
+        );
+        let resumed = step("app", &c, Input::Operator(Action::Resume), 50).unwrap();
+        let resume = shares(&resumed).pop().expect("the resume shared");
+        assert!(!resume.unheard && resume.resumes == 1);
+        assert!(decide(Some(&stored), &resume, "i2").0);
+    }
+
+    /// `make chaos` seed 691889 replayed: a replica restarted without its state dir while
+    /// the store was down and came back empty cannot know of the fleet's rollback; it
+    /// sends nobody to the canary until the store answers. With a saved state of the
+    /// version it serves that state, as before.
+    #[test]
+    fn a_replica_started_without_state_and_without_the_store_sends_nobody_to_the_canary() {
+        let sp = weighted(5);
+        let down = || fresh(&sp, 0).in_fleet(false, None, 0);
+        let blind = apply(&down(), Input::Restore(Ok(None)), 0);
+        assert!(blind.fleet_blind && blind.cut_off);
+        assert_eq!(blind.weight().0, 0);
+        let ticked = apply(&blind, Input::Tick, 60_000);
+        assert_eq!(ticked.weight().0, 0);
+        let up = Input::FleetLink {
+            up: true,
+            settle_ms: 0,
+        };
+        let back = apply(&ticked, up, 60_100);
+        assert!(!back.fleet_blind && !back.cut_off);
+        assert_eq!(back.weight().0, 500);
+        let saved = Record {
+            route: "app".into(),
+            canary_version: "v2".into(),
+            phase: Phase::Manual,
+            updated_ms: 0,
+            unshared: false,
+            resumes: 0,
+        };
+        let restored = apply(&down(), Input::Restore(Ok(Some(saved))), 0);
+        assert!(!restored.fleet_blind && !restored.cut_off);
+        assert_eq!(restored.weight().0, 500);
+    }
+
     /// A fleet record of route `app`.
     fn record(version: &str, phase: Phase, generation: u64) -> FleetRecord {
         FleetRecord {
@@ -1631,6 +1820,7 @@ mod tests {
             mode: ShareMode::Cas,
             incarnation: String::new(),
             resumes: 0,
+            unheard: false,
             file: None,
         }
     }
@@ -1832,12 +2022,13 @@ mod tests {
                 // Cut off only while the store is unreachable, past the timeout, and then
                 // nobody goes to the canary; a tick or a change of the link decides it.
                 if next.cut_off {
-                    prop_assert!(next.fleet_down && next.cut_off_after_ms.is_some());
+                    prop_assert!(next.fleet_down && (next.cut_off_after_ms.is_some() || next.fleet_blind));
                     prop_assert_eq!(next.weight().0, 0);
                 }
                 if tick || link {
                     let due = next.fleet_down
-                        && cut_off_after.is_some_and(|t| now.saturating_sub(next.fleet_down_since_ms) >= t);
+                        && (next.fleet_blind
+                            || cut_off_after.is_some_and(|t| now.saturating_sub(next.fleet_down_since_ms) >= t));
                     prop_assert_eq!(next.cut_off, due);
                 }
                 // The link never moves a phase nor shares anything: what the fleet decided

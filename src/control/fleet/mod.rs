@@ -973,6 +973,7 @@ mod tests {
             mode,
             incarnation: String::new(),
             resumes: 0,
+            unheard: false,
             file: None,
         }
     }

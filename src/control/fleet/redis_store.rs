@@ -35,8 +35,9 @@ use crate::rollout::machine::{FleetRecord, ShareMode};
 /// record (JSON), the generation it was decided on, `cas`, `seed` or `reseed`, the
 /// channel, the record's time to live in ms (renewed by every poll while a replica serves
 /// the version). Returns `{1, record}` when written, `{0, current}` when refused.
-/// Histories order by operator resumes, then a rollback over anything else (`order`); only
-/// the same kind compares generations: `cas` must match the generation and the incarnation
+/// Histories order by operator resumes, then a rollback over anything else (`order`), an
+/// `unheard` rollback counting as many resumes as the history it meets that did not see
+/// it; only the same kind compares generations: `cas` must match the generation and the incarnation
 /// it was decided on, `reseed` must be higher. Mirrors
 /// [`decide`](crate::rollout::machine::decide), the in-memory store's rule.
 const WRITE_SCRIPT: &str = r#"
@@ -56,6 +57,11 @@ if cur then
   local cres = tonumber(c.resumes) or 0
   local nrb = new.rolled_back == true
   local crb = c.rolled_back == true
+  local saw = ARGV[3] == 'cas' and not stale and gen == expected
+  local nres0 = nres
+  if new.unheard == true and nrb then nres = math.max(nres, cres) end
+  if c.unheard == true and crb and not saw then cres = math.max(cres, nres0) end
+  new.resumes = nres
   local order = 0
   if nres > cres then order = 1 elseif nres < cres then order = -1
   elseif nrb and not crb then order = 1 elseif crb and not nrb then order = -1 end
