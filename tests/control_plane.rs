@@ -329,6 +329,14 @@ fn fleet_record(phase: Phase, generation: u64, writer: &str) -> FleetRecord {
     }
 }
 
+/// The store answers for the settle (3 × `poll_interval`): a process that started
+/// without a saved state sends users to the canary from then on.
+fn confirmed(p: &Plane) {
+    p.control.fleet_link(true);
+    p.clock.advance(Duration::from_secs(3));
+    p.analysis.tick();
+}
+
 /// (e) `fleet.on_partition = "stable"`: 30 s without the store and every user goes to
 /// stable, the phase kept; the link back, the phase's weight (or the fleet's newer record)
 /// applies again; a rollback decided while cut off stays when the link returns.
@@ -338,10 +346,11 @@ fn a_replica_cut_off_from_the_fleet_sends_everyone_to_stable_after_the_timeout()
     let p = Plane::start(&with_fleet(&config_in_memory(), "stable"), &clock);
     let cut_off = |p: &Plane| p.control.route_control("app").unwrap().cut_off;
     // Started without a saved state while the store does not answer, it cannot know what
-    // the fleet decided: nobody to the canary until the store has answered once.
+    // the fleet decided: nobody to the canary until the store has answered for the settle.
     assert_eq!(p.stage(), ("progressing", Some(0), 0));
     assert!(cut_off(&p));
-    p.control.fleet_link(true);
+    confirmed(&p);
+    assert!(!cut_off(&p));
     p.control.fleet_link(false);
     assert_eq!(p.stage(), ("progressing", Some(0), STEPS[0]));
 
@@ -400,8 +409,8 @@ fn a_replica_cut_off_from_the_fleet_sends_everyone_to_stable_after_the_timeout()
 fn a_replica_cut_off_with_hold_keeps_its_weight() {
     let clock = Arc::new(ManualClock::new());
     let p = Plane::start(&with_fleet(&config_in_memory(), "hold"), &clock);
-    // The store answered once (see the test above), then not for hours.
-    p.control.fleet_link(true);
+    // The store answered (see the test above), then not for hours.
+    confirmed(&p);
     p.control.fleet_link(false);
     for _ in 0..4 {
         p.after(HOUR, 0);

@@ -85,8 +85,11 @@ impl AdminApp {
         }
         // A replica of a fleet first adopts the fleet's records (bounded by
         // fleet.startup_timeout, then it serves its local state and status says so).
+        // And it waits (as long) for its restored phase to be confirmed by another
+        // replica's record or a poll interval of the store's answers: meanwhile it sends
+        // nobody to the canary, and a load balancer need not send it anybody.
         if let Some(f) = &self.shared.fleet {
-            if !f.ready() {
+            if !f.ready() || (self.shared.awaits_fleet_confirmation() && !f.startup_over()) {
                 return false;
             }
         }

@@ -382,8 +382,10 @@ impl AnalysisLoop {
                     }
                 }
             }
-            // A rollout step's hold may elapse between evaluations (or without analysis).
+            // A rollout step's hold may elapse between evaluations (or without analysis);
+            // a route cut off from the fleet may be due back (the settle after a start).
             if route.weight_source == WeightSource::Rollout
+                || route.weight_source == WeightSource::CutOff
                 || (fleet_down && route.canary.is_some())
             {
                 self.shared.observe(&route.name, Input::Tick);

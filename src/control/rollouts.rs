@@ -212,6 +212,15 @@ impl Control {
         self.lock().routes.clone()
     }
 
+    /// Whether a route is cut off because nothing from the fleet has confirmed the phase
+    /// this process started with yet (`RouteRollout::fleet_unconfirmed`): `/readyz` waits.
+    pub fn awaits_fleet_confirmation(&self) -> bool {
+        self.lock()
+            .routes
+            .values()
+            .any(|r| r.fleet_unconfirmed && r.cut_off)
+    }
+
     /// A route's rollout state (for status and the analysis loop).
     pub fn route_control(&self, route: &str) -> Option<RouteRollout> {
         self.lock().routes.get(route).cloned()
@@ -236,11 +245,15 @@ impl Control {
                     // A route added while the fleet store is unreachable must not advance
                     // (and counts towards fleet.partition_timeout from now).
                     match &self.fleet {
-                        Some(f) => s.in_fleet(
-                            f.connected.load(std::sync::atomic::Ordering::Acquire),
-                            f.settings.cut_off_after_ms(),
-                            now,
-                        ),
+                        Some(f) => {
+                            let mut s = s.in_fleet(
+                                f.connected.load(std::sync::atomic::Ordering::Acquire),
+                                f.settings.cut_off_after_ms(),
+                                now,
+                            );
+                            s.fleet_confirm_ms = f.confirm_ms();
+                            s
+                        }
                         None => s,
                     }
                 }

@@ -88,11 +88,26 @@ pub struct RouteRollout {
     /// the phase. The phase is kept (and may still roll back), so once the store answers
     /// the weight is the phase's again, or the fleet's newer record.
     pub cut_off: bool,
-    /// Started without a saved state of its canary version while the fleet store does not
-    /// answer: this process cannot know whether the fleet rolled that version back (the
-    /// rollback may live only in the other replicas and the store), so it is cut off
-    /// until the store first answers, whatever `fleet.on_partition` says.
+    /// Since this process started, nothing from the fleet has confirmed the phase it
+    /// serves: set when it restores a phase that sends users to the canary, cleared once it
+    /// applies a record another replica wrote, or once the store has answered for
+    /// `fleet_confirm_ms` (replicas that knew a store that lost its data re-seed it at
+    /// their next poll, a rollback included). Until then it is cut off, whatever `fleet.on_partition`
+    /// says: after the store answers (its own seed of an empty store confirms nothing:
+    /// `make chaos` seed 773287), and already while it does not answer when it started
+    /// without a saved state of the version (`fleet_blind`; with a state file it serves
+    /// that, as `"hold"` does).
+    pub fleet_unconfirmed: bool,
+    /// Started without a saved state of its canary version: it cannot know whether the
+    /// fleet rolled that version back (the rollback may live only in the other replicas
+    /// and the store). Cleared with `fleet_unconfirmed`.
     pub fleet_blind: bool,
+    /// How long the store must have answered before a restarted process's own phase is
+    /// confirmed without another replica's record (a poll interval and a margin).
+    pub fleet_confirm_ms: u64,
+    /// Since when the store has answered (ms since the Unix epoch; read while not
+    /// `fleet_down`).
+    pub fleet_up_since_ms: u64,
     /// How many times an operator resumed this canary version after a rollback, as far as
     /// this replica knows (its own resumes and the fleet's records): a record that is not a
     /// rollback undoes this replica's rollback only with a higher count.
@@ -162,6 +177,7 @@ impl RouteRollout {
         self.fleet = true;
         self.fleet_down = !connected;
         self.fleet_down_since_ms = now_ms;
+        self.fleet_up_since_ms = now_ms;
         self.cut_off_after_ms = cut_off_after_ms;
         self
     }
@@ -416,7 +432,10 @@ pub fn fresh(spec: &Spec, now_ms: u64) -> RouteRollout {
         cut_off_after_ms: None,
         fleet_down_since_ms: 0,
         cut_off: false,
+        fleet_unconfirmed: false,
         fleet_blind: false,
+        fleet_confirm_ms: 0,
+        fleet_up_since_ms: 0,
         resumes: 0,
         fleet_incarnation: String::new(),
         file_spec: spec.clone(),
@@ -454,12 +473,17 @@ pub fn step(
                 effects: vec![Effect::Forget, Effect::Publish],
             })
         }
-        Input::Adopt { record, own } => t.adopt(record, own),
-        Input::FleetLink { up, settle_ms } => {
-            if up {
-                t.next.fleet_blind = false;
+        Input::Adopt { record, own } => {
+            let heard = t.next.fleet_heard;
+            t.adopt(record, own);
+            // The first record of another replica confirms a restarted process's phase.
+            if t.next.fleet_heard != heard {
+                t.partition();
             }
+        }
+        Input::FleetLink { up, settle_ms } => {
             if up && t.next.fleet_down {
+                t.next.fleet_up_since_ms = now_ms;
                 t.next.fleet_settle_until_ms = now_ms.saturating_add(settle_ms);
             }
             if !up && !t.next.fleet_down {
@@ -556,13 +580,22 @@ impl Step<'_> {
     /// `fleet.on_partition = "stable"`: cut off once the store has been unreachable for
     /// the timeout, and back as soon as it answers. The phase is left alone: it is the
     /// fleet's last record (or a local rollback waiting to be shared), which applies again
-    /// when the store is back. Also cut off at once while [`RouteRollout::fleet_blind`].
+    /// when the store is back. Also cut off while [`RouteRollout::fleet_unconfirmed`].
     fn partition(&mut self) {
         let s = &self.next;
+        let confirmed = s.fleet_heard
+            || (!s.fleet_down
+                && self.now_ms >= s.fleet_up_since_ms.saturating_add(s.fleet_confirm_ms));
+        if s.fleet_unconfirmed && confirmed {
+            self.next.fleet_unconfirmed = false;
+            self.next.fleet_blind = false;
+        }
+        let s = &self.next;
         let after = s.cut_off_after_ms;
-        let due = s.fleet_down
-            && (s.fleet_blind
-                || after.is_some_and(|t| self.now_ms.saturating_sub(s.fleet_down_since_ms) >= t));
+        let unconfirmed = s.fleet_unconfirmed && (s.fleet_blind || !s.fleet_down);
+        let due = unconfirmed
+            || (s.fleet_down
+                && after.is_some_and(|t| self.now_ms.saturating_sub(s.fleet_down_since_ms) >= t));
         if due == s.cut_off {
             return;
         }
@@ -572,10 +605,10 @@ impl Step<'_> {
         if self.next.canary_version.is_none() {
             return;
         }
-        let (kind, reason) = if due && self.next.fleet_blind {
+        let (kind, reason) = if due && unconfirmed {
             (
                 "cut_off",
-                "this process started without a saved state of the canary version and the fleet store does not answer: it cannot know whether the fleet rolled the version back, so every user goes to stable until the store answers".to_string(),
+                "this process started and nothing from the fleet has confirmed its phase yet (the fleet may have rolled the canary version back): every user to stable until a record of another replica arrives, or the store has answered for a poll interval".to_string(),
             )
         } else if due {
             (
@@ -859,7 +892,7 @@ impl Step<'_> {
                 )
             }
             (Some(version), Ok(_)) => {
-                self.next.fleet_blind = self.next.fleet && self.next.fleet_down;
+                self.next.fleet_blind = self.next.fleet;
                 (
                     "reset",
                     initial_phase(&spec, self.now_ms),
@@ -876,6 +909,9 @@ impl Step<'_> {
             (None, _) => ("reset", initial_phase(&spec, self.now_ms), "start".into()),
         };
         self.transition_shared(kind, phase, &reason, json!({}), Some(mode));
+        let s = &mut self.next;
+        s.fleet_unconfirmed = s.fleet && s.canary_version.is_some() && s.phase_weight() > 0;
+        s.fleet_blind &= s.fleet_unconfirmed;
         self.partition();
     }
 
@@ -1768,26 +1804,56 @@ mod tests {
         assert!(decide(Some(&stored), &resume, "i2").0);
     }
 
-    /// `make chaos` seed 691889 replayed: a replica restarted without its state dir while
-    /// the store was down and came back empty cannot know of the fleet's rollback; it
-    /// sends nobody to the canary until the store answers. With a saved state of the
-    /// version it serves that state, as before.
+    /// `make chaos` seeds 691889 and 773287: a process that starts cannot know whether the
+    /// fleet rolled its canary version back while it was away (a store that lost its data
+    /// may not say). Without a saved state it sends nobody to the canary while the store
+    /// does not answer; with one it serves that (`"hold"`). After the store answers, nobody
+    /// either until a record another replica wrote arrives (its own seed of an empty store
+    /// is not one) or the settle passed.
     #[test]
-    fn a_replica_started_without_state_and_without_the_store_sends_nobody_to_the_canary() {
+    fn a_restarted_process_sends_nobody_to_the_canary_until_the_fleet_confirms_its_phase() {
         let sp = weighted(5);
-        let down = || fresh(&sp, 0).in_fleet(false, None, 0);
+        let down = || RouteRollout {
+            fleet_confirm_ms: 2_000,
+            ..fresh(&sp, 0).in_fleet(false, None, 0)
+        };
+        let up = Input::FleetLink {
+            up: true,
+            settle_ms: 2_000,
+        };
         let blind = apply(&down(), Input::Restore(Ok(None)), 0);
-        assert!(blind.fleet_blind && blind.cut_off);
+        assert!(blind.fleet_blind && blind.fleet_unconfirmed && blind.cut_off);
         assert_eq!(blind.weight().0, 0);
         let ticked = apply(&blind, Input::Tick, 60_000);
         assert_eq!(ticked.weight().0, 0);
-        let up = Input::FleetLink {
-            up: true,
-            settle_ms: 0,
-        };
-        let back = apply(&ticked, up, 60_100);
-        assert!(!back.fleet_blind && !back.cut_off);
-        assert_eq!(back.weight().0, 500);
+        // The store answers: still nobody, also after its own seed is taken.
+        let back = apply(&ticked, up.clone(), 60_000);
+        assert!(back.cut_off);
+        let seeded = apply(
+            &back,
+            Input::Adopt {
+                record: record("v2", Phase::Manual, 1),
+                own: true,
+            },
+            60_100,
+        );
+        assert!(seeded.cut_off);
+        // Another replica's record confirms it (a rollback would apply here)...
+        let heard = apply(
+            &seeded,
+            Input::Adopt {
+                record: record("v2", Phase::Manual, 2),
+                own: false,
+            },
+            60_200,
+        );
+        assert!(!heard.fleet_unconfirmed && !heard.cut_off);
+        assert_eq!(heard.weight().0, 500);
+        // ... or the store answering for `fleet_confirm_ms`.
+        let settled = apply(&seeded, Input::Tick, 62_000);
+        assert!(!settled.fleet_unconfirmed && !settled.cut_off);
+        assert_eq!(settled.weight().0, 500);
+        // With a saved state: served while the store does not answer, then as above.
         let saved = Record {
             route: "app".into(),
             canary_version: "v2".into(),
@@ -1796,9 +1862,20 @@ mod tests {
             unshared: false,
             resumes: 0,
         };
-        let restored = apply(&down(), Input::Restore(Ok(Some(saved))), 0);
-        assert!(!restored.fleet_blind && !restored.cut_off);
+        let restored = apply(&down(), Input::Restore(Ok(Some(saved.clone()))), 0);
+        assert!(restored.fleet_unconfirmed && !restored.fleet_blind && !restored.cut_off);
         assert_eq!(restored.weight().0, 500);
+        let back = apply(&restored, up, 1_000);
+        assert!(back.cut_off);
+        // A rolled-back phase sends nobody anyway: nothing to confirm.
+        let saved = Record {
+            phase: Phase::RolledBack {
+                reason: "manual".into(),
+            },
+            ..saved
+        };
+        let rolled_back = apply(&down(), Input::Restore(Ok(Some(saved))), 0);
+        assert!(!rolled_back.fleet_unconfirmed && !rolled_back.cut_off);
     }
 
     /// A fleet record of route `app`.
@@ -2021,14 +2098,18 @@ mod tests {
                 }
                 // Cut off only while the store is unreachable, past the timeout, and then
                 // nobody goes to the canary; a tick or a change of the link decides it.
+                // A record of another replica confirms a restarted process's phase.
+                if next.fleet_heard {
+                    prop_assert!(!next.fleet_unconfirmed);
+                }
                 if next.cut_off {
-                    prop_assert!(next.fleet_down && (next.cut_off_after_ms.is_some() || next.fleet_blind));
+                    prop_assert!(next.fleet_unconfirmed || (next.fleet_down && next.cut_off_after_ms.is_some()));
                     prop_assert_eq!(next.weight().0, 0);
                 }
                 if tick || link {
-                    let due = next.fleet_down
-                        && (next.fleet_blind
-                            || cut_off_after.is_some_and(|t| now.saturating_sub(next.fleet_down_since_ms) >= t));
+                    let due = (next.fleet_unconfirmed && (next.fleet_blind || !next.fleet_down))
+                        || (next.fleet_down
+                            && cut_off_after.is_some_and(|t| now.saturating_sub(next.fleet_down_since_ms) >= t));
                     prop_assert_eq!(next.cut_off, due);
                 }
                 // The link never moves a phase nor shares anything: what the fleet decided

@@ -237,6 +237,14 @@ impl Fleet {
         (3 * self.settings.poll_interval.as_millis() as u64).max(2_000)
     }
 
+    /// How long the store must have answered before a restarted replica serves the phase
+    /// it started with, unconfirmed by another replica's record (`RouteRollout::fleet_unconfirmed`):
+    /// a poll interval (the others re-seed a store that lost its data at their next poll)
+    /// and a margin for that write.
+    pub fn confirm_ms(&self) -> u64 {
+        self.settings.poll_interval.as_millis() as u64 + 250
+    }
+
     /// How old another replica's counts may be and still count.
     fn fresh_ms(&self) -> u64 {
         (3 * self.settings.poll_interval.as_millis() as u64).max(5_000)
@@ -279,9 +287,12 @@ impl Fleet {
     /// Whether `/readyz` may say ready: the fleet's records are adopted, or the startup
     /// timeout passed (then the replica serves its local state, and status says so).
     pub fn ready(&self) -> bool {
-        self.synced.load(Ordering::Acquire)
-            || self.clock.now().saturating_duration_since(self.started)
-                >= self.settings.startup_timeout
+        self.synced.load(Ordering::Acquire) || self.startup_over()
+    }
+
+    /// `fleet.startup_timeout` has passed since this process started.
+    pub fn startup_over(&self) -> bool {
+        self.clock.now().saturating_duration_since(self.started) >= self.settings.startup_timeout
     }
 
     /// The fleet view is stale when the store has not answered for three polls.
