@@ -1411,13 +1411,18 @@ impl LoggedUpstream {
     }
 
     /// Closes the port: new connections refused, idle ones closed, answers already
-    /// started finished.
-    fn kill(&self) {
+    /// started finished. The port stays reserved (bound, not listening) until it revives:
+    /// the accept task (with its listener) is gone before the reservation is made, else a
+    /// client's connection could take the port as its own meanwhile (seed 262932).
+    async fn kill(&self) {
         self.dead.send_replace(true);
-        if let Some(t) = self.accept.lock().unwrap().take() {
+        let task = self.accept.lock().unwrap().take();
+        if let Some(t) = task {
             t.abort();
+            let _ = t.await;
         }
-        *self.hold.lock().unwrap() = ReservedPort::on(self.addr.port()).ok();
+        *self.hold.lock().unwrap() =
+            Some(ReservedPort::on(self.addr.port()).expect("reserve the closed port"));
     }
 
     async fn revive(&self) {
@@ -1866,7 +1871,7 @@ async fn operator(shared: &Shared, admin_port: u16, replica: usize, op: &Op) {
 async fn start_fault(shared: &Shared, topo: &mut Topology, fault: &Fault) {
     match fault {
         Fault::Canary5xx(p) => topo.canary.fail_percent.store(*p, Ordering::SeqCst),
-        Fault::CanaryDead => topo.canary.kill(),
+        Fault::CanaryDead => topo.canary.kill().await,
         Fault::Canary(m) => topo.canary.misbehave(Some(*m)),
         Fault::RedisKill => {
             let p = topo.primary().await;

@@ -792,7 +792,9 @@ mod tests {
                     start.wait();
                     let (mut checked, mut reads) = (0u64, 0u64);
                     let deadline = Instant::now() + Duration::from_secs(20);
-                    while reads < READS && Instant::now() < deadline {
+                    // Until it has also checked a filled slot: on a loaded machine the
+                    // writer may not have run while a reader made all its reads.
+                    while (reads < READS || checked == 0) && Instant::now() < deadline {
                         let g = generation.load(Relaxed);
                         if g % 2 == 1 {
                             std::hint::spin_loop();
