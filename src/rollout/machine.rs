@@ -63,6 +63,12 @@ pub struct RouteRollout {
     pub last_verdict: &'static str,
     /// The newest fleet generation of this route's record applied here (0: none yet).
     pub fleet_generation: u64,
+    /// The store incarnation of the record `fleet_generation` was applied from (empty:
+    /// none, or a record without one). A record of another incarnation is not ordered by
+    /// generation against it: after Sentinel flapped between two primaries, a replica
+    /// ignored the other primary's record at the same generation as its own and kept
+    /// another weight than the fleet (`make chaos` seed 727183).
+    pub generation_incarnation: String,
     /// The fleet store is unreachable: nothing advances, only rollbacks apply.
     pub fleet_down: bool,
     /// After the store came back, no step or promotion before this instant (ms since the
@@ -424,6 +430,7 @@ pub fn fresh(spec: &Spec, now_ms: u64) -> RouteRollout {
         evaluations: 0,
         last_verdict: "none",
         fleet_generation: 0,
+        generation_incarnation: String::new(),
         fleet_down: false,
         fleet_settle_until_ms: 0,
         unshared_rollback: false,
@@ -679,7 +686,10 @@ impl Step<'_> {
         // replica's generation may be ahead of the store's), and a rollback from before a
         // resume known here does not.
         let order = supersedes(resumes_there, rolled_back, resumes_here, here_rolled_back);
-        let newer = order.unwrap_or(rec.generation > s.fleet_generation);
+        let comparable = rec.incarnation.is_empty()
+            || s.generation_incarnation.is_empty()
+            || rec.incarnation == s.generation_incarnation;
+        let newer = order.unwrap_or(!comparable || rec.generation > s.fleet_generation);
         if !newer {
             // A newer record that would undo the rollback applied here (or one not yet
             // shared) without an operator's resume since: only a store that lost its data
@@ -709,6 +719,7 @@ impl Step<'_> {
         let resumes = rec.resumes.max(s.resumes);
         let resumes_grew = resumes > s.resumes;
         self.next.fleet_generation = rec.generation.max(s.fleet_generation);
+        self.next.generation_incarnation = rec.incarnation.clone();
         // The fleet's count (an operator's resume the store refused counted here too), but
         // never lower: what was counted here happened.
         self.next.resumes = resumes;
@@ -1019,6 +1030,7 @@ impl Step<'_> {
                 None => "the canary was removed".to_string(),
             };
             self.next.fleet_generation = 0;
+            self.next.generation_incarnation = String::new();
             self.next.unshared_rollback = false;
             self.next.resumes = 0;
             self.next.fleet_incarnation = String::new();
@@ -1878,6 +1890,49 @@ mod tests {
         assert!(!rolled_back.fleet_unconfirmed && !rolled_back.cut_off);
     }
 
+    /// `make chaos` seed 727183: Sentinel flapped between two primaries, each with its own
+    /// incarnation of the fleet's records. A replica that applied generation 6 on one
+    /// ignored the other's generation 6 (another weight) after it moved there: generations
+    /// of two incarnations are not ordered.
+    #[test]
+    fn a_record_of_another_incarnation_is_not_ordered_by_generation() {
+        let sp = weighted(5);
+        let at = |incarnation: &str, buckets, generation| FleetRecord {
+            incarnation: incarnation.into(),
+            ..record("v2", Phase::Weight { buckets }, generation)
+        };
+        let s = apply(&started(&sp), Input::Incarnation("x".into()), 1);
+        let s = apply(
+            &s,
+            Input::Adopt {
+                record: at("x", 500, 6),
+                own: false,
+            },
+            2,
+        );
+        assert_eq!((s.weight().0, s.fleet_generation), (500, 6));
+        let s = apply(&s, Input::Incarnation("y".into()), 3);
+        let s = apply(
+            &s,
+            Input::Adopt {
+                record: at("y", 5_000, 6),
+                own: false,
+            },
+            4,
+        );
+        assert_eq!(s.weight().0, 5_000);
+        // Within one incarnation, generations order as before.
+        let s = apply(
+            &s,
+            Input::Adopt {
+                record: at("y", 700, 6),
+                own: false,
+            },
+            5,
+        );
+        assert_eq!(s.weight().0, 5_000);
+    }
+
     /// A fleet record of route `app`.
     fn record(version: &str, phase: Phase, generation: u64) -> FleetRecord {
         FleetRecord {
@@ -2073,7 +2128,10 @@ mod tests {
                     // (A later history, a rollback or an operator's resume not seen here,
                     // applies whatever its generation.)
                     let later = supersedes(rec.resumes, rec.rolled_back, s.resumes, matches!(s.phase, Phase::RolledBack { .. })) == Some(true);
-                    if (rec.generation <= s.fleet_generation && !later)
+                    let comparable = rec.incarnation.is_empty()
+                        || s.generation_incarnation.is_empty()
+                        || rec.incarnation == s.generation_incarnation;
+                    if (rec.generation <= s.fleet_generation && !later && comparable)
                         || s.canary_version.as_deref() != Some(rec.canary_version.as_str())
                     {
                         prop_assert_eq!(&next, &s);
