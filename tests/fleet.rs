@@ -1829,15 +1829,18 @@ async fn a_weight_edited_in_one_replicas_file_is_the_fleets_at_once() {
             })
         })
         .await;
-    let m = fleet.replicas[2].metrics().await;
-    assert_eq!(
-        common::metric(
+    // c's own metric is set at c's next poll, which may come after a's view says so.
+    eventually("c's own skew metric", Duration::from_secs(10), || async {
+        let m = fleet.replicas[2].metrics().await;
+        match common::metric(
             &m,
-            "kanaria_fleet_config_skew{cluster=\"test\",route=\"app\"}"
-        ),
-        1.0,
-        "{m}"
-    );
+            "kanaria_fleet_config_skew{cluster=\"test\",route=\"app\"}",
+        ) {
+            v if v == 1.0 => Ok(()),
+            v => Err(format!("{v}")),
+        }
+    })
+    .await;
     for r in &fleet.replicas {
         assert_eq!(weight_of(&r.status().await), 50.0);
     }
