@@ -1836,7 +1836,7 @@ async fn a_weight_edited_in_one_replicas_file_is_the_fleets_at_once() {
             &m,
             "kanaria_fleet_config_skew{cluster=\"test\",route=\"app\"}",
         ) {
-            v if v == 1.0 => Ok(()),
+            1.0 => Ok(()),
             v => Err(format!("{v}")),
         }
     })
