@@ -826,10 +826,11 @@ fn check_rollback_bound(h: &History) -> Verdict {
 /// Check 3: the latch. Once a replica is seen rolled back, it shows no other state with a
 /// canary weight and sends no request sent after that moment to the canary, until an
 /// operator's next resume or weight is sent. (A process restarted without its state dir
-/// while the store is down shows its file's phase cut off, at 0 %: seed 691889.) A view counts only when it cannot be one from before the last resume
-/// that took: polled at least the agreement bound after that resume was answered, with the
-/// replica in touch with the store for the bound before the poll (a replica cut off when
-/// the fleet resumed stays rolled back until it is back, then follows the resume).
+/// while the store is down shows its file's phase cut off, at 0 %: seed 691889.) A view
+/// counts only when it cannot be one from before the last resume that took: polled at
+/// least the agreement bound after that resume was answered, with the replica in touch
+/// with the store for the bound before the poll (a replica cut off when the fleet resumed
+/// stays rolled back until it is back, then follows the resume).
 fn check_latch(h: &History) -> Verdict {
     let sent = h.sent_of();
     let versions = versions(h);

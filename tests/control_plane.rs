@@ -329,8 +329,8 @@ fn fleet_record(phase: Phase, generation: u64, writer: &str) -> FleetRecord {
     }
 }
 
-/// The store answers for the settle (3 × `poll_interval`): a process that started
-/// without a saved state sends users to the canary from then on.
+/// The store answers for 3 s, longer than `poll_interval` + 250 ms: the phase a process
+/// started with is confirmed, and it sends users to the canary from then on.
 fn confirmed(p: &Plane) {
     p.control.fleet_link(true);
     p.clock.advance(Duration::from_secs(3));
@@ -346,7 +346,7 @@ fn a_replica_cut_off_from_the_fleet_sends_everyone_to_stable_after_the_timeout()
     let p = Plane::start(&with_fleet(&config_in_memory(), "stable"), &clock);
     let cut_off = |p: &Plane| p.control.route_control("app").unwrap().cut_off;
     // Started without a saved state while the store does not answer, it cannot know what
-    // the fleet decided: nobody to the canary until the store has answered for the settle.
+    // the fleet decided: nobody to the canary until the store has answered for a while.
     assert_eq!(p.stage(), ("progressing", Some(0), 0));
     assert!(cut_off(&p));
     confirmed(&p);

@@ -383,7 +383,8 @@ impl AnalysisLoop {
                 }
             }
             // A rollout step's hold may elapse between evaluations (or without analysis);
-            // a route cut off from the fleet may be due back (the settle after a start).
+            // a route cut off from the fleet may be due back (a restarted process's phase
+            // confirmed once the store has answered for `fleet_confirm_ms`).
             if route.weight_source == WeightSource::Rollout
                 || route.weight_source == WeightSource::CutOff
                 || (fleet_down && route.canary.is_some())

@@ -1662,14 +1662,8 @@ mod tests {
     #[test]
     fn a_rollback_taken_before_the_first_poll_is_written_over_the_fleets_record() {
         let sp = spec(Some("v2"), &[]);
-        let down = Input::FleetLink {
-            up: false,
-            settle_ms: 0,
-        };
-        let up = Input::FleetLink {
-            up: true,
-            settle_ms: 0,
-        };
+        let down = link(false, 0);
+        let up = link(true, 0);
         let resumed = |generation| FleetRecord {
             resumes: 3,
             ..record("v2", Phase::Manual, generation)
@@ -1679,46 +1673,28 @@ mod tests {
             let s = apply(&s, Input::Operator(Action::Rollback), 20);
             assert!(s.unshared_rollback);
             let s = apply(&s, up.clone(), 30);
-            step(
-                "app",
-                &s,
-                Input::Adopt {
-                    record: resumed(6),
-                    own: false,
-                },
-                40,
-            )
-            .unwrap()
+            step("app", &s, adopt(resumed(6), false), 40).unwrap()
         };
         // Its own seed taken by an empty store first does not count as hearing from it.
         let seeded = apply(
             &started(&sp),
-            Input::Adopt {
-                record: record("v2", Phase::Manual, 1),
-                own: true,
-            },
+            adopt(record("v2", Phase::Manual, 1), true),
             5,
         );
         assert!(!seeded.fleet_heard);
         let out = rollback_then_poll(&seeded);
-        let next = out.next.unwrap();
+        let next = out.next.clone().unwrap();
         assert!(matches!(next.phase, Phase::RolledBack { .. }), "{next:?}");
-        let share = out.effects.iter().find_map(|e| match e {
-            Effect::Share(r) => Some(r),
-            _ => None,
-        });
+        let share = shares(&out).into_iter().next();
         let share = share.expect("the rollback written again");
         assert!(share.rolled_back && share.resumes == 3 && share.generation >= 6);
         // The store takes it (a rollback over the same history), and every replica follows.
-        let (written, _) = decide(Some(&resumed(6)), share, "");
+        let (written, _) = decide(Some(&resumed(6)), &share, "");
         assert!(written);
         // Heard from the fleet first: the resume it did not see wins, as before.
         let heard = apply(
             &started(&sp),
-            Input::Adopt {
-                record: record("v2", Phase::Manual, 1),
-                own: false,
-            },
+            adopt(record("v2", Phase::Manual, 1), false),
             5,
         );
         assert!(heard.fleet_heard);
@@ -1734,20 +1710,8 @@ mod tests {
     #[test]
     fn an_unheard_rollback_that_seeded_an_emptied_store_holds_against_a_reseed() {
         let sp = spec(Some("v2"), &[]);
-        let shares = |out: &Outcome| -> Vec<FleetRecord> {
-            out.effects
-                .iter()
-                .filter_map(|e| match e {
-                    Effect::Share(r) => Some(r.clone()),
-                    _ => None,
-                })
-                .collect()
-        };
         // c: restarted without state, an operator's rollback while the store is down.
-        let down = Input::FleetLink {
-            up: false,
-            settle_ms: 0,
-        };
+        let down = link(false, 0);
         let c = apply(&started(&sp), down, 10);
         let out = step("app", &c, Input::Operator(Action::Rollback), 20).unwrap();
         let c = out.next.clone().unwrap();
@@ -1758,13 +1722,13 @@ mod tests {
         // a: heard 3 resumes from the fleet; its re-seed of the emptied store is refused.
         let a = apply(
             &started(&sp),
-            Input::Adopt {
-                record: FleetRecord {
+            adopt(
+                FleetRecord {
                     resumes: 3,
                     ..record("v2", Phase::Manual, 9)
                 },
-                own: false,
-            },
+                false,
+            ),
             5,
         );
         let reseed = share_record("app", &a, "store_reset", "", 30, ShareMode::Reseed).unwrap();
@@ -1778,16 +1742,7 @@ mod tests {
         };
         assert!(!decide(Some(&stored), &cas, "i2").0);
         // a adopts the rollback and writes its count back.
-        let out = step(
-            "app",
-            &a,
-            Input::Adopt {
-                record: stored.clone(),
-                own: false,
-            },
-            40,
-        )
-        .unwrap();
+        let out = step("app", &a, adopt(stored.clone(), false), 40).unwrap();
         let a = out.next.clone().unwrap();
         assert!(matches!(a.phase, Phase::RolledBack { .. }) && a.resumes == 3);
         let counted = shares(&out).pop().expect("the count written back");
@@ -1798,18 +1753,8 @@ mod tests {
         let resumed = step("app", &a, Input::Operator(Action::Resume), 50).unwrap();
         let resume = shares(&resumed).pop().expect("the resume shared");
         assert!(decide(Some(&counted), &resume, "i2").0);
-        let up = Input::FleetLink {
-            up: true,
-            settle_ms: 0,
-        };
-        let c = apply(
-            &apply(&c, up, 44),
-            Input::Adopt {
-                record: stored.clone(),
-                own: true,
-            },
-            45,
-        );
+        let up = link(true, 0);
+        let c = apply(&apply(&c, up, 44), adopt(stored.clone(), true), 45);
         let resumed = step("app", &c, Input::Operator(Action::Resume), 50).unwrap();
         let resume = shares(&resumed).pop().expect("the resume shared");
         assert!(!resume.unheard && resume.resumes == 1);
@@ -1821,7 +1766,7 @@ mod tests {
     /// may not say). Without a saved state it sends nobody to the canary while the store
     /// does not answer; with one it serves that (`"hold"`). After the store answers, nobody
     /// either until a record another replica wrote arrives (its own seed of an empty store
-    /// is not one) or the settle passed.
+    /// is not one) or the store has answered for `fleet_confirm_ms`.
     #[test]
     fn a_restarted_process_sends_nobody_to_the_canary_until_the_fleet_confirms_its_phase() {
         let sp = weighted(5);
@@ -1829,10 +1774,7 @@ mod tests {
             fleet_confirm_ms: 2_000,
             ..fresh(&sp, 0).in_fleet(false, None, 0)
         };
-        let up = Input::FleetLink {
-            up: true,
-            settle_ms: 2_000,
-        };
+        let up = link(true, 2_000);
         let blind = apply(&down(), Input::Restore(Ok(None)), 0);
         assert!(blind.fleet_blind && blind.fleet_unconfirmed && blind.cut_off);
         assert_eq!(blind.weight().0, 0);
@@ -1841,22 +1783,12 @@ mod tests {
         // The store answers: still nobody, also after its own seed is taken.
         let back = apply(&ticked, up.clone(), 60_000);
         assert!(back.cut_off);
-        let seeded = apply(
-            &back,
-            Input::Adopt {
-                record: record("v2", Phase::Manual, 1),
-                own: true,
-            },
-            60_100,
-        );
+        let seeded = apply(&back, adopt(record("v2", Phase::Manual, 1), true), 60_100);
         assert!(seeded.cut_off);
         // Another replica's record confirms it (a rollback would apply here)...
         let heard = apply(
             &seeded,
-            Input::Adopt {
-                record: record("v2", Phase::Manual, 2),
-                own: false,
-            },
+            adopt(record("v2", Phase::Manual, 2), false),
             60_200,
         );
         assert!(!heard.fleet_unconfirmed && !heard.cut_off);
@@ -1902,35 +1834,35 @@ mod tests {
             ..record("v2", Phase::Weight { buckets }, generation)
         };
         let s = apply(&started(&sp), Input::Incarnation("x".into()), 1);
-        let s = apply(
-            &s,
-            Input::Adopt {
-                record: at("x", 500, 6),
-                own: false,
-            },
-            2,
-        );
+        let s = apply(&s, adopt(at("x", 500, 6), false), 2);
         assert_eq!((s.weight().0, s.fleet_generation), (500, 6));
         let s = apply(&s, Input::Incarnation("y".into()), 3);
-        let s = apply(
-            &s,
-            Input::Adopt {
-                record: at("y", 5_000, 6),
-                own: false,
-            },
-            4,
-        );
+        let s = apply(&s, adopt(at("y", 5_000, 6), false), 4);
         assert_eq!(s.weight().0, 5_000);
         // Within one incarnation, generations order as before.
-        let s = apply(
-            &s,
-            Input::Adopt {
-                record: at("y", 700, 6),
-                own: false,
-            },
-            5,
-        );
+        let s = apply(&s, adopt(at("y", 700, 6), false), 5);
         assert_eq!(s.weight().0, 5_000);
+    }
+
+    /// The records a step shares, in order.
+    fn shares(out: &Outcome) -> Vec<FleetRecord> {
+        out.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Share(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The fleet store answering (`up`) or not.
+    fn link(up: bool, settle_ms: u64) -> Input {
+        Input::FleetLink { up, settle_ms }
+    }
+
+    /// A fleet record reaching this replica: its own write (`own`) or another's.
+    fn adopt(record: FleetRecord, own: bool) -> Input {
+        Input::Adopt { record, own }
     }
 
     /// A fleet record of route `app`.
@@ -2250,12 +2182,6 @@ mod tests {
         ) {
             let sp = spec(Some("v2"), &[(100, 0), (1_000, 0), (5_000, 0)]);
             let start = started(&sp);
-            let shares = |out: &Outcome| -> Vec<FleetRecord> {
-                out.effects.iter().filter_map(|e| match e {
-                    Effect::Share(r) => Some(r.clone()),
-                    _ => None,
-                }).collect()
-            };
             // The store holds the first replica's seed.
             let mut store = None;
             for r in shares(&step("app", &fresh(&sp, 0), Input::Restore(Ok(None)), 0).unwrap()) {
@@ -2361,10 +2287,7 @@ mod tests {
             let rolled = matches!(r.phase, Phase::RolledBack { .. });
             prop_assert!(rolled);
             prop_assert_eq!(r.weight().0, 0);
-            let shares: Vec<FleetRecord> = out.effects.iter().filter_map(|e| match e {
-                Effect::Share(rec) => Some(rec.clone()),
-                _ => None,
-            }).collect();
+            let shares = shares(&out);
             prop_assert_eq!(shares.len(), 1);
             let mut share = shares[0].clone();
             prop_assert!(share.rolled_back && share.mode == ShareMode::Cas);
