@@ -119,7 +119,8 @@ enum Fault {
     /// The canary misbehaves in one of the ways a release near its limits does (see
     /// [`Misbehaviour`]).
     Canary(Misbehaviour),
-    /// Redis killed (SIGKILL), restarted empty when the fault heals.
+    /// Redis killed (SIGKILL), restarted when the fault heals: empty, or (a server that was
+    /// once a Sentinel replica) with the older copy its last full sync saved to disk.
     RedisKill,
     /// Redis paused (SIGSTOP: connections stay open, nothing answers), resumed at heal.
     RedisPause,
@@ -224,7 +225,7 @@ impl Fault {
                 Misbehaviour::Drops(p) => format!("canary drops {p}% of requests unanswered"),
             },
             Fault::RedisKill => {
-                "redis (the primary) killed (restarted empty at heal; with a sentinel, as a replica of the primary then)".into()
+                "redis (the primary) killed (restarted at heal, empty or older; with a sentinel, as a replica of the primary then)".into()
             }
             Fault::RedisPause => "redis (the primary) paused (SIGSTOP)".into(),
             Fault::ReplicaPause { replica } => {
@@ -1923,7 +1924,8 @@ async fn heal_fault(shared: &Arc<Shared>, topo: &mut Topology, fault: &Fault) {
         Fault::Canary(_) => topo.canary.misbehave(None),
         Fault::RedisKill => {
             // The one that is down: with a sentinel, a replica of whichever server is the
-            // primary now (itself still, when no failover happened: then restarted empty).
+            // primary now; itself still when no failover happened, then restarted as a
+            // primary (never as a replica of the server that replicates it).
             let down = (0..topo.redis.len())
                 .find(|i| topo.redis[*i].pid().is_none())
                 .expect("a server down");
@@ -1932,7 +1934,7 @@ async fn heal_fault(shared: &Arc<Shared>, topo: &mut Topology, fault: &Fault) {
                 let port = topo.redis[primary].port;
                 topo.redis[down].restart_as_replica_of(port).await;
             } else {
-                topo.redis[down].restart().await;
+                topo.redis[down].restart_as_primary().await;
             }
         }
         Fault::RedisPause => {
@@ -2226,7 +2228,24 @@ async fn run_plan(
     }
     let end = shared.now();
     shared.record(|h| h.end_us = end);
-    let logs: Vec<String> = topo.replicas.iter().map(|p| p.log()).collect();
+    let mut logs: Vec<(String, String)> = topo
+        .replicas
+        .iter()
+        .enumerate()
+        .map(|(r, p)| (format!("kanaria-{}.log", NAMES[r]), p.log()))
+        .collect();
+    // The store's own logs: a convergence failure is read against what Redis and the
+    // sentinel did.
+    logs.extend(
+        topo.redis
+            .iter()
+            .map(|r| (format!("redis-{}.log", r.port), r.log())),
+    );
+    logs.extend(
+        topo.sentinel
+            .iter()
+            .map(|s| ("sentinel.log".into(), s.log())),
+    );
     drop(topo);
     let history = std::mem::take(&mut *shared.history.lock().unwrap());
     totals.requests = history.requests.len() as u64;
@@ -2258,7 +2277,7 @@ fn out_dir(seed: u64) -> PathBuf {
 
 /// `history.jsonl` (every record, in time order, `kind` first), `timeline.txt` (the
 /// schedule as played, operator actions, each replica's status changes, crashes, the
-/// report), `report.txt`, and each replica's own log.
+/// report), `report.txt`, and the logs of each replica, Redis server and sentinel.
 fn write_history(
     seed: u64,
     seconds: u64,
@@ -2266,9 +2285,11 @@ fn write_history(
     h: &History,
     verdicts: &[Verdict],
     totals: &Totals,
-    logs: &[String],
+    logs: &[(String, String)],
 ) {
     let dir = out_dir(seed);
+    // A replay's files only: the store's logs are named by ports, which differ per run.
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("target/chaos dir");
     let mut lines: Vec<(u64, String)> = Vec::new();
     let mut push = |t: u64, kind: &str, v: Value| {
@@ -2373,8 +2394,8 @@ fn write_history(
     text.push_str(&report);
     std::fs::write(dir.join("timeline.txt"), text).expect("timeline.txt");
     std::fs::write(dir.join("report.txt"), &report).expect("report.txt");
-    for (r, log) in logs.iter().enumerate() {
-        std::fs::write(dir.join(format!("kanaria-{}.log", NAMES[r])), log).expect("log");
+    for (name, log) in logs {
+        std::fs::write(dir.join(name), log).expect("log");
     }
 }
 

@@ -807,6 +807,11 @@ impl Redis {
         self.dir.path().join("redis.log")
     }
 
+    /// The server's log, every run of it on this port (appended across restarts).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     /// Starts a server on the ports (stopping one that runs) and waits until it listens on
     /// them (read back from `/proc`) and answers PING.
     pub async fn restart(&mut self) {

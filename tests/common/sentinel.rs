@@ -20,6 +20,14 @@ impl Redis {
         self.restart().await;
     }
 
+    /// Restarts this server as a primary: without the `--replicaof` of an earlier
+    /// [`Redis::restart_as_replica_of`], which would otherwise make a primary that comes
+    /// back a replica of its own replica (a loop with no primary, seen in chaos seed 703694).
+    pub async fn restart_as_primary(&mut self) {
+        self.extra.clear();
+        self.restart().await;
+    }
+
     /// A server replicating `primary`, returned once its link to the primary is up.
     pub async fn start_replica_of(primary: &Redis) -> Redis {
         let mut r = Redis::new(false);
