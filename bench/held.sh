@@ -13,14 +13,26 @@
 # worker with `keepalive BENCH_HELD_NGINX_KEEPALIVE` (default 10000, as in the issue) per
 # upstream and enough worker_connections. The descriptor limit is raised for this script
 # and the processes it starts only (`ulimit -n`), never system-wide; counts that do not fit
-# under the limit are skipped (and said so). Prints a markdown table and writes it to
-# bench/results/.
+# under the limit are skipped (and said so). BENCH_HELD_H2C=1 holds HTTP/2 connections
+# (prior knowledge, one GET each) instead: Kanaria with `[proxy] h2c = true`, nginx with
+# `listen ... http2`, and the floor left out by default (it speaks HTTP/1 only). Prints a
+# markdown table and writes it to bench/results/.
 source "$(dirname "$0")/lib.sh"
 need_tools
 mkdir -p "$RESULTS_DIR"
 WORK="$(mktemp -d /tmp/kanaria-bench-held.XXXXXX)"
 COUNTS="${BENCH_HELD:-1000 10000 30000}"
-PROXIES="${BENCH_HELD_PROXIES:-kanaria bare nginx}"
+H2C="${BENCH_HELD_H2C:-0}"
+if [ "$H2C" = 1 ]; then
+  PROXIES="${BENCH_HELD_PROXIES:-kanaria nginx}"
+  export BENCH_KANARIA_PROXY="h2c = true" NGINX_LISTEN_FLAGS="http2"
+  HOLD_FLAGS=(--h2c)
+  CURL_FLAGS=(--http2-prior-knowledge)
+else
+  PROXIES="${BENCH_HELD_PROXIES:-kanaria bare nginx}"
+  HOLD_FLAGS=()
+  CURL_FLAGS=()
+fi
 PARALLEL="${BENCH_HELD_PARALLEL:-100}"
 SETTLE="${BENCH_HELD_SETTLE:-2}"
 HOLD_MAX="${BENCH_HELD_HOLD:-120}"
@@ -87,10 +99,10 @@ for n in "${FIT[@]}"; do
     port="$(free_port)"
     start_proxy "$proxy" "$port" "$dir" "$S_PORT" "$C_PORT"
     pid="$LAST_PID"
-    curl -s -o /dev/null --noproxy '*' -H 'x-user-id: warm' "http://127.0.0.1:$port/" || die "$proxy does not answer"
+    curl -s -o /dev/null --noproxy '*' "${CURL_FLAGS[@]}" -H 'x-user-id: warm' "http://127.0.0.1:$port/" || die "$proxy does not answer"
     sleep 0.5
     ready="$(tree_rss_kb "$pid")"
-    python3 "$BENCH_DIR/hold.py" --port "$port" --count "$n" --parallel "$PARALLEL" \
+    python3 "$BENCH_DIR/hold.py" "${HOLD_FLAGS[@]}" --port "$port" --count "$n" --parallel "$PARALLEL" \
       --hold "$HOLD_MAX" --ready-file "$dir/held.ready" >"$dir/hold.out" 2>&1 &
     cpid=$!
     STARTED_PIDS+=("$cpid")
@@ -117,7 +129,7 @@ done
 STAMP="$(date +%Y%m%d-%H%M%S)"
 OUT="$RESULTS_DIR/held-$STAMP.md"
 {
-  echo "# Memory per held client connection ($STAMP)"
+  echo "# Memory per held client connection ($STAMP)$([ "$H2C" = 1 ] && echo ", HTTP/2 (h2c)")"
   echo
   echo "$CONDITIONS"
   echo "- each proxy started fresh per count, one worker; bench/hold.py opens the connections ($PARALLEL at a time), one GET each, then holds them idle; RSS (VmRSS summed over the process tree) ${SETTLE}s after all are held; descriptor limit $LIMIT in this run (hard limit outside it: $HARD_BEFORE)"

@@ -23,6 +23,16 @@ REQUESTS="${BENCH_IR_REQUESTS:-20000}"
 WARM="${BENCH_IR_WARMUP:-2000}"
 CONNS="${BENCH_IR_CONNECTIONS:-$BENCH_CONNECTIONS}"
 ROUNDS="${BENCH_IR_ROUNDS:-1}"
+# BENCH_IR_H2C=1: the clients speak HTTP/2 with prior knowledge (h2load's default; Kanaria
+# with `[proxy] h2c = true`), for changes to the HTTP/2 path; the floor speaks HTTP/1 only.
+if [ "${BENCH_IR_H2C:-0}" = 1 ]; then
+  H2LOAD_PROTO=()
+  PROTO_NAME="h2c"
+  export BENCH_KANARIA_PROXY="h2c = true" NGINX_LISTEN_FLAGS="http2"
+else
+  H2LOAD_PROTO=(--h1)
+  PROTO_NAME="--h1"
+fi
 
 S_PORT="$(free_port)"
 C_PORT="$(free_port)"
@@ -30,12 +40,12 @@ start_upstream stable "$S_PORT" "$WORK"
 start_upstream canary "$C_PORT" "$WORK"
 CONDITIONS="$(conditions)"
 
-# h2load (HTTP/1.1, one thread, $CONNS connections) sends exactly $2 requests, every one
+# h2load (HTTP/1.1 or h2c, one thread, $CONNS connections) sends exactly $2 requests, every one
 # with the same `x-user-id` (h2load cannot vary a header; the split costs the same for any
 # user); prints `requests=N`.
 run_fixed() {
   local url="$1" n="$2" out
-  out="$(timeout 900 h2load --h1 -t 1 -c "$CONNS" -n "$n" -H "x-user-id: user-48213" "$url" 2>&1)" ||
+  out="$(timeout 900 h2load "${H2LOAD_PROTO[@]}" -t 1 -c "$CONNS" -n "$n" -H "x-user-id: user-48213" "$url" 2>&1)" ||
     die "h2load failed: $out"
   awk '/^requests:/ {print "requests=" $8}' <<<"$out" | grep -q "requests=$n" ||
     die "not all requests succeeded: $(grep -E '^(requests|status codes):' <<<"$out")"
@@ -100,7 +110,7 @@ OUT="$RESULTS_DIR/instructions-$STAMP.md"
   echo "# CPU per request, fixed request count ($STAMP)"
   echo
   echo "$CONDITIONS"
-  echo "- $ROUNDS round(s) alternating, medians; $REQUESTS requests after $WARM warm-up requests, h2load --h1, 1 thread, $CONNS connections, one user id, ${BENCH_CANARY_PERCENT}% canary; one worker each"
+  echo "- $ROUNDS round(s) alternating, medians; $REQUESTS requests after $WARM warm-up requests, h2load $PROTO_NAME, 1 thread, $CONNS connections, one user id, ${BENCH_CANARY_PERCENT}% canary; one worker each"
   echo
   python3 "$BENCH_DIR/report.py" instructions "$RAW"
 } >"$OUT"

@@ -207,6 +207,7 @@ listen = "127.0.0.1:$port"
 threads = ${PROXY_WORKERS:-1}
 upgrade_sock = "$dir/kanaria-upgrade.sock"
 shutdown_grace = "1s"
+${BENCH_KANARIA_PROXY:-}
 
 [admin]
 listen = "127.0.0.1:$admin"
@@ -300,7 +301,7 @@ http {
     keepalive ${NGINX_UPSTREAM_KEEPALIVE:-128};
   }
   server {
-    listen 127.0.0.1:$port;
+    listen 127.0.0.1:$port${NGINX_LISTEN_FLAGS:+ $NGINX_LISTEN_FLAGS};
     location / {
       proxy_pass http://\$pool;
       proxy_http_version 1.1;

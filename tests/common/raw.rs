@@ -64,25 +64,35 @@ pub fn read_all(s: &mut TcpStream) -> Exchange {
     }
 }
 
-/// Reads one response with a `Content-Length` body (enough for keep-alive tests).
+/// Reads one response with a `Content-Length` body (enough for keep-alive tests); bytes
+/// read past its end are dropped (see [`read_next_response`]).
 pub fn read_response(s: &mut TcpStream) -> Option<String> {
-    let mut out = Vec::new();
+    read_next_response(s, &mut Vec::new())
+}
+
+/// The next response on a connection that may carry several (pipelined answers): what a
+/// read brought past the end of this one stays in `carry`, to start the next. (Reading each
+/// answer with [`read_response`] would drop the next one when both come in one read.)
+pub fn read_next_response(s: &mut TcpStream, carry: &mut Vec<u8>) -> Option<String> {
     let mut buf = [0u8; 4096];
     loop {
-        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+        if let Some(end) = carry.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&carry[..end]).to_ascii_lowercase();
             let len: usize = head
                 .lines()
                 .find_map(|l| l.strip_prefix("content-length:"))
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0);
-            if out.len() >= end + 4 + len {
-                return Some(String::from_utf8_lossy(&out[..end + 4 + len]).into_owned());
+            if carry.len() >= end + 4 + len {
+                let rest = carry.split_off(end + 4 + len);
+                let answer = String::from_utf8_lossy(carry).into_owned();
+                *carry = rest;
+                return Some(answer);
             }
         }
         match s.read(&mut buf) {
             Ok(0) | Err(_) => return None,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Ok(n) => carry.extend_from_slice(&buf[..n]),
         }
     }
 }

@@ -27,11 +27,11 @@ use std::os::unix::io::AsRawFd;
 use std::os::windows::io::AsRawSocket;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 #[cfg(target_os = "linux")]
 use tokio::io::Interest;
-use tokio::io::{self, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadBuf};
+use tokio::io::{self, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 #[cfg(unix)]
 use tokio::net::UnixStream;
@@ -421,19 +421,194 @@ impl L4BufferSettings {
 /// The L4 buffers in front of a [`RawStreamWrapper`]: a read buffer over a write
 /// buffer, the same layering as tokio's [`BufStream`](tokio::io::BufStream).
 ///
+/// The L4 write buffer: tokio's [`BufWriter`](tokio::io::BufWriter) rules (the same
+/// flushes, the same writes straight through for slices at least as large as the
+/// capacity), but its room is taken at the first write that is buffered and given back
+/// by [`WriteBuffer::idle`] once everything in it was sent. A kept-alive connection
+/// waiting for its next request then holds no write buffer (it held `capacity` bytes,
+/// 1,460 by default, for its whole life).
+#[derive(Debug)]
+struct WriteBuffer {
+    inner: RawStreamWrapper,
+    buf: Vec<u8>,
+    /// How much of `buf` a flush interrupted by `Pending` has sent already.
+    written: usize,
+    capacity: usize,
+}
+
+impl WriteBuffer {
+    fn with_capacity(capacity: usize, inner: RawStreamWrapper) -> Self {
+        WriteBuffer {
+            inner,
+            buf: Vec::new(),
+            written: 0,
+            capacity,
+        }
+    }
+
+    fn get_ref(&self) -> &RawStreamWrapper {
+        &self.inner
+    }
+
+    fn get_mut(&mut self) -> &mut RawStreamWrapper {
+        &mut self.inner
+    }
+
+    /// Return the raw stream. Anything left in the buffer is lost.
+    fn into_inner(self) -> RawStreamWrapper {
+        self.inner
+    }
+
+    /// Gives the room back when nothing waits in it to be sent; called when a read finds
+    /// nothing to read, which is where a kept-alive connection waits between requests.
+    fn idle(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() != 0 {
+            self.buf = Vec::new();
+        }
+    }
+
+    fn room(&self) -> usize {
+        self.capacity.saturating_sub(self.buf.len())
+    }
+
+    /// Appends `data`, which fits in the room left, taking the room if it is not held.
+    fn push(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        if self.buf.capacity() == 0 {
+            self.buf = Vec::with_capacity(self.capacity);
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    fn flush_buf(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let len = self.buf.len();
+        let mut ret = Ok(());
+        while self.written < len {
+            match ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.written..])) {
+                Ok(0) => {
+                    ret = Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "failed to write the buffered data",
+                    ));
+                    break;
+                }
+                Ok(n) => self.written += n,
+                Err(e) => {
+                    ret = Err(e);
+                    break;
+                }
+            }
+        }
+        if self.written == len {
+            self.buf.clear();
+        } else if self.written > 0 {
+            self.buf.drain(..self.written);
+        }
+        self.written = 0;
+        Poll::Ready(ret)
+    }
+}
+
+impl AsyncRead for WriteBuffer {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteBuffer {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.len() > self.room() {
+            ready!(self.flush_buf(cx))?;
+        }
+        if buf.len() >= self.capacity {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        } else {
+            self.push(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.inner.is_write_vectored() {
+            let total = bufs.iter().fold(0usize, |n, b| n.saturating_add(b.len()));
+            if total > self.room() {
+                ready!(self.flush_buf(cx))?;
+            }
+            if total >= self.capacity {
+                Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+            } else {
+                bufs.iter().for_each(|b| self.push(b));
+                Poll::Ready(Ok(total))
+            }
+        } else {
+            while bufs.first().map(|b| b.len()) == Some(0) {
+                bufs = &bufs[1..];
+            }
+            let Some(first) = bufs.first() else {
+                return Poll::Ready(Ok(0));
+            };
+            let first_len = first.len();
+            if first_len > self.room() {
+                ready!(self.flush_buf(cx))?;
+            }
+            if first_len >= self.capacity {
+                return Pin::new(&mut self.inner).poll_write(cx, first);
+            }
+            self.push(first);
+            let mut total = first_len;
+            for b in &bufs[1..] {
+                if b.len() > self.room() {
+                    break;
+                }
+                self.push(b);
+                total += b.len();
+            }
+            Poll::Ready(Ok(total))
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.flush_buf(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.flush_buf(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// A zero read capacity leaves the read buffer out, because [`BufReader`] panics on
 /// a zero capacity. Reads then go straight to the raw stream, as they did through
-/// an empty `BufReader`. [`BufWriter`] accepts a zero capacity and writes straight
+/// an empty `BufReader`. [`WriteBuffer`] accepts a zero capacity and writes straight
 /// through.
 #[derive(Debug)]
 enum BufferedStream {
-    UnbufferedRead(BufWriter<RawStreamWrapper>),
-    BufferedRead(BufReader<BufWriter<RawStreamWrapper>>),
+    UnbufferedRead(WriteBuffer),
+    BufferedRead(BufReader<WriteBuffer>),
 }
 
 impl BufferedStream {
     fn with_capacity(read: usize, write: usize, stream: RawStreamWrapper) -> Self {
-        let writer = BufWriter::with_capacity(write, stream);
+        let writer = WriteBuffer::with_capacity(write, stream);
         if read == 0 {
             BufferedStream::UnbufferedRead(writer)
         } else {
@@ -441,14 +616,14 @@ impl BufferedStream {
         }
     }
 
-    fn writer(&self) -> &BufWriter<RawStreamWrapper> {
+    fn writer(&self) -> &WriteBuffer {
         match self {
             BufferedStream::UnbufferedRead(writer) => writer,
             BufferedStream::BufferedRead(reader) => reader.get_ref(),
         }
     }
 
-    fn writer_mut(&mut self) -> &mut BufWriter<RawStreamWrapper> {
+    fn writer_mut(&mut self) -> &mut WriteBuffer {
         match self {
             BufferedStream::UnbufferedRead(writer) => writer,
             BufferedStream::BufferedRead(reader) => reader.get_mut(),
@@ -485,8 +660,8 @@ impl AsyncRead for BufferedStream {
     }
 }
 
-// `BufReader` only forwards writes to the `BufWriter` under it, so write to the `BufWriter`
-// directly.
+// `BufReader` only forwards writes to the `WriteBuffer` under it, so write to the
+// `WriteBuffer` directly.
 impl AsyncWrite for BufferedStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -859,6 +1034,12 @@ impl AsyncRead for Stream {
         } else {
             Pin::new(&mut self.stream_mut()).poll_read(cx, buf)
         };
+        if result.is_pending() {
+            // Nothing to read: a kept-alive connection between requests, or one waiting
+            // for an answer. What it wrote was sent (or still waits in the buffer, which
+            // then stays), so the write buffer's room goes back until the next write.
+            self.stream_mut().writer_mut().idle();
+        }
         self.read_pending_time.poll_time(&result);
         self.rx_ts = self.stream().get_ref().rx_ts;
         result
