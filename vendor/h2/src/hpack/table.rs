@@ -337,6 +337,24 @@ impl Table {
     fn insert(&mut self, header: Header, hash: HashValue) {
         self.inserted = self.inserted.wrapping_add(1);
 
+        // A value parsed without a copy points into the buffer its whole head was read
+        // into (an HTTP/1 upstream's 4 KiB header buffer, say); kept here, it would keep
+        // that buffer alive for as long as the entry lives, on an idle connection too.
+        // The entry keeps a copy of its own.
+        let header = match header {
+            Header::Field { name, value } => {
+                let value = match header::HeaderValue::from_bytes(value.as_bytes()) {
+                    Ok(mut copy) => {
+                        copy.set_sensitive(value.is_sensitive());
+                        copy
+                    }
+                    Err(_) => value,
+                };
+                Header::Field { name, value }
+            }
+            other => other,
+        };
+
         self.slots.push_front(Slot {
             hash,
             header,
