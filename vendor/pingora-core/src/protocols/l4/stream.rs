@@ -418,9 +418,6 @@ impl L4BufferSettings {
     }
 }
 
-/// The L4 buffers in front of a [`RawStreamWrapper`]: a read buffer over a write
-/// buffer, the same layering as tokio's [`BufStream`](tokio::io::BufStream).
-///
 /// The L4 write buffer: tokio's [`BufWriter`](tokio::io::BufWriter) rules (the same
 /// flushes, the same writes straight through for slices at least as large as the
 /// capacity), but its room is taken at the first write that is buffered and given back
@@ -596,6 +593,9 @@ impl AsyncWrite for WriteBuffer {
     }
 }
 
+/// The L4 buffers in front of a [`RawStreamWrapper`]: a read buffer over a write
+/// buffer, the same layering as tokio's [`BufStream`](tokio::io::BufStream).
+///
 /// A zero read capacity leaves the read buffer out, because [`BufReader`] panics on
 /// a zero capacity. Reads then go straight to the raw stream, as they did through
 /// an empty `BufReader`. [`WriteBuffer`] accepts a zero capacity and writes straight
