@@ -11,11 +11,12 @@ use futures_core::Stream;
 use bytes::{Buf, BytesMut};
 
 use std::io;
+use std::mem::MaybeUninit;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::io::AsyncRead;
-use tokio_util::codec::FramedRead as InnerFramedRead;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio_util::codec::Decoder;
 use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 
 // 16 MB "sane default" taken from golang http2
@@ -23,7 +24,7 @@ const DEFAULT_SETTINGS_MAX_HEADER_LIST_SIZE: usize = 16 << 20;
 
 #[derive(Debug)]
 pub struct FramedRead<T> {
-    inner: InnerFramedRead<T, LengthDelimitedCodec>,
+    inner: FrameRead<T>,
 
     decoder: FrameDecoder,
 }
@@ -59,23 +60,31 @@ enum Continuable {
 }
 
 impl<T> FramedRead<T> {
-    pub fn new(inner: InnerFramedRead<T, LengthDelimitedCodec>) -> FramedRead<T> {
-        let decoder = FrameDecoder::new(inner.decoder().max_frame_length());
+    pub fn new(io: T, codec: LengthDelimitedCodec) -> FramedRead<T> {
+        let decoder = FrameDecoder::new(codec.max_frame_length());
+        let inner = FrameRead {
+            io,
+            codec,
+            buffer: BytesMut::new(),
+            eof: false,
+            is_readable: false,
+            has_errored: false,
+        };
         FramedRead { inner, decoder }
     }
 
     pub fn get_ref(&self) -> &T {
-        self.inner.get_ref()
+        &self.inner.io
     }
 
     pub fn get_mut(&mut self) -> &mut T {
-        self.inner.get_mut()
+        &mut self.inner.io
     }
 
     /// Returns the current max frame size setting
     #[inline]
     pub fn max_frame_size(&self) -> usize {
-        self.inner.decoder().max_frame_length()
+        self.inner.codec.max_frame_length()
     }
 
     /// Updates the max frame size setting.
@@ -84,7 +93,7 @@ impl<T> FramedRead<T> {
     #[inline]
     pub fn set_max_frame_size(&mut self, val: usize) {
         assert!(DEFAULT_MAX_FRAME_SIZE as usize <= val && val <= MAX_MAX_FRAME_SIZE as usize);
-        self.inner.decoder_mut().set_max_frame_length(val);
+        self.inner.codec.set_max_frame_length(val);
         // Update max CONTINUATION frames too, since its based on this
         self.decoder.set_max_frame_size(val);
     }
@@ -421,7 +430,7 @@ where
         let _e = span.enter();
         loop {
             tracing::trace!("poll");
-            let bytes = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+            let bytes = match ready!(self.inner.poll_next(cx)) {
                 Some(Ok(bytes)) => bytes,
                 Some(Err(e)) => return Poll::Ready(Some(Err(map_err(e)))),
                 None => return Poll::Ready(None),
@@ -433,6 +442,105 @@ where
                 return Poll::Ready(Some(Ok(frame)));
             }
         }
+    }
+}
+
+/// The first read into a connection without a read buffer goes here, on the stack; the
+/// buffer is taken only when bytes came (tokio-util's `FramedRead` starts with the same
+/// size).
+const READ_BUFFER_CAPACITY: usize = 8 * 1024;
+
+/// The length-delimited framing read of tokio-util's `FramedRead` (the same states and
+/// results), with a read buffer that an idle connection gives back.
+///
+/// The buffer is given back when a read finds nothing to read and no byte of a frame is
+/// waiting in it; the next read goes into room on the stack first, so a connection woken
+/// without data (to send an answer, say) takes no buffer, and one is taken only for the
+/// bytes that came.
+#[derive(Debug)]
+struct FrameRead<T> {
+    io: T,
+    codec: LengthDelimitedCodec,
+    buffer: BytesMut,
+    eof: bool,
+    is_readable: bool,
+    has_errored: bool,
+}
+
+impl<T: AsyncRead + Unpin> FrameRead<T> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<BytesMut>>> {
+        loop {
+            // The states and their changes are tokio-util's (`FramedImpl::poll_next`).
+            if self.has_errored {
+                self.is_readable = false;
+                self.has_errored = false;
+                return Poll::Ready(None);
+            }
+            if self.is_readable {
+                if self.eof {
+                    let frame = self
+                        .codec
+                        .decode_eof(&mut self.buffer)
+                        .inspect_err(|_| self.has_errored = true)?;
+                    if frame.is_none() {
+                        self.is_readable = false;
+                    }
+                    return Poll::Ready(frame.map(Ok));
+                }
+                if let Some(frame) = self
+                    .codec
+                    .decode(&mut self.buffer)
+                    .inspect_err(|_| self.has_errored = true)?
+                {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                self.is_readable = false;
+            }
+            let read = if self.buffer.capacity() == 0 {
+                self.poll_read_first(cx)
+            } else {
+                // Room for at least one byte, so that a read of 0 means the end.
+                self.buffer.reserve(1);
+                tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buffer)
+            };
+            let bytect = match read {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => {
+                    self.has_errored = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Pending => {
+                    if self.buffer.is_empty() {
+                        // Nothing to read and no part of a frame waiting: idle. Frames
+                        // already split off keep their bytes.
+                        self.buffer = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+            };
+            if bytect == 0 {
+                if self.eof {
+                    return Poll::Ready(None);
+                }
+                self.eof = true;
+            } else {
+                self.eof = false;
+            }
+            self.is_readable = true;
+        }
+    }
+
+    /// Reads into room on the stack, and takes a buffer for what came.
+    fn poll_read_first(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut room = [MaybeUninit::<u8>::uninit(); READ_BUFFER_CAPACITY];
+        let mut read = ReadBuf::uninit(&mut room);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut read))?;
+        let came = read.filled();
+        if !came.is_empty() {
+            self.buffer = BytesMut::with_capacity(READ_BUFFER_CAPACITY.max(came.len()));
+            self.buffer.extend_from_slice(came);
+        }
+        Poll::Ready(Ok(came.len()))
     }
 }
 

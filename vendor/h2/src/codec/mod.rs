@@ -50,9 +50,9 @@ where
             .length_field_length(3)
             .length_adjustment(9)
             .num_skip(0) // Don't skip the header
-            .new_read(framed_write);
+            .new_codec();
 
-        let mut inner = FramedRead::new(delimited);
+        let mut inner = FramedRead::new(framed_write, delimited);
 
         // Use FramedRead's method since it checks the value is within range.
         inner.set_max_frame_size(max_frame_size);

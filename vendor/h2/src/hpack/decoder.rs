@@ -158,7 +158,10 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // Taken as strings need it (`huffman::decode` sizes it): the decoded strings
+            // share its allocation, and the dynamic table kept a 4 KiB one alive for the
+            // connection's life through the few headers it indexes.
+            buffer: BytesMut::new(),
         }
     }
 

@@ -332,6 +332,9 @@ where
                                 continue;
                             }
 
+                            // Nothing to read and everything sent: the stream store's and
+                            // the queues' room goes back if no stream is left.
+                            self.inner.streams.release_idle();
                             return Poll::Pending;
                         }
                     };

@@ -206,6 +206,15 @@ impl ops::IndexMut<Key> for Store {
 }
 
 impl Store {
+    /// Gives back the slab's and the id map's room when no stream is stored (they stay at
+    /// their largest).
+    pub(super) fn release_if_empty(&mut self) {
+        if self.slab.is_empty() && self.slab.capacity() != 0 {
+            self.slab = slab::Slab::new();
+            self.ids = IndexMap::new();
+        }
+    }
+
     #[cfg(feature = "unstable")]
     pub fn num_active_streams(&self) -> usize {
         self.ids.len()

@@ -1149,6 +1149,15 @@ where
         me.counts.has_streams() || me.refs > 1
     }
 
+    /// Gives back the room of the stream store and of the receive and send queues when no
+    /// stream is left (an idle connection: they stayed at their largest for its life).
+    pub fn release_idle(&self) {
+        let mut me = self.inner.lock().unwrap();
+        me.store.release_if_empty();
+        me.actions.recv.release_idle_buffer();
+        self.send_buffer.inner.lock().unwrap().release_if_empty();
+    }
+
     #[cfg(feature = "unstable")]
     pub fn num_wired_streams(&self) -> usize {
         let me = self.inner.lock().unwrap();
