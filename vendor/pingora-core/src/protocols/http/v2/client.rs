@@ -572,53 +572,60 @@ fn handle_read_header_error(e: h2::Error) -> Box<Error> {
 
 use tokio::sync::oneshot;
 
-pub async fn drive_connection<S>(
+// Not an `async fn`: the future of an `async fn` keeps a `mut` argument twice, as the
+// argument and as its rebinding (rust-lang/rust#62958), and `c` is 1.2 KiB held for the
+// connection's whole life; and `c` is polled through `&mut` (it is `Unpin`) instead of
+// being moved into the `select!` or the `.await`, which would keep a third copy.
+pub fn drive_connection<S>(
     mut c: client::Connection<S>,
     id: UniqueIDType,
     closed: watch::Sender<bool>,
     ping_interval: Option<Duration>,
     ping_timeout_occurred: Arc<AtomicBool>,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let interval = ping_interval.unwrap_or(Duration::ZERO);
-    if !interval.is_zero() {
-        // for ping to inform this fn to drop the connection
-        let (tx, rx) = oneshot::channel::<()>();
-        // for this fn to inform ping to give up when it is already dropped
-        let dropped = Arc::new(AtomicBool::new(false));
-        let dropped2 = dropped.clone();
+    async move {
+        let interval = ping_interval.unwrap_or(Duration::ZERO);
+        if !interval.is_zero() {
+            // for ping to inform this fn to drop the connection
+            let (tx, rx) = oneshot::channel::<()>();
+            // for this fn to inform ping to give up when it is already dropped
+            let dropped = Arc::new(AtomicBool::new(false));
+            let dropped2 = dropped.clone();
 
-        if let Some(ping_pong) = c.ping_pong() {
-            pingora_runtime::current_handle().spawn(async move {
-                do_ping_pong(ping_pong, interval, tx, dropped2, id).await;
-            });
+            if let Some(ping_pong) = c.ping_pong() {
+                pingora_runtime::current_handle().spawn(async move {
+                    do_ping_pong(ping_pong, interval, tx, dropped2, id).await;
+                });
+            } else {
+                warn!("Cannot get ping-pong handler from h2 connection");
+            }
+
+            tokio::select! {
+                r = &mut c => match r {
+                    Ok(_) => debug!("H2 connection finished fd: {id}"),
+                    Err(e) => debug!("H2 connection fd: {id} errored: {e:?}"),
+                },
+                r = rx => match r {
+                    Ok(_) => {
+                        ping_timeout_occurred.store(true, Ordering::Relaxed);
+                        warn!("H2 connection Ping timeout/Error fd: {id}, closing conn");
+                    },
+                    Err(e) => warn!("H2 connection Ping Rx error {e:?}"),
+                },
+            };
+
+            dropped.store(true, Ordering::Relaxed);
         } else {
-            warn!("Cannot get ping-pong handler from h2 connection");
-        }
-
-        tokio::select! {
-            r = c => match r {
+            match (&mut c).await {
                 Ok(_) => debug!("H2 connection finished fd: {id}"),
                 Err(e) => debug!("H2 connection fd: {id} errored: {e:?}"),
-            },
-            r = rx => match r {
-                Ok(_) => {
-                    ping_timeout_occurred.store(true, Ordering::Relaxed);
-                    warn!("H2 connection Ping timeout/Error fd: {id}, closing conn");
-                },
-                Err(e) => warn!("H2 connection Ping Rx error {e:?}"),
-            },
-        };
-
-        dropped.store(true, Ordering::Relaxed);
-    } else {
-        match c.await {
-            Ok(_) => debug!("H2 connection finished fd: {id}"),
-            Err(e) => debug!("H2 connection fd: {id} errored: {e:?}"),
+            }
         }
+        let _ = closed.send(true);
     }
-    let _ = closed.send(true);
 }
 
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
