@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -15,17 +16,23 @@ use base64::Engine;
 use common::{client, eventually_every, pool, ports, Load, Proxy, Redis, Upstream};
 use serde_json::{json, Value};
 
-/// chromedriver on a loopback port, killed when dropped.
+/// chromedriver on a loopback port, and the Chromium it starts, killed when dropped.
 struct Driver {
     child: Child,
     url: String,
     http: reqwest::Client,
     session: Option<String>,
+    /// Chromium's profile, removed once it is gone.
+    _profile: tempfile::TempDir,
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // chromedriver leads its own process group, and Chromium's processes stay in it:
+        // killing the group stops the browser too, whether or not the test ended its
+        // WebDriver session (killing chromedriver alone left Chromium running).
+        // SAFETY: `kill` with a negative pid signals a process group; no memory is shared.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }
@@ -38,15 +45,19 @@ impl Driver {
             .expect("chromedriver not found: install Debian's chromium and chromium-driver (make deps does)");
         let child = Command::new(bin)
             .arg("--port=0")
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start chromedriver");
+        let profile = tempfile::tempdir().unwrap();
+        let profile_path = profile.path().display().to_string();
         let mut d = Driver {
             child,
             url: String::new(),
             http: client(),
             session: None,
+            _profile: profile,
         };
         // The port the OS gave it (on 127.0.0.1 and ::1), read back from /proc.
         d.url = eventually_every(
@@ -73,7 +84,6 @@ impl Driver {
             },
         )
         .await;
-        let profile = tempfile::tempdir().unwrap().keep();
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {
@@ -81,7 +91,7 @@ impl Driver {
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                          "--disable-quic", "--no-first-run", "--disable-background-networking",
                          "--disable-component-update", "--disable-sync", "--window-size=1400,1100",
-                         format!("--user-data-dir={}", profile.display())]
+                         format!("--user-data-dir={profile_path}")]
             }
         }}});
         let v = d.call("POST", "/session", caps).await;

@@ -189,10 +189,18 @@ async fn race(analysis: &str) {
         seen.failed.len(),
         canary.answers.load(SeqCst)
     );
+    // A failure seen here has been rare (about once in many full runs): the proxy's
+    // warnings say which attempt failed how, so they go with it.
     assert!(
         seen.failed.is_empty(),
-        "users saw failures: {:?}",
-        seen.failed
+        "users saw failures: {:?}\nthe proxy's warnings and errors:\n{}",
+        seen.failed,
+        proxy
+            .log()
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert_eq!(seen.ok, 8 * 150);
     // The race happened (else this test proves nothing), and cost the canary nothing.
