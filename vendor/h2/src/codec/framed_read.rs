@@ -38,7 +38,9 @@ struct FrameDecoder {
 
     max_continuation_frames: usize,
 
-    partial: Option<Partial>,
+    // Boxed: a header block continued in CONTINUATION frames is rare, and the slot (336
+    // bytes) was otherwise held inline by every connection for its whole life.
+    partial: Option<Box<Partial>>,
 }
 
 /// Partially loaded headers frame
@@ -225,11 +227,11 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
             } else {
                 tracing::trace!("loaded partial header block");
                 // Defer returning the frame
-                decoder.partial = Some(Partial {
+                decoder.partial = Some(Box::new(Partial {
                     frame: Continuable::$frame(frame),
                     buf: payload,
                     continuation_frames_count: 0,
-                });
+                }));
 
                 return Ok(None);
             }
