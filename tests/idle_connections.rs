@@ -49,13 +49,22 @@ fn status(response: &str) -> Option<u16> {
     response.get(9..12).and_then(|s| s.parse().ok())
 }
 
-/// A request head of about 20 KiB: 20 headers of 1,000 bytes (under Kanaria's default
-/// 64 KiB and 100-header limits), five times the first header buffer (4 KiB).
+/// How many headers a large head has.
+const LARGE_HEADERS: usize = 20;
+
+/// Header `i` of a large head: `x-large-{i}`, 1,000 times one letter.
+fn large_header(i: usize) -> (String, String) {
+    let c = char::from(b'a' + i as u8);
+    (format!("x-large-{i}"), c.to_string().repeat(1000))
+}
+
+/// A request head of about 20 KiB: the [`LARGE_HEADERS`] headers of [`large_header`]
+/// (under Kanaria's default 64 KiB and 100-header limits), five times the first header
+/// buffer (4 KiB).
 fn large_head(path: &str) -> Vec<u8> {
     let mut s = format!("GET {path} HTTP/1.1\r\nHost: a\r\n");
-    for i in 0..20 {
-        let c = char::from(b'a' + i as u8);
-        s.push_str(&format!("x-large-{i}: {}\r\n", c.to_string().repeat(1000)));
+    for (name, value) in (0..LARGE_HEADERS).map(large_header) {
+        s.push_str(&format!("{name}: {value}\r\n"));
     }
     s.push_str("\r\n");
     s.into_bytes()
@@ -66,13 +75,8 @@ fn saw_large_head(response: &str, path: &str) {
     let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     let echo: serde_json::Value = serde_json::from_str(body).expect("the upstream's echo");
     assert_eq!(echo["path"], path, "{body}");
-    for i in 0..20 {
-        let c = char::from(b'a' + i as u8);
-        assert_eq!(
-            echo["headers"][format!("x-large-{i}")],
-            c.to_string().repeat(1000),
-            "header x-large-{i}"
-        );
+    for (name, value) in (0..LARGE_HEADERS).map(large_header) {
+        assert_eq!(echo["headers"][&name], value, "header {name}");
     }
 }
 
@@ -282,64 +286,41 @@ async fn a_slow_upstreams_big_answer_arrives_whole() {
 }
 
 /// An upstream that reads each request's whole body and answers with what it saw: the
-/// path, the length of each `x-large-*` header, and the body's length and checksum. It
-/// speaks HTTP/2 (h2c) when `h2`, HTTP/1.1 otherwise.
-async fn digest_upstream(h2: bool) -> (SocketAddr, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+/// path, the length of each [`large_header`] (0 when absent), and the body's length and
+/// checksum. It speaks HTTP/2 (h2c) when `h2`, HTTP/1.1 otherwise; the counter is of
+/// requests.
+async fn digest_upstream(h2: bool) -> (common::CountingServer, Arc<AtomicU64>) {
     use http_body_util::{BodyExt, Full};
     use hyper::body::{Bytes, Incoming};
     use hyper::{Request, Response};
 
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let requests = Arc::new(AtomicU64::new(0));
     let count = requests.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
+    let server = common::CountingServer::start(move |tcp, _open| {
+        let count = count.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let count = count.clone();
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let count = count.clone();
-                async move {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    let path = req.uri().path().to_string();
-                    let large: Vec<usize> = (0..20)
-                        .map(|i| {
-                            req.headers()
-                                .get(format!("x-large-{i}"))
-                                .map_or(0, |v| v.len())
-                        })
-                        .collect();
-                    let body = req.into_body().collect().await?.to_bytes();
-                    let sum: u64 = body.iter().map(|&b| u64::from(b)).sum();
-                    let answer = serde_json::json!({
-                        "path": path, "large": large, "len": body.len(), "sum": sum,
-                    });
-                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(answer.to_string()))))
-                }
-            });
-            tokio::spawn(async move {
-                let io = hyper_util::rt::TokioIo::new(tcp);
-                if h2 {
-                    // hyper's HTTP/2 server takes header lists up to 16 KiB by default
-                    // (answering 431 above); the large head is 20 KiB, as Kanaria's own
-                    // `edge.h2_max_header_list_size` default (64 KiB) allows.
-                    let _ = hyper::server::conn::http2::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .max_header_list_size(64 * 1024)
-                    .serve_connection(io, svc)
-                    .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, svc)
-                        .await;
-                }
-            });
-        }
-    });
-    (addr, requests, task)
+            async move {
+                count.fetch_add(1, Ordering::SeqCst);
+                let path = req.uri().path().to_string();
+                let large: Vec<usize> = (0..LARGE_HEADERS)
+                    .map(|i| {
+                        let (name, _) = large_header(i);
+                        req.headers().get(name).map_or(0, |v| v.len())
+                    })
+                    .collect();
+                let body = req.into_body().collect().await?.to_bytes();
+                let sum: u64 = body.iter().map(|&b| u64::from(b)).sum();
+                let answer = serde_json::json!({
+                    "path": path, "large": large, "len": body.len(), "sum": sum,
+                });
+                Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(answer.to_string()))))
+            }
+        });
+        common::serve_hyper(tcp, svc, h2)
+    })
+    .await;
+    (server, requests)
 }
 
 /// A TCP relay from a local port to `to` that passes the client's bytes on in pieces of at
@@ -404,9 +385,9 @@ async fn h2_send(
     serde_json::from_slice(&body).expect("the digest upstream's answer")
 }
 
-/// A request through the proxy on `/path`, with [`large_head`]'s 20 headers of 1,000 bytes
-/// when `large` (20 KiB of header block: more than one frame, so CONTINUATION frames too)
-/// and a body of `body` bytes (byte `i` is [`big_byte`]`(i)`).
+/// A request through the proxy on `/path`, with [`large_head`]'s headers when `large` (20
+/// KiB of header block: more than one frame, so CONTINUATION frames too) and a body of
+/// `body` bytes (byte `i` is [`big_byte`]`(i)`).
 fn h2_request(
     path: &str,
     large: bool,
@@ -416,9 +397,8 @@ fn h2_request(
         .method(if body > 0 { "POST" } else { "GET" })
         .uri(format!("http://a{path}"));
     if large {
-        for i in 0..20 {
-            let c = char::from(b'a' + i as u8);
-            b = b.header(format!("x-large-{i}"), c.to_string().repeat(1000));
+        for (name, value) in (0..LARGE_HEADERS).map(large_header) {
+            b = b.header(name, value);
         }
     }
     let bytes: Vec<u8> = (0..body).map(big_byte).collect();
@@ -432,7 +412,7 @@ fn saw(answer: &serde_json::Value, path: &str, large: bool, body: usize) {
     assert!(
         answer["large"]
             .as_array()
-            .is_some_and(|l| l.len() == 20 && l.iter().all(|v| v == want)),
+            .is_some_and(|l| l.len() == LARGE_HEADERS && l.iter().all(|v| v == want)),
         "headers of {path}: {answer}"
     );
     let sum: u64 = (0..body).map(|i| u64::from(big_byte(i))).sum();
@@ -453,8 +433,8 @@ async fn an_idle_http2_connection_takes_its_buffers_again_for_large_and_concurre
     const BODY: usize = 300 * 1024;
 
     for upstream_h2 in [false, true] {
-        let (addr, requests, upstream) = digest_upstream(upstream_h2).await;
-        let mut routes = route(addr);
+        let (upstream, requests) = digest_upstream(upstream_h2).await;
+        let mut routes = route(upstream.addr);
         if upstream_h2 {
             routes.push_str("protocol = \"h2c\"\n");
         }
@@ -518,6 +498,6 @@ async fn an_idle_http2_connection_takes_its_buffers_again_for_large_and_concurre
         drop(sender);
         let _ = tokio::time::timeout(WAIT, conn).await;
         relay.abort();
-        upstream.abort();
+        drop(upstream);
     }
 }

@@ -1053,7 +1053,9 @@ impl CountingServer {
 }
 
 /// Serves one accepted connection with `svc`: HTTP/2 with prior knowledge (h2c) when `h2`,
-/// else HTTP/1.1; returns when the connection ends.
+/// else HTTP/1.1; returns when the connection ends. The HTTP/2 server takes header lists
+/// up to Kanaria's own default bound (`edge.h2_max_header_list_size`, 64 KiB); hyper's
+/// default, 16 KiB, would answer 431 to heads Kanaria passes on.
 pub async fn serve_hyper<S, B>(tcp: tokio::net::TcpStream, svc: S, h2: bool)
 where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -1066,6 +1068,7 @@ where
     let io = TokioIo::new(tcp);
     if h2 {
         let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .max_header_list_size(64 * 1024)
             .serve_connection(io, svc)
             .await;
     } else {
